@@ -1,0 +1,108 @@
+"""Flower simulation vs. a plain in-process PyTorch FedAvg loop on the same rounds.
+
+Both sides use the same config, client partitions, model, local epochs, seeds and per-round
+centralized evaluation. Every client trains every round (fraction-train = 1.0) so both do exactly the
+same work; Flower's own node sampling cannot be replayed outside Flower. Prints the wall time of each
+and the ratios: the round loop alone (from the ServerApp's own clock, round 0 evaluation to the last
+round) and end to end (including SuperLink and Ray start-up).
+
+Usage: python bench/sim_overhead.py [--rounds 10] [--run-config "k=v ..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flcore.experiment import client_batches, load_record, seeded_generator, server_data  # noqa: E402
+from flcore.metrics import summarize  # noqa: E402
+from flcore.models import build_model  # noqa: E402
+from flcore.training import TrainSettings, predict, train  # noqa: E402
+from server_app.launch import parse_overrides, project_settings, resolve  # noqa: E402
+
+
+def plain_fedavg(cfg: dict) -> tuple[float, float]:
+    """The same rounds as the ServerApp/ClientApp, in one process, no Flower. Returns (seconds, accuracy)."""
+    start = time.perf_counter()
+    data = server_data(cfg)
+    classes = data.dataset.num_classes
+    model = build_model(cfg["model"], cfg["projection-dim"], classes, seed=cfg["seed"])
+    local = build_model(cfg["model"], cfg["projection-dim"], classes)
+    settings = TrainSettings.from_config(cfg)
+
+    def evaluate() -> float:
+        preds, labels = predict(model, data.test)
+        return summarize(preds, labels, classes, data.groups)["accuracy"]
+
+    acc = evaluate()
+    for rnd in range(1, cfg["num-server-rounds"] + 1):
+        total, summed = 0, None
+        for pid in range(cfg["num-clients"]):
+            local.load_state_dict(model.state_dict())
+            batches = client_batches(cfg, pid)
+            train(local, batches, settings, seeded_generator(cfg["seed"], rnd, pid))
+            n = len(batches.data)
+            total += n
+            update = {k: v.double() * n for k, v in local.state_dict().items()}
+            summed = update if summed is None else {k: summed[k] + update[k] for k in summed}
+        load_record(model, {k: v / total for k, v in summed.items()})
+        acc = evaluate()
+    return time.perf_counter() - start, acc
+
+
+def flower_run(overrides: dict, out: Path) -> tuple[float, float, float]:
+    """The launcher (`flwr run` on a local SuperLink, Ray backend). Returns (wall s, round-loop s, accuracy)."""
+    pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in {**overrides, "output-dir": str(out)}.items())
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "server_app.launch", "--run-config", pairs],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    wall = time.perf_counter() - start
+    (run_dir,) = list(out.iterdir())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return wall, rows[-1]["elapsed"], rows[-1]["accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--run-config", default="")
+    args = parser.parse_args()
+    overrides = {
+        **parse_overrides([args.run_config] if args.run_config else []),
+        "num-server-rounds": args.rounds,
+        "fraction-train": 1.0,
+        "eval-every": 1,
+    }
+    defaults, _ = project_settings()
+    cfg, _ = resolve(overrides, defaults)
+    torch.manual_seed(cfg["seed"])
+    with tempfile.TemporaryDirectory() as tmp:
+        wall, loop, fl_acc = flower_run(overrides, Path(tmp))
+    plain, plain_acc = plain_fedavg(cfg)
+    print(
+        f"settings: {cfg['dataset']} {cfg['num-clients']} clients x {cfg['num-server-rounds']} rounds, "
+        f"{cfg['local-epochs']} local epochs, image {cfg['image-size']}px, torch threads {torch.get_num_threads()}"
+    )
+    print(f"plain PyTorch FedAvg loop : {plain:7.1f} s  (accuracy {plain_acc:.3f})")
+    print(f"Flower round loop         : {loop:7.1f} s  (accuracy {fl_acc:.3f})")
+    print(f"Flower end to end         : {wall:7.1f} s  (SuperLink + Ray start-up included)")
+    print(f"ratio Flower/plain, rounds     : {loop / plain:.3f}")
+    print(f"ratio Flower/plain, end to end : {wall / plain:.3f}")
+
+
+if __name__ == "__main__":
+    main()

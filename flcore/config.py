@@ -1,0 +1,203 @@
+"""Run-config schema, defaults and validation.
+
+Every setting of a run is one kebab-case key of Flower's run config (`[tool.flwr.app.config]` in
+`pyproject.toml`, overridable with `flwr run . --run-config "k=v"`). The schema below is the single
+source of truth: the README table, the pyproject defaults and the validation all follow it, and tests
+check that they agree. Validation runs before any data is read or Ray is started, and names the key,
+the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Scalar = bool | int | float | str
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet-lt", "folder")
+DATASETS_WITH_FILES = ("cifar10", "cifar100", "imagenet-lt", "folder")
+MODELS = ("resnet8", "resnet50")
+
+
+class ConfigError(ValueError):
+    """A run-config value is not allowed; the message names key, value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One run-config key: its default, a description, and the rule a value must satisfy."""
+
+    default: Scalar
+    help: str
+    allowed: str = ""
+    check: Callable[[Any], bool] | None = None
+    choices: tuple[str, ...] = ()
+
+
+def _number(low: float, high: float = math.inf, low_open: bool = False, integer: bool = False):
+    """A range rule for numeric keys, with the text shown when a value falls outside it."""
+
+    def check(value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if integer and not float(value).is_integer():
+            return False
+        above = value > low if low_open else value >= low
+        return above and value <= high and math.isfinite(value)
+
+    kind = "an integer" if integer else "a number"
+    bounds = f"> {low}" if low_open else f">= {low}"
+    text = f"{kind} {bounds}" + ("" if high == math.inf else f" and <= {high}")
+    return text, check
+
+
+def _opt(default: Scalar, help: str, rule: tuple[str, Callable[[Any], bool]] | None = None) -> Option:
+    allowed, check = rule if rule else ("", None)
+    return Option(default, help, allowed, check)
+
+
+def _choice(default: str, help: str, choices: Iterable[str]) -> Option:
+    return Option(default, help, choices=tuple(choices))
+
+
+SCHEMA: dict[str, Option] = {
+    # data
+    "dataset": _choice(
+        "digits", "Dataset: digits (offline default), cifar10, cifar100, imagenet-lt, folder.", DATASETS
+    ),
+    "data-dir": _opt("", "Local data root (required for every dataset but digits; nothing is downloaded)."),
+    "image-size": _opt(
+        16, "Side of the model input in pixels (digits are upsampled to it).", _number(8, 1024, integer=True)
+    ),
+    "imbalance-factor": _opt(
+        10.0,
+        "Long-tail imbalance factor IF = n_max / n_min (1 = balanced; imagenet-lt must be 1: it ships long-tailed).",
+        _number(1),
+    ),
+    "dirichlet-alpha": _opt(
+        0.5, "Dirichlet concentration over clients (smaller = more heterogeneous).", _number(0, low_open=True)
+    ),
+    "num-clients": _opt(20, "Number of clients the long-tailed pool is split across.", _number(1, integer=True)),
+    "min-partition-size": _opt(
+        2, "Smallest client partition the Dirichlet split may produce (retried otherwise).", _number(0, integer=True)
+    ),
+    "align-per-class": _opt(
+        10,
+        "Images per class in the server's class-balanced set D_align (disjoint from clients).",
+        _number(1, integer=True),
+    ),
+    "many-threshold": _opt(100, "Classes with more training images than this are 'many'.", _number(0, integer=True)),
+    "few-threshold": _opt(20, "Classes with fewer training images than this are 'few'.", _number(0, integer=True)),
+    "augment": _opt(True, "Random-crop (and flip, for natural images) augmentation in local training."),
+    # model
+    "model": _choice("resnet8", "Client model backbone: resnet8 (32x32 inputs) or resnet50.", MODELS),
+    "projection-dim": _opt(
+        512,
+        "Width of the MLP projection after the backbone (teacher feature size: 512 ViT-B/32, 768 ViT-L/14).",
+        _number(1, integer=True),
+    ),
+    # federation
+    "strategy": _choice("fedavg", "Server strategy, from the registry in strategies/registry.py.", ()),
+    "num-server-rounds": _opt(40, "Federated rounds.", _number(1, integer=True)),
+    "fraction-train": _opt(0.4, "Fraction of clients sampled per round.", _number(0, 1, low_open=True)),
+    "round-timeout": _opt(3600.0, "Seconds the server waits for client replies per round.", _number(0, low_open=True)),
+    # local training
+    "local-epochs": _opt(5, "Local epochs per round.", _number(1, integer=True)),
+    "batch-size": _opt(32, "Local batch size.", _number(1, integer=True)),
+    "lr": _opt(0.1, "Local SGD learning rate.", _number(0, low_open=True)),
+    "momentum": _opt(0.0, "Local SGD momentum.", _number(0, 1)),
+    "weight-decay": _opt(0.0, "Local SGD weight decay.", _number(0)),
+    "seed": _opt(7, "Seed for data split, sampling, initialisation and training.", _number(0, integer=True)),
+    # evaluation and reports
+    "eval-every": _opt(
+        1, "Centralized evaluation every N rounds (the last round is always evaluated).", _number(1, integer=True)
+    ),
+    "eval-batch-size": _opt(500, "Batch size of centralized evaluation.", _number(1, integer=True)),
+    "output-dir": _opt("outputs", "Folder that receives outputs/<run-id>/ reports."),
+}
+
+
+def _type_ok(default: Scalar, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int | float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def _check_key(key: str, value: Any, option: Option, choices: tuple[str, ...]) -> None:
+    if not _type_ok(option.default, value):
+        kind = type(option.default).__name__
+        raise ConfigError(f"run-config key '{key}' = {value!r} has the wrong type: expected {kind}.")
+    if choices and value not in choices:
+        raise ConfigError(f"run-config key '{key}' = {value!r} is not allowed: choose one of {', '.join(choices)}.")
+    if option.check and not option.check(value):
+        raise ConfigError(f"run-config key '{key}' = {value!r} is not allowed: expected {option.allowed}.")
+
+
+def _check_relations(cfg: Mapping[str, Any]) -> None:
+    """Rules that tie several keys together."""
+    if cfg["dataset"] in DATASETS_WITH_FILES:
+        root = str(cfg["data-dir"])
+        if not root:
+            raise ConfigError(
+                f"run-config key 'data-dir' is empty: dataset '{cfg['dataset']}' needs a local data root."
+            )
+        if not Path(root).expanduser().is_dir():
+            raise ConfigError(f"run-config key 'data-dir' = {root!r} is not an existing folder.")
+    if cfg["dataset"] == "imagenet-lt" and cfg["imbalance-factor"] != 1:
+        raise ConfigError(
+            f"run-config key 'imbalance-factor' = {cfg['imbalance-factor']!r} is not allowed for imagenet-lt: "
+            "expected 1 (ImageNet-LT's published index is already long-tailed)."
+        )
+    if cfg["few-threshold"] > cfg["many-threshold"]:
+        raise ConfigError(
+            f"run-config key 'few-threshold' = {cfg['few-threshold']!r} is not allowed: expected <= many-threshold "
+            f"({cfg['many-threshold']!r})."
+        )
+    if cfg["model"] == "resnet8" and cfg["image-size"] > 64:
+        raise ConfigError(
+            f"run-config key 'image-size' = {cfg['image-size']!r} is not allowed for resnet8: expected <= 64."
+        )
+
+
+def validate(
+    raw: Mapping[str, Any],
+    choices: Mapping[str, Iterable[str]] | None = None,
+    schema: Mapping[str, Option] = SCHEMA,
+) -> dict[str, Scalar]:
+    """Return a complete, checked config: defaults filled in, every key and relation validated.
+
+    `choices` supplies allowed values that live in other packages (the strategy registry), so this
+    module depends on none of them.
+    """
+    unknown = sorted(set(raw) - set(schema))
+    if unknown:
+        raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}; known keys: {', '.join(schema)}.")
+    extra = {k: tuple(v) for k, v in (choices or {}).items()}
+    cfg: dict[str, Scalar] = {}
+    for key, option in schema.items():
+        value = raw.get(key, option.default)
+        _check_key(key, value, option, extra.get(key, option.choices))
+        cfg[key] = int(value) if isinstance(option.default, int) and not isinstance(option.default, bool) else value
+    _check_relations(cfg)
+    return cfg
+
+
+def data_key(cfg: Mapping[str, Any]) -> tuple:
+    """The settings that determine the data split: equal keys give identical partitions."""
+    keys = (
+        "dataset",
+        "data-dir",
+        "image-size",
+        "imbalance-factor",
+        "dirichlet-alpha",
+        "num-clients",
+        "min-partition-size",
+        "align-per-class",
+        "seed",
+    )
+    return tuple((k, cfg[k]) for k in keys)

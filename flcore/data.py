@@ -1,0 +1,269 @@
+"""Local datasets as decoded uint8 tensors or image files, with one loader per dataset name.
+
+Nothing is downloaded: `digits` ships with scikit-learn, every other dataset is read from `data-dir`,
+and a missing copy raises `DataNotFound` saying what to put where.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGITS_TEST_FRACTION = 0.3
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DataNotFound(FileNotFoundError):
+    """A dataset's local copy is missing; the message says where to put it."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Labelled images: decoded uint8 NCHW tensors at the model's input size, or files decoded on demand."""
+
+    labels: np.ndarray
+    images: torch.Tensor | None = None
+    files: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> ImageSet:
+        idx = np.asarray(idx, dtype=np.int64)
+        images = self.images[torch.from_numpy(idx)] if self.images is not None else None
+        files = tuple(self.files[i] for i in idx) if self.files is not None else None
+        return ImageSet(self.labels[idx], images, files)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset's train and test splits, class names and input statistics."""
+
+    train: ImageSet
+    test: ImageSet
+    classes: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    natural: bool  # natural photos may be flipped; digits may not
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a uint8 NCHW batch once at load time, so training never resizes."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images.contiguous()
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test.extend(idx[: round(len(idx) * fraction)])
+    test_mask = np.zeros(len(labels), dtype=bool)
+    test_mask[test] = True
+    return np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
+
+
+def load_digits(data_dir: Path, image_size: int) -> Dataset:
+    """scikit-learn's 8x8 digits (1,797 real scans), upsampled to the model input, fixed 70/30 split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    pixels = torch.from_numpy(np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8))
+    images = _resize(pixels[:, None].expand(-1, 3, -1, -1), image_size)
+    labels = bunch.target.astype(np.int64)
+    train, test = _stratified_split(labels, DIGITS_TEST_FRACTION, seed=0)
+    full = ImageSet(labels, images)
+    return Dataset(full.subset(train), full.subset(test), DIGIT_NAMES, (0.5,) * 3, (0.5,) * 3, natural=False)
+
+
+def _cifar_from_torchvision(root: Path, num_classes: int, image_size: int) -> tuple[ImageSet, ImageSet, tuple]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if num_classes == 10 else CIFAR100
+    splits = []
+    for train in (True, False):
+        ds = cls(str(root), train=train, download=False)
+        images = _resize(torch.from_numpy(ds.data).permute(0, 3, 1, 2), image_size)
+        splits.append(ImageSet(np.asarray(ds.targets, dtype=np.int64), images))
+    return splits[0], splits[1], tuple(ds.classes)
+
+
+def _cifar_from_hf_disk(root: Path, num_classes: int, image_size: int) -> tuple[ImageSet, ImageSet, tuple]:
+    import datasets
+
+    dd = datasets.load_from_disk(str(root))
+    label_col = "label" if num_classes == 10 else "fine_label"
+    splits = []
+    for name in ("train", "test"):
+        ds = dd[name].with_format("numpy")
+        pixels = np.stack([np.asarray(img.convert("RGB")) for img in dd[name]["img"]])
+        images = _resize(torch.from_numpy(pixels).permute(0, 3, 1, 2), image_size)
+        splits.append(ImageSet(np.asarray(ds[label_col], dtype=np.int64), images))
+    classes = tuple(dd["train"].features[label_col].names)
+    return splits[0], splits[1], classes
+
+
+def load_cifar(num_classes: int) -> Callable[[Path, int], Dataset]:
+    folder = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+    def load(data_dir: Path, image_size: int) -> Dataset:
+        if (data_dir / folder).is_dir():
+            train, test, classes = _cifar_from_torchvision(data_dir, num_classes, image_size)
+        elif (data_dir / "dataset_dict.json").is_file():
+            train, test, classes = _cifar_from_hf_disk(data_dir, num_classes, image_size)
+        else:
+            raise DataNotFound(
+                f"CIFAR-{num_classes} not found in data-dir '{data_dir}'. Put torchvision's '{folder}' folder there "
+                f"(torchvision.datasets.CIFAR{num_classes}(root='{data_dir}', download=True) on a machine with "
+                f"internet), or an HF dataset saved with save_to_disk (load_dataset('uoft-cs/cifar{num_classes}')"
+                f".save_to_disk('{data_dir}'))."
+            )
+        return Dataset(train, test, classes, mean, std, natural=True)
+
+    return load
+
+
+def _read_index(root: Path, name: str) -> ImageSet:
+    path = root / name
+    if not path.is_file():
+        raise DataNotFound(
+            f"ImageNet-LT index '{path}' is missing. Put ImageNet_LT_train.txt and ImageNet_LT_test.txt "
+            "(published with Liu et al., 'Large-Scale Long-Tailed Recognition in an Open World') in data-dir, "
+            "next to the ImageNet 'train/' and 'val/' image folders they point into."
+        )
+    files, labels = [], []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise ValueError(f"{path}:{lineno}: expected '<relative image path> <class index>', got {line!r}")
+        files.append(str(root / parts[0]))
+        labels.append(int(parts[1]))
+    return ImageSet(np.asarray(labels, dtype=np.int64), files=tuple(files))
+
+
+def load_imagenet_lt(data_dir: Path, image_size: int) -> Dataset:
+    """ImageNet-LT from its published index files; images are decoded on demand (too large for memory)."""
+    train = _read_index(data_dir, "ImageNet_LT_train.txt")
+    test = _read_index(data_dir, "ImageNet_LT_test.txt")
+    num_classes = int(train.labels.max()) + 1
+    names_file = data_dir / "classnames.txt"
+    classes = (
+        tuple(names_file.read_text().splitlines())
+        if names_file.is_file()
+        else tuple(f"class {c}" for c in range(num_classes))
+    )
+    return Dataset(train, test, classes, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), natural=True)
+
+
+def _scan_folder(split_dir: Path, classes: tuple[str, ...]) -> ImageSet:
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for path in sorted((split_dir / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(str(path))
+                labels.append(c)
+    return ImageSet(np.asarray(labels, dtype=np.int64), files=tuple(files))
+
+
+def load_folder(data_dir: Path, image_size: int) -> Dataset:
+    """Any ImageFolder tree: data-dir/train/<class>/*.png and data-dir/test/<class>/*.png."""
+    train_dir, test_dir = data_dir / "train", data_dir / "test"
+    if not train_dir.is_dir() or not test_dir.is_dir():
+        raise DataNotFound(f"folder dataset needs '{train_dir}' and '{test_dir}', each with one subfolder per class.")
+    classes = tuple(sorted(p.name for p in train_dir.iterdir() if p.is_dir()))
+    train, test = _scan_folder(train_dir, classes), _scan_folder(test_dir, classes)
+    if len(train) == 0 or len(test) == 0:
+        raise DataNotFound(f"folder dataset under '{data_dir}' has no images in train/ or test/.")
+    return Dataset(train, test, classes, (0.5,) * 3, (0.5,) * 3, natural=True)
+
+
+LOADERS: dict[str, Callable[[Path, int], Dataset]] = {
+    "digits": load_digits,
+    "cifar10": load_cifar(10),
+    "cifar100": load_cifar(100),
+    "imagenet-lt": load_imagenet_lt,
+    "folder": load_folder,
+}
+
+
+def load(name: str, data_dir: str, image_size: int) -> Dataset:
+    return LOADERS[name](Path(data_dir).expanduser(), image_size)
+
+
+def decode(files: tuple[str, ...], image_size: int) -> torch.Tensor:
+    """Decode image files to a uint8 NCHW batch at the model input size."""
+    from PIL import Image
+
+    out = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
+    for i, path in enumerate(files):
+        with Image.open(path) as img:
+            rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+        out[i] = torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1)
+    return out
+
+
+class Batches:
+    """Normalised, optionally augmented float batches in channels_last layout.
+
+    In-memory sets are indexed directly (no DataLoader, no per-epoch copies of the whole set); file sets
+    are decoded per batch. The generator makes the order and augmentation reproducible.
+    """
+
+    def __init__(self, data: ImageSet, dataset: Dataset, image_size: int, batch_size: int) -> None:
+        self.data, self.image_size, self.batch_size = data, image_size, batch_size
+        self.mean = torch.tensor(dataset.mean).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(dataset.std).view(1, 3, 1, 1) * 255.0
+        self.flip = dataset.natural
+
+    def __len__(self) -> int:
+        return -(-len(self.data) // self.batch_size)
+
+    def _raw(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.data.images is not None:
+            return self.data.images[idx]
+        return decode(tuple(self.data.files[i] for i in idx.tolist()), self.image_size)
+
+    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        pad = max(1, self.image_size // 8)
+        n, size = x.shape[0], self.image_size
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        rows = (dy[:, None] + torch.arange(size))[:, None, :, None].expand(n, 3, size, size + 2 * pad)
+        x = padded.gather(2, rows)
+        cols = (dx[:, None] + torch.arange(size))[:, None, None, :].expand(n, 3, size, size)
+        x = x.gather(3, cols)
+        if self.flip:
+            mask = torch.rand(n, generator=gen) < 0.5
+            x = torch.where(mask[:, None, None, None], x.flip(3), x)
+        return x
+
+    def iterate(
+        self, shuffle: bool = False, augment: bool = False, gen: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.data)
+        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+        labels = torch.from_numpy(self.data.labels)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            x = self._raw(idx)
+            if augment:
+                x = self._augment(x, gen)
+            x = ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            yield x, labels[idx]

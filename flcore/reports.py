@@ -1,0 +1,183 @@
+"""A run's output folder: config, per-round metrics, summary, plots and final weights.
+
+Layout of `<output-dir>/<run-id>/`: config.json, partition.json + partition.png, metrics.jsonl (one
+line per evaluated round, appended and flushed as the run goes, so a crash keeps what was done),
+summary.json, curves.png, confusion.png, model.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SCALAR_KEYS = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (an empty class group) becomes null so every file stays valid JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(obj), indent=2))
+    tmp.replace(path)
+
+
+def _fmt(value: float | None) -> str:
+    return "  n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+class RunReport:
+    """Writes one run's reports and prints a one-line progress report per round."""
+
+    def __init__(self, out_dir: Path, num_rounds: int, classes: Sequence[str]) -> None:
+        self.dir = out_dir
+        self.num_rounds = num_rounds
+        self.classes = list(classes)
+        self.rows: list[dict] = []
+        self._pending: dict[int, dict] = {}
+        self._t0 = self._last = time.perf_counter()
+
+    @classmethod
+    def create(cls, cfg: Mapping, run_id: int | str, classes: Sequence[str]) -> RunReport:
+        out = Path(str(cfg["output-dir"])).expanduser() / str(run_id)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", dict(cfg))
+        return cls(out, int(cfg["num-server-rounds"]), classes)
+
+    def write_partition(self, histogram: np.ndarray, pool_counts: np.ndarray, groups: Mapping[str, list[int]]) -> None:
+        """Per-client class histogram as JSON and heatmap, with the long-tail counts and class groups."""
+        write_json(
+            self.dir / "partition.json",
+            {
+                "classes": self.classes,
+                "pool-counts": pool_counts.tolist(),
+                "groups": dict(groups),
+                "clients": histogram.tolist(),
+            },
+        )
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(self.classes) + 2), max(4, 0.3 * len(histogram) + 1.5)))
+        im = ax.imshow(histogram, aspect="auto", cmap="viridis")
+        ax.set(xlabel="class", ylabel="client", title=f"Images per client and class (pool {int(pool_counts.sum())})")
+        if len(self.classes) <= 20:
+            ax.set_xticks(range(len(self.classes)), self.classes, rotation=45, ha="right")
+        if len(histogram) <= 40:
+            ax.set_yticks(range(len(histogram)))
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(self.dir / "partition.png", dpi=110)
+        plt.close(fig)
+
+    def record_train(self, server_round: int, metrics: Mapping[str, Any]) -> None:
+        """Keep the round's aggregated client metrics until its evaluation arrives."""
+        self._pending[server_round] = dict(metrics)
+
+    def record_eval(self, server_round: int, metrics: Mapping[str, Any]) -> None:
+        """Append one metrics.jsonl line and print the round's progress line."""
+        now = time.perf_counter()
+        row = {
+            "round": server_round,
+            "seconds": round(now - self._last, 3),
+            "elapsed": round(now - self._t0, 3),
+            **self._pending.pop(server_round, {}),
+            **metrics,
+        }
+        self._last = now
+        self.rows.append(row)
+        with (self.dir / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(_json_safe(row)) + "\n")
+        print(self.progress_line(row), flush=True)
+
+    def progress_line(self, row: Mapping[str, Any]) -> str:
+        loss = row.get("train-loss")
+        return (
+            f"[round {row['round']:>3}/{self.num_rounds}] "
+            f"loss {_fmt(loss)} | acc {_fmt(row['accuracy'])} bal {_fmt(row['balanced-accuracy'])} | "
+            f"many {_fmt(row.get('many-accuracy'))} med {_fmt(row.get('medium-accuracy'))} "
+            f"few {_fmt(row.get('few-accuracy'))} | {row['seconds']:.1f}s"
+        )
+
+    def finish(self, state_dict: Mapping[str, torch.Tensor], extra: Mapping[str, Any] | None = None) -> dict:
+        """Write summary.json, the plots and the final weights; return the summary."""
+        torch.save(dict(state_dict), self.dir / "model.pt")
+        last = self.rows[-1]
+        summary = {
+            "rounds": self.num_rounds,
+            "wall-seconds": round(time.perf_counter() - self._t0, 2),
+            "final": {k: last.get(k) for k in SCALAR_KEYS},
+            "best-accuracy": max(r["accuracy"] for r in self.rows),
+            "per-class-accuracy": last["per-class-accuracy"],
+            **(extra or {}),
+        }
+        write_json(self.dir / "summary.json", summary)
+        self._plot_curves()
+        plot_confusion(
+            np.asarray(last["confusion-matrix"]),
+            self.classes,
+            self.dir / "confusion.png",
+            f"Round {last['round']}: accuracy {last['accuracy']:.3f}",
+        )
+        return summary
+
+    def _plot_curves(self) -> None:
+        rounds = [r["round"] for r in self.rows]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for key in SCALAR_KEYS:
+            vals = [np.nan if r.get(key) is None else r[key] for r in self.rows]
+            ax.plot(rounds, vals, marker="o", ms=3, label=key.replace("-accuracy", "") if key != "accuracy" else key)
+        ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title="Centralized evaluation per round")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.dir / "curves.png", dpi=110)
+        plt.close(fig)
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix (each true class sums to 1)."""
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(min(12, 0.45 * n + 3), min(11, 0.45 * n + 2.5)))
+    im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    if n <= 20:
+        ax.set_xticks(range(n), classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), classes)
+        for i in range(n):
+            for j in range(n):
+                if norm[i, j] >= 0.01:
+                    ax.text(
+                        j,
+                        i,
+                        f"{norm[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

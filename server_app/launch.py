@@ -1,0 +1,225 @@
+"""Run the app with `flwr run .` on a private local SuperLink, end to end, failing loudly.
+
+Flower 1.42's `flwr run .` always goes through a SuperLink, prints logs only with `--stream`, exits 0
+when the ServerApp raised, and its auto-started local SuperLink re-installs the project's
+dependencies at run time. This launcher hides none of that; it handles it:
+
+1. validates the run config (pyproject defaults + overrides) and loads the data split, so bad input
+   fails before Ray starts;
+2. starts `flower-superlink --simulation --disable-runtime-dependency-installation` on a free
+   loopback port with its own FLWR_HOME (the user's ~/.flwr is left alone);
+3. runs `flwr run . <connection> --stream` with the overrides and the simulation federation from
+   `[tool.mllm-llava-fl.simulation]` (num-supernodes = num-clients);
+4. reads the run's final status with `flwr list --format json` and exits non-zero unless it completed.
+
+Usage: python -m server_app.launch [--run-config "k=v k2=v2"] [--run-config more.toml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from flcore.config import ConfigError, validate
+from flcore.data import DataNotFound
+from strategies.registry import STRATEGIES
+
+PROJECT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # flwr and flower-superlink of this environment
+CONNECTION = "mllm-sim"
+PATH_KEYS = ("data-dir", "output-dir")
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`k=v` pairs (TOML values; a bare word is taken as a string) or TOML files, later ones winning."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if item.endswith(".toml") and "=" not in item:
+            out.update(tomllib.loads(Path(item).read_text()))
+            continue
+        for pair in item.split():
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise ConfigError(f"--run-config expects key=value pairs, got {pair!r}.")
+            try:
+                out[key] = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                out[key] = value
+    return out
+
+
+def project_settings(project: Path = PROJECT) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run-config defaults and the simulation federation declared in pyproject.toml."""
+    meta = tomllib.loads((project / "pyproject.toml").read_text())
+    return meta["tool"]["flwr"]["app"]["config"], meta["tool"]["mllm-llava-fl"]["simulation"]
+
+
+def resolve(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Validated full config, and the overrides to send, with paths made absolute.
+
+    Paths become absolute because the ServerApp and ClientApps run in the SuperLink's processes, not here.
+    """
+    sent = dict(overrides)
+    for key in PATH_KEYS:
+        value = sent.get(key, defaults.get(key, ""))
+        if value:
+            sent[key] = str(Path(str(value)).expanduser().resolve())
+    cfg = validate({**defaults, **sent}, choices={"strategy": STRATEGIES})
+    return cfg, sent
+
+
+def preflight(cfg: Mapping[str, Any]) -> None:
+    """Load the dataset and draw the split here, so missing files or an impossible split fail before Ray."""
+    from flcore.experiment import prepare
+
+    prep = prepare(cfg)
+    sizes = [len(c) for c in prep.split.clients]
+    print(
+        f"data: {cfg['dataset']} | pool {len(prep.split.pool)} images (IF {cfg['imbalance-factor']}) | "
+        f"{len(sizes)} clients, {min(sizes)}-{max(sizes)} images each | D_align {len(prep.split.align)} | "
+        f"test {len(prep.dataset.test)}",
+        flush=True,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_connection(home: Path, port: int) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+
+
+def start_superlink(home: Path, port: int, env: Mapping[str, str]) -> subprocess.Popen:
+    log = (home / "superlink.log").open("w")
+    proc = subprocess.Popen(
+        [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=PROJECT,
+        env=dict(env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {home / 'superlink.log'}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError(f"flower-superlink did not open 127.0.0.1:{port} within 60 s; see {home / 'superlink.log'}")
+
+
+def federation_config(simulation: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
+    """num-supernodes follows num-clients, so every partition has exactly one node."""
+    options = {**simulation, "num-supernodes": int(cfg["num-clients"])}
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in options.items())
+
+
+def last_run(env: Mapping[str, str]) -> dict[str, Any]:
+    out = subprocess.run(
+        [str(BIN / "flwr"), "list", CONNECTION, "--format", "json"],
+        cwd=PROJECT,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    runs = json.loads(out.stdout).get("runs", [])
+    if not runs:
+        raise RuntimeError(f"the SuperLink reports no run: {out.stdout.strip()}")
+    return max(runs, key=lambda r: int(r["run-id"]))
+
+
+def run(overrides: Mapping[str, Any]) -> int:
+    defaults, simulation = project_settings()
+    try:
+        cfg, sent = resolve(overrides, defaults)
+        preflight(cfg)
+    except (ConfigError, DataNotFound) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    home = PROJECT / ".flwr"
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(PROJECT),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    port = free_port()
+    write_connection(home, port)
+    link = start_superlink(home, port, env)
+    try:
+        overrides_file = home / "run-config.toml"
+        overrides_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in sent.items()))
+        cmd = [
+            str(BIN / "flwr"),
+            "run",
+            ".",
+            CONNECTION,
+            "--stream",
+            "--federation-config",
+            federation_config(simulation, cfg),
+        ]
+        if sent:
+            cmd += ["--run-config", str(overrides_file)]
+        print("$ " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=PROJECT, env=env, check=False)
+        status = last_run(env)
+    finally:
+        os.killpg(link.pid, 15)
+        link.wait(timeout=30)
+    print(f"run {status['run-id']}: {status['status']}", flush=True)
+    if status["status"] != "finished:completed":
+        print(
+            f"error: run {status['run-id']} did not complete ({status['status']}); the log above and "
+            f"{home / 'superlink.log'} say why.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--run-config", "-c", action="append", default=[], help="overrides: 'k=v k2=v2' or a TOML file; repeatable"
+    )
+    args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.run_config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return run(overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Server strategies: the registry of Flower strategies and the composable server stages."""

@@ -1,0 +1,87 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from flcore.config import SCHEMA, ConfigError, validate
+from server_app import launch
+from strategies.registry import STRATEGIES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def check(overrides):
+    return validate(overrides, choices={"strategy": STRATEGIES})
+
+
+def test_defaults_are_valid_and_complete():
+    cfg = check({})
+    assert set(cfg) == set(SCHEMA)
+    assert cfg["dataset"] == "digits" and cfg["num-clients"] == 20 and cfg["fraction-train"] == 0.4
+
+
+def test_pyproject_declares_every_key_with_the_schema_default():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == {k: o.default for k, o in SCHEMA.items()}
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in SCHEMA if f"`{k}`" not in readme]
+    assert not missing, f"README lacks: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "hint"),
+    [
+        ({"dataset": "mnist"}, "dataset", "digits, cifar10"),
+        ({"strategy": "fedfoo"}, "strategy", "fedavg"),
+        ({"imbalance-factor": 0.5}, "imbalance-factor", ">= 1"),
+        ({"dirichlet-alpha": 0.0}, "dirichlet-alpha", "> 0"),
+        ({"dirichlet-alpha": -1}, "dirichlet-alpha", "> 0"),
+        ({"fraction-train": 0.0}, "fraction-train", "> 0"),
+        ({"fraction-train": 1.5}, "fraction-train", "<= 1"),
+        ({"num-clients": 0}, "num-clients", ">= 1"),
+        ({"num-server-rounds": 0}, "num-server-rounds", ">= 1"),
+        ({"num-clients": 2.5}, "num-clients", "integer"),
+        ({"lr": "fast"}, "lr", "wrong type"),
+        ({"dataset": "cifar10"}, "data-dir", "needs a local data root"),
+        ({"dataset": "folder", "data-dir": "/no/such/dir"}, "data-dir", "not an existing folder"),
+        ({"few-threshold": 200}, "few-threshold", "many-threshold"),
+        ({"colour": "blue"}, "colour", "unknown run-config key"),
+    ],
+)
+def test_invalid_values_name_key_value_and_rule(overrides, key, hint):
+    with pytest.raises(ConfigError) as err:
+        check(overrides)
+    assert f"'{key}'" in str(err.value) or key in str(err.value)
+    assert hint in str(err.value)
+
+
+def test_imagenet_lt_requires_if_one(tmp_path):
+    with pytest.raises(ConfigError, match="imbalance-factor.*imagenet-lt"):
+        check({"dataset": "imagenet-lt", "data-dir": str(tmp_path), "imbalance-factor": 10.0})
+
+
+def test_overrides_parse_toml_values_and_bare_words(tmp_path):
+    extra = tmp_path / "more.toml"
+    extra.write_text("seed = 3\n")
+    got = launch.parse_overrides(["dataset=cifar10 lr=0.1 augment=false", 'strategy="fedavg"', str(extra)])
+    assert got == {"dataset": "cifar10", "lr": 0.1, "augment": False, "strategy": "fedavg", "seed": 3}
+
+
+def test_launcher_rejects_bad_input_before_starting_anything(monkeypatch, capsys):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the SuperLink must not start on bad input")
+
+    monkeypatch.setattr(launch, "start_superlink", forbidden)
+    assert launch.main(["--run-config", "imbalance-factor=0.5"]) == 2
+    assert "'imbalance-factor' = 0.5" in capsys.readouterr().err
+    assert launch.main(["--run-config", "dataset=cifar100 data-dir=/nonexistent"]) == 2
+
+
+def test_launcher_reports_missing_dataset_files(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(launch, "start_superlink", lambda *a, **k: pytest.fail("must not start"))
+    assert launch.main(["--run-config", f"dataset=cifar10 data-dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-batches-py" in err and str(tmp_path) in err

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flcore.experiment import client_batches, load_record, seeded_generator, server_data  # noqa: E402
+from flcore.experiment import client_batches, load_state, seeded_generator, server_data  # noqa: E402
 from flcore.metrics import summarize  # noqa: E402
 from flcore.models import build_model  # noqa: E402
 from flcore.training import TrainSettings, predict, train  # noqa: E402
@@ -55,7 +55,7 @@ def plain_fedavg(cfg: dict) -> tuple[float, float]:
             total += n
             update = {k: v.double() * n for k, v in local.state_dict().items()}
             summed = update if summed is None else {k: summed[k] + update[k] for k in summed}
-        load_record(model, {k: v / total for k, v in summed.items()})
+        load_state(model, {k: v / total for k, v in summed.items()})
         acc = evaluate()
     return time.perf_counter() - start, acc
 
@@ -90,9 +90,9 @@ def main() -> None:
     defaults, _ = project_settings()
     cfg, _ = resolve(overrides, defaults)
     torch.manual_seed(cfg["seed"])
+    plain, plain_acc = plain_fedavg(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         wall, loop, fl_acc = flower_run(overrides, Path(tmp))
-    plain, plain_acc = plain_fedavg(cfg)
     print(
         f"settings: {cfg['dataset']} {cfg['num-clients']} clients x {cfg['num-server-rounds']} rounds, "
         f"{cfg['local-epochs']} local epochs, image {cfg['image-size']}px, torch threads {torch.get_num_threads()}"

@@ -96,12 +96,18 @@ def to_record(model: nn.Module) -> ArrayRecord:
     return ArrayRecord(model.state_dict())
 
 
-def load_record(model: nn.Module, arrays: ArrayRecord) -> nn.Module:
-    """Load received arrays, casting each to the model's own dtype (FedAvg returns float64 counters)."""
+def load_state(model: nn.Module, received: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Load weights, casting each to the model's own dtype (FedAvg returns float64 counters)."""
     state = model.state_dict()
-    received = arrays.to_torch_state_dict()
+    missing = sorted(set(state) - set(received))
+    if missing:
+        raise KeyError(f"received weights lack {len(missing)} of the model's entries, e.g. {missing[:3]}")
     model.load_state_dict({k: received[k].to(state[k].dtype) for k in state})
     return model
+
+
+def load_record(model: nn.Module, arrays: ArrayRecord) -> nn.Module:
+    return load_state(model, arrays.to_torch_state_dict())
 
 
 def seeded_generator(*parts: int) -> torch.Generator:

@@ -15,8 +15,8 @@ from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
 from flcore.reports import RunReport
 from flcore.training import predict
-from strategies.registry import STRATEGIES, build_strategy
-from strategies.stages import ServerStages
+from strategies.registry import STRATEGIES, build_server_strategy
+from strategies.stages import ServerContext
 
 app = ServerApp()
 
@@ -59,22 +59,22 @@ def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
     data = server_data(cfg)
     report = RunReport.create(cfg, run_id, data.dataset.classes)
     report.write_partition(data.client_histogram, data.pool_counts, data.groups)
-    model = build_model(str(cfg["model"]), int(cfg["projection-dim"]), data.dataset.num_classes, seed=int(cfg["seed"]))
     rounds = int(cfg["num-server-rounds"])
-    strategy = ServerStages(build_strategy(cfg), after_aggregation=[record_round(report)])
+
+    def new_model(seed: int | None = None) -> FLModel:
+        return build_model(str(cfg["model"]), int(cfg["projection-dim"]), data.dataset.num_classes, seed=seed)
+
+    model = new_model(seed=int(cfg["seed"]))
+    evaluator = Evaluator(new_model(), data, report, int(cfg["eval-every"]), rounds)
+    ctx = ServerContext(cfg, data, new_model, evaluator.metrics, report)
+    strategy = build_server_strategy(cfg, ctx, observers=[record_round(report)])
     result = strategy.start(
         grid,
         to_record(model),
         num_rounds=rounds,
         timeout=float(cfg["round-timeout"]),
         train_config=ConfigRecord({k: cfg[k] for k in TRAIN_KEYS}),
-        evaluate_fn=Evaluator(
-            build_model(str(cfg["model"]), int(cfg["projection-dim"]), data.dataset.num_classes),
-            data,
-            report,
-            int(cfg["eval-every"]),
-            rounds,
-        ),
+        evaluate_fn=evaluator,
     )
     final = load_record(model, result.arrays if len(result.arrays) else to_record(model))
     return report.finish(

@@ -1,7 +1,9 @@
-"""Strategy registry: run-config name -> factory of a Flower Message-API strategy.
+"""Registries: run-config name -> factory of a Flower Message-API strategy, and the server stages.
 
-Every factory takes the validated run config. The ServerApp wraps whatever comes out in
-`ServerStages`, so adding a strategy here needs no change in the apps.
+Every strategy factory takes the validated run config. `build_strategy` wraps whatever comes out in
+`ServerStages` together with the stages every entry of `SERVER_STAGES` contributes (each factory reads
+its own switches from the config and returns no stages when it is off), so adding a strategy or a
+server stage needs no change in the apps.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from collections.abc import Callable, Mapping
 
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from strategies.stages import RoundStage, ServerContext, ServerStages, Stages
+
 StrategyFactory = Callable[[Mapping], Strategy]
+StageFactory = Callable[[Mapping, ServerContext], Stages]
 
 
 def fedavg(cfg: Mapping) -> Strategy:
@@ -25,6 +30,21 @@ def fedavg(cfg: Mapping) -> Strategy:
 
 STRATEGIES: dict[str, StrategyFactory] = {"fedavg": fedavg}
 
+# Server stages in the order they run: stage 1 (pretraining) before round 1, stage 3 (alignment) after
+# each aggregation. Later issues add their factories here.
+SERVER_STAGES: dict[str, StageFactory] = {}
+
 
 def build_strategy(cfg: Mapping) -> Strategy:
+    """The bare Flower strategy named by `strategy`."""
     return STRATEGIES[str(cfg["strategy"])](cfg)
+
+
+def build_server_strategy(cfg: Mapping, ctx: ServerContext, observers: list[RoundStage] = ()) -> ServerStages:
+    """The configured strategy wrapped with every enabled server stage; `observers` run last each round."""
+    before, after = [], []
+    for factory in SERVER_STAGES.values():
+        stages = factory(cfg, ctx)
+        before += stages.before_training
+        after += stages.after_aggregation
+    return ServerStages(build_strategy(cfg), before, after + list(observers))

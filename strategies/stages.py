@@ -9,7 +9,9 @@ model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -17,6 +19,30 @@ from flwr.serverapp.strategy import Result, Strategy
 
 InitialStage = Callable[[ArrayRecord], ArrayRecord]
 RoundStage = Callable[[int, ArrayRecord, MetricRecord], ArrayRecord]
+
+
+@dataclass
+class ServerContext:
+    """What a server stage may use: the config, the server's data, the model factory and the report.
+
+    `data` is `flcore.experiment.ServerData` (test split, D_align, class groups), `new_model()` builds a
+    fresh `FLModel` for this run, `evaluate(arrays)` returns the centralized test metrics of any weights,
+    and `report` is the run's `RunReport` (its `dir` receives extra files).
+    """
+
+    cfg: Mapping[str, Any]
+    data: Any
+    new_model: Callable[[], Any]
+    evaluate: Callable[[ArrayRecord], dict]
+    report: Any
+
+
+@dataclass
+class Stages:
+    """The stages one server-stage factory contributes."""
+
+    before_training: list[InitialStage] = field(default_factory=list)
+    after_aggregation: list[RoundStage] = field(default_factory=list)
 
 
 class ServerStages(Strategy):

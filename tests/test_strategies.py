@@ -56,3 +56,29 @@ def test_load_record_restores_integer_buffers_after_fedavg():
     assert arrays["backbone.stem.1.num_batches_tracked"].numpy().dtype == np.float64
     load_record(model, arrays)
     assert model.state_dict()["backbone.stem.1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_server_stage_registry_wires_hooks_and_start_applies_initial_stages(monkeypatch):
+    from strategies import registry
+    from strategies.stages import Stages
+
+    def bump(arrays):
+        return ArrayRecord({k: v + 1 for k, v in arrays.to_torch_state_dict().items()})
+
+    def noop(rnd, arrays, metrics):
+        return arrays
+
+    def observer(rnd, arrays, metrics):
+        return arrays
+
+    monkeypatch.setitem(registry.SERVER_STAGES, "test", lambda cfg, ctx: Stages([bump], [noop]))
+    cfg = validate({}, choices={"strategy": STRATEGIES})
+    wrapped = registry.build_server_strategy(cfg, ctx=None, observers=[observer])
+    assert wrapped.before_training == [bump] and wrapped.after_aggregation == [noop, observer]
+    seen = {}
+
+    def evaluate(rnd, arrays):
+        seen[rnd] = arrays.to_torch_state_dict()["w"]
+
+    wrapped.start(None, ArrayRecord({"w": torch.zeros(2)}), num_rounds=0, evaluate_fn=evaluate)
+    assert torch.equal(seen[0], torch.ones(2))

@@ -17,6 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from strategies.polling import PromptGrid
+
 InitialStage = Callable[[ArrayRecord], ArrayRecord]
 RoundStage = Callable[[int, ArrayRecord, MetricRecord], ArrayRecord]
 
@@ -90,4 +92,4 @@ class ServerStages(Strategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args, **kwargs) -> Result:
         for stage in self.before_training:
             initial_arrays = stage(initial_arrays)
-        return super().start(grid, initial_arrays, *args, **kwargs)
+        return super().start(PromptGrid(grid), initial_arrays, *args, **kwargs)

@@ -214,7 +214,7 @@ def decode(files: tuple[str, ...], image_size: int) -> torch.Tensor:
     for i, path in enumerate(files):
         with Image.open(path) as img:
             rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-        out[i] = torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1)
+        out[i] = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
     return out
 
 

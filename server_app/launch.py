@@ -18,8 +18,10 @@ Usage: python -m server_app.launch [--run-config "k=v k2=v2"] [--run-config more
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -136,6 +138,49 @@ def start_superlink(home: Path, port: int, env: Mapping[str, str]) -> subprocess
     raise RuntimeError(f"flower-superlink did not open 127.0.0.1:{port} within 60 s; see {home / 'superlink.log'}")
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (from /proc), parents first.
+
+    The SuperLink's SuperExec starts its own session, so killing the SuperLink's process group would
+    leave the simulation and its Ray cluster running.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        tree.append(pid)
+        stack.extend(children.get(pid, []))
+    return tree
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Terminate a process and everything it started; kill what is still there after `grace` seconds."""
+    tree = process_tree(proc.pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in reversed(tree):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        if not any(Path(f"/proc/{pid}").exists() and not _is_zombie(pid) for pid in tree):
+            return
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def federation_config(simulation: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
     """num-supernodes follows num-clients, so every partition has exactly one node."""
     options = {**simulation, "num-supernodes": int(cfg["num-clients"])}
@@ -194,8 +239,7 @@ def run(overrides: Mapping[str, Any]) -> int:
         subprocess.run(cmd, cwd=PROJECT, env=env, check=False)
         status = last_run(env)
     finally:
-        os.killpg(link.pid, 15)
-        link.wait(timeout=30)
+        stop_tree(link)
     print(f"run {status['run-id']}: {status['status']}", flush=True)
     if status["status"] != "finished:completed":
         print(

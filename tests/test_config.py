@@ -85,3 +85,20 @@ def test_launcher_reports_missing_dataset_files(monkeypatch, capsys, tmp_path):
     assert launch.main(["--run-config", f"dataset=cifar10 data-dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "cifar-10-batches-py" in err and str(tmp_path) in err
+
+
+def test_stop_tree_also_ends_descendants_in_other_sessions(tmp_path):
+    import subprocess
+    import time
+
+    pidfile = tmp_path / "pid"
+    proc = subprocess.Popen(["bash", "-c", f"setsid sleep 300 & echo $! > {pidfile}; sleep 300"])
+    deadline = time.time() + 10
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    grandchild = int(pidfile.read_text())
+    assert grandchild in launch.process_tree(proc.pid)
+    launch.stop_tree(proc, grace=5)
+    assert proc.poll() is not None
+    assert not Path(f"/proc/{grandchild}").exists() or launch._is_zombie(grandchild)

@@ -253,7 +253,6 @@ def compute_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet, alig
         else f"{cfg['align-teacher']} / {cfg['align-pretrained']}"
     )
     if not all(f.is_file() for f in files.values()):
-        check_class_names(dataset.classes)
         teacher = clip_teacher.load_teacher(
             str(cfg["align-teacher"]), str(cfg["align-pretrained"]), int(cfg["projection-dim"]), cache / "configs"
         )
@@ -302,10 +301,13 @@ class AlignmentStage:
     def __call__(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> ArrayRecord:
         if self.s.when == "last-round" and server_round != self.last:
             return arrays
-        evaluated = server_round % self.every == 0 or server_round == self.last
-        before = self.ctx.evaluate(arrays) if evaluated else None
-        for key in GROUP_KEYS if before else ():
-            metrics[f"pre-align-{key}"] = before[key]
+        before = None
+        if server_round % self.every == 0 or server_round == self.last:  # rounds the report evaluates
+            start = time.perf_counter()
+            before = self.ctx.evaluate(arrays)
+            for key in GROUP_KEYS:
+                metrics[f"pre-align-{key}"] = before[key]
+            metrics["pre-align-eval-seconds"] = time.perf_counter() - start
         model = load_record(self.ctx.new_model(), arrays)
         data = self.ctx.data
         start = time.perf_counter()
@@ -374,25 +376,40 @@ def plot_pair(
     plt.close(fig)
 
 
+def check_inputs(cfg: Mapping, dataset: Dataset, align_idx: np.ndarray) -> TeacherLogits | None:
+    """Every alignment input check that needs no teacher forward, so bad input stops before round 1.
+
+    Returns the logits when they come from `align-logits-file` (reading the file is the check).
+    """
+    if not cfg["align"]:
+        return None
+    if cfg["align-logits-file"]:
+        return load_logits_file(str(cfg["align-logits-file"]), align_idx, dataset.classes, dataset.test.labels)
+    effective_beta(cfg, cfg["align-teacher"] == "tiny")
+    dim = teacher_embed_dim(cfg)
+    if dim != int(cfg["projection-dim"]):
+        raise ConfigError(
+            f"run-config key 'projection-dim' = {cfg['projection-dim']} does not match the teacher "
+            f"{cfg['align-teacher']}'s feature size {dim}: the model's projection is the teacher's feature "
+            f"space; set projection-dim={dim}."
+        )
+    check_class_names(dataset.classes)
+    if cfg["align-teacher"] != "tiny":
+        from strategies.clip_teacher import resolve_weights
+
+        resolve_weights(str(cfg["align-teacher"]), str(cfg["align-pretrained"]))
+    return None
+
+
 def alignment_stages(cfg: Mapping, ctx: ServerContext) -> Stages:
     """The registry factory: no stages when `align` is off; else check inputs, get q once, build the stage."""
     if not cfg["align"]:
         return Stages()
     data = ctx.data
     align_idx = prepare(cfg).split.align
-    if cfg["align-logits-file"]:
-        logits = load_logits_file(
-            str(cfg["align-logits-file"]), align_idx, data.dataset.classes, data.dataset.test.labels
-        )
-    else:
-        dim = teacher_embed_dim(cfg)
-        if dim != int(cfg["projection-dim"]):
-            raise ConfigError(
-                f"run-config key 'projection-dim' = {cfg['projection-dim']} does not match the teacher "
-                f"{cfg['align-teacher']}'s feature size {dim}: the model's projection is the teacher's feature "
-                f"space; set projection-dim={dim}."
-            )
-        logits = compute_teacher_logits(cfg, data.dataset, data.align, align_idx)
+    logits = check_inputs(cfg, data.dataset, align_idx) or compute_teacher_logits(
+        cfg, data.dataset, data.align, align_idx
+    )
     beta, why = effective_beta(cfg, logits.random)
     info = {
         "teacher": logits.source,
@@ -405,6 +422,7 @@ def alignment_stages(cfg: Mapping, ctx: ServerContext) -> Stages:
         "align-when": str(cfg["align-when"]),
     }
     acc = "n/a" if logits.test_accuracy is None else f"{logits.test_accuracy:.3f}"
-    print(f"[align] teacher {logits.source}: zero-shot test accuracy {acc}; beta {beta}" + (f" ({why})" if why else ""))
+    note = f" ({why})" if why else ""
+    print(f"[align] teacher {logits.source}: zero-shot test accuracy {acc}; beta {beta}{note}", flush=True)
     ctx.summary["alignment"] = info
     return Stages(after_aggregation=[AlignmentStage(ctx, AlignSettings.from_config(cfg, beta), logits.align, info)])

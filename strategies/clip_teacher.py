@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from flcore.config import ConfigError
 from flcore.data import ImageSet
 
 TINY = "tiny"
@@ -31,7 +32,7 @@ TINY_SEED = 0
 IMAGE_BATCH = 64
 
 
-class TeacherNotFound(FileNotFoundError):
+class TeacherNotFound(ConfigError):
     """The teacher's weights are not on this machine; the message says what to download and where."""
 
 
@@ -94,18 +95,18 @@ def _cached_weights(name: str, tag: str) -> str | None:
     return None
 
 
-def _resolve_weights(name: str, pretrained: str) -> tuple[str, dict]:
+def resolve_weights(name: str, pretrained: str) -> tuple[str, dict]:
     """A local checkpoint for `pretrained` (a file path or a tag) and the tag's preprocessing settings."""
     if Path(pretrained).expanduser().is_file():
         return str(Path(pretrained).expanduser()), {}
     if name not in open_clip.list_models():
-        raise ValueError(
+        raise ConfigError(
             f"run-config key 'align-teacher' = {name!r} is not an open_clip model name; "
             f"use 'tiny' or one of open_clip.list_models(), e.g. {REAL_DEFAULT[0]!r}."
         )
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
-        raise ValueError(
+        raise ConfigError(
             f"run-config key 'align-pretrained' = {pretrained!r} is neither a checkpoint file nor a tag of "
             f"{name}; tags: {', '.join(tags) or 'none'}."
         )
@@ -129,7 +130,7 @@ def load_teacher(name: str, pretrained: str, tiny_embed_dim: int, config_dir: Pa
         model_name, checkpoint, tag_cfg = _register_tiny(tiny_embed_dim, config_dir), None, {}
     else:
         model_name = name
-        checkpoint, tag_cfg = _resolve_weights(name, pretrained)
+        checkpoint, tag_cfg = resolve_weights(name, pretrained)
     with torch.random.fork_rng():
         torch.manual_seed(TINY_SEED)
         model, _, preprocess = open_clip.create_model_and_transforms(

@@ -24,6 +24,7 @@ from flcore.models import build_model
 from flcore.reports import RunReport
 from flcore.training import TrainSettings, predict, train
 from server_app import app as server_app
+from server_app import launch
 from strategies import alignment, clip_teacher, registry
 from strategies.alignment import AlignSettings, alignment_stages, fine_tune
 from strategies.stages import ServerContext, ServerStages
@@ -200,6 +201,17 @@ def test_bad_teacher_inputs_fail_before_round_one(tmp_path, monkeypatch):
         alignment_stages(cfg, context(cfg))
 
 
+def test_launcher_stops_bad_alignment_input_before_starting_anything(monkeypatch, capsys):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the SuperLink must not start on bad input")
+
+    monkeypatch.setattr(launch, "start_superlink", forbidden)
+    assert launch.main(["--run-config", "align=true align-teacher=ViT-B-32 projection-dim=768"]) == 2
+    assert "feature size 512" in capsys.readouterr().err
+    assert launch.main(["--run-config", "align=true align-beta=-1.0"]) == 2
+    assert "'align-beta' = -1.0" in capsys.readouterr().err
+
+
 def test_logits_file_is_checked_and_used_with_its_beta(tmp_path):
     cfg = config(tmp_path)
     data = server_data(cfg)
@@ -310,3 +322,22 @@ def test_client_never_imports_clip_and_replies_only_arrays_and_scalars(tmp_path)
     assert got["records"] == ["arrays", "metrics"]
     assert got["arrays"] == got["model"]  # exactly the model's weights: no gradients, no features
     assert got["metrics"] and set(got["metrics"].values()) <= {"int", "float"}
+
+
+def test_full_simulation_with_alignment_through_flwr_run(tmp_path, capfd):
+    """The one full run of this issue: `flwr run` on a local SuperLink, FedAvg + alignment, tiny teacher."""
+    overrides = (
+        "num-clients=3 num-server-rounds=2 fraction-train=1.0 local-epochs=1 dirichlet-alpha=100.0 image-size=8 "
+        f"projection-dim=32 align=true align-steps=2 output-dir={tmp_path}"
+    )
+    assert launch.main(["--run-config", overrides]) == 0
+    out = capfd.readouterr().out  # the ServerApp's log comes from the SuperLink's processes
+    assert "finished:completed" in out and "RANDOM weights" in out
+    run_dir = next(p for p in tmp_path.iterdir() if (p / "metrics.jsonl").is_file())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["replies"] == 3 and r["align-steps"] == 2 and "pre-align-few-accuracy" in r for r in rows[1:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["alignment"]["beta-effective"] == 0.0 and summary["alignment"]["teacher-random-weights"]
+    assert summary["alignment"]["figure-4"]["with-alignment"]["accuracy"] == summary["final"]["accuracy"]
+    assert (run_dir / "alignment.png").is_file() and len(list((tmp_path / "teacher-cache").glob("*.pt"))) == 2

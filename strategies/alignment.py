@@ -259,7 +259,9 @@ def compute_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet, alig
         print(f"[align] computing teacher logits once with {teacher.label}", flush=True)
         cache.mkdir(parents=True, exist_ok=True)
         for split, images in (("align", align), ("test", dataset.test)):
-            torch.save(clip_teacher.zero_shot_logits(teacher, dataset.classes, images), files[split])
+            tmp = files[split].with_suffix(".tmp")  # write then rename: a crash never leaves half a cache file
+            torch.save(clip_teacher.zero_shot_logits(teacher, dataset.classes, images), tmp)
+            tmp.replace(files[split])
     q = torch.load(files["align"], weights_only=True)
     test = torch.load(files["test"], weights_only=True)
     acc = float((test.argmax(1).numpy() == dataset.test.labels).mean())

@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
 from PIL import Image
@@ -171,7 +170,3 @@ def zero_shot_logits(teacher: Teacher, classes: Sequence[str], images: ImageSet)
         feats = teacher.model.encode_image(batch, normalize=True)
         out.append(scale * feats @ text)
     return torch.cat(out).float()
-
-
-def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
-    return float((logits.argmax(1).numpy() == labels).mean())

@@ -72,6 +72,7 @@ def main() -> None:
     cfg, _ = launch.resolve(launch.parse_overrides([overrides]), defaults)
 
     cold, warm = teacher_cost(cfg)
+    print(f"teacher logits ({cfg['align-teacher']}): cold {cold:.3f} s, cached {warm:.3f} s", flush=True)
     if launch.main(["--run-config", overrides]) != 0:
         raise SystemExit("the simulation failed; see the log above")
     run_dir = next(p for p in out.iterdir() if (p / "metrics.jsonl").is_file())

@@ -20,6 +20,8 @@ Scalar = bool | int | float | str
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet-lt", "folder")
 DATASETS_WITH_FILES = ("cifar10", "cifar100", "imagenet-lt", "folder")
 MODELS = ("resnet8", "resnet50")
+ALIGN_WHEN = ("every-round", "last-round")
+ALIGN_LOSSES = ("ce+kl", "ce", "kl")
 
 
 class ConfigError(ValueError):
@@ -117,6 +119,26 @@ SCHEMA: dict[str, Option] = {
     ),
     "eval-batch-size": _opt(500, "Batch size of centralized evaluation.", _number(1, integer=True)),
     "output-dir": _opt("outputs", "Folder that receives outputs/<run-id>/ reports."),
+    # issue 7: stage 3, CLIP-supervised global alignment after aggregation (strategies/alignment.py)
+    "align": _opt(False, "Stage 3: fine-tune the aggregated model on D_align with CE + beta*KL(q||p) each round."),
+    "align-teacher": _opt(
+        "tiny", "Zero-shot CLIP teacher: an open_clip model name (paper: ViT-L-14-336) or tiny (random weights)."
+    ),
+    "align-pretrained": _opt("openai", "Teacher weights: an open_clip tag found in the local cache, or a file path."),
+    "align-logits-file": _opt("", "Teacher logits q for D_align computed elsewhere (.pt or .npy, [|D_align|, C])."),
+    "align-beta": _opt(
+        1.0, "Weight beta of the KL term (0 = CE only; forced to 0 for the random tiny teacher).", _number(0)
+    ),
+    "align-temperature": _opt(
+        3.0, "Distillation temperature T (KL on softmax(./T), scaled by T^2).", _number(0, low_open=True)
+    ),
+    "align-steps": _opt(
+        2, "SGD steps on D_align per alignment (shuffled batches, cycling over D_align).", _number(1, integer=True)
+    ),
+    "align-lr": _opt(0.01, "SGD learning rate of the alignment fine-tuning.", _number(0, low_open=True)),
+    "align-batch-size": _opt(32, "Batch size of the alignment fine-tuning.", _number(1, integer=True)),
+    "align-when": _choice("every-round", "Align after every aggregation or only after the last one.", ALIGN_WHEN),
+    "align-loss": _choice("ce+kl", "Alignment loss: ce+kl (the paper), ce (beta = 0), kl (KL only).", ALIGN_LOSSES),
 }
 
 
@@ -158,6 +180,8 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
             f"run-config key 'few-threshold' = {cfg['few-threshold']!r} is not allowed: expected <= many-threshold "
             f"({cfg['many-threshold']!r})."
         )
+    if cfg["align"] and cfg["align-logits-file"] and not Path(str(cfg["align-logits-file"])).expanduser().is_file():
+        raise ConfigError(f"run-config key 'align-logits-file' = {cfg['align-logits-file']!r} is not an existing file.")
     if cfg["model"] == "resnet8" and cfg["image-size"] > 64:
         raise ConfigError(
             f"run-config key 'image-size' = {cfg['image-size']!r} is not allowed for resnet8: expected <= 64."

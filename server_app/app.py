@@ -84,6 +84,7 @@ def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
             "output-dir": str(report.dir),
             "pool-size": int(data.pool_counts.sum()),
             "align-size": len(data.align),
+            **ctx.summary,
         },
     )
 

@@ -82,8 +82,10 @@ def resolve(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[
 def preflight(cfg: Mapping[str, Any]) -> None:
     """Load the dataset and draw the split here, so missing files or an impossible split fail before Ray."""
     from flcore.experiment import prepare
+    from strategies.alignment import check_inputs
 
     prep = prepare(cfg)
+    check_inputs(cfg, prep.dataset, prep.split.align)  # stage 3's teacher, class names and logits file
     sizes = [len(c) for c in prep.split.clients]
     print(
         f"data: {cfg['dataset']} | pool {len(prep.split.pool)} images (IF {cfg['imbalance-factor']}) | "

@@ -29,7 +29,8 @@ class ServerContext:
 
     `data` is `flcore.experiment.ServerData` (test split, D_align, class groups), `new_model()` builds a
     fresh `FLModel` for this run, `evaluate(arrays)` returns the centralized test metrics of any weights,
-    and `report` is the run's `RunReport` (its `dir` receives extra files).
+    and `report` is the run's `RunReport` (its `dir` receives extra files). Entries a stage puts in
+    `summary` are added to the run's summary.json.
     """
 
     cfg: Mapping[str, Any]
@@ -37,6 +38,7 @@ class ServerContext:
     new_model: Callable[[], Any]
     evaluate: Callable[[ArrayRecord], dict]
     report: Any
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,172 @@
+"""The zero-shot CLIP teacher of stage 3, server side only (a client never imports this module).
+
+`load_teacher` builds an open_clip model, its eval transform and tokenizer through
+`open_clip.create_model_and_transforms` for either a real model (LLaVA-1.5's vision tower, ViT-L-14-336
+with OpenAI weights, by default) or `tiny`: a small open_clip config with random weights, registered with
+`open_clip.add_model_config` and built by the same call, for tests and offline runs. Real weights come
+from a checkpoint file or the local Hugging Face / open_clip cache only; nothing is downloaded.
+Zero-shot logits use the prompt-template ensemble of CLIP's paper and the model's own logit scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from PIL import Image
+from torch import nn
+
+from flcore.config import ConfigError
+from flcore.data import ImageSet
+
+TINY = "tiny"
+REAL_DEFAULT = ("ViT-L-14-336", "openai")  # the CLIP vision tower of LLaVA-1.5
+TEMPLATES: tuple[Callable[[str], str], ...] = open_clip.OPENAI_IMAGENET_TEMPLATES
+TINY_SEED = 0
+IMAGE_BATCH = 64
+
+
+class TeacherNotFound(ConfigError):
+    """The teacher's weights are not on this machine; the message says what to download and where."""
+
+
+@dataclass
+class Teacher:
+    """A loaded CLIP model with its eval transform and tokenizer; `random` marks the tiny untrained one."""
+
+    name: str
+    pretrained: str
+    model: nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    embed_dim: int
+    random: bool
+
+    @property
+    def label(self) -> str:
+        if self.random:
+            return f"{self.name} (tiny open_clip config, RANDOM weights: no knowledge)"
+        return f"{self.name} / {self.pretrained}"
+
+
+def tiny_config(embed_dim: int) -> dict:
+    """A CLIP with 2-layer, 64-wide towers at 32 px: the real architecture, small enough for a test."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+
+
+def _register_tiny(embed_dim: int, config_dir: Path) -> str:
+    """Write the tiny config as an open_clip model JSON and register it; returns its model name."""
+    name = f"tiny-random-clip-{embed_dim}"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    path = config_dir / f"{name}.json"
+    path.write_text(json.dumps(tiny_config(embed_dim)))
+    open_clip.add_model_config(path)
+    return name
+
+
+def _cached_weights(name: str, tag: str) -> str | None:
+    """The local file of a pretrained tag from the HF hub cache or open_clip's URL cache, without network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo, filename = os.path.split(hub)  # a trailing "/" means the repo's default file name
+        candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for candidate in candidates:
+            hit = try_to_load_from_cache(repo, candidate)
+            if isinstance(hit, str):
+                return hit
+    url = cfg.get("url", "")
+    if url:
+        path = Path("~/.cache/clip").expanduser() / Path(url).name
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def resolve_weights(name: str, pretrained: str) -> tuple[str, dict]:
+    """A local checkpoint for `pretrained` (a file path or a tag) and the tag's preprocessing settings."""
+    if Path(pretrained).expanduser().is_file():
+        return str(Path(pretrained).expanduser()), {}
+    if name not in open_clip.list_models():
+        raise ConfigError(
+            f"run-config key 'align-teacher' = {name!r} is not an open_clip model name; "
+            f"use 'tiny' or one of open_clip.list_models(), e.g. {REAL_DEFAULT[0]!r}."
+        )
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ConfigError(
+            f"run-config key 'align-pretrained' = {pretrained!r} is neither a checkpoint file nor a tag of "
+            f"{name}; tags: {', '.join(tags) or 'none'}."
+        )
+    path = _cached_weights(name, pretrained)
+    if path is None:
+        hub = open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub", "")
+        raise TeacherNotFound(
+            f"CLIP teacher {name} / {pretrained} is not in the local cache and nothing is downloaded here. "
+            f"On a machine with internet run `python -c \"import open_clip; open_clip.create_model('{name}', "
+            f"pretrained='{pretrained}')\"` (fills the Hugging Face cache with {hub or 'the checkpoint'}) and copy "
+            "~/.cache/huggingface to this machine, or pass align-pretrained=/path/to/checkpoint.pt "
+            "(or align-logits-file with logits computed elsewhere)."
+        )
+    return path, open_clip.get_pretrained_cfg(name, pretrained)
+
+
+def load_teacher(name: str, pretrained: str, tiny_embed_dim: int, config_dir: Path) -> Teacher:
+    """Build the teacher; `tiny` is seeded so its random weights (and cached logits) are reproducible."""
+    random_weights = name == TINY
+    if random_weights:
+        model_name, checkpoint, tag_cfg = _register_tiny(tiny_embed_dim, config_dir), None, {}
+    else:
+        model_name = name
+        checkpoint, tag_cfg = resolve_weights(name, pretrained)
+    with torch.random.fork_rng():
+        torch.manual_seed(TINY_SEED)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name,
+            pretrained=checkpoint,
+            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+            image_mean=tag_cfg.get("mean"),
+            image_std=tag_cfg.get("std"),
+        )
+    model.eval()
+    embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return Teacher(
+        model_name, "random" if random_weights else pretrained, model, preprocess, tokenizer, embed_dim, random_weights
+    )
+
+
+def _pil_images(images: ImageSet, idx: Sequence[int]) -> list[Image.Image]:
+    """Originals from files when the set has them (CLIP sees full resolution), else the decoded tensors."""
+    if images.files is not None:
+        out = []
+        for i in idx:
+            with Image.open(images.files[i]) as img:
+                out.append(img.convert("RGB"))
+        return out
+    return [Image.fromarray(images.images[i].permute(1, 2, 0).numpy()) for i in idx]
+
+
+@torch.no_grad()
+def zero_shot_logits(teacher: Teacher, classes: Sequence[str], images: ImageSet) -> torch.Tensor:
+    """CLIP zero-shot logits [N, C]: logit_scale * cos(image, mean prompt embedding of each class)."""
+    text = open_clip.build_zero_shot_classifier(teacher.model, teacher.tokenizer, list(classes), TEMPLATES)
+    scale = teacher.model.logit_scale.exp()
+    out = []
+    for start in range(0, len(images), IMAGE_BATCH):
+        idx = range(start, min(start + IMAGE_BATCH, len(images)))
+        batch = torch.stack([teacher.preprocess(img) for img in _pil_images(images, idx)])
+        feats = teacher.model.encode_image(batch, normalize=True)
+        out.append(scale * feats @ text)
+    return torch.cat(out).float()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, MetricRecord, RecordDict
+from flwr.app import MetricRecord
 from flwr.serverapp.strategy import FedProx
 
 from client_app.app import train_fn
@@ -28,6 +28,7 @@ from server_app import launch
 from strategies import alignment, clip_teacher, registry
 from strategies.alignment import AlignSettings, alignment_stages, fine_tune
 from strategies.stages import ServerContext, ServerStages
+from tests.conftest import InProcessGrid
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"num-clients": 4, "projection-dim": 32, "eval-batch-size": 1000, "image-size": 8}  # digits are 8x8
@@ -243,26 +244,6 @@ def test_alignment_off_adds_no_stage(tmp_path):
     assert validate({})["align"] is False  # the foundation's default run is unchanged
 
 
-class InProcessGrid:
-    """A Grid that hands each message to the real ClientApp train function in this process."""
-
-    def __init__(self, cfg):
-        self.cfg, self.configs = cfg, []
-
-    def get_node_ids(self):
-        return list(range(int(self.cfg["num-clients"])))
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for msg in messages:
-            self.configs.append(dict(msg.content["config"]))
-            node = msg.metadata.dst_node_id
-            node_config = {"partition-id": node, "num-partitions": self.cfg["num-clients"]}
-            ctx = Context(1, node, node_config, RecordDict(), dict(self.cfg))
-            replies.append(train_fn(msg, ctx))
-        return replies
-
-
 @pytest.mark.usefixtures("flower_identity")
 def test_fedprox_with_alignment_runs_through_the_server_app(tmp_path, monkeypatch):
     def fedprox(cfg):
@@ -271,7 +252,7 @@ def test_fedprox_with_alignment_runs_through_the_server_app(tmp_path, monkeypatc
     monkeypatch.setitem(registry.STRATEGIES, "fedprox", fedprox)
     overrides = {"strategy": "fedprox", "num-clients": 2, "num-server-rounds": 2, "local-epochs": 1}
     cfg = config(tmp_path, **overrides, **{"dirichlet-alpha": 100.0, "align-steps": 1})
-    grid = InProcessGrid(cfg)
+    grid = InProcessGrid(cfg, train_fn)
     built = registry.build_server_strategy(cfg, context(cfg))
     assert isinstance(built, ServerStages) and isinstance(built.inner, FedProx)
     summary = server_app.run(grid, cfg, "fedprox")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from pretrain.stage import pretrain_stage
 from strategies.stages import RoundStage, ServerContext, ServerStages, Stages
 
 StrategyFactory = Callable[[Mapping], Strategy]
@@ -32,7 +33,7 @@ STRATEGIES: dict[str, StrategyFactory] = {"fedavg": fedavg}
 
 # Server stages in the order they run: stage 1 (pretraining) before round 1, stage 3 (alignment) after
 # each aggregation. Later issues add their factories here.
-SERVER_STAGES: dict[str, StageFactory] = {}
+SERVER_STAGES: dict[str, StageFactory] = {"pretrain": pretrain_stage}
 
 
 def build_strategy(cfg: Mapping) -> Strategy:

@@ -128,7 +128,7 @@ SCHEMA: dict[str, Option] = {
     ),
     "pretrain-image-dir": _opt("", "Image folder of a chat.json/.jsonl pretrain-data (default: the file's folder)."),
     "pretrain-max-samples": _opt(
-        192, "Images annotated (or records read from a file) for pretraining; 0 = all.", _number(0, integer=True)
+        64, "Images annotated (or records read from a file) for pretraining; 0 = all.", _number(0, integer=True)
     ),
     "pretrain-max-new-tokens": _opt(
         24, "Tokens the teacher may write per annotation answer.", _number(1, integer=True)

@@ -30,6 +30,11 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
+# HF's default init (std 0.02) gives a random LLM near-uniform logits whatever its input, so no signal
+# would reach g_fl; std 0.3 makes the random LLM's next-token distribution depend on the image tokens.
+TINY_TEXT_INIT = 0.3
+
+
 class TeacherNotFound(FileNotFoundError):
     """The LLaVA weights are not on this machine; the message says how to get them."""
 
@@ -119,6 +124,7 @@ def tiny_teacher(size: str = "tiny", seed: int = 0) -> Teacher:
         num_attention_heads=s["txt_heads"],
         num_key_value_heads=s["txt_heads"],
         max_position_embeddings=2048,
+        initializer_range=TINY_TEXT_INIT,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

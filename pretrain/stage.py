@@ -90,7 +90,10 @@ def pretrained_backbone(cfg: Mapping, mean, std) -> tuple[dict[str, torch.Tensor
     from pretrain.teacher import load_teacher
 
     cache = Path(str(cfg["pretrain-cache-dir"])).expanduser()
-    teacher = load_teacher(str(cfg["pretrain-teacher"]), seed=int(cfg["seed"]))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    half = torch.float16 if device.type == "cuda" else None  # LLaVA-1.5 ships fp16 weights
+    teacher = load_teacher(str(cfg["pretrain-teacher"]), dtype=half, seed=int(cfg["seed"]))
+    teacher.model.to(device)
     ann, root, ann_summary = annotations_for(cfg, teacher, cache)
     settings = {**dwp_settings(cfg), "mean": list(mean), "std": list(std)}
     ckpt = Checkpoints(cache / "dwp" / cache_key(teacher.name, file_digest(ann) + str(root.resolve()), settings))

@@ -176,7 +176,8 @@ def check_available(name: str) -> None:
 def load_teacher(name: str = DEFAULT_TEACHER, dtype: torch.dtype | None = None, seed: int = 0) -> Teacher:
     """`tiny` -> the random teacher; anything else -> a local folder or an id in the local HF cache."""
     if name == TINY:
-        return tiny_teacher(seed=seed)
+        teacher = tiny_teacher(seed=seed)
+        return Teacher(teacher.model.to(dtype or torch.float32), teacher.processor, TINY, tiny=True)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     source = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name

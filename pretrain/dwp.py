@@ -173,6 +173,19 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation checkpointing in the frozen LLM (transformers 5 name, or the older gradient_* one)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def _count_calls(module: nn.Module, result: DWPResult):
     def hook(*_):
         result.clip_calls += 1
@@ -192,7 +205,7 @@ def train_dwp(
     device = teacher.model.device
     freeze(teacher)
     if cfg.gradient_checkpointing:
-        teacher.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(teacher.model, True)
         teacher.model.train()  # HF checkpoints only in train mode; LLaVA has no dropout or batch norm to change
     gfl.to(device).train()
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
@@ -242,7 +255,7 @@ def train_dwp(
     finally:
         handle.remove()
         if cfg.gradient_checkpointing:
-            teacher.model.gradient_checkpointing_disable()
+            _checkpointing(teacher.model, False)
         teacher.model.eval()
     result.steps, result.failed_images = clock.step, len(samples.failed)
     return result

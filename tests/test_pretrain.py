@@ -233,3 +233,15 @@ def test_stage_hands_the_pretrained_backbone_to_round_one_and_reuses_the_cache(t
     again = hook(initial).to_torch_state_dict()
     assert json.loads((tmp_path / "pretrain.json").read_text())["reused"] is True
     assert all(torch.equal(out[k], again[k]) for k in out)
+
+
+def test_gradient_checkpointing_gives_the_same_training_and_accumulation_the_same_steps(teacher, records, images):
+    plain, ckpt, accum = new_gfl(teacher), new_gfl(teacher), new_gfl(teacher)
+    data = samples(teacher, records, images)
+    base = train_dwp(teacher, plain, data, DWPConfig(epochs=1, batch_size=4, lr=1e-2))
+    train_dwp(teacher, ckpt, data, DWPConfig(epochs=1, batch_size=4, lr=1e-2, gradient_checkpointing=True))
+    assert not teacher.model.training
+    ref = plain.state_dict()
+    assert all(torch.allclose(ref[k], v, atol=1e-5) for k, v in ckpt.named_parameters())
+    split = train_dwp(teacher, accum, data, DWPConfig(epochs=1, batch_size=4, grad_accum=2, lr=1e-2))
+    assert split.steps == base.steps == math.ceil(len(records) / 4)

@@ -22,7 +22,14 @@ from pretrain.teacher import TINY_NOTE, TeacherNotFound, load_teacher, tiny_teac
 from strategies.registry import STRATEGIES, build_server_strategy
 from strategies.stages import ServerContext
 
-torch.set_num_threads(1)  # the tiny models gain nothing from threads; the machine is shared
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models gain nothing from threads, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

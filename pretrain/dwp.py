@@ -90,7 +90,9 @@ class GFL(nn.Module):
 
 def build_gfl(backbone: nn.Module, teacher: Teacher) -> GFL:
     full = teacher.config.vision_feature_select_strategy == "full"
-    return GFL(backbone, teacher.grid, teacher.vision_hidden, with_cls=full)
+    layer = teacher.config.vision_feature_layer
+    width = teacher.vision_hidden * (1 if isinstance(layer, int) else len(layer))  # several layers are concatenated
+    return GFL(backbone, teacher.grid, width, with_cls=full)
 
 
 def freeze(teacher: Teacher, hygiene: bool = True) -> None:

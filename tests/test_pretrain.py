@@ -15,10 +15,10 @@ from flcore.experiment import server_data, to_record
 from flcore.models import build_model
 from pretrain.annotate import annotate, done_ids
 from pretrain.checkpoints import Checkpoints
-from pretrain.dwp import DWPConfig, alpha_at, build_gfl, lm_loss, mixed_features, train_dwp
+from pretrain.dwp import DWPConfig, alpha_at, build_gfl, clip_features, lm_loss, mixed_features, train_dwp
 from pretrain.llava_data import AnnotationError, LlavaSamples, load_annotations
 from pretrain.stage import pretrain_stage
-from pretrain.teacher import TINY_NOTE, TeacherNotFound, load_teacher, tiny_teacher, vision_tower
+from pretrain.teacher import TINY_NOTE, TeacherNotFound, load_teacher, projector, tiny_teacher, vision_tower
 from strategies.registry import STRATEGIES, build_server_strategy
 from strategies.stages import ServerContext
 
@@ -71,11 +71,16 @@ def test_alpha_is_a_cosine_ramp_over_the_first_half_then_one():
 
 def test_gfl_tokens_have_clip_feature_shape(teacher, records, images):
     batch = samples(teacher, records, images).batch([0, 1], need_clip=True)
-    from pretrain.dwp import clip_features
-
     g = clip_features(teacher, batch.clip_pixels)
     z = new_gfl(teacher)(batch.fl_pixels)
     assert g.shape == z.shape == (2, teacher.grid**2, teacher.vision_hidden) == (2, 16, 32)
+    with torch.no_grad():  # g is exactly what LLaVA itself feeds its projector
+        own = teacher.model.get_image_features(
+            pixel_values=batch.clip_pixels,
+            vision_feature_layer=teacher.config.vision_feature_layer,
+            vision_feature_select_strategy=teacher.config.vision_feature_select_strategy,
+        ).pooler_output
+        assert torch.allclose(torch.stack(list(own)), projector(teacher)(g), atol=1e-6)
 
 
 def test_only_gfl_trains_and_every_frozen_parameter_is_bit_identical(teacher, records, images):

@@ -139,6 +139,35 @@ SCHEMA: dict[str, Option] = {
     "align-batch-size": _opt(32, "Batch size of the alignment fine-tuning.", _number(1, integer=True)),
     "align-when": _choice("every-round", "Align after every aggregation or only after the last one.", ALIGN_WHEN),
     "align-loss": _choice("ce+kl", "Alignment loss: ce+kl (the paper), ce (beta = 0), kl (KL only).", ALIGN_LOSSES),
+    # issue 4: stage 1, server-side global multimodal pretraining (pretrain/)
+    "pretrain": _opt(False, "Stage 1: start round 1 from a backbone pretrained with DWP through a frozen LLaVA."),
+    "pretrain-teacher": _opt(
+        "tiny", "LLaVA teacher: 'tiny' (random, offline) or a model id in the local HF cache or a local folder."
+    ),
+    "pretrain-data": _opt(
+        "digits",
+        "Pretraining images: 'digits' (offline stand-in), a folder of images to annotate, or a LLaVA chat.json/.jsonl.",
+    ),
+    "pretrain-image-dir": _opt("", "Image folder of a chat.json/.jsonl pretrain-data (default: the file's folder)."),
+    "pretrain-max-samples": _opt(
+        64, "Images annotated (or records read from a file) for pretraining; 0 = all.", _number(0, integer=True)
+    ),
+    "pretrain-max-new-tokens": _opt(
+        24, "Tokens the teacher may write per annotation answer.", _number(1, integer=True)
+    ),
+    "pretrain-max-length": _opt(
+        1024, "Longest tokenized conversation (image tokens included) in DWP.", _number(8, integer=True)
+    ),
+    "pretrain-epochs": _opt(4, "DWP epochs (alpha ramps 0 -> 1 over the first half).", _number(1, integer=True)),
+    "pretrain-lr": _opt(2e-3, "DWP AdamW learning rate (cosine schedule).", _number(0, low_open=True)),
+    "pretrain-batch-size": _opt(128, "DWP batch size per optimizer step.", _number(1, integer=True)),
+    "pretrain-grad-accum": _opt(
+        1, "Micro-batches per DWP step (must divide pretrain-batch-size).", _number(1, integer=True)
+    ),
+    "pretrain-grad-checkpointing": _opt(False, "Gradient checkpointing in the frozen LLM during DWP (less memory)."),
+    "pretrain-cache-dir": _opt(
+        "outputs/pretrain-cache", "Annotations, DWP checkpoints and cached pretrained backbones."
+    ),
 }
 
 
@@ -182,6 +211,20 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
         )
     if cfg["align"] and cfg["align-logits-file"] and not Path(str(cfg["align-logits-file"])).expanduser().is_file():
         raise ConfigError(f"run-config key 'align-logits-file' = {cfg['align-logits-file']!r} is not an existing file.")
+    if cfg["pretrain-batch-size"] % cfg["pretrain-grad-accum"]:
+        raise ConfigError(
+            f"run-config key 'pretrain-grad-accum' = {cfg['pretrain-grad-accum']!r} is not allowed: expected a "
+            f"divisor of pretrain-batch-size ({cfg['pretrain-batch-size']!r})."
+        )
+    if (
+        cfg["pretrain"]
+        and cfg["pretrain-data"] != "digits"
+        and not Path(str(cfg["pretrain-data"])).expanduser().exists()
+    ):
+        raise ConfigError(
+            f"run-config key 'pretrain-data' = {cfg['pretrain-data']!r} is not allowed: expected 'digits', a folder "
+            "of images or a LLaVA chat.json/.jsonl file that exists."
+        )
     if cfg["model"] == "resnet8" and cfg["image-size"] > 64:
         raise ConfigError(
             f"run-config key 'image-size' = {cfg['image-size']!r} is not allowed for resnet8: expected <= 64."

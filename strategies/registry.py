@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from pretrain.stage import pretrain_stage
 from strategies.alignment import alignment_stages
 from strategies.stages import RoundStage, ServerContext, ServerStages, Stages
 
@@ -33,7 +34,7 @@ STRATEGIES: dict[str, StrategyFactory] = {"fedavg": fedavg}
 
 # Server stages in the order they run: stage 1 (pretraining) before round 1, stage 3 (alignment) after
 # each aggregation. Later issues add their factories here.
-SERVER_STAGES: dict[str, StageFactory] = {"align": alignment_stages}
+SERVER_STAGES: dict[str, StageFactory] = {"pretrain": pretrain_stage, "align": alignment_stages}
 
 
 def build_strategy(cfg: Mapping) -> Strategy:

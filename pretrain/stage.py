@@ -1,0 +1,169 @@
+"""Stage 1 as a server stage: annotate (if needed), run DWP (or reuse its cached result), and hand the
+pretrained backbone to round 1.
+
+`pretrain_stage(cfg, ctx)` is registered in `strategies.registry.SERVER_STAGES`. With `pretrain` off it
+contributes nothing (random init). With it on, the factory checks the teacher and the data before
+training starts, and its `before_training` hook replaces the `backbone.*` entries of the initial global
+ArrayRecord with the pretrained g_fl backbone; projection and classifier stay freshly initialised (DWP
+trains only the backbone and a mapper that FL does not use).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from flcore.models import build_model
+from pretrain.checkpoints import Checkpoints, cache_key, file_digest
+from strategies.stages import ServerContext, Stages
+
+log = logging.getLogger(__name__)
+DIGITS = "digits"
+DIGITS_IMAGE_SIZE = 32
+EXISTING = "existing LLaVA-format file"
+
+
+def digits_images(root: Path) -> Path:
+    """scikit-learn's digits scans as PNG files (labels unused): the offline stand-in for web images."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    folder = root / "digits-images"
+    done = folder / ".complete"
+    if not done.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+        for i, img in enumerate(pixels):
+            big = Image.fromarray(img).resize((DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE), Image.BILINEAR)
+            big.convert("RGB").save(folder / f"{i:04d}.png")
+        done.touch()
+    return folder
+
+
+def check(cfg: Mapping) -> None:
+    """Fail before training when the teacher or the pretraining data is missing."""
+    from pretrain.teacher import check_available
+
+    check_available(str(cfg["pretrain-teacher"]))
+    data = str(cfg["pretrain-data"])
+    if data != DIGITS and not Path(data).expanduser().exists():
+        raise FileNotFoundError(f"run-config key 'pretrain-data' = {data!r}: no such file or folder.")
+
+
+def annotations_for(cfg: Mapping, teacher, cache: Path) -> tuple[Path, Path, dict]:
+    """(annotation file, image root, annotation summary) for `pretrain-data`; annotates folders."""
+    from pretrain.annotate import annotate, list_images
+
+    data = str(cfg["pretrain-data"])
+    path = Path(data).expanduser()
+    if data != DIGITS and path.is_file():
+        root = Path(str(cfg["pretrain-image-dir"]) or path.parent).expanduser()
+        return path, root, {"source": EXISTING, "file": str(path)}
+    root = digits_images(cache) if data == DIGITS else path
+    images = list_images(root)
+    limit = int(cfg["pretrain-max-samples"])
+    if limit:
+        images = images[:limit]
+    key = cache_key(teacher.name, str(root.resolve()), {"seed": int(cfg["seed"]), "images": len(images)})
+    out = cache / "annotations" / f"{key}.jsonl"
+    summary = annotate(teacher, root, out, images, max_new_tokens=int(cfg["pretrain-max-new-tokens"]))
+    return out, root, summary.as_dict()
+
+
+def dwp_settings(cfg: Mapping) -> dict:
+    keys = ("model", "image-size", "seed") + tuple(
+        k for k in cfg if k.startswith("pretrain-") and k != "pretrain-cache-dir"
+    )
+    return {k: cfg[k] for k in keys}
+
+
+def pretrained_backbone(cfg: Mapping, mean, std) -> tuple[dict[str, torch.Tensor], dict]:
+    """The pretrained backbone's state dict and a summary; cached per (teacher, data, config)."""
+    from pretrain.dwp import DWPConfig, build_gfl, train_dwp
+    from pretrain.llava_data import LlavaSamples, load_annotations
+    from pretrain.teacher import load_teacher
+
+    cache = Path(str(cfg["pretrain-cache-dir"])).expanduser()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    half = torch.float16 if device.type == "cuda" else None  # LLaVA-1.5 ships fp16 weights
+    teacher = load_teacher(str(cfg["pretrain-teacher"]), dtype=half, seed=int(cfg["seed"]))
+    teacher.model.to(device)
+    ann, root, ann_summary = annotations_for(cfg, teacher, cache)
+    settings = {**dwp_settings(cfg), "mean": list(mean), "std": list(std)}
+    ckpt = Checkpoints(cache / "dwp" / cache_key(teacher.name, file_digest(ann) + str(root.resolve()), settings))
+    final = ckpt.final()
+    if final is not None:
+        log.info("reusing pretrained g_fl from %s", ckpt.final_path)
+        return _backbone(final["gfl"]), {**final["meta"], "reused": True}
+    records = load_annotations(ann)
+    limit = int(cfg["pretrain-max-samples"])
+    if limit and ann_summary.get("source") == EXISTING:
+        records = records[:limit]
+    samples = LlavaSamples(records, root, teacher, int(cfg["image-size"]), mean, std, int(cfg["pretrain-max-length"]))
+    gfl = build_gfl(build_model(str(cfg["model"]), 8, 2, seed=int(cfg["seed"])).backbone, teacher)
+    dwp = DWPConfig(
+        epochs=int(cfg["pretrain-epochs"]),
+        lr=float(cfg["pretrain-lr"]),
+        batch_size=int(cfg["pretrain-batch-size"]),
+        grad_accum=int(cfg["pretrain-grad-accum"]),
+        gradient_checkpointing=bool(cfg["pretrain-grad-checkpointing"]),
+        seed=int(cfg["seed"]),
+    )
+
+    def on_epoch(epoch: int, loss: float, alpha: float) -> None:
+        print(
+            f"[pretrain] epoch {epoch}/{dwp.epochs}: LM loss {loss:.4f}, alpha {alpha:.3f} ({teacher.note})", flush=True
+        )
+
+    result = train_dwp(teacher, gfl, samples, dwp, ckpt, on_epoch)
+    meta = {
+        "teacher": teacher.name,
+        "note": teacher.note,
+        "annotations": str(ann),
+        "annotation": ann_summary,
+        "records": len(records),
+        "epoch-loss": result.epoch_loss,
+        "steps": result.steps,
+        "clip-calls": result.clip_calls,
+        "failed-images": result.failed_images,
+        "resumed-from-epoch": result.resumed_from,
+        "cache": str(ckpt.root),
+    }
+    ckpt.save_final(gfl.state_dict(), meta)
+    return _backbone(gfl.state_dict()), {**meta, "reused": False}
+
+
+def _backbone(gfl_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("backbone."): v for k, v in gfl_state.items() if k.startswith("backbone.")}
+
+
+def with_backbone(arrays: ArrayRecord, backbone: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """The initial global model with its `backbone.*` entries replaced; everything else unchanged."""
+    state = arrays.to_torch_state_dict()
+    missing = sorted(f"backbone.{k}" for k in backbone if f"backbone.{k}" not in state)
+    if missing:
+        raise KeyError(f"pretrained backbone does not fit the FL model: {missing[:3]}")
+    state.update({f"backbone.{k}": v.detach().cpu().to(state[f"backbone.{k}"].dtype) for k, v in backbone.items()})
+    return ArrayRecord(state)
+
+
+def pretrain_stage(cfg: Mapping, ctx: ServerContext) -> Stages:
+    """Stage 1: with `pretrain` on, round 1 starts from the DWP-pretrained backbone."""
+    if not cfg.get("pretrain", False):
+        return Stages()
+    check(cfg)
+
+    def load_pretrained(arrays: ArrayRecord) -> ArrayRecord:
+        dataset = ctx.data.dataset
+        backbone, meta = pretrained_backbone(cfg, dataset.mean, dataset.std)
+        if ctx.report is not None:
+            (Path(ctx.report.dir) / "pretrain.json").write_text(json.dumps(meta, indent=1, default=str))
+        return with_backbone(arrays, backbone)
+
+    return Stages(before_training=[load_pretrained])

@@ -1,0 +1,259 @@
+"""Stage 1 (pretrain/) with the tiny random teacher: nothing is downloaded, every model here is random."""
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flcore.config import ConfigError, validate
+from flcore.experiment import server_data, to_record
+from flcore.models import build_model
+from pretrain.annotate import annotate, done_ids
+from pretrain.checkpoints import Checkpoints
+from pretrain.dwp import DWPConfig, alpha_at, build_gfl, clip_features, lm_loss, mixed_features, train_dwp
+from pretrain.llava_data import AnnotationError, LlavaSamples, load_annotations
+from pretrain.stage import pretrain_stage
+from pretrain.teacher import TINY_NOTE, TeacherNotFound, load_teacher, projector, tiny_teacher, vision_tower
+from strategies.registry import STRATEGIES, build_server_strategy
+from strategies.stages import ServerContext
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models gain nothing from threads, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_teacher()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def records(teacher, images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ann") / "ann.jsonl"
+    annotate(teacher, images, out, max_new_tokens=6)
+    return load_annotations(out)
+
+
+def samples(teacher, records, images):
+    return LlavaSamples(records, images, teacher, 16, (0.5,) * 3, (0.5,) * 3)
+
+
+def new_gfl(teacher, seed=0):
+    return build_gfl(build_model("resnet8", 16, 10, seed=seed).backbone, teacher)
+
+
+def test_alpha_is_a_cosine_ramp_over_the_first_half_then_one():
+    assert alpha_at(0, 100) == 0.0
+    assert alpha_at(25, 100) == pytest.approx(0.5)
+    assert alpha_at(10, 100) == pytest.approx(0.5 * (1 - math.cos(math.pi * 0.2)))
+    assert alpha_at(49, 100) < 1.0
+    assert alpha_at(50, 100) == alpha_at(99, 100) == 1.0
+
+
+def test_gfl_tokens_have_clip_feature_shape(teacher, records, images):
+    batch = samples(teacher, records, images).batch([0, 1], need_clip=True)
+    g = clip_features(teacher, batch.clip_pixels)
+    z = new_gfl(teacher)(batch.fl_pixels)
+    assert g.shape == z.shape == (2, teacher.grid**2, teacher.vision_hidden) == (2, 16, 32)
+    with torch.no_grad():  # g is exactly what LLaVA itself feeds its projector
+        own = teacher.model.get_image_features(
+            pixel_values=batch.clip_pixels,
+            vision_feature_layer=teacher.config.vision_feature_layer,
+            vision_feature_select_strategy=teacher.config.vision_feature_select_strategy,
+        ).pooler_output
+        assert torch.allclose(torch.stack(list(own)), projector(teacher)(g), atol=1e-6)
+
+
+def test_only_gfl_trains_and_every_frozen_parameter_is_bit_identical(teacher, records, images):
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    gfl = new_gfl(teacher)
+    start = {k: v.clone() for k, v in gfl.state_dict().items()}
+    result = train_dwp(teacher, gfl, samples(teacher, records, images), DWPConfig(epochs=2, batch_size=4, lr=1e-2))
+    after = teacher.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not p.requires_grad and p.grad is None for p in teacher.model.parameters())
+    changed = [k for k, v in gfl.state_dict().items() if not torch.equal(start[k], v)]
+    assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("mapper.") for k in changed)
+    assert result.steps == 2 * math.ceil(len(records) / 4) and len(result.epoch_loss) == 2
+
+
+def test_lm_loss_falls_when_overfitting_a_handful_of_samples(teacher, records, images):
+    batch = samples(teacher, records, images).batch([0, 1, 2, 3], need_clip=False)
+    assert (batch.labels != -100).sum() < (batch.labels == -100).sum()  # loss only on answers
+    gfl = new_gfl(teacher)
+    opt = torch.optim.AdamW(gfl.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(25):
+        loss = lm_loss(teacher, mixed_features(teacher, gfl, batch, alpha=1.0), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_clip_forward_is_skipped_once_alpha_is_one(teacher, records, images):
+    calls = []
+    handle = vision_tower(teacher).register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        data = samples(teacher, records, images)
+        gfl = new_gfl(teacher)
+        mixed_features(teacher, gfl, data.batch([0], need_clip=True), alpha=0.5)
+        assert len(calls) == 1
+        no_clip = data.batch([0], need_clip=False)
+        assert no_clip.clip_pixels is None
+        mixed_features(teacher, gfl, no_clip, alpha=1.0)
+        assert len(calls) == 1
+        calls.clear()
+        result = train_dwp(teacher, gfl, data, DWPConfig(epochs=4, batch_size=4))
+    finally:
+        handle.remove()
+    ramp = sum(alpha_at(s, result.steps) < 1 for s in range(result.steps))
+    assert len(calls) == result.clip_calls == ramp == result.steps // 2
+
+
+def test_resume_from_epoch_checkpoint_reproduces_an_uninterrupted_run(teacher, records, images, tmp_path):
+    cfg = DWPConfig(epochs=2, batch_size=4, lr=1e-2)
+    full = new_gfl(teacher)
+    train_dwp(teacher, full, samples(teacher, records, images), cfg, Checkpoints(tmp_path / "a"))
+    ckpt = Checkpoints(tmp_path / "b")
+    train_dwp(teacher, new_gfl(teacher), samples(teacher, records, images), cfg, ckpt)
+    (ckpt.root / "epoch-002.pt").unlink()  # "crash" after epoch 1
+    resumed = new_gfl(teacher, seed=5)
+    result = train_dwp(teacher, resumed, samples(teacher, records, images), cfg, ckpt)
+    assert result.resumed_from == 1 and len(result.epoch_loss) == 2
+    ref = full.state_dict()
+    assert all(torch.allclose(ref[k].float(), v.float()) for k, v in resumed.state_dict().items())
+
+
+def test_annotation_resume_skips_done_images_and_keeps_earlier_output(teacher, tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(root / f"{i}.png")
+    out = tmp_path / "ann.jsonl"
+    first = annotate(teacher, root, out, images=["0.png", "1.png"], max_new_tokens=4)
+    assert first.written == 6 and first.annotator == TINY_NOTE
+    earlier = out.read_bytes()
+    with out.open("ab") as f:
+        f.write(b'{"id": "torn')  # an interrupted write
+    second = annotate(teacher, root, out, max_new_tokens=4)
+    assert second.skipped_done == 6 and second.written == 3
+    assert out.read_bytes().startswith(earlier)
+    assert len(done_ids(out)) == 9
+    records = load_annotations(out)
+    assert {r.image for r in records} == {"0.png", "1.png", "2.png"}
+    assert all(r.conversations[0][1].startswith("<image>\n") for r in records)
+
+
+def test_broken_image_is_logged_skipped_and_counted(teacher, tmp_path, caplog):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("RGB", (12, 12)).save(root / "good.png")
+    (root / "bad.png").write_bytes(b"not an image")
+    summary = annotate(teacher, root, tmp_path / "a.jsonl", max_new_tokens=4)
+    assert summary.failed == ["bad.png"] and summary.as_dict()["failed_count"] == 1 and summary.written == 3
+    assert "bad.png" in caplog.text
+    records = load_annotations(tmp_path / "a.jsonl")
+    broken = [r.__class__(r.id + "-x", "bad.png", r.conversations) for r in records[:1]]
+    data = samples(teacher, records + broken, root)
+    result = train_dwp(teacher, new_gfl(teacher), data, DWPConfig(epochs=1, batch_size=2))
+    assert result.failed_images == 1 and result.steps == 2
+
+
+def test_malformed_annotation_file_names_the_line(tmp_path):
+    good = {
+        "id": "a",
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "x"}],
+    }
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n{broken\n")
+    with pytest.raises(AnnotationError, match=r"bad\.jsonl:3: invalid JSON"):
+        load_annotations(lines)
+    array = tmp_path / "chat.json"
+    bad = {"id": "b", "image": "b.png"}
+    array.write_text("[\n" + json.dumps(good) + ",\n" + json.dumps(good) + ",\n" + json.dumps(bad) + "\n]\n")
+    with pytest.raises(AnnotationError, match=r"chat\.json:4: record lacks 'conversations'"):
+        load_annotations(array)
+    array.write_text(json.dumps([good, good], indent=1))
+    assert len(load_annotations(array)) == 2
+
+
+def test_missing_teacher_names_the_model_and_how_to_get_it(tmp_path):
+    with pytest.raises(TeacherNotFound, match=r"'no-such-org/llava'.*huggingface-cli download no-such-org/llava"):
+        load_teacher("no-such-org/llava")
+
+
+def test_config_rejects_bad_pretrain_values(tmp_path):
+    choices = {"strategy": STRATEGIES}
+    with pytest.raises(ConfigError, match="pretrain-grad-accum"):
+        validate({"pretrain-batch-size": 128, "pretrain-grad-accum": 3}, choices=choices)
+    with pytest.raises(ConfigError, match="pretrain-data"):
+        validate({"pretrain": True, "pretrain-data": str(tmp_path / "missing.json")}, choices=choices)
+
+
+def test_stage_hands_the_pretrained_backbone_to_round_one_and_reuses_the_cache(tmp_path):
+    raw = {
+        "pretrain": True,
+        "pretrain-cache-dir": str(tmp_path / "cache"),
+        "pretrain-max-samples": 3,
+        "pretrain-max-new-tokens": 4,
+        "pretrain-epochs": 2,
+        "pretrain-batch-size": 4,
+        "pretrain-grad-accum": 2,
+        "num-clients": 4,
+    }
+    cfg = validate(raw, choices={"strategy": STRATEGIES})
+    data = server_data(cfg)
+    ctx = ServerContext(cfg, data, None, None, SimpleNamespace(dir=str(tmp_path)))
+    assert pretrain_stage({**cfg, "pretrain": False}, ctx).before_training == []
+    hooks = build_server_strategy(cfg, ctx).before_training  # registered in SERVER_STAGES, no app special case
+    assert len(hooks) == 1
+    hook = hooks[0]
+    initial = to_record(build_model("resnet8", 512, 10, seed=7))
+    out = hook(initial).to_torch_state_dict()
+    meta = json.loads((tmp_path / "pretrain.json").read_text())
+    assert meta["note"] == TINY_NOTE and meta["reused"] is False and meta["annotation"]["written"] == 9
+    cached = torch.load(Path(meta["cache"]) / "final.pt", weights_only=False)["gfl"]
+    init = initial.to_torch_state_dict()
+    for key, value in out.items():
+        if key.startswith("backbone."):
+            assert torch.equal(value, cached[key].to(value.dtype))
+        else:
+            assert torch.equal(value, init[key])  # projection and classifier stay fresh
+    assert not torch.equal(out["backbone.stem.0.weight"], init["backbone.stem.0.weight"])
+    again = hook(initial).to_torch_state_dict()
+    assert json.loads((tmp_path / "pretrain.json").read_text())["reused"] is True
+    assert all(torch.equal(out[k], again[k]) for k in out)
+
+
+def test_gradient_checkpointing_gives_the_same_training_and_accumulation_the_same_steps(teacher, records, images):
+    plain, ckpt, accum = new_gfl(teacher), new_gfl(teacher), new_gfl(teacher)
+    data = samples(teacher, records, images)
+    base = train_dwp(teacher, plain, data, DWPConfig(epochs=1, batch_size=4, lr=1e-2))
+    train_dwp(teacher, ckpt, data, DWPConfig(epochs=1, batch_size=4, lr=1e-2, gradient_checkpointing=True))
+    assert not teacher.model.training
+    ref = plain.state_dict()
+    assert all(torch.allclose(ref[k], v, atol=1e-5) for k, v in ckpt.named_parameters())
+    split = train_dwp(teacher, accum, data, DWPConfig(epochs=1, batch_size=4, grad_accum=2, lr=1e-2))
+    assert split.steps == base.steps == math.ceil(len(records) / 4)

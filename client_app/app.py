@@ -12,6 +12,7 @@ from functools import lru_cache
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.faults import inject_failure, partition_reply
 from flcore.config import validate
 from flcore.experiment import client_batches, load_record, prepare, seeded_generator, to_record
 from flcore.metrics import summarize
@@ -51,6 +52,7 @@ def train_fn(msg: Message, context: Context) -> Message:
     server_config = dict(msg.content["config"])
     batches = client_batches(cfg, partition_id)
     gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), partition_id)
+    inject_failure(cfg, int(server_config.get("server-round", 0)), partition_id)
     metrics = train(model, batches, _settings(cfg, server_config), gen)
     reply = RecordDict(
         {"arrays": to_record(model), "metrics": MetricRecord({**metrics, "num-examples": len(batches.data)})}
@@ -66,3 +68,9 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     scores = summarize(preds, labels, prepare(cfg).dataset.num_classes, {})
     reply = MetricRecord({"accuracy": scores["accuracy"], "num-examples": len(labels)})
     return Message(RecordDict({"metrics": reply}), reply_to=msg)
+
+
+@app.query()
+def query_fn(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition, so it samples and orders nodes independently of node IDs."""
+    return partition_reply(msg, context)

@@ -117,6 +117,24 @@ SCHEMA: dict[str, Option] = {
     ),
     "eval-batch-size": _opt(500, "Batch size of centralized evaluation.", _number(1, integer=True)),
     "output-dir": _opt("outputs", "Folder that receives outputs/<run-id>/ reports."),
+    # issue 6: fault tolerance, resume, limits
+    "min-replies": _opt(
+        1,
+        "Valid client updates a round needs to be aggregated; with fewer the global model is kept as it was.",
+        _number(1, integer=True),
+    ),
+    "resume": _opt(
+        "",
+        "Continue a stopped run from its last finished round: its output folder or its checkpoint.pt ('' = new run).",
+    ),
+    "fail-rate": _opt(
+        0.0,
+        "Fault injection for tests: probability that a client's train call raises (seeded by seed, round, client).",
+        _number(0, 1),
+    ),
+    "max-message-mb": _opt(
+        1024.0, "Largest global model (MB of arrays) a client accepts from the server.", _number(0, low_open=True)
+    ),
 }
 
 
@@ -157,6 +175,12 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"run-config key 'few-threshold' = {cfg['few-threshold']!r} is not allowed: expected <= many-threshold "
             f"({cfg['many-threshold']!r})."
+        )
+    per_round = max(1, int(cfg["num-clients"] * cfg["fraction-train"]))
+    if cfg["min-replies"] > per_round:
+        raise ConfigError(
+            f"run-config key 'min-replies' = {cfg['min-replies']!r} is not allowed: expected <= the clients sampled "
+            f"per round ({per_round} = num-clients x fraction-train)."
         )
     if cfg["model"] == "resnet8" and cfg["image-size"] > 64:
         raise ConfigError(

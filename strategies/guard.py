@@ -47,8 +47,8 @@ def _array_problem(arrays: ArrayRecord, reference: dict[str, tuple[tuple[int, ..
             return f"array '{key}' cannot be read as a NumPy array ({err})"
         if value.shape != shape:
             return f"array '{key}' has shape {value.shape}, the global model has {shape}"
-        if value.dtype.kind not in "biuf" or (dtype.kind == "f" and value.dtype.kind != "f"):
-            return f"array '{key}' has dtype {value.dtype}, the global model has {dtype}"
+        if value.dtype.kind not in "biuf":  # integer counters may come back as float64 from FedAvg, and back
+            return f"array '{key}' has dtype {value.dtype}, expected numbers like the global model's {dtype}"
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             return f"array '{key}' contains NaN or Inf"
     return None

@@ -33,9 +33,18 @@ class NodeOrder:
         self.partition: dict[int, int | None] = {}
 
     def learn(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        """Ask nodes not seen before for their partition id (building and sending messages draws from the
+        global `random`, so its state is put back: the sampling stream must not depend on when nodes joined)."""
         unknown = [n for n in node_ids if n not in self.partition]
         if not unknown:
             return
+        state = random.getstate()
+        try:
+            self._ask(grid, unknown)
+        finally:
+            random.setstate(state)
+
+    def _ask(self, grid: Grid, unknown: list[int]) -> None:
         ask = ConfigRecord({"ask": PARTITION_KEY})
         messages = [Message(RecordDict({"config": ask}), dst_node_id=n, message_type=QUERY) for n in unknown]
         answers: dict[int, int | None] = dict.fromkeys(unknown)

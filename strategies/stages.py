@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from logging import WARNING
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -91,6 +91,13 @@ class ServerStages(Strategy):
         with seeded_random(self.seed, server_round):
             messages = list(self.inner.configure_train(server_round, arrays, config, OrderedGrid(grid, self.nodes)))
         self._sent, self._global = len(messages), arrays
+        picked = sorted(self.nodes.key(m.metadata.dst_node_id) for m in messages)
+        log(
+            INFO,
+            "round %s: sampled partitions %s",
+            server_round,
+            [k[1] if k[0] == 0 else f"node {k[1]}" for k in picked],
+        )
         return messages
 
     def aggregate_train(

@@ -13,8 +13,9 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.faults import inject_failure, partition_reply
+from client_app.limits import check_global
 from flcore.config import validate
-from flcore.experiment import client_batches, load_record, prepare, seeded_generator, to_record
+from flcore.experiment import client_batches, load_state, prepare, seeded_generator, to_record
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
 from flcore.training import TrainSettings, predict, train
@@ -38,7 +39,8 @@ def _setup(msg: Message, context: Context) -> tuple[dict, int, FLModel]:
             f"{cfg['num-clients']}: start the federation with num-supernodes = num-clients."
         )
     classes = prepare(cfg).dataset.num_classes
-    model = load_record(_model(str(cfg["model"]), int(cfg["projection-dim"]), classes), msg.content["arrays"])
+    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), classes)
+    load_state(model, check_global(msg, model.state_dict(), float(cfg["max-message-mb"])))
     return cfg, partition_id, model
 
 

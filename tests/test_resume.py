@@ -127,4 +127,5 @@ def test_kill_9_mid_run_then_resume_ends_with_the_uninterrupted_weights(tmp_path
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     rows = (next((tmp_path / "resumed").iterdir()) / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 4  # rounds 0..3: the killed run's rows carried over, the rest trained after resuming
-    print(f"killed after round {stopped_at}; resumed run (launch + remaining rounds) took {seconds:.1f} s")
+    (restored,) = [line for line in out.splitlines() if line.startswith("Resumed ")]
+    print(f"killed after round {stopped_at}; resumed run (launch + remaining rounds) took {seconds:.1f} s; {restored}")

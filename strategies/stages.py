@@ -91,6 +91,7 @@ class ServerStages(Strategy):
         with seeded_random(self.seed, server_round):
             messages = list(self.inner.configure_train(server_round, arrays, config, OrderedGrid(grid, self.nodes)))
         self._sent, self._global = len(messages), arrays
+        self._stop_waiting_for_lost_nodes()
         picked = sorted(self.nodes.key(m.metadata.dst_node_id) for m in messages)
         log(
             INFO,
@@ -99,6 +100,16 @@ class ServerStages(Strategy):
             [k[1] if k[0] == 0 else f"node {k[1]}" for k in picked],
         )
         return messages
+
+    def _stop_waiting_for_lost_nodes(self) -> None:
+        """After the first round, sample from whoever is online instead of waiting for every node.
+
+        Flower strategies wait (without timeout) until `min_available_nodes` are connected before sampling;
+        the registry sets it to num-clients so round 1 starts with the full federation, but a node lost for
+        good would then block every later round. `min_replies` nodes are enough from then on.
+        """
+        if getattr(self.inner, "min_available_nodes", 0) > self.min_replies:
+            self.inner.min_available_nodes = self.min_replies
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

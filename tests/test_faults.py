@@ -141,3 +141,35 @@ def test_run_with_30_percent_failed_replies_completes_every_round():
 def test_min_replies_above_the_sampled_clients_is_refused():
     with pytest.raises(ConfigError, match="min-replies"):
         validate({"num-clients": 10, "fraction-train": 0.2, "min-replies": 3}, choices={"strategy": STRATEGIES})
+
+
+class DroppingGrid(FlakyGrid):
+    """Node of partition 0 leaves for good after round 1; polling for it more than a few times fails the test."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.polls = 0
+
+    def get_node_ids(self):
+        self.polls += 1
+        if self.polls > 5:
+            raise RuntimeError("the strategy is waiting for a node that is gone")
+        return [n for n, pid in self.nodes.items() if pid != 0 or self.sent == 0]
+
+    def send_and_receive(self, messages, timeout=None):
+        self.polls = 0
+        return super().send_and_receive(messages, timeout)
+
+
+def test_a_node_lost_for_good_does_not_block_later_rounds():
+    cfg = validate({"num-clients": 4, "fraction-train": 1.0}, choices={"strategy": STRATEGIES})
+    grid = DroppingGrid({10 + i: i for i in range(4)}, seed=3, rate=0.0)
+    rows = {}
+
+    def record(rnd, arrays, metrics):
+        rows[rnd] = dict(metrics)
+        return arrays
+
+    strategy = ServerStages(build_strategy(cfg), after_aggregation=[record], seed=3)
+    strategy.start(grid, ArrayRecord(GLOBAL), num_rounds=3)
+    assert [rows[r]["replies"] for r in (1, 2, 3)] == [4, 3, 3]

@@ -26,7 +26,8 @@ def test_tls_cluster_with_node_auth_runs_two_rounds_above_chance(tmp_path):
         "fraction-train": 1.0,
         "local-epochs": 2,
         "image-size": 16,
-        "dirichlet-alpha": 1.0,
+        "imbalance-factor": 2.0,
+        "dirichlet-alpha": 100.0,
         "output-dir": str(tmp_path / "out"),
     }
     cfg, sent = launch.resolve(overrides, launch.project_settings()[0])

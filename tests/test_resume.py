@@ -1,5 +1,7 @@
 """Resume: checkpoints are complete and pickle-free, and a run killed with -9 continues to the same weights."""
 
+import json
+import random
 import subprocess
 import sys
 import time
@@ -11,10 +13,12 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvgM
 
+from client_app.faults import fails
 from flcore.config import ConfigError, validate
 from server_app import launch
 from strategies import checkpoint
 from strategies.registry import STRATEGIES, build_strategy
+from strategies.sampling import seeded_random
 from strategies.stages import ServerStages
 from tests.procs import kill_tree
 from tests.test_faults import GLOBAL, FlakyGrid
@@ -94,12 +98,24 @@ def final_weights(out: Path) -> dict:
     return torch.load(model, weights_only=True)
 
 
+def expected_failures(seed: int, rounds: int, clients: int, sampled: int, rate: float) -> int:
+    """Failures the seeded sampling and the seeded fault injection produce together."""
+    total = 0
+    for rnd in range(1, rounds + 1):
+        with seeded_random(seed, rnd):
+            picked = random.sample(range(clients), sampled)
+        total += sum(fails(seed, rnd, pid, rate) for pid in picked)
+    return total
+
+
 def test_kill_9_mid_run_then_resume_ends_with_the_uninterrupted_weights(tmp_path, capfd):
+    """The one full simulation of this suite; clients also fail on purpose (fail-rate) to show the run goes on."""
     base = (
         "num-clients=3 fraction-train=0.67 num-server-rounds=3 local-epochs=1 image-size=8 dirichlet-alpha=100.0 "
-        "imbalance-factor=2.0 projection-dim=16"
+        "imbalance-factor=2.0 projection-dim=16 fail-rate=0.3"
     )
     assert launch.main(["--run-config", f"{base} output-dir={tmp_path / 'straight'}"]) == 0
+    straight_out = capfd.readouterr().out
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server_app.launch", "--run-config", f"{base} output-dir={killed}"],
@@ -125,7 +141,15 @@ def test_kill_9_mid_run_then_resume_ends_with_the_uninterrupted_weights(tmp_path
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    rows = (next((tmp_path / "resumed").iterdir()) / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 4  # rounds 0..3: the killed run's rows carried over, the rest trained after resuming
+    rows = [json.loads(line) for line in (next((tmp_path / "straight").iterdir()) / "metrics.jsonl").open()]
+    resumed_rows = (next((tmp_path / "resumed").iterdir()) / "metrics.jsonl").read_text().splitlines()
+    assert len(resumed_rows) == 4  # rounds 0..3: the killed run's rows carried over, the rest trained after resuming
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and all(r["replies"] + r["failed"] == 2 for r in rows[1:])
+    lost = sum(r["failed"] for r in rows[1:])
+    assert lost == expected_failures(seed=7, rounds=3, clients=3, sampled=2, rate=0.3) >= 1
+    assert "injected failure" in straight_out
     (restored,) = [line for line in out.splitlines() if line.startswith("Resumed ")]
-    print(f"killed after round {stopped_at}; resumed run (launch + remaining rounds) took {seconds:.1f} s; {restored}")
+    print(
+        f"fail-rate 0.3: 3/3 rounds completed, {lost} of 6 client replies lost; killed after round {stopped_at}; "
+        f"resumed run (launch + remaining rounds) took {seconds:.1f} s; {restored}"
+    )

@@ -12,8 +12,10 @@ from functools import lru_cache
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.faults import inject_failure, partition_reply
+from client_app.limits import check_global
 from flcore.config import validate
-from flcore.experiment import client_batches, load_record, prepare, seeded_generator, to_record
+from flcore.experiment import client_batches, load_state, prepare, seeded_generator, to_record
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
 from flcore.training import TrainSettings, predict, train
@@ -37,7 +39,8 @@ def _setup(msg: Message, context: Context) -> tuple[dict, int, FLModel]:
             f"{cfg['num-clients']}: start the federation with num-supernodes = num-clients."
         )
     classes = prepare(cfg).dataset.num_classes
-    model = load_record(_model(str(cfg["model"]), int(cfg["projection-dim"]), classes), msg.content["arrays"])
+    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), classes)
+    load_state(model, check_global(msg, model.state_dict(), float(cfg["max-message-mb"])))
     return cfg, partition_id, model
 
 
@@ -51,6 +54,7 @@ def train_fn(msg: Message, context: Context) -> Message:
     server_config = dict(msg.content["config"])
     batches = client_batches(cfg, partition_id)
     gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), partition_id)
+    inject_failure(cfg, int(server_config.get("server-round", 0)), partition_id)
     metrics = train(model, batches, _settings(cfg, server_config), gen)
     reply = RecordDict(
         {"arrays": to_record(model), "metrics": MetricRecord({**metrics, "num-examples": len(batches.data)})}
@@ -66,3 +70,9 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     scores = summarize(preds, labels, prepare(cfg).dataset.num_classes, {})
     reply = MetricRecord({"accuracy": scores["accuracy"], "num-examples": len(labels)})
     return Message(RecordDict({"metrics": reply}), reply_to=msg)
+
+
+@app.query()
+def query_fn(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition, so it samples and orders nodes independently of node IDs."""
+    return partition_reply(msg, context)

@@ -168,6 +168,24 @@ SCHEMA: dict[str, Option] = {
     "pretrain-cache-dir": _opt(
         "outputs/pretrain-cache", "Annotations, DWP checkpoints and cached pretrained backbones."
     ),
+    # issue 6: fault tolerance, resume, limits
+    "min-replies": _opt(
+        1,
+        "Valid client updates a round needs to be aggregated; with fewer the global model is kept as it was.",
+        _number(1, integer=True),
+    ),
+    "resume": _opt(
+        "",
+        "Continue a stopped run from its last finished round: its output folder or its checkpoint.pt ('' = new run).",
+    ),
+    "fail-rate": _opt(
+        0.0,
+        "Fault injection for tests: probability that a client's train call raises (seeded by seed, round, client).",
+        _number(0, 1),
+    ),
+    "max-message-mb": _opt(
+        1024.0, "Largest global model (MB of arrays) a client accepts from the server.", _number(0, low_open=True)
+    ),
 }
 
 
@@ -224,6 +242,12 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"run-config key 'pretrain-data' = {cfg['pretrain-data']!r} is not allowed: expected 'digits', a folder "
             "of images or a LLaVA chat.json/.jsonl file that exists."
+        )
+    per_round = max(1, int(cfg["num-clients"] * cfg["fraction-train"]))
+    if cfg["min-replies"] > per_round:
+        raise ConfigError(
+            f"run-config key 'min-replies' = {cfg['min-replies']!r} is not allowed: expected <= the clients sampled "
+            f"per round ({per_round} = num-clients x fraction-train)."
         )
     if cfg["model"] == "resnet8" and cfg["image-size"] > 64:
         raise ConfigError(

@@ -89,6 +89,12 @@ class RunReport:
         fig.savefig(self.dir / "partition.png", dpi=110)
         plt.close(fig)
 
+    def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Take over the rows of a resumed run, so metrics.jsonl and the summary cover the whole run."""
+        self.rows = [dict(r) for r in rows]
+        with (self.dir / "metrics.jsonl").open("w") as fh:
+            fh.writelines(json.dumps(_json_safe(r)) + "\n" for r in self.rows)
+
     def record_train(self, server_round: int, metrics: Mapping[str, Any]) -> None:
         """Keep the round's aggregated client metrics until its evaluation arrives."""
         self._pending[server_round] = dict(metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Mapping
 
 import torch
@@ -15,6 +16,7 @@ from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
 from flcore.reports import RunReport
 from flcore.training import predict
+from strategies import checkpoint
 from strategies.registry import STRATEGIES, build_server_strategy
 from strategies.stages import ServerContext
 
@@ -54,10 +56,15 @@ def record_round(report: RunReport):
 
 def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
     """The whole server side of one run; returns the summary."""
+    t0 = time.perf_counter()
+    resumed = checkpoint.load(cfg) if cfg["resume"] else None
+    load_seconds = time.perf_counter() - t0
     random.seed(int(cfg["seed"]))  # Flower samples nodes with the global `random` module
     torch.manual_seed(int(cfg["seed"]))
     data = server_data(cfg)
     report = RunReport.create(cfg, run_id, data.dataset.classes)
+    if resumed is not None:
+        report.restore(resumed.rows)
     report.write_partition(data.client_histogram, data.pool_counts, data.groups)
     rounds = int(cfg["num-server-rounds"])
 
@@ -67,11 +74,28 @@ def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
     model = new_model(seed=int(cfg["seed"]))
     evaluator = Evaluator(new_model(), data, report, int(cfg["eval-every"]), rounds)
     ctx = ServerContext(cfg, data, new_model, evaluator.metrics, report)
-    strategy = build_server_strategy(cfg, ctx, observers=[record_round(report)])
+    done = resumed.round if resumed is not None else 0
+
+    def save_state(server_round: int, arrays: ArrayRecord) -> None:
+        checkpoint.save(report.dir / checkpoint.CHECKPOINT, server_round, arrays, strategy.inner, report.rows, cfg)
+
+    strategy = build_server_strategy(
+        cfg, ctx, observers=[record_round(report)], round_offset=done, on_round_end=save_state
+    )
+    initial = to_record(model)
+    if resumed is not None:
+        initial = resumed.arrays
+        load_record(model, initial)
+        resumed.restore(strategy.inner)
+        print(
+            f"Resumed {cfg['resume']} after round {done} of {rounds} "
+            f"(server state restored in {time.perf_counter() - t0:.2f} s, checkpoint read in {load_seconds:.3f} s)",
+            flush=True,
+        )
     result = strategy.start(
         grid,
-        to_record(model),
-        num_rounds=rounds,
+        initial,
+        num_rounds=rounds - done,
         timeout=float(cfg["round-timeout"]),
         train_config=ConfigRecord({k: cfg[k] for k in TRAIN_KEYS}),
         evaluate_fn=evaluator,

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,7 +39,8 @@ from strategies.registry import STRATEGIES
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of this environment
 CONNECTION = "mllm-sim"
-PATH_KEYS = ("data-dir", "output-dir")
+SIMULATION_ARGS = ("--insecure", "--simulation")
+PATH_KEYS = ("data-dir", "output-dir", "resume")
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -84,6 +86,10 @@ def preflight(cfg: Mapping[str, Any]) -> None:
     from flcore.experiment import prepare
     from strategies.alignment import check_inputs
 
+    if cfg["resume"]:
+        from strategies.checkpoint import load
+
+        print(f"resume: continuing after round {load(cfg).round} from {cfg['resume']}", flush=True)
     prep = prepare(cfg)
     check_inputs(cfg, prep.dataset, prep.split.align)  # stage 3's teacher, class names and logits file
     sizes = [len(c) for c in prep.split.clients]
@@ -101,43 +107,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_connection(home: Path, port: int) -> None:
+def write_connection(home: Path, port: int, name: str = CONNECTION, root_certificates: Path | None = None) -> None:
+    """A `[superlink.<name>]` connection in $FLWR_HOME/config.toml: insecure, or TLS checked against a CA file."""
     home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\n{security}\n'
     )
 
 
-def start_superlink(home: Path, port: int, env: Mapping[str, str]) -> subprocess.Popen:
-    log = (home / "superlink.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(BIN / "flower-superlink"),
-            "--insecure",
-            "--simulation",
-            "--disable-runtime-dependency-installation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=PROJECT,
-        env=dict(env),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.time() + 60
+def start_process(cmd: Sequence[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen:
+    """A Flower process in its own process group (so `stop` reaches its children), logging to a file."""
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            list(cmd), cwd=PROJECT, env=dict(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_for_port(proc: subprocess.Popen, port: int, log_path: Path, timeout: float = 60) -> None:
+    """Return once 127.0.0.1:port accepts connections; fail fast if the process died or never listened."""
+    name = Path(str(proc.args[0])).name
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {home / 'superlink.log'}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
+                return
         time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError(f"flower-superlink did not open 127.0.0.1:{port} within 60 s; see {home / 'superlink.log'}")
+    stop(proc)
+    raise RuntimeError(f"{name} did not open 127.0.0.1:{port} within {timeout:.0f} s; see {log_path}")
+
+
+def start_superlink(
+    home: Path, port: int, env: Mapping[str, str], args: Sequence[str] = SIMULATION_ARGS
+) -> subprocess.Popen:
+    """`flower-superlink` on 127.0.0.1:port (simulation by default), ready when it returns."""
+    log_path = home / "superlink.log"
+    cmd = [str(BIN / "flower-superlink"), *args, "--disable-runtime-dependency-installation"]
+    proc = start_process([*cmd, "--host", "127.0.0.1", "--port", str(port)], log_path, env)
+    wait_for_port(proc, port, log_path)
+    return proc
 
 
 def process_tree(root: int) -> list[int]:
@@ -161,7 +171,7 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """Terminate a process and everything it started; kill what is still there after `grace` seconds."""
     tree = process_tree(proc.pid)
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -189,19 +199,62 @@ def federation_config(simulation: Mapping[str, Any], cfg: Mapping[str, Any]) -> 
     return " ".join(f"{k}={json.dumps(v)}" for k, v in options.items())
 
 
-def last_run(env: Mapping[str, str]) -> dict[str, Any]:
+def last_run(env: Mapping[str, str], connection: str = CONNECTION) -> dict[str, Any]:
     out = subprocess.run(
-        [str(BIN / "flwr"), "list", CONNECTION, "--format", "json"],
+        [str(BIN / "flwr"), "list", connection, "--format", "json"],
         cwd=PROJECT,
         env=dict(env),
         capture_output=True,
         text=True,
         check=True,
+        timeout=120,
     )
     runs = json.loads(out.stdout).get("runs", [])
     if not runs:
         raise RuntimeError(f"the SuperLink reports no run: {out.stdout.strip()}")
     return max(runs, key=lambda r: int(r["run-id"]))
+
+
+def run_env(home: Path) -> dict[str, str]:
+    """Environment of every Flower process we start: private FLWR_HOME, offline hubs, this project importable."""
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(PROJECT),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def flwr_run(
+    connection: str,
+    env: Mapping[str, str],
+    sent: Mapping[str, Any],
+    extra: Sequence[str] = (),
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """`flwr run . <connection> --stream` with the overrides, then the run's final status from the SuperLink."""
+    home = Path(env["FLWR_HOME"])
+    overrides_file = home / "run-config.toml"
+    overrides_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in sent.items()))
+    cmd = [str(BIN / "flwr"), "run", ".", connection, "--stream", *extra]
+    if sent:
+        cmd += ["--run-config", str(overrides_file)]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=PROJECT, env=dict(env), check=False, timeout=timeout)
+    return last_run(env, connection)
+
+
+def report_status(status: Mapping[str, Any], logs: str) -> int:
+    """0 when the run completed; otherwise say so and where to look (flwr run itself exits 0 either way)."""
+    print(f"run {status['run-id']}: {status['status']}", flush=True)
+    if status["status"] != "finished:completed":
+        print(
+            f"error: run {status['run-id']} did not complete ({status['status']}); the log above and {logs} say why.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def run(overrides: Mapping[str, Any]) -> int:
@@ -212,45 +265,19 @@ def run(overrides: Mapping[str, Any]) -> int:
     except (ConfigError, DataNotFound) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    home = PROJECT / ".flwr"
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(PROJECT),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
     port = free_port()
+    home = PROJECT / ".flwr" / f"sim-{port}"  # one FLWR_HOME per launch: concurrent launches stay apart
+    env = run_env(home)
     write_connection(home, port)
     link = start_superlink(home, port, env)
     try:
-        overrides_file = home / "run-config.toml"
-        overrides_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in sent.items()))
-        cmd = [
-            str(BIN / "flwr"),
-            "run",
-            ".",
-            CONNECTION,
-            "--stream",
-            "--federation-config",
-            federation_config(simulation, cfg),
-        ]
-        if sent:
-            cmd += ["--run-config", str(overrides_file)]
-        print("$ " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, cwd=PROJECT, env=env, check=False)
-        status = last_run(env)
+        status = flwr_run(CONNECTION, env, sent, ["--federation-config", federation_config(simulation, cfg)])
     finally:
-        stop_tree(link)
-    print(f"run {status['run-id']}: {status['status']}", flush=True)
-    if status["status"] != "finished:completed":
-        print(
-            f"error: run {status['run-id']} did not complete ({status['status']}); the log above and "
-            f"{home / 'superlink.log'} say why.",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+        stop(link)
+    code = report_status(status, str(home / "superlink.log"))
+    if code == 0:
+        shutil.rmtree(home, ignore_errors=True)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,11 +42,17 @@ def build_strategy(cfg: Mapping) -> Strategy:
     return STRATEGIES[str(cfg["strategy"])](cfg)
 
 
-def build_server_strategy(cfg: Mapping, ctx: ServerContext, observers: list[RoundStage] = ()) -> ServerStages:
-    """The configured strategy wrapped with every enabled server stage; `observers` run last each round."""
+def build_server_strategy(
+    cfg: Mapping, ctx: ServerContext, observers: list[RoundStage] = (), **options
+) -> ServerStages:
+    """The configured strategy wrapped with every enabled server stage; `observers` run last each round.
+
+    `options` go to `ServerStages` (resume: `round_offset`, `on_round_end`).
+    """
     before, after = [], []
     for factory in SERVER_STAGES.values():
         stages = factory(cfg, ctx)
         before += stages.before_training
         after += stages.after_aggregation
-    return ServerStages(build_strategy(cfg), before, after + list(observers))
+    options = {"min_replies": int(cfg["min-replies"]), "seed": int(cfg["seed"]), **options}
+    return ServerStages(build_strategy(cfg), before, after + list(observers), **options)

@@ -99,6 +99,6 @@ def test_stop_tree_also_ends_descendants_in_other_sessions(tmp_path):
         time.sleep(0.05)
     grandchild = int(pidfile.read_text())
     assert grandchild in launch.process_tree(proc.pid)
-    launch.stop_tree(proc, grace=5)
+    launch.stop(proc, grace=5)
     assert proc.poll() is not None
     assert not Path(f"/proc/{grandchild}").exists() or launch._is_zombie(grandchild)

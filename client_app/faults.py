@@ -1,0 +1,38 @@
+"""Client-side pieces of fault tolerance: injected failures for tests, and the partition-id answer.
+
+`fail-rate` makes a client's train call raise with that probability, drawn from (seed, round, partition)
+so a test knows exactly which replies fail; Flower turns the exception into an error reply, which the
+server counts as `failed` and leaves out of the average.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+
+from flcore.experiment import seeded_generator
+
+FAULT_STREAM = 104729  # a fourth seed part, so failures do not reuse the training generator's stream
+
+
+class InjectedFailure(RuntimeError):
+    """The failure `fail-rate` asked for."""
+
+
+def fails(seed: int, server_round: int, partition_id: int, rate: float) -> bool:
+    if rate <= 0:
+        return False
+    draw = torch.rand((), generator=seeded_generator(seed, server_round, partition_id, FAULT_STREAM))
+    return bool(draw < rate)
+
+
+def inject_failure(cfg: Mapping, server_round: int, partition_id: int) -> None:
+    if fails(int(cfg["seed"]), server_round, partition_id, float(cfg["fail-rate"])):
+        raise InjectedFailure(f"injected failure (fail-rate {cfg['fail-rate']}) in round {server_round}")
+
+
+def partition_reply(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)

@@ -1,0 +1,75 @@
+"""What a client accepts from the server: the global model of its own architecture, and nothing else.
+
+A client on another machine trusts the server only as far as it must. Before anything is deserialised
+it checks the message's shape: one `arrays` ArrayRecord and one `config` ConfigRecord, array payloads no
+larger than `max-message-mb` in total, exactly the model's keys with the model's shapes; then each array
+is read with Flower's `Array.numpy()` (`np.load(allow_pickle=False)`: no pickles, no code) and must be
+finite numbers. Anything else is refused with `MessageRejected` naming what was wrong; Flower sends that
+back to the server as an error reply, which the server counts as a failed client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+
+MAX_CONFIG_ENTRIES = 256
+MAX_CONFIG_STRING = 4096
+
+
+class MessageRejected(ValueError):
+    """The server's message is malformed or too large for this client."""
+
+
+def _record(msg: Message, key: str, kind: type) -> ArrayRecord | ConfigRecord:
+    record = msg.content.get(key) if key in msg.content else None
+    if not isinstance(record, kind):
+        found = sorted(msg.content.keys())
+        raise MessageRejected(f"the server's message lacks a {kind.__name__} '{key}' (it has {found}).")
+    return record
+
+
+def check_config(config: ConfigRecord) -> None:
+    if len(config) > MAX_CONFIG_ENTRIES:
+        raise MessageRejected(f"the server's config has {len(config)} entries; at most {MAX_CONFIG_ENTRIES} allowed.")
+    for key, value in config.items():
+        values = value if isinstance(value, list) else [value]
+        if sum(len(v) if isinstance(v, str | bytes) else 1 for v in values) > MAX_CONFIG_STRING:
+            raise MessageRejected(f"the server's config entry '{key}' is larger than {MAX_CONFIG_STRING} items/bytes.")
+
+
+def check_global(msg: Message, model_state: Mapping[str, torch.Tensor], max_mb: float) -> dict[str, torch.Tensor]:
+    """The message's global weights as tensors, after checking they fit this client's model; else MessageRejected."""
+    arrays = _record(msg, "arrays", ArrayRecord)
+    check_config(_record(msg, "config", ConfigRecord))
+    size = sum(len(a.data) for a in arrays.values())
+    if size > max_mb * 2**20:
+        raise MessageRejected(f"the global model is {size / 2**20:.1f} MB; this client accepts at most {max_mb} MB.")
+    missing, extra = sorted(set(model_state) - set(arrays)), sorted(set(arrays) - set(model_state))
+    if missing or extra:
+        raise MessageRejected(
+            f"the global model does not fit this client's model: missing {missing[:3]}, unexpected {extra[:3]} "
+            f"({len(missing)} missing, {len(extra)} unexpected); check that both sides use the same model settings."
+        )
+    out = {}
+    for key, expected in model_state.items():
+        if tuple(arrays[key].shape) != tuple(expected.shape):
+            raise MessageRejected(
+                f"global array '{key}' has shape {tuple(arrays[key].shape)}; this client's model has "
+                f"{tuple(expected.shape)}."
+            )
+        try:
+            value = arrays[key].numpy()
+        except (TypeError, ValueError) as err:
+            raise MessageRejected(f"global array '{key}' is not a plain NumPy array ({err}).") from err
+        if value.shape != tuple(expected.shape) or value.dtype.kind not in "biuf":
+            raise MessageRejected(
+                f"global array '{key}' holds {value.dtype} {value.shape}, not numbers of the model's shape."
+            )
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise MessageRejected(f"global array '{key}' contains NaN or Inf.")
+        out[key] = torch.from_numpy(value)
+    return out

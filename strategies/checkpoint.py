@@ -1,0 +1,173 @@
+"""Server checkpoints after every round, and resuming a stopped run from the last one.
+
+A 200-round run must survive a killed server (kill -9 included). After each round's evaluation the
+server writes `<run dir>/checkpoint.pt` through a temporary file and `os.replace`, so the file on disk is
+always one complete round: the global weights, the round number, the strategy's own state (server
+momentum and the like), the RNG states and the metrics rows so far. `resume = "<run dir>"` starts a new
+run from it with `ServerStages.round_offset` = the saved round, so clients, seeds, node sampling and
+reports see the original round numbers and the run ends with the same weights as an uninterrupted one.
+
+Strategy state: a strategy may define `state_dict() -> dict[str, Tensor-like]` and
+`load_state_dict(dict)`. Without them, array-valued attributes (an `ArrayRecord`, a list or a dict of
+NumPy arrays, e.g. Flower's FedAvgM `current_arrays`/`momentum_vector` or FedOpt's `m_t`/`v_t`) are
+saved and restored generically, recursing into wrapped strategies.
+
+The file is the server's own and is read with `torch.load(weights_only=True)`: tensors and plain
+Python values only, nothing executable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+from flcore.config import ConfigError
+
+CHECKPOINT = "checkpoint.pt"
+VERSION = 1
+# Keys that may change between the stopped run and its continuation without changing the trajectory.
+FREE_KEYS = {
+    "resume",
+    "num-server-rounds",
+    "output-dir",
+    "round-timeout",
+    "eval-every",
+    "eval-batch-size",
+    "min-replies",
+    "max-message-mb",
+    "fail-rate",
+}
+
+
+def _tensor(value: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(value).copy())
+
+
+def _pack(value: Any) -> tuple[str, Any] | None:
+    """A pickle-free form of one array-valued attribute, or None when it is not array state."""
+    if isinstance(value, ArrayRecord):
+        return "arrays", {k: _tensor(a.numpy()) for k, a in value.items()}
+    if isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
+        return "list", [_tensor(v) for v in value]
+    if isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
+        return "dict", {str(k): _tensor(v) for k, v in value.items()}
+    return None
+
+
+def _unpack(kind: str, value: Any) -> Any:
+    if kind == "arrays":
+        return ArrayRecord(dict(value))
+    if kind == "list":
+        return [v.numpy() for v in value]
+    return {k: v.numpy() for k, v in value.items()}
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """What the strategy carries from round to round (see the module docstring)."""
+    if callable(getattr(strategy, "state_dict", None)):
+        return {"custom": strategy.state_dict()}
+    state: dict[str, Any] = {}
+    for name, value in vars(strategy).items():
+        if isinstance(value, Strategy):
+            state[name] = ("strategy", strategy_state(value))
+        elif (packed := _pack(value)) is not None:
+            state[name] = packed
+    return state
+
+
+def load_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
+    if "custom" in state:
+        strategy.load_state_dict(state["custom"])
+        return
+    for name, (kind, value) in state.items():
+        if kind == "strategy":
+            load_strategy_state(getattr(strategy, name), value)
+        else:
+            setattr(strategy, name, _unpack(kind, value))
+
+
+def save(
+    path: Path, server_round: int, arrays: ArrayRecord, strategy: Strategy, rows: list[dict], cfg: Mapping
+) -> None:
+    """Write one complete checkpoint atomically: a reader (or a resume after kill -9) sees old or new."""
+    np_state = np.random.get_state()
+    payload = {
+        "version": VERSION,
+        "round": server_round,
+        "arrays": {k: v.clone() for k, v in arrays.to_torch_state_dict().items()},
+        "strategy": strategy_state(strategy),
+        "random": random.getstate(),
+        "numpy-random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch-random": torch.get_rng_state(),
+        "rows": json.dumps(rows),
+        "config": json.dumps(dict(cfg)),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint; `restore` applies the RNG and strategy state right before training goes on."""
+
+    round: int
+    arrays: ArrayRecord
+    rows: list[dict]
+    payload: dict
+
+    def restore(self, strategy: Strategy) -> None:
+        load_strategy_state(strategy, self.payload["strategy"])
+        random.setstate(_as_tuple(self.payload["random"]))
+        name, keys, *rest = self.payload["numpy-random"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+        torch.set_rng_state(self.payload["torch-random"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def locate(resume: str) -> Path:
+    path = Path(resume).expanduser()
+    path = path / CHECKPOINT if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(
+            f"run-config key 'resume' = {resume!r} is not allowed: expected a run's output folder holding "
+            f"{CHECKPOINT}, or that file (none at {path})."
+        )
+    return path
+
+
+def load(cfg: Mapping) -> Checkpoint:
+    """The checkpoint named by `resume`, checked against this run's config before anything trains."""
+    path = locate(str(cfg["resume"]))
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which, do not guess
+        raise ConfigError(f"run-config key 'resume': {path} is not a readable checkpoint ({err}).") from err
+    saved = json.loads(payload["config"])
+    differ = sorted(k for k in saved.keys() & cfg.keys() if k not in FREE_KEYS and saved[k] != cfg[k])
+    if differ:
+        shown = ", ".join(f"{k} = {saved[k]!r} there, {cfg[k]!r} here" for k in differ[:5])
+        raise ConfigError(f"run-config key 'resume': the checkpoint's run used different settings: {shown}.")
+    if payload["round"] > int(cfg["num-server-rounds"]):
+        raise ConfigError(
+            f"run-config key 'num-server-rounds' = {cfg['num-server-rounds']} is not allowed: the checkpoint "
+            f"already finished round {payload['round']}."
+        )
+    arrays = ArrayRecord({k: v for k, v in payload["arrays"].items()})
+    return Checkpoint(int(payload["round"]), arrays, json.loads(payload["rows"]), payload)

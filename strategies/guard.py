@@ -1,0 +1,112 @@
+"""Screen client replies before any strategy averages them.
+
+A real federation has clients that crash, time out, or send garbage (a diverged model full of NaN, a
+different architecture, a truncated upload). Flower hands such replies to the strategy as they came:
+error replies are skipped by FedAvg, but a NaN update is averaged into the global model, and a reply
+with different keys raises `InconsistentMessageReplies`, which stops the whole run. `screen` sorts the
+replies into accepted ones and refused ones with a reason per node, so only well-formed, finite updates
+of the current global model's exact keys and shapes ever reach the strategy.
+
+Arrays are read with Flower's `Array.numpy()` (`np.load(..., allow_pickle=False)`): nothing a client
+sends is unpickled or executed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+from flwr.common.logger import log
+
+WEIGHT_KEY = "num-examples"
+
+
+@dataclass
+class Screened:
+    """Replies split into those to aggregate and those refused, with a reason per source node."""
+
+    accepted: list[Message] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _array_problem(arrays: ArrayRecord, reference: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str | None:
+    """Why these arrays cannot be averaged into a model with the reference's keys and shapes, or None."""
+    missing = sorted(set(reference) - set(arrays))
+    extra = sorted(set(arrays) - set(reference))
+    if missing or extra:
+        return f"array keys differ from the global model: missing {missing[:3]}, unexpected {extra[:3]}"
+    for key, (shape, dtype) in reference.items():
+        try:
+            value = arrays[key].numpy()
+        except (TypeError, ValueError) as err:
+            return f"array '{key}' cannot be read as a NumPy array ({err})"
+        if value.shape != shape:
+            return f"array '{key}' has shape {value.shape}, the global model has {shape}"
+        if value.dtype.kind not in "biuf":  # integer counters may come back as float64 from FedAvg, and back
+            return f"array '{key}' has dtype {value.dtype}, expected numbers like the global model's {dtype}"
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"array '{key}' contains NaN or Inf"
+    return None
+
+
+def _reply_problem(reply: Message, reference: dict | None) -> str | None:
+    content = reply.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return (
+            f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
+            f"{len(content.metric_records)}"
+        )
+    arrays = next(iter(content.array_records.values()))
+    metrics = next(iter(content.metric_records.values()))
+    weight = metrics.get(WEIGHT_KEY)
+    if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
+        return f"metric '{WEIGHT_KEY}' is {weight!r}; expected a positive number"
+    bad = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v, dtype=float)))]
+    if bad:
+        return f"metrics {bad[:3]} are NaN or Inf"
+    return _array_problem(arrays, reference) if reference is not None else None
+
+
+def _signature(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    return {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in arrays.items()}
+
+
+def screen(replies: Iterable[Message], reference: ArrayRecord | None) -> Screened:
+    """Accept the replies a strategy can safely average; log and count the rest.
+
+    `reference` is the global model sent this round; without it (unit use) the first well-formed reply
+    serves as reference. Replies whose metric keys differ from the most common set are refused too, since
+    Flower's metric aggregation would raise on them.
+    """
+    out = Screened()
+    signature = _signature(reference) if reference is not None else None
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            out.failed.append((node, f"error reply {reply.error.code}: {reply.error.reason}"))
+            continue
+        problem = _reply_problem(reply, signature)
+        if problem is None and signature is None:
+            signature = _signature(next(iter(reply.content.array_records.values())))
+        if problem is None:
+            out.accepted.append(reply)
+        else:
+            out.rejected.append((node, problem))
+    if out.accepted:
+        keysets = [frozenset(next(iter(r.content.metric_records.values())).keys()) for r in out.accepted]
+        common = Counter(keysets).most_common(1)[0][0]
+        for reply, keys in zip(list(out.accepted), keysets, strict=True):
+            if keys != common:
+                out.accepted.remove(reply)
+                reason = f"metric keys {sorted(keys)} differ from {sorted(common)}"
+                out.rejected.append((reply.metadata.src_node_id, reason))
+    for node, reason in out.failed:
+        log(WARNING, "node %s failed this round: %s", node, reason)
+    for node, reason in out.rejected:
+        log(WARNING, "node %s: update rejected, not averaged: %s", node, reason)
+    return out

@@ -1,0 +1,175 @@
+"""Fault tolerance: failed, non-finite and malformed client replies never reach the average, runs go on."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from client_app.faults import fails
+from flcore.config import ConfigError, validate
+from strategies.guard import screen
+from strategies.registry import STRATEGIES, build_strategy
+from strategies.stages import ServerStages
+
+pytestmark = pytest.mark.usefixtures("flower_identity")
+
+GLOBAL = {"w": torch.zeros(3), "b": torch.zeros(2)}
+
+
+def request(node: int) -> Message:
+    return Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
+
+
+def reply(node: int, state: dict, n: int = 1, **metrics) -> Message:
+    content = RecordDict(
+        {"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": n, "loss": 1.0, **metrics})}
+    )
+    return Message(content, reply_to=request(node))
+
+
+def error_reply(node: int) -> Message:
+    return Message(Error(code=1, reason="client crashed"), reply_to=request(node))
+
+
+def fedavg() -> ServerStages:
+    return ServerStages(build_strategy(validate({}, choices={"strategy": STRATEGIES})))
+
+
+def test_nan_update_is_rejected_and_round_equals_aggregation_without_it():
+    good = [
+        reply(1, {"w": torch.ones(3), "b": torch.ones(2)}, 2),
+        reply(2, {"w": torch.ones(3) * 4, "b": torch.ones(2)}),
+    ]
+    nan = reply(3, {"w": torch.tensor([1.0, float("nan"), 0.0]), "b": torch.ones(2)}, 5)
+    guarded = fedavg()
+    guarded._global = ArrayRecord(GLOBAL)
+    arrays, metrics = guarded.aggregate_train(1, [good[0], nan, good[1]])
+    expected, _ = build_strategy(validate({}, choices={"strategy": STRATEGIES})).aggregate_train(1, good)
+    for key in ("w", "b"):
+        assert np.array_equal(arrays[key].numpy(), expected[key].numpy())
+    assert np.allclose(arrays["w"].numpy(), [2.0, 2.0, 2.0])  # (1*2 + 4*1) / 3
+    assert (metrics["replies"], metrics["rejected"], metrics["failed"]) == (2, 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("state", "metrics", "reason"),
+    [
+        ({"w": torch.ones(4), "b": torch.ones(2)}, {}, "shape"),
+        ({"w": torch.ones(3)}, {}, "missing ['b']"),
+        ({"w": torch.ones(3), "b": torch.ones(2), "extra": torch.ones(1)}, {}, "unexpected ['extra']"),
+        ({"w": torch.ones(3), "b": torch.tensor([1.0, float("inf")])}, {}, "NaN or Inf"),
+        ({"w": torch.ones(3), "b": torch.ones(2)}, {"loss": float("nan")}, "metrics ['loss']"),
+        ({"w": torch.ones(3), "b": torch.ones(2)}, {"num-examples": 0}, "num-examples"),
+        ({"w": torch.ones(3), "b": torch.ones(2)}, {"surprise": 1.0}, "metric keys"),
+    ],
+)
+def test_malformed_updates_are_rejected_with_a_reason(state, metrics, reason):
+    fine = reply(1, {"w": torch.ones(3), "b": torch.ones(2)})
+    other = reply(2, {"w": torch.ones(3), "b": torch.ones(2)})
+    bad = reply(9, state, **metrics)
+    checked = screen([fine, bad, other], ArrayRecord(GLOBAL))
+    assert len(checked.accepted) == 2 and bad not in checked.accepted
+    ((node, why),) = checked.rejected
+    assert node == 9 and reason in why
+
+
+def test_error_replies_and_missing_replies_count_as_failed():
+    guarded = fedavg()
+    guarded._global, guarded._sent = ArrayRecord(GLOBAL), 4
+    arrays, metrics = guarded.aggregate_train(1, [reply(1, {"w": torch.ones(3), "b": torch.ones(2)}), error_reply(2)])
+    assert np.allclose(arrays["w"].numpy(), 1.0)
+    assert (metrics["replies"], metrics["rejected"], metrics["failed"]) == (1, 0, 3)  # 1 error + 2 never replied
+
+
+def test_round_below_min_replies_keeps_the_global_model():
+    guarded = ServerStages(build_strategy(validate({}, choices={"strategy": STRATEGIES})), min_replies=2)
+    guarded._global = ArrayRecord(GLOBAL)
+    arrays, metrics = guarded.aggregate_train(1, [reply(1, {"w": torch.ones(3), "b": torch.ones(2)}), error_reply(2)])
+    assert arrays is None and metrics["replies"] == 1 and metrics["failed"] == 1
+
+
+class FlakyGrid:
+    """An in-process federation: each node adds its partition id + 1 to the weights; failures as injected."""
+
+    def __init__(self, nodes: dict[int, int], seed: int, rate: float) -> None:
+        self.nodes, self.seed, self.rate = nodes, seed, rate
+        self.sent = self.failed = 0
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def answer(self, msg: Message) -> Message:
+        pid = self.nodes[msg.metadata.dst_node_id]
+        if msg.metadata.message_type == "query":
+            return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+        rnd = int(msg.content["config"]["server-round"])
+        self.sent += 1
+        if fails(self.seed, rnd, pid, self.rate):
+            self.failed += 1
+            return error_reply_to(msg)
+        state = {k: v + pid + 1 for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 1})})
+        return Message(content, reply_to=msg)
+
+    def send_and_receive(self, messages, timeout=None):
+        return [self.answer(m) for m in messages]
+
+
+def error_reply_to(msg: Message) -> Message:
+    return Message(Error(code=1, reason="injected"), reply_to=msg)
+
+
+def test_run_with_30_percent_failed_replies_completes_every_round():
+    cfg = validate({"num-clients": 10, "fraction-train": 1.0, "min-replies": 3}, choices={"strategy": STRATEGIES})
+    grid = FlakyGrid({1000 + 7 * i: i for i in range(10)}, seed=3, rate=0.3)
+    rows = {}
+
+    def record(rnd, arrays, metrics):
+        rows[rnd] = dict(metrics)
+        return arrays
+
+    strategy = ServerStages(build_strategy(cfg), after_aggregation=[record], min_replies=3, seed=3)
+    result = strategy.start(grid, ArrayRecord(GLOBAL), num_rounds=10)
+    assert sorted(rows) == list(range(1, 11))
+    assert sum(r["failed"] for r in rows.values()) == grid.failed
+    assert 0.15 < grid.failed / grid.sent < 0.45  # about 30 % of the 100 replies failed
+    assert all(r["replies"] + r["failed"] == 10 for r in rows.values())
+    assert np.isfinite(result.arrays["w"].numpy()).all() and result.arrays["w"].numpy()[0] > 10
+    print(f"fault test: {len(rows)}/10 rounds completed, {grid.failed} of {grid.sent} client replies lost")
+
+
+def test_min_replies_above_the_sampled_clients_is_refused():
+    with pytest.raises(ConfigError, match="min-replies"):
+        validate({"num-clients": 10, "fraction-train": 0.2, "min-replies": 3}, choices={"strategy": STRATEGIES})
+
+
+class DroppingGrid(FlakyGrid):
+    """Node of partition 0 leaves for good after round 1; polling for it more than a few times fails the test."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.polls = 0
+
+    def get_node_ids(self):
+        self.polls += 1
+        if self.polls > 5:
+            raise RuntimeError("the strategy is waiting for a node that is gone")
+        return [n for n, pid in self.nodes.items() if pid != 0 or self.sent == 0]
+
+    def send_and_receive(self, messages, timeout=None):
+        self.polls = 0
+        return super().send_and_receive(messages, timeout)
+
+
+def test_a_node_lost_for_good_does_not_block_later_rounds():
+    cfg = validate({"num-clients": 4, "fraction-train": 1.0}, choices={"strategy": STRATEGIES})
+    grid = DroppingGrid({10 + i: i for i in range(4)}, seed=3, rate=0.0)
+    rows = {}
+
+    def record(rnd, arrays, metrics):
+        rows[rnd] = dict(metrics)
+        return arrays
+
+    strategy = ServerStages(build_strategy(cfg), after_aggregation=[record], seed=3)
+    strategy.start(grid, ArrayRecord(GLOBAL), num_rounds=3)
+    assert [rows[r]["replies"] for r in (1, 2, 3)] == [4, 3, 3]

@@ -1,0 +1,155 @@
+"""Resume: checkpoints are complete and pickle-free, and a run killed with -9 continues to the same weights."""
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import FedAvgM
+
+from client_app.faults import fails
+from flcore.config import ConfigError, validate
+from server_app import launch
+from strategies import checkpoint
+from strategies.registry import STRATEGIES, build_strategy
+from strategies.sampling import seeded_random
+from strategies.stages import ServerStages
+from tests.procs import kill_tree
+from tests.test_faults import GLOBAL, FlakyGrid
+
+pytestmark = pytest.mark.usefixtures("flower_identity")
+
+
+def test_generic_strategy_state_round_trips_fedavgm_momentum():
+    strategy = FedAvgM(server_momentum=0.9)
+    strategy.current_arrays = ArrayRecord(GLOBAL)
+    strategy.momentum_vector = [np.ones(3), np.full(2, 2.0)]
+    state = checkpoint.strategy_state(ServerStages(strategy))
+    fresh = ServerStages(FedAvgM(server_momentum=0.9))
+    checkpoint.load_strategy_state(fresh, state)
+    assert [v.tolist() for v in fresh.inner.momentum_vector] == [[1.0, 1.0, 1.0], [2.0, 2.0]]
+    assert fresh.inner.current_arrays["w"].numpy().tolist() == [0.0, 0.0, 0.0]
+
+
+def cfg_for(tmp_path: Path, **extra) -> dict:
+    raw = {"num-clients": 6, "fraction-train": 0.5, "num-server-rounds": 5, "output-dir": str(tmp_path), **extra}
+    return validate(raw, choices={"strategy": STRATEGIES})
+
+
+def run_rounds(cfg: dict, path: Path, nodes: dict[int, int], stop_after: int | None = None) -> ArrayRecord:
+    """Drive FedAvgM in-process over a grid whose node IDs we choose, checkpointing every round."""
+    resumed = checkpoint.load(cfg) if cfg["resume"] else None
+    done = resumed.round if resumed else 0
+    inner = FedAvgM(server_momentum=0.9, fraction_train=0.5, min_available_nodes=6, fraction_evaluate=0.0)
+
+    def save(rnd, arrays):
+        checkpoint.save(path, rnd, arrays, strategy.inner, [{"round": rnd}], cfg)
+
+    strategy = ServerStages(inner, seed=int(cfg["seed"]), round_offset=done, on_round_end=save)
+    if resumed:
+        resumed.restore(strategy.inner)
+    total = (stop_after or int(cfg["num-server-rounds"])) - done
+    grid = FlakyGrid(nodes, seed=1, rate=0.0)
+    return strategy.start(grid, resumed.arrays if resumed else ArrayRecord(GLOBAL), num_rounds=total).arrays
+
+
+def test_resume_with_new_node_ids_and_momentum_matches_uninterrupted(tmp_path):
+    cfg = cfg_for(tmp_path)
+    straight = run_rounds(cfg, tmp_path / "a.pt", {100 + i: i for i in range(6)})
+    run_rounds(cfg, tmp_path / "b.pt", {900 - i: i for i in range(6)}, stop_after=2)
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["round"] == 2
+    resumed = run_rounds(
+        cfg_for(tmp_path, resume=str(tmp_path / "b.pt")), tmp_path / "c.pt", {5 + 3 * i: i for i in range(6)}
+    )
+    for key in GLOBAL:
+        assert np.array_equal(resumed[key].numpy(), straight[key].numpy())
+    assert not np.array_equal(straight["w"].numpy(), GLOBAL["w"].numpy())
+
+
+def test_resume_refuses_a_missing_file_and_changed_settings(tmp_path):
+    with pytest.raises(ConfigError, match="resume"):
+        checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path / "nothing")))
+    cfg = cfg_for(tmp_path)
+    checkpoint.save(tmp_path / checkpoint.CHECKPOINT, 2, ArrayRecord(GLOBAL), build_strategy(cfg), [], cfg)
+    with pytest.raises(ConfigError, match="lr = 0.1 there, 0.05 here"):
+        checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path), lr=0.05))
+    with pytest.raises(ConfigError, match="num-server-rounds"):
+        checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path), **{"num-server-rounds": 1}))
+    assert checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path))).round == 2
+
+
+def saved_round(out: Path) -> int:
+    for path in out.glob(f"*/{checkpoint.CHECKPOINT}"):
+        try:
+            return int(torch.load(path, weights_only=True)["round"])
+        except Exception:  # replaced while reading
+            return 0
+    return 0
+
+
+def final_weights(out: Path) -> dict:
+    (model,) = out.glob("*/model.pt")
+    return torch.load(model, weights_only=True)
+
+
+def expected_failures(seed: int, rounds: int, clients: int, sampled: int, rate: float) -> int:
+    """Failures the seeded sampling and the seeded fault injection produce together."""
+    total = 0
+    for rnd in range(1, rounds + 1):
+        with seeded_random(seed, rnd):
+            picked = random.sample(range(clients), sampled)
+        total += sum(fails(seed, rnd, pid, rate) for pid in picked)
+    return total
+
+
+def test_kill_9_mid_run_then_resume_ends_with_the_uninterrupted_weights(tmp_path, capfd):
+    """The one full simulation of this suite; clients also fail on purpose (fail-rate) to show the run goes on."""
+    base = (
+        "num-clients=3 fraction-train=0.67 num-server-rounds=3 local-epochs=1 image-size=8 dirichlet-alpha=100.0 "
+        "imbalance-factor=2.0 projection-dim=16 fail-rate=0.3"
+    )
+    assert launch.main(["--run-config", f"{base} output-dir={tmp_path / 'straight'}"]) == 0
+    straight_out = capfd.readouterr().out
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server_app.launch", "--run-config", f"{base} output-dir={killed}"],
+        cwd=launch.PROJECT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while saved_round(killed) < 1 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        kill_tree(proc)
+    stopped_at = saved_round(killed)
+    assert 1 <= stopped_at < 3, f"the run was to be killed mid-way, checkpoint says round {stopped_at}"
+    (run_dir,) = killed.iterdir()
+    t0 = time.perf_counter()
+    assert launch.main(["--run-config", f"{base} output-dir={tmp_path / 'resumed'} resume={run_dir}"]) == 0
+    seconds = time.perf_counter() - t0
+    out = capfd.readouterr().out
+    assert f"after round {stopped_at} of 3" in out
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    rows = [json.loads(line) for line in (next((tmp_path / "straight").iterdir()) / "metrics.jsonl").open()]
+    resumed_rows = (next((tmp_path / "resumed").iterdir()) / "metrics.jsonl").read_text().splitlines()
+    assert len(resumed_rows) == 4  # rounds 0..3: the killed run's rows carried over, the rest trained after resuming
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and all(r["replies"] + r["failed"] == 2 for r in rows[1:])
+    lost = sum(r["failed"] for r in rows[1:])
+    assert lost == expected_failures(seed=7, rounds=3, clients=3, sampled=2, rate=0.3) >= 1
+    assert "injected failure" in straight_out
+    (restored,) = [line for line in out.splitlines() if line.startswith("Resumed ")]
+    print(
+        f"fail-rate 0.3: 3/3 rounds completed, {lost} of 6 client replies lost; killed after round {stopped_at}; "
+        f"resumed run (launch + remaining rounds) took {seconds:.1f} s; {restored}"
+    )

@@ -19,34 +19,51 @@ def flower_identity(monkeypatch):
 
 
 class InProcessGrid:
-    """A Grid that hands each pushed message to a ClientApp function in this process.
+    """A Grid whose nodes answer in this process: `push_messages` calls `answer` on each message at once.
 
     Message ids are assigned on push, as Flower's own InMemoryGrid does, so the server's reply
-    bookkeeping (`PromptGrid`) works unchanged. `configs` records every train config sent.
+    bookkeeping (`PromptGrid`) runs unchanged. Subclasses define `get_node_ids` and `answer`.
     """
 
-    def __init__(self, cfg, handler):
-        self.cfg, self.handler = cfg, handler
-        self.configs, self.replies = [], []
-
-    def get_node_ids(self):
-        return list(range(int(self.cfg["num-clients"])))
+    def __init__(self):
+        self.pushed, self.outbox = 0, []
 
     def push_messages(self, messages):
-        from flwr.app import Context, RecordDict
-
         ids = []
-        for i, msg in enumerate(messages):
-            msg.metadata.__dict__["_message_id"] = f"m{len(self.configs)}-{i}"
-            self.configs.append(dict(msg.content["config"]))
-            node = msg.metadata.dst_node_id
-            node_config = {"partition-id": node, "num-partitions": self.cfg["num-clients"]}
-            self.replies.append(self.handler(msg, Context(1, node, node_config, RecordDict(), dict(self.cfg))))
+        for msg in messages:
+            self.pushed += 1
+            msg.metadata.__dict__["_message_id"] = f"m{self.pushed}"
+            self.outbox.append(self.answer(msg))
             ids.append(msg.metadata.message_id)
         return ids
 
     def pull_messages(self, message_ids):
         wanted = set(message_ids)
-        ready = [r for r in self.replies if r.metadata.reply_to_message_id in wanted]
-        self.replies = [r for r in self.replies if r.metadata.reply_to_message_id not in wanted]
+        ready = [r for r in self.outbox if r.metadata.reply_to_message_id in wanted]
+        self.outbox = [r for r in self.outbox if r.metadata.reply_to_message_id not in wanted]
         return ready
+
+
+class ClientAppGrid(InProcessGrid):
+    """Nodes 0..num-clients-1 run the real ClientApp functions; `configs` records every train config sent."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.configs = cfg, []
+
+    def get_node_ids(self):
+        return list(range(int(self.cfg["num-clients"])))
+
+    def answer(self, msg):
+        from flwr.app import Context, RecordDict
+
+        from client_app.app import query_fn, train_fn
+
+        node = msg.metadata.dst_node_id
+        context = Context(
+            1, node, {"partition-id": node, "num-partitions": self.cfg["num-clients"]}, RecordDict(), dict(self.cfg)
+        )
+        if msg.metadata.message_type == "query":
+            return query_fn(msg, context)
+        self.configs.append(dict(msg.content["config"]))
+        return train_fn(msg, context)

@@ -15,7 +15,6 @@ import torch
 from flwr.app import MetricRecord
 from flwr.serverapp.strategy import FedProx
 
-from client_app.app import train_fn
 from flcore.config import ConfigError, validate
 from flcore.data import Batches
 from flcore.experiment import load_record, prepare, server_data, to_record
@@ -28,7 +27,7 @@ from server_app import launch
 from strategies import alignment, clip_teacher, registry
 from strategies.alignment import AlignSettings, alignment_stages, fine_tune
 from strategies.stages import ServerContext, ServerStages
-from tests.conftest import InProcessGrid
+from tests.conftest import ClientAppGrid
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"num-clients": 4, "projection-dim": 32, "eval-batch-size": 1000, "image-size": 8}  # digits are 8x8
@@ -252,7 +251,7 @@ def test_fedprox_with_alignment_runs_through_the_server_app(tmp_path, monkeypatc
     monkeypatch.setitem(registry.STRATEGIES, "fedprox", fedprox)
     overrides = {"strategy": "fedprox", "num-clients": 2, "num-server-rounds": 2, "local-epochs": 1}
     cfg = config(tmp_path, **overrides, **{"dirichlet-alpha": 100.0, "align-steps": 1})
-    grid = InProcessGrid(cfg, train_fn)
+    grid = ClientAppGrid(cfg)
     built = registry.build_server_strategy(cfg, context(cfg))
     assert isinstance(built, ServerStages) and isinstance(built.inner, FedProx)
     summary = server_app.run(grid, cfg, "fedprox")

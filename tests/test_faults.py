@@ -10,6 +10,7 @@ from flcore.config import ConfigError, validate
 from strategies.guard import screen
 from strategies.registry import STRATEGIES, build_strategy
 from strategies.stages import ServerStages
+from tests.conftest import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -88,10 +89,11 @@ def test_round_below_min_replies_keeps_the_global_model():
     assert arrays is None and metrics["replies"] == 1 and metrics["failed"] == 1
 
 
-class FlakyGrid:
+class FlakyGrid(InProcessGrid):
     """An in-process federation: each node adds its partition id + 1 to the weights; failures as injected."""
 
     def __init__(self, nodes: dict[int, int], seed: int, rate: float) -> None:
+        super().__init__()
         self.nodes, self.seed, self.rate = nodes, seed, rate
         self.sent = self.failed = 0
 
@@ -110,9 +112,6 @@ class FlakyGrid:
         state = {k: v + pid + 1 for k, v in msg.content["arrays"].to_torch_state_dict().items()}
         content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 1})})
         return Message(content, reply_to=msg)
-
-    def send_and_receive(self, messages, timeout=None):
-        return [self.answer(m) for m in messages]
 
 
 def error_reply_to(msg: Message) -> Message:
@@ -156,9 +155,9 @@ class DroppingGrid(FlakyGrid):
             raise RuntimeError("the strategy is waiting for a node that is gone")
         return [n for n, pid in self.nodes.items() if pid != 0 or self.sent == 0]
 
-    def send_and_receive(self, messages, timeout=None):
+    def push_messages(self, messages):
         self.polls = 0
-        return super().send_and_receive(messages, timeout)
+        return super().push_messages(messages)
 
 
 def test_a_node_lost_for_good_does_not_block_later_rounds():

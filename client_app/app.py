@@ -13,7 +13,9 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flcore.config import validate
+from flcore.costs import cost_metrics
 from flcore.experiment import client_batches, load_record, prepare, seeded_generator, to_record
+from flcore.losses import build_loss
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
 from flcore.training import TrainSettings, predict, train
@@ -42,7 +44,9 @@ def _setup(msg: Message, context: Context) -> tuple[dict, int, FLModel]:
 
 
 def _settings(cfg: Mapping, server_config: Mapping) -> TrainSettings:
-    return TrainSettings.from_config({**cfg, **server_config})
+    """Run config overlaid with the server's round config; the proximal term only when the server sends it."""
+    local = {k: v for k, v in cfg.items() if k != "proximal-mu"}
+    return TrainSettings.from_config({**local, **server_config})
 
 
 @app.train()
@@ -51,10 +55,10 @@ def train_fn(msg: Message, context: Context) -> Message:
     server_config = dict(msg.content["config"])
     batches = client_batches(cfg, partition_id)
     gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), partition_id)
-    metrics = train(model, batches, _settings(cfg, server_config), gen)
-    reply = RecordDict(
-        {"arrays": to_record(model), "metrics": MetricRecord({**metrics, "num-examples": len(batches.data)})}
-    )
+    metrics = train(model, batches, _settings(cfg, server_config), gen, build_loss(cfg))
+    arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})
+    record.update(cost_metrics(arrays, record))
+    reply = RecordDict({"arrays": arrays, "metrics": record})
     return Message(reply, reply_to=msg)
 
 

@@ -20,6 +20,7 @@ Scalar = bool | int | float | str
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet-lt", "folder")
 DATASETS_WITH_FILES = ("cifar10", "cifar100", "imagenet-lt", "folder")
 MODELS = ("resnet8", "resnet50")
+LOSSES = ("ce", "focal")
 
 
 class ConfigError(ValueError):
@@ -117,6 +118,19 @@ SCHEMA: dict[str, Option] = {
     ),
     "eval-batch-size": _opt(500, "Batch size of centralized evaluation.", _number(1, integer=True)),
     "output-dir": _opt("outputs", "Folder that receives outputs/<run-id>/ reports."),
+    # issue 5: strategies and long-tail baselines
+    "proximal-mu": _opt(0.01, "FedProx proximal weight mu (strategy=fedprox; CReFF's baseline 0.01).", _number(0)),
+    "server-momentum": _opt(
+        0.97, "FedAvgM server momentum (strategy=fedavgm; CReFF's baseline 0.97).", _number(0, 0.999)
+    ),
+    "server-lr": _opt(1.0, "FedAvgM server learning rate (strategy=fedavgm).", _number(0, 10, low_open=True)),
+    "loss": _choice("ce", "Client loss: ce (cross-entropy) or focal (Fed-Focal; focal with gamma 0 is ce).", LOSSES),
+    "focal-gamma": _opt(2.0, "Focusing parameter gamma of the focal loss (loss=focal).", _number(0, 10)),
+    "tau-norm": _opt(
+        0.0,
+        "Post-hoc tau-normalisation of the final classifier, w_c / ||w_c||^tau (0 = off, Kang et al. use 0..1).",
+        _number(0, 2),
+    ),
 }
 
 

@@ -19,6 +19,8 @@ from flcore.losses import build_loss
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
 from flcore.training import TrainSettings, predict, train
+from strategies.uploads import RECORD as UPLOADS_RECORD
+from strategies.uploads import UPLOAD_KEY, client_upload
 
 app = ClientApp()
 
@@ -55,10 +57,14 @@ def train_fn(msg: Message, context: Context) -> Message:
     server_config = dict(msg.content["config"])
     batches = client_batches(cfg, partition_id)
     gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), partition_id)
+    extra = {}
+    if UPLOAD_KEY in server_config:  # CCVR / CReFF: computed on the received global model, before training
+        classes = prepare(cfg).dataset.num_classes
+        extra[UPLOADS_RECORD] = client_upload(str(server_config[UPLOAD_KEY]), model, batches, classes)
     metrics = train(model, batches, _settings(cfg, server_config), gen, build_loss(cfg))
     arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})
-    record.update(cost_metrics(arrays, record))
-    reply = RecordDict({"arrays": arrays, "metrics": record})
+    record.update(cost_metrics(arrays, record, *extra.values()))
+    reply = RecordDict({"arrays": arrays, "metrics": record, **extra})
     return Message(reply, reply_to=msg)
 
 

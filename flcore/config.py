@@ -131,6 +131,25 @@ SCHEMA: dict[str, Option] = {
         "Post-hoc tau-normalisation of the final classifier, w_c / ||w_c||^tau (0 = off, Kang et al. use 0..1).",
         _number(0, 2),
     ),
+    "virtual-per-class": _opt(
+        100,
+        "Features per class the server re-trains the classifier on (CReFF's federated features; CCVR's virtual ones).",
+        _number(1, 10000, integer=True),
+    ),
+    "calibration-epochs": _opt(
+        300, "Epochs of server-side classifier re-training (strategy=ccvr/creff; CReFF 300).", _number(1, integer=True)
+    ),
+    "calibration-lr": _opt(
+        0.01, "SGD learning rate of that re-training (CReFF's lr_net 0.01).", _number(0, low_open=True)
+    ),
+    "match-epochs": _opt(
+        100,
+        "Gradient-matching steps on the federated features per round (strategy=creff; CReFF 100).",
+        _number(1, integer=True),
+    ),
+    "feature-lr": _opt(
+        0.1, "Learning rate of the federated features (strategy=creff; CReFF 0.1).", _number(0, low_open=True)
+    ),
 }
 
 

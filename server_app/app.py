@@ -17,6 +17,7 @@ from flcore.reports import RunReport
 from flcore.training import predict
 from strategies.registry import STRATEGIES, build_server_strategy
 from strategies.stages import ServerContext
+from strategies.uploads import describe
 
 app = ServerApp()
 
@@ -84,6 +85,7 @@ def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
             "output-dir": str(report.dir),
             "pool-size": int(data.pool_counts.sum()),
             "align-size": len(data.align),
+            **describe(cfg),
         },
     )
 

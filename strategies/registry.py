@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, Strategy
 from strategies.fednova import FedNova
 from strategies.posthoc import tau_norm_stage
 from strategies.stages import RoundStage, ServerContext, ServerStages, Stages
+from strategies.uploads import ClientUploads, ccvr_calibrate, creff_calibrate
 
 StrategyFactory = Callable[[Mapping], Strategy]
 StageFactory = Callable[[Mapping, ServerContext], Stages]
@@ -52,7 +53,27 @@ def fednova(cfg: Mapping) -> Strategy:
     return FedNova(FedAvg(**_sampling(cfg)))
 
 
-STRATEGIES: dict[str, StrategyFactory] = {"fedavg": fedavg, "fedprox": fedprox, "fedavgm": fedavgm, "fednova": fednova}
+def ccvr(cfg: Mapping) -> Strategy:
+    """FedAvg, then CCVR in the last round: clients send class feature statistics, the server re-trains the head."""
+    last = int(cfg["num-server-rounds"])
+    return ClientUploads(FedAvg(**_sampling(cfg)), "feature-stats", lambda rnd: rnd == last, ccvr_calibrate(cfg))
+
+
+def creff(cfg: Mapping) -> Strategy:
+    """FedAvg plus CReFF every round: federated features from class gradients; clients train the plain aggregate."""
+    return ClientUploads(
+        FedAvg(**_sampling(cfg)), "class-gradients", lambda rnd: True, creff_calibrate(cfg), train_on_calibrated=False
+    )
+
+
+STRATEGIES: dict[str, StrategyFactory] = {
+    "fedavg": fedavg,
+    "fedprox": fedprox,
+    "fedavgm": fedavgm,
+    "fednova": fednova,
+    "ccvr": ccvr,
+    "creff": creff,
+}
 
 # Server stages in the order they run: stage 1 (pretraining) before round 1, stage 3 (alignment) after
 # each aggregation. Later issues add their factories here.

@@ -199,3 +199,81 @@ def test_tau_norm_stage_acts_on_the_last_round_only():
 def test_bad_strategy_settings_name_what_is_allowed(overrides, hint):
     with pytest.raises(ConfigError, match=hint):
         validate(overrides, choices={"strategy": STRATEGIES})
+
+
+def test_ccvr_pooling_of_client_statistics_is_exact():
+    from strategies.calibration import pooled_gaussians
+
+    gen = np.random.default_rng(0)
+    feats, labels = gen.normal(size=(60, 4)), np.repeat([0, 1, 2], 20)
+    parts = [slice(0, 13), slice(13, 45), slice(45, 60)]  # class 0 split 13/7, class 1 7/13, class 2 only on client 2
+
+    def stats(f, y):
+        counts = np.array([(y == c).sum() for c in range(3)], float)
+        means = np.stack([f[y == c].mean(0) if (y == c).any() else np.zeros(4) for c in range(3)])
+        covs = np.stack([np.cov(f[y == c].T) if (y == c).sum() > 1 else np.zeros((4, 4)) for c in range(3)])
+        return {"counts": counts, "means": means, "covs": covs}
+
+    counts, means, covs = pooled_gaussians([stats(feats[p], labels[p]) for p in parts])
+    full = stats(feats, labels)
+    assert np.allclose(counts, full["counts"]) and np.allclose(means, full["means"]) and np.allclose(covs, full["covs"])
+
+
+def test_creff_gradient_matching_reduces_the_distance():
+    from strategies.calibration import FederatedFeatures
+
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(3, 8, generator=gen), torch.randn(3, generator=gen)
+    real = torch.randn(30, 8, generator=gen) + 2 * torch.eye(3, 8).repeat_interleave(10, 0)
+    labels = torch.arange(3).repeat_interleave(10)
+    grads_w, grads_b = [], []
+    for c in range(3):
+        w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        F.cross_entropy(F.linear(real[labels == c], w, b), labels[labels == c]).backward()
+        grads_w.append(w.grad.numpy())
+        grads_b.append(b.grad.numpy())
+    upload = {"counts": np.full(3, 10.0), "grad-weight": np.stack(grads_w), "grad-bias": np.stack(grads_b)}
+    ff = FederatedFeatures(3, 8, 5, gen)
+    first = ff.match(weight, bias, [upload], epochs=1, lr=0.1)
+    later = ff.match(weight, bias, [upload], epochs=50, lr=0.1)
+    assert later < 0.5 * first
+
+
+def test_client_uploads_ask_in_chosen_rounds_and_calibrate_after_fedavg():
+    from strategies.uploads import ClientUploads, encode
+
+    calls = []
+
+    def calibrate(rnd, sent, arrays, uploads, metrics):
+        calls.append((rnd, float(uploads[0]["x"].sum() + uploads[1]["x"].sum())))
+        metrics["calibrated"] = 1.0
+        return ArrayRecord({k: v * 0 for k, v in arrays.to_torch_state_dict().items()})
+
+    strategy = ClientUploads(build_strategy(cfg_of()), "feature-stats", lambda rnd: rnd == 2, calibrate)
+    config = ConfigRecord({"lr": 0.1})
+    (msg, *_) = strategy.configure_train(1, ArrayRecord({"w": torch.ones(2)}), config, FakeGrid())
+    assert "upload" not in msg.content["config"]
+    (msg, *_) = strategy.configure_train(2, ArrayRecord({"w": torch.ones(2)}), config, FakeGrid())
+    assert msg.content["config"]["upload"] == "feature-stats" and "upload" not in config
+    replies = [reply({"w": torch.ones(2) * k}, 1) for k in (1, 3)]
+    for k, r in zip((1, 3), replies, strict=True):
+        r.content["uploads"] = encode({"x": np.full(2, float(k))})
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    assert calls == [(2, 8.0)] and metrics["calibrated"] == 1.0
+    assert torch.equal(arrays.to_torch_state_dict()["w"], torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    ("upload", "keys"),
+    [("feature-stats", {"counts", "means", "covs"}), ("class-gradients", {"counts", "grad-weight", "grad-bias"})],
+)
+def test_client_sends_requested_upload_computed_on_the_received_model(upload, keys):
+    from strategies.uploads import decode
+
+    plain = client_train({}, {})
+    asked = client_train({}, {"upload": upload})
+    sent = decode(asked.content["uploads"])
+    assert set(sent) == keys and sent["counts"].sum() == plain.content["metrics"]["num-examples"]
+    extra = asked.content["uploads"].count_bytes()
+    assert asked.content["metrics"]["upload-bytes"] == pytest.approx(plain.content["metrics"]["upload-bytes"] + extra)
+    assert all(torch.equal(a, b) for a, b in zip(weights(plain).values(), weights(asked).values(), strict=True))

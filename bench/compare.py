@@ -53,7 +53,9 @@ METHODS: dict[str, str] = {
     "creff": "strategy=creff",
 }
 QUICK_METHODS = ("fedavg", "fedprox", "fedavgm", "fednova", "focal", "tau-norm")
-QUICK_CONFIG = "num-clients=4 fraction-train=0.5 num-server-rounds=3 local-epochs=1 image-size=8 projection-dim=64"
+QUICK_CONFIG = (
+    "num-clients=4 fraction-train=0.5 num-server-rounds=3 local-epochs=5 batch-size=16 image-size=8 projection-dim=64"
+)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """ClientApp: train the received global model on this node's own partition and send back the weights.
 
-A client uploads only its model arrays and scalar metrics (with `num-examples` for weighting); it
-never loads CLIP or the LLM.
+A client uploads its model arrays and scalar metrics (with `num-examples` for weighting, and its
+`upload-bytes` and `peak-rss-mb`); only when the server's round config asks (`upload`, the CCVR and
+CReFF baselines) it adds class statistics of the received model in an `uploads` record. It never
+loads CLIP or the LLM.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def train_fn(msg: Message, context: Context) -> Message:
     extra = {}
     if UPLOAD_KEY in server_config:  # CCVR / CReFF: computed on the received global model, before training
         classes = prepare(cfg).dataset.num_classes
-        extra[UPLOADS_RECORD] = client_upload(str(server_config[UPLOAD_KEY]), model, batches, classes)
+        extra[UPLOADS_RECORD] = client_upload(server_config, model, batches, classes)
     metrics = train(model, batches, _settings(cfg, server_config), gen, build_loss(cfg))
     arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})
     record.update(cost_metrics(arrays, record, *extra.values()))

@@ -37,7 +37,9 @@ def class_features(model: nn.Module, batches: Batches) -> tuple[torch.Tensor, to
     return torch.cat(feats), torch.cat(labels)
 
 
-def feature_statistics(model: nn.Module, batches: Batches, num_classes: int) -> dict[str, np.ndarray]:
+def feature_statistics(
+    model: nn.Module, batches: Batches, num_classes: int, head: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, np.ndarray]:
     """CCVR's client upload: per-class count, mean [C, D] and covariance [C, D, D] (zeros where absent)."""
     feats, labels = class_features(model, batches)
     dim = feats.shape[1]
@@ -53,10 +55,17 @@ def feature_statistics(model: nn.Module, batches: Batches, num_classes: int) -> 
     return {"counts": counts, "means": means, "covs": covs}
 
 
-def class_gradients(model: nn.Module, batches: Batches, num_classes: int) -> dict[str, np.ndarray]:
-    """CReFF's client upload: per class, the mean-CE gradient of the global classifier on that class's features."""
+def class_gradients(
+    model: nn.Module, batches: Batches, num_classes: int, head: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, np.ndarray]:
+    """CReFF's client upload: per class, the mean-CE gradient of a classifier on that class's real features.
+
+    The classifier is the server's re-trained one (`head`, sent with the request, as in CReFF) on the
+    received backbone; without a head, the received model's own classifier.
+    """
     feats, labels = class_features(model, batches)
-    weight, bias = model.classifier.weight.detach().double(), model.classifier.bias.detach().double()
+    source = head if head is not None else {"weight": model.classifier.weight, "bias": model.classifier.bias}
+    weight, bias = source["weight"].detach().double(), source["bias"].detach().double()
     counts = np.zeros(num_classes)
     grad_w = np.zeros((num_classes, *weight.shape), np.float32)
     grad_b = np.zeros((num_classes, *bias.shape), np.float32)
@@ -115,14 +124,19 @@ def retrain_classifier(
     epochs: int,
     lr: float,
     gen: torch.Generator,
-    batch_size: int = 100,
+    batch_size: int = 32,
+    momentum: float = 0.0,
+    fresh: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SGD with CE on (virtual or federated) features, starting from the global classifier."""
-    head = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        head.bias.copy_(bias)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
+    """SGD with CE on (virtual or federated) features: from the given classifier, or a fresh one (CReFF)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+        head = nn.Linear(weight.shape[1], weight.shape[0])
+    if not fresh:
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
     feats, labels = feats.detach().float(), labels.long()
     for _ in range(epochs):
         order = torch.randperm(len(labels), generator=gen)
@@ -160,16 +174,19 @@ class FederatedFeatures:
         epochs: int,
         lr: float,
     ) -> float:
-        """Move the features so their classifier gradients match the clients' (class-count weighted) ones."""
-        counts = sum(np.asarray(u["counts"], np.float64) for u in uploads)
-        safe = np.maximum(counts, 1)
-        real_w = sum(u["counts"][:, None, None] * u["grad-weight"] for u in uploads) / safe[:, None, None]
-        real_b = sum(u["counts"][:, None] * u["grad-bias"] for u in uploads) / safe[:, None]
+        """Move the features so their classifier gradients match the real ones.
+
+        The real gradient of class c is the plain mean over the clients holding c (as CReFF averages).
+        """
+        holders = sum((np.asarray(u["counts"]) > 0).astype(np.float64) for u in uploads)
+        safe = np.maximum(holders, 1)
+        real_w = sum(u["grad-weight"].astype(np.float64) for u in uploads) / safe[:, None, None]
+        real_b = sum(u["grad-bias"].astype(np.float64) for u in uploads) / safe[:, None]
         real_w, real_b = torch.tensor(real_w, dtype=torch.float64), torch.tensor(real_b, dtype=torch.float64)
         weight, bias = weight.double(), bias.double()
         feats = self.features.clone().requires_grad_(True)
-        opt = torch.optim.SGD([feats], lr=lr, momentum=0.5)
-        seen = [int(c) for c in np.flatnonzero(counts > 0)]
+        opt = torch.optim.SGD([feats], lr=lr)
+        seen = [int(c) for c in np.flatnonzero(holders > 0)]
         loss = torch.zeros(())
         for _ in range(epochs):
             loss = torch.zeros((), dtype=torch.float64)

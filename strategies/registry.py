@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, Strategy
 from strategies.fednova import FedNova
 from strategies.posthoc import tau_norm_stage
 from strategies.stages import RoundStage, ServerContext, ServerStages, Stages
-from strategies.uploads import ClientUploads, ccvr_calibrate, creff_calibrate
+from strategies.uploads import ClientUploads, CReFFServer, ccvr_calibrate
 
 StrategyFactory = Callable[[Mapping], Strategy]
 StageFactory = Callable[[Mapping, ServerContext], Stages]
@@ -61,8 +61,14 @@ def ccvr(cfg: Mapping) -> Strategy:
 
 def creff(cfg: Mapping) -> Strategy:
     """FedAvg plus CReFF every round: federated features from class gradients; clients train the plain aggregate."""
+    server = CReFFServer(cfg)
     return ClientUploads(
-        FedAvg(**_sampling(cfg)), "class-gradients", lambda rnd: True, creff_calibrate(cfg), train_on_calibrated=False
+        FedAvg(**_sampling(cfg)),
+        "class-gradients",
+        lambda rnd: True,
+        server,
+        train_on_calibrated=False,
+        head=server.head,
     )
 
 

@@ -33,35 +33,41 @@ from strategies.calibration import (
 )
 
 UPLOAD_KEY = "upload"  # train-config key naming the requested upload
+HEAD_KEYS = {"weight": "upload-head-weight", "bias": "upload-head-bias"}  # classifier the upload is computed with
 RECORD = "uploads"  # reply ConfigRecord holding it
 WEIGHT, BIAS = "classifier.weight", "classifier.bias"
 
 Uploads = dict[str, np.ndarray]
 Calibrate = Callable[[int, ArrayRecord, ArrayRecord, list[Uploads], MetricRecord], ArrayRecord]
 
-# Client side: upload name -> fn(model, batches, num_classes) -> arrays to send.
+# Client side: upload name -> fn(model, batches, num_classes, head) -> arrays to send.
 CLIENT_UPLOADS: dict[str, Callable] = {"feature-stats": feature_statistics, "class-gradients": class_gradients}
 
 
 def encode(arrays: Mapping[str, np.ndarray]) -> ConfigRecord:
     """Arrays as `.npy` bytes in a ConfigRecord (Flower allows one ArrayRecord per reply: the model's)."""
-    out = {}
-    for key, value in arrays.items():
-        buf = io.BytesIO()
-        np.save(buf, np.asarray(value), allow_pickle=False)
-        out[key] = buf.getvalue()
-    return ConfigRecord(out)
+    return ConfigRecord({key: _npy(value) for key, value in arrays.items()})
 
 
 def decode(record: ConfigRecord) -> Uploads:
     return {k: np.load(io.BytesIO(v), allow_pickle=False) for k, v in record.items()}
 
 
-def client_upload(name: str, model: torch.nn.Module, batches, num_classes: int) -> ConfigRecord:
-    """What a client sends when the server's round config asks for `name`."""
+def _npy(value: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(value), allow_pickle=False)
+    return buf.getvalue()
+
+
+def client_upload(server_config: Mapping, model: torch.nn.Module, batches, num_classes: int) -> ConfigRecord:
+    """What a client sends when the server's round config asks for an upload (and maybe sends a classifier)."""
+    name = str(server_config[UPLOAD_KEY])
     if name not in CLIENT_UPLOADS:
         raise ValueError(f"server asked for upload {name!r}; this client knows {', '.join(CLIENT_UPLOADS)}")
-    return encode(CLIENT_UPLOADS[name](model, batches, num_classes))
+    head = None
+    if HEAD_KEYS["weight"] in server_config:
+        head = {k: torch.from_numpy(np.load(io.BytesIO(server_config[v]))) for k, v in HEAD_KEYS.items()}
+    return encode(CLIENT_UPLOADS[name](model, batches, num_classes, head))
 
 
 class ClientUploads(Strategy):
@@ -74,9 +80,10 @@ class ClientUploads(Strategy):
         in_round: Callable[[int], bool],
         calibrate: Calibrate,
         train_on_calibrated: bool = True,
+        head: Callable[[ArrayRecord], Mapping[str, np.ndarray]] | None = None,
     ) -> None:
         self.inner, self.upload, self.in_round, self.calibrate = inner, upload, in_round, calibrate
-        self.train_on_calibrated = train_on_calibrated
+        self.train_on_calibrated, self.head = train_on_calibrated, head
         self.sent: ArrayRecord | None = None
         self.aggregated: ArrayRecord | None = None
 
@@ -93,6 +100,8 @@ class ClientUploads(Strategy):
         config = ConfigRecord({k: v for k, v in config.items() if k != UPLOAD_KEY})
         if self.in_round(server_round):
             config[UPLOAD_KEY] = self.upload
+            for key, value in (self.head(arrays) if self.head else {}).items():
+                config[HEAD_KEYS[key]] = _npy(value)
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -146,6 +155,7 @@ def ccvr_calibrate(cfg: Mapping) -> Calibrate:
             int(cfg["calibration-epochs"]),
             float(cfg["calibration-lr"]),
             torch.Generator().manual_seed(seed),
+            momentum=0.9,
         )
         metrics["calibrated-classes"] = float((counts > 0).sum())
         return with_classifier(arrays, weight, bias)
@@ -153,29 +163,52 @@ def ccvr_calibrate(cfg: Mapping) -> Calibrate:
     return calibrate
 
 
-def creff_calibrate(cfg: Mapping) -> Calibrate:
-    """CReFF: update the federated features by gradient matching on the sent classifier, re-train on them."""
-    seed = int(cfg["seed"])
-    state: dict[str, FederatedFeatures] = {}
+class CReFFServer:
+    """CReFF's server state across rounds: the federated features and the classifier re-trained on them.
 
-    def calibrate(rnd: int, sent: ArrayRecord, arrays: ArrayRecord, uploads: list[Uploads], metrics) -> ArrayRecord:
-        weight, bias = _classifier(sent)
-        if "ff" not in state:
-            gen = torch.Generator().manual_seed(seed)
-            state["ff"] = FederatedFeatures(weight.shape[0], weight.shape[1], int(cfg["virtual-per-class"]), gen)
-        ff = state["ff"]
-        metrics["match-loss"] = ff.match(weight, bias, uploads, int(cfg["match-epochs"]), float(cfg["feature-lr"]))
-        new_w, new_b = retrain_classifier(
-            *_classifier(arrays),
-            ff.features,
-            ff.labels,
+    Each round clients compute class gradients of the re-trained classifier (`head`, sent with the
+    request; a seeded fresh one in round 1) on their backbone features; the server matches the
+    federated features to them on that same classifier, re-trains a fresh classifier on the features,
+    and the evaluated model is the FedAvg backbone with it. Clients keep training the plain FedAvg model.
+    """
+
+    def __init__(self, cfg: Mapping) -> None:
+        self.cfg, self.seed = cfg, int(cfg["seed"])
+        self.features: FederatedFeatures | None = None
+        self.weight = self.bias = torch.empty(0)
+
+    def head(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        """The classifier clients compute gradients with; created on first use with the global head's shape."""
+        if self.features is None:
+            num_classes, dim = arrays[WEIGHT].shape
+            gen = torch.Generator().manual_seed(self.seed)
+            self.features = FederatedFeatures(num_classes, dim, int(self.cfg["virtual-per-class"]), gen)
+            with torch.random.fork_rng():
+                torch.manual_seed(self.seed)
+                fresh = torch.nn.Linear(dim, num_classes)
+            self.weight, self.bias = fresh.weight.detach(), fresh.bias.detach()
+        return {"weight": self.weight.numpy(), "bias": self.bias.numpy()}
+
+    def __call__(
+        self, rnd: int, sent: ArrayRecord, arrays: ArrayRecord, uploads: list[Uploads], metrics
+    ) -> ArrayRecord:
+        cfg = self.cfg
+        if self.features is None:
+            raise RuntimeError("CReFF calibration ran before any request sent its classifier")
+        metrics["match-loss"] = self.features.match(
+            self.weight, self.bias, uploads, int(cfg["match-epochs"]), float(cfg["feature-lr"])
+        )
+        self.weight, self.bias = retrain_classifier(
+            self.weight,
+            self.bias,
+            self.features.features,
+            self.features.labels,
             int(cfg["calibration-epochs"]),
             float(cfg["calibration-lr"]),
-            torch.Generator().manual_seed(seed + rnd),
+            torch.Generator().manual_seed(self.seed + rnd),
+            fresh=True,
         )
-        return with_classifier(arrays, new_w, new_b)
-
-    return calibrate
+        return with_classifier(arrays, self.weight, self.bias)
 
 
 def describe(cfg: Mapping) -> dict[str, str]:

@@ -277,3 +277,37 @@ def test_client_sends_requested_upload_computed_on_the_received_model(upload, ke
     extra = asked.content["uploads"].count_bytes()
     assert asked.content["metrics"]["upload-bytes"] == pytest.approx(plain.content["metrics"]["upload-bytes"] + extra)
     assert all(torch.equal(a, b) for a, b in zip(weights(plain).values(), weights(asked).values(), strict=True))
+
+
+def test_creff_server_sends_its_head_and_replaces_the_classifier_after_matching():
+    from strategies.uploads import ClientUploads, CReFFServer, client_upload, decode, encode
+
+    cfg = cfg_of(strategy="creff", calibration_epochs=3, match_epochs=3, virtual_per_class=4)
+    server = CReFFServer(cfg)
+    strategy = ClientUploads(build_strategy(cfg_of()), "class-gradients", lambda rnd: True, server, False, server.head)
+    glob = {"classifier.weight": torch.zeros(3, 5), "classifier.bias": torch.zeros(3), "w": torch.ones(2)}
+    (msg, *_) = strategy.configure_train(1, ArrayRecord(glob), ConfigRecord(), FakeGrid())
+    config = msg.content["config"]
+    assert {"upload", "upload-head-weight", "upload-head-bias"} <= set(config)
+
+    class Backbone(torch.nn.Module):
+        classifier = torch.nn.Linear(5, 3)
+
+        def embed(self, x):
+            return x
+
+    batches = type("B", (), {"iterate": lambda self: iter([(torch.randn(6, 5), torch.tensor([0, 0, 1, 1, 2, 2]))])})()
+    upload = decode(client_upload(config, Backbone(), batches, 3))
+    head_w = torch.from_numpy(server.head(ArrayRecord(glob))["weight"])
+    assert upload["grad-weight"].shape == (3, 3, 5) and not np.allclose(upload["grad-weight"], 0)
+    replies = [reply({k: v + 1 for k, v in glob.items()}, 2), reply({k: v + 3 for k, v in glob.items()}, 2)]
+    for r in replies:
+        r.content["uploads"] = encode(upload)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    got = arrays.to_torch_state_dict()
+    assert torch.allclose(got["w"], torch.full((2,), 3.0)) and metrics["match-loss"] >= 0
+    assert not torch.allclose(got["classifier.weight"], torch.full((3, 5), 2.0))  # re-trained, not the average
+    assert not torch.allclose(got["classifier.weight"], head_w)
+    (msg, *_) = strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid())
+    sent = msg.content["arrays"].to_torch_state_dict()
+    assert torch.allclose(sent["classifier.weight"], torch.full((3, 5), 2.0))  # clients train the plain FedAvg model

@@ -110,7 +110,8 @@ def cell_result(cell: Cell) -> dict | None:
         "upload-bytes": statistics.fmean(r.get("upload-bytes", float("nan")) for r in trained),
         "peak-rss-mb": max(r.get("peak-rss-mb", float("nan")) for r in trained),
         "wall-seconds": summary["wall-seconds"],
-        "uploads": summary.get("uploads", "model weights + scalar metrics"),
+        "client-uploads": summary.get("client-uploads", ""),
+        "client-runs": summary.get("client-runs", ""),
         "curve": [(r["round"], r["accuracy"]) for r in rows],
     }
 

@@ -1,7 +1,9 @@
 """ClientApp: train the received global model on this node's own partition and send back the weights.
 
-A client uploads only its model arrays and scalar metrics (with `num-examples` for weighting); it
-never loads CLIP or the LLM.
+A client uploads its model arrays and scalar metrics (with `num-examples` for weighting, and its
+`upload-bytes` and `peak-rss-mb`); only when the server's round config asks (`upload`, the CCVR and
+CReFF baselines) it adds class statistics of the received model in an `uploads` record. It never
+loads CLIP or the LLM.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ from flwr.clientapp import ClientApp
 from client_app.faults import inject_failure, partition_reply
 from client_app.limits import check_global
 from flcore.config import validate
+from flcore.costs import cost_metrics
 from flcore.experiment import client_batches, load_state, prepare, seeded_generator, to_record
+from flcore.losses import build_loss
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
 from flcore.training import TrainSettings, predict, train
+from strategies.uploads import RECORD as UPLOADS_RECORD
+from strategies.uploads import UPLOAD_KEY, client_upload
 
 app = ClientApp()
 
@@ -45,7 +51,9 @@ def _setup(msg: Message, context: Context) -> tuple[dict, int, FLModel]:
 
 
 def _settings(cfg: Mapping, server_config: Mapping) -> TrainSettings:
-    return TrainSettings.from_config({**cfg, **server_config})
+    """Run config overlaid with the server's round config; the proximal term only when the server sends it."""
+    local = {k: v for k, v in cfg.items() if k != "proximal-mu"}
+    return TrainSettings.from_config({**local, **server_config})
 
 
 @app.train()
@@ -55,10 +63,14 @@ def train_fn(msg: Message, context: Context) -> Message:
     batches = client_batches(cfg, partition_id)
     gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), partition_id)
     inject_failure(cfg, int(server_config.get("server-round", 0)), partition_id)
-    metrics = train(model, batches, _settings(cfg, server_config), gen)
-    reply = RecordDict(
-        {"arrays": to_record(model), "metrics": MetricRecord({**metrics, "num-examples": len(batches.data)})}
-    )
+    extra = {}
+    if UPLOAD_KEY in server_config:  # CCVR / CReFF: computed on the received global model, before training
+        classes = prepare(cfg).dataset.num_classes
+        extra[UPLOADS_RECORD] = client_upload(server_config, model, batches, classes)
+    metrics = train(model, batches, _settings(cfg, server_config), gen, build_loss(cfg))
+    arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})
+    record.update(cost_metrics(arrays, record, *extra.values()))
+    reply = RecordDict({"arrays": arrays, "metrics": record, **extra})
     return Message(reply, reply_to=msg)
 
 

@@ -22,6 +22,7 @@ DATASETS_WITH_FILES = ("cifar10", "cifar100", "imagenet-lt", "folder")
 MODELS = ("resnet8", "resnet50")
 ALIGN_WHEN = ("every-round", "last-round")
 ALIGN_LOSSES = ("ce+kl", "ce", "kl")
+LOSSES = ("ce", "focal")
 
 
 class ConfigError(ValueError):
@@ -185,6 +186,38 @@ SCHEMA: dict[str, Option] = {
     ),
     "max-message-mb": _opt(
         1024.0, "Largest global model (MB of arrays) a client accepts from the server.", _number(0, low_open=True)
+    ),
+    # issue 5: strategies and long-tail baselines
+    "proximal-mu": _opt(0.01, "FedProx proximal weight mu (strategy=fedprox; CReFF's baseline 0.01).", _number(0)),
+    "server-momentum": _opt(
+        0.97, "FedAvgM server momentum (strategy=fedavgm; CReFF's baseline 0.97).", _number(0, 0.999)
+    ),
+    "server-lr": _opt(1.0, "FedAvgM server learning rate (strategy=fedavgm).", _number(0, 10, low_open=True)),
+    "loss": _choice("ce", "Client loss: ce (cross-entropy) or focal (Fed-Focal; focal with gamma 0 is ce).", LOSSES),
+    "focal-gamma": _opt(2.0, "Focusing parameter gamma of the focal loss (loss=focal).", _number(0, 10)),
+    "tau-norm": _opt(
+        0.0,
+        "Post-hoc tau-normalisation of the final classifier, w_c / ||w_c||^tau (0 = off, Kang et al. use 0..1).",
+        _number(0, 2),
+    ),
+    "virtual-per-class": _opt(
+        100,
+        "Features per class the server re-trains the classifier on (CReFF's federated features; CCVR's virtual ones).",
+        _number(1, 10000, integer=True),
+    ),
+    "calibration-epochs": _opt(
+        300, "Epochs of server-side classifier re-training (strategy=ccvr/creff; CReFF 300).", _number(1, integer=True)
+    ),
+    "calibration-lr": _opt(
+        0.01, "SGD learning rate of that re-training (CReFF's lr_net 0.01).", _number(0, low_open=True)
+    ),
+    "match-epochs": _opt(
+        100,
+        "Gradient-matching steps on the federated features per round (strategy=creff; CReFF 100).",
+        _number(1, integer=True),
+    ),
+    "feature-lr": _opt(
+        0.1, "Learning rate of the federated features (strategy=creff; CReFF 0.1).", _number(0, low_open=True)
     ),
 }
 

@@ -19,6 +19,7 @@ from flcore.training import predict
 from strategies import checkpoint
 from strategies.registry import STRATEGIES, build_server_strategy
 from strategies.stages import ServerContext
+from strategies.uploads import describe
 
 app = ServerApp()
 
@@ -109,6 +110,7 @@ def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
             "pool-size": int(data.pool_counts.sum()),
             "align-size": len(data.align),
             **ctx.summary,
+            **describe(cfg),
         },
     )
 

@@ -1,0 +1,238 @@
+"""Compare methods on one dataset and config: a grid of methods x imbalance factors x seeds.
+
+Every cell is one real run, `python -m server_app.launch` with its own `output-dir`
+(<out>/cells/<method>/if<IF>/seed<seed>/), run one after another. A cell whose run already wrote a
+summary.json is not rerun, so an interrupted grid resumes where it stopped. From the finished cells it
+writes, into <out>/:
+
+- `table.md`: the paper's Table 2 shape (rows methods, columns IFs, final test accuracy in % as
+  mean +- std over seeds, best per column in bold) with cost columns: mean round wall time, bytes one
+  client uploads per round (reported by the clients, `upload-bytes`) and client peak memory
+  (`peak-rss-mb`, the worker process's ru_maxrss);
+- `results.csv`: one line per cell;
+- `curves_if<IF>.png`: test accuracy per round, mean over seeds, one line per method.
+
+Usage:
+    python bench/compare.py --quick
+    python bench/compare.py --ifs 100,50,10 --seeds 7,8,9 --run-config "num-server-rounds=40"
+    python bench/compare.py --methods fedavg,ours --method "ours=pretrain=true align=true"
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from server_app.launch import parse_overrides  # noqa: E402
+
+# Method name -> run-config overrides that select it. `--method name=k=v ...` adds or replaces entries.
+METHODS: dict[str, str] = {
+    "fedavg": "strategy=fedavg",
+    "fedprox": "strategy=fedprox",
+    "fedavgm": "strategy=fedavgm",
+    "fednova": "strategy=fednova",
+    "focal": "loss=focal",
+    "tau-norm": "tau-norm=1.0",
+    "ccvr": "strategy=ccvr",
+    "creff": "strategy=creff",
+}
+QUICK_METHODS = ("fedavg", "fedprox", "fedavgm", "fednova", "focal", "tau-norm")
+QUICK_CONFIG = (
+    "num-clients=4 fraction-train=0.5 num-server-rounds=3 local-epochs=5 batch-size=16 image-size=8 projection-dim=64"
+)
+
+
+@dataclass
+class Cell:
+    method: str
+    imbalance: float
+    seed: int
+    dir: Path
+
+    def summary_path(self) -> Path | None:
+        found = sorted(self.dir.glob("*/summary.json"))
+        return found[-1] if found else None
+
+
+def run_cell(cell: Cell, overrides: Mapping[str, object]) -> bool:
+    """One launch of the real app; its output goes to the cell's launch.log."""
+    cell.dir.mkdir(parents=True, exist_ok=True)
+    pairs = {**overrides, "imbalance-factor": cell.imbalance, "seed": cell.seed, "output-dir": str(cell.dir)}
+    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in pairs.items())
+    with (cell.dir / "launch.log").open("w") as log:
+        proc = subprocess.run(
+            [sys.executable, "-m", "server_app.launch", "--run-config", run_config],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    return proc.returncode == 0
+
+
+def cell_result(cell: Cell) -> dict | None:
+    """Accuracy and cost figures of a finished cell, read from its summary.json and metrics.jsonl."""
+    path = cell.summary_path()
+    if path is None:
+        return None
+    summary = json.loads(path.read_text())
+    rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines() if line]
+    trained = [r for r in rows if r["round"] > 0]
+    rounds_between = [b["round"] - a["round"] for a, b in zip(rows, rows[1:], strict=False)]
+    seconds = [r["seconds"] / max(n, 1) for r, n in zip(rows[1:], rounds_between, strict=True)]
+    final = summary["final"]
+    return {
+        "method": cell.method,
+        "imbalance-factor": cell.imbalance,
+        "seed": cell.seed,
+        "accuracy": final["accuracy"],
+        "balanced-accuracy": final["balanced-accuracy"],
+        "many-accuracy": final["many-accuracy"],
+        "medium-accuracy": final["medium-accuracy"],
+        "few-accuracy": final["few-accuracy"],
+        "round-seconds": statistics.fmean(seconds) if seconds else float("nan"),
+        "upload-bytes": statistics.fmean(r.get("upload-bytes", float("nan")) for r in trained),
+        "peak-rss-mb": max(r.get("peak-rss-mb", float("nan")) for r in trained),
+        "wall-seconds": summary["wall-seconds"],
+        "client-uploads": summary.get("client-uploads", ""),
+        "client-runs": summary.get("client-runs", ""),
+        "curve": [(r["round"], r["accuracy"]) for r in rows],
+    }
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def table(results: list[dict], methods: Sequence[str], ifs: Sequence[float]) -> str:
+    """Markdown in the shape of the paper's Table 2, with cost columns; best mean per IF in bold."""
+    means = {
+        (m, i): _mean_std([100 * r["accuracy"] for r in results if r["method"] == m and r["imbalance-factor"] == i])
+        for m in methods
+        for i in ifs
+        if any(r["method"] == m and r["imbalance-factor"] == i for r in results)
+    }
+    best = {i: max((means[m, i][0] for m in methods if (m, i) in means), default=None) for i in ifs}
+    head = ["method", *[f"IF {i:g}" for i in ifs], "round s", "upload / client / round", "client peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        mine = [r for r in results if r["method"] == m]
+        if not mine:
+            continue
+        cells = []
+        for i in ifs:
+            if (m, i) not in means:
+                cells.append("–")
+                continue
+            mean, std = means[m, i]
+            text = f"{mean:.2f} ± {std:.2f}"
+            cells.append(f"**{text}**" if mean == best[i] else text)
+        cost = [
+            f"{statistics.fmean(r['round-seconds'] for r in mine):.2f}",
+            f"{statistics.fmean(r['upload-bytes'] for r in mine) / 2**20:.2f} MiB",
+            f"{max(r['peak-rss-mb'] for r in mine):.0f}",
+        ]
+        lines.append("| " + " | ".join([m, *cells, *cost]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(results: list[dict], path: Path) -> None:
+    keys = [k for k in results[0] if k != "curve"]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in keys} for r in results)
+
+
+def plot_curves(results: list[dict], methods: Sequence[str], ifs: Sequence[float], out: Path) -> None:
+    for i in ifs:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in methods:
+            curves = [dict(r["curve"]) for r in results if r["method"] == m and r["imbalance-factor"] == i]
+            if not curves:
+                continue
+            rounds = sorted(set.intersection(*(set(c) for c in curves)))
+            ax.plot(rounds, [statistics.fmean(c[x] for c in curves) for x in rounds], marker="o", ms=3, label=m)
+        ax.set(xlabel="round", ylabel="test accuracy (mean over seeds)", ylim=(0, 1), title=f"IF {i:g}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"curves_if{i:g}.png", dpi=110)
+        plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
+    parser.add_argument("--method", action="append", default=[], help="define a method: 'name=k=v k2=v2'")
+    parser.add_argument("--ifs", default="100,50,10", help="comma-separated imbalance factors")
+    parser.add_argument("--seeds", default="7,8,9", help="comma-separated seeds")
+    parser.add_argument("--run-config", default="", help="overrides shared by every cell: 'k=v k2=v2'")
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "compare"), help="output folder")
+    parser.add_argument("--quick", action="store_true", help="CI grid: tiny digits runs, 1 seed, IF 10/50")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.methods, args.ifs, args.seeds = args.methods or ",".join(QUICK_METHODS), "10,50", "7"
+        args.run_config = f"{QUICK_CONFIG} {args.run_config}".strip()
+        if args.out == parser.get_default("out"):
+            args.out = str(ROOT / "outputs" / "compare-quick")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    methods_cfg = dict(METHODS)
+    for spec in args.method:
+        name, _, pairs = spec.partition("=")
+        methods_cfg[name] = pairs
+    methods = [m for m in (args.methods or ",".join(methods_cfg)).split(",") if m]
+    unknown = [m for m in methods if m not in methods_cfg]
+    if unknown:
+        print(f"error: unknown method(s) {unknown}; known: {', '.join(methods_cfg)}", file=sys.stderr)
+        return 2
+    ifs = [float(x) for x in args.ifs.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    base = parse_overrides([args.run_config]) if args.run_config else {}
+    out = Path(args.out).resolve()
+    cells = [Cell(m, i, s, out / "cells" / m / f"if{i:g}" / f"seed{s}") for m in methods for i in ifs for s in seeds]
+    t0 = time.perf_counter()
+    for n, cell in enumerate(cells, 1):
+        label = f"[{n}/{len(cells)}] {cell.method} IF {cell.imbalance:g} seed {cell.seed}"
+        if cell.summary_path() is not None:
+            print(f"{label}: done before, skipped", flush=True)
+            continue
+        start = time.perf_counter()
+        ok = run_cell(cell, {**base, **parse_overrides([methods_cfg[cell.method]])})
+        status = "ok" if ok else f"FAILED (see {cell.dir / 'launch.log'})"
+        print(f"{label}: {status} in {time.perf_counter() - start:.0f} s", flush=True)
+    results = [r for r in map(cell_result, cells) if r is not None]
+    if not results:
+        print("error: no cell finished", file=sys.stderr)
+        return 1
+    text = table(results, methods, ifs)
+    (out / "table.md").write_text(text)
+    write_csv(results, out / "results.csv")
+    plot_curves(results, methods, ifs, out)
+    print(text)
+    print(f"{len(results)}/{len(cells)} cells finished; grid wall time {time.perf_counter() - t0:.0f} s; see {out}")
+    return 0 if len(results) == len(cells) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

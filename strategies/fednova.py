@@ -1,0 +1,96 @@
+"""FedNova (Wang et al., NeurIPS 2020) for Flower's Message API, which ships no FedNova.
+
+Clients that run more local SGD steps move further from the global model; plain FedAvg then drifts
+towards the objective of the busiest clients. FedNova normalises each client's update by its own
+number of local steps tau_i (clients already report `local-steps`) and rescales the average by the
+effective step count (plain local SGD, no momentum):
+
+    d_i = (w_global - w_i) / tau_i,   tau_eff = sum_i p_i tau_i,   w_new = w_global - tau_eff * sum_i p_i d_i
+
+with p_i = n_i / sum_j n_j. With equal tau_i this is exactly FedAvg. Sampling, messages, reply checks
+and metric aggregation are delegated to a held `FedAvg` (composition, not subclassing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+STEPS_KEY = "local-steps"
+
+
+def normalized_average(
+    global_arrays: ArrayRecord, client_arrays: list[ArrayRecord], examples: list[float], steps: list[float]
+) -> tuple[ArrayRecord, float]:
+    """FedNova's update of `global_arrays` from the clients' weights, sample counts and local steps."""
+    if any(t <= 0 for t in steps):
+        raise ValueError(f"FedNova needs every client's '{STEPS_KEY}' > 0, got {steps}")
+    total = float(sum(examples))
+    p = [n / total for n in examples]
+    tau_eff = sum(pi * ti for pi, ti in zip(p, steps, strict=True))
+    out = {}
+    for key, g_arr in global_arrays.items():
+        g = g_arr.numpy()
+        direction = sum(
+            (pi / ti) * (g.astype(np.float64) - arrays[key].numpy())
+            for pi, ti, arrays in zip(p, steps, client_arrays, strict=True)
+        )
+        new = g - tau_eff * direction
+        out[key] = Array(np.asarray(new.astype(g.dtype) if np.issubdtype(g.dtype, np.floating) else new))
+    return ArrayRecord(out), tau_eff
+
+
+class FedNova(Strategy):
+    """Normalised averaging around a `FedAvg` that samples clients and aggregates their metrics."""
+
+    def __init__(self, base: FedAvg) -> None:
+        self.base = base
+        self.current: ArrayRecord | None = None
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> FedNova: updates normalised by each client's '%s'", STEPS_KEY)
+        self.base.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current = arrays
+        return self.base.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        averaged, metrics = self.base.aggregate_train(server_round, replies)  # checks replies, averages metrics
+        if averaged is None:
+            return None, metrics
+        if self.current is None:
+            raise RuntimeError("FedNova.aggregate_train ran before configure_train: no global model to update")
+        valid = [r.content for r in replies if not r.has_error()]
+        key = self.base.weighted_by_key
+        records = [next(iter(c.metric_records.values())) for c in valid]
+        if any(STEPS_KEY not in m for m in records):
+            raise KeyError(f"FedNova needs '{STEPS_KEY}' in every client's train metrics")
+        arrays, tau_eff = normalized_average(
+            self.current,
+            [next(iter(c.array_records.values())) for c in valid],
+            [float(m[key]) for m in records],
+            [float(m[STEPS_KEY]) for m in records],
+        )
+        metrics = MetricRecord() if metrics is None else metrics
+        metrics["fednova-tau-eff"] = tau_eff
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.base.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.base.aggregate_evaluate(server_round, replies)

@@ -1,0 +1,44 @@
+"""Post-hoc classifier baselines that run on the server after the last aggregation.
+
+tau-norm (Kang et al., ICLR 2020, "Decoupling representation and classifier"): a long-tailed training
+set leaves head classes with larger classifier weight norms, which biases predictions towards them.
+Rescaling each class's weight vector, w_c / ||w_c||^tau, evens the norms out (tau = 1 makes them all
+unit length, tau = 0 changes nothing). It needs no data and nothing from the clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord
+
+from strategies.stages import ServerContext, Stages
+
+CLASSIFIER_WEIGHT = "classifier.weight"
+
+
+def tau_normalize(arrays: ArrayRecord, tau: float, key: str = CLASSIFIER_WEIGHT) -> ArrayRecord:
+    """A copy of `arrays` whose classifier rows are divided by their L2 norm to the power tau."""
+    if tau == 0:
+        return arrays
+    weight = arrays[key].numpy()
+    norms = np.linalg.norm(weight, axis=1, keepdims=True)
+    scaled = weight / np.power(np.maximum(norms, 1e-12), tau)
+    out = {k: (Array(np.asarray(scaled.astype(weight.dtype))) if k == key else v) for k, v in arrays.items()}
+    return ArrayRecord(out)
+
+
+def tau_norm_stage(cfg: Mapping, ctx: ServerContext) -> Stages:
+    """tau-normalise the final global model (`tau-norm` > 0); the rounds before train unchanged."""
+    tau, last = float(cfg["tau-norm"]), int(cfg["num-server-rounds"])
+    if tau == 0:
+        return Stages()
+
+    def stage(server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> ArrayRecord:
+        if server_round != last:
+            return arrays
+        metrics["tau-norm"] = tau
+        return tau_normalize(arrays, tau)
+
+    return Stages(after_aggregation=[stage])

@@ -1,0 +1,313 @@
+"""Strategies and long-tail baselines in-process: hand-built replies, the client's train function called directly.
+
+Models here are tiny ResNet-8 configurations with random weights on the offline digits data.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client_app import app as client
+from flcore import config as config_module
+from flcore.config import ConfigError, validate
+from flcore.losses import LOSSES, build_loss, focal_loss
+from strategies.fednova import FedNova
+from strategies.posthoc import tau_norm_stage, tau_normalize
+from strategies.registry import STRATEGIES, build_strategy
+
+pytestmark = pytest.mark.usefixtures("flower_identity")
+
+
+def cfg_of(**overrides):
+    return validate({k.replace("_", "-"): v for k, v in overrides.items()}, choices={"strategy": STRATEGIES})
+
+
+def reply(state: dict, n: int, steps: int = 10) -> Message:
+    request = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1, message_type="train")
+    metrics = MetricRecord({"num-examples": n, "local-steps": steps, "train-loss": 1.0})
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=request)
+
+
+class FakeGrid:
+    """Just enough of a Grid for configure_train: all `num-clients` (default 20) nodes connected."""
+
+    def get_node_ids(self):
+        return list(range(1, 21))
+
+
+def states(seed: int) -> tuple[dict, list[dict]]:
+    gen = torch.Generator().manual_seed(seed)
+    glob = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(4, generator=gen)}
+    clients = [{k: v + torch.randn(v.shape, generator=gen) for k, v in glob.items()} for _ in range(3)]
+    return glob, clients
+
+
+def run_round(strategy, glob: dict, clients: list[dict], examples, steps) -> dict:
+    strategy.configure_train(1, ArrayRecord(glob), ConfigRecord(), FakeGrid())
+    replies = [reply(c, n, t) for c, n, t in zip(clients, examples, steps, strict=True)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return arrays.to_torch_state_dict()
+
+
+def fedavg_of(clients, examples):
+    total = sum(examples)
+    return {k: sum(c[k] * (n / total) for c, n in zip(clients, examples, strict=True)) for k in clients[0]}
+
+
+def test_fednova_with_equal_steps_equals_fedavg():
+    glob, clients = states(0)
+    got = run_round(build_strategy(cfg_of(strategy="fednova")), glob, clients, [5, 10, 20], [7, 7, 7])
+    ref = run_round(build_strategy(cfg_of(strategy="fedavg")), glob, clients, [5, 10, 20], [7, 7, 7])
+    for k in glob:
+        assert torch.allclose(got[k], ref[k], atol=1e-6)
+        assert torch.allclose(got[k], fedavg_of(clients, [5, 10, 20])[k], atol=1e-6)
+
+
+def test_fednova_normalises_unequal_steps_by_hand():
+    glob = {"w": torch.zeros(2)}
+    clients = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 4.0])}]
+    got = run_round(build_strategy(cfg_of(strategy="fednova")), glob, clients, [1, 1], [1, 4])
+    # d = 0.5*(-[1,0])/1 + 0.5*(-[0,4])/4 = [-0.5,-0.5]; tau_eff = 2.5 -> w = [1.25, 1.25]; FedAvg gives [0.5, 2]
+    assert torch.allclose(got["w"], torch.tensor([1.25, 1.25]))
+
+
+def test_fednova_requires_local_steps_and_a_configured_round():
+    glob, clients = states(1)
+    strategy = FedNova(build_strategy(cfg_of()))
+    with pytest.raises(RuntimeError, match="configure_train"):
+        strategy.aggregate_train(1, [reply(c, 1) for c in clients])
+
+
+def test_fedavgm_without_momentum_and_unit_lr_equals_fedavg_but_momentum_differs():
+    glob, clients = states(2)
+    plain = build_strategy(cfg_of(strategy="fedavgm", server_momentum=0.0, server_lr=1.0))
+    ref = build_strategy(cfg_of(strategy="fedavg"))
+    moving = build_strategy(cfg_of(strategy="fedavgm", server_momentum=0.9))
+    outs = {}
+    for name, strategy in (("plain", plain), ("ref", ref), ("moving", moving)):
+        g = glob
+        for _ in range(2):  # two rounds, so momentum would have kicked in
+            g = run_round(strategy, g, clients, [3, 1, 2], [5, 5, 5])
+        outs[name] = g
+    assert all(torch.allclose(outs["plain"][k], outs["ref"][k], atol=1e-6) for k in glob)
+    assert not torch.allclose(outs["moving"]["w"], outs["ref"]["w"], atol=1e-3)
+
+
+def test_fedprox_sends_mu_and_aggregates_like_fedavg():
+    glob, clients = states(3)
+    prox = build_strategy(cfg_of(strategy="fedprox", proximal_mu=0.25))
+    (msg, *_) = prox.configure_train(1, ArrayRecord(glob), ConfigRecord(), FakeGrid())
+    assert msg.content["config"]["proximal-mu"] == 0.25
+    got = run_round(prox, glob, clients, [1, 2, 3], [4, 4, 4])
+    ref = fedavg_of(clients, [1, 2, 3])
+    assert all(torch.allclose(got[k], ref[k], atol=1e-6) for k in glob)
+
+
+TINY = {"num-clients": 10, "image-size": 8, "projection-dim": 16, "local-epochs": 1, "batch-size": 32, "augment": False}
+
+
+def client_train(run_config: dict, server_config: dict, model_seed: int = 0) -> Message:
+    from flcore.experiment import prepare, to_record
+    from flcore.models import build_model
+
+    cfg = cfg_of(**{k.replace("-", "_"): v for k, v in {**TINY, **run_config}.items()})
+    classes = prepare(cfg).dataset.num_classes
+    arrays = to_record(build_model("resnet8", 16, classes, seed=model_seed))
+    config = ConfigRecord({"server-round": 1, **{k: cfg[k] for k in ("local-epochs", "lr", "momentum")}})
+    config.update({"weight-decay": 0.0, "augment": False, **server_config})
+    request = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type="train")
+    context = Context(1, 1, {"partition-id": 0, "num-partitions": 10}, RecordDict(), dict(cfg))
+    return client.train_fn(request, context)
+
+
+def weights(msg: Message) -> dict:
+    return msg.content["arrays"].to_torch_state_dict()
+
+
+def test_fedprox_with_zero_mu_trains_exactly_like_fedavg_on_the_same_seed():
+    fedavg = weights(client_train({"strategy": "fedavg"}, {}))
+    prox0 = weights(client_train({"strategy": "fedprox", "proximal-mu": 0.0}, {"proximal-mu": 0.0}))
+    prox = weights(client_train({"strategy": "fedprox"}, {"proximal-mu": 5.0}))
+    assert all(torch.equal(fedavg[k], prox0[k]) for k in fedavg)
+    assert not torch.allclose(fedavg["classifier.weight"], prox["classifier.weight"])
+
+
+def test_run_config_mu_alone_adds_no_proximal_term():
+    """Only FedProx's round config turns the proximal term on, so fedavg runs keep the default mu harmless."""
+    a = weights(client_train({"strategy": "fedavg", "proximal-mu": 5.0}, {}))
+    b = weights(client_train({"strategy": "fedavg", "proximal-mu": 0.0}, {}))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_client_reports_cost_metrics_and_uses_the_configured_loss():
+    ce = client_train({"loss": "ce"}, {})
+    focal = client_train({"loss": "focal", "focal-gamma": 2.0}, {})
+    metrics = ce.content["metrics"]
+    arrays_bytes = ce.content["arrays"].count_bytes()
+    assert arrays_bytes < metrics["upload-bytes"] < arrays_bytes + 1000
+    assert metrics["peak-rss-mb"] > 10
+    assert focal.content["metrics"]["train-loss"] < metrics["train-loss"]  # focal down-weights every example
+
+
+def test_focal_with_zero_gamma_equals_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(64, 10, generator=gen) * 3, torch.randint(0, 10, (64,), generator=gen)
+    assert torch.allclose(focal_loss(logits, labels, gamma=0.0), F.cross_entropy(logits, labels))
+    assert focal_loss(logits, labels, gamma=2.0) < F.cross_entropy(logits, labels)
+    loss = build_loss(cfg_of(loss="focal", focal_gamma=0.0))
+    assert torch.allclose(loss(logits, labels), F.cross_entropy(logits, labels))
+    assert set(LOSSES) == set(config_module.LOSSES)
+
+
+def test_tau_norm_zero_leaves_the_model_unchanged_and_one_makes_unit_rows():
+    gen = torch.Generator().manual_seed(0)
+    state = {"classifier.weight": torch.randn(5, 8, generator=gen) * 3, "classifier.bias": torch.randn(5)}
+    arrays = ArrayRecord(state)
+    same = tau_normalize(arrays, 0.0).to_torch_state_dict()
+    assert all(torch.equal(same[k], state[k]) for k in state)
+    unit = tau_normalize(arrays, 1.0).to_torch_state_dict()
+    assert np.allclose(unit["classifier.weight"].norm(dim=1).numpy(), 1.0, atol=1e-6)
+    assert torch.equal(unit["classifier.bias"], state["classifier.bias"])
+    half = tau_normalize(arrays, 0.5).to_torch_state_dict()["classifier.weight"].norm(dim=1)
+    assert torch.allclose(half, state["classifier.weight"].norm(dim=1).sqrt(), atol=1e-5)
+
+
+def test_tau_norm_stage_acts_on_the_last_round_only():
+    assert tau_norm_stage(cfg_of(tau_norm=0.0), None).after_aggregation == []
+    (stage,) = tau_norm_stage(cfg_of(tau_norm=1.0, num_server_rounds=3), None).after_aggregation
+    arrays = ArrayRecord({"classifier.weight": torch.full((2, 4), 2.0)})
+    metrics = MetricRecord()
+    assert stage(2, arrays, metrics) is arrays and "tau-norm" not in metrics
+    final = stage(3, arrays, metrics).to_torch_state_dict()["classifier.weight"]
+    assert torch.allclose(final, torch.full((2, 4), 0.5)) and metrics["tau-norm"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hint"),
+    [
+        ({"strategy": "scaffold"}, "fedavg, fedprox, fedavgm, fednova"),
+        ({"server-momentum": 1.5}, "<= 0.999"),
+        ({"proximal-mu": -0.1}, ">= 0"),
+        ({"server-lr": 0.0}, "> 0"),
+        ({"loss": "mse"}, "ce, focal"),
+        ({"focal-gamma": -1.0}, ">= 0"),
+        ({"tau-norm": 3.0}, "<= 2"),
+    ],
+)
+def test_bad_strategy_settings_name_what_is_allowed(overrides, hint):
+    with pytest.raises(ConfigError, match=hint):
+        validate(overrides, choices={"strategy": STRATEGIES})
+
+
+def test_ccvr_pooling_of_client_statistics_is_exact():
+    from strategies.calibration import pooled_gaussians
+
+    gen = np.random.default_rng(0)
+    feats, labels = gen.normal(size=(60, 4)), np.repeat([0, 1, 2], 20)
+    parts = [slice(0, 13), slice(13, 45), slice(45, 60)]  # class 0 split 13/7, class 1 7/13, class 2 only on client 2
+
+    def stats(f, y):
+        counts = np.array([(y == c).sum() for c in range(3)], float)
+        means = np.stack([f[y == c].mean(0) if (y == c).any() else np.zeros(4) for c in range(3)])
+        covs = np.stack([np.cov(f[y == c].T) if (y == c).sum() > 1 else np.zeros((4, 4)) for c in range(3)])
+        return {"counts": counts, "means": means, "covs": covs}
+
+    counts, means, covs = pooled_gaussians([stats(feats[p], labels[p]) for p in parts])
+    full = stats(feats, labels)
+    assert np.allclose(counts, full["counts"]) and np.allclose(means, full["means"]) and np.allclose(covs, full["covs"])
+
+
+def test_creff_gradient_matching_reduces_the_distance():
+    from strategies.calibration import FederatedFeatures
+
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(3, 8, generator=gen), torch.randn(3, generator=gen)
+    real = torch.randn(30, 8, generator=gen) + 2 * torch.eye(3, 8).repeat_interleave(10, 0)
+    labels = torch.arange(3).repeat_interleave(10)
+    grads_w, grads_b = [], []
+    for c in range(3):
+        w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        F.cross_entropy(F.linear(real[labels == c], w, b), labels[labels == c]).backward()
+        grads_w.append(w.grad.numpy())
+        grads_b.append(b.grad.numpy())
+    upload = {"counts": np.full(3, 10.0), "grad-weight": np.stack(grads_w), "grad-bias": np.stack(grads_b)}
+    ff = FederatedFeatures(3, 8, 5, gen)
+    first = ff.match(weight, bias, [upload], epochs=1, lr=0.1)
+    later = ff.match(weight, bias, [upload], epochs=50, lr=0.1)
+    assert later < 0.5 * first
+
+
+def test_client_uploads_ask_in_chosen_rounds_and_calibrate_after_fedavg():
+    from strategies.uploads import ClientUploads, encode
+
+    calls = []
+
+    def calibrate(rnd, sent, arrays, uploads, metrics):
+        calls.append((rnd, float(uploads[0]["x"].sum() + uploads[1]["x"].sum())))
+        metrics["calibrated"] = 1.0
+        return ArrayRecord({k: v * 0 for k, v in arrays.to_torch_state_dict().items()})
+
+    strategy = ClientUploads(build_strategy(cfg_of()), "feature-stats", lambda rnd: rnd == 2, calibrate)
+    config = ConfigRecord({"lr": 0.1})
+    (msg, *_) = strategy.configure_train(1, ArrayRecord({"w": torch.ones(2)}), config, FakeGrid())
+    assert "upload" not in msg.content["config"]
+    (msg, *_) = strategy.configure_train(2, ArrayRecord({"w": torch.ones(2)}), config, FakeGrid())
+    assert msg.content["config"]["upload"] == "feature-stats" and "upload" not in config
+    replies = [reply({"w": torch.ones(2) * k}, 1) for k in (1, 3)]
+    for k, r in zip((1, 3), replies, strict=True):
+        r.content["uploads"] = encode({"x": np.full(2, float(k))})
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    assert calls == [(2, 8.0)] and metrics["calibrated"] == 1.0
+    assert torch.equal(arrays.to_torch_state_dict()["w"], torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    ("upload", "keys"),
+    [("feature-stats", {"counts", "means", "covs"}), ("class-gradients", {"counts", "grad-weight", "grad-bias"})],
+)
+def test_client_sends_requested_upload_computed_on_the_received_model(upload, keys):
+    from strategies.uploads import decode
+
+    plain = client_train({}, {})
+    asked = client_train({}, {"upload": upload})
+    sent = decode(asked.content["uploads"])
+    assert set(sent) == keys and sent["counts"].sum() == plain.content["metrics"]["num-examples"]
+    extra = asked.content["uploads"].count_bytes()
+    assert asked.content["metrics"]["upload-bytes"] == pytest.approx(plain.content["metrics"]["upload-bytes"] + extra)
+    assert all(torch.equal(a, b) for a, b in zip(weights(plain).values(), weights(asked).values(), strict=True))
+
+
+def test_creff_server_sends_its_head_and_replaces_the_classifier_after_matching():
+    from strategies.uploads import ClientUploads, CReFFServer, client_upload, decode, encode
+
+    cfg = cfg_of(strategy="creff", calibration_epochs=3, match_epochs=3, virtual_per_class=4)
+    server = CReFFServer(cfg)
+    strategy = ClientUploads(build_strategy(cfg_of()), "class-gradients", lambda rnd: True, server, False, server.head)
+    glob = {"classifier.weight": torch.zeros(3, 5), "classifier.bias": torch.zeros(3), "w": torch.ones(2)}
+    (msg, *_) = strategy.configure_train(1, ArrayRecord(glob), ConfigRecord(), FakeGrid())
+    config = msg.content["config"]
+    assert {"upload", "upload-head-weight", "upload-head-bias"} <= set(config)
+
+    class Backbone(torch.nn.Module):
+        classifier = torch.nn.Linear(5, 3)
+
+        def embed(self, x):
+            return x
+
+    batches = type("B", (), {"iterate": lambda self: iter([(torch.randn(6, 5), torch.tensor([0, 0, 1, 1, 2, 2]))])})()
+    upload = decode(client_upload(config, Backbone(), batches, 3))
+    head_w = torch.from_numpy(server.head(ArrayRecord(glob))["weight"])
+    assert upload["grad-weight"].shape == (3, 3, 5) and not np.allclose(upload["grad-weight"], 0)
+    replies = [reply({k: v + 1 for k, v in glob.items()}, 2), reply({k: v + 3 for k, v in glob.items()}, 2)]
+    for r in replies:
+        r.content["uploads"] = encode(upload)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    got = arrays.to_torch_state_dict()
+    assert torch.allclose(got["w"], torch.full((2,), 3.0)) and metrics["match-loss"] >= 0
+    assert not torch.allclose(got["classifier.weight"], torch.full((3, 5), 2.0))  # re-trained, not the average
+    assert not torch.allclose(got["classifier.weight"], head_w)
+    (msg, *_) = strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid())
+    sent = msg.content["arrays"].to_torch_state_dict()
+    assert torch.allclose(sent["classifier.weight"], torch.full((3, 5), 2.0))  # clients train the plain FedAvg model

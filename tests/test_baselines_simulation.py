@@ -1,0 +1,38 @@
+"""The baselines that change what clients send or what the server does, one tiny round each through `flwr run`.
+
+Tiny random-weight ResNet-8 runs on digits at 8 px (2 clients, 1 round): CCVR with focal loss and
+tau-norm in one run, CReFF in another. fedprox/fedavgm/fednova change no payload; they are covered
+in-process (tests/test_baselines.py) and run through the apps in `bench/compare.py --quick`.
+"""
+
+import json
+
+from server_app import launch
+
+TINY = (
+    "num-clients=2 num-server-rounds=1 fraction-train=1.0 local-epochs=1 image-size=8 projection-dim=32 "
+    "calibration-epochs=5 match-epochs=5 virtual-per-class=10"
+)
+
+
+def run_one(tmp_path, name: str, overrides: str) -> tuple[dict, dict]:
+    out = tmp_path / name
+    assert launch.main(["--run-config", f"{TINY} {overrides} output-dir={out}"]) == 0
+    (run_dir,) = list(out.iterdir())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows[-1], json.loads((run_dir / "summary.json").read_text())
+
+
+def test_baselines_run_one_round_through_the_real_apps(tmp_path):
+    model_bytes = 4 * 1_200_000  # the tiny model has 1.24 M float32 values
+
+    row, summary = run_one(tmp_path, "ccvr", "strategy=ccvr loss=focal tau-norm=1.0")
+    assert row["round"] == 1 and row["replies"] == 2
+    assert row["calibrated-classes"] == 10 and row["tau-norm"] == 1.0
+    assert row["upload-bytes"] > model_bytes + 10 * 32 * 32 * 4  # + per-class 32x32 float32 covariances
+    assert "covariance" in summary["client-uploads"] and "focal" in summary["client-runs"]
+    assert row["peak-rss-mb"] > 0
+
+    row, summary = run_one(tmp_path, "creff", "strategy=creff")
+    assert row["match-loss"] >= 0 and row["upload-bytes"] > model_bytes + 10 * 10 * 32 * 4
+    assert "gradients" in summary["client-uploads"]

@@ -1,0 +1,57 @@
+"""bench/compare.py without running the apps: reading finished cells, the table, the CSV, resuming."""
+
+import json
+
+from bench import compare
+
+
+def fake_cell(root, method, imbalance, seed, accuracy, seconds=(1.0, 3.0)):
+    cell = compare.Cell(method, imbalance, seed, root / method / f"if{imbalance:g}" / f"seed{seed}")
+    run = cell.dir / "123"
+    run.mkdir(parents=True)
+    rows = [{"round": 0, "seconds": 0.5, "accuracy": 0.1}]
+    rows += [
+        {"round": r, "seconds": s, "accuracy": accuracy, "upload-bytes": 2.0**20, "peak-rss-mb": 100.0 + r}
+        for r, s in enumerate(seconds, 1)
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    keys = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
+    final = dict.fromkeys(keys, accuracy)
+    (run / "summary.json").write_text(json.dumps({"final": final, "wall-seconds": 9.0}))
+    return cell
+
+
+def test_cell_results_table_and_csv(tmp_path):
+    cells = [
+        fake_cell(tmp_path, "fedavg", 10.0, 7, 0.50),
+        fake_cell(tmp_path, "fedavg", 10.0, 8, 0.60),
+        fake_cell(tmp_path, "focal", 10.0, 7, 0.70),
+        fake_cell(tmp_path, "focal", 10.0, 8, 0.70),
+        fake_cell(tmp_path, "focal", 50.0, 7, 0.40),
+    ]
+    results = [compare.cell_result(c) for c in cells]
+    assert results[0]["round-seconds"] == 2.0 and results[0]["peak-rss-mb"] == 102.0
+    text = compare.table(results, ["fedavg", "focal"], [10.0, 50.0])
+    lines = text.splitlines()
+    assert lines[0].startswith("| method | IF 10 | IF 50 | round s")
+    assert lines[2].startswith("| fedavg | 55.00 ± 7.07 | – | 2.00 | 1.00 MiB | 102 |")
+    assert lines[3].startswith("| focal | **70.00 ± 0.00** | **40.00 ± 0.00** |")
+    compare.write_csv(results, tmp_path / "r.csv")
+    assert (tmp_path / "r.csv").read_text().count("\n") == 6
+
+
+def test_finished_cells_are_not_rerun(tmp_path, monkeypatch):
+    fake_cell(tmp_path / "cells", "fedavg", 10.0, 7, 0.5)
+    ran = []
+
+    def run_cell(cell, overrides):
+        ran.append((cell.method, cell.imbalance, overrides))
+        fake_cell(tmp_path / "cells", cell.method, cell.imbalance, cell.seed, 0.6)
+        return True
+
+    monkeypatch.setattr(compare, "run_cell", run_cell)
+    args = ["--methods", "fedavg,fednova", "--ifs", "10", "--seeds", "7", "--out", str(tmp_path)]
+    assert compare.main(args) == 0
+    assert ran == [("fednova", 10.0, {"strategy": "fednova"})]
+    assert "| fednova | **60.00 ± 0.00** |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "curves_if10.png").is_file()

@@ -23,8 +23,8 @@ from flcore.losses import build_loss
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
 from flcore.training import TrainSettings, predict, train
-from strategies.uploads import RECORD as UPLOADS_RECORD
-from strategies.uploads import UPLOAD_KEY, client_upload
+from flcore.uploads import RECORD as UPLOADS_RECORD
+from flcore.uploads import UPLOAD_KEY, client_upload
 
 app = ClientApp()
 

@@ -23,69 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flcore.data import Batches
-
-
-@torch.no_grad()
-def class_features(model: nn.Module, batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classifier-input features of every local image under the model as received (eval mode), and labels."""
-    model.eval()
-    feats, labels = [], []
-    for x, y in batches.iterate():
-        feats.append(model.embed(x).double())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
-
-
-def feature_statistics(
-    model: nn.Module, batches: Batches, num_classes: int, head: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, np.ndarray]:
-    """CCVR's client upload: per-class count, mean [C, D] and covariance [C, D, D] (zeros where absent)."""
-    feats, labels = class_features(model, batches)
-    dim = feats.shape[1]
-    counts = np.zeros(num_classes)
-    means, covs = np.zeros((num_classes, dim), np.float32), np.zeros((num_classes, dim, dim), np.float32)
-    for c in range(num_classes):
-        fc = feats[labels == c]
-        counts[c] = len(fc)
-        if len(fc):
-            means[c] = fc.mean(0).numpy()
-        if len(fc) > 1:
-            covs[c] = torch.cov(fc.T).numpy()
-    return {"counts": counts, "means": means, "covs": covs}
-
-
-def class_gradients(
-    model: nn.Module, batches: Batches, num_classes: int, head: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, np.ndarray]:
-    """CReFF's client upload: per class, the mean-CE gradient of a classifier on that class's real features.
-
-    The classifier is the server's re-trained one (`head`, sent with the request, as in CReFF) on the
-    received backbone; without a head, the received model's own classifier.
-    """
-    feats, labels = class_features(model, batches)
-    source = head if head is not None else {"weight": model.classifier.weight, "bias": model.classifier.bias}
-    weight, bias = source["weight"].detach().double(), source["bias"].detach().double()
-    counts = np.zeros(num_classes)
-    grad_w = np.zeros((num_classes, *weight.shape), np.float32)
-    grad_b = np.zeros((num_classes, *bias.shape), np.float32)
-    for c in range(num_classes):
-        fc = feats[labels == c]
-        counts[c] = len(fc)
-        if len(fc):
-            gw, gb = _classifier_grad(fc, c, weight, bias, create_graph=False)
-            grad_w[c], grad_b[c] = gw.numpy(), gb.numpy()
-    return {"counts": counts, "grad-weight": grad_w, "grad-bias": grad_b}
-
-
-def _classifier_grad(
-    feats: torch.Tensor, label: int, weight: torch.Tensor, bias: torch.Tensor, create_graph: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    w, b = weight.detach().requires_grad_(True), bias.detach().requires_grad_(True)
-    target = torch.full((len(feats),), label, dtype=torch.long)
-    loss = F.cross_entropy(F.linear(feats, w, b), target)
-    gw, gb = torch.autograd.grad(loss, (w, b), create_graph=create_graph)
-    return gw, gb
+from flcore.uploads import classifier_grad
 
 
 def pooled_gaussians(uploads: list[Mapping[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -192,7 +130,7 @@ class FederatedFeatures:
             loss = torch.zeros((), dtype=torch.float64)
             for c in seen:
                 rows = slice(c * self.per_class, (c + 1) * self.per_class)
-                syn = _classifier_grad(feats[rows], c, weight, bias, create_graph=True)
+                syn = classifier_grad(feats[rows], c, weight, bias, create_graph=True)
                 loss = loss + match_distance(syn, (real_w[c], real_b[c]))
             opt.zero_grad(set_to_none=True)
             loss.backward()

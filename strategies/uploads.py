@@ -12,7 +12,6 @@ What each method uploads and runs on the client is written to the run summary (`
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 
@@ -23,51 +22,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.calibration import (
-    FederatedFeatures,
-    class_gradients,
-    feature_statistics,
-    pooled_gaussians,
-    retrain_classifier,
-    sample_virtual_features,
-)
+from flcore.uploads import HEAD_KEYS, RECORD, UPLOAD_KEY, Uploads, decode, npy_bytes
+from strategies.calibration import FederatedFeatures, pooled_gaussians, retrain_classifier, sample_virtual_features
 
-UPLOAD_KEY = "upload"  # train-config key naming the requested upload
-HEAD_KEYS = {"weight": "upload-head-weight", "bias": "upload-head-bias"}  # classifier the upload is computed with
-RECORD = "uploads"  # reply ConfigRecord holding it
 WEIGHT, BIAS = "classifier.weight", "classifier.bias"
-
-Uploads = dict[str, np.ndarray]
 Calibrate = Callable[[int, ArrayRecord, ArrayRecord, list[Uploads], MetricRecord], ArrayRecord]
-
-# Client side: upload name -> fn(model, batches, num_classes, head) -> arrays to send.
-CLIENT_UPLOADS: dict[str, Callable] = {"feature-stats": feature_statistics, "class-gradients": class_gradients}
-
-
-def encode(arrays: Mapping[str, np.ndarray]) -> ConfigRecord:
-    """Arrays as `.npy` bytes in a ConfigRecord (Flower allows one ArrayRecord per reply: the model's)."""
-    return ConfigRecord({key: _npy(value) for key, value in arrays.items()})
-
-
-def decode(record: ConfigRecord) -> Uploads:
-    return {k: np.load(io.BytesIO(v), allow_pickle=False) for k, v in record.items()}
-
-
-def _npy(value: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(value), allow_pickle=False)
-    return buf.getvalue()
-
-
-def client_upload(server_config: Mapping, model: torch.nn.Module, batches, num_classes: int) -> ConfigRecord:
-    """What a client sends when the server's round config asks for an upload (and maybe sends a classifier)."""
-    name = str(server_config[UPLOAD_KEY])
-    if name not in CLIENT_UPLOADS:
-        raise ValueError(f"server asked for upload {name!r}; this client knows {', '.join(CLIENT_UPLOADS)}")
-    head = None
-    if HEAD_KEYS["weight"] in server_config:
-        head = {k: torch.from_numpy(np.load(io.BytesIO(server_config[v]))) for k, v in HEAD_KEYS.items()}
-    return encode(CLIENT_UPLOADS[name](model, batches, num_classes, head))
 
 
 class ClientUploads(Strategy):
@@ -101,7 +60,7 @@ class ClientUploads(Strategy):
         if self.in_round(server_round):
             config[UPLOAD_KEY] = self.upload
             for key, value in (self.head(arrays) if self.head else {}).items():
-                config[HEAD_KEYS[key]] = _npy(value)
+                config[HEAD_KEYS[key]] = npy_bytes(value)
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(

@@ -240,7 +240,8 @@ def test_creff_gradient_matching_reduces_the_distance():
 
 
 def test_client_uploads_ask_in_chosen_rounds_and_calibrate_after_fedavg():
-    from strategies.uploads import ClientUploads, encode
+    from flcore.uploads import encode
+    from strategies.uploads import ClientUploads
 
     calls = []
 
@@ -268,7 +269,7 @@ def test_client_uploads_ask_in_chosen_rounds_and_calibrate_after_fedavg():
     [("feature-stats", {"counts", "means", "covs"}), ("class-gradients", {"counts", "grad-weight", "grad-bias"})],
 )
 def test_client_sends_requested_upload_computed_on_the_received_model(upload, keys):
-    from strategies.uploads import decode
+    from flcore.uploads import decode
 
     plain = client_train({}, {})
     asked = client_train({}, {"upload": upload})
@@ -280,7 +281,8 @@ def test_client_sends_requested_upload_computed_on_the_received_model(upload, ke
 
 
 def test_creff_server_sends_its_head_and_replaces_the_classifier_after_matching():
-    from strategies.uploads import ClientUploads, CReFFServer, client_upload, decode, encode
+    from flcore.uploads import client_upload, decode, encode
+    from strategies.uploads import ClientUploads, CReFFServer
 
     cfg = cfg_of(strategy="creff", calibration_epochs=3, match_epochs=3, virtual_per_class=4)
     server = CReFFServer(cfg)

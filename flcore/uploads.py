@@ -1,0 +1,118 @@
+"""The client half of CCVR and CReFF: statistics computed on the received global model, and their encoding.
+
+The server asks for an upload by putting `upload = <name>` (and, for CReFF, its re-trained classifier)
+in the round's train config; the client answers with an extra ConfigRecord `uploads` of `.npy` bytes.
+This lives in the shared package because the client must never import the server's `strategies`.
+Classifier-input features are `FLModel.embed` (the projection output, `projection-dim` wide).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import ConfigRecord
+from torch import nn
+
+from flcore.data import Batches
+
+UPLOAD_KEY = "upload"  # train-config key naming the requested upload
+HEAD_KEYS = {"weight": "upload-head-weight", "bias": "upload-head-bias"}  # classifier the upload is computed with
+RECORD = "uploads"  # reply ConfigRecord holding it
+
+Uploads = dict[str, np.ndarray]
+
+
+def encode(arrays: Mapping[str, np.ndarray]) -> ConfigRecord:
+    """Arrays as `.npy` bytes in a ConfigRecord (Flower allows one ArrayRecord per reply: the model's)."""
+    return ConfigRecord({key: npy_bytes(value) for key, value in arrays.items()})
+
+
+def decode(record: ConfigRecord) -> Uploads:
+    return {k: np.load(io.BytesIO(v), allow_pickle=False) for k, v in record.items()}
+
+
+def npy_bytes(value: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(value), allow_pickle=False)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def class_features(model: nn.Module, batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-input features of every local image under the model as received (eval mode), and labels."""
+    model.eval()
+    feats, labels = [], []
+    for x, y in batches.iterate():
+        feats.append(model.embed(x).double())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def feature_statistics(
+    model: nn.Module, batches: Batches, num_classes: int, head: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, np.ndarray]:
+    """CCVR's client upload: per-class count, mean [C, D] and covariance [C, D, D] (zeros where absent)."""
+    feats, labels = class_features(model, batches)
+    dim = feats.shape[1]
+    counts = np.zeros(num_classes)
+    means, covs = np.zeros((num_classes, dim), np.float32), np.zeros((num_classes, dim, dim), np.float32)
+    for c in range(num_classes):
+        fc = feats[labels == c]
+        counts[c] = len(fc)
+        if len(fc):
+            means[c] = fc.mean(0).numpy()
+        if len(fc) > 1:
+            covs[c] = torch.cov(fc.T).numpy()
+    return {"counts": counts, "means": means, "covs": covs}
+
+
+def class_gradients(
+    model: nn.Module, batches: Batches, num_classes: int, head: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, np.ndarray]:
+    """CReFF's client upload: per class, the mean-CE gradient of a classifier on that class's real features.
+
+    The classifier is the server's re-trained one (`head`, sent with the request, as in CReFF) on the
+    received backbone; without a head, the received model's own classifier.
+    """
+    feats, labels = class_features(model, batches)
+    source = head if head is not None else {"weight": model.classifier.weight, "bias": model.classifier.bias}
+    weight, bias = source["weight"].detach().double(), source["bias"].detach().double()
+    counts = np.zeros(num_classes)
+    grad_w = np.zeros((num_classes, *weight.shape), np.float32)
+    grad_b = np.zeros((num_classes, *bias.shape), np.float32)
+    for c in range(num_classes):
+        fc = feats[labels == c]
+        counts[c] = len(fc)
+        if len(fc):
+            gw, gb = classifier_grad(fc, c, weight, bias, create_graph=False)
+            grad_w[c], grad_b[c] = gw.numpy(), gb.numpy()
+    return {"counts": counts, "grad-weight": grad_w, "grad-bias": grad_b}
+
+
+def classifier_grad(
+    feats: torch.Tensor, label: int, weight: torch.Tensor, bias: torch.Tensor, create_graph: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    w, b = weight.detach().requires_grad_(True), bias.detach().requires_grad_(True)
+    target = torch.full((len(feats),), label, dtype=torch.long)
+    loss = F.cross_entropy(F.linear(feats, w, b), target)
+    gw, gb = torch.autograd.grad(loss, (w, b), create_graph=create_graph)
+    return gw, gb
+
+
+# upload name -> fn(model, batches, num_classes, head) -> arrays to send.
+CLIENT_UPLOADS: dict[str, Callable] = {"feature-stats": feature_statistics, "class-gradients": class_gradients}
+
+
+def client_upload(server_config: Mapping, model: torch.nn.Module, batches, num_classes: int) -> ConfigRecord:
+    """What a client sends when the server's round config asks for an upload (and maybe sends a classifier)."""
+    name = str(server_config[UPLOAD_KEY])
+    if name not in CLIENT_UPLOADS:
+        raise ValueError(f"server asked for upload {name!r}; this client knows {', '.join(CLIENT_UPLOADS)}")
+    head = None
+    if HEAD_KEYS["weight"] in server_config:
+        head = {k: torch.from_numpy(np.load(io.BytesIO(server_config[v]))) for k, v in HEAD_KEYS.items()}
+    return encode(CLIENT_UPLOADS[name](model, batches, num_classes, head))

@@ -20,7 +20,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg
+
+from strategies.delegate import Delegating
 
 STEPS_KEY = "local-steps"
 
@@ -46,34 +48,34 @@ def normalized_average(
     return ArrayRecord(out), tau_eff
 
 
-class FedNova(Strategy):
+class FedNova(Delegating):
     """Normalised averaging around a `FedAvg` that samples clients and aggregates their metrics."""
 
     def __init__(self, base: FedAvg) -> None:
-        self.base = base
+        super().__init__(base)
         self.current: ArrayRecord | None = None
 
     def summary(self) -> None:
         log(INFO, "\t├──> FedNova: updates normalised by each client's '%s'", STEPS_KEY)
-        self.base.summary()
+        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = arrays
-        return self.base.configure_train(server_round, arrays, config, grid)
+        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        averaged, metrics = self.base.aggregate_train(server_round, replies)  # checks replies, averages metrics
+        averaged, metrics = self.inner.aggregate_train(server_round, replies)  # checks replies, averages metrics
         if averaged is None:
             return None, metrics
         if self.current is None:
             raise RuntimeError("FedNova.aggregate_train ran before configure_train: no global model to update")
         valid = [r.content for r in replies if not r.has_error()]
-        key = self.base.weighted_by_key
+        key = self.inner.weighted_by_key
         records = [next(iter(c.metric_records.values())) for c in valid]
         if any(STEPS_KEY not in m for m in records):
             raise KeyError(f"FedNova needs '{STEPS_KEY}' in every client's train metrics")
@@ -86,11 +88,3 @@ class FedNova(Strategy):
         metrics = MetricRecord() if metrics is None else metrics
         metrics["fednova-tau-eff"] = tau_eff
         return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.base.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.base.aggregate_evaluate(server_round, replies)

@@ -25,6 +25,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from strategies.delegate import Delegating
 from strategies.guard import screen
 from strategies.polling import PromptGrid
 from strategies.sampling import NodeOrder, OrderedGrid, seeded_random
@@ -60,7 +61,7 @@ class Stages:
     after_aggregation: list[RoundStage] = field(default_factory=list)
 
 
-class ServerStages(Strategy):
+class ServerStages(Delegating):
     """Any strategy plus server-side stages before round 1 and after each aggregation."""
 
     def __init__(
@@ -75,7 +76,7 @@ class ServerStages(Strategy):
         on_round_end: RoundEnd | None = None,
         query_timeout: float = 60.0,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.before_training = list(before_training)
         self.after_aggregation = list(after_aggregation)
         self.min_replies, self.seed, self.round_offset = min_replies, seed, round_offset
@@ -83,9 +84,6 @@ class ServerStages(Strategy):
         self.nodes = NodeOrder(query_timeout)
         self._sent: int | None = None
         self._global: ArrayRecord | None = None
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -24,12 +24,13 @@ from flwr.serverapp.strategy import Strategy
 
 from flcore.uploads import HEAD_KEYS, RECORD, UPLOAD_KEY, Uploads, decode, npy_bytes
 from strategies.calibration import FederatedFeatures, pooled_gaussians, retrain_classifier, sample_virtual_features
+from strategies.delegate import Delegating
 
 WEIGHT, BIAS = "classifier.weight", "classifier.bias"
 Calibrate = Callable[[int, ArrayRecord, ArrayRecord, list[Uploads], MetricRecord], ArrayRecord]
 
 
-class ClientUploads(Strategy):
+class ClientUploads(Delegating):
     """Any strategy, plus client uploads in chosen rounds and a server-side classifier calibration."""
 
     def __init__(
@@ -41,7 +42,8 @@ class ClientUploads(Strategy):
         train_on_calibrated: bool = True,
         head: Callable[[ArrayRecord], Mapping[str, np.ndarray]] | None = None,
     ) -> None:
-        self.inner, self.upload, self.in_round, self.calibrate = inner, upload, in_round, calibrate
+        super().__init__(inner)
+        self.upload, self.in_round, self.calibrate = upload, in_round, calibrate
         self.train_on_calibrated, self.head = train_on_calibrated, head
         self.sent: ArrayRecord | None = None
         self.aggregated: ArrayRecord | None = None
@@ -76,14 +78,6 @@ class ClientUploads(Strategy):
             raise RuntimeError(f"round {server_round}: no client sent the '{self.upload}' upload")
         metrics = MetricRecord() if metrics is None else metrics
         return self.calibrate(server_round, self.sent, arrays, uploads, metrics), metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 def with_classifier(arrays: ArrayRecord, weight: torch.Tensor, bias: torch.Tensor) -> ArrayRecord:

@@ -87,7 +87,7 @@ def main() -> None:
         "fraction-train": 1.0,
         "eval-every": 1,
     }
-    defaults, _ = project_settings()
+    defaults, simulation = project_settings()
     cfg, _ = resolve(overrides, defaults)
     torch.manual_seed(cfg["seed"])
     plain, plain_acc = plain_fedavg(cfg)
@@ -95,7 +95,8 @@ def main() -> None:
         wall, loop, fl_acc = flower_run(overrides, Path(tmp))
     print(
         f"settings: {cfg['dataset']} {cfg['num-clients']} clients x {cfg['num-server-rounds']} rounds, "
-        f"{cfg['local-epochs']} local epochs, image {cfg['image-size']}px, torch threads {torch.get_num_threads()}"
+        f"{cfg['local-epochs']} local epochs, image {cfg['image-size']}px; plain loop: 1 process, "
+        f"{torch.get_num_threads()} torch threads; Flower: Ray actors of {simulation['client-resources-num-cpus']} CPU"
     )
     print(f"plain PyTorch FedAvg loop : {plain:7.1f} s  (accuracy {plain_acc:.3f})")
     print(f"Flower round loop         : {loop:7.1f} s  (accuracy {fl_acc:.3f})")

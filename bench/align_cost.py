@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from flcore import clip_teacher  # noqa: E402
 from flcore.experiment import prepare, server_data  # noqa: E402
 from server_app import launch  # noqa: E402
-from strategies import clip_teacher  # noqa: E402
 from strategies.alignment import compute_teacher_logits  # noqa: E402
 
 

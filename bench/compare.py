@@ -51,6 +51,7 @@ METHODS: dict[str, str] = {
     "tau-norm": "tau-norm=1.0",
     "ccvr": "strategy=ccvr",
     "creff": "strategy=creff",
+    "clip2fl": "strategy=clip2fl",
 }
 QUICK_METHODS = ("fedavg", "fedprox", "fedavgm", "fednova", "focal", "tau-norm")
 QUICK_CONFIG = (

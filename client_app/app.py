@@ -3,7 +3,7 @@
 A client uploads its model arrays and scalar metrics (with `num-examples` for weighting, and its
 `upload-bytes` and `peak-rss-mb`); only when the server's round config asks (`upload`, the CCVR and
 CReFF baselines) it adds class statistics of the received model in an `uploads` record. It never
-loads CLIP or the LLM.
+loads the LLM, and loads CLIP only when the round config asks for CLIP2FL's distillation (`kd-weight`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from flcore.experiment import client_batches, load_state, prepare, seeded_genera
 from flcore.losses import build_loss
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
-from flcore.training import TrainSettings, predict, train
+from flcore.training import ExtraLoss, TrainSettings, predict, train
 from flcore.uploads import RECORD as UPLOADS_RECORD
 from flcore.uploads import UPLOAD_KEY, client_upload
 
@@ -56,6 +56,16 @@ def _settings(cfg: Mapping, server_config: Mapping) -> TrainSettings:
     return TrainSettings.from_config({**local, **server_config})
 
 
+def _kd(cfg: Mapping, server_config: Mapping, partition_id: int) -> ExtraLoss | None:
+    """CLIP2FL's distillation term, only when the round config asks; only then is open_clip imported."""
+    if "kd-weight" not in server_config:
+        return None
+    from flcore.distill import distillation
+
+    dataset = prepare(cfg).dataset
+    return distillation(cfg, server_config, partition_id, dataset.classes, client_batches(cfg, partition_id).data)
+
+
 @app.train()
 def train_fn(msg: Message, context: Context) -> Message:
     cfg, partition_id, model = _setup(msg, context)
@@ -67,7 +77,9 @@ def train_fn(msg: Message, context: Context) -> Message:
     if UPLOAD_KEY in server_config:  # CCVR / CReFF: computed on the received global model, before training
         classes = prepare(cfg).dataset.num_classes
         extra[UPLOADS_RECORD] = client_upload(server_config, model, batches, classes)
-    metrics = train(model, batches, _settings(cfg, server_config), gen, build_loss(cfg))
+    metrics = train(
+        model, batches, _settings(cfg, server_config), gen, build_loss(cfg), _kd(cfg, server_config, partition_id)
+    )
     arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})
     record.update(cost_metrics(arrays, record, *extra.values()))
     reply = RecordDict({"arrays": arrays, "metrics": record, **extra})

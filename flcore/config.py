@@ -219,6 +219,15 @@ SCHEMA: dict[str, Option] = {
     "feature-lr": _opt(
         0.1, "Learning rate of the federated features (strategy=creff; CReFF 0.1).", _number(0, low_open=True)
     ),
+    # Issue 5: CLIP2FL (CReFF's server side + client-side distillation from the align-teacher CLIP).
+    "kd-weight": _opt(
+        1.0, "Weight of the client's CLIP distillation term (strategy=clip2fl; 0 = CReFF's client).", _number(0, 100)
+    ),
+    "kd-temperature": _opt(
+        3.0,
+        "Distillation temperature T; the KL term is scaled by T^2 (strategy=clip2fl; CLIP2FL 3).",
+        _number(0, 100, low_open=True),
+    ),
 }
 
 

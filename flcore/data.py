@@ -257,6 +257,13 @@ class Batches:
     def iterate(
         self, shuffle: bool = False, augment: bool = False, gen: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _, x, y in self.iterate_indexed(shuffle, augment, gen):
+            yield x, y
+
+    def iterate_indexed(
+        self, shuffle: bool = False, augment: bool = False, gen: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Like `iterate`, with each batch's positions in `data` first (per-example extras such as teacher logits)."""
         n = len(self.data)
         order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
         labels = torch.from_numpy(self.data.labels)
@@ -266,4 +273,4 @@ class Batches:
             if augment:
                 x = self._augment(x, gen)
             x = ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-            yield x, labels[idx]
+            yield idx, x, labels[idx]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +13,7 @@ from torch import nn
 from flcore.data import Batches
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ExtraLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, batch positions in the data) -> term
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,28 @@ class TrainSettings:
         )
 
 
+def _batches(batches: Batches, augment: bool, gen: torch.Generator, indexed: bool) -> Iterator[tuple]:
+    """Shuffled (positions, x, y); positions only when asked, so any object with `iterate` still trains."""
+    if indexed:
+        yield from batches.iterate_indexed(shuffle=True, augment=augment, gen=gen)
+    else:
+        for x, y in batches.iterate(shuffle=True, augment=augment, gen=gen):
+            yield None, x, y
+
+
 def train(
-    model: nn.Module, batches: Batches, settings: TrainSettings, gen: torch.Generator, loss_fn: LossFn = F.cross_entropy
+    model: nn.Module,
+    batches: Batches,
+    settings: TrainSettings,
+    gen: torch.Generator,
+    loss_fn: LossFn = F.cross_entropy,
+    extra_loss: ExtraLoss | None = None,
 ) -> dict[str, float]:
-    """Plain SGD over the client's data; with proximal_mu > 0 adds FedProx's (mu/2)||w - w_global||^2."""
+    """Plain SGD over the client's data; with proximal_mu > 0 adds FedProx's (mu/2)||w - w_global||^2.
+
+    `extra_loss` gets the logits and the batch's positions in the data, so a per-example term (CLIP2FL's
+    distillation from cached teacher logits) is added without changing the loss signature of other callers.
+    """
     model.train()
     opt = torch.optim.SGD(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
@@ -49,9 +68,11 @@ def train(
     anchor = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else None
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     for _ in range(settings.epochs):
-        for x, y in batches.iterate(shuffle=True, augment=settings.augment, gen=gen):
+        for idx, x, y in _batches(batches, settings.augment, gen, indexed=extra_loss is not None):
             logits = model(x)
             loss = loss_fn(logits, y)
+            if extra_loss is not None:
+                loss = loss + extra_loss(logits, idx)
             if anchor is not None:
                 loss = loss + 0.5 * settings.proximal_mu * sum(
                     (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)

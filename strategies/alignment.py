@@ -225,7 +225,7 @@ def teacher_embed_dim(cfg: Mapping) -> int:
 
 
 def _cache_key(cfg: Mapping, align_idx: np.ndarray, split: str) -> str:
-    from strategies.clip_teacher import TEMPLATES, TINY_SEED, tiny_config
+    from flcore.clip_teacher import TEMPLATES, TINY_SEED, tiny_config
 
     name, pretrained = str(cfg["align-teacher"]), str(cfg["align-pretrained"])
     weights = Path(pretrained).expanduser()
@@ -242,7 +242,7 @@ def _cache_key(cfg: Mapping, align_idx: np.ndarray, split: str) -> str:
 
 def compute_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet, align_idx: np.ndarray) -> TeacherLogits:
     """q for D_align and test logits, from the disk cache or by one teacher forward over each set."""
-    from strategies import clip_teacher
+    from flcore import clip_teacher
 
     cache = Path(str(cfg["output-dir"])).expanduser() / "teacher-cache"
     files = {split: cache / f"{_cache_key(cfg, align_idx, split)}.pt" for split in ("align", "test")}
@@ -397,7 +397,7 @@ def check_inputs(cfg: Mapping, dataset: Dataset, align_idx: np.ndarray) -> Teach
         )
     check_class_names(dataset.classes)
     if cfg["align-teacher"] != "tiny":
-        from strategies.clip_teacher import resolve_weights
+        from flcore.clip_teacher import resolve_weights
 
         resolve_weights(str(cfg["align-teacher"]), str(cfg["align-pretrained"]))
     return None

@@ -14,6 +14,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, Strategy
 
 from pretrain.stage import pretrain_stage
 from strategies.alignment import alignment_stages
+from strategies.clip2fl import with_distillation
 from strategies.fednova import FedNova
 from strategies.posthoc import tau_norm_stage
 from strategies.stages import RoundStage, ServerContext, ServerStages, Stages
@@ -74,6 +75,11 @@ def creff(cfg: Mapping) -> Strategy:
     )
 
 
+def clip2fl(cfg: Mapping) -> Strategy:
+    """CReFF's server plus CLIP distillation on the clients (strategies/clip2fl.py, flcore/distill.py)."""
+    return with_distillation(creff(cfg), cfg)
+
+
 STRATEGIES: dict[str, StrategyFactory] = {
     "fedavg": fedavg,
     "fedprox": fedprox,
@@ -81,6 +87,7 @@ STRATEGIES: dict[str, StrategyFactory] = {
     "fednova": fednova,
     "ccvr": ccvr,
     "creff": creff,
+    "clip2fl": clip2fl,
 }
 
 # Server stages in the order they run: stage 1 (pretraining) before round 1, stage 3 (alignment) after

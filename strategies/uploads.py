@@ -176,7 +176,12 @@ def describe(cfg: Mapping) -> dict[str, str]:
             "; last round also: per-class feature count, mean [C, D] and covariance [C, D, D] under the global model"
         )
         runs += "; last round also a feature pass over its data with the received global model"
-    if strategy == "creff":
+    if strategy in ("creff", "clip2fl"):
         per_round += "; every round also: per-class classifier gradients [C, C, D] + [C, C] and class counts"
         runs += "; every round also a feature pass and per-class CE gradients of the global classifier"
+    if strategy == "clip2fl":
+        runs += (
+            f"; CLIP teacher {cfg['align-teacher']} ({cfg['align-pretrained']}) ON THE CLIENT: one zero-shot forward "
+            f"over its partition (cached), KD term weight {cfg['kd-weight']} at temperature {cfg['kd-temperature']}"
+        )
     return {"client-uploads": per_round, "client-runs": runs}

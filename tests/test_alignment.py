@@ -15,6 +15,7 @@ import torch
 from flwr.app import MetricRecord
 from flwr.serverapp.strategy import FedProx
 
+from flcore import clip_teacher
 from flcore.config import ConfigError, validate
 from flcore.data import Batches
 from flcore.experiment import load_record, prepare, server_data, to_record
@@ -24,7 +25,7 @@ from flcore.reports import RunReport
 from flcore.training import TrainSettings, predict, train
 from server_app import app as server_app
 from server_app import launch
-from strategies import alignment, clip_teacher, registry
+from strategies import alignment, registry
 from strategies.alignment import AlignSettings, alignment_stages, fine_tune
 from strategies.stages import ServerContext, ServerStages
 from tests.conftest import ClientAppGrid

@@ -313,3 +313,83 @@ def test_creff_server_sends_its_head_and_replaces_the_classifier_after_matching(
     (msg, *_) = strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid())
     sent = msg.content["arrays"].to_torch_state_dict()
     assert torch.allclose(sent["classifier.weight"], torch.full((3, 5), 2.0))  # clients train the plain FedAvg model
+
+
+KD = {"kd-weight": 1.0, "kd-temperature": 3.0}
+
+
+@pytest.fixture
+def counted_teacher(monkeypatch):
+    """Counts CLIP forwards over a client's partition; the teacher is the tiny open_clip config, RANDOM weights."""
+    from flcore import clip_teacher, distill
+
+    monkeypatch.setattr(distill, "_CACHE", {})
+    calls = []
+    real = clip_teacher.zero_shot_logits
+
+    def counting(teacher, classes, images):
+        calls.append(len(images))
+        return real(teacher, classes, images)
+
+    monkeypatch.setattr(clip_teacher, "zero_shot_logits", counting)
+    print("CLIP2FL teacher: tiny open_clip config with RANDOM weights")
+    return calls
+
+
+def test_clip2fl_with_zero_kd_weight_trains_exactly_like_creff(counted_teacher):
+    creff = client_train({"strategy": "creff"}, {"upload": "class-gradients"})
+    zero = client_train(
+        {"strategy": "clip2fl", "kd-weight": 0.0}, {"upload": "class-gradients", **KD, "kd-weight": 0.0}
+    )
+    kd = client_train({"strategy": "clip2fl"}, {"upload": "class-gradients", **KD})
+    assert counted_teacher  # the teacher did run for kd-weight 0: the term is there, weighted 0
+    assert all(torch.equal(a, b) for a, b in zip(weights(creff).values(), weights(zero).values(), strict=True))
+    assert not torch.allclose(weights(creff)["classifier.weight"], weights(kd)["classifier.weight"])
+    assert kd.content["metrics"]["train-loss"] > creff.content["metrics"]["train-loss"]  # CE + a positive KL term
+
+
+def test_clip2fl_teacher_runs_once_per_client_process_across_rounds(counted_teacher):
+    first = client_train({"strategy": "clip2fl"}, KD)
+    second = client_train({"strategy": "clip2fl"}, {**KD, "server-round": 2}, model_seed=1)
+    assert counted_teacher == [first.content["metrics"]["num-examples"]]
+    assert second.content["metrics"]["num-examples"] == counted_teacher[0]
+
+
+def test_kd_loss_is_zero_for_equal_logits_and_scales_with_t_squared():
+    from flcore.distill import kd_loss
+
+    gen = torch.Generator().manual_seed(0)
+    p, q = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen)
+    assert kd_loss(p, p, 3.0).abs() < 1e-6
+    by_hand = (F.softmax(q / 3, 1) * (F.log_softmax(q / 3, 1) - F.log_softmax(p / 3, 1))).sum(1).mean() * 9
+    assert torch.allclose(kd_loss(p, q, 3.0), by_hand, atol=1e-6)
+
+
+def test_clip2fl_server_asks_for_gradients_and_distillation_every_round_and_describes_it():
+    from strategies.uploads import describe
+
+    cfg = cfg_of(strategy="clip2fl", kd_weight=0.5, kd_temperature=2.0)
+    strategy = build_strategy(cfg)
+    glob = {"classifier.weight": torch.zeros(3, 5), "classifier.bias": torch.zeros(3)}
+    for rnd in (1, 2):
+        (msg, *_) = strategy.configure_train(rnd, ArrayRecord(glob), ConfigRecord({"lr": 0.1}), FakeGrid())
+        config = msg.content["config"]
+        assert config["kd-weight"] == 0.5 and config["kd-temperature"] == 2.0
+        assert config["upload"] == "class-gradients" and config["lr"] == 0.1
+    runs = describe(cfg)["client-runs"]
+    assert "CLIP teacher tiny" in runs and "ON THE CLIENT" in runs and "per-class CE gradients" in runs
+    assert "CLIP" not in describe(cfg_of(strategy="creff"))["client-runs"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hint"),
+    [({"kd-weight": -1.0}, ">= 0"), ({"kd-temperature": 0.0}, "> 0"), ({"kd-temperature": "hot"}, "expected float")],
+)
+def test_bad_clip2fl_settings_name_what_is_allowed(overrides, hint):
+    with pytest.raises(ConfigError, match=f"kd-.*{hint}"):
+        validate({"strategy": "clip2fl", **overrides}, choices={"strategy": STRATEGIES})
+
+
+def test_client_rejects_a_bad_distillation_round_config_before_training():
+    with pytest.raises(ValueError, match="kd-temperature = 0.0 must be > 0"):
+        client_train({"strategy": "clip2fl"}, {**KD, "kd-temperature": 0.0})

@@ -1,4 +1,4 @@
-"""The zero-shot CLIP teacher of stage 3, server side only (a client never imports this module).
+"""The zero-shot CLIP teacher: stage 3 on the server, and CLIP2FL's client distillation (imported lazily there).
 
 `load_teacher` builds an open_clip model, its eval transform and tokenizer through
 `open_clip.create_model_and_transforms` for either a real model (LLaVA-1.5's vision tower, ViT-L-14-336

@@ -1,0 +1,34 @@
+"""CLIP2FL (Shi et al., 2024): CReFF's server side plus CLIP knowledge distillation on every client.
+
+The server is CReFF's (`strategies.uploads.CReFFServer`: federated features matched to client class
+gradients, classifier re-trained on them). `RoundConfig` adds `kd-weight` and `kd-temperature` to every
+round's train config; their presence is what makes a client run its CLIP teacher (`flcore.distill`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from flwr.app import ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from strategies.delegate import Delegating
+
+KD_KEYS = ("kd-weight", "kd-temperature")
+
+
+class RoundConfig(Delegating):
+    """Any strategy, with fixed entries added to every round's train config."""
+
+    def __init__(self, inner: Strategy, entries: Mapping[str, float]) -> None:
+        super().__init__(inner)
+        self.entries = dict(entries)
+
+    def configure_train(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, ConfigRecord({**config, **self.entries}), grid)
+
+
+def with_distillation(inner: Strategy, cfg: Mapping) -> Strategy:
+    """`inner` (CReFF) whose clients also distil from CLIP with the configured weight and temperature."""
+    return RoundConfig(inner, {key: float(cfg[key]) for key in KD_KEYS})

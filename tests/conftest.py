@@ -10,6 +10,22 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
+def teacher_calls(monkeypatch):
+    """Counts CLIP zero-shot forwards (one entry per call: its image count) without changing their results."""
+    from flcore import clip_teacher
+
+    calls = []
+    real = clip_teacher.zero_shot_logits
+
+    def counting(teacher, classes, images):
+        calls.append(len(images))
+        return real(teacher, classes, images)
+
+    monkeypatch.setattr(clip_teacher, "zero_shot_logits", counting)
+    return calls
+
+
+@pytest.fixture
 def flower_identity(monkeypatch):
     """Messages built outside a Flower runtime need the process's run/node identity, as the runtime sets it."""
     from flwr.supercore.task_identity import TaskIdentity

@@ -119,15 +119,8 @@ def test_kl_term_pulls_the_student_towards_the_teacher(tmp_path):
     assert kl_to_teacher(kl_model) < before < kl_to_teacher(ce_model)  # q disagrees with y here
 
 
-def test_teacher_runs_once_for_d_align_across_rounds_and_reruns(tmp_path, monkeypatch):
-    calls = []
-    real = clip_teacher.zero_shot_logits
-
-    def counting(teacher, classes, images):
-        calls.append(len(images))
-        return real(teacher, classes, images)
-
-    monkeypatch.setattr(clip_teacher, "zero_shot_logits", counting)
+def test_teacher_runs_once_for_d_align_across_rounds_and_reruns(tmp_path, teacher_calls):
+    calls = teacher_calls
     cfg = config(tmp_path, **{"num-server-rounds": 3, "eval-every": 5, "align-steps": 1})
     ctx = context(cfg)
     (stage,) = alignment_stages(cfg, ctx).after_aggregation

@@ -319,21 +319,13 @@ KD = {"kd-weight": 1.0, "kd-temperature": 3.0}
 
 
 @pytest.fixture
-def counted_teacher(monkeypatch):
+def counted_teacher(monkeypatch, teacher_calls):
     """Counts CLIP forwards over a client's partition; the teacher is the tiny open_clip config, RANDOM weights."""
-    from flcore import clip_teacher, distill
+    from flcore import distill
 
     monkeypatch.setattr(distill, "_CACHE", {})
-    calls = []
-    real = clip_teacher.zero_shot_logits
-
-    def counting(teacher, classes, images):
-        calls.append(len(images))
-        return real(teacher, classes, images)
-
-    monkeypatch.setattr(clip_teacher, "zero_shot_logits", counting)
     print("CLIP2FL teacher: tiny open_clip config with RANDOM weights")
-    return calls
+    return teacher_calls
 
 
 def test_clip2fl_with_zero_kd_weight_trains_exactly_like_creff(counted_teacher):

@@ -172,25 +172,34 @@ def process_tree(root: int) -> list[int]:
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Terminate a process and everything it started; kill what is still there after `grace` seconds."""
+    """Terminate a process and everything it started; SIGKILL what is still alive after `grace` seconds.
+
+    Returns once every process of the tree is gone (signals are delivered asynchronously, so it waits).
+    """
     tree = process_tree(proc.pid)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in reversed(tree):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
-        if not any(Path(f"/proc/{pid}").exists() and not _is_zombie(pid) for pid in tree):
+        if _wait_gone(proc, tree, grace):
             return
 
 
-def _is_zombie(pid: int) -> bool:
+def _wait_gone(proc: subprocess.Popen, tree: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()  # reap our own child so it does not linger as a zombie
+        if not any(_alive(pid) for pid in tree):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _alive(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
-        return True
+        return False
 
 
 def federation_config(simulation: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
+
+from flcore.arrays import ArrayProblem, read_numeric
 
 MAX_CONFIG_ENTRIES = 256
 MAX_CONFIG_STRING = 4096
@@ -48,28 +49,11 @@ def check_global(msg: Message, model_state: Mapping[str, torch.Tensor], max_mb: 
     size = sum(len(a.data) for a in arrays.values())
     if size > max_mb * 2**20:
         raise MessageRejected(f"the global model is {size / 2**20:.1f} MB; this client accepts at most {max_mb} MB.")
-    missing, extra = sorted(set(model_state) - set(arrays)), sorted(set(arrays) - set(model_state))
-    if missing or extra:
+    try:
+        values = read_numeric(arrays, {k: tuple(v.shape) for k, v in model_state.items()})
+    except ArrayProblem as err:
         raise MessageRejected(
-            f"the global model does not fit this client's model: missing {missing[:3]}, unexpected {extra[:3]} "
-            f"({len(missing)} missing, {len(extra)} unexpected); check that both sides use the same model settings."
-        )
-    out = {}
-    for key, expected in model_state.items():
-        if tuple(arrays[key].shape) != tuple(expected.shape):
-            raise MessageRejected(
-                f"global array '{key}' has shape {tuple(arrays[key].shape)}; this client's model has "
-                f"{tuple(expected.shape)}."
-            )
-        try:
-            value = arrays[key].numpy()
-        except (TypeError, ValueError) as err:
-            raise MessageRejected(f"global array '{key}' is not a plain NumPy array ({err}).") from err
-        if value.shape != tuple(expected.shape) or value.dtype.kind not in "biuf":
-            raise MessageRejected(
-                f"global array '{key}' holds {value.dtype} {value.shape}, not numbers of the model's shape."
-            )
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise MessageRejected(f"global array '{key}' contains NaN or Inf.")
-        out[key] = torch.from_numpy(value)
-    return out
+            f"the global model does not fit this client's model: {err}; check that both sides use the same model "
+            "settings."
+        ) from err
+    return {k: torch.from_numpy(v) for k, v in values.items()}

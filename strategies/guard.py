@@ -22,6 +22,8 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.common.logger import log
 
+from flcore.arrays import ArrayProblem, read_numeric
+
 WEIGHT_KEY = "num-examples"
 
 
@@ -32,26 +34,6 @@ class Screened:
     accepted: list[Message] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
     failed: list[tuple[int, str]] = field(default_factory=list)
-
-
-def _array_problem(arrays: ArrayRecord, reference: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str | None:
-    """Why these arrays cannot be averaged into a model with the reference's keys and shapes, or None."""
-    missing = sorted(set(reference) - set(arrays))
-    extra = sorted(set(arrays) - set(reference))
-    if missing or extra:
-        return f"array keys differ from the global model: missing {missing[:3]}, unexpected {extra[:3]}"
-    for key, (shape, dtype) in reference.items():
-        try:
-            value = arrays[key].numpy()
-        except (TypeError, ValueError) as err:
-            return f"array '{key}' cannot be read as a NumPy array ({err})"
-        if value.shape != shape:
-            return f"array '{key}' has shape {value.shape}, the global model has {shape}"
-        if value.dtype.kind not in "biuf":  # integer counters may come back as float64 from FedAvg, and back
-            return f"array '{key}' has dtype {value.dtype}, expected numbers like the global model's {dtype}"
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            return f"array '{key}' contains NaN or Inf"
-    return None
 
 
 def _reply_problem(reply: Message, reference: dict | None) -> str | None:
@@ -69,11 +51,17 @@ def _reply_problem(reply: Message, reference: dict | None) -> str | None:
     bad = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v, dtype=float)))]
     if bad:
         return f"metrics {bad[:3]} are NaN or Inf"
-    return _array_problem(arrays, reference) if reference is not None else None
+    if reference is None:
+        return None
+    try:
+        read_numeric(arrays, reference)
+    except ArrayProblem as err:
+        return f"{err} (global model)"
+    return None
 
 
-def _signature(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    return {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in arrays.items()}
+def _signature(arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(a.shape) for k, a in arrays.items()}
 
 
 def screen(replies: Iterable[Message], reference: ArrayRecord | None) -> Screened:

@@ -211,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = [int(x) for x in args.seeds.split(",")]
     base = parse_overrides([args.run_config]) if args.run_config else {}
     out = Path(args.out).resolve()
-    cells = [Cell(m, i, s, out / "cells" / m / f"if{i:g}" / f"seed{s}") for m in methods for i in ifs for s in seeds]
+    # Seed-major order: a grid stopped early still has every method and IF for its first seeds.
+    cells = [Cell(m, i, s, out / "cells" / m / f"if{i:g}" / f"seed{s}") for s in seeds for i in ifs for m in methods]
     t0 = time.perf_counter()
     for n, cell in enumerate(cells, 1):
         label = f"[{n}/{len(cells)}] {cell.method} IF {cell.imbalance:g} seed {cell.seed}"

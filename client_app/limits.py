@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from flcore.arrays import ArrayProblem, read_numeric
+from flcore.arrays import ArrayProblem, read_npy, read_numeric
 
 MAX_CONFIG_ENTRIES = 256
 MAX_CONFIG_STRING = 4096
@@ -33,20 +33,33 @@ def _record(msg: Message, key: str, kind: type) -> ArrayRecord | ConfigRecord:
     return record
 
 
-def check_config(config: ConfigRecord) -> None:
+def check_config(config: ConfigRecord) -> int:
+    """Bytes of the config's array payloads, after checking its size and that every payload is plain numbers.
+
+    A `bytes` entry is an `.npy` array (CReFF's classifier, for instance): it counts towards the message's
+    size budget instead of the per-entry cap that holds for strings and lists.
+    """
     if len(config) > MAX_CONFIG_ENTRIES:
         raise MessageRejected(f"the server's config has {len(config)} entries; at most {MAX_CONFIG_ENTRIES} allowed.")
+    payload = 0
     for key, value in config.items():
+        if isinstance(value, bytes):
+            try:
+                read_npy(key, value)
+            except ArrayProblem as err:
+                raise MessageRejected(f"the server's config {err}.") from err
+            payload += len(value)
+            continue
         values = value if isinstance(value, list) else [value]
         if sum(len(v) if isinstance(v, str | bytes) else 1 for v in values) > MAX_CONFIG_STRING:
             raise MessageRejected(f"the server's config entry '{key}' is larger than {MAX_CONFIG_STRING} items/bytes.")
+    return payload
 
 
 def check_global(msg: Message, model_state: Mapping[str, torch.Tensor], max_mb: float) -> dict[str, torch.Tensor]:
     """The message's global weights as tensors, after checking they fit this client's model; else MessageRejected."""
     arrays = _record(msg, "arrays", ArrayRecord)
-    check_config(_record(msg, "config", ConfigRecord))
-    size = sum(len(a.data) for a in arrays.values())
+    size = check_config(_record(msg, "config", ConfigRecord)) + sum(len(a.data) for a in arrays.values())
     if size > max_mb * 2**20:
         raise MessageRejected(f"the global model is {size / 2**20:.1f} MB; this client accepts at most {max_mb} MB.")
     try:

@@ -7,6 +7,7 @@ NumPy arrays (Flower reads them with `np.load(allow_pickle=False)`, so nothing i
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 
 import numpy as np
@@ -35,9 +36,24 @@ def read_numeric(arrays: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> 
             raise ArrayProblem(
                 f"array '{key}' cannot be read as a NumPy array: not a plain NumPy array ({err})"
             ) from err
-        if value.shape != tuple(shape) or value.dtype.kind not in "biuf":
-            raise ArrayProblem(f"array '{key}' holds {value.dtype} {value.shape}, not numbers of the model's shape")
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise ArrayProblem(f"array '{key}' contains NaN or Inf")
-        out[key] = value
+        if value.shape != tuple(shape):
+            raise ArrayProblem(f"array '{key}' holds {value.shape}, not the model's shape")
+        out[key] = _finite_numbers(key, value)
     return out
+
+
+def read_npy(key: str, data: bytes) -> np.ndarray:
+    """One `.npy` payload (an array sent inside a ConfigRecord) as finite numbers, or ArrayProblem."""
+    try:
+        value = np.load(io.BytesIO(data), allow_pickle=False)
+    except (TypeError, ValueError, OSError) as err:
+        raise ArrayProblem(f"entry '{key}' cannot be read as a NumPy array: not a plain .npy payload ({err})") from err
+    return _finite_numbers(key, value)
+
+
+def _finite_numbers(key: str, value: np.ndarray) -> np.ndarray:
+    if value.dtype.kind not in "biuf":
+        raise ArrayProblem(f"array '{key}' holds {value.dtype}, not numbers")
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise ArrayProblem(f"array '{key}' contains NaN or Inf")
+    return value

@@ -170,6 +170,12 @@ SCHEMA: dict[str, Option] = {
         "outputs/pretrain-cache", "Annotations, DWP checkpoints and cached pretrained backbones."
     ),
     # issue 6: fault tolerance, resume, limits
+    "max-empty-rounds": _opt(
+        3,
+        "Rounds in a row without one valid client update after which the run stops with the clients' errors "
+        "(0 = never).",
+        _number(0, integer=True),
+    ),
     "min-replies": _opt(
         1,
         "Valid client updates a round needs to be aggregated; with fewer the global model is kept as it was.",
@@ -192,7 +198,11 @@ SCHEMA: dict[str, Option] = {
     "server-momentum": _opt(
         0.97, "FedAvgM server momentum (strategy=fedavgm; CReFF's baseline 0.97).", _number(0, 0.999)
     ),
-    "server-lr": _opt(1.0, "FedAvgM server learning rate (strategy=fedavgm).", _number(0, 10, low_open=True)),
+    "server-lr": _opt(
+        0.03,
+        "FedAvgM server learning rate (strategy=fedavgm); 1 - momentum keeps FedAvg's effective step (Hsu et al.).",
+        _number(0, 10, low_open=True),
+    ),
     "loss": _choice("ce", "Client loss: ce (cross-entropy) or focal (Fed-Focal; focal with gamma 0 is ce).", LOSSES),
     "focal-gamma": _opt(2.0, "Focusing parameter gamma of the focal loss (loss=focal).", _number(0, 10)),
     "tau-norm": _opt(

@@ -117,5 +117,10 @@ def build_server_strategy(
         stages = factory(cfg, ctx)
         before += stages.before_training
         after += stages.after_aggregation
-    options = {"min_replies": int(cfg["min-replies"]), "seed": int(cfg["seed"]), **options}
+    options = {
+        "min_replies": int(cfg["min-replies"]),
+        "max_empty_rounds": int(cfg["max-empty-rounds"]),
+        "seed": int(cfg["seed"]),
+        **options,
+    }
     return ServerStages(build_strategy(cfg), before, after + list(observers), **options)

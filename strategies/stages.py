@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from strategies.delegate import Delegating
-from strategies.guard import screen
+from strategies.guard import Screened, screen
 from strategies.polling import PromptGrid
 from strategies.sampling import NodeOrder, OrderedGrid, seeded_random
 
@@ -71,6 +71,7 @@ class ServerStages(Delegating):
         after_aggregation: Sequence[RoundStage] = (),
         *,
         min_replies: int = 1,
+        max_empty_rounds: int = 0,
         seed: int = 0,
         round_offset: int = 0,
         on_round_end: RoundEnd | None = None,
@@ -80,6 +81,7 @@ class ServerStages(Delegating):
         self.before_training = list(before_training)
         self.after_aggregation = list(after_aggregation)
         self.min_replies, self.seed, self.round_offset = min_replies, seed, round_offset
+        self.max_empty_rounds, self._empty_rounds = max_empty_rounds, 0
         self.on_round_end = on_round_end
         self.nodes = NodeOrder(query_timeout)
         self._sent: int | None = None
@@ -124,6 +126,7 @@ class ServerStages(Delegating):
             "rejected": len(checked.rejected),
             "failed": len(checked.failed) + missing,
         }
+        self._stop_if_nothing_arrives(checked)
         if len(checked.accepted) < self.min_replies:
             log(
                 WARNING,
@@ -143,6 +146,17 @@ class ServerStages(Delegating):
         for stage in self.after_aggregation:
             arrays = stage(server_round, arrays, metrics)
         return arrays, metrics
+
+    def _stop_if_nothing_arrives(self, checked: Screened) -> None:
+        """A fault that hits every client (a bad setting, a rejected message) would otherwise let the run
+        finish round after round with the initial model and look like a result."""
+        self._empty_rounds = 0 if checked.accepted else self._empty_rounds + 1
+        if self.max_empty_rounds and self._empty_rounds >= self.max_empty_rounds:
+            reasons = [reason for _, reason in checked.failed + checked.rejected] or ["no reply arrived"]
+            raise RuntimeError(
+                f"{self._empty_rounds} rounds in a row without one valid client update (max-empty-rounds="
+                f"{self.max_empty_rounds}); last round's first problem: {reasons[0]}"
+            )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -172,3 +172,22 @@ def test_a_node_lost_for_good_does_not_block_later_rounds():
     strategy = ServerStages(build_strategy(cfg), after_aggregation=[record], seed=3)
     strategy.start(grid, ArrayRecord(GLOBAL), num_rounds=3)
     assert [rows[r]["replies"] for r in (1, 2, 3)] == [4, 3, 3]
+
+
+def test_rounds_without_any_valid_update_stop_the_run_after_max_empty_rounds():
+    """Every client failing (say, refusing the server's message) must not end as a 'finished' run."""
+    grid = FlakyGrid({1000 + i: i for i in range(4)}, seed=0, rate=1.0)
+    cfg = validate({"num-clients": 4, "fraction-train": 1.0}, choices={"strategy": STRATEGIES})
+    strategy = ServerStages(build_strategy(cfg), max_empty_rounds=2)
+    with pytest.raises(RuntimeError, match="2 rounds in a row without one valid client update.*injected"):
+        strategy.start(grid, ArrayRecord(GLOBAL), num_rounds=5)
+    assert grid.sent == 8  # stopped after round 2 of 5
+
+
+def test_an_empty_round_between_good_ones_does_not_stop_the_run():
+    guarded = ServerStages(build_strategy(validate({}, choices={"strategy": STRATEGIES})), max_empty_rounds=2)
+    guarded._global = ArrayRecord(GLOBAL)
+    good = reply(1, {"w": torch.ones(3), "b": torch.ones(2)})
+    for replies in ([error_reply(2)], [good], [error_reply(2)], [good]):
+        guarded.aggregate_train(1, replies)
+    assert guarded._empty_rounds == 0

@@ -7,8 +7,9 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client_app.limits import MessageRejected, check_global
+from client_app.limits import MAX_CONFIG_STRING, MessageRejected, check_global
 from flcore.models import build_model
+from flcore.uploads import npy_bytes
 from strategies.guard import screen
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -75,3 +76,18 @@ def test_pickled_payloads_are_refused_on_both_sides(state, capsys):
     checked = screen([reply], ArrayRecord(state))
     assert not checked.accepted and "cannot be read as a NumPy array" in checked.rejected[0][1]
     assert "unpickled!" not in capsys.readouterr().out
+
+
+def test_array_payloads_in_config_are_checked_and_count_towards_the_size_budget(state):
+    """CReFF sends its re-trained classifier as `.npy` bytes in the config: 512 x 10 floats exceed the string cap."""
+    head = npy_bytes(np.ones((10, 512), np.float32))
+    assert len(head) > MAX_CONFIG_STRING
+    check_global(train_msg(ArrayRecord(state), ConfigRecord({"upload-head-weight": head})), state, 64.0)
+    budget = (sum(v.numel() * v.element_size() for v in state.values()) + len(head) / 2) / 2**20
+    with pytest.raises(MessageRejected, match="accepts at most"):
+        check_global(train_msg(ArrayRecord(state), ConfigRecord({"upload-head-weight": head})), state, budget)
+    nan = npy_bytes(np.full((2, 2), np.nan, np.float32))
+    with pytest.raises(MessageRejected, match="'head' contains NaN or Inf"):
+        check_global(train_msg(ArrayRecord(state), ConfigRecord({"head": nan})), state, 64.0)
+    with pytest.raises(MessageRejected, match="'blob' cannot be read as a NumPy array"):
+        check_global(train_msg(ArrayRecord(state), ConfigRecord({"blob": pickled_array((2,)).data})), state, 64.0)

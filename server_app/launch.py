@@ -289,7 +289,15 @@ def run(overrides: Mapping[str, Any]) -> int:
     return code
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGTERM, and SIGINT even where a background shell ignores it, unwind through `run`'s `finally`, which
+    # stops the SuperLink and everything it started; the default action would leave them running.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--run-config", "-c", action="append", default=[], help="overrides: 'k=v k2=v2' or a TOML file; repeatable"

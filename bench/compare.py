@@ -14,8 +14,8 @@ writes, into <out>/:
 
 Usage:
     python bench/compare.py --quick
-    python bench/compare.py --ifs 100,50,10 --seeds 7,8,9 --run-config "num-server-rounds=40"
-    python bench/compare.py --methods fedavg,ours --method "ours=pretrain=true align=true"
+    python bench/compare.py --ifs 100,50,10 --seeds 7,8,9 --run-config "num-server-rounds=20"
+    python bench/compare.py --methods fedavg,ours --method "ours=pretrain=true align=true align-steps=4"
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ METHODS: dict[str, str] = {
     "ccvr": "strategy=ccvr",
     "creff": "strategy=creff",
     "clip2fl": "strategy=clip2fl",
+    "ours": "pretrain=true align=true",  # MLLM-LLaVA-FL: stage 1 + FedAvg + stage 3
+    "ours-no-align": "pretrain=true",
 }
 QUICK_METHODS = ("fedavg", "fedprox", "fedavgm", "fednova", "focal", "tau-norm")
 QUICK_CONFIG = (

@@ -166,12 +166,14 @@ def write_csv(results: list[dict], path: Path) -> None:
 def plot_curves(results: list[dict], methods: Sequence[str], ifs: Sequence[float], out: Path) -> None:
     for i in ifs:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for m in methods:
+        for k, m in enumerate(methods):
             curves = [dict(r["curve"]) for r in results if r["method"] == m and r["imbalance-factor"] == i]
             if not curves:
                 continue
             rounds = sorted(set.intersection(*(set(c) for c in curves)))
-            ax.plot(rounds, [statistics.fmean(c[x] for c in curves) for x in rounds], marker="o", ms=3, label=m)
+            mean = [statistics.fmean(c[x] for c in curves) for x in rounds]
+            # tab20: the default cycle has 10 colours and the grid has 11 methods
+            ax.plot(rounds, mean, marker="o", ms=3, color=plt.cm.tab20(k % 20), label=m)
         ax.set(xlabel="round", ylabel="test accuracy (mean over seeds)", ylim=(0, 1), title=f"IF {i:g}")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -191,6 +191,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-config", default="", help="overrides shared by every cell: 'k=v k2=v2'")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "compare"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="CI grid: tiny digits runs, 1 seed, IF 10/50")
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the table from the finished cells; run nothing"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.methods, args.ifs, args.seeds = args.methods or ",".join(QUICK_METHODS), "10,50", "7"
@@ -220,8 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     for n, cell in enumerate(cells, 1):
         label = f"[{n}/{len(cells)}] {cell.method} IF {cell.imbalance:g} seed {cell.seed}"
-        if cell.summary_path() is not None:
-            print(f"{label}: done before, skipped", flush=True)
+        if cell.summary_path() is not None or args.report_only:
+            print(f"{label}: {'done before' if cell.summary_path() else 'not run'}, skipped", flush=True)
             continue
         start = time.perf_counter()
         ok = run_cell(cell, {**base, **parse_overrides([methods_cfg[cell.method]])})
@@ -237,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_curves(results, methods, ifs, out)
     print(text)
     print(f"{len(results)}/{len(cells)} cells finished; grid wall time {time.perf_counter() - t0:.0f} s; see {out}")
-    return 0 if len(results) == len(cells) else 1
+    return 0 if len(results) == len(cells) or args.report_only else 1
 
 
 if __name__ == "__main__":

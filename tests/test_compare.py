@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from bench import compare
 
 
@@ -55,3 +57,12 @@ def test_finished_cells_are_not_rerun(tmp_path, monkeypatch):
     assert ran == [("fednova", 10.0, {"strategy": "fednova"})]
     assert "| fednova | **60.00 ± 0.00** |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "curves_if10.png").is_file()
+
+
+def test_report_only_tables_a_partial_grid_without_running(tmp_path, monkeypatch):
+    fake_cell(tmp_path / "cells", "fedavg", 10.0, 7, 0.5)
+    monkeypatch.setattr(compare, "run_cell", lambda cell, overrides: pytest.fail(f"ran {cell}"))
+    args = ["--methods", "fedavg,fednova", "--ifs", "10", "--seeds", "7", "--out", str(tmp_path), "--report-only"]
+    assert compare.main(args) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "| fedavg | **50.00 ± 0.00** |" in table and "fednova" not in table

@@ -223,8 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     for n, cell in enumerate(cells, 1):
         label = f"[{n}/{len(cells)}] {cell.method} IF {cell.imbalance:g} seed {cell.seed}"
-        if cell.summary_path() is not None or args.report_only:
-            print(f"{label}: {'done before' if cell.summary_path() else 'not run'}, skipped", flush=True)
+        done = cell.summary_path() is not None
+        if done or args.report_only:
+            print(f"{label}: {'done before' if done else 'not run'}, skipped", flush=True)
             continue
         start = time.perf_counter()
         ok = run_cell(cell, {**base, **parse_overrides([methods_cfg[cell.method]])})

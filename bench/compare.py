@@ -12,9 +12,14 @@ writes, into <out>/:
 - `results.csv`: one line per cell;
 - `curves_if<IF>.png`: test accuracy per round, mean over seeds, one line per method.
 
+`--include results.csv` fills cells of this grid that have no finished run here with the rows of an
+earlier grid's CSV (another session or machine), so a grid can be finished where its cell folders are
+gone; included rows carry no per-round curve, so the plots show only the cells run here.
+
 Usage:
     python bench/compare.py --quick
     python bench/compare.py --ifs 100,50,10 --seeds 7,8,9 --run-config "num-server-rounds=20"
+    python bench/compare.py --ifs 10 --include bench/results/compare-full/results.csv --report-only
     python bench/compare.py --methods fedavg,ours --method "ours=pretrain=true align=true align-steps=4"
 """
 
@@ -68,6 +73,10 @@ class Cell:
     seed: int
     dir: Path
 
+    @property
+    def key(self) -> tuple[str, float, int]:
+        return self.method, self.imbalance, self.seed
+
     def summary_path(self) -> Path | None:
         found = sorted(self.dir.glob("*/summary.json"))
         return found[-1] if found else None
@@ -119,6 +128,16 @@ def cell_result(cell: Cell) -> dict | None:
     }
 
 
+CSV_TEXT = ("method", "client-uploads", "client-runs")
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of an earlier grid's results.csv, typed like `cell_result` (without the curve)."""
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return [{k: v if k in CSV_TEXT else int(v) if k == "seed" else float(v) for k, v in row.items()} for row in rows]
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -166,10 +185,14 @@ def write_csv(results: list[dict], path: Path) -> None:
 def plot_curves(results: list[dict], methods: Sequence[str], ifs: Sequence[float], out: Path) -> None:
     for i in ifs:
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        lines = 0
         for k, m in enumerate(methods):
-            curves = [dict(r["curve"]) for r in results if r["method"] == m and r["imbalance-factor"] == i]
+            curves = [
+                dict(r["curve"]) for r in results if r["method"] == m and r["imbalance-factor"] == i and "curve" in r
+            ]
             if not curves:
                 continue
+            lines += 1
             rounds = sorted(set.intersection(*(set(c) for c in curves)))
             mean = [statistics.fmean(c[x] for c in curves) for x in rounds]
             # tab20: the default cycle has 10 colours and the grid has 11 methods
@@ -178,7 +201,8 @@ def plot_curves(results: list[dict], methods: Sequence[str], ifs: Sequence[float
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / f"curves_if{i:g}.png", dpi=110)
+        if lines:
+            fig.savefig(out / f"curves_if{i:g}.png", dpi=110)
         plt.close(fig)
 
 
@@ -190,6 +214,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="7,8,9", help="comma-separated seeds")
     parser.add_argument("--run-config", default="", help="overrides shared by every cell: 'k=v k2=v2'")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "compare"), help="output folder")
+    parser.add_argument(
+        "--include", action="append", default=[], type=Path, help="earlier results.csv filling cells not run here"
+    )
     parser.add_argument("--quick", action="store_true", help="CI grid: tiny digits runs, 1 seed, IF 10/50")
     parser.add_argument(
         "--report-only", action="store_true", help="write the table from the finished cells; run nothing"
@@ -203,6 +230,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def included(paths: Sequence[Path], cells: Sequence[Cell]) -> dict[tuple, dict]:
+    """Rows of earlier CSVs for the given cells, by (method, IF, seed); the first CSV wins a tie."""
+    wanted = {c.key for c in cells}
+    rows: dict[tuple, dict] = {}
+    for path in paths:
+        for row in read_csv(path):
+            key = (row["method"], row["imbalance-factor"], row["seed"])
+            if key in wanted:
+                rows.setdefault(key, row)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     methods_cfg = dict(METHODS)
@@ -214,24 +253,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown method(s) {unknown}; known: {', '.join(methods_cfg)}", file=sys.stderr)
         return 2
+    missing = [str(p) for p in args.include if not p.is_file()]
+    if missing:
+        print(f"error: --include: no such file(s) {missing}", file=sys.stderr)
+        return 2
     ifs = [float(x) for x in args.ifs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     base = parse_overrides([args.run_config]) if args.run_config else {}
     out = Path(args.out).resolve()
     # Seed-major order: a grid stopped early still has every method and IF for its first seeds.
     cells = [Cell(m, i, s, out / "cells" / m / f"if{i:g}" / f"seed{s}") for s in seeds for i in ifs for m in methods]
+    borrowed = included(args.include, [c for c in cells if c.summary_path() is None])
     t0 = time.perf_counter()
     for n, cell in enumerate(cells, 1):
         label = f"[{n}/{len(cells)}] {cell.method} IF {cell.imbalance:g} seed {cell.seed}"
         done = cell.summary_path() is not None
-        if done or args.report_only:
-            print(f"{label}: {'done before' if done else 'not run'}, skipped", flush=True)
+        if done or args.report_only or cell.key in borrowed:
+            how = "done before" if done else "from --include" if cell.key in borrowed else "not run"
+            print(f"{label}: {how}, skipped", flush=True)
             continue
         start = time.perf_counter()
         ok = run_cell(cell, {**base, **parse_overrides([methods_cfg[cell.method]])})
         status = "ok" if ok else f"FAILED (see {cell.dir / 'launch.log'})"
         print(f"{label}: {status} in {time.perf_counter() - start:.0f} s", flush=True)
-    results = [r for r in map(cell_result, cells) if r is not None]
+    results = [cell_result(c) or borrowed.get(c.key) for c in cells]
+    results = [r for r in results if r is not None]
     if not results:
         print("error: no cell finished", file=sys.stderr)
         return 1

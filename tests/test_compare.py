@@ -66,3 +66,18 @@ def test_report_only_tables_a_partial_grid_without_running(tmp_path, monkeypatch
     assert compare.main(args) == 0
     table = (tmp_path / "table.md").read_text()
     assert "| fedavg | **50.00 ± 0.00** |" in table and "fednova" not in table
+
+
+def test_include_fills_cells_from_an_earlier_csv_and_local_cells_win(tmp_path, monkeypatch):
+    earlier = tmp_path / "earlier"
+    results = [compare.cell_result(fake_cell(earlier, "fedavg", i, 7, a)) for i, a in ((10.0, 0.2), (50.0, 0.3))]
+    compare.write_csv(results, tmp_path / "earlier.csv")
+    fake_cell(tmp_path / "cells", "fedavg", 10.0, 7, 0.9)
+    monkeypatch.setattr(compare, "run_cell", lambda cell, overrides: pytest.fail(f"ran {cell}"))
+    base = ["--methods", "fedavg", "--ifs", "10,50", "--seeds", "7", "--out", str(tmp_path)]
+    assert compare.main([*base, "--include", str(tmp_path / "missing.csv")]) == 2
+    assert compare.main([*base, "--include", str(tmp_path / "earlier.csv")]) == 0
+    assert "| fedavg | **90.00 ± 0.00** | **30.00 ± 0.00** |" in (tmp_path / "table.md").read_text()
+    rows = compare.read_csv(tmp_path / "results.csv")
+    assert [(r["imbalance-factor"], r["seed"], r["accuracy"]) for r in rows] == [(10.0, 7, 0.9), (50.0, 7, 0.3)]
+    assert (tmp_path / "curves_if10.png").is_file() and not (tmp_path / "curves_if50.png").exists()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from flwr.app import ConfigRecord
 from torch import nn
 
+from flcore.arrays import read_npy
 from flcore.data import Batches
 
 UPLOAD_KEY = "upload"  # train-config key naming the requested upload
@@ -32,7 +33,8 @@ def encode(arrays: Mapping[str, np.ndarray]) -> ConfigRecord:
 
 
 def decode(record: ConfigRecord) -> Uploads:
-    return {k: np.load(io.BytesIO(v), allow_pickle=False) for k, v in record.items()}
+    """The arrays of an upload (or of the server's head); `ArrayProblem` if one is not finite numeric `.npy`."""
+    return {k: read_npy(k, v) for k, v in record.items()}
 
 
 def npy_bytes(value: np.ndarray) -> bytes:
@@ -114,5 +116,5 @@ def client_upload(server_config: Mapping, model: torch.nn.Module, batches, num_c
         raise ValueError(f"server asked for upload {name!r}; this client knows {', '.join(CLIENT_UPLOADS)}")
     head = None
     if HEAD_KEYS["weight"] in server_config:
-        head = {k: torch.from_numpy(np.load(io.BytesIO(server_config[v]))) for k, v in HEAD_KEYS.items()}
+        head = {k: torch.from_numpy(read_npy(v, server_config[v])) for k, v in HEAD_KEYS.items()}
     return encode(CLIENT_UPLOADS[name](model, batches, num_classes, head))

@@ -13,7 +13,7 @@ What each method uploads and runs on the client is written to the run summary (`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flcore.arrays import ArrayProblem
 from flcore.uploads import HEAD_KEYS, RECORD, UPLOAD_KEY, Uploads, decode, npy_bytes
 from strategies.calibration import FederatedFeatures, pooled_gaussians, retrain_classifier, sample_virtual_features
 from strategies.delegate import Delegating
@@ -69,15 +70,41 @@ class ClientUploads(Delegating):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        if not self.in_round(server_round):
+            return self.inner.aggregate_train(server_round, replies)
+        replies, uploads = self._read_uploads(server_round, replies)
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        if arrays is None or not self.in_round(server_round):
+        if arrays is None:
             return arrays, metrics
         self.aggregated = arrays
-        uploads = [decode(r.content[RECORD]) for r in replies if not r.has_error() and RECORD in r.content]
         if not uploads:
             raise RuntimeError(f"round {server_round}: no client sent the '{self.upload}' upload")
         metrics = MetricRecord() if metrics is None else metrics
         return self.calibrate(server_round, self.sent, arrays, uploads, metrics), metrics
+
+    def _read_uploads(self, server_round: int, replies: list[Message]) -> tuple[list[Message], list[Uploads]]:
+        """Each reply's upload as arrays. A reply whose upload is missing or is not finite numeric `.npy`
+        is dropped whole (its weights are not averaged either): one bad client must not stop calibration."""
+        kept, uploads = [], []
+        for reply in replies:
+            if reply.has_error():
+                kept.append(reply)
+                continue
+            try:
+                uploads.append(decode(reply.content[RECORD]))
+            except (KeyError, ArrayProblem) as err:
+                node = reply.metadata.src_node_id
+                log(
+                    WARNING,
+                    "round %s: node %s: '%s' upload refused, update not averaged: %s",
+                    server_round,
+                    node,
+                    self.upload,
+                    err,
+                )
+                continue
+            kept.append(reply)
+        return kept, uploads
 
 
 def with_classifier(arrays: ArrayRecord, weight: torch.Tensor, bias: torch.Tensor) -> ArrayRecord:

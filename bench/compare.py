@@ -183,26 +183,27 @@ def write_csv(results: list[dict], path: Path) -> None:
 
 
 def plot_curves(results: list[dict], methods: Sequence[str], ifs: Sequence[float], out: Path) -> None:
+    """One plot per IF of the cells run here (rows from --include have no curve; an IF without any gets no plot)."""
     for i in ifs:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        lines = 0
-        for k, m in enumerate(methods):
+        series = {}
+        for m in methods:
             curves = [
-                dict(r["curve"]) for r in results if r["method"] == m and r["imbalance-factor"] == i and "curve" in r
+                dict(r["curve"]) for r in results if (r["method"], r["imbalance-factor"]) == (m, i) and "curve" in r
             ]
-            if not curves:
-                continue
-            lines += 1
-            rounds = sorted(set.intersection(*(set(c) for c in curves)))
-            mean = [statistics.fmean(c[x] for c in curves) for x in rounds]
+            if curves:
+                rounds = sorted(set.intersection(*(set(c) for c in curves)))
+                series[m] = (rounds, [statistics.fmean(c[x] for c in curves) for x in rounds])
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m, (rounds, mean) in series.items():
             # tab20: the default cycle has 10 colours and the grid has 11 methods
-            ax.plot(rounds, mean, marker="o", ms=3, color=plt.cm.tab20(k % 20), label=m)
+            ax.plot(rounds, mean, marker="o", ms=3, color=plt.cm.tab20(methods.index(m) % 20), label=m)
         ax.set(xlabel="round", ylabel="test accuracy (mean over seeds)", ylim=(0, 1), title=f"IF {i:g}")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        if lines:
-            fig.savefig(out / f"curves_if{i:g}.png", dpi=110)
+        fig.savefig(out / f"curves_if{i:g}.png", dpi=110)
         plt.close(fig)
 
 

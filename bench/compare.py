@@ -14,7 +14,8 @@ writes, into <out>/:
 
 `--include results.csv` fills cells of this grid that have no finished run here with the rows of an
 earlier grid's CSV (another session or machine), so a grid can be finished where its cell folders are
-gone; included rows carry no per-round curve, so the plots show only the cells run here.
+gone; the CSV keeps each cell's per-round curve, so included rows are plotted too (rows from CSVs
+written before the curve column are not).
 
 Usage:
     python bench/compare.py --quick
@@ -60,6 +61,7 @@ METHODS: dict[str, str] = {
     "ours": "pretrain=true align=true",  # MLLM-LLaVA-FL: stage 1 + FedAvg + stage 3
     "ours-no-align": "pretrain=true",
 }
+CURVE = "curve"  # a cell's per-round [round, accuracy] pairs, a JSON list in the CSV
 QUICK_METHODS = ("fedavg", "fedprox", "fedavgm", "fednova", "focal", "tau-norm")
 QUICK_CONFIG = (
     "num-clients=4 fraction-train=0.5 num-server-rounds=3 local-epochs=5 batch-size=16 image-size=8 projection-dim=64"
@@ -124,18 +126,27 @@ def cell_result(cell: Cell) -> dict | None:
         "wall-seconds": summary["wall-seconds"],
         "client-uploads": summary.get("client-uploads", ""),
         "client-runs": summary.get("client-runs", ""),
-        "curve": [(r["round"], r["accuracy"]) for r in rows],
+        CURVE: [(r["round"], r["accuracy"]) for r in rows],
     }
 
 
 CSV_TEXT = ("method", "client-uploads", "client-runs")
 
 
+def _typed(key: str, value: str) -> object:
+    if key in CSV_TEXT:
+        return value
+    if key == CURVE:
+        return [tuple(pair) for pair in json.loads(value)]
+    return int(value) if key == "seed" else float(value)
+
+
 def read_csv(path: Path) -> list[dict]:
-    """Rows of an earlier grid's results.csv, typed like `cell_result` (without the curve)."""
+    """Rows of an earlier grid's results.csv, typed like `cell_result` (CSVs older than the curve column,
+    or rows written from such CSVs, have no curve)."""
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    return [{k: v if k in CSV_TEXT else int(v) if k == "seed" else float(v) for k, v in row.items()} for row in rows]
+    return [{k: _typed(k, v) for k, v in row.items() if k != CURVE or v} for row in rows]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -175,21 +186,21 @@ def table(results: list[dict], methods: Sequence[str], ifs: Sequence[float]) -> 
 
 
 def write_csv(results: list[dict], path: Path) -> None:
-    keys = [k for k in results[0] if k != "curve"]
+    """One line per cell; the curve as JSON so that `--include` can plot it again."""
+    keys = [k for k in results[0] if k != CURVE] + [CURVE]
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
-        writer.writerows({k: r[k] for k in keys} for r in results)
+        writer.writerows({**r, CURVE: json.dumps(r[CURVE]) if CURVE in r else ""} for r in results)
 
 
 def plot_curves(results: list[dict], methods: Sequence[str], ifs: Sequence[float], out: Path) -> None:
-    """One plot per IF of the cells run here (rows from --include have no curve; an IF without any gets no plot)."""
+    """One plot per IF, mean over seeds per method; rows without a curve (from old CSVs) are left out,
+    and an IF without any curve gets no plot."""
     for i in ifs:
         series = {}
         for m in methods:
-            curves = [
-                dict(r["curve"]) for r in results if (r["method"], r["imbalance-factor"]) == (m, i) and "curve" in r
-            ]
+            curves = [dict(r[CURVE]) for r in results if (r["method"], r["imbalance-factor"]) == (m, i) and CURVE in r]
             if curves:
                 rounds = sorted(set.intersection(*(set(c) for c in curves)))
                 series[m] = (rounds, [statistics.fmean(c[x] for c in curves) for x in rounds])

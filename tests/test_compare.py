@@ -68,6 +68,16 @@ def test_report_only_tables_a_partial_grid_without_running(tmp_path, monkeypatch
     assert "| fedavg | **50.00 ± 0.00** |" in table and "fednova" not in table
 
 
+def test_csv_round_trips_the_cells_with_their_curves_and_reads_old_csvs_without(tmp_path):
+    results = [compare.cell_result(fake_cell(tmp_path, m, 10.0, 7, 0.25)) for m in ("fedavg", "focal")]
+    compare.write_csv(results, tmp_path / "r.csv")
+    assert compare.read_csv(tmp_path / "r.csv") == results
+    header, *lines = (tmp_path / "r.csv").read_text().splitlines()
+    old = [line.rsplit(',"[[', 1)[0] for line in lines]  # the curve is the last column, quoted JSON
+    (tmp_path / "old.csv").write_text("\n".join([header.removesuffix(",curve"), *old]) + "\n")
+    assert compare.read_csv(tmp_path / "old.csv") == [{k: v for k, v in r.items() if k != "curve"} for r in results]
+
+
 def test_include_fills_cells_from_an_earlier_csv_and_local_cells_win(tmp_path, monkeypatch):
     earlier = tmp_path / "earlier"
     results = [compare.cell_result(fake_cell(earlier, "fedavg", i, 7, a)) for i, a in ((10.0, 0.2), (50.0, 0.3))]
@@ -80,4 +90,9 @@ def test_include_fills_cells_from_an_earlier_csv_and_local_cells_win(tmp_path, m
     assert "| fedavg | **90.00 ± 0.00** | **30.00 ± 0.00** |" in (tmp_path / "table.md").read_text()
     rows = compare.read_csv(tmp_path / "results.csv")
     assert [(r["imbalance-factor"], r["seed"], r["accuracy"]) for r in rows] == [(10.0, 7, 0.9), (50.0, 7, 0.3)]
-    assert (tmp_path / "curves_if10.png").is_file() and not (tmp_path / "curves_if50.png").exists()
+    assert rows[1]["curve"] == results[1]["curve"]
+    assert (tmp_path / "curves_if50.png").is_file()
+    report = [*base[:3], "10,50,100", *base[4:], "--report-only", "--include", str(tmp_path / "earlier.csv")]
+    assert compare.main(report) == 0
+    assert "| **30.00 ± 0.00** | – |" in (tmp_path / "table.md").read_text()
+    assert not (tmp_path / "curves_if100.png").exists()

@@ -12,6 +12,7 @@ What each method uploads and runs on the client is written to the run summary (`
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
@@ -83,16 +84,22 @@ class ClientUploads(Delegating):
         return self.calibrate(server_round, self.sent, arrays, uploads, metrics), metrics
 
     def _read_uploads(self, server_round: int, replies: list[Message]) -> tuple[list[Message], list[Uploads]]:
-        """Each reply's upload as arrays. A reply whose upload is missing or is not finite numeric `.npy`
-        is dropped whole (its weights are not averaged either): one bad client must not stop calibration."""
-        kept, uploads = [], []
+        """Each reply's upload as arrays. A reply whose upload is missing, is not finite numeric `.npy`, or
+        has other keys or shapes than most clients' is dropped whole (its weights are not averaged either):
+        one bad client must not stop calibration."""
+        decoded: list[tuple[Message, Uploads | None, str]] = []
         for reply in replies:
-            if reply.has_error():
-                kept.append(reply)
-                continue
             try:
-                uploads.append(decode(reply.content[RECORD]))
+                decoded.append((reply, None if reply.has_error() else decode(reply.content[RECORD]), ""))
             except (KeyError, ArrayProblem) as err:
+                decoded.append((reply, None, str(err)))
+        shapes = [_shapes(u) for _, u, _ in decoded if u is not None]
+        common = Counter(shapes).most_common(1)[0][0] if shapes else None
+        kept, uploads = [], []
+        for reply, upload, problem in decoded:
+            if upload is not None and _shapes(upload) != common:
+                problem = f"arrays {dict(_shapes(upload))} differ from most clients' {dict(common)}"
+            if problem:
                 node = reply.metadata.src_node_id
                 log(
                     WARNING,
@@ -100,11 +107,17 @@ class ClientUploads(Delegating):
                     server_round,
                     node,
                     self.upload,
-                    err,
+                    problem,
                 )
                 continue
             kept.append(reply)
+            if upload is not None:
+                uploads.append(upload)
         return kept, uploads
+
+
+def _shapes(upload: Uploads) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple(sorted((k, v.shape) for k, v in upload.items()))
 
 
 def with_classifier(arrays: ArrayRecord, weight: torch.Tensor, bias: torch.Tensor) -> ArrayRecord:

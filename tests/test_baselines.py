@@ -264,7 +264,7 @@ def test_client_uploads_ask_in_chosen_rounds_and_calibrate_after_fedavg():
     assert torch.equal(arrays.to_torch_state_dict()["w"], torch.zeros(2))
 
 
-def test_a_reply_with_a_bad_upload_is_dropped_whole_and_the_round_goes_on():
+def test_a_reply_with_a_bad_or_misshapen_upload_is_dropped_whole_and_the_round_goes_on():
     from flcore.uploads import encode
     from strategies.uploads import ClientUploads
 
@@ -276,11 +276,12 @@ def test_a_reply_with_a_bad_upload_is_dropped_whole_and_the_round_goes_on():
 
     strategy = ClientUploads(build_strategy(cfg_of()), "feature-stats", lambda rnd: True, calibrate)
     strategy.configure_train(1, ArrayRecord({"w": torch.ones(2)}), ConfigRecord(), FakeGrid())
-    replies = [reply({"w": torch.full((2,), float(k))}, 1) for k in (1, 3, 50, 70, 90)]
+    replies = [reply({"w": torch.full((2,), float(k))}, 1) for k in (1, 3, 50, 70, 90, 110)]
     replies[0].content["uploads"] = encode({"x": np.full(2, 1.0)})
     replies[1].content["uploads"] = encode({"x": np.full(2, 3.0)})
     replies[2].content["uploads"] = encode({"x": np.array([1.0, np.nan])})
     replies[3].content["uploads"] = ConfigRecord({"x": b"not an npy payload"})
+    replies[5].content["uploads"] = encode({"x": np.ones(3)})  # finite, but not the shape the others sent
     arrays, _ = strategy.aggregate_train(1, replies)  # replies[4] sent no upload at all
     assert seen == [2.0, 6.0]
     assert torch.equal(arrays.to_torch_state_dict()["w"], torch.full((2,), 2.0))

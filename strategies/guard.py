@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.common.logger import log
 
-from flcore.arrays import ArrayProblem, read_numeric
+from flcore.arrays import ArrayProblem, read_npy, read_numeric
 
 WEIGHT_KEY = "num-examples"
 
@@ -60,6 +60,23 @@ def _reply_problem(reply: Message, reference: dict | None) -> str | None:
     return None
 
 
+def _metric_keys(reply: Message) -> tuple[str, ...]:
+    return tuple(sorted(next(iter(reply.content.metric_records.values())).keys()))
+
+
+def _upload_layout(reply: Message) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """Shapes of the `.npy` entries in the reply's ConfigRecords (CCVR/CReFF uploads), each read with the
+    checked reader: `ArrayProblem` if one is not finite numeric."""
+    return tuple(
+        sorted(
+            (name, key, read_npy(key, value).shape)
+            for name, record in reply.content.config_records.items()
+            for key, value in record.items()
+            if isinstance(value, bytes)
+        )
+    )
+
+
 def _signature(arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
     return {k: tuple(a.shape) for k, a in arrays.items()}
 
@@ -69,30 +86,35 @@ def screen(replies: Iterable[Message], reference: ArrayRecord | None) -> Screene
 
     `reference` is the global model sent this round; without it (unit use) the first well-formed reply
     serves as reference. Replies whose metric keys differ from the most common set are refused too, since
-    Flower's metric aggregation would raise on them.
+    Flower's metric aggregation would raise on them, and so are replies whose uploads (`.npy` entries of
+    their ConfigRecords: CCVR/CReFF statistics) are not finite numbers or have other keys or shapes than
+    most replies', since the server's calibration stacks them.
     """
     out = Screened()
     signature = _signature(reference) if reference is not None else None
+    candidates: list[tuple[Message, tuple, tuple]] = []  # reply, its metric keys, its upload arrays' shapes
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
             out.failed.append((node, f"error reply {reply.error.code}: {reply.error.reason}"))
             continue
         problem = _reply_problem(reply, signature)
+        if problem is None:
+            try:
+                candidates.append((reply, _metric_keys(reply), _upload_layout(reply)))
+            except ArrayProblem as err:
+                problem = f"{err} (upload)"
         if problem is None and signature is None:
             signature = _signature(next(iter(reply.content.array_records.values())))
-        if problem is None:
-            out.accepted.append(reply)
-        else:
+        if problem is not None:
             out.rejected.append((node, problem))
-    if out.accepted:
-        keysets = [frozenset(next(iter(r.content.metric_records.values())).keys()) for r in out.accepted]
-        common = Counter(keysets).most_common(1)[0][0]
-        for reply, keys in zip(list(out.accepted), keysets, strict=True):
-            if keys != common:
-                out.accepted.remove(reply)
-                reason = f"metric keys {sorted(keys)} differ from {sorted(common)}"
-                out.rejected.append((reply.metadata.src_node_id, reason))
+    for what, index in (("metric keys", 1), ("upload arrays", 2)):
+        common = Counter(c[index] for c in candidates).most_common(1)[0][0] if candidates else None
+        for c in candidates:
+            if c[index] != common:
+                out.rejected.append((c[0].metadata.src_node_id, f"{what} {list(c[index])} differ from {list(common)}"))
+        candidates = [c for c in candidates if c[index] == common]
+    out.accepted = [c[0] for c in candidates]
     for node, reason in out.failed:
         log(WARNING, "node %s failed this round: %s", node, reason)
     for node, reason in out.rejected:

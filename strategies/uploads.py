@@ -12,9 +12,8 @@ What each method uploads and runs on the client is written to the run summary (`
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
 import torch
@@ -23,7 +22,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from flcore.arrays import ArrayProblem
 from flcore.uploads import HEAD_KEYS, RECORD, UPLOAD_KEY, Uploads, decode, npy_bytes
 from strategies.calibration import FederatedFeatures, pooled_gaussians, retrain_classifier, sample_virtual_features
 from strategies.delegate import Delegating
@@ -71,53 +69,15 @@ class ClientUploads(Delegating):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        if not self.in_round(server_round):
-            return self.inner.aggregate_train(server_round, replies)
-        replies, uploads = self._read_uploads(server_round, replies)
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        if arrays is None:
+        if arrays is None or not self.in_round(server_round):
             return arrays, metrics
         self.aggregated = arrays
+        uploads = [decode(r.content[RECORD]) for r in replies if not r.has_error() and RECORD in r.content]
         if not uploads:
             raise RuntimeError(f"round {server_round}: no client sent the '{self.upload}' upload")
         metrics = MetricRecord() if metrics is None else metrics
         return self.calibrate(server_round, self.sent, arrays, uploads, metrics), metrics
-
-    def _read_uploads(self, server_round: int, replies: list[Message]) -> tuple[list[Message], list[Uploads]]:
-        """Each reply's upload as arrays. A reply whose upload is missing, is not finite numeric `.npy`, or
-        has other keys or shapes than most clients' is dropped whole (its weights are not averaged either):
-        one bad client must not stop calibration."""
-        decoded: list[tuple[Message, Uploads | None, str]] = []
-        for reply in replies:
-            try:
-                decoded.append((reply, None if reply.has_error() else decode(reply.content[RECORD]), ""))
-            except (KeyError, ArrayProblem) as err:
-                decoded.append((reply, None, str(err)))
-        shapes = [_shapes(u) for _, u, _ in decoded if u is not None]
-        common = Counter(shapes).most_common(1)[0][0] if shapes else None
-        kept, uploads = [], []
-        for reply, upload, problem in decoded:
-            if upload is not None and _shapes(upload) != common:
-                problem = f"arrays {dict(_shapes(upload))} differ from most clients' {dict(common)}"
-            if problem:
-                node = reply.metadata.src_node_id
-                log(
-                    WARNING,
-                    "round %s: node %s: '%s' upload refused, update not averaged: %s",
-                    server_round,
-                    node,
-                    self.upload,
-                    problem,
-                )
-                continue
-            kept.append(reply)
-            if upload is not None:
-                uploads.append(upload)
-        return kept, uploads
-
-
-def _shapes(upload: Uploads) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    return tuple(sorted((k, v.shape) for k, v in upload.items()))
 
 
 def with_classifier(arrays: ArrayRecord, weight: torch.Tensor, bias: torch.Tensor) -> ArrayRecord:

@@ -266,6 +266,7 @@ def test_client_uploads_ask_in_chosen_rounds_and_calibrate_after_fedavg():
 
 def test_a_reply_with_a_bad_or_misshapen_upload_is_dropped_whole_and_the_round_goes_on():
     from flcore.uploads import encode
+    from strategies.guard import screen
     from strategies.uploads import ClientUploads
 
     seen = []
@@ -282,7 +283,9 @@ def test_a_reply_with_a_bad_or_misshapen_upload_is_dropped_whole_and_the_round_g
     replies[2].content["uploads"] = encode({"x": np.array([1.0, np.nan])})
     replies[3].content["uploads"] = ConfigRecord({"x": b"not an npy payload"})
     replies[5].content["uploads"] = encode({"x": np.ones(3)})  # finite, but not the shape the others sent
-    arrays, _ = strategy.aggregate_train(1, replies)  # replies[4] sent no upload at all
+    checked = screen(replies, ArrayRecord({"w": torch.ones(2)}))  # replies[4] sent no upload at all
+    assert len(checked.rejected) == 4 and "upload" in checked.rejected[0][1]
+    arrays, _ = strategy.aggregate_train(1, checked.accepted)
     assert seen == [2.0, 6.0]
     assert torch.equal(arrays.to_torch_state_dict()["w"], torch.full((2,), 2.0))
 

@@ -243,7 +243,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def included(paths: Sequence[Path], cells: Sequence[Cell]) -> dict[tuple, dict]:
-    """Rows of earlier CSVs for the given cells, by (method, IF, seed); the first CSV wins a tie."""
+    """Rows of earlier CSVs for the grid's cells, by (method, IF, seed); the first CSV wins a tie."""
     wanted = {c.key for c in cells}
     rows: dict[tuple, dict] = {}
     for path in paths:
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out).resolve()
     # Seed-major order: a grid stopped early still has every method and IF for its first seeds.
     cells = [Cell(m, i, s, out / "cells" / m / f"if{i:g}" / f"seed{s}") for s in seeds for i in ifs for m in methods]
-    borrowed = included(args.include, [c for c in cells if c.summary_path() is None])
+    borrowed = included(args.include, cells)  # a cell finished here still wins over its borrowed row
     t0 = time.perf_counter()
     for n, cell in enumerate(cells, 1):
         label = f"[{n}/{len(cells)}] {cell.method} IF {cell.imbalance:g} seed {cell.seed}"

@@ -1,4 +1,5 @@
 # Quick start: `make run` (set up + run the offline default), `make test` (set up + run the tests).
+# `make test-fast` runs the unit tier alone (no end-to-end runs through real Flower processes).
 # Set RUN_CONFIG to override run-config keys, e.g. make run RUN_CONFIG="num-server-rounds=5 seed=1".
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-fast docs bench clean
 
 # torch/torchvision are pinned first so pip takes the wheels on this disk instead of downloading.
 $(STAMP): pyproject.toml
@@ -24,6 +25,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow"
+
+docs: $(STAMP)
+	$(PY) -m flcore.config_docs > docs/configuration.md
 
 bench: $(STAMP)
 	$(PY) bench/sim_overhead.py

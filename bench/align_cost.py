@@ -28,10 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flcore import clip_teacher  # noqa: E402
+from alignment import teacher as clip_teacher  # noqa: E402
+from alignment.logits import compute_teacher_logits  # noqa: E402
 from flcore.experiment import prepare, server_data  # noqa: E402
 from server_app import launch  # noqa: E402
-from strategies.alignment import compute_teacher_logits  # noqa: E402
 
 
 def teacher_cost(cfg: dict) -> tuple[float, float]:
@@ -52,7 +52,7 @@ def real_architecture_cost(cfg: dict) -> float:
 
     data = server_data(cfg)
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-L-14-336")
-    teacher = clip_teacher.Teacher(
+    teacher = clip_teacher.ClipTeacher(
         "ViT-L-14-336", "random", model.eval(), preprocess, open_clip.get_tokenizer("ViT-L-14-336"), 768, True
     )
     start = time.perf_counter()

@@ -16,6 +16,8 @@ from flwr.clientapp import ClientApp
 
 from client_app.faults import inject_failure, partition_reply
 from client_app.limits import check_global
+from flcore.class_statistics import RECORD as UPLOADS_RECORD
+from flcore.class_statistics import UPLOAD_KEY, client_upload
 from flcore.config import validate
 from flcore.costs import cost_metrics
 from flcore.experiment import client_batches, load_state, prepare, seeded_generator, to_record
@@ -23,8 +25,6 @@ from flcore.losses import build_loss
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
 from flcore.training import ExtraLoss, TrainSettings, predict, train
-from flcore.uploads import RECORD as UPLOADS_RECORD
-from flcore.uploads import UPLOAD_KEY, client_upload
 
 app = ClientApp()
 
@@ -60,7 +60,7 @@ def _kd(cfg: Mapping, server_config: Mapping, partition_id: int) -> ExtraLoss | 
     """CLIP2FL's distillation term, only when the round config asks; only then is open_clip imported."""
     if "kd-weight" not in server_config:
         return None
-    from flcore.distill import distillation
+    from client_app.distill import distillation
 
     dataset = prepare(cfg).dataset
     return distillation(cfg, server_config, partition_id, dataset.classes, client_batches(cfg, partition_id).data)

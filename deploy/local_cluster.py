@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides = {**launch.parse_overrides(args.run_config), "num-clients": args.nodes}
         cfg, sent = launch.resolve(overrides, defaults)
-        launch.preflight(cfg)
+        launch.check_before_start(cfg)
     except (launch.ConfigError, launch.DataNotFound) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 Every setting of a run is one kebab-case key of Flower's run config (`[tool.flwr.app.config]` in
 `pyproject.toml`, overridable with `flwr run . --run-config "k=v"`). The schema below is the single
-source of truth: the README table, the pyproject defaults and the validation all follow it, and tests
+source of truth: docs/configuration.md, the pyproject defaults and the validation all follow it, and tests
 check that they agree. Validation runs before any data is read or Ray is started, and names the key,
 the value and what is allowed.
 """
@@ -27,6 +27,11 @@ LOSSES = ("ce", "focal")
 
 class ConfigError(ValueError):
     """A run-config value is not allowed; the message names key, value and what is allowed."""
+
+
+class WeightsNotFound(ConfigError):
+    """A model's weights (LLaVA, CLIP) are not on this machine and nothing is downloaded: the message says
+    what to download and where to put it."""
 
 
 @dataclass(frozen=True)
@@ -66,179 +71,213 @@ def _choice(default: str, help: str, choices: Iterable[str]) -> Option:
     return Option(default, help, choices=tuple(choices))
 
 
-SCHEMA: dict[str, Option] = {
-    # data
-    "dataset": _choice(
-        "digits", "Dataset: digits (offline default), cifar10, cifar100, imagenet-lt, folder.", DATASETS
-    ),
-    "data-dir": _opt("", "Local data root (required for every dataset but digits; nothing is downloaded)."),
-    "image-size": _opt(
-        16, "Side of the model input in pixels (digits are upsampled to it).", _number(8, 1024, integer=True)
-    ),
-    "imbalance-factor": _opt(
-        10.0,
-        "Long-tail imbalance factor IF = n_max / n_min (1 = balanced; imagenet-lt must be 1: it ships long-tailed).",
-        _number(1),
-    ),
-    "dirichlet-alpha": _opt(
-        0.5, "Dirichlet concentration over clients (smaller = more heterogeneous).", _number(0, low_open=True)
-    ),
-    "num-clients": _opt(20, "Number of clients the long-tailed pool is split across.", _number(1, integer=True)),
-    "min-partition-size": _opt(
-        2, "Smallest client partition the Dirichlet split may produce (retried otherwise).", _number(0, integer=True)
-    ),
-    "align-per-class": _opt(
-        10,
-        "Images per class in the server's class-balanced set D_align (disjoint from clients).",
-        _number(1, integer=True),
-    ),
-    "many-threshold": _opt(100, "Classes with more training images than this are 'many'.", _number(0, integer=True)),
-    "few-threshold": _opt(20, "Classes with fewer training images than this are 'few'.", _number(0, integer=True)),
-    "augment": _opt(True, "Random-crop (and flip, for natural images) augmentation in local training."),
-    # model
-    "model": _choice("resnet8", "Client model backbone: resnet8 (32x32 inputs) or resnet50.", MODELS),
-    "projection-dim": _opt(
-        512,
-        "Width of the MLP projection after the backbone (teacher feature size: 512 ViT-B/32, 768 ViT-L/14).",
-        _number(1, integer=True),
-    ),
-    # federation
-    "strategy": _choice("fedavg", "Server strategy, from the registry in strategies/registry.py.", ()),
-    "num-server-rounds": _opt(40, "Federated rounds.", _number(1, integer=True)),
-    "fraction-train": _opt(0.4, "Fraction of clients sampled per round.", _number(0, 1, low_open=True)),
-    "round-timeout": _opt(3600.0, "Seconds the server waits for client replies per round.", _number(0, low_open=True)),
-    # local training
-    "local-epochs": _opt(5, "Local epochs per round.", _number(1, integer=True)),
-    "batch-size": _opt(32, "Local batch size.", _number(1, integer=True)),
-    "lr": _opt(0.1, "Local SGD learning rate.", _number(0, low_open=True)),
-    "momentum": _opt(0.0, "Local SGD momentum.", _number(0, 1)),
-    "weight-decay": _opt(0.0, "Local SGD weight decay.", _number(0)),
-    "seed": _opt(7, "Seed for data split, sampling, initialisation and training.", _number(0, integer=True)),
-    # evaluation and reports
-    "eval-every": _opt(
-        1, "Centralized evaluation every N rounds (the last round is always evaluated).", _number(1, integer=True)
-    ),
-    "eval-batch-size": _opt(500, "Batch size of centralized evaluation.", _number(1, integer=True)),
-    "output-dir": _opt("outputs", "Folder that receives outputs/<run-id>/ reports."),
-    # issue 7: stage 3, CLIP-supervised global alignment after aggregation (strategies/alignment.py)
-    "align": _opt(False, "Stage 3: fine-tune the aggregated model on D_align with CE + beta*KL(q||p) each round."),
-    "align-teacher": _opt(
-        "tiny", "Zero-shot CLIP teacher: an open_clip model name (paper: ViT-L-14-336) or tiny (random weights)."
-    ),
-    "align-pretrained": _opt("openai", "Teacher weights: an open_clip tag found in the local cache, or a file path."),
-    "align-logits-file": _opt("", "Teacher logits q for D_align computed elsewhere (.pt or .npy, [|D_align|, C])."),
-    "align-beta": _opt(
-        1.0, "Weight beta of the KL term (0 = CE only; forced to 0 for the random tiny teacher).", _number(0)
-    ),
-    "align-temperature": _opt(
-        3.0, "Distillation temperature T (KL on softmax(./T), scaled by T^2).", _number(0, low_open=True)
-    ),
-    "align-steps": _opt(
-        2, "SGD steps on D_align per alignment (shuffled batches, cycling over D_align).", _number(1, integer=True)
-    ),
-    "align-lr": _opt(0.01, "SGD learning rate of the alignment fine-tuning.", _number(0, low_open=True)),
-    "align-batch-size": _opt(32, "Batch size of the alignment fine-tuning.", _number(1, integer=True)),
-    "align-when": _choice("every-round", "Align after every aggregation or only after the last one.", ALIGN_WHEN),
-    "align-loss": _choice("ce+kl", "Alignment loss: ce+kl (the paper), ce (beta = 0), kl (KL only).", ALIGN_LOSSES),
-    # issue 4: stage 1, server-side global multimodal pretraining (pretrain/)
-    "pretrain": _opt(False, "Stage 1: start round 1 from a backbone pretrained with DWP through a frozen LLaVA."),
-    "pretrain-teacher": _opt(
-        "tiny", "LLaVA teacher: 'tiny' (random, offline) or a model id in the local HF cache or a local folder."
-    ),
-    "pretrain-data": _opt(
-        "digits",
-        "Pretraining images: 'digits' (offline stand-in), a folder of images to annotate, or a LLaVA chat.json/.jsonl.",
-    ),
-    "pretrain-image-dir": _opt("", "Image folder of a chat.json/.jsonl pretrain-data (default: the file's folder)."),
-    "pretrain-max-samples": _opt(
-        64, "Images annotated (or records read from a file) for pretraining; 0 = all.", _number(0, integer=True)
-    ),
-    "pretrain-max-new-tokens": _opt(
-        24, "Tokens the teacher may write per annotation answer.", _number(1, integer=True)
-    ),
-    "pretrain-max-length": _opt(
-        1024, "Longest tokenized conversation (image tokens included) in DWP.", _number(8, integer=True)
-    ),
-    "pretrain-epochs": _opt(4, "DWP epochs (alpha ramps 0 -> 1 over the first half).", _number(1, integer=True)),
-    "pretrain-lr": _opt(2e-3, "DWP AdamW learning rate (cosine schedule).", _number(0, low_open=True)),
-    "pretrain-batch-size": _opt(128, "DWP batch size per optimizer step.", _number(1, integer=True)),
-    "pretrain-grad-accum": _opt(
-        1, "Micro-batches per DWP step (must divide pretrain-batch-size).", _number(1, integer=True)
-    ),
-    "pretrain-grad-checkpointing": _opt(False, "Gradient checkpointing in the frozen LLM during DWP (less memory)."),
-    "pretrain-cache-dir": _opt(
-        "outputs/pretrain-cache", "Annotations, DWP checkpoints and cached pretrained backbones."
-    ),
-    # issue 6: fault tolerance, resume, limits
-    "max-empty-rounds": _opt(
-        3,
-        "Rounds in a row without one valid client update after which the run stops with the clients' errors "
-        "(0 = never).",
-        _number(0, integer=True),
-    ),
-    "min-replies": _opt(
-        1,
-        "Valid client updates a round needs to be aggregated; with fewer the global model is kept as it was.",
-        _number(1, integer=True),
-    ),
-    "resume": _opt(
-        "",
-        "Continue a stopped run from its last finished round: its output folder or its checkpoint.pt ('' = new run).",
-    ),
-    "fail-rate": _opt(
-        0.0,
-        "Fault injection for tests: probability that a client's train call raises (seeded by seed, round, client).",
-        _number(0, 1),
-    ),
-    "max-message-mb": _opt(
-        1024.0, "Largest global model (MB of arrays) a client accepts from the server.", _number(0, low_open=True)
-    ),
-    # issue 5: strategies and long-tail baselines
-    "proximal-mu": _opt(0.01, "FedProx proximal weight mu (strategy=fedprox; CReFF's baseline 0.01).", _number(0)),
-    "server-momentum": _opt(
-        0.97, "FedAvgM server momentum (strategy=fedavgm; CReFF's baseline 0.97).", _number(0, 0.999)
-    ),
-    "server-lr": _opt(
-        0.03,
-        "FedAvgM server learning rate (strategy=fedavgm); 1 - momentum keeps FedAvg's effective step (Hsu et al.).",
-        _number(0, 10, low_open=True),
-    ),
-    "loss": _choice("ce", "Client loss: ce (cross-entropy) or focal (Fed-Focal; focal with gamma 0 is ce).", LOSSES),
-    "focal-gamma": _opt(2.0, "Focusing parameter gamma of the focal loss (loss=focal).", _number(0, 10)),
-    "tau-norm": _opt(
-        0.0,
-        "Post-hoc tau-normalisation of the final classifier, w_c / ||w_c||^tau (0 = off, Kang et al. use 0..1).",
-        _number(0, 2),
-    ),
-    "virtual-per-class": _opt(
-        100,
-        "Features per class the server re-trains the classifier on (CReFF's federated features; CCVR's virtual ones).",
-        _number(1, 10000, integer=True),
-    ),
-    "calibration-epochs": _opt(
-        300, "Epochs of server-side classifier re-training (strategy=ccvr/creff; CReFF 300).", _number(1, integer=True)
-    ),
-    "calibration-lr": _opt(
-        0.01, "SGD learning rate of that re-training (CReFF's lr_net 0.01).", _number(0, low_open=True)
-    ),
-    "match-epochs": _opt(
-        100,
-        "Gradient-matching steps on the federated features per round (strategy=creff; CReFF 100).",
-        _number(1, integer=True),
-    ),
-    "feature-lr": _opt(
-        0.1, "Learning rate of the federated features (strategy=creff; CReFF 0.1).", _number(0, low_open=True)
-    ),
-    # Issue 5: CLIP2FL (CReFF's server side + client-side distillation from the align-teacher CLIP).
-    "kd-weight": _opt(
-        1.0, "Weight of the client's CLIP distillation term (strategy=clip2fl; 0 = CReFF's client).", _number(0, 100)
-    ),
-    "kd-temperature": _opt(
-        3.0,
-        "Distillation temperature T; the KL term is scaled by T^2 (strategy=clip2fl; CLIP2FL 3).",
-        _number(0, 100, low_open=True),
-    ),
+# The keys by topic, in the order docs/configuration.md lists them; SCHEMA is their union.
+SECTIONS: dict[str, dict[str, Option]] = {
+    "Data": {
+        "dataset": _choice(
+            "digits", "Dataset: digits (offline default), cifar10, cifar100, imagenet-lt, folder.", DATASETS
+        ),
+        "data-dir": _opt("", "Local data root (required for every dataset but digits; nothing is downloaded)."),
+        "image-size": _opt(
+            16, "Side of the model input in pixels (digits are upsampled to it).", _number(8, 1024, integer=True)
+        ),
+        "imbalance-factor": _opt(
+            10.0,
+            "Long-tail imbalance factor IF = n_max / n_min (1 = balanced; imagenet-lt must be 1: it ships "
+            "long-tailed).",
+            _number(1),
+        ),
+        "dirichlet-alpha": _opt(
+            0.5, "Dirichlet concentration over clients (smaller = more heterogeneous).", _number(0, low_open=True)
+        ),
+        "num-clients": _opt(20, "Number of clients the long-tailed pool is split across.", _number(1, integer=True)),
+        "min-partition-size": _opt(
+            2,
+            "Smallest client partition the Dirichlet split may produce (retried otherwise).",
+            _number(0, integer=True),
+        ),
+        "align-per-class": _opt(
+            10,
+            "Images per class in the server's class-balanced set D_align (disjoint from clients).",
+            _number(1, integer=True),
+        ),
+        "many-threshold": _opt(
+            100, "Classes with more training images than this are 'many'.", _number(0, integer=True)
+        ),
+        "few-threshold": _opt(20, "Classes with fewer training images than this are 'few'.", _number(0, integer=True)),
+        "augment": _opt(True, "Random-crop (and flip, for natural images) augmentation in local training."),
+    },
+    "Model": {
+        "model": _choice("resnet8", "Client model backbone: resnet8 (32x32 inputs) or resnet50.", MODELS),
+        "projection-dim": _opt(
+            512,
+            "Width of the MLP projection after the backbone (teacher feature size: 512 ViT-B/32, 768 ViT-L/14).",
+            _number(1, integer=True),
+        ),
+    },
+    "Federation": {
+        "strategy": _choice("fedavg", "Server strategy, from the registry in strategies/registry.py.", ()),
+        "num-server-rounds": _opt(40, "Federated rounds.", _number(1, integer=True)),
+        "fraction-train": _opt(0.4, "Fraction of clients sampled per round.", _number(0, 1, low_open=True)),
+        "round-timeout": _opt(
+            3600.0, "Seconds the server waits for client replies per round.", _number(0, low_open=True)
+        ),
+    },
+    "Local training": {
+        "local-epochs": _opt(5, "Local epochs per round.", _number(1, integer=True)),
+        "batch-size": _opt(32, "Local batch size.", _number(1, integer=True)),
+        "lr": _opt(0.1, "Local SGD learning rate.", _number(0, low_open=True)),
+        "momentum": _opt(0.0, "Local SGD momentum.", _number(0, 1)),
+        "weight-decay": _opt(0.0, "Local SGD weight decay.", _number(0)),
+        "seed": _opt(7, "Seed for data split, sampling, initialisation and training.", _number(0, integer=True)),
+    },
+    "Evaluation and reports": {
+        "eval-every": _opt(
+            1, "Centralized evaluation every N rounds (the last round is always evaluated).", _number(1, integer=True)
+        ),
+        "eval-batch-size": _opt(500, "Batch size of centralized evaluation.", _number(1, integer=True)),
+        "output-dir": _opt("outputs", "Folder that receives outputs/<run-id>/ reports."),
+    },
+    "Stage 3: CLIP-supervised global alignment after aggregation": {
+        "align": _opt(False, "Stage 3: fine-tune the aggregated model on D_align with CE + beta*KL(q||p) each round."),
+        "align-teacher": _opt(
+            "tiny", "Zero-shot CLIP teacher: an open_clip model name (paper: ViT-L-14-336) or tiny (random weights)."
+        ),
+        "align-pretrained": _opt(
+            "openai", "Teacher weights: an open_clip tag found in the local cache, or a file path."
+        ),
+        "align-logits-file": _opt("", "Teacher logits q for D_align computed elsewhere (.pt or .npy, [|D_align|, C])."),
+        "align-beta": _opt(
+            1.0, "Weight beta of the KL term (0 = CE only; forced to 0 for the random tiny teacher).", _number(0)
+        ),
+        "align-temperature": _opt(
+            3.0, "Distillation temperature T (KL on softmax(./T), scaled by T^2).", _number(0, low_open=True)
+        ),
+        "align-steps": _opt(
+            2, "SGD steps on D_align per alignment (shuffled batches, cycling over D_align).", _number(1, integer=True)
+        ),
+        "align-lr": _opt(0.01, "SGD learning rate of the alignment fine-tuning.", _number(0, low_open=True)),
+        "align-batch-size": _opt(32, "Batch size of the alignment fine-tuning.", _number(1, integer=True)),
+        "align-when": _choice("every-round", "Align after every aggregation or only after the last one.", ALIGN_WHEN),
+        "align-loss": _choice("ce+kl", "Alignment loss: ce+kl (the paper), ce (beta = 0), kl (KL only).", ALIGN_LOSSES),
+    },
+    "Stage 1: server-side global multimodal pretraining": {
+        "pretrain": _opt(False, "Stage 1: start round 1 from a backbone pretrained with DWP through a frozen LLaVA."),
+        "pretrain-teacher": _opt(
+            "tiny", "LLaVA teacher: 'tiny' (random, offline) or a model id in the local HF cache or a local folder."
+        ),
+        "pretrain-data": _opt(
+            "digits",
+            "Pretraining images: 'digits' (offline stand-in), a folder of images to annotate, or a LLaVA "
+            "chat.json/.jsonl.",
+        ),
+        "pretrain-image-dir": _opt(
+            "", "Image folder of a chat.json/.jsonl pretrain-data (default: the file's folder)."
+        ),
+        "pretrain-max-samples": _opt(
+            64, "Images annotated (or records read from a file) for pretraining; 0 = all.", _number(0, integer=True)
+        ),
+        "pretrain-max-new-tokens": _opt(
+            24, "Tokens the teacher may write per annotation answer.", _number(1, integer=True)
+        ),
+        "pretrain-max-length": _opt(
+            1024, "Longest tokenized conversation (image tokens included) in DWP.", _number(8, integer=True)
+        ),
+        "pretrain-epochs": _opt(4, "DWP epochs (alpha ramps 0 -> 1 over the first half).", _number(1, integer=True)),
+        "pretrain-lr": _opt(2e-3, "DWP AdamW learning rate (cosine schedule).", _number(0, low_open=True)),
+        "pretrain-batch-size": _opt(128, "DWP batch size per optimizer step.", _number(1, integer=True)),
+        "pretrain-grad-accum": _opt(
+            1, "Micro-batches per DWP step (must divide pretrain-batch-size).", _number(1, integer=True)
+        ),
+        "pretrain-grad-checkpointing": _opt(
+            False, "Gradient checkpointing in the frozen LLM during DWP (less memory)."
+        ),
+        "pretrain-cache-dir": _opt(
+            "outputs/pretrain-cache", "Annotations, DWP checkpoints and cached pretrained backbones."
+        ),
+    },
+    "Fault tolerance, resume, limits": {
+        "max-empty-rounds": _opt(
+            3,
+            "Rounds in a row without one valid client update after which the run stops with the clients' errors "
+            "(0 = never).",
+            _number(0, integer=True),
+        ),
+        "min-replies": _opt(
+            1,
+            "Valid client updates a round needs to be aggregated; with fewer the global model is kept as it was.",
+            _number(1, integer=True),
+        ),
+        "resume": _opt(
+            "",
+            "Continue a stopped run from its last finished round: its output folder or its checkpoint.pt ('' = "
+            "new run).",
+        ),
+        "fail-rate": _opt(
+            0.0,
+            "Fault injection for tests: probability that a client's train call raises (seeded by seed, round, client).",
+            _number(0, 1),
+        ),
+        "max-message-mb": _opt(
+            1024.0, "Largest global model (MB of arrays) a client accepts from the server.", _number(0, low_open=True)
+        ),
+    },
+    "Strategies and long-tail baselines": {
+        "proximal-mu": _opt(0.01, "FedProx proximal weight mu (strategy=fedprox; CReFF's baseline 0.01).", _number(0)),
+        "server-momentum": _opt(
+            0.97, "FedAvgM server momentum (strategy=fedavgm; CReFF's baseline 0.97).", _number(0, 0.999)
+        ),
+        "server-lr": _opt(
+            0.03,
+            "FedAvgM server learning rate (strategy=fedavgm); 1 - momentum keeps FedAvg's effective step (Hsu et al.).",
+            _number(0, 10, low_open=True),
+        ),
+        "loss": _choice(
+            "ce", "Client loss: ce (cross-entropy) or focal (Fed-Focal; focal with gamma 0 is ce).", LOSSES
+        ),
+        "focal-gamma": _opt(2.0, "Focusing parameter gamma of the focal loss (loss=focal).", _number(0, 10)),
+        "tau-norm": _opt(
+            0.0,
+            "Post-hoc tau-normalisation of the final classifier, w_c / ||w_c||^tau (0 = off, Kang et al. use 0..1).",
+            _number(0, 2),
+        ),
+        "virtual-per-class": _opt(
+            100,
+            "Features per class the server re-trains the classifier on (CReFF's federated features; CCVR's "
+            "virtual ones).",
+            _number(1, 10000, integer=True),
+        ),
+        "calibration-epochs": _opt(
+            300,
+            "Epochs of server-side classifier re-training (strategy=ccvr/creff; CReFF 300).",
+            _number(1, integer=True),
+        ),
+        "calibration-lr": _opt(
+            0.01, "SGD learning rate of that re-training (CReFF's lr_net 0.01).", _number(0, low_open=True)
+        ),
+        "match-epochs": _opt(
+            100,
+            "Gradient-matching steps on the federated features per round (strategy=creff; CReFF 100).",
+            _number(1, integer=True),
+        ),
+        "feature-lr": _opt(
+            0.1, "Learning rate of the federated features (strategy=creff; CReFF 0.1).", _number(0, low_open=True)
+        ),
+    },
+    "CLIP2FL (CReFF's server side + client-side distillation from the align-teacher CLIP)": {
+        "kd-weight": _opt(
+            1.0,
+            "Weight of the client's CLIP distillation term (strategy=clip2fl; 0 = CReFF's client).",
+            _number(0, 100),
+        ),
+        "kd-temperature": _opt(
+            3.0,
+            "Distillation temperature T; the KL term is scaled by T^2 (strategy=clip2fl; CLIP2FL 3).",
+            _number(0, 100, low_open=True),
+        ),
+    },
 }
+SCHEMA: dict[str, Option] = {key: option for part in SECTIONS.values() for key, option in part.items()}
 
 
 def _type_ok(default: Scalar, value: Any) -> bool:

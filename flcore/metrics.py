@@ -28,3 +28,9 @@ def summarize(preds: np.ndarray, labels: np.ndarray, num_classes: int, groups: M
         vals = [per_class[c] for c in classes if present[c]]
         out[f"{name}-accuracy"] = float(np.mean(vals)) if vals else float("nan")
     return out
+
+
+def row_normalised(cm: np.ndarray) -> np.ndarray:
+    """Each true class's row divided by its count (rows of absent classes stay zero)."""
+    rows = cm.sum(1, keepdims=True)
+    return np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)

@@ -1,8 +1,11 @@
 """A run's output folder: config, per-round metrics, summary, plots and final weights.
 
-Layout of `<output-dir>/<run-id>/`: config.json, partition.json + partition.png, metrics.jsonl (one
-line per evaluated round, appended and flushed as the run goes, so a crash keeps what was done),
-summary.json, curves.png, confusion.png, model.pt.
+`RunReport` is the one writer of a run's artifacts. Layout of `<output-dir>/<run-id>/`: config.json,
+partition.json + partition.png, metrics.jsonl (one line per evaluated round, appended and flushed as the
+run goes, so a crash keeps what was done), summary.json, curves.png, confusion.png, model.pt, and what
+the server stages measured (`take`): a `<name>.json` per summary section (pretrain.json,
+alignment.json) and their figures (alignment.png). Every file but the metrics log is written atomically
+(`flcore.files`); the checkpoint for resume is written beside them by `rounds.checkpoint`.
 """
 
 from __future__ import annotations
@@ -20,28 +23,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from flcore.files import atomic_write, json_safe, write_json  # noqa: E402
+from flcore.metrics import row_normalised  # noqa: E402
 
 SCALAR_KEYS = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN (an empty class group) becomes null so every file stays valid JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(obj), indent=2))
-    tmp.replace(path)
+def save_figure(fig: Figure, path: Path) -> None:
+    """Save a figure atomically as PNG and free it."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
 
 
 def _fmt(value: float | None) -> str:
@@ -56,6 +49,7 @@ class RunReport:
         self.num_rounds = num_rounds
         self.classes = list(classes)
         self.rows: list[dict] = []
+        self.sections: dict[str, dict] = {}
         self._pending: dict[int, dict] = {}
         self._t0 = self._last = time.perf_counter()
 
@@ -86,14 +80,22 @@ class RunReport:
             ax.set_yticks(range(len(histogram)))
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        fig.savefig(self.dir / "partition.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, self.dir / "partition.png")
+
+    def take(self, outcome: Any) -> None:
+        """What a server stage measured (`rounds.stage.Outcome`): summary sections, each also written as
+        `<name>.json`, and figures, each written under its file name."""
+        for name, section in outcome.sections.items():
+            self.sections[name] = dict(section)
+            write_json(self.dir / f"{name}.json", section)
+        for name, fig in outcome.figures.items():
+            save_figure(fig, self.dir / name)
 
     def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Take over the rows of a resumed run, so metrics.jsonl and the summary cover the whole run."""
         self.rows = [dict(r) for r in rows]
-        with (self.dir / "metrics.jsonl").open("w") as fh:
-            fh.writelines(json.dumps(_json_safe(r)) + "\n" for r in self.rows)
+        text = "".join(json.dumps(json_safe(r)) + "\n" for r in self.rows)
+        atomic_write(self.dir / "metrics.jsonl", lambda tmp: tmp.write_text(text))
 
     def record_train(self, server_round: int, metrics: Mapping[str, Any]) -> None:
         """Keep the round's aggregated client metrics until its evaluation arrives."""
@@ -112,7 +114,7 @@ class RunReport:
         self._last = now
         self.rows.append(row)
         with (self.dir / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(_json_safe(row)) + "\n")
+            fh.write(json.dumps(json_safe(row)) + "\n")
         print(self.progress_line(row), flush=True)
 
     def progress_line(self, row: Mapping[str, Any]) -> str:
@@ -126,7 +128,7 @@ class RunReport:
 
     def finish(self, state_dict: Mapping[str, torch.Tensor], extra: Mapping[str, Any] | None = None) -> dict:
         """Write summary.json, the plots and the final weights; return the summary."""
-        torch.save(dict(state_dict), self.dir / "model.pt")
+        atomic_write(self.dir / "model.pt", lambda tmp: torch.save(dict(state_dict), tmp))
         last = self.rows[-1]
         summary = {
             "rounds": self.num_rounds,
@@ -134,6 +136,7 @@ class RunReport:
             "final": {k: last.get(k) for k in SCALAR_KEYS},
             "best-accuracy": max(r["accuracy"] for r in self.rows),
             "per-class-accuracy": last["per-class-accuracy"],
+            **self.sections,
             **(extra or {}),
         }
         write_json(self.dir / "summary.json", summary)
@@ -156,14 +159,12 @@ class RunReport:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(self.dir / "curves.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, self.dir / "curves.png")
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
     """Row-normalised confusion matrix (each true class sums to 1)."""
-    rows = cm.sum(1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
+    norm = row_normalised(cm)
     n = len(classes)
     fig, ax = plt.subplots(figsize=(min(12, 0.45 * n + 3), min(11, 0.45 * n + 2.5)))
     im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
@@ -185,5 +186,4 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
                     )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from flcore.data import IMAGE_SUFFIXES
 from pretrain.prompts import KINDS, generation_prompt, human_turn, question
-from pretrain.teacher import Teacher
+from pretrain.teacher import LlavaTeacher
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def decode_rgb(path: Path) -> Image.Image:
 
 
 @torch.no_grad()
-def answer(teacher: Teacher, image: Image.Image, prompt: str, max_new_tokens: int) -> str:
+def answer(teacher: LlavaTeacher, image: Image.Image, prompt: str, max_new_tokens: int) -> str:
     """Greedy answer of the MLLM to one prompt about one image."""
     inputs = teacher.processor(images=image, text=prompt, return_tensors="pt")
     inputs = {k: v.to(teacher.model.device) for k, v in inputs.items()}
@@ -77,7 +77,7 @@ def answer(teacher: Teacher, image: Image.Image, prompt: str, max_new_tokens: in
 
 
 def annotate(
-    teacher: Teacher,
+    teacher: LlavaTeacher,
     image_root: Path,
     out: Path,
     images: Sequence[str] | None = None,

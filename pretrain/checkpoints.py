@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from flcore.files import atomic_write, write_json
+
 
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes (the annotation file identifies the pretraining data)."""
@@ -33,9 +35,7 @@ def cache_key(teacher: str, data: str, settings: Mapping[str, Any]) -> str:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class Checkpoints:
@@ -61,7 +61,7 @@ class Checkpoints:
 
     def save_final(self, gfl_state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
         _atomic_save({"gfl": dict(gfl_state), "meta": dict(meta)}, self.final_path)
-        (self.root / "final.json").write_text(json.dumps(dict(meta), indent=1, default=str))
+        write_json(self.root / "final.json", dict(meta))
         return self.final_path
 
     def final(self) -> dict | None:

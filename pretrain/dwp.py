@@ -29,7 +29,7 @@ from torch import nn
 
 from pretrain.checkpoints import Checkpoints
 from pretrain.llava_data import Batch, LlavaSamples
-from pretrain.teacher import Teacher, projector, vision_tower
+from pretrain.teacher import LlavaTeacher, projector, vision_tower
 
 
 def alpha_at(step: int, total_steps: int) -> float:
@@ -88,20 +88,20 @@ class GFL(nn.Module):
         return self.mapper(tokens)
 
 
-def build_gfl(backbone: nn.Module, teacher: Teacher) -> GFL:
+def build_gfl(backbone: nn.Module, teacher: LlavaTeacher) -> GFL:
     full = teacher.config.vision_feature_select_strategy == "full"
     layer = teacher.config.vision_feature_layer
     width = teacher.vision_hidden * (1 if isinstance(layer, int) else len(layer))  # several layers are concatenated
     return GFL(backbone, teacher.grid, width, with_cls=full)
 
 
-def freeze(teacher: Teacher, hygiene: bool = True) -> None:
+def freeze(teacher: LlavaTeacher, hygiene: bool = True) -> None:
     """Eval mode; with hygiene, requires_grad False on every teacher parameter so no gradient is allocated."""
     teacher.model.eval()
     teacher.model.requires_grad_(not hygiene)
 
 
-def clip_features(teacher: Teacher, pixel_values: torch.Tensor) -> torch.Tensor:
+def clip_features(teacher: LlavaTeacher, pixel_values: torch.Tensor) -> torch.Tensor:
     """g(x): LLaVA's CLIP feature selection, exactly as `LlavaModel.get_image_features` does it."""
     tower = vision_tower(teacher)
     dtype = next(tower.parameters()).dtype
@@ -113,7 +113,7 @@ def clip_features(teacher: Teacher, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.cat(picked, dim=-1)
 
 
-def mixed_features(teacher: Teacher, gfl: GFL, batch: Batch, alpha: float, hygiene: bool = True) -> torch.Tensor:
+def mixed_features(teacher: LlavaTeacher, gfl: GFL, batch: Batch, alpha: float, hygiene: bool = True) -> torch.Tensor:
     """Z = (1 - alpha) g(x) + alpha g_fl(x); at alpha = 1 CLIP is never called."""
     z = gfl(batch.fl_pixels)
     if alpha >= 1.0:
@@ -123,7 +123,7 @@ def mixed_features(teacher: Teacher, gfl: GFL, batch: Batch, alpha: float, hygie
     return (1.0 - alpha) * g.to(z.dtype) + alpha * z
 
 
-def lm_loss(teacher: Teacher, features: torch.Tensor, batch: Batch) -> torch.Tensor:
+def lm_loss(teacher: LlavaTeacher, features: torch.Tensor, batch: Batch) -> torch.Tensor:
     """LLaVA's LM loss with `features` projected into the image-token slots (labels -100 off the answers)."""
     model = teacher.model
     device = model.device
@@ -196,7 +196,7 @@ def _count_calls(module: nn.Module, result: DWPResult):
 
 
 def train_dwp(
-    teacher: Teacher,
+    teacher: LlavaTeacher,
     gfl: GFL,
     samples: LlavaSamples,
     cfg: DWPConfig,

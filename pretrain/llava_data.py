@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from pretrain.prompts import SYSTEM, user_prefix
-from pretrain.teacher import IMAGE_TOKEN, Teacher
+from pretrain.teacher import IMAGE_TOKEN, LlavaTeacher
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -114,7 +114,7 @@ class Tokenized:
     labels: torch.Tensor
 
 
-def tokenize(teacher: Teacher, record: Record, max_length: int) -> Tokenized:
+def tokenize(teacher: LlavaTeacher, record: Record, max_length: int) -> Tokenized:
     """LLaVA-1.5 chat text with `<image>` expanded to the teacher's image-token count; loss on answers only.
 
     Turns are tokenized piecewise (as LLaVA's own training code does) so each answer's span is exact.
@@ -156,7 +156,7 @@ class LlavaSamples:
         self,
         records: Sequence[Record],
         image_root: Path,
-        teacher: Teacher,
+        teacher: LlavaTeacher,
         fl_size: int,
         mean: Sequence[float],
         std: Sequence[float],

@@ -1,16 +1,16 @@
 """Stage 1 as a server stage: annotate (if needed), run DWP (or reuse its cached result), and hand the
 pretrained backbone to round 1.
 
-`pretrain_stage(cfg, ctx)` is registered in `strategies.registry.SERVER_STAGES`. With `pretrain` off it
-contributes nothing (random init). With it on, the factory checks the teacher and the data before
-training starts, and its `before_training` hook replaces the `backbone.*` entries of the initial global
-ArrayRecord with the pretrained g_fl backbone; projection and classifier stay freshly initialised (DWP
-trains only the backbone and a mapper that FL does not use).
+`pretrain_stage(cfg, ctx)` and `check` are registered in `strategies.registry.SERVER_STAGES`. With
+`pretrain` off it contributes nothing (random init). With it on, the preflight checks the teacher and the
+data before any process starts, and the `before_training` hook replaces the `backbone.*` entries of the
+initial global ArrayRecord with the pretrained g_fl backbone and hands what it measured (`pretrain.json`)
+to the run report; projection and classifier stay freshly initialised (DWP trains only the backbone and
+a mapper that FL does not use).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from flcore.experiment import Prepared
 from flcore.models import build_model
 from pretrain.checkpoints import Checkpoints, cache_key, file_digest
-from strategies.stages import ServerContext, Stages
+from rounds.stage import Outcome, ServerContext, Stages
 
 log = logging.getLogger(__name__)
 DIGITS = "digits"
@@ -46,10 +47,12 @@ def digits_images(root: Path) -> Path:
     return folder
 
 
-def check(cfg: Mapping) -> None:
-    """Fail before training when the teacher or the pretraining data is missing."""
+def check(cfg: Mapping, prepared: Prepared | None = None) -> None:
+    """Fail before training when the teacher or the pretraining data is missing (the preflight's check)."""
     from pretrain.teacher import check_available
 
+    if not cfg.get("pretrain", False):
+        return
     check_available(str(cfg["pretrain-teacher"]))
     data = str(cfg["pretrain-data"])
     if data != DIGITS and not Path(data).expanduser().exists():
@@ -157,13 +160,10 @@ def pretrain_stage(cfg: Mapping, ctx: ServerContext) -> Stages:
     """Stage 1: with `pretrain` on, round 1 starts from the DWP-pretrained backbone."""
     if not cfg.get("pretrain", False):
         return Stages()
-    check(cfg)
 
-    def load_pretrained(arrays: ArrayRecord) -> ArrayRecord:
+    def load_pretrained(arrays: ArrayRecord) -> Outcome:
         dataset = ctx.data.dataset
         backbone, meta = pretrained_backbone(cfg, dataset.mean, dataset.std)
-        if ctx.report is not None:
-            (Path(ctx.report.dir) / "pretrain.json").write_text(json.dumps(meta, indent=1, default=str))
-        return with_backbone(arrays, backbone)
+        return Outcome(with_backbone(arrays, backbone), {"pretrain": meta})
 
     return Stages(before_training=[load_pretrained])

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flcore.config import WeightsNotFound
+
 DEFAULT_TEACHER = "llava-hf/llava-1.5-7b-hf"
 TINY = "tiny"
 TINY_NOTE = "tiny random teacher (random weights, for offline runs and tests; not a trained LLaVA)"
@@ -35,12 +37,8 @@ SIZES: dict[str, dict[str, int]] = {
 TINY_TEXT_INIT = 0.3
 
 
-class TeacherNotFound(FileNotFoundError):
-    """The LLaVA weights are not on this machine; the message says how to get them."""
-
-
 @dataclass
-class Teacher:
+class LlavaTeacher:
     """A loaded LLaVA model with its processor and the facts DWP needs about its vision features."""
 
     model: nn.Module
@@ -95,7 +93,7 @@ def byte_tokenizer():
     return tok
 
 
-def tiny_teacher(size: str = "tiny", seed: int = 0) -> Teacher:
+def tiny_teacher(size: str = "tiny", seed: int = 0) -> LlavaTeacher:
     """A random LLaVA of the given size: same classes and code path as the real one, nothing downloaded."""
     from transformers import (
         CLIPImageProcessor,
@@ -150,7 +148,7 @@ def tiny_teacher(size: str = "tiny", seed: int = 0) -> Teacher:
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    return Teacher(model.eval(), processor, TINY if size == "tiny" else f"tiny-{size}", tiny=True)
+    return LlavaTeacher(model.eval(), processor, TINY if size == "tiny" else f"tiny-{size}", tiny=True)
 
 
 def not_found_message(name: str) -> str:
@@ -170,14 +168,14 @@ def check_available(name: str) -> None:
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-        raise TeacherNotFound(not_found_message(name))
+        raise WeightsNotFound(not_found_message(name))
 
 
-def load_teacher(name: str = DEFAULT_TEACHER, dtype: torch.dtype | None = None, seed: int = 0) -> Teacher:
+def load_teacher(name: str = DEFAULT_TEACHER, dtype: torch.dtype | None = None, seed: int = 0) -> LlavaTeacher:
     """`tiny` -> the random teacher; anything else -> a local folder or an id in the local HF cache."""
     if name == TINY:
         teacher = tiny_teacher(seed=seed)
-        return Teacher(teacher.model.to(dtype or torch.float32), teacher.processor, TINY, tiny=True)
+        return LlavaTeacher(teacher.model.to(dtype or torch.float32), teacher.processor, TINY, tiny=True)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     source = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
@@ -185,8 +183,8 @@ def load_teacher(name: str = DEFAULT_TEACHER, dtype: torch.dtype | None = None, 
         processor = AutoProcessor.from_pretrained(source, local_files_only=True)
         model = LlavaForConditionalGeneration.from_pretrained(source, local_files_only=True, dtype=dtype)
     except OSError as err:
-        raise TeacherNotFound(not_found_message(name)) from err
-    return Teacher(model.eval(), processor, name, tiny=False)
+        raise WeightsNotFound(not_found_message(name)) from err
+    return LlavaTeacher(model.eval(), processor, name, tiny=False)
 
 
 def _part(model: nn.Module, name: str) -> nn.Module:
@@ -195,9 +193,9 @@ def _part(model: nn.Module, name: str) -> nn.Module:
     return getattr(inner, name) if inner is not None and hasattr(inner, name) else getattr(model, name)
 
 
-def vision_tower(teacher: Teacher) -> nn.Module:
+def vision_tower(teacher: LlavaTeacher) -> nn.Module:
     return _part(teacher.model, "vision_tower")
 
 
-def projector(teacher: Teacher) -> nn.Module:
+def projector(teacher: LlavaTeacher) -> nn.Module:
     return _part(teacher.model, "multi_modal_projector")

@@ -1,4 +1,4 @@
-"""ServerApp: validate the run config, hold the test split and D_align, run the strategy, write reports."""
+"""ServerApp: check the run config, hold the test split and D_align, run the strategy, write reports."""
 
 from __future__ import annotations
 
@@ -10,16 +10,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from flcore.config import validate
 from flcore.experiment import ServerData, load_record, server_data, to_record
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
 from flcore.reports import RunReport
 from flcore.training import predict
-from strategies import checkpoint
-from strategies.registry import STRATEGIES, build_server_strategy
-from strategies.stages import ServerContext
-from strategies.uploads import describe
+from rounds import checkpoint
+from rounds.stage import ServerContext
+from server_app.preflight import preflight, validated
+from strategies.registry import build_server_strategy, client_workload
 
 app = ServerApp()
 
@@ -45,21 +44,11 @@ class Evaluator:
         return MetricRecord({k: v for k, v in full.items() if isinstance(v, float)})
 
 
-def record_round(report: RunReport):
-    """An after-aggregation stage that hands the round's client metrics to the report."""
-
-    def stage(server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> ArrayRecord:
-        report.record_train(server_round, metrics)
-        return arrays
-
-    return stage
-
-
 def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
     """The whole server side of one run; returns the summary."""
     t0 = time.perf_counter()
-    resumed = checkpoint.load(cfg) if cfg["resume"] else None
-    load_seconds = time.perf_counter() - t0
+    resumed = preflight(cfg).resumed
+    check_seconds = time.perf_counter() - t0
     random.seed(int(cfg["seed"]))  # Flower samples nodes with the global `random` module
     torch.manual_seed(int(cfg["seed"]))
     data = server_data(cfg)
@@ -74,23 +63,22 @@ def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
 
     model = new_model(seed=int(cfg["seed"]))
     evaluator = Evaluator(new_model(), data, report, int(cfg["eval-every"]), rounds)
-    ctx = ServerContext(cfg, data, new_model, evaluator.metrics, report)
+    ctx = ServerContext(cfg, data, new_model, evaluator.metrics)
     done = resumed.round if resumed is not None else 0
 
     def save_state(server_round: int, arrays: ArrayRecord) -> None:
-        checkpoint.save(report.dir / checkpoint.CHECKPOINT, server_round, arrays, strategy.inner, report.rows, cfg)
+        checkpoint.save(report.dir / checkpoint.CHECKPOINT, server_round, arrays, method, report.rows, cfg)
 
-    strategy = build_server_strategy(
-        cfg, ctx, observers=[record_round(report)], round_offset=done, on_round_end=save_state
-    )
+    strategy = build_server_strategy(cfg, ctx, report, round_offset=done, on_round_end=save_state)
+    method = strategy.inner.inner  # the training method's strategy, under the round policy
     initial = to_record(model)
     if resumed is not None:
         initial = resumed.arrays
         load_record(model, initial)
-        resumed.restore(strategy.inner)
+        resumed.restore(method)
         print(
-            f"Resumed {cfg['resume']} after round {done} of {rounds} "
-            f"(server state restored in {time.perf_counter() - t0:.2f} s, checkpoint read in {load_seconds:.3f} s)",
+            f"Resumed {cfg['resume']} after round {done} of {rounds} (server state restored in "
+            f"{time.perf_counter() - t0:.2f} s, checks and checkpoint read in {check_seconds:.3f} s)",
             flush=True,
         )
     result = strategy.start(
@@ -109,15 +97,14 @@ def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
             "output-dir": str(report.dir),
             "pool-size": int(data.pool_counts.sum()),
             "align-size": len(data.align),
-            **ctx.summary,
-            **describe(cfg),
+            **client_workload(cfg),
         },
     )
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = validate(context.run_config, choices={"strategy": STRATEGIES})
+    cfg = validated(context.run_config)
     summary = run(grid, cfg, context.run_id)
     print(
         f"Run {context.run_id} finished: accuracy {summary['final']['accuracy']:.4f}, "

@@ -32,9 +32,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flcore.config import ConfigError, validate
+from flcore.config import ConfigError
 from flcore.data import DataNotFound
-from strategies.registry import STRATEGIES
+from server_app.preflight import preflight, validated
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of this environment
@@ -77,21 +77,16 @@ def resolve(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[
         value = sent.get(key, defaults.get(key, ""))
         if value:
             sent[key] = str(Path(str(value)).expanduser().resolve())
-    cfg = validate({**defaults, **sent}, choices={"strategy": STRATEGIES})
+    cfg = validated({**defaults, **sent})
     return cfg, sent
 
 
-def preflight(cfg: Mapping[str, Any]) -> None:
-    """Load the dataset and draw the split here, so missing files or an impossible split fail before Ray."""
-    from flcore.experiment import prepare
-    from strategies.alignment import check_inputs
-
-    if cfg["resume"]:
-        from strategies.checkpoint import load
-
-        print(f"resume: continuing after round {load(cfg).round} from {cfg['resume']}", flush=True)
-    prep = prepare(cfg)
-    check_inputs(cfg, prep.dataset, prep.split.align)  # stage 3's teacher, class names and logits file
+def check_before_start(cfg: Mapping[str, Any]) -> None:
+    """Every check of the run (`server_app.preflight`) here, so bad input fails before Ray; say what runs."""
+    checked = preflight(cfg)
+    if checked.resumed is not None:
+        print(f"resume: continuing after round {checked.resumed.round} from {cfg['resume']}", flush=True)
+    prep = checked.prepared
     sizes = [len(c) for c in prep.split.clients]
     print(
         f"data: {cfg['dataset']} | pool {len(prep.split.pool)} images (IF {cfg['imbalance-factor']}) | "
@@ -270,7 +265,7 @@ def run(overrides: Mapping[str, Any]) -> int:
     defaults, simulation = project_settings()
     try:
         cfg, sent = resolve(overrides, defaults)
-        preflight(cfg)
+        check_before_start(cfg)
     except (ConfigError, DataNotFound) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

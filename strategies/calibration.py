@@ -1,57 +1,97 @@
-"""Classifier calibration baselines: what clients compute (CCVR, CReFF) and what the server does with it.
+"""What CCVR and CReFF share on the server: the upload round trip and re-training the classifier.
 
 Both keep the federated backbone and re-train only the linear classifier on the server, on features
-that never were client images:
-
-- CCVR (Luo et al., NeurIPS 2021): clients send per-class mean and covariance of the classifier's input
-  features under the global model; the server pools them into one Gaussian per class, samples virtual
-  features from it and re-trains the classifier on them (class-balanced by construction).
-- CReFF (Shang et al., IJCAI 2022): clients send, per class, the gradient of the CE loss w.r.t. the
-  global classifier on their real features; the server learns `virtual-per-class` "federated
-  features" per class whose classifier gradients match the aggregated real ones (cosine distance per
-  output row, as in dataset condensation), then re-trains the classifier on them.
-
-Classifier-input features are `FLModel.embed` (the projection output, `projection-dim` wide).
+that never were client images (`strategies.ccvr`, `strategies.creff`). `ClientUploads` holds any
+strategy and forwards every call to it. In the rounds it asks for them, it adds `upload = <name>` to the
+round's train config; each client then computes that upload (`flcore.class_statistics`) on the global
+model it received, before local training, and replies with an extra ConfigRecord of numpy arrays as
+bytes. FedAvg checks and averages only the ArrayRecord and MetricRecord, and every sampled client gets
+the same request, so the reply keys stay identical across clients. After the inner strategy
+aggregates, `calibrate` turns the uploads into a new classifier.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from flcore.uploads import classifier_grad
+from flcore.class_statistics import HEAD_KEYS, RECORD, UPLOAD_KEY, Uploads, decode, npy_bytes
+from rounds.delegate import Delegating
+
+WEIGHT, BIAS = "classifier.weight", "classifier.bias"
+Calibrate = Callable[[int, ArrayRecord, ArrayRecord, list[Uploads], MetricRecord], ArrayRecord]
 
 
-def pooled_gaussians(uploads: list[Mapping[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class count, mean and covariance of the union of all clients' features (exact pooling)."""
-    counts = sum(np.asarray(u["counts"], np.float64) for u in uploads)
-    safe = np.maximum(counts, 1)[:, None]
-    means = sum(u["counts"][:, None] * u["means"].astype(np.float64) for u in uploads) / safe
-    scatter = sum(
-        np.maximum(u["counts"] - 1, 0)[:, None, None] * u["covs"].astype(np.float64)
-        + u["counts"][:, None, None] * np.einsum("ci,cj->cij", u["means"], u["means"])
-        for u in uploads
+class ClientUploads(Delegating):
+    """Any strategy, plus client uploads in chosen rounds and a server-side classifier calibration."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        upload: str,
+        in_round: Callable[[int], bool],
+        calibrate: Calibrate,
+        train_on_calibrated: bool = True,
+        head: Callable[[ArrayRecord], Mapping[str, np.ndarray]] | None = None,
+    ) -> None:
+        super().__init__(inner)
+        self.upload, self.in_round, self.calibrate = upload, in_round, calibrate
+        self.train_on_calibrated, self.head = train_on_calibrated, head
+        self.sent: ArrayRecord | None = None
+        self.aggregated: ArrayRecord | None = None
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> client uploads '%s' + server classifier calibration", self.upload)
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if not self.train_on_calibrated and self.aggregated is not None:
+            arrays = self.aggregated  # CReFF: clients keep training the plain aggregate
+        self.sent = arrays
+        config = ConfigRecord({k: v for k, v in config.items() if k != UPLOAD_KEY})
+        if self.in_round(server_round):
+            config[UPLOAD_KEY] = self.upload
+            for key, value in (self.head(arrays) if self.head else {}).items():
+                config[HEAD_KEYS[key]] = npy_bytes(value)
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if arrays is None or not self.in_round(server_round):
+            return arrays, metrics
+        self.aggregated = arrays
+        uploads = [decode(r.content[RECORD]) for r in replies if not r.has_error() and RECORD in r.content]
+        if not uploads:
+            raise RuntimeError(f"round {server_round}: no client sent the '{self.upload}' upload")
+        metrics = MetricRecord() if metrics is None else metrics
+        return self.calibrate(server_round, self.sent, arrays, uploads, metrics), metrics
+
+
+def with_classifier(arrays: ArrayRecord, weight: torch.Tensor, bias: torch.Tensor) -> ArrayRecord:
+    """`arrays` with the classifier replaced (dtype kept)."""
+    new = {WEIGHT: weight, BIAS: bias}
+    return ArrayRecord(
+        {k: Array(np.asarray(new[k].numpy().astype(v.numpy().dtype))) if k in new else v for k, v in arrays.items()}
     )
-    covs = (scatter - counts[:, None, None] * np.einsum("ci,cj->cij", means, means)) / np.maximum(counts - 1, 1)[
-        :, None, None
-    ]
-    return counts, means, covs
 
 
-def sample_virtual_features(
-    counts: np.ndarray, means: np.ndarray, covs: np.ndarray, per_class: int, gen: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`per_class` draws from each seen class's Gaussian (covariance made PSD), with their labels."""
-    feats, labels = [], []
-    for c in np.flatnonzero(counts > 0):
-        cov = (covs[c] + covs[c].T) / 2 + 1e-5 * np.eye(len(means[c]))
-        feats.append(gen.multivariate_normal(means[c], cov, size=per_class, method="eigh"))
-        labels.append(np.full(per_class, c))
-    return torch.tensor(np.concatenate(feats), dtype=torch.float32), torch.tensor(np.concatenate(labels))
+def classifier(arrays: ArrayRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global classifier's weight and bias as tensors of their own."""
+    return torch.from_numpy(arrays[WEIGHT].numpy().copy()), torch.from_numpy(arrays[BIAS].numpy().copy())
 
 
 def retrain_classifier(
@@ -85,55 +125,3 @@ def retrain_classifier(
             loss.backward()
             opt.step()
     return head.weight.detach(), head.bias.detach()
-
-
-def match_distance(syn: tuple[torch.Tensor, ...], real: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Dataset-condensation gradient distance: sum over output rows of 1 - cosine similarity."""
-    total = torch.zeros((), dtype=syn[0].dtype)
-    for s, r in zip(syn, real, strict=True):
-        rows = s.shape[0] if s.dim() > 1 else 1  # a bias gradient is one row
-        total = total + (1 - F.cosine_similarity(s.reshape(rows, -1), r.reshape(rows, -1), dim=1, eps=1e-6)).sum()
-    return total
-
-
-class FederatedFeatures:
-    """CReFF's server state: `per_class` learnable features per class, kept across rounds."""
-
-    def __init__(self, num_classes: int, dim: int, per_class: int, gen: torch.Generator) -> None:
-        self.features = torch.randn(num_classes * per_class, dim, generator=gen, dtype=torch.float64)
-        self.labels = torch.arange(num_classes).repeat_interleave(per_class)
-        self.per_class = per_class
-
-    def match(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        uploads: list[Mapping[str, np.ndarray]],
-        epochs: int,
-        lr: float,
-    ) -> float:
-        """Move the features so their classifier gradients match the real ones.
-
-        The real gradient of class c is the plain mean over the clients holding c (as CReFF averages).
-        """
-        holders = sum((np.asarray(u["counts"]) > 0).astype(np.float64) for u in uploads)
-        safe = np.maximum(holders, 1)
-        real_w = sum(u["grad-weight"].astype(np.float64) for u in uploads) / safe[:, None, None]
-        real_b = sum(u["grad-bias"].astype(np.float64) for u in uploads) / safe[:, None]
-        real_w, real_b = torch.tensor(real_w, dtype=torch.float64), torch.tensor(real_b, dtype=torch.float64)
-        weight, bias = weight.double(), bias.double()
-        feats = self.features.clone().requires_grad_(True)
-        opt = torch.optim.SGD([feats], lr=lr)
-        seen = [int(c) for c in np.flatnonzero(holders > 0)]
-        loss = torch.zeros(())
-        for _ in range(epochs):
-            loss = torch.zeros((), dtype=torch.float64)
-            for c in seen:
-                rows = slice(c * self.per_class, (c + 1) * self.per_class)
-                syn = classifier_grad(feats[rows], c, weight, bias, create_graph=True)
-                loss = loss + match_distance(syn, (real_w[c], real_b[c]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        self.features = feats.detach()
-        return float(loss.detach())

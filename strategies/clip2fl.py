@@ -1,8 +1,8 @@
-"""CLIP2FL (Shi et al., 2024): CReFF's server side plus CLIP knowledge distillation on every client.
+"""CLIP2FL (Shi et al., AAAI 2024): CReFF's server side plus CLIP knowledge distillation on every client.
 
-The server is CReFF's (`strategies.uploads.CReFFServer`: federated features matched to client class
-gradients, classifier re-trained on them). `RoundConfig` adds `kd-weight` and `kd-temperature` to every
-round's train config; their presence is what makes a client run its CLIP teacher (`flcore.distill`).
+The server is CReFF's (`strategies.creff`: federated features matched to client class gradients,
+classifier re-trained on them). `RoundConfig` adds `kd-weight` and `kd-temperature` to every round's
+train config; their presence is what makes a client run its CLIP teacher (`client_app.distill`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.delegate import Delegating
+from rounds.delegate import Delegating
+from strategies.creff import creff
 
 KD_KEYS = ("kd-weight", "kd-temperature")
 
@@ -32,3 +33,8 @@ class RoundConfig(Delegating):
 def with_distillation(inner: Strategy, cfg: Mapping) -> Strategy:
     """`inner` (CReFF) whose clients also distil from CLIP with the configured weight and temperature."""
     return RoundConfig(inner, {key: float(cfg[key]) for key in KD_KEYS})
+
+
+def clip2fl(cfg: Mapping) -> Strategy:
+    """CReFF's server plus CLIP distillation on the clients (`client_app.distill`)."""
+    return with_distillation(creff(cfg), cfg)

@@ -13,16 +13,17 @@ and metric aggregation are delegated to a held `FedAvg` (composition, not subcla
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
-from strategies.delegate import Delegating
+from rounds.delegate import Delegating
+from strategies.fedavg import sampling
 
 STEPS_KEY = "local-steps"
 
@@ -88,3 +89,8 @@ class FedNova(Delegating):
         metrics = MetricRecord() if metrics is None else metrics
         metrics["fednova-tau-eff"] = tau_eff
         return arrays, metrics
+
+
+def fednova(cfg: Mapping) -> Strategy:
+    """FedNova around a FedAvg that samples like every other strategy."""
+    return FedNova(FedAvg(**sampling(cfg)))

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 @pytest.fixture
 def teacher_calls(monkeypatch):
     """Counts CLIP zero-shot forwards (one entry per call: its image count) without changing their results."""
-    from flcore import clip_teacher
+    from alignment import teacher as clip_teacher
 
     calls = []
     real = clip_teacher.zero_shot_logits
@@ -23,6 +23,17 @@ def teacher_calls(monkeypatch):
 
     monkeypatch.setattr(clip_teacher, "zero_shot_logits", counting)
     return calls
+
+
+@pytest.fixture
+def no_superlink(monkeypatch):
+    """The launcher must stop on bad input before it starts any Flower process."""
+    from server_app import launch
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the SuperLink must not start on bad input")
+
+    monkeypatch.setattr(launch, "start_superlink", forbidden)
 
 
 @pytest.fixture
@@ -83,3 +94,26 @@ class ClientAppGrid(InProcessGrid):
             return query_fn(msg, context)
         self.configs.append(dict(msg.content["config"]))
         return train_fn(msg, context)
+
+
+class RecordingReport:
+    """Stands in for `RunReport` where a test drives the strategy wrapper: keeps what it is handed."""
+
+    def __init__(self):
+        self.train, self.outcomes = {}, []
+
+    def record_train(self, server_round, metrics):
+        self.train[server_round] = dict(metrics)
+
+    def take(self, outcome):
+        self.outcomes.append(outcome)
+
+
+def served(strategy, after_aggregation=(), report=None, **policy):
+    """The ServerApp's stack around `strategy`: the round policy (with `policy` options), then the stages."""
+    from rounds.policy import RoundPolicy
+    from rounds.stage import Stages
+    from strategies.wrapper import ServerStages
+
+    stages = Stages(after_aggregation=list(after_aggregation))
+    return ServerStages(RoundPolicy(strategy, **policy), stages, report or RecordingReport())

@@ -15,19 +15,22 @@ import torch
 from flwr.app import MetricRecord
 from flwr.serverapp.strategy import FedProx
 
-from flcore import clip_teacher
-from flcore.config import ConfigError, validate
+from alignment import teacher as clip_teacher
+from alignment.logits import check_class_names
+from alignment.loss import AlignSettings, fine_tune
+from alignment.stage import alignment_stages
+from flcore.config import ConfigError, WeightsNotFound, validate
 from flcore.data import Batches
 from flcore.experiment import load_record, prepare, server_data, to_record
 from flcore.metrics import summarize
 from flcore.models import build_model
 from flcore.reports import RunReport
 from flcore.training import TrainSettings, predict, train
+from rounds.stage import ServerContext
 from server_app import app as server_app
 from server_app import launch
-from strategies import alignment, registry
-from strategies.alignment import AlignSettings, alignment_stages, fine_tune
-from strategies.stages import ServerContext, ServerStages
+from strategies import registry
+from strategies.wrapper import ServerStages
 from tests.conftest import ClientAppGrid
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +53,7 @@ def context(cfg, run_id="t"):
         preds, labels = predict(load_record(new_model(), arrays), data.test)
         return summarize(preds, labels, classes, data.groups)
 
-    return ServerContext(cfg, data, new_model, evaluate, RunReport.create(cfg, run_id, data.dataset.classes))
+    return ServerContext(cfg, data, new_model, evaluate)
 
 
 @pytest.fixture(autouse=True)
@@ -126,21 +129,26 @@ def test_teacher_runs_once_for_d_align_across_rounds_and_reruns(tmp_path, teache
     (stage,) = alignment_stages(cfg, ctx).after_aggregation
     align_size = len(ctx.data.align)
     arrays = to_record(ctx.new_model(seed=0))
-    rows = []
+    rows, outcomes = [], []
     for rnd in (1, 2, 3):
         metrics = MetricRecord()
-        new = stage(rnd, arrays, metrics)
+        outcomes.append(stage(rnd, arrays, metrics))
+        new = outcomes[-1].arrays
         assert not np.array_equal(new["classifier.weight"].numpy(), arrays["classifier.weight"].numpy())
         arrays = new
         rows.append(metrics)
     assert calls.count(align_size) == 1 and len(calls) == 2  # D_align once, the test split once
     assert "pre-align-accuracy" not in rows[0] and "pre-align-few-accuracy" in rows[2]  # evaluated rounds only
     assert rows[0]["align-steps"] == 1 and rows[0]["align-kl"] == 0.0
-    info = json.loads((ctx.report.dir / "alignment.json").read_text())
+    assert not outcomes[0].sections and not outcomes[0].figures  # Figure 4 comes with the last round only
+    report = RunReport(tmp_path / "report", 3, ctx.data.dataset.classes)
+    report.dir.mkdir()
+    report.take(outcomes[-1])
+    info = json.loads((report.dir / "alignment.json").read_text())
     assert info["teacher-random-weights"] is True and info["beta-effective"] == 0.0 and "random" in info["beta-note"]
     assert 0.0 <= info["teacher-test-accuracy"] <= 0.3  # a random teacher is near chance (0.1), and visible
     assert set(info["figure-4"]) == {"round", "without-alignment", "with-alignment"}
-    assert (ctx.report.dir / "alignment.png").is_file()
+    assert (report.dir / "alignment.png").is_file() and report.sections["alignment"] == info
     alignment_stages(cfg, context(cfg, run_id="rerun"))  # a rerun with the same D_align hits the disk cache
     assert len(calls) == 2
 
@@ -154,8 +162,7 @@ def test_alignment_raises_few_class_accuracy_on_the_long_tailed_default(tmp_path
     pool = Batches(prep.dataset.train.subset(prep.split.pool), prep.dataset, 8, 32)
     train(model, pool, TrainSettings(1, 0.1, 0.0, 0.0, True), torch.Generator().manual_seed(7))
     (stage,) = alignment_stages(cfg, ctx).after_aggregation
-    stage(1, to_record(model), MetricRecord())
-    fig4 = json.loads((ctx.report.dir / "alignment.json").read_text())["figure-4"]
+    fig4 = stage(1, to_record(model), MetricRecord()).sections["alignment"]["figure-4"]
     before, after = fig4["without-alignment"], fig4["with-alignment"]
     print(f"few-class accuracy before {before['few-accuracy']:.3f} -> after {after['few-accuracy']:.3f} (beta 0)")
     assert after["few-accuracy"] > before["few-accuracy"]
@@ -186,20 +193,16 @@ def test_bad_teacher_inputs_fail_before_round_one(tmp_path, monkeypatch):
         alignment_stages(cfg, context(cfg))
     cfg = config(tmp_path, **{"align-teacher": "ViT-L-14-336", "projection-dim": 768})
     monkeypatch.setattr(clip_teacher, "_cached_weights", lambda name, tag: None)  # as on a machine without them
-    with pytest.raises(clip_teacher.TeacherNotFound, match="ViT-L-14-336 / openai.*align-logits-file"):
+    with pytest.raises(WeightsNotFound, match="ViT-L-14-336 / openai.*align-logits-file"):
         alignment_stages(cfg, context(cfg))
     with pytest.raises(ConfigError, match="class names are missing"):
-        alignment.check_class_names(["class 0", "class 1", "class 2"])
+        check_class_names(["class 0", "class 1", "class 2"])
     cfg = config(tmp_path, **{"align-loss": "kl"})
     with pytest.raises(ConfigError, match="'align-loss' = 'kl'.*random"):
         alignment_stages(cfg, context(cfg))
 
 
-def test_launcher_stops_bad_alignment_input_before_starting_anything(monkeypatch, capsys):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the SuperLink must not start on bad input")
-
-    monkeypatch.setattr(launch, "start_superlink", forbidden)
+def test_launcher_stops_bad_alignment_input_before_starting_anything(no_superlink, capsys):
     assert launch.main(["--run-config", "align=true align-teacher=ViT-B-32 projection-dim=768"]) == 2
     assert "feature size 512" in capsys.readouterr().err
     assert launch.main(["--run-config", "align=true align-beta=-1.0"]) == 2
@@ -224,10 +227,11 @@ def test_logits_file_is_checked_and_used_with_its_beta(tmp_path):
     torch.save({"logits": one_hot, "classes": classes, "test-logits": test_logits}, good)
     cfg = config(tmp_path, **{"align-logits-file": str(good), "align-beta": 0.5, "align-steps": 2})
     ctx = context(cfg)
-    (stage,) = alignment_stages(cfg, ctx).after_aggregation
+    stages = alignment_stages(cfg, ctx)
     metrics = MetricRecord()
-    stage(1, to_record(ctx.new_model(seed=0)), metrics)
-    assert ctx.summary["alignment"]["beta-effective"] == 0.5 and ctx.summary["alignment"]["teacher-test-accuracy"] == 1
+    stages.after_aggregation[0](1, to_record(ctx.new_model(seed=0)), metrics)
+    info = stages.sections["alignment"]
+    assert info["beta-effective"] == 0.5 and info["teacher-test-accuracy"] == 1
     assert metrics["align-kl"] > 0 and metrics["align-ce"] > 0
 
 
@@ -246,8 +250,8 @@ def test_fedprox_with_alignment_runs_through_the_server_app(tmp_path, monkeypatc
     overrides = {"strategy": "fedprox", "num-clients": 2, "num-server-rounds": 2, "local-epochs": 1}
     cfg = config(tmp_path, **overrides, **{"dirichlet-alpha": 100.0, "align-steps": 1})
     grid = ClientAppGrid(cfg)
-    built = registry.build_server_strategy(cfg, context(cfg))
-    assert isinstance(built, ServerStages) and isinstance(built.inner, FedProx)
+    built = registry.build_server_strategy(cfg, context(cfg), RunReport(tmp_path, 2, []))
+    assert isinstance(built, ServerStages) and isinstance(built.inner.inner, FedProx)
     summary = server_app.run(grid, cfg, "fedprox")
     assert all(c["proximal-mu"] == 0.01 for c in grid.configs) and len(grid.configs) == 4
     rows = [json.loads(line) for line in (tmp_path / "fedprox" / "metrics.jsonl").read_text().splitlines()]
@@ -281,6 +285,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_client_never_imports_clip_and_replies_only_arrays_and_scalars(tmp_path):
     cfg = {**SMALL, "align": True, "align-teacher": "ViT-L-14-336", "output-dir": str(tmp_path), "local-epochs": 1}
     out = subprocess.run(
@@ -298,6 +303,7 @@ def test_client_never_imports_clip_and_replies_only_arrays_and_scalars(tmp_path)
     assert got["metrics"] and set(got["metrics"].values()) <= {"int", "float"}
 
 
+@pytest.mark.slow
 def test_full_simulation_with_alignment_through_flwr_run(tmp_path, capfd):
     """The one full run of this issue: `flwr run` on a local SuperLink, FedAvg + alignment, tiny teacher."""
     overrides = (

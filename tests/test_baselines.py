@@ -14,8 +14,8 @@ from flcore import config as config_module
 from flcore.config import ConfigError, validate
 from flcore.losses import LOSSES, build_loss, focal_loss
 from strategies.fednova import FedNova
-from strategies.posthoc import tau_norm_stage, tau_normalize
 from strategies.registry import STRATEGIES, build_strategy
+from strategies.tau_norm import tau_norm_stage, tau_normalize
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -179,8 +179,8 @@ def test_tau_norm_stage_acts_on_the_last_round_only():
     (stage,) = tau_norm_stage(cfg_of(tau_norm=1.0, num_server_rounds=3), None).after_aggregation
     arrays = ArrayRecord({"classifier.weight": torch.full((2, 4), 2.0)})
     metrics = MetricRecord()
-    assert stage(2, arrays, metrics) is arrays and "tau-norm" not in metrics
-    final = stage(3, arrays, metrics).to_torch_state_dict()["classifier.weight"]
+    assert stage(2, arrays, metrics).arrays is arrays and "tau-norm" not in metrics
+    final = stage(3, arrays, metrics).arrays.to_torch_state_dict()["classifier.weight"]
     assert torch.allclose(final, torch.full((2, 4), 0.5)) and metrics["tau-norm"] == 1.0
 
 
@@ -202,7 +202,7 @@ def test_bad_strategy_settings_name_what_is_allowed(overrides, hint):
 
 
 def test_ccvr_pooling_of_client_statistics_is_exact():
-    from strategies.calibration import pooled_gaussians
+    from strategies.ccvr import pooled_gaussians
 
     gen = np.random.default_rng(0)
     feats, labels = gen.normal(size=(60, 4)), np.repeat([0, 1, 2], 20)
@@ -220,7 +220,7 @@ def test_ccvr_pooling_of_client_statistics_is_exact():
 
 
 def test_creff_gradient_matching_reduces_the_distance():
-    from strategies.calibration import FederatedFeatures
+    from strategies.creff import FederatedFeatures
 
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(3, 8, generator=gen), torch.randn(3, generator=gen)
@@ -240,8 +240,8 @@ def test_creff_gradient_matching_reduces_the_distance():
 
 
 def test_client_uploads_ask_in_chosen_rounds_and_calibrate_after_fedavg():
-    from flcore.uploads import encode
-    from strategies.uploads import ClientUploads
+    from flcore.class_statistics import encode
+    from strategies.calibration import ClientUploads
 
     calls = []
 
@@ -265,9 +265,9 @@ def test_client_uploads_ask_in_chosen_rounds_and_calibrate_after_fedavg():
 
 
 def test_a_reply_with_a_bad_or_misshapen_upload_is_dropped_whole_and_the_round_goes_on():
-    from flcore.uploads import encode
-    from strategies.guard import screen
-    from strategies.uploads import ClientUploads
+    from flcore.class_statistics import encode
+    from rounds.guard import screen
+    from strategies.calibration import ClientUploads
 
     seen = []
 
@@ -295,7 +295,7 @@ def test_a_reply_with_a_bad_or_misshapen_upload_is_dropped_whole_and_the_round_g
     [("feature-stats", {"counts", "means", "covs"}), ("class-gradients", {"counts", "grad-weight", "grad-bias"})],
 )
 def test_client_sends_requested_upload_computed_on_the_received_model(upload, keys):
-    from flcore.uploads import decode
+    from flcore.class_statistics import decode
 
     plain = client_train({}, {})
     asked = client_train({}, {"upload": upload})
@@ -307,8 +307,9 @@ def test_client_sends_requested_upload_computed_on_the_received_model(upload, ke
 
 
 def test_creff_server_sends_its_head_and_replaces_the_classifier_after_matching():
-    from flcore.uploads import client_upload, decode, encode
-    from strategies.uploads import ClientUploads, CReFFServer
+    from flcore.class_statistics import client_upload, decode, encode
+    from strategies.calibration import ClientUploads
+    from strategies.creff import CReFFServer
 
     cfg = cfg_of(strategy="creff", calibration_epochs=3, match_epochs=3, virtual_per_class=4)
     server = CReFFServer(cfg)
@@ -347,7 +348,7 @@ KD = {"kd-weight": 1.0, "kd-temperature": 3.0}
 @pytest.fixture
 def counted_teacher(monkeypatch, teacher_calls):
     """Counts CLIP forwards over a client's partition; the teacher is the tiny open_clip config, RANDOM weights."""
-    from flcore import distill
+    from client_app import distill
 
     monkeypatch.setattr(distill, "_CACHE", {})
     print("CLIP2FL teacher: tiny open_clip config with RANDOM weights")
@@ -374,7 +375,7 @@ def test_clip2fl_teacher_runs_once_per_client_process_across_rounds(counted_teac
 
 
 def test_kd_loss_is_zero_for_equal_logits_and_scales_with_t_squared():
-    from flcore.distill import kd_loss
+    from flcore.losses import kd_loss
 
     gen = torch.Generator().manual_seed(0)
     p, q = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen)
@@ -384,7 +385,7 @@ def test_kd_loss_is_zero_for_equal_logits_and_scales_with_t_squared():
 
 
 def test_clip2fl_server_asks_for_gradients_and_distillation_every_round_and_describes_it():
-    from strategies.uploads import describe
+    from strategies.registry import client_workload
 
     cfg = cfg_of(strategy="clip2fl", kd_weight=0.5, kd_temperature=2.0)
     strategy = build_strategy(cfg)
@@ -394,9 +395,9 @@ def test_clip2fl_server_asks_for_gradients_and_distillation_every_round_and_desc
         config = msg.content["config"]
         assert config["kd-weight"] == 0.5 and config["kd-temperature"] == 2.0
         assert config["upload"] == "class-gradients" and config["lr"] == 0.1
-    runs = describe(cfg)["client-runs"]
+    runs = client_workload(cfg)["client-runs"]
     assert "CLIP teacher tiny" in runs and "ON THE CLIENT" in runs and "per-class CE gradients" in runs
-    assert "CLIP" not in describe(cfg_of(strategy="creff"))["client-runs"]
+    assert "CLIP" not in client_workload(cfg_of(strategy="creff"))["client-runs"]
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ in-process (tests/test_baselines.py) and run through the apps in `bench/compare.
 
 import json
 
+import pytest
+
 from server_app import launch
 
 TINY = (
@@ -23,6 +25,7 @@ def run_one(tmp_path, name: str, overrides: str) -> tuple[dict, dict]:
     return rows[-1], json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_baselines_run_one_round_through_the_real_apps(tmp_path):
     model_bytes = 4 * 1_200_000  # the tiny model has 1.24 M float32 values
 

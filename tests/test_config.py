@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from flcore import config_docs
 from flcore.config import SCHEMA, ConfigError, validate
 from server_app import launch
 from strategies.registry import STRATEGIES
@@ -25,10 +26,11 @@ def test_pyproject_declares_every_key_with_the_schema_default():
     assert declared == {k: o.default for k, o in SCHEMA.items()}
 
 
-def test_readme_documents_every_key():
-    readme = (ROOT / "README.md").read_text()
-    missing = [k for k in SCHEMA if f"`{k}`" not in readme]
-    assert not missing, f"README lacks: {missing}"
+def test_configuration_doc_matches_schema():
+    doc = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert doc == config_docs.markdown(), f"docs/configuration.md is stale; run: {config_docs.REGENERATE}"
+    missing = [k for k in SCHEMA if f"| `{k}` |" not in doc]
+    assert not missing, f"docs/configuration.md lacks: {missing}"
 
 
 @pytest.mark.parametrize(
@@ -70,18 +72,13 @@ def test_overrides_parse_toml_values_and_bare_words(tmp_path):
     assert got == {"dataset": "cifar10", "lr": 0.1, "augment": False, "strategy": "fedavg", "seed": 3}
 
 
-def test_launcher_rejects_bad_input_before_starting_anything(monkeypatch, capsys):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the SuperLink must not start on bad input")
-
-    monkeypatch.setattr(launch, "start_superlink", forbidden)
+def test_launcher_rejects_bad_input_before_starting_anything(no_superlink, capsys):
     assert launch.main(["--run-config", "imbalance-factor=0.5"]) == 2
     assert "'imbalance-factor' = 0.5" in capsys.readouterr().err
     assert launch.main(["--run-config", "dataset=cifar100 data-dir=/nonexistent"]) == 2
 
 
-def test_launcher_reports_missing_dataset_files(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(launch, "start_superlink", lambda *a, **k: pytest.fail("must not start"))
+def test_launcher_reports_missing_dataset_files(no_superlink, capsys, tmp_path):
     assert launch.main(["--run-config", f"dataset=cifar10 data-dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "cifar-10-batches-py" in err and str(tmp_path) in err

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from deploy.local_cluster import LocalCluster
 from server_app import launch
 
@@ -19,6 +21,7 @@ def test_client_side_never_imports_clip_or_the_llm():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_tls_cluster_with_node_auth_runs_two_rounds_above_chance(tmp_path):
     overrides = {
         "num-clients": 3,
@@ -46,6 +49,7 @@ def test_tls_cluster_with_node_auth_runs_two_rounds_above_chance(tmp_path):
     print(f"TLS + auth cluster: 3 SuperNodes, 2 rounds, accuracy {summary['final']['accuracy']:.3f}")
 
 
+@pytest.mark.slow
 def test_unregistered_supernode_is_refused(tmp_path):
     with LocalCluster(tmp_path / "cluster", 1, tls=True, auth=True) as cluster:
         intruder = cluster.start_supernode(7, register=False)  # has a key, but the SuperLink never saw it

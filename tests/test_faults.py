@@ -7,10 +7,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 
 from client_app.faults import fails
 from flcore.config import ConfigError, validate
-from strategies.guard import screen
+from rounds.guard import screen
+from rounds.policy import RoundPolicy
 from strategies.registry import STRATEGIES, build_strategy
-from strategies.stages import ServerStages
-from tests.conftest import InProcessGrid
+from tests.conftest import InProcessGrid, served
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -32,8 +32,8 @@ def error_reply(node: int) -> Message:
     return Message(Error(code=1, reason="client crashed"), reply_to=request(node))
 
 
-def fedavg() -> ServerStages:
-    return ServerStages(build_strategy(validate({}, choices={"strategy": STRATEGIES})))
+def fedavg(**policy) -> RoundPolicy:
+    return RoundPolicy(build_strategy(validate({}, choices={"strategy": STRATEGIES})), **policy)
 
 
 def test_nan_update_is_rejected_and_round_equals_aggregation_without_it():
@@ -83,7 +83,7 @@ def test_error_replies_and_missing_replies_count_as_failed():
 
 
 def test_round_below_min_replies_keeps_the_global_model():
-    guarded = ServerStages(build_strategy(validate({}, choices={"strategy": STRATEGIES})), min_replies=2)
+    guarded = fedavg(min_replies=2)
     guarded._global = ArrayRecord(GLOBAL)
     arrays, metrics = guarded.aggregate_train(1, [reply(1, {"w": torch.ones(3), "b": torch.ones(2)}), error_reply(2)])
     assert arrays is None and metrics["replies"] == 1 and metrics["failed"] == 1
@@ -121,14 +121,9 @@ def error_reply_to(msg: Message) -> Message:
 def test_run_with_30_percent_failed_replies_completes_every_round():
     cfg = validate({"num-clients": 10, "fraction-train": 1.0, "min-replies": 3}, choices={"strategy": STRATEGIES})
     grid = FlakyGrid({1000 + 7 * i: i for i in range(10)}, seed=3, rate=0.3)
-    rows = {}
-
-    def record(rnd, arrays, metrics):
-        rows[rnd] = dict(metrics)
-        return arrays
-
-    strategy = ServerStages(build_strategy(cfg), after_aggregation=[record], min_replies=3, seed=3)
+    strategy = served(build_strategy(cfg), min_replies=3, seed=3)
     result = strategy.start(grid, ArrayRecord(GLOBAL), num_rounds=10)
+    rows = strategy.report.train
     assert sorted(rows) == list(range(1, 11))
     assert sum(r["failed"] for r in rows.values()) == grid.failed
     assert 0.15 < grid.failed / grid.sent < 0.45  # about 30 % of the 100 replies failed
@@ -163,29 +158,23 @@ class DroppingGrid(FlakyGrid):
 def test_a_node_lost_for_good_does_not_block_later_rounds():
     cfg = validate({"num-clients": 4, "fraction-train": 1.0}, choices={"strategy": STRATEGIES})
     grid = DroppingGrid({10 + i: i for i in range(4)}, seed=3, rate=0.0)
-    rows = {}
-
-    def record(rnd, arrays, metrics):
-        rows[rnd] = dict(metrics)
-        return arrays
-
-    strategy = ServerStages(build_strategy(cfg), after_aggregation=[record], seed=3)
+    strategy = served(build_strategy(cfg), seed=3)
     strategy.start(grid, ArrayRecord(GLOBAL), num_rounds=3)
-    assert [rows[r]["replies"] for r in (1, 2, 3)] == [4, 3, 3]
+    assert [strategy.report.train[r]["replies"] for r in (1, 2, 3)] == [4, 3, 3]
 
 
 def test_rounds_without_any_valid_update_stop_the_run_after_max_empty_rounds():
     """Every client failing (say, refusing the server's message) must not end as a 'finished' run."""
     grid = FlakyGrid({1000 + i: i for i in range(4)}, seed=0, rate=1.0)
     cfg = validate({"num-clients": 4, "fraction-train": 1.0}, choices={"strategy": STRATEGIES})
-    strategy = ServerStages(build_strategy(cfg), max_empty_rounds=2)
+    strategy = served(build_strategy(cfg), max_empty_rounds=2)
     with pytest.raises(RuntimeError, match="2 rounds in a row without one valid client update.*injected"):
         strategy.start(grid, ArrayRecord(GLOBAL), num_rounds=5)
     assert grid.sent == 8  # stopped after round 2 of 5
 
 
 def test_an_empty_round_between_good_ones_does_not_stop_the_run():
-    guarded = ServerStages(build_strategy(validate({}, choices={"strategy": STRATEGIES})), max_empty_rounds=2)
+    guarded = fedavg(max_empty_rounds=2)
     guarded._global = ArrayRecord(GLOBAL)
     good = reply(1, {"w": torch.ones(3), "b": torch.ones(2)})
     for replies in ([error_reply(2)], [good], [error_reply(2)], [good]):

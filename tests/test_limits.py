@@ -8,9 +8,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from client_app.limits import MAX_CONFIG_STRING, MessageRejected, check_global
+from flcore.class_statistics import npy_bytes
 from flcore.models import build_model
-from flcore.uploads import npy_bytes
-from strategies.guard import screen
+from rounds.guard import screen
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 

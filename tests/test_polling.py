@@ -1,6 +1,6 @@
 from types import SimpleNamespace
 
-from strategies.polling import PromptGrid
+from rounds.polling import PromptGrid
 
 
 class FakeGrid:

@@ -3,14 +3,13 @@
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from flcore.config import ConfigError, validate
+from flcore.config import ConfigError, WeightsNotFound, validate
 from flcore.experiment import server_data, to_record
 from flcore.models import build_model
 from pretrain.annotate import annotate, done_ids
@@ -18,9 +17,9 @@ from pretrain.checkpoints import Checkpoints
 from pretrain.dwp import DWPConfig, alpha_at, build_gfl, clip_features, lm_loss, mixed_features, train_dwp
 from pretrain.llava_data import AnnotationError, LlavaSamples, load_annotations
 from pretrain.stage import pretrain_stage
-from pretrain.teacher import TINY_NOTE, TeacherNotFound, load_teacher, projector, tiny_teacher, vision_tower
-from strategies.registry import STRATEGIES, build_server_strategy
-from strategies.stages import ServerContext
+from pretrain.teacher import TINY_NOTE, load_teacher, projector, tiny_teacher, vision_tower
+from rounds.stage import ServerContext
+from strategies.registry import STRATEGIES, build_stages
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -200,7 +199,7 @@ def test_malformed_annotation_file_names_the_line(tmp_path):
 
 
 def test_missing_teacher_names_the_model_and_how_to_get_it(tmp_path):
-    with pytest.raises(TeacherNotFound, match=r"'no-such-org/llava'.*huggingface-cli download no-such-org/llava"):
+    with pytest.raises(WeightsNotFound, match=r"'no-such-org/llava'.*huggingface-cli download no-such-org/llava"):
         load_teacher("no-such-org/llava")
 
 
@@ -225,14 +224,14 @@ def test_stage_hands_the_pretrained_backbone_to_round_one_and_reuses_the_cache(t
     }
     cfg = validate(raw, choices={"strategy": STRATEGIES})
     data = server_data(cfg)
-    ctx = ServerContext(cfg, data, None, None, SimpleNamespace(dir=str(tmp_path)))
+    ctx = ServerContext(cfg, data, None, None)
     assert pretrain_stage({**cfg, "pretrain": False}, ctx).before_training == []
-    hooks = build_server_strategy(cfg, ctx).before_training  # registered in SERVER_STAGES, no app special case
+    hooks = build_stages(cfg, ctx).before_training  # registered in SERVER_STAGES, no app special case
     assert len(hooks) == 1
     hook = hooks[0]
     initial = to_record(build_model("resnet8", 512, 10, seed=7))
-    out = hook(initial).to_torch_state_dict()
-    meta = json.loads((tmp_path / "pretrain.json").read_text())
+    outcome = hook(initial)
+    out, meta = outcome.arrays.to_torch_state_dict(), outcome.sections["pretrain"]
     assert meta["note"] == TINY_NOTE and meta["reused"] is False and meta["annotation"]["written"] == 9
     cached = torch.load(Path(meta["cache"]) / "final.pt", weights_only=False)["gfl"]
     init = initial.to_torch_state_dict()
@@ -242,8 +241,9 @@ def test_stage_hands_the_pretrained_backbone_to_round_one_and_reuses_the_cache(t
         else:
             assert torch.equal(value, init[key])  # projection and classifier stay fresh
     assert not torch.equal(out["backbone.stem.0.weight"], init["backbone.stem.0.weight"])
-    again = hook(initial).to_torch_state_dict()
-    assert json.loads((tmp_path / "pretrain.json").read_text())["reused"] is True
+    second = hook(initial)
+    again = second.arrays.to_torch_state_dict()
+    assert second.sections["pretrain"]["reused"] is True
     assert all(torch.equal(out[k], again[k]) for k in out)
 
 
@@ -257,3 +257,11 @@ def test_gradient_checkpointing_gives_the_same_training_and_accumulation_the_sam
     assert all(torch.allclose(ref[k], v, atol=1e-5) for k, v in ckpt.named_parameters())
     split = train_dwp(teacher, accum, data, DWPConfig(epochs=1, batch_size=4, grad_accum=2, lr=1e-2))
     assert split.steps == base.steps == math.ceil(len(records) / 4)
+
+
+def test_launcher_stops_a_missing_llava_before_starting_anything(no_superlink, capsys):
+    """The preflight runs every stage's checks: stage 1's missing teacher stops before the SuperLink starts."""
+    from server_app import launch
+
+    assert launch.main(["--run-config", "pretrain=true pretrain-teacher=no-such-org/llava"]) == 2
+    assert "huggingface-cli download no-such-org/llava" in capsys.readouterr().err

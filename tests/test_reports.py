@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from flcore.reports import RunReport
@@ -46,3 +47,37 @@ def test_report_writes_every_file(tmp_path, capsys):
     )
     assert torch.equal(torch.load(out / "model.pt")["w"], torch.ones(2))
     assert "[round   1/2] loss 1.500 | acc 0.500" in capsys.readouterr().out
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from flcore.files import atomic_write, write_json
+
+    target = tmp_path / "summary.json"
+    write_json(target, {"accuracy": 0.5, "missing": float("nan"), "path": tmp_path})
+    assert json.loads(target.read_text()) == {"accuracy": 0.5, "missing": None, "path": str(tmp_path)}
+
+    def half_then_crash(tmp):
+        tmp.write_text('{"accur')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, half_then_crash)
+    assert json.loads(target.read_text())["accuracy"] == 0.5
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left behind
+
+
+def test_stage_outcomes_become_section_files_summary_entries_and_figures(tmp_path):
+    import matplotlib.pyplot as plt
+    from flwr.app import ArrayRecord
+
+    from rounds.stage import Outcome
+
+    report = RunReport(tmp_path, 1, ["a", "b"])
+    fig, _ = plt.subplots()
+    report.take(Outcome(ArrayRecord(), {"pretrain": {"reused": False}}, {"extra.png": fig}))
+    report.record_eval(1, eval_row(0.5))
+    summary = report.finish({"w": torch.zeros(1)})
+    assert summary["pretrain"] == {"reused": False}
+    assert json.loads((tmp_path / "pretrain.json").read_text()) == {"reused": False}
+    assert (tmp_path / "extra.png").read_bytes().startswith(b"\x89PNG")
+    assert fig.number not in plt.get_fignums()  # the report closed the figure it saved

@@ -15,11 +15,11 @@ from flwr.serverapp.strategy import FedAvgM
 
 from client_app.faults import fails
 from flcore.config import ConfigError, validate
+from rounds import checkpoint
+from rounds.sampling import seeded_random
 from server_app import launch
-from strategies import checkpoint
 from strategies.registry import STRATEGIES, build_strategy
-from strategies.sampling import seeded_random
-from strategies.stages import ServerStages
+from tests.conftest import served
 from tests.procs import kill_tree
 from tests.test_faults import GLOBAL, FlakyGrid
 
@@ -30,11 +30,11 @@ def test_generic_strategy_state_round_trips_fedavgm_momentum():
     strategy = FedAvgM(server_momentum=0.9)
     strategy.current_arrays = ArrayRecord(GLOBAL)
     strategy.momentum_vector = [np.ones(3), np.full(2, 2.0)]
-    state = checkpoint.strategy_state(ServerStages(strategy))
-    fresh = ServerStages(FedAvgM(server_momentum=0.9))
+    state = checkpoint.strategy_state(served(strategy))
+    fresh = served(FedAvgM(server_momentum=0.9))
     checkpoint.load_strategy_state(fresh, state)
-    assert [v.tolist() for v in fresh.inner.momentum_vector] == [[1.0, 1.0, 1.0], [2.0, 2.0]]
-    assert fresh.inner.current_arrays["w"].numpy().tolist() == [0.0, 0.0, 0.0]
+    assert [v.tolist() for v in fresh.inner.inner.momentum_vector] == [[1.0, 1.0, 1.0], [2.0, 2.0]]
+    assert fresh.inner.inner.current_arrays["w"].numpy().tolist() == [0.0, 0.0, 0.0]
 
 
 def cfg_for(tmp_path: Path, **extra) -> dict:
@@ -49,11 +49,12 @@ def run_rounds(cfg: dict, path: Path, nodes: dict[int, int], stop_after: int | N
     inner = FedAvgM(server_momentum=0.9, fraction_train=0.5, min_available_nodes=6, fraction_evaluate=0.0)
 
     def save(rnd, arrays):
-        checkpoint.save(path, rnd, arrays, strategy.inner, [{"round": rnd}], cfg)
+        checkpoint.save(path, rnd, arrays, inner, [{"round": rnd}], cfg)
 
-    strategy = ServerStages(inner, seed=int(cfg["seed"]), round_offset=done, on_round_end=save)
+    strategy = served(inner, seed=int(cfg["seed"]))
+    strategy.round_offset, strategy.on_round_end = done, save
     if resumed:
-        resumed.restore(strategy.inner)
+        resumed.restore(inner)
     total = (stop_after or int(cfg["num-server-rounds"])) - done
     grid = FlakyGrid(nodes, seed=1, rate=0.0)
     return strategy.start(grid, resumed.arrays if resumed else ArrayRecord(GLOBAL), num_rounds=total).arrays
@@ -108,6 +109,7 @@ def expected_failures(seed: int, rounds: int, clients: int, sampled: int, rate: 
     return total
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_ends_with_the_uninterrupted_weights(tmp_path, capfd):
     """The one full simulation of this suite; clients also fail on purpose (fail-rate) to show the run goes on."""
     base = (

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from server_app import launch
 
 
+@pytest.mark.slow
 def test_full_simulation_learns_and_writes_reports(tmp_path, capsys):
     overrides = (
         "num-clients=4 num-server-rounds=3 fraction-train=1.0 local-epochs=2 dirichlet-alpha=100.0 "

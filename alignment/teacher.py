@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from flcore.config import ConfigError
+from flcore.config import ConfigError, WeightsNotFound
 from flcore.data import ImageSet
 
 TINY = "tiny"
@@ -31,12 +31,8 @@ TINY_SEED = 0
 IMAGE_BATCH = 64
 
 
-class TeacherNotFound(ConfigError):
-    """The teacher's weights are not on this machine; the message says what to download and where."""
-
-
 @dataclass
-class Teacher:
+class ClipTeacher:
     """A loaded CLIP model with its eval transform and tokenizer; `random` marks the tiny untrained one."""
 
     name: str
@@ -112,7 +108,7 @@ def resolve_weights(name: str, pretrained: str) -> tuple[str, dict]:
     path = _cached_weights(name, pretrained)
     if path is None:
         hub = open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub", "")
-        raise TeacherNotFound(
+        raise WeightsNotFound(
             f"CLIP teacher {name} / {pretrained} is not in the local cache and nothing is downloaded here. "
             f"On a machine with internet run `python -c \"import open_clip; open_clip.create_model('{name}', "
             f"pretrained='{pretrained}')\"` (fills the Hugging Face cache with {hub or 'the checkpoint'}) and copy "
@@ -122,7 +118,7 @@ def resolve_weights(name: str, pretrained: str) -> tuple[str, dict]:
     return path, open_clip.get_pretrained_cfg(name, pretrained)
 
 
-def load_teacher(name: str, pretrained: str, tiny_embed_dim: int, config_dir: Path) -> Teacher:
+def load_teacher(name: str, pretrained: str, tiny_embed_dim: int, config_dir: Path) -> ClipTeacher:
     """Build the teacher; `tiny` is seeded so its random weights (and cached logits) are reproducible."""
     random_weights = name == TINY
     if random_weights:
@@ -142,7 +138,7 @@ def load_teacher(name: str, pretrained: str, tiny_embed_dim: int, config_dir: Pa
     model.eval()
     embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
     tokenizer = open_clip.get_tokenizer(model_name)
-    return Teacher(
+    return ClipTeacher(
         model_name, "random" if random_weights else pretrained, model, preprocess, tokenizer, embed_dim, random_weights
     )
 
@@ -159,7 +155,7 @@ def _pil_images(images: ImageSet, idx: Sequence[int]) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def zero_shot_logits(teacher: Teacher, classes: Sequence[str], images: ImageSet) -> torch.Tensor:
+def zero_shot_logits(teacher: ClipTeacher, classes: Sequence[str], images: ImageSet) -> torch.Tensor:
     """CLIP zero-shot logits [N, C]: logit_scale * cos(image, mean prompt embedding of each class)."""
     text = open_clip.build_zero_shot_classifier(teacher.model, teacher.tokenizer, list(classes), TEMPLATES)
     scale = teacher.model.logit_scale.exp()

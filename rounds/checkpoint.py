@@ -4,7 +4,7 @@ A 200-round run must survive a killed server (kill -9 included). After each roun
 server writes `<run dir>/checkpoint.pt` through a temporary file and `os.replace`, so the file on disk is
 always one complete round: the global weights, the round number, the strategy's own state (server
 momentum and the like), the RNG states and the metrics rows so far. `resume = "<run dir>"` starts a new
-run from it with `ServerStages.round_offset` = the saved round, so clients, seeds, node sampling and
+run from it with `strategies.wrapper.ServerStages.round_offset` = the saved round, so clients, seeds, node sampling and
 reports see the original round numbers and the run ends with the same weights as an uninterrupted one.
 
 Strategy state: a strategy may define `state_dict() -> dict[str, Tensor-like]` and
@@ -19,7 +19,6 @@ Python values only, nothing executable.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from flcore.config import ConfigError
+from flcore.files import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 VERSION = 1
@@ -112,12 +112,7 @@ def save(
         "rows": json.dumps(rows),
         "config": json.dumps(dict(cfg)),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 @dataclass

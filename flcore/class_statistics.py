@@ -1,5 +1,7 @@
-"""The client half of CCVR and CReFF: statistics computed on the received global model, and their encoding.
+"""The client half of CCVR and CReFF: class statistics of the received global model, and their encoding.
 
+CCVR's clients send per-class feature means and covariances (`feature_statistics`), CReFF's per-class
+classifier gradients (`class_gradients`); the server halves are `strategies.ccvr` and `strategies.creff`.
 The server asks for an upload by putting `upload = <name>` (and, for CReFF, its re-trained classifier)
 in the round's train config; the client answers with an extra ConfigRecord `uploads` of `.npy` bytes.
 This lives in the shared package because the client must never import the server's `strategies`.

@@ -15,20 +15,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from flcore.config import data_key
 from flcore.data import ImageSet
+from flcore.losses import kd_loss
 from flcore.training import ExtraLoss
 
 WEIGHT_KEY, TEMPERATURE_KEY = "kd-weight", "kd-temperature"  # train-config keys that switch distillation on
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(teacher/T) || softmax(student/T)) * T^2, averaged over the batch (Hinton et al.)."""
-    log_p = F.log_softmax(student / temperature, dim=1)
-    log_q = F.log_softmax(teacher / temperature, dim=1)
-    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * temperature**2
 
 
 _CACHE: dict[tuple, torch.Tensor] = {}  # (data split, partition, teacher) -> logits; one process, many rounds
@@ -39,12 +32,12 @@ def teacher_logits(cfg: Mapping, partition_id: int, classes: tuple, images: Imag
     teacher, pretrained = str(cfg["align-teacher"]), str(cfg["align-pretrained"])
     key = (data_key(cfg), partition_id, teacher, pretrained, int(cfg["projection-dim"]))
     if key not in _CACHE:
-        from flcore import clip_teacher
+        from alignment import teacher as clip
 
         config_dir = Path(tempfile.gettempdir()) / "clip2fl-configs"
-        model = clip_teacher.load_teacher(teacher, pretrained, int(cfg["projection-dim"]), config_dir)
+        model = clip.load_teacher(teacher, pretrained, int(cfg["projection-dim"]), config_dir)
         print(f"[clip2fl] client {partition_id} computes teacher logits once with {model.label}", flush=True)
-        _CACHE[key] = clip_teacher.zero_shot_logits(model, classes, images)
+        _CACHE[key] = clip.zero_shot_logits(model, classes, images)
     return _CACHE[key]
 
 

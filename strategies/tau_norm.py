@@ -1,9 +1,9 @@
-"""Post-hoc classifier baselines that run on the server after the last aggregation.
+"""tau-norm (Kang et al., ICLR 2020, "Decoupling representation and classifier"), post hoc on the server.
 
-tau-norm (Kang et al., ICLR 2020, "Decoupling representation and classifier"): a long-tailed training
-set leaves head classes with larger classifier weight norms, which biases predictions towards them.
-Rescaling each class's weight vector, w_c / ||w_c||^tau, evens the norms out (tau = 1 makes them all
-unit length, tau = 0 changes nothing). It needs no data and nothing from the clients.
+A long-tailed training set leaves head classes with larger classifier weight norms, which biases
+predictions towards them. Rescaling each class's weight vector, w_c / ||w_c||^tau, evens the norms out
+(tau = 1 makes them all unit length, tau = 0 changes nothing). It needs no data and nothing from the
+clients, and acts on the final global model only.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 
-from strategies.stages import ServerContext, Stages
+from rounds.stage import Outcome, ServerContext, Stages
 
 CLASSIFIER_WEIGHT = "classifier.weight"
 
@@ -35,10 +35,10 @@ def tau_norm_stage(cfg: Mapping, ctx: ServerContext) -> Stages:
     if tau == 0:
         return Stages()
 
-    def stage(server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> ArrayRecord:
+    def stage(server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> Outcome:
         if server_round != last:
-            return arrays
+            return Outcome(arrays)
         metrics["tau-norm"] = tau
-        return tau_normalize(arrays, tau)
+        return Outcome(tau_normalize(arrays, tau))
 
     return Stages(after_aggregation=[stage])

@@ -1,0 +1,166 @@
+"""The teacher's logits q on D_align: read from a file computed elsewhere, or computed once and cached.
+
+The teacher runs at most once per (teacher, data, D_align) across rounds and reruns: its logits on
+D_align and on the test split (for its own zero-shot accuracy) are cached under
+`<output-dir>/teacher-cache`. A random teacher (`tiny`) carries no knowledge, so `effective_beta` turns
+the KL term off for it and says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flcore.config import ConfigError
+from flcore.data import Dataset, ImageSet
+from flcore.files import atomic_write
+
+PLACEHOLDER_NAME = re.compile(r"^(class[ _-]?)?\d+$", re.IGNORECASE)
+
+
+@dataclass
+class TeacherLogits:
+    """q for D_align, where it came from, and the teacher's own zero-shot test accuracy (None if unknown)."""
+
+    align: torch.Tensor
+    source: str
+    random: bool
+    test_accuracy: float | None
+
+
+def check_class_names(classes: Sequence[str]) -> None:
+    """CLIP prompts need real class names: placeholders ('class 3', '17'), blanks or duplicates are errors."""
+    if not classes or any(not str(c).strip() for c in classes) or len(set(classes)) != len(classes):
+        raise ConfigError(
+            f"align = true needs distinct, non-empty class names for the CLIP prompts; got {list(classes)[:5]}..."
+        )
+    if all(PLACEHOLDER_NAME.match(str(c).strip()) for c in classes):
+        raise ConfigError(
+            f"align = true: the dataset's class names are missing (got placeholders like {classes[0]!r}); the CLIP "
+            "teacher prompts with class names. Put a classnames.txt (one name per line) in data-dir, or pass "
+            "align-logits-file."
+        )
+
+
+def load_logits_file(
+    path: str, align_idx: np.ndarray, classes: Sequence[str], test_labels: np.ndarray
+) -> TeacherLogits:
+    """Logits computed elsewhere: a .npy [|D_align|, C] array, or a .pt tensor or dict.
+
+    A dict holds `logits` and optionally `classes` (must equal the dataset's), `indices` (must equal
+    D_align's training-split indices) and `test-logits` (for the teacher's test accuracy).
+    """
+    key, file = "align-logits-file", Path(path).expanduser()
+    if file.suffix == ".npy":
+        obj: dict = {"logits": np.load(file)}
+    elif file.suffix == ".pt":
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+        obj = loaded if isinstance(loaded, dict) else {"logits": loaded}
+    else:
+        raise ConfigError(f"run-config key '{key}' = {path!r}: expected a .npy or .pt file.")
+    if "logits" not in obj:
+        raise ConfigError(f"run-config key '{key}' = {path!r}: the dict has no 'logits' entry.")
+    logits = torch.as_tensor(np.asarray(obj["logits"]), dtype=torch.float32)
+    want = (len(align_idx), len(classes))
+    if tuple(logits.shape) != want:
+        raise ConfigError(
+            f"run-config key '{key}' = {path!r} holds logits of shape {tuple(logits.shape)}: expected {want} "
+            f"(|D_align| = {want[0]} images x {want[1]} classes)."
+        )
+    if "classes" in obj and [str(c) for c in obj["classes"]] != [str(c) for c in classes]:
+        raise ConfigError(
+            f"run-config key '{key}' = {path!r}: its classes {list(obj['classes'])[:5]}... do not match the "
+            f"dataset's {list(classes)[:5]}..."
+        )
+    if "indices" in obj and not np.array_equal(np.asarray(obj["indices"]), align_idx):
+        raise ConfigError(f"run-config key '{key}' = {path!r}: its indices are not this run's D_align.")
+    test = obj.get("test-logits")
+    acc = None
+    if test is not None and len(test) == len(test_labels):
+        acc = float((np.asarray(test).argmax(1) == test_labels).mean())
+    return TeacherLogits(logits, f"file {file}", False, acc)
+
+
+def teacher_embed_dim(cfg: Mapping) -> int:
+    """The teacher's feature size without loading it (tiny is built at projection-dim)."""
+    import open_clip
+
+    name = str(cfg["align-teacher"])
+    if name == "tiny":
+        return int(cfg["projection-dim"])
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None:
+        raise ConfigError(
+            f"run-config key 'align-teacher' = {name!r} is not allowed: expected tiny or an open_clip model name "
+            "(open_clip.list_models()), e.g. 'ViT-L-14-336'."
+        )
+    return int(model_cfg["embed_dim"])
+
+
+def _cache_key(cfg: Mapping, align_idx: np.ndarray, split: str) -> str:
+    from alignment.teacher import TEMPLATES, TINY_SEED, tiny_config
+
+    name, pretrained = str(cfg["align-teacher"]), str(cfg["align-pretrained"])
+    weights = Path(pretrained).expanduser()
+    teacher = (
+        {"tiny": tiny_config(int(cfg["projection-dim"])), "seed": TINY_SEED}
+        if name == "tiny"
+        else {"name": name, "pretrained": pretrained, "bytes": weights.stat().st_size if weights.is_file() else None}
+    )
+    data = {k: cfg[k] for k in ("dataset", "data-dir", "image-size")}
+    body = json.dumps({"teacher": teacher, "data": data, "split": split, "templates": len(TEMPLATES)}, sort_keys=True)
+    digest = hashlib.sha256(body.encode() + np.ascontiguousarray(align_idx, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:20]
+
+
+def compute_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet, align_idx: np.ndarray) -> TeacherLogits:
+    """q for D_align and test logits, from the disk cache or by one teacher forward over each set."""
+    from alignment import teacher as clip
+
+    cache = Path(str(cfg["output-dir"])).expanduser() / "teacher-cache"
+    files = {split: cache / f"{_cache_key(cfg, align_idx, split)}.pt" for split in ("align", "test")}
+    random_teacher = cfg["align-teacher"] == "tiny"
+    source = (
+        "tiny open_clip config with RANDOM weights (no knowledge)"
+        if random_teacher
+        else f"{cfg['align-teacher']} / {cfg['align-pretrained']}"
+    )
+    if not all(f.is_file() for f in files.values()):
+        model = clip.load_teacher(
+            str(cfg["align-teacher"]), str(cfg["align-pretrained"]), int(cfg["projection-dim"]), cache / "configs"
+        )
+        print(f"[align] computing teacher logits once with {model.label}", flush=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        for split, images in (("align", align), ("test", dataset.test)):
+            logits = clip.zero_shot_logits(model, dataset.classes, images)
+            atomic_write(files[split], lambda tmp, logits=logits: torch.save(logits, tmp))
+    q = torch.load(files["align"], weights_only=True)
+    test = torch.load(files["test"], weights_only=True)
+    acc = float((test.argmax(1).numpy() == dataset.test.labels).mean())
+    return TeacherLogits(q, source, random_teacher, acc)
+
+
+def effective_beta(cfg: Mapping, random_teacher: bool) -> tuple[float, str]:
+    """The beta the loss uses, and why it differs from `align-beta` (empty when it does not)."""
+    beta, loss = float(cfg["align-beta"]), str(cfg["align-loss"])
+    if loss == "kl" and (random_teacher or beta == 0):
+        raise ConfigError(
+            f"run-config key 'align-loss' = 'kl' has nothing to learn from: align-beta = {beta} and the teacher is "
+            f"{'tiny with random weights' if random_teacher else 'unused'}; use a real teacher or align-logits-file "
+            "with align-beta > 0."
+        )
+    if loss == "ce":
+        return 0.0, "align-loss = ce (ablation: CE only)"
+    if random_teacher and beta > 0:
+        return 0.0, (
+            "the tiny teacher has random weights and carries no knowledge, so beta is 0 and alignment is CE "
+            "fine-tuning on D_align; use align-teacher=ViT-L-14-336 with local weights or align-logits-file"
+        )
+    return beta, ""

@@ -1,0 +1,150 @@
+"""Stage 3 as a server stage: align the aggregated model to the teacher on D_align, every round or the last.
+
+Right after each aggregation (or only the last one, `align-when`) the server fine-tunes the global
+model with `alignment.loss`; the aligned weights become the next round's global model. q is read or
+computed once per run (`alignment.logits`), so the teacher never runs again across rounds and reruns,
+and it never exists on a client. Because the stage only wraps the aggregation output, it works with any
+strategy in the registry.
+
+Each evaluated round records the model's metrics before alignment (`pre-align-*`) next to the usual
+ones (after alignment); the last round hands the report the paper's Figure 4 (`alignment.png`) and its
+numbers (`alignment.json`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from alignment.logits import (
+    TeacherLogits,
+    check_class_names,
+    compute_teacher_logits,
+    effective_beta,
+    load_logits_file,
+    teacher_embed_dim,
+)
+from alignment.loss import AlignSettings, fine_tune
+from flcore.config import ConfigError
+from flcore.data import Dataset
+from flcore.experiment import Prepared, load_record, prepare, seeded_generator, to_record
+from rounds.stage import Outcome, ServerContext, Stages
+
+GROUP_KEYS = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
+ALIGN_STREAM = 1_000_003  # generator stream of the server's alignment, apart from every client partition
+
+
+class AlignmentStage:
+    """After-aggregation stage: record pre-alignment metrics, fine-tune on D_align, return the aligned arrays."""
+
+    def __init__(self, ctx: ServerContext, settings: AlignSettings, q: torch.Tensor, info: dict) -> None:
+        cfg = ctx.cfg
+        self.ctx, self.s, self.q, self.info = ctx, settings, q, info
+        self.last = int(cfg["num-server-rounds"])
+        self.every = int(cfg["eval-every"])
+        self.seed, self.image_size = int(cfg["seed"]), int(cfg["image-size"])
+
+    def __call__(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> Outcome:
+        if self.s.when == "last-round" and server_round != self.last:
+            return Outcome(arrays)
+        before = None
+        if server_round % self.every == 0 or server_round == self.last:  # rounds the report evaluates
+            start = time.perf_counter()
+            before = self.ctx.evaluate(arrays)
+            for key in GROUP_KEYS:
+                metrics[f"pre-align-{key}"] = before[key]
+            metrics["pre-align-eval-seconds"] = time.perf_counter() - start
+        model = load_record(self.ctx.new_model(), arrays)
+        data = self.ctx.data
+        start = time.perf_counter()
+        gen = seeded_generator(self.seed, server_round, ALIGN_STREAM)
+        stats = fine_tune(model, data.align, data.dataset, self.image_size, self.q, self.s, gen)
+        for key, value in {**stats, "align-seconds": time.perf_counter() - start}.items():
+            metrics[key] = float(value)
+        aligned = to_record(model)
+        if server_round != self.last:
+            return Outcome(aligned)
+        return self.figure4(server_round, aligned, before, self.ctx.evaluate(aligned))
+
+    def figure4(self, server_round: int, aligned: ArrayRecord, before: dict, after: dict) -> Outcome:
+        """The paper's Figure 4: confusion matrices without and with alignment, and group accuracies."""
+        from alignment.figure import plot_pair
+
+        info = {
+            **self.info,
+            "figure-4": {
+                "round": server_round,
+                "without-alignment": {k: before[k] for k in GROUP_KEYS},
+                "with-alignment": {k: after[k] for k in GROUP_KEYS},
+            },
+        }
+        figure = plot_pair(
+            np.asarray(before["confusion-matrix"]),
+            np.asarray(after["confusion-matrix"]),
+            before,
+            after,
+            self.ctx.data.dataset.classes,
+            self.info["teacher"],
+        )
+        return Outcome(aligned, {"alignment": info}, {"alignment.png": figure})
+
+
+def check_inputs(cfg: Mapping, dataset: Dataset, align_idx: np.ndarray) -> TeacherLogits | None:
+    """Every alignment input check that needs no teacher forward, so bad input stops before round 1.
+
+    Returns the logits when they come from `align-logits-file` (reading the file is the check).
+    """
+    if not cfg["align"]:
+        return None
+    if cfg["align-logits-file"]:
+        return load_logits_file(str(cfg["align-logits-file"]), align_idx, dataset.classes, dataset.test.labels)
+    effective_beta(cfg, cfg["align-teacher"] == "tiny")
+    dim = teacher_embed_dim(cfg)
+    if dim != int(cfg["projection-dim"]):
+        raise ConfigError(
+            f"run-config key 'projection-dim' = {cfg['projection-dim']} does not match the teacher "
+            f"{cfg['align-teacher']}'s feature size {dim}: the model's projection is the teacher's feature "
+            f"space; set projection-dim={dim}."
+        )
+    check_class_names(dataset.classes)
+    if cfg["align-teacher"] != "tiny":
+        from alignment.teacher import resolve_weights
+
+        resolve_weights(str(cfg["align-teacher"]), str(cfg["align-pretrained"]))
+    return None
+
+
+def check(cfg: Mapping, prepared: Prepared) -> None:
+    """The preflight's alignment checks (the registry's `ServerStage.check`)."""
+    check_inputs(cfg, prepared.dataset, prepared.split.align)
+
+
+def alignment_stages(cfg: Mapping, ctx: ServerContext) -> Stages:
+    """The registry factory: no stages when `align` is off; else get q once and build the stage."""
+    if not cfg["align"]:
+        return Stages()
+    data = ctx.data
+    align_idx = prepare(cfg).split.align
+    logits = check_inputs(cfg, data.dataset, align_idx) or compute_teacher_logits(
+        cfg, data.dataset, data.align, align_idx
+    )
+    beta, why = effective_beta(cfg, logits.random)
+    info = {
+        "teacher": logits.source,
+        "teacher-random-weights": logits.random,
+        "teacher-test-accuracy": logits.test_accuracy,
+        "align-beta": float(cfg["align-beta"]),
+        "beta-effective": beta,
+        "beta-note": why,
+        "align-loss": str(cfg["align-loss"]),
+        "align-when": str(cfg["align-when"]),
+    }
+    acc = "n/a" if logits.test_accuracy is None else f"{logits.test_accuracy:.3f}"
+    note = f" ({why})" if why else ""
+    print(f"[align] teacher {logits.source}: zero-shot test accuracy {acc}; beta {beta}{note}", flush=True)
+    stage = AlignmentStage(ctx, AlignSettings.from_config(cfg, beta), logits.align, info)
+    return Stages(after_aggregation=[stage], sections={"alignment": info})

@@ -1,0 +1,108 @@
+"""How a round treats its clients, around any Flower strategy: who is sampled, which replies count.
+
+`RoundPolicy` holds the training method's strategy and changes two steps of it. Sampling: nodes are
+listed in partition order and sampled with a `random` seeded by (seed, round) (`rounds.sampling`), so a
+resumed run repeats the original. Aggregation: replies are screened (`rounds.guard`) so failed,
+non-finite or malformed updates are never averaged; a round needs `min_replies` good ones, or the global
+model stays as it was; and `max_empty_rounds` rounds in a row without one valid update stop the run
+instead of letting it finish with the initial model. Every aggregation reports its reply counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from rounds.delegate import Delegating
+from rounds.guard import Screened, screen
+from rounds.sampling import NodeOrder, OrderedGrid, seeded_random
+
+
+class RoundPolicy(Delegating):
+    """Seeded, node-ID-independent sampling and screened aggregation for any strategy."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        min_replies: int = 1,
+        max_empty_rounds: int = 0,
+        seed: int = 0,
+        query_timeout: float = 60.0,
+    ) -> None:
+        super().__init__(inner)
+        self.min_replies, self.seed = min_replies, seed
+        self.max_empty_rounds, self._empty_rounds = max_empty_rounds, 0
+        self.nodes = NodeOrder(query_timeout)
+        self._sent: int | None = None
+        self._global: ArrayRecord | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        with seeded_random(self.seed, server_round):
+            messages = list(self.inner.configure_train(server_round, arrays, config, OrderedGrid(grid, self.nodes)))
+        self._sent, self._global = len(messages), arrays
+        self._stop_waiting_for_lost_nodes()
+        picked = sorted(self.nodes.key(m.metadata.dst_node_id) for m in messages)
+        log(
+            INFO,
+            "round %s: sampled partitions %s",
+            server_round,
+            [k[1] if k[0] == 0 else f"node {k[1]}" for k in picked],
+        )
+        return messages
+
+    def _stop_waiting_for_lost_nodes(self) -> None:
+        """After the first round, sample from whoever is online instead of waiting for every node.
+
+        Flower strategies wait (without timeout) until `min_available_nodes` are connected before sampling;
+        the registry sets it to num-clients so round 1 starts with the full federation, but a node lost for
+        good would then block every later round. `min_replies` nodes are enough from then on.
+        """
+        if getattr(self.inner, "min_available_nodes", 0) > self.min_replies:
+            self.inner.min_available_nodes = self.min_replies
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        checked = screen(replies, self._global)
+        missing = max(0, (self._sent or len(replies)) - len(replies))  # timed out or dropped: no reply at all
+        counts = {
+            "replies": len(checked.accepted),
+            "rejected": len(checked.rejected),
+            "failed": len(checked.failed) + missing,
+        }
+        self._stop_if_nothing_arrives(checked)
+        if len(checked.accepted) < self.min_replies:
+            log(
+                WARNING,
+                "round %s: %s valid replies, fewer than min-replies=%s; the global model stays as it was (%s)",
+                server_round,
+                len(checked.accepted),
+                self.min_replies,
+                counts,
+            )
+            return None, MetricRecord(counts)
+        arrays, metrics = self.inner.aggregate_train(server_round, self.nodes.sort_replies(checked.accepted))
+        metrics = MetricRecord() if metrics is None else metrics
+        for key, value in counts.items():
+            metrics[key] = value
+        return arrays, metrics
+
+    def _stop_if_nothing_arrives(self, checked: Screened) -> None:
+        """A fault that hits every client (a bad setting, a rejected message) would otherwise let the run
+        finish round after round with the initial model and look like a result."""
+        self._empty_rounds = 0 if checked.accepted else self._empty_rounds + 1
+        if self.max_empty_rounds and self._empty_rounds >= self.max_empty_rounds:
+            reasons = [reason for _, reason in checked.failed + checked.rejected] or ["no reply arrived"]
+            raise RuntimeError(
+                f"{self._empty_rounds} rounds in a row without one valid client update (max-empty-rounds="
+                f"{self.max_empty_rounds}); last round's first problem: {reasons[0]}"
+            )

@@ -1,0 +1,65 @@
+"""The server-stage protocol: what a stage may use, what it contributes and what it hands back.
+
+A stage is a function that the wrapper (`strategies.wrapper.ServerStages`) calls on the global model:
+before round 1 (stage 1, pretraining) or right after each aggregation (stage 3, alignment; tau-norm).
+It returns an `Outcome`, the weights that become the global model plus what it measured; the run report
+writes the measurements, so no stage writes a file of the run itself. A registry entry (`ServerStage`)
+pairs the stage factory with its input checks, which the preflight runs before any process starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, MetricRecord
+
+
+@dataclass
+class ServerContext:
+    """What a stage may use: the config, the server's data and a model factory.
+
+    `data` is `flcore.experiment.ServerData` (test split, D_align, class groups), `new_model()` builds a
+    fresh `FLModel` for this run and `evaluate(arrays)` returns the centralized test metrics of any weights.
+    """
+
+    cfg: Mapping[str, Any]
+    data: Any
+    new_model: Callable[[], Any]
+    evaluate: Callable[[ArrayRecord], dict]
+
+
+@dataclass
+class Outcome:
+    """A stage's result: the next global weights, summary sections (each also `<name>.json`) and figures."""
+
+    arrays: ArrayRecord
+    sections: dict[str, dict] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)  # file name -> matplotlib Figure
+
+
+InitialStage = Callable[[ArrayRecord], Outcome]
+RoundStage = Callable[[int, ArrayRecord, MetricRecord], Outcome]
+
+
+@dataclass
+class Stages:
+    """The stages one factory contributes, and the sections it measured while building them."""
+
+    before_training: list[InitialStage] = field(default_factory=list)
+    after_aggregation: list[RoundStage] = field(default_factory=list)
+    sections: dict[str, dict] = field(default_factory=dict)
+
+
+def no_check(cfg: Mapping, prepared: Any) -> None:
+    """For stages whose inputs the config schema already checks."""
+
+
+@dataclass(frozen=True)
+class ServerStage:
+    """A registry entry: `check(cfg, prepared)` raises on bad input before any process starts (it may
+    not train or load large weights); `build(cfg, ctx)` makes the stages in the ServerApp."""
+
+    build: Callable[[Mapping, ServerContext], Stages]
+    check: Callable[[Mapping, Any], None] = no_check

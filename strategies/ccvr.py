@@ -1,0 +1,79 @@
+"""CCVR (Luo et al., NeurIPS 2021, "No Fear of Heterogeneity: Classifier Calibration for Federated
+Learning with Non-IID Data"): FedAvg, then classifier calibration with virtual representations.
+
+In the last round clients send per-class mean and covariance of the classifier's input features under
+the global model (`flcore.class_statistics.feature_statistics`); the server pools them into one Gaussian
+per class, samples `virtual-per-class` virtual features from each and re-trains the classifier on them
+(class-balanced by construction). Classifier-input features are `FLModel.embed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from flcore.class_statistics import Uploads
+from strategies.calibration import Calibrate, ClientUploads, classifier, retrain_classifier, with_classifier
+from strategies.fedavg import sampling
+
+
+def pooled_gaussians(uploads: list[Mapping[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class count, mean and covariance of the union of all clients' features (exact pooling)."""
+    counts = sum(np.asarray(u["counts"], np.float64) for u in uploads)
+    safe = np.maximum(counts, 1)[:, None]
+    means = sum(u["counts"][:, None] * u["means"].astype(np.float64) for u in uploads) / safe
+    scatter = sum(
+        np.maximum(u["counts"] - 1, 0)[:, None, None] * u["covs"].astype(np.float64)
+        + u["counts"][:, None, None] * np.einsum("ci,cj->cij", u["means"], u["means"])
+        for u in uploads
+    )
+    covs = (scatter - counts[:, None, None] * np.einsum("ci,cj->cij", means, means)) / np.maximum(counts - 1, 1)[
+        :, None, None
+    ]
+    return counts, means, covs
+
+
+def sample_virtual_features(
+    counts: np.ndarray, means: np.ndarray, covs: np.ndarray, per_class: int, gen: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_class` draws from each seen class's Gaussian (covariance made PSD), with their labels."""
+    feats, labels = [], []
+    for c in np.flatnonzero(counts > 0):
+        cov = (covs[c] + covs[c].T) / 2 + 1e-5 * np.eye(len(means[c]))
+        feats.append(gen.multivariate_normal(means[c], cov, size=per_class, method="eigh"))
+        labels.append(np.full(per_class, c))
+    return torch.tensor(np.concatenate(feats), dtype=torch.float32), torch.tensor(np.concatenate(labels))
+
+
+def ccvr_calibrate(cfg: Mapping) -> Calibrate:
+    """CCVR: pool the clients' class Gaussians, sample virtual features, re-train the classifier."""
+    seed = int(cfg["seed"])
+
+    def calibrate(rnd: int, sent: ArrayRecord, arrays: ArrayRecord, uploads: list[Uploads], metrics) -> ArrayRecord:
+        counts, means, covs = pooled_gaussians(uploads)
+        feats, labels = sample_virtual_features(
+            counts, means, covs, int(cfg["virtual-per-class"]), np.random.default_rng(seed)
+        )
+        weight, bias = retrain_classifier(
+            *classifier(arrays),
+            feats,
+            labels,
+            int(cfg["calibration-epochs"]),
+            float(cfg["calibration-lr"]),
+            torch.Generator().manual_seed(seed),
+            momentum=0.9,
+        )
+        metrics["calibrated-classes"] = float((counts > 0).sum())
+        return with_classifier(arrays, weight, bias)
+
+    return calibrate
+
+
+def ccvr(cfg: Mapping) -> Strategy:
+    """FedAvg, then CCVR in the last round: clients send class feature statistics, the server re-trains the head."""
+    last = int(cfg["num-server-rounds"])
+    return ClientUploads(FedAvg(**sampling(cfg)), "feature-stats", lambda rnd: rnd == last, ccvr_calibrate(cfg))

@@ -1,0 +1,111 @@
+"""The strategy the ServerApp runs: any Flower strategy plus the paper's server stages, by composition.
+
+`ServerStages` holds a strategy (the training method inside `rounds.policy.RoundPolicy`) and forwards
+every call to it unchanged. It adds the two hooks the paper needs: stages that transform the initial
+global model before round 1 (stage 1, pretraining) and stages that run on the aggregated model right
+after each aggregation (stage 3, alignment; tau-norm). What a stage returns becomes the next global
+model; what it measured goes to the run report, with each round's client metrics.
+
+For resume, `round_offset` lets a continued run start at the round after its checkpoint, with clients,
+stages and evaluation seeing the original round numbers, and `on_round_end` saves the state after each
+round's evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from rounds.delegate import Delegating
+from rounds.polling import PromptGrid
+from rounds.stage import Outcome, Stages
+
+RoundEnd = Callable[[int, ArrayRecord], None]
+
+
+class Report(Protocol):
+    """The part of `flcore.reports.RunReport` the wrapper writes to."""
+
+    def record_train(self, server_round: int, metrics: MetricRecord) -> None: ...
+
+    def take(self, outcome: Outcome) -> None: ...
+
+
+class ServerStages(Delegating):
+    """Any strategy plus server-side stages before round 1 and after each aggregation."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        stages: Stages,
+        report: Report,
+        *,
+        round_offset: int = 0,
+        on_round_end: RoundEnd | None = None,
+    ) -> None:
+        super().__init__(inner)
+        self.stages, self.report = stages, report
+        self.round_offset, self.on_round_end = round_offset, on_round_end
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        metrics = MetricRecord() if metrics is None else metrics
+        if arrays is not None:
+            for stage in self.stages.after_aggregation:
+                arrays = self._take(stage(server_round, arrays, metrics))
+        self.report.record_train(server_round, metrics)
+        return arrays, metrics
+
+    def _take(self, outcome: Outcome) -> ArrayRecord:
+        self.report.take(outcome)
+        return outcome.arrays
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        *args,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        **kwargs,
+    ) -> Result:
+        """Run the remaining rounds; a resumed run (round_offset > 0) skips the initial stages and evaluation."""
+        self.report.take(Outcome(initial_arrays, self.stages.sections))
+        if not self.round_offset:
+            for stage in self.stages.before_training:
+                initial_arrays = self._take(stage(initial_arrays))
+        return super().start(
+            PromptGrid(grid), initial_arrays, *args, evaluate_fn=self._round_end(evaluate_fn), **kwargs
+        )
+
+    def _round_end(self, evaluate_fn: Callable | None) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+        """Flower's evaluate_fn runs last in each round: evaluate at the true round, then save the state."""
+
+        def end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0 and self.round_offset:
+                return None
+            result = evaluate_fn(server_round + self.round_offset, arrays) if evaluate_fn else None
+            if server_round and self.on_round_end is not None:
+                self.on_round_end(server_round + self.round_offset, arrays)
+            return result
+
+        return end

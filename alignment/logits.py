@@ -3,7 +3,8 @@
 The teacher runs at most once per (teacher, data, D_align) across rounds and reruns: its logits on
 D_align and on the test split (for its own zero-shot accuracy) are cached under
 `<output-dir>/teacher-cache`. A random teacher (`tiny`) carries no knowledge, so `effective_beta` turns
-the KL term off for it and says why.
+the KL term off for it and says why. The offline stand-in `holdout` (`alignment.holdout`) does carry
+knowledge, and keeps its beta.
 """
 
 from __future__ import annotations
@@ -120,9 +121,24 @@ def _cache_key(cfg: Mapping, align_idx: np.ndarray, split: str) -> str:
     return digest.hexdigest()[:20]
 
 
+def holdout_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet) -> TeacherLogits:
+    """q from the offline stand-in: its logits on D_align, and its own accuracy on the test split."""
+    from alignment import holdout
+
+    model, source = holdout.load_or_train(cfg)
+    size = int(cfg["image-size"])
+    q = holdout.logits(model, align, dataset, size)
+    test = holdout.logits(model, dataset.test, dataset, size)
+    acc = float((test.argmax(1).numpy() == dataset.test.labels).mean())
+    return TeacherLogits(q, source, False, acc)
+
+
 def compute_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet, align_idx: np.ndarray) -> TeacherLogits:
     """q for D_align and test logits, from the disk cache or by one teacher forward over each set."""
     from alignment import teacher as clip
+
+    if cfg["align-teacher"] == "holdout":
+        return holdout_teacher_logits(cfg, dataset, align)
 
     cache = Path(str(cfg["output-dir"])).expanduser() / "teacher-cache"
     files = {split: cache / f"{_cache_key(cfg, align_idx, split)}.pt" for split in ("align", "test")}

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
+from alignment import holdout
+from alignment.holdout import HOLDOUT
 from alignment.logits import (
     TeacherLogits,
     check_class_names,
@@ -103,6 +105,8 @@ def check_inputs(cfg: Mapping, dataset: Dataset, align_idx: np.ndarray) -> Teach
     if cfg["align-logits-file"]:
         return load_logits_file(str(cfg["align-logits-file"]), align_idx, dataset.classes, dataset.test.labels)
     effective_beta(cfg, cfg["align-teacher"] == "tiny")
+    if cfg["align-teacher"] == HOLDOUT:
+        return None  # logits only: no prompts, no feature space to match (its own check runs in `check`)
     dim = teacher_embed_dim(cfg)
     if dim != int(cfg["projection-dim"]):
         raise ConfigError(
@@ -119,8 +123,12 @@ def check_inputs(cfg: Mapping, dataset: Dataset, align_idx: np.ndarray) -> Teach
 
 
 def check(cfg: Mapping, prepared: Prepared) -> None:
-    """The preflight's alignment checks (the registry's `ServerStage.check`)."""
+    """The preflight's alignment checks (the registry's `ServerStage.check`), and the stand-in teacher's
+    wherever it is used: by stage 3 or by CLIP2FL's clients."""
     check_inputs(cfg, prepared.dataset, prepared.split.align)
+    uses_teacher = cfg["align"] and not cfg["align-logits-file"] or cfg["strategy"] == "clip2fl"
+    if uses_teacher and cfg["align-teacher"] == HOLDOUT:
+        holdout.check(cfg, prepared)
 
 
 def alignment_stages(cfg: Mapping, ctx: ServerContext) -> Stages:

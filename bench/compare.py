@@ -60,6 +60,12 @@ METHODS: dict[str, str] = {
     "clip2fl": "strategy=clip2fl",
     "ours": "pretrain=true align=true",  # MLLM-LLaVA-FL: stage 1 + FedAvg + stage 3
     "ours-no-align": "pretrain=true",
+    # Offline, with the stand-in teacher (align-teacher=holdout) that knows the classes, so the KL term of
+    # stage 3 and CLIP2FL's client distillation carry a signal: teachers of equal knowledge for both.
+    "align-beta0": "align=true align-teacher=holdout align-beta=0.0",
+    "align-holdout": "align=true align-teacher=holdout",
+    "ours-holdout": "pretrain=true align=true align-teacher=holdout",
+    "clip2fl-holdout": "strategy=clip2fl align-teacher=holdout",
 }
 CURVE = "curve"  # a cell's per-round [round, accuracy] pairs, a JSON list in the CSV
 QUICK_METHODS = ("fedavg", "fedprox", "fedavgm", "fednova", "focal", "tau-norm")

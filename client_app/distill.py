@@ -4,8 +4,10 @@ The server asks for it by putting `kd-weight` and `kd-temperature` in the round'
 (strategy=clip2fl). The client then adds weight * KL(softmax(q/T) || softmax(p/T)) * T^2 to its loss,
 where q are the CLIP teacher's zero-shot logits of the same (unaugmented) image and p the student's,
 as CLIP2FL's reference code does (T = 3). The teacher (`align-teacher` / `align-pretrained`: tiny
-random or real local weights) runs once per process over the partition; its logits are cached, not
-recomputed each round. open_clip is imported only here, and the ClientApp imports this module lazily.
+random or real local weights; or `holdout`, the offline stand-in that stage 3 uses too, so `clip2fl` and
+`ours` can be compared with teachers of equal knowledge) runs once per process over the partition; its
+logits are cached, not recomputed each round. open_clip is imported only here, and the ClientApp imports
+this module lazily.
 """
 
 from __future__ import annotations
@@ -27,18 +29,38 @@ WEIGHT_KEY, TEMPERATURE_KEY = "kd-weight", "kd-temperature"  # train-config keys
 _CACHE: dict[tuple, torch.Tensor] = {}  # (data split, partition, teacher) -> logits; one process, many rounds
 
 
-def teacher_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
-    """Zero-shot CLIP logits [N, C] of this client's partition, computed once per process and reused."""
-    teacher, pretrained = str(cfg["align-teacher"]), str(cfg["align-pretrained"])
-    key = (data_key(cfg), partition_id, teacher, pretrained, int(cfg["projection-dim"]))
-    if key not in _CACHE:
-        from alignment import teacher as clip
+TEACHER_KEYS = ("align-teacher", "align-pretrained", "projection-dim", "holdout-model", "holdout-epochs", "holdout-lr")
 
-        config_dir = Path(tempfile.gettempdir()) / "clip2fl-configs"
-        model = clip.load_teacher(teacher, pretrained, int(cfg["projection-dim"]), config_dir)
-        print(f"[clip2fl] client {partition_id} computes teacher logits once with {model.label}", flush=True)
-        _CACHE[key] = clip.zero_shot_logits(model, classes, images)
+
+def teacher_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
+    """The teacher's logits [N, C] of this client's partition, computed once per process and reused."""
+    key = (data_key(cfg), partition_id, *(cfg[k] for k in TEACHER_KEYS))
+    if key not in _CACHE:
+        compute = _holdout_logits if cfg["align-teacher"] == "holdout" else _clip_logits
+        _CACHE[key] = compute(cfg, partition_id, classes, images)
     return _CACHE[key]
+
+
+def _clip_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
+    """CLIP's zero-shot logits, as CLIP2FL's clients compute them."""
+    from alignment import teacher as clip
+
+    config_dir = Path(tempfile.gettempdir()) / "clip2fl-configs"
+    dim = int(cfg["projection-dim"])
+    model = clip.load_teacher(str(cfg["align-teacher"]), str(cfg["align-pretrained"]), dim, config_dir)
+    print(f"[clip2fl] client {partition_id} computes teacher logits once with {model.label}", flush=True)
+    return clip.zero_shot_logits(model, classes, images)
+
+
+def _holdout_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
+    """The offline stand-in for CLIP (`alignment.holdout`), the same one stage 3 uses: loaded from the server's
+    cache where it shares a disk with the server (simulation), else trained here with the same seed."""
+    from alignment import holdout
+    from flcore.experiment import prepare
+
+    model, source = holdout.load_or_train(cfg)
+    print(f"[clip2fl] client {partition_id} computes teacher logits once with the {source}", flush=True)
+    return holdout.logits(model, images, prepare(cfg).dataset, int(cfg["image-size"]))
 
 
 def distillation(

@@ -141,11 +141,20 @@ SECTIONS: dict[str, dict[str, Option]] = {
     "Stage 3: CLIP-supervised global alignment after aggregation": {
         "align": _opt(False, "Stage 3: fine-tune the aggregated model on D_align with CE + beta*KL(q||p) each round."),
         "align-teacher": _opt(
-            "tiny", "Zero-shot CLIP teacher: an open_clip model name (paper: ViT-L-14-336) or tiny (random weights)."
+            "tiny",
+            "Teacher of stage 3 and of CLIP2FL's clients: an open_clip model name (paper: ViT-L-14-336), tiny (random "
+            "weights) or holdout (offline stand-in for CLIP: a model trained on held-out server images).",
         ),
         "align-pretrained": _opt(
             "openai", "Teacher weights: an open_clip tag found in the local cache, or a file path."
         ),
+        "holdout-model": _choice(
+            "resnet8", "Architecture of the holdout stand-in teacher (align-teacher=holdout).", MODELS
+        ),
+        "holdout-epochs": _opt(
+            30, "Epochs of the holdout teacher's centralized training (SGD, momentum 0.9).", _number(1, integer=True)
+        ),
+        "holdout-lr": _opt(0.05, "Learning rate of the holdout teacher's training.", _number(0, low_open=True)),
         "align-logits-file": _opt("", "Teacher logits q for D_align computed elsewhere (.pt or .npy, [|D_align|, C])."),
         "align-beta": _opt(
             1.0, "Weight beta of the KL term (0 = CE only; forced to 0 for the random tiny teacher).", _number(0)

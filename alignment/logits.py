@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flcore.config import ConfigError
+from flcore.config import ConfigError, align_source
 from flcore.data import Dataset, ImageSet
 from flcore.files import atomic_write
 
@@ -56,7 +56,8 @@ def load_logits_file(
     """Logits computed elsewhere: a .npy [|D_align|, C] array, or a .pt tensor or dict.
 
     A dict holds `logits` and optionally `classes` (must equal the dataset's), `indices` (must equal
-    D_align's training-split indices) and `test-logits` (for the teacher's test accuracy).
+    D_align's indices into its source, the training split unless `align-data` names another) and
+    `test-logits` (for the teacher's test accuracy).
     """
     key, file = "align-logits-file", Path(path).expanduser()
     if file.suffix == ".npy":
@@ -115,7 +116,7 @@ def _cache_key(cfg: Mapping, align_idx: np.ndarray, split: str) -> str:
         if name == "tiny"
         else {"name": name, "pretrained": pretrained, "bytes": weights.stat().st_size if weights.is_file() else None}
     )
-    data = {k: cfg[k] for k in ("dataset", "data-dir", "image-size")}
+    data = {**{k: cfg[k] for k in ("dataset", "data-dir", "image-size")}, "align-data": align_source(cfg)}
     body = json.dumps({"teacher": teacher, "data": data, "split": split, "templates": len(TEMPLATES)}, sort_keys=True)
     digest = hashlib.sha256(body.encode() + np.ascontiguousarray(align_idx, dtype=np.int64).tobytes())
     return digest.hexdigest()[:20]

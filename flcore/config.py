@@ -23,6 +23,8 @@ MODELS = ("resnet8", "resnet50")
 ALIGN_WHEN = ("every-round", "last-round")
 ALIGN_LOSSES = ("ce+kl", "ce", "kl")
 LOSSES = ("ce", "focal")
+PARTITIONER_NAMES = ("creff", "dirichlet")
+ALIGN_SOURCES = ("auto", "train", "val")
 
 
 class ConfigError(ValueError):
@@ -87,19 +89,32 @@ SECTIONS: dict[str, dict[str, Option]] = {
             "long-tailed).",
             _number(1),
         ),
+        "partitioner": _choice(
+            "creff",
+            "Client split: creff (the paper's, CReFF's Dirichlet split re-cut into equal client sizes) or dirichlet "
+            "(flwr-datasets' DirichletPartitioner, unequal sizes).",
+            PARTITIONER_NAMES,
+        ),
         "dirichlet-alpha": _opt(
             0.5, "Dirichlet concentration over clients (smaller = more heterogeneous).", _number(0, low_open=True)
         ),
         "num-clients": _opt(20, "Number of clients the long-tailed pool is split across.", _number(1, integer=True)),
         "min-partition-size": _opt(
             2,
-            "Smallest client partition the Dirichlet split may produce (retried otherwise).",
+            "Smallest client partition allowed: dirichlet redraws a split with a smaller one; creff's clients all "
+            "hold pool / num-clients images, so a pool too small for it is refused.",
             _number(0, integer=True),
         ),
         "align-per-class": _opt(
             10,
             "Images per class in the server's class-balanced set D_align (disjoint from clients).",
             _number(1, integer=True),
+        ),
+        "align-data": _opt(
+            "auto",
+            "Where D_align comes from: train (carved from the training split before the long tail), val "
+            "(imagenet-lt's published ImageNet_LT_val.txt), a folder with one subfolder per class (the server's own "
+            "images), or auto (val for imagenet-lt, train otherwise).",
         ),
         "many-threshold": _opt(
             100, "Classes with more training images than this are 'many'.", _number(0, integer=True)
@@ -322,6 +337,7 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
             f"run-config key 'imbalance-factor' = {cfg['imbalance-factor']!r} is not allowed for imagenet-lt: "
             "expected 1 (ImageNet-LT's published index is already long-tailed)."
         )
+    _check_align_data(cfg)
     if cfg["few-threshold"] > cfg["many-threshold"]:
         raise ConfigError(
             f"run-config key 'few-threshold' = {cfg['few-threshold']!r} is not allowed: expected <= many-threshold "
@@ -355,6 +371,29 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
         )
 
 
+def _check_align_data(cfg: Mapping[str, Any]) -> None:
+    source = str(cfg["align-data"])
+    if source == "val" and cfg["dataset"] != "imagenet-lt":
+        raise ConfigError(
+            f"run-config key 'align-data' = 'val' is not allowed for dataset '{cfg['dataset']}': only imagenet-lt "
+            "has a published val split; expected auto, train or a folder with one subfolder per class."
+        )
+    if source not in ALIGN_SOURCES and not Path(source).expanduser().is_dir():
+        raise ConfigError(
+            f"run-config key 'align-data' = {source!r} is not allowed: expected {', '.join(ALIGN_SOURCES)} or an "
+            "existing folder with one subfolder per class."
+        )
+
+
+def align_source(cfg: Mapping[str, Any]) -> str:
+    """`align-data` with `auto` resolved: val for imagenet-lt (whose tail classes are too small to give up
+    images), train for every other dataset."""
+    source = str(cfg["align-data"])
+    if source != "auto":
+        return source
+    return "val" if cfg["dataset"] == "imagenet-lt" else "train"
+
+
 def validate(
     raw: Mapping[str, Any],
     choices: Mapping[str, Iterable[str]] | None = None,
@@ -385,10 +424,12 @@ def data_key(cfg: Mapping[str, Any]) -> tuple:
         "data-dir",
         "image-size",
         "imbalance-factor",
+        "partitioner",
         "dirichlet-alpha",
         "num-clients",
         "min-partition-size",
         "align-per-class",
+        "align-data",
         "seed",
     )
     return tuple((k, cfg[k]) for k in keys)

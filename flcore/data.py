@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flcore.config import ConfigError
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGITS_TEST_FRACTION = 0.3
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -76,15 +78,25 @@ def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[n
     return np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
 
 
-def load_digits(data_dir: Path, image_size: int) -> Dataset:
-    """scikit-learn's 8x8 digits (1,797 real scans), upsampled to the model input, fixed 70/30 split."""
+def digits_pixels() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as uint8 8x8 scans (0..255) and their labels, in scikit-learn's order."""
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
-    pixels = torch.from_numpy(np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8))
+    return np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8), bunch.target.astype(np.int64)
+
+
+def digits_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (in scikit-learn's order) of the digits' fixed stratified 70/30 train and test splits."""
+    return _stratified_split(labels, DIGITS_TEST_FRACTION, seed=0)
+
+
+def load_digits(data_dir: Path, image_size: int) -> Dataset:
+    """scikit-learn's 8x8 digits (1,797 real scans), upsampled to the model input, fixed 70/30 split."""
+    scans, labels = digits_pixels()
+    pixels = torch.from_numpy(scans)
     images = _resize(pixels[:, None].expand(-1, 3, -1, -1), image_size)
-    labels = bunch.target.astype(np.int64)
-    train, test = _stratified_split(labels, DIGITS_TEST_FRACTION, seed=0)
+    train, test = digits_split(labels)
     full = ImageSet(labels, images)
     return Dataset(full.subset(train), full.subset(test), DIGIT_NAMES, (0.5,) * 3, (0.5,) * 3, natural=False)
 
@@ -141,9 +153,10 @@ def _read_index(root: Path, name: str) -> ImageSet:
     path = root / name
     if not path.is_file():
         raise DataNotFound(
-            f"ImageNet-LT index '{path}' is missing. Put ImageNet_LT_train.txt and ImageNet_LT_test.txt "
-            "(published with Liu et al., 'Large-Scale Long-Tailed Recognition in an Open World') in data-dir, "
-            "next to the ImageNet 'train/' and 'val/' image folders they point into."
+            f"ImageNet-LT index '{path}' is missing. Put ImageNet_LT_train.txt and ImageNet_LT_test.txt (and "
+            "ImageNet_LT_val.txt for align-data=val; all published with Liu et al., 'Large-Scale Long-Tailed "
+            "Recognition in an Open World') in data-dir, next to the ImageNet 'train/' and 'val/' image folders "
+            "they point into."
         )
     files, labels = [], []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
@@ -191,6 +204,46 @@ def load_folder(data_dir: Path, image_size: int) -> Dataset:
     if len(train) == 0 or len(test) == 0:
         raise DataNotFound(f"folder dataset under '{data_dir}' has no images in train/ or test/.")
     return Dataset(train, test, classes, (0.5,) * 3, (0.5,) * 3, natural=True)
+
+
+def _require_classes(found: ImageSet, classes: tuple[str, ...], where: str) -> ImageSet:
+    """Refuse a D_align source that lacks a class or names one the dataset does not have."""
+    counts = np.bincount(found.labels, minlength=len(classes))
+    if len(counts) > len(classes):
+        raise ConfigError(
+            f"run-config key 'align-data': {where} has class ids up to {len(counts) - 1}, but the dataset has "
+            f"{len(classes)} classes."
+        )
+    missing = [classes[c] for c in np.flatnonzero(counts == 0)]
+    if missing:
+        raise ConfigError(
+            f"run-config key 'align-data': {where} has no images of {len(missing)} class(es), e.g. "
+            f"{missing[:5]}; D_align needs every class."
+        )
+    return found
+
+
+def class_folder(root: Path, classes: tuple[str, ...]) -> ImageSet:
+    """The server's own images: root/<class name>/*, every subfolder named after one of `classes`."""
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ConfigError(
+            f"run-config key 'align-data' = '{root}': subfolder(s) {unknown[:5]} are not classes of the dataset; "
+            f"expected subfolders named after its classes, e.g. {list(classes[:5])}."
+        )
+    return _require_classes(_scan_folder(root, classes), classes, f"folder '{root}'")
+
+
+def align_images(source: str, data_dir: str, classes: tuple[str, ...]) -> ImageSet | None:
+    """The set D_align is drawn from, for a resolved `align-data`: None for train (D_align is then carved
+    from the training split), ImageNet-LT's published val index for val, else a folder of class subfolders."""
+    if source == "train":
+        return None
+    if source == "val":
+        index = "ImageNet_LT_val.txt"
+        return _require_classes(_read_index(Path(data_dir).expanduser(), index), classes, f"'{index}'")
+    return class_folder(Path(source).expanduser(), classes)
 
 
 LOADERS: dict[str, Callable[[Path, int], Dataset]] = {

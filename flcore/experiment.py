@@ -17,21 +17,26 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from flcore import data as datasets
-from flcore.config import data_key
+from flcore.config import align_source, data_key
 from flcore.data import Batches, Dataset, ImageSet
 from flcore.partition import Split, class_groups, make_split
 
 
 @dataclass(frozen=True)
 class Prepared:
+    """The dataset, its split, and the set D_align's indices point into (the training split unless
+    `align-data` names another source)."""
+
     dataset: Dataset
     split: Split
+    align_source: ImageSet
 
 
 @lru_cache(maxsize=2)
 def _prepare(key: tuple) -> Prepared:
     cfg = dict(key)
     dataset = datasets.load(cfg["dataset"], cfg["data-dir"], cfg["image-size"])
+    source = datasets.align_images(align_source(cfg), cfg["data-dir"], dataset.classes)
     split = make_split(
         dataset.train.labels,
         dataset.num_classes,
@@ -41,8 +46,10 @@ def _prepare(key: tuple) -> Prepared:
         cfg["dirichlet-alpha"],
         cfg["min-partition-size"],
         cfg["seed"],
+        partitioner=cfg["partitioner"],
+        align_labels=None if source is None else source.labels,
     )
-    return Prepared(dataset, split)
+    return Prepared(dataset, split, dataset.train if source is None else source)
 
 
 def prepare(cfg: Mapping) -> Prepared:
@@ -59,7 +66,7 @@ def _client_batches(key: tuple, batch_size: int, partition_id: int) -> Batches:
 
 
 def client_batches(cfg: Mapping, partition_id: int) -> Batches:
-    """One client's long-tailed, Dirichlet-drawn share of the pool, ready for local training."""
+    """One client's share of the long-tailed pool, ready for local training."""
     if not 0 <= partition_id < cfg["num-clients"]:
         raise ValueError(f"partition-id {partition_id} is outside 0..{cfg['num-clients'] - 1} (num-clients).")
     return _client_batches(data_key(cfg), int(cfg["batch-size"]), partition_id)
@@ -85,7 +92,7 @@ def server_data(cfg: Mapping) -> ServerData:
     return ServerData(
         prep.dataset,
         test,
-        prep.dataset.train.subset(prep.split.align),
+        prep.align_source.subset(prep.split.align),
         counts,
         prep.split.client_histogram(labels),
         class_groups(counts, cfg["many-threshold"], cfg["few-threshold"]),

@@ -11,6 +11,7 @@ a mapper that FL does not use).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
+from PIL import Image
 
-from flcore.experiment import Prepared
+from flcore.data import digits_pixels, digits_split
+from flcore.experiment import Prepared, prepare
 from flcore.models import build_model
 from pretrain.checkpoints import Checkpoints, cache_key, file_digest
 from rounds.stage import Outcome, ServerContext, Stages
@@ -30,19 +33,33 @@ DIGITS_IMAGE_SIZE = 32
 EXISTING = "existing LLaVA-format file"
 
 
-def digits_images(root: Path) -> Path:
-    """scikit-learn's digits scans as PNG files (labels unused): the offline stand-in for web images."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
+def render_digit(scan: np.ndarray) -> Image.Image:
+    """One 8x8 digits scan as the RGB image stage 1 reads."""
+    return Image.fromarray(scan).resize((DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE), Image.BILINEAR).convert("RGB")
 
-    folder = root / "digits-images"
+
+def held_out_digits(cfg: Mapping) -> np.ndarray:
+    """Positions (scikit-learn's order) of the digits that pretraining must not see: the test split, and
+    D_align when the run's dataset is digits and D_align is carved from its training split."""
+    _, labels = digits_pixels()
+    train, test = digits_split(labels)
+    if cfg["dataset"] != DIGITS:
+        return test
+    split = prepare(cfg).split
+    return np.union1d(test, train[split.align]) if split.align_from_train else test
+
+
+def digits_images(root: Path, held_out: np.ndarray) -> Path:
+    """scikit-learn's digits scans as PNG files (labels unused), the offline stand-in for web images,
+    without the `held_out` ones: web images never include the scans the run is evaluated or aligned on."""
+    scans, _ = digits_pixels()
+    keep = np.setdiff1d(np.arange(len(scans)), held_out)
+    folder = root / f"digits-images-{hashlib.sha256(keep.astype(np.int64).tobytes()).hexdigest()[:12]}"
     done = folder / ".complete"
     if not done.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        pixels = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
-        for i, img in enumerate(pixels):
-            big = Image.fromarray(img).resize((DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE), Image.BILINEAR)
-            big.convert("RGB").save(folder / f"{i:04d}.png")
+        for i in keep:
+            render_digit(scans[i]).save(folder / f"{i:04d}.png")
         done.touch()
     return folder
 
@@ -68,7 +85,7 @@ def annotations_for(cfg: Mapping, teacher, cache: Path) -> tuple[Path, Path, dic
     if data != DIGITS and path.is_file():
         root = Path(str(cfg["pretrain-image-dir"]) or path.parent).expanduser()
         return path, root, {"source": EXISTING, "file": str(path)}
-    root = digits_images(cache) if data == DIGITS else path
+    root = digits_images(cache, held_out_digits(cfg)) if data == DIGITS else path
     images = list_images(root)
     limit = int(cfg["pretrain-max-samples"])
     if limit:

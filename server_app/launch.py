@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flcore.config import ConfigError
+from flcore.config import ConfigError, align_source
 from flcore.data import DataNotFound
 from server_app.preflight import preflight, validated
 
@@ -90,7 +90,8 @@ def check_before_start(cfg: Mapping[str, Any]) -> None:
     sizes = [len(c) for c in prep.split.clients]
     print(
         f"data: {cfg['dataset']} | pool {len(prep.split.pool)} images (IF {cfg['imbalance-factor']}) | "
-        f"{len(sizes)} clients, {min(sizes)}-{max(sizes)} images each | D_align {len(prep.split.align)} | "
+        f"{len(sizes)} clients ({cfg['partitioner']}), {min(sizes)}-{max(sizes)} images each | "
+        f"D_align {len(prep.split.align)} from {align_source(cfg)} | "
         f"test {len(prep.dataset.test)}",
         flush=True,
     )

@@ -52,6 +52,9 @@ def test_configuration_doc_matches_schema():
         ({"dataset": "folder", "data-dir": "/no/such/dir"}, "data-dir", "not an existing folder"),
         ({"few-threshold": 200}, "few-threshold", "many-threshold"),
         ({"colour": "blue"}, "colour", "unknown run-config key"),
+        ({"partitioner": "iid"}, "partitioner", "creff, dirichlet"),
+        ({"align-data": "/no/such/dir"}, "align-data", "auto, train, val or an existing folder"),
+        ({"align-data": "val"}, "align-data", "only imagenet-lt has a published val split"),
     ],
 )
 def test_invalid_values_name_key_value_and_rule(overrides, key, hint):

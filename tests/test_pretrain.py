@@ -16,7 +16,7 @@ from pretrain.annotate import annotate, done_ids
 from pretrain.checkpoints import Checkpoints
 from pretrain.dwp import DWPConfig, alpha_at, build_gfl, clip_features, lm_loss, mixed_features, train_dwp
 from pretrain.llava_data import AnnotationError, LlavaSamples, load_annotations
-from pretrain.stage import pretrain_stage
+from pretrain.stage import digits_images, held_out_digits, pretrain_stage, render_digit
 from pretrain.teacher import TINY_NOTE, load_teacher, projector, tiny_teacher, vision_tower
 from rounds.stage import ServerContext
 from strategies.registry import STRATEGIES, build_stages
@@ -245,6 +245,21 @@ def test_stage_hands_the_pretrained_backbone_to_round_one_and_reuses_the_cache(t
     again = second.arrays.to_torch_state_dict()
     assert second.sections["pretrain"]["reused"] is True
     assert all(torch.equal(out[k], again[k]) for k in out)
+
+
+def test_digits_stand_in_holds_no_test_or_d_align_image(tmp_path):
+    """The offline web-image stand-in leaves out every digit the run evaluates (test split) or aligns on."""
+    cfg = validate({"pretrain": True, "image-size": 8, "align-per-class": 10}, choices={"strategy": STRATEGIES})
+    data = server_data(cfg)  # at image-size 8 the images are the scans themselves
+    held = [data.dataset.test.images[i, 0].numpy() for i in range(len(data.dataset.test))]
+    held += [data.align.images[i, 0].numpy() for i in range(len(data.align))]
+    rendered = {np.asarray(render_digit(scan)).tobytes() for scan in held}
+    folder = digits_images(tmp_path, held_out_digits(cfg))
+    written = [np.asarray(Image.open(f).convert("RGB")).tobytes() for f in sorted(folder.glob("*.png"))]
+    assert len(written) == 1797 - len(data.dataset.test) - len(data.align) == 1158
+    assert not rendered & set(written)
+    other = validate({**cfg, "dataset": "folder", "data-dir": str(tmp_path)}, choices={"strategy": STRATEGIES})
+    assert len(held_out_digits(other)) == 539  # another dataset's D_align is not a digit: only the test split
 
 
 def test_gradient_checkpointing_gives_the_same_training_and_accumulation_the_same_steps(teacher, records, images):

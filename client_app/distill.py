@@ -3,9 +3,10 @@
 The server asks for it by putting `kd-weight` and `kd-temperature` in the round's train config
 (strategy=clip2fl). The client then adds weight * KL(softmax(q/T) || softmax(p/T)) * T^2 to its loss,
 where q are the CLIP teacher's zero-shot logits of the same (unaugmented) image and p the student's,
-as CLIP2FL's reference code does (T = 3). The teacher (`align-teacher` / `align-pretrained`: tiny
-random or real local weights) runs once per process over the partition; its logits are cached, not
-recomputed each round. open_clip is imported only here, and the ClientApp imports this module lazily.
+as CLIP2FL's reference code does (T = 3, prompt `clip2fl-prompt`: "a photo of a {}" by default). The
+teacher (`align-teacher` / `align-pretrained`: tiny random or real local weights) runs once per process
+over the partition; its logits are cached, not recomputed each round. open_clip is imported only here,
+and the ClientApp imports this module lazily.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ _CACHE: dict[tuple, torch.Tensor] = {}  # (data split, partition, teacher) -> lo
 
 def teacher_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
     """Zero-shot CLIP logits [N, C] of this client's partition, computed once per process and reused."""
-    teacher, pretrained = str(cfg["align-teacher"]), str(cfg["align-pretrained"])
-    key = (data_key(cfg), partition_id, teacher, pretrained, int(cfg["projection-dim"]))
+    teacher, pretrained, prompt = str(cfg["align-teacher"]), str(cfg["align-pretrained"]), str(cfg["clip2fl-prompt"])
+    key = (data_key(cfg), partition_id, teacher, pretrained, int(cfg["projection-dim"]), prompt)
     if key not in _CACHE:
         from alignment import teacher as clip
 
         config_dir = Path(tempfile.gettempdir()) / "clip2fl-configs"
         model = clip.load_teacher(teacher, pretrained, int(cfg["projection-dim"]), config_dir)
         print(f"[clip2fl] client {partition_id} computes teacher logits once with {model.label}", flush=True)
-        _CACHE[key] = clip.zero_shot_logits(model, classes, images)
+        _CACHE[key] = clip.zero_shot_logits(model, classes, images, clip.prompt_templates(prompt))
     return _CACHE[key]
 
 

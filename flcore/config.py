@@ -67,6 +67,13 @@ def _opt(default: Scalar, help: str, rule: tuple[str, Callable[[Any], bool]] | N
     return Option(default, help, allowed, check)
 
 
+def _prompt_ok(value: Any) -> bool:
+    """A CLIP prompt setting: `ensemble`, or one format template with a single `{}` for the class name."""
+    if not isinstance(value, str):
+        return False
+    return value == "ensemble" or (value.count("{}") == 1 and value.count("{") == value.count("}") == 1)
+
+
 def _choice(default: str, help: str, choices: Iterable[str]) -> Option:
     return Option(default, help, choices=tuple(choices))
 
@@ -264,15 +271,35 @@ SECTIONS: dict[str, dict[str, Option]] = {
             0.1, "Learning rate of the federated features (strategy=creff; CReFF 0.1).", _number(0, low_open=True)
         ),
     },
-    "CLIP2FL (CReFF's server side + client-side distillation from the align-teacher CLIP)": {
+    "CLIP2FL (CReFF + client-side distillation from the align-teacher CLIP + a server-side text contrast)": {
         "kd-weight": _opt(
             1.0,
-            "Weight of the client's CLIP distillation term (strategy=clip2fl; 0 = CReFF's client).",
+            "Weight of the client's CLIP distillation term (strategy=clip2fl; CLIP2FL's alpha 1; 0 = CReFF's client).",
             _number(0, 100),
         ),
         "kd-temperature": _opt(
             3.0,
-            "Distillation temperature T; the KL term is scaled by T^2 (strategy=clip2fl; CLIP2FL 3).",
+            "Distillation temperature T; the KL term is scaled by T^2 (strategy=clip2fl; CLIP2FL's T 3).",
+            _number(0, 100, low_open=True),
+        ),
+        "clip2fl-prompt": Option(
+            "a photo of a {}",
+            "CLIP prompt of the class text features (strategy=clip2fl: client distillation and server contrast): "
+            "one template with {} for the class name (CLIP2FL's 'a photo of a {}') or ensemble (CLIP's 80 "
+            "ImageNet templates).",
+            "ensemble or a text with exactly one {} and no other braces",
+            _prompt_ok,
+        ),
+        "contrast-weight": _opt(
+            0.001,
+            "Weight of the server's contrastive term between the federated features and the CLIP text features "
+            "of their classes while matching them (strategy=clip2fl; CLIP2FL's contrast_alpha 0.001; 0 = CReFF's "
+            "server).",
+            _number(0, 100),
+        ),
+        "contrast-temperature": _opt(
+            0.1,
+            "Temperature of that contrastive term (strategy=clip2fl; CLIP2FL's ins_temp 0.1).",
             _number(0, 100, low_open=True),
         ),
     },

@@ -118,7 +118,8 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "model": _choice("resnet8", "Client model backbone: resnet8 (32x32 inputs) or resnet50.", MODELS),
         "projection-dim": _opt(
             512,
-            "Width of the MLP projection after the backbone (teacher feature size: 512 ViT-B/32, 768 ViT-L/14).",
+            "Width of the MLP projection after the backbone (teacher feature size: 512 ViT-B/32, 768 ViT-L/14; "
+            "equal to LLaVA's vision width, 1024 or tiny's 32, stage 1 pretrains the projection too).",
             _number(1, integer=True),
         ),
     },
@@ -169,7 +170,10 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "align-loss": _choice("ce+kl", "Alignment loss: ce+kl (the paper), ce (beta = 0), kl (KL only).", ALIGN_LOSSES),
     },
     "Stage 1: server-side global multimodal pretraining": {
-        "pretrain": _opt(False, "Stage 1: start round 1 from a backbone pretrained with DWP through a frozen LLaVA."),
+        "pretrain": _opt(
+            False,
+            "Stage 1: start round 1 from g_fl (backbone, and projection if it has LLaVA's width) pretrained with DWP.",
+        ),
         "pretrain-teacher": _opt(
             "tiny", "LLaVA teacher: 'tiny' (random, offline) or a model id in the local HF cache or a local folder."
         ),
@@ -200,7 +204,7 @@ SECTIONS: dict[str, dict[str, Option]] = {
             False, "Gradient checkpointing in the frozen LLM during DWP (less memory)."
         ),
         "pretrain-cache-dir": _opt(
-            "outputs/pretrain-cache", "Annotations, DWP checkpoints and cached pretrained backbones."
+            "outputs/pretrain-cache", "Annotations, DWP checkpoints and cached pretrained g_fl weights."
         ),
     },
     "Fault tolerance, resume, limits": {

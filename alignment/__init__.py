@@ -2,6 +2,6 @@
 
 `teacher` (the CLIP teacher, also used by CLIP2FL's clients), `logits` (its logits on D_align, from a
 file or computed once and cached), `loss` (the loss and the fine-tuning loop), `stage` (the
-after-aggregation stage and its input checks) and `figure` (the paper's Figure 4). Importing this
+after-aggregation stage and its input checks) and `figure` (confusion matrices side by side). Importing this
 package imports none of them, so a client that needs only the teacher loads nothing else.
 """

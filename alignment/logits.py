@@ -36,17 +36,21 @@ class TeacherLogits:
     test_accuracy: float | None
 
 
-def check_class_names(classes: Sequence[str]) -> None:
-    """CLIP prompts need real class names: placeholders ('class 3', '17'), blanks or duplicates are errors."""
+def check_class_names(
+    classes: Sequence[str], who: str = "align = true", escape: str = ", or pass align-logits-file"
+) -> None:
+    """CLIP prompts need real class names: placeholders ('class 3', '17'), blanks or duplicates are errors.
+
+    `who` names the setting that prompts CLIP, `escape` the way around it (if any) for the message.
+    """
     if not classes or any(not str(c).strip() for c in classes) or len(set(classes)) != len(classes):
         raise ConfigError(
-            f"align = true needs distinct, non-empty class names for the CLIP prompts; got {list(classes)[:5]}..."
+            f"{who} needs distinct, non-empty class names for the CLIP prompts; got {list(classes)[:5]}..."
         )
     if all(PLACEHOLDER_NAME.match(str(c).strip()) for c in classes):
         raise ConfigError(
-            f"align = true: the dataset's class names are missing (got placeholders like {classes[0]!r}); the CLIP "
-            "teacher prompts with class names. Put a classnames.txt (one name per line) in data-dir, or pass "
-            "align-logits-file."
+            f"{who}: the dataset's class names are missing (got placeholders like {classes[0]!r}); the CLIP "
+            f"teacher prompts with class names. Put a classnames.txt (one name per line) in data-dir{escape}."
         )
 
 

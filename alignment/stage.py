@@ -7,8 +7,10 @@ and it never exists on a client. Because the stage only wraps the aggregation ou
 strategy in the registry.
 
 Each evaluated round records the model's metrics before alignment (`pre-align-*`) next to the usual
-ones (after alignment); the last round hands the report the paper's Figure 4 (`alignment.png`) and its
-numbers (`alignment.json`).
+ones (after alignment); the last round hands the report its alignment step drawn and counted: the
+confusion matrices of the global model right before and right after that step (`alignment-step.png`,
+and `alignment-step` in `alignment.json`). That is one model and one step; the paper's Figure 4 compares
+a run with alignment against one without (`bench/compare.py`).
 """
 
 from __future__ import annotations
@@ -70,18 +72,18 @@ class AlignmentStage:
         aligned = to_record(model)
         if server_round != self.last:
             return Outcome(aligned)
-        return self.figure4(server_round, aligned, before, self.ctx.evaluate(aligned))
+        return self.last_step(server_round, aligned, before, self.ctx.evaluate(aligned))
 
-    def figure4(self, server_round: int, aligned: ArrayRecord, before: dict, after: dict) -> Outcome:
-        """The paper's Figure 4: confusion matrices without and with alignment, and group accuracies."""
+    def last_step(self, server_round: int, aligned: ArrayRecord, before: dict, after: dict) -> Outcome:
+        """The last alignment step: confusion matrices and group accuracies right before and right after it."""
         from alignment.figure import plot_pair
 
         info = {
             **self.info,
-            "figure-4": {
+            "alignment-step": {
                 "round": server_round,
-                "without-alignment": {k: before[k] for k in GROUP_KEYS},
-                "with-alignment": {k: after[k] for k in GROUP_KEYS},
+                "before": {k: before[k] for k in GROUP_KEYS},
+                "after": {k: after[k] for k in GROUP_KEYS},
             },
         }
         figure = plot_pair(
@@ -90,9 +92,10 @@ class AlignmentStage:
             before,
             after,
             self.ctx.data.dataset.classes,
-            self.info["teacher"],
+            (f"round {server_round} before its alignment step", "after it"),
+            f"The last alignment step of one run (teacher: {self.info['teacher']})",
         )
-        return Outcome(aligned, {"alignment": info}, {"alignment.png": figure})
+        return Outcome(aligned, {"alignment": info}, {"alignment-step.png": figure})
 
 
 def check_inputs(cfg: Mapping, dataset: Dataset, align_idx: np.ndarray) -> TeacherLogits | None:
@@ -123,11 +126,9 @@ def check_inputs(cfg: Mapping, dataset: Dataset, align_idx: np.ndarray) -> Teach
 
 
 def check(cfg: Mapping, prepared: Prepared) -> None:
-    """The preflight's alignment checks (the registry's `ServerStage.check`), and the stand-in teacher's
-    wherever it is used: by stage 3 or by CLIP2FL's clients."""
+    """The preflight's alignment checks (the registry's `ServerStage.check`)."""
     check_inputs(cfg, prepared.dataset, prepared.split.align)
-    uses_teacher = cfg["align"] and not cfg["align-logits-file"] or cfg["strategy"] == "clip2fl"
-    if uses_teacher and cfg["align-teacher"] == HOLDOUT:
+    if cfg["align"] and not cfg["align-logits-file"] and cfg["align-teacher"] == HOLDOUT:
         holdout.check(cfg, prepared)
 
 

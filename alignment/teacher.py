@@ -5,7 +5,8 @@
 with OpenAI weights, by default) or `tiny`: a small open_clip config with random weights, registered with
 `open_clip.add_model_config` and built by the same call, for tests and offline runs. Real weights come
 from a checkpoint file or the local Hugging Face / open_clip cache only; nothing is downloaded.
-Zero-shot logits use the prompt-template ensemble of CLIP's paper and the model's own logit scale.
+Zero-shot logits use the prompt-template ensemble of CLIP's paper (or the templates a caller passes, e.g.
+CLIP2FL's single "a photo of a {}") and the model's own logit scale.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ REAL_DEFAULT = ("ViT-L-14-336", "openai")  # the CLIP vision tower of LLaVA-1.5
 TEMPLATES: tuple[Callable[[str], str], ...] = open_clip.OPENAI_IMAGENET_TEMPLATES
 TINY_SEED = 0
 IMAGE_BATCH = 64
+ENSEMBLE = "ensemble"  # a prompt setting that means TEMPLATES
 
 
 @dataclass
@@ -154,10 +156,27 @@ def _pil_images(images: ImageSet, idx: Sequence[int]) -> list[Image.Image]:
     return [Image.fromarray(images.images[i].permute(1, 2, 0).numpy()) for i in idx]
 
 
+def prompt_templates(prompt: str) -> Sequence[Callable[[str], str] | str]:
+    """`ensemble` -> CLIP's 80 ImageNet templates; anything else is one template with `{}` for the class name."""
+    return TEMPLATES if prompt == ENSEMBLE else (prompt,)
+
+
+def text_features(
+    teacher: ClipTeacher, classes: Sequence[str], templates: Sequence[Callable[[str], str] | str] = TEMPLATES
+) -> torch.Tensor:
+    """Unit-norm class text embeddings [C, D]: the mean over templates of each class's normalised embedding."""
+    return open_clip.build_zero_shot_classifier(teacher.model, teacher.tokenizer, list(classes), templates).T
+
+
 @torch.no_grad()
-def zero_shot_logits(teacher: ClipTeacher, classes: Sequence[str], images: ImageSet) -> torch.Tensor:
+def zero_shot_logits(
+    teacher: ClipTeacher,
+    classes: Sequence[str],
+    images: ImageSet,
+    templates: Sequence[Callable[[str], str] | str] = TEMPLATES,
+) -> torch.Tensor:
     """CLIP zero-shot logits [N, C]: logit_scale * cos(image, mean prompt embedding of each class)."""
-    text = open_clip.build_zero_shot_classifier(teacher.model, teacher.tokenizer, list(classes), TEMPLATES)
+    text = text_features(teacher, classes, templates).T
     scale = teacher.model.logit_scale.exp()
     out = []
     for start in range(0, len(images), IMAGE_BATCH):

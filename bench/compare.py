@@ -10,7 +10,10 @@ writes, into <out>/:
   client uploads per round (reported by the clients, `upload-bytes`) and client peak memory
   (`peak-rss-mb`, the worker process's ru_maxrss);
 - `results.csv`: one line per cell;
-- `curves_if<IF>.png`: test accuracy per round, mean over seeds, one line per method.
+- `curves_if<IF>.png`: test accuracy per round, mean over seeds, one line per method;
+- `figure4_if<IF>_seed<seed>.png` and `.json`: the paper's Figure 4 for every IF and seed whose `ours` and
+  `ours-no-align` cells finished here: the final confusion matrices of the run trained without alignment
+  and of the run trained with it, side by side, with overall and many/medium/few accuracy.
 
 `--include results.csv` fills cells of this grid that have no finished run here with the rows of an
 earlier grid's CSV (another session or machine), so a grid can be finished where its cell folders are
@@ -41,10 +44,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from alignment.figure import plot_pair  # noqa: E402
 from server_app.launch import parse_overrides  # noqa: E402
 
 # Method name -> run-config overrides that select it. `--method name=k=v ...` adds or replaces entries.
@@ -68,6 +74,8 @@ METHODS: dict[str, str] = {
     "clip2fl-holdout": "strategy=clip2fl align-teacher=holdout",
 }
 CURVE = "curve"  # a cell's per-round [round, accuracy] pairs, a JSON list in the CSV
+FIGURE4 = ("ours-no-align", "ours")  # the paper's Figure 4: the run trained without alignment, then with it
+GROUP_KEYS = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
 QUICK_METHODS = ("fedavg", "fedprox", "fedavgm", "fednova", "focal", "tau-norm")
 QUICK_CONFIG = (
     "num-clients=4 fraction-train=0.5 num-server-rounds=3 local-epochs=5 batch-size=16 image-size=8 projection-dim=64"
@@ -224,6 +232,55 @@ def plot_curves(results: list[dict], methods: Sequence[str], ifs: Sequence[float
         plt.close(fig)
 
 
+def final_model(run: Path) -> tuple[np.ndarray, dict, list[str]]:
+    """A finished run's final confusion matrix (last metrics.jsonl row), its accuracies (summary.json) and
+    its class names (partition.json)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    final = json.loads((run / "summary.json").read_text())["final"]
+    cm = np.asarray(rows[-1]["confusion-matrix"])
+    partition = run / "partition.json"
+    classes = json.loads(partition.read_text())["classes"] if partition.is_file() else [str(c) for c in range(len(cm))]
+    return cm, {k: final[k] for k in GROUP_KEYS}, classes
+
+
+def figure4(without_run: Path, with_run: Path, label: str) -> tuple[Figure, dict]:
+    """The paper's Figure 4 from two runs of the same setting: trained without alignment, and with it."""
+    cm_without, without, classes = final_model(without_run)
+    cm_with, with_, _ = final_model(with_run)
+    fig = plot_pair(
+        cm_without,
+        cm_with,
+        without,
+        with_,
+        classes,
+        (f"without alignment ({FIGURE4[0]})", f"with alignment ({FIGURE4[1]})"),
+        f"Figure 4: final global models of two runs, {label}",
+    )
+    numbers = {
+        "setting": label,
+        "without-alignment": {"method": FIGURE4[0], "run": str(without_run), **without},
+        "with-alignment": {"method": FIGURE4[1], "run": str(with_run), **with_},
+    }
+    return fig, numbers
+
+
+def write_figure4(cells: Sequence[Cell], out: Path) -> list[Path]:
+    """`figure4_if<IF>_seed<seed>.png/.json` for every IF and seed whose two Figure 4 cells finished here."""
+    finished = {c.key: path.parent for c in cells if (path := c.summary_path()) is not None}
+    written = []
+    for imbalance, seed in sorted({(c.imbalance, c.seed) for c in cells}):
+        runs = [finished.get((method, imbalance, seed)) for method in FIGURE4]
+        if None in runs:
+            continue
+        fig, numbers = figure4(runs[0], runs[1], f"IF {imbalance:g}, seed {seed}")
+        stem = out / f"figure4_if{imbalance:g}_seed{seed}"
+        fig.savefig(stem.with_suffix(".png"), dpi=110)
+        plt.close(fig)
+        stem.with_suffix(".json").write_text(json.dumps(numbers, indent=2) + "\n")
+        written.append(stem.with_suffix(".png"))
+    return written
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
@@ -303,7 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "table.md").write_text(text)
     write_csv(results, out / "results.csv")
     plot_curves(results, methods, ifs, out)
+    figures = write_figure4(cells, out)
     print(text)
+    if figures:
+        print(f"Figure 4 (with vs without alignment): {', '.join(p.name for p in figures)}")
     print(f"{len(results)}/{len(cells)} cells finished; grid wall time {time.perf_counter() - t0:.0f} s; see {out}")
     return 0 if len(results) == len(cells) or args.report_only else 1
 

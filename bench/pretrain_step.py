@@ -58,7 +58,7 @@ def setup(size: str):
         turns = (("human", "<image>\nDescribe the following image in detail."), ("gpt", "A small random picture. " * 3))
         records.append(Record(str(i), f"{i}.png", turns))
     data = LlavaSamples(records, root, teacher, 32, (0.5,) * 3, (0.5,) * 3)
-    gfl = build_gfl(build_model("resnet8", 16, 10, seed=0).backbone, teacher).to(device)
+    gfl = build_gfl(build_model("resnet8", 16, 10, seed=0), teacher).to(device)
     opt = torch.optim.AdamW(gfl.parameters(), lr=2e-3)
     return teacher, data, gfl, opt, device
 

@@ -1,11 +1,12 @@
-"""The paper's Table 4: few-shot training from the DWP-pretrained backbone vs from scratch.
+"""The paper's Table 4: few-shot training from the DWP-pretrained g_fl vs from scratch.
 
 Run: `python bench/table4.py [--fractions 0.4 1 2] [--epochs 30] [--target 0.5] [--run-config "k=v ..."]`.
 For each fraction of the training set (stratified, at least one image per class) it trains the FL model
-centrally for `--epochs` epochs twice, once from random init and once from the pretrained backbone
-(+ fresh projection and classifier), evaluates on the test split after every epoch, and writes
+centrally for `--epochs` epochs twice, once from random init and once from the pretrained g_fl (the
+backbone, and the projection when `projection-dim` equals LLaVA's vision width; classifier fresh),
+evaluates on the test split after every epoch, and writes
 `table4.md`, `table4.csv` and `table4.png` (accuracy curves) to `--out`: epochs to reach `--target`
-accuracy and best accuracy per run. The pretrained backbone comes from `pretrain.stage` with the same
+accuracy and best accuracy per run. The pretrained weights come from `pretrain.stage` with the same
 run-config keys as an FL run (and its cache: an FL run with the same settings reuses it). The offline
 default is digits with the tiny random teacher, which the outputs say; with a real teacher and CIFAR the
 same command reproduces the paper's setting.
@@ -37,7 +38,7 @@ from flcore.experiment import seeded_generator  # noqa: E402
 from flcore.metrics import summarize  # noqa: E402
 from flcore.models import build_model  # noqa: E402
 from flcore.training import TrainSettings, predict, train  # noqa: E402
-from pretrain.stage import pretrained_backbone  # noqa: E402
+from pretrain.stage import pretrained_weights  # noqa: E402
 from pretrain.teacher import TINY, TINY_NOTE  # noqa: E402
 from strategies.registry import STRATEGIES  # noqa: E402
 
@@ -64,11 +65,12 @@ def few_shot(labels: np.ndarray, percent: float, seed: int) -> np.ndarray:
     return np.sort(np.asarray(picked))
 
 
-def curve(cfg: dict, dataset, subset, backbone: dict | None, epochs: int) -> list[float]:
-    """Test accuracy after each epoch of central training on `subset`."""
+def curve(cfg: dict, dataset, subset, pretrained: dict | None, epochs: int) -> list[float]:
+    """Test accuracy after each epoch of central training on `subset`, from random init or `pretrained`
+    (FL model entries: `backbone.*`, maybe `projection.*`)."""
     model = build_model(str(cfg["model"]), int(cfg["projection-dim"]), dataset.num_classes, seed=int(cfg["seed"]))
-    if backbone is not None:
-        model.backbone.load_state_dict(backbone)
+    if pretrained is not None:
+        model.load_state_dict({**model.state_dict(), **pretrained})
     size = int(cfg["image-size"])
     batches = Batches(subset, dataset, size, int(cfg["batch-size"]))
     test = Batches(dataset.test, dataset, size, int(cfg["eval-batch-size"]))
@@ -99,12 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     cfg = validate({**parse_overrides(args.run_config), "pretrain": True}, choices={"strategy": STRATEGIES})
     dataset = datasets.load(str(cfg["dataset"]), str(cfg["data-dir"]), int(cfg["image-size"]))
-    backbone, meta = pretrained_backbone(cfg, dataset.mean, dataset.std)
+    pretrained, meta = pretrained_weights(cfg, dataset.mean, dataset.std)
     note = TINY_NOTE if cfg["pretrain-teacher"] == TINY else f"teacher {cfg['pretrain-teacher']}"
     rows, curves = [], {}
     for pct in args.fractions:
         subset = dataset.train.subset(few_shot(dataset.train.labels, pct, int(cfg["seed"])))
-        for init, weights in (("scratch", None), ("pretrained", backbone)):
+        for init, weights in (("scratch", None), ("pretrained", pretrained)):
             accs = curve(cfg, dataset, subset, weights, args.epochs)
             curves[(pct, init)] = accs
             rows.append(
@@ -132,7 +134,8 @@ def write(out: Path, rows: list[dict], curves: dict, cfg: dict, note: str, meta:
         f"# Table 4: few-shot training, pretrained vs from scratch ({cfg['dataset']}, {cfg['model']})",
         "",
         f"Pretraining: {note}; DWP {cfg['pretrain-epochs']} epochs on {meta.get('records', '?')} records "
-        f"(final LM loss {meta['epoch-loss'][-1]:.4f}). {args.epochs} epochs of central SGD (lr {cfg['lr']}, "
+        f"(final LM loss {meta['epoch-loss'][-1]:.4f}); handed over: {' + '.join(meta['handed-over'])}. "
+        f"{args.epochs} epochs of central SGD (lr {cfg['lr']}, "
         f"batch {cfg['batch-size']}) per run, test accuracy after every epoch.",
         "",
         "| " + " | ".join(head) + " |",

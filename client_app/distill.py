@@ -3,11 +3,11 @@
 The server asks for it by putting `kd-weight` and `kd-temperature` in the round's train config
 (strategy=clip2fl). The client then adds weight * KL(softmax(q/T) || softmax(p/T)) * T^2 to its loss,
 where q are the CLIP teacher's zero-shot logits of the same (unaugmented) image and p the student's,
-as CLIP2FL's reference code does (T = 3). The teacher (`align-teacher` / `align-pretrained`: tiny
-random or real local weights; or `holdout`, the offline stand-in that stage 3 uses too, so `clip2fl` and
-`ours` can be compared with teachers of equal knowledge) runs once per process over the partition; its
-logits are cached, not recomputed each round. open_clip is imported only here, and the ClientApp imports
-this module lazily.
+as CLIP2FL's reference code does (T = 3, prompt `clip2fl-prompt`: "a photo of a {}" by default). The
+teacher (`align-teacher` / `align-pretrained`: tiny random or real local weights; or `holdout`, the
+offline stand-in that stage 3 uses too, so `clip2fl` and `ours` can be compared with teachers of equal
+knowledge) runs once per process over the partition; its logits are cached, not recomputed each round.
+open_clip is imported only here, and the ClientApp imports this module lazily.
 """
 
 from __future__ import annotations
@@ -29,7 +29,15 @@ WEIGHT_KEY, TEMPERATURE_KEY = "kd-weight", "kd-temperature"  # train-config keys
 _CACHE: dict[tuple, torch.Tensor] = {}  # (data split, partition, teacher) -> logits; one process, many rounds
 
 
-TEACHER_KEYS = ("align-teacher", "align-pretrained", "projection-dim", "holdout-model", "holdout-epochs", "holdout-lr")
+TEACHER_KEYS = (
+    "align-teacher",
+    "align-pretrained",
+    "projection-dim",
+    "clip2fl-prompt",
+    "holdout-model",
+    "holdout-epochs",
+    "holdout-lr",
+)
 
 
 def teacher_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
@@ -49,7 +57,7 @@ def _clip_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageS
     dim = int(cfg["projection-dim"])
     model = clip.load_teacher(str(cfg["align-teacher"]), str(cfg["align-pretrained"]), dim, config_dir)
     print(f"[clip2fl] client {partition_id} computes teacher logits once with {model.label}", flush=True)
-    return clip.zero_shot_logits(model, classes, images)
+    return clip.zero_shot_logits(model, classes, images, clip.prompt_templates(str(cfg["clip2fl-prompt"])))
 
 
 def _holdout_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:

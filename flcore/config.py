@@ -69,6 +69,13 @@ def _opt(default: Scalar, help: str, rule: tuple[str, Callable[[Any], bool]] | N
     return Option(default, help, allowed, check)
 
 
+def _prompt_ok(value: Any) -> bool:
+    """A CLIP prompt setting: `ensemble`, or one format template with a single `{}` for the class name."""
+    if not isinstance(value, str):
+        return False
+    return value == "ensemble" or (value.count("{}") == 1 and value.count("{") == value.count("}") == 1)
+
+
 def _choice(default: str, help: str, choices: Iterable[str]) -> Option:
     return Option(default, help, choices=tuple(choices))
 
@@ -126,7 +133,8 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "model": _choice("resnet8", "Client model backbone: resnet8 (32x32 inputs) or resnet50.", MODELS),
         "projection-dim": _opt(
             512,
-            "Width of the MLP projection after the backbone (teacher feature size: 512 ViT-B/32, 768 ViT-L/14).",
+            "Width of the MLP projection after the backbone (teacher feature size: 512 ViT-B/32, 768 ViT-L/14; "
+            "equal to LLaVA's vision width, 1024 or tiny's 32, stage 1 pretrains the projection too).",
             _number(1, integer=True),
         ),
     },
@@ -186,7 +194,10 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "align-loss": _choice("ce+kl", "Alignment loss: ce+kl (the paper), ce (beta = 0), kl (KL only).", ALIGN_LOSSES),
     },
     "Stage 1: server-side global multimodal pretraining": {
-        "pretrain": _opt(False, "Stage 1: start round 1 from a backbone pretrained with DWP through a frozen LLaVA."),
+        "pretrain": _opt(
+            False,
+            "Stage 1: start round 1 from g_fl (backbone, and projection if it has LLaVA's width) pretrained with DWP.",
+        ),
         "pretrain-teacher": _opt(
             "tiny", "LLaVA teacher: 'tiny' (random, offline) or a model id in the local HF cache or a local folder."
         ),
@@ -217,7 +228,7 @@ SECTIONS: dict[str, dict[str, Option]] = {
             False, "Gradient checkpointing in the frozen LLM during DWP (less memory)."
         ),
         "pretrain-cache-dir": _opt(
-            "outputs/pretrain-cache", "Annotations, DWP checkpoints and cached pretrained backbones."
+            "outputs/pretrain-cache", "Annotations, DWP checkpoints and cached pretrained g_fl weights."
         ),
     },
     "Fault tolerance, resume, limits": {
@@ -288,15 +299,35 @@ SECTIONS: dict[str, dict[str, Option]] = {
             0.1, "Learning rate of the federated features (strategy=creff; CReFF 0.1).", _number(0, low_open=True)
         ),
     },
-    "CLIP2FL (CReFF's server side + client-side distillation from the align-teacher CLIP)": {
+    "CLIP2FL (CReFF + client-side distillation from the align-teacher CLIP + a server-side text contrast)": {
         "kd-weight": _opt(
             1.0,
-            "Weight of the client's CLIP distillation term (strategy=clip2fl; 0 = CReFF's client).",
+            "Weight of the client's CLIP distillation term (strategy=clip2fl; CLIP2FL's alpha 1; 0 = CReFF's client).",
             _number(0, 100),
         ),
         "kd-temperature": _opt(
             3.0,
-            "Distillation temperature T; the KL term is scaled by T^2 (strategy=clip2fl; CLIP2FL 3).",
+            "Distillation temperature T; the KL term is scaled by T^2 (strategy=clip2fl; CLIP2FL's T 3).",
+            _number(0, 100, low_open=True),
+        ),
+        "clip2fl-prompt": Option(
+            "a photo of a {}",
+            "CLIP prompt of the class text features (strategy=clip2fl: client distillation and server contrast): "
+            "one template with {} for the class name (CLIP2FL's 'a photo of a {}') or ensemble (CLIP's 80 "
+            "ImageNet templates).",
+            "ensemble or a text with exactly one {} and no other braces",
+            _prompt_ok,
+        ),
+        "contrast-weight": _opt(
+            0.001,
+            "Weight of the server's contrastive term between the federated features and the CLIP text features "
+            "of their classes while matching them (strategy=clip2fl; CLIP2FL's contrast_alpha 0.001; 0 = CReFF's "
+            "server).",
+            _number(0, 100),
+        ),
+        "contrast-temperature": _opt(
+            0.1,
+            "Temperature of that contrastive term (strategy=clip2fl; CLIP2FL's ins_temp 0.1).",
             _number(0, 100, low_open=True),
         ),
     },

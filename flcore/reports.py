@@ -4,7 +4,7 @@
 partition.json + partition.png, metrics.jsonl (one line per evaluated round, appended and flushed as the
 run goes, so a crash keeps what was done), summary.json, curves.png, confusion.png, model.pt, and what
 the server stages measured (`take`): a `<name>.json` per summary section (pretrain.json,
-alignment.json) and their figures (alignment.png). Every file but the metrics log is written atomically
+alignment.json) and their figures (alignment-step.png). Every file but the metrics log is written atomically
 (`flcore.files`); the checkpoint for resume is written beside them by `rounds.checkpoint`.
 """
 

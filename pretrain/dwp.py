@@ -5,12 +5,16 @@ Inside LLaVA the vision features fed to the projector are replaced by
     Z = (1 - alpha) * g(x) + alpha * g_fl(x)
 
 g is LLaVA's own CLIP feature selection (hidden states of `vision_feature_layer`, CLS dropped under the
-`default` strategy: 576 x 1024 for LLaVA-1.5). g_fl is the FL backbone plus a token mapper that gives its
-output g's shape. The mapping: the backbone's last spatial feature map (the input of its final average
+`default` strategy: 576 x 1024 for LLaVA-1.5). g_fl is the FL backbone plus a per-token projection that
+gives its output g's shape: the backbone's last spatial feature map (the input of its final average
 pool: 256 x 4 x 4 for ResNet-8 at 16 px, 2048 x 7 x 7 for ResNet-50 at 224 px) is resized bilinearly to
-CLIP's patch grid (24 x 24), each grid cell becomes a token, and a per-token MLP (Linear-GELU-Linear) maps
-its channels to CLIP's hidden size; under the `full` strategy the pooled feature is prepended as the CLS
-token. The loss is LLaVA's language-model loss on the answer tokens. Only g_fl and its mapper train:
+CLIP's patch grid (24 x 24), each grid cell becomes a token, and an MLP (Linear-GELU-Linear) maps each
+token's channels to CLIP's hidden size; under the `full` strategy the pooled feature is prepended as the
+CLS token. That MLP has the shape of the FL model's projection (`FLModel.projection`, backbone features ->
+`projection-dim`), so when `projection-dim` equals LLaVA's vision width the FL model's own projection is
+the one trained, and backbone and projection go to round 1 together ("ResNet + an MLP to CLIP's feature
+size"); otherwise a separate MLP to LLaVA's width is trained and only the backbone goes over
+(`build_gfl`). The loss is LLaVA's language-model loss on the answer tokens. Only g_fl trains:
 CLIP, projector and LLM have requires_grad False (no gradient buffers) and gradients flow through them to
 Z. alpha follows a cosine from 0 to 1 over the first half of the optimizer steps, then stays 1; from
 then on the CLIP forward (and CLIP's image preprocessing) is skipped entirely.
@@ -27,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flcore.models import FLModel
 from pretrain.checkpoints import Checkpoints
 from pretrain.llava_data import Batch, LlavaSamples
 from pretrain.teacher import LlavaTeacher, projector, vision_tower
@@ -55,18 +60,26 @@ class AlphaClock:
         return self.alpha < 1.0
 
 
-class GFL(nn.Module):
-    """The FL backbone with a token mapper: images -> tokens in CLIP's feature shape (see module doc)."""
+def mlp(in_dim: int, width: int) -> nn.Sequential:
+    """Linear-GELU-Linear: the FL model's projection shape (and LLaVA's mlp2x_gelu)."""
+    return nn.Sequential(nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, width))
 
-    def __init__(self, backbone: nn.Module, grid: int, width: int, with_cls: bool = False) -> None:
+
+class GFL(nn.Module):
+    """The FL backbone with a per-token projection: images -> tokens in CLIP's feature shape (see module doc).
+
+    Its state dict keys (`backbone.*`, `projection.*`) are the FL model's, so the trained weights drop
+    into the initial global model as they are.
+    """
+
+    def __init__(self, backbone: nn.Module, projection: nn.Module, grid: int, with_cls: bool = False) -> None:
         super().__init__()
-        self.backbone, self.grid, self.with_cls = backbone, grid, with_cls
+        self.backbone, self.projection, self.grid, self.with_cls = backbone, projection, grid, with_cls
         pools = [m for m in backbone.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
         if not pools:
             raise ValueError("g_fl needs a backbone that ends in nn.AdaptiveAvgPool2d (its input is the feature map)")
         self._fmap: torch.Tensor | None = None
         pools[-1].register_forward_hook(self._keep_map)
-        self.mapper = nn.Sequential(nn.Linear(backbone.out_dim, width), nn.GELU(), nn.Linear(width, width))
 
     def _keep_map(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self._fmap = inputs[0]
@@ -85,14 +98,27 @@ class GFL(nn.Module):
         tokens = grid.flatten(2).transpose(1, 2)
         if self.with_cls:
             tokens = torch.cat([fmap.mean((2, 3)).unsqueeze(1), tokens], dim=1)
-        return self.mapper(tokens)
+        return self.projection(tokens)
 
 
-def build_gfl(backbone: nn.Module, teacher: LlavaTeacher) -> GFL:
-    full = teacher.config.vision_feature_select_strategy == "full"
+def token_width(teacher: LlavaTeacher) -> int:
+    """Width of LLaVA's vision features g(x): the hidden size, times the layers when several are concatenated."""
     layer = teacher.config.vision_feature_layer
-    width = teacher.vision_hidden * (1 if isinstance(layer, int) else len(layer))  # several layers are concatenated
-    return GFL(backbone, teacher.grid, width, with_cls=full)
+    return teacher.vision_hidden * (1 if isinstance(layer, int) else len(layer))
+
+
+def shares_projection(model: FLModel, teacher: LlavaTeacher) -> bool:
+    """Whether the FL model's projection outputs LLaVA's vision width, so DWP can train it as g_fl's."""
+    return model.projection[-1].out_features == token_width(teacher)
+
+
+def build_gfl(model: FLModel, teacher: LlavaTeacher) -> GFL:
+    """g_fl on the FL model's backbone, with the FL model's own projection when its width is LLaVA's
+    (the same modules: training g_fl trains them), else with a fresh MLP to LLaVA's width."""
+    full = teacher.config.vision_feature_select_strategy == "full"
+    width = token_width(teacher)
+    projection = model.projection if shares_projection(model, teacher) else mlp(model.backbone.out_dim, width)
+    return GFL(model.backbone, projection, teacher.grid, with_cls=full)
 
 
 def freeze(teacher: LlavaTeacher, hygiene: bool = True) -> None:
@@ -203,7 +229,7 @@ def train_dwp(
     checkpoints: Checkpoints | None = None,
     on_epoch: Callable[[int, float, float], None] | None = None,
 ) -> DWPResult:
-    """Train g_fl (+ mapper) for `cfg.epochs`; resumes from the last epoch checkpoint when there is one."""
+    """Train g_fl (backbone + projection) for `cfg.epochs`; resumes from the last epoch checkpoint if any."""
     device = teacher.model.device
     freeze(teacher)
     if cfg.gradient_checkpointing:

@@ -1,12 +1,14 @@
 """Stage 1 as a server stage: annotate (if needed), run DWP (or reuse its cached result), and hand the
-pretrained backbone to round 1.
+pretrained g_fl to round 1.
 
 `pretrain_stage(cfg, ctx)` and `check` are registered in `strategies.registry.SERVER_STAGES`. With
 `pretrain` off it contributes nothing (random init). With it on, the preflight checks the teacher and the
-data before any process starts, and the `before_training` hook replaces the `backbone.*` entries of the
-initial global ArrayRecord with the pretrained g_fl backbone and hands what it measured (`pretrain.json`)
-to the run report; projection and classifier stay freshly initialised (DWP trains only the backbone and
-a mapper that FL does not use).
+data before any process starts, and the `before_training` hook replaces entries of the initial global
+ArrayRecord with the pretrained ones and hands what it measured (`pretrain.json`) to the run report.
+What is handed over depends on the widths (`pretrain.dwp.build_gfl`): with `projection-dim` equal to
+LLaVA's vision width DWP trains the FL model's own projection, and `backbone.*` and `projection.*` go
+over together; otherwise DWP trains a separate MLP to LLaVA's width, which does not fit the FL model,
+and only `backbone.*` goes over (projection fresh). The classifier always starts fresh: DWP has none.
 """
 
 from __future__ import annotations
@@ -97,15 +99,35 @@ def annotations_for(cfg: Mapping, teacher, cache: Path) -> tuple[Path, Path, dic
 
 
 def dwp_settings(cfg: Mapping) -> dict:
-    keys = ("model", "image-size", "seed") + tuple(
+    """The config keys that change what DWP trains. `projection-dim` is one even when the projection is not
+    handed over: it decides whether the FL projection is trained at all, and the separate MLP's seeded
+    initialisation comes after the FL model's in the same random stream."""
+    keys = ("model", "image-size", "seed", "projection-dim") + tuple(
         k for k in cfg if k.startswith("pretrain-") and k != "pretrain-cache-dir"
     )
     return {k: cfg[k] for k in keys}
 
 
-def pretrained_backbone(cfg: Mapping, mean, std) -> tuple[dict[str, torch.Tensor], dict]:
-    """The pretrained backbone's state dict and a summary; cached per (teacher, data, config)."""
-    from pretrain.dwp import DWPConfig, build_gfl, train_dwp
+def handover(shared: bool, width: int, projection_dim: int) -> dict:
+    """For pretrain.json: which parts of g_fl reach round 1, and why."""
+    if shared:
+        return {
+            "handed-over": ["backbone", "projection"],
+            "handover-note": f"projection-dim {projection_dim} equals LLaVA's vision width: DWP trained the FL "
+            "model's own projection per token, and backbone and projection start round 1",
+        }
+    return {
+        "handed-over": ["backbone"],
+        "handover-note": f"projection-dim {projection_dim} differs from LLaVA's vision width {width}: DWP trained "
+        "a separate MLP to that width, which does not fit the FL model, so the projection starts fresh (set "
+        f"projection-dim={width} to hand it over)",
+    }
+
+
+def pretrained_weights(cfg: Mapping, mean, std) -> tuple[dict[str, torch.Tensor], dict]:
+    """The FL model's entries pretrained by DWP (`backbone.*`, and `projection.*` when the widths match)
+    and a summary; cached per (teacher, data, config)."""
+    from pretrain.dwp import DWPConfig, build_gfl, shares_projection, token_width, train_dwp
     from pretrain.llava_data import LlavaSamples, load_annotations
     from pretrain.teacher import load_teacher
 
@@ -115,18 +137,21 @@ def pretrained_backbone(cfg: Mapping, mean, std) -> tuple[dict[str, torch.Tensor
     teacher = load_teacher(str(cfg["pretrain-teacher"]), dtype=half, seed=int(cfg["seed"]))
     teacher.model.to(device)
     ann, root, ann_summary = annotations_for(cfg, teacher, cache)
+    model = build_model(str(cfg["model"]), int(cfg["projection-dim"]), 2, seed=int(cfg["seed"]))
+    shared = shares_projection(model, teacher)
+    parts = handover(shared, token_width(teacher), int(cfg["projection-dim"]))
     settings = {**dwp_settings(cfg), "mean": list(mean), "std": list(std)}
     ckpt = Checkpoints(cache / "dwp" / cache_key(teacher.name, file_digest(ann) + str(root.resolve()), settings))
     final = ckpt.final()
     if final is not None:
         log.info("reusing pretrained g_fl from %s", ckpt.final_path)
-        return _backbone(final["gfl"]), {**final["meta"], "reused": True}
+        return _handed_over(final["gfl"], parts), {**final["meta"], **parts, "reused": True}
     records = load_annotations(ann)
     limit = int(cfg["pretrain-max-samples"])
     if limit and ann_summary.get("source") == EXISTING:
         records = records[:limit]
     samples = LlavaSamples(records, root, teacher, int(cfg["image-size"]), mean, std, int(cfg["pretrain-max-length"]))
-    gfl = build_gfl(build_model(str(cfg["model"]), 8, 2, seed=int(cfg["seed"])).backbone, teacher)
+    gfl = build_gfl(model, teacher)
     dwp = DWPConfig(
         epochs=int(cfg["pretrain-epochs"]),
         lr=float(cfg["pretrain-lr"]),
@@ -154,33 +179,36 @@ def pretrained_backbone(cfg: Mapping, mean, std) -> tuple[dict[str, torch.Tensor
         "failed-images": result.failed_images,
         "resumed-from-epoch": result.resumed_from,
         "cache": str(ckpt.root),
+        **parts,
     }
     ckpt.save_final(gfl.state_dict(), meta)
-    return _backbone(gfl.state_dict()), {**meta, "reused": False}
+    return _handed_over(gfl.state_dict(), parts), {**meta, "reused": False}
 
 
-def _backbone(gfl_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("backbone."): v for k, v in gfl_state.items() if k.startswith("backbone.")}
+def _handed_over(gfl_state: Mapping[str, torch.Tensor], parts: Mapping) -> dict[str, torch.Tensor]:
+    """The g_fl entries that reach round 1 (its keys are the FL model's)."""
+    prefixes = tuple(f"{part}." for part in parts["handed-over"])
+    return {k: v for k, v in gfl_state.items() if k.startswith(prefixes)}
 
 
-def with_backbone(arrays: ArrayRecord, backbone: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """The initial global model with its `backbone.*` entries replaced; everything else unchanged."""
+def with_pretrained(arrays: ArrayRecord, pretrained: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """The initial global model with the pretrained entries replaced; everything else unchanged."""
     state = arrays.to_torch_state_dict()
-    missing = sorted(f"backbone.{k}" for k in backbone if f"backbone.{k}" not in state)
-    if missing:
-        raise KeyError(f"pretrained backbone does not fit the FL model: {missing[:3]}")
-    state.update({f"backbone.{k}": v.detach().cpu().to(state[f"backbone.{k}"].dtype) for k, v in backbone.items()})
+    misfit = sorted(k for k, v in pretrained.items() if k not in state or state[k].shape != v.shape)
+    if misfit:
+        raise KeyError(f"pretrained g_fl does not fit the FL model: {misfit[:3]}")
+    state.update({k: v.detach().cpu().to(state[k].dtype) for k, v in pretrained.items()})
     return ArrayRecord(state)
 
 
 def pretrain_stage(cfg: Mapping, ctx: ServerContext) -> Stages:
-    """Stage 1: with `pretrain` on, round 1 starts from the DWP-pretrained backbone."""
+    """Stage 1: with `pretrain` on, round 1 starts from the DWP-pretrained backbone (and projection)."""
     if not cfg.get("pretrain", False):
         return Stages()
 
     def load_pretrained(arrays: ArrayRecord) -> Outcome:
         dataset = ctx.data.dataset
-        backbone, meta = pretrained_backbone(cfg, dataset.mean, dataset.std)
-        return Outcome(with_backbone(arrays, backbone), {"pretrain": meta})
+        pretrained, meta = pretrained_weights(cfg, dataset.mean, dataset.std)
+        return Outcome(with_pretrained(arrays, pretrained), {"pretrain": meta})
 
     return Stages(before_training=[load_pretrained])

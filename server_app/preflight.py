@@ -2,8 +2,9 @@
 
 The launcher calls `preflight` before it starts the SuperLink and Ray; the ServerApp calls it again
 first thing (a run started with `flwr run` on a real SuperLink has no launcher). It validates the
-config, reads the checkpoint to resume from, loads the dataset and draws the split, and runs every
-server stage's own checks (teachers' weights on disk, class names, logits files, pretraining data).
+config, reads the checkpoint to resume from, loads the dataset and draws the split, and runs the
+strategy's and every server stage's own checks (teachers' weights on disk and widths, class names,
+logits files, pretraining data).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from flcore.config import validate
 from flcore.experiment import Prepared, prepare
 from rounds import checkpoint
-from strategies.registry import SERVER_STAGES, STRATEGIES
+from strategies.registry import SERVER_STAGES, STRATEGIES, check_strategy
 
 
 def validated(run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -35,6 +36,7 @@ def preflight(cfg: Mapping[str, Any]) -> Checked:
     """Raise `ConfigError` / `DataNotFound` on the first problem, before anything trains."""
     resumed = checkpoint.load(cfg) if cfg["resume"] else None
     prepared = prepare(cfg)
+    check_strategy(cfg, prepared)
     for entry in SERVER_STAGES.values():
         entry.check(cfg, prepared)
     return Checked(prepared, resumed)

@@ -1,20 +1,35 @@
-"""CLIP2FL (Shi et al., AAAI 2024): CReFF's server side plus CLIP knowledge distillation on every client.
+"""CLIP2FL (Shi et al., AAAI 2024): CReFF plus CLIP knowledge distillation on every client and a text
+contrast on the server.
 
 The server is CReFF's (`strategies.creff`: federated features matched to client class gradients,
-classifier re-trained on them). `RoundConfig` adds `kd-weight` and `kd-temperature` to every round's
-train config; their presence is what makes a client run its CLIP teacher (`client_app.distill`).
+classifier re-trained on them) with one term added to the feature matching, as CLIP2FL's `main.py`
+(`update_feature_syn`, its Eq. 8) does: `contrast-weight` times a supervised contrastive loss that pulls
+each federated feature towards the CLIP text feature of its class ("a photo of a {}", `clip2fl-prompt`)
+and away from the others' (`text_contrast_loss`, CLIP2FL's `SupConLoss_text`). The text features come
+from the `align-teacher` CLIP, computed once on the server at the first matching; they live in the
+teacher's embedding space, so `projection-dim` (the federated features' width) must equal it: the
+preflight checks that (`check`). `contrast-weight` 0 is CReFF's server, bit for bit.
+
+`RoundConfig` adds `kd-weight` and `kd-temperature` to every round's train config; their presence is
+what makes a client run its CLIP teacher (`client_app.distill`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flcore.config import ConfigError
+from flcore.experiment import Prepared, prepare
 from rounds.delegate import Delegating
-from strategies.creff import creff
+from strategies.creff import CReFFServer, with_server
 
 KD_KEYS = ("kd-weight", "kd-temperature")
 
@@ -35,6 +50,106 @@ def with_distillation(inner: Strategy, cfg: Mapping) -> Strategy:
     return RoundConfig(inner, {key: float(cfg[key]) for key in KD_KEYS})
 
 
+def text_contrast_loss(
+    features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """CLIP2FL's server contrast (`SupConLoss_text`), computed per class instead of per pair of rows.
+
+    CLIP2FL gives every row j the text feature t_{y_j} of its class and, for each anchor i, contrasts
+    s_ij = f_i . t_{y_j} / temperature over all rows j != i (features not normalised, text unit-norm);
+    the positives are the other rows of i's class, and anchors alone in their class are left out:
+
+        loss_i = -[s_i,y_i - log sum_c (n_c - [c = y_i]) exp(f_i . t_c / temperature)]
+
+    with n_c the rows of class c. That is the same number as CLIP2FL's N x N form without the N x N
+    matrix (10^8 entries for CIFAR-100's 10,000 features). Returns the mean over the anchors kept.
+    """
+    num_classes = text.shape[0]
+    counts = torch.bincount(labels, minlength=num_classes)
+    keep = counts[labels] > 1
+    if not bool(keep.any()):
+        return features.sum() * 0.0
+    feats, own = features[keep], labels[keep]
+    logits = feats @ text.to(feats.dtype).T / temperature  # [K, C]
+    others = counts.to(feats.dtype).expand_as(logits) - F.one_hot(own, num_classes).to(feats.dtype)
+    log_denominator = torch.logsumexp(logits + others.log(), dim=1)
+    return -(logits.gather(1, own[:, None]).squeeze(1) - log_denominator).mean()
+
+
+class TextContrast:
+    """`weight` x `text_contrast_loss` towards class text features made once, on first use, by `make_text`."""
+
+    def __init__(self, make_text: Callable[[], torch.Tensor], weight: float, temperature: float) -> None:
+        self.make_text, self.weight, self.temperature = make_text, weight, temperature
+        self.text: torch.Tensor | None = None
+
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.text is None:
+            self.text = self.make_text().detach()
+        if self.text.shape[1] != features.shape[1]:
+            raise ValueError(
+                f"CLIP2FL: the text features are {self.text.shape[1]}-d but the federated features "
+                f"{features.shape[1]}-d; projection-dim must equal the align-teacher's embedding size."
+            )
+        return self.weight * text_contrast_loss(features, labels, self.text, self.temperature)
+
+
+def class_text_features(cfg: Mapping) -> torch.Tensor:
+    """The align-teacher CLIP's unit-norm text features [C, D] of the dataset's classes under `clip2fl-prompt`.
+
+    The offline stand-in (`align-teacher=holdout`) has no text tower: its classifier rows, unit-norm, take
+    their place, as CLIP's text features are its zero-shot classifier (both live in the space the
+    classifier reads, `projection-dim` wide).
+    """
+    from alignment import holdout
+    from alignment import teacher as clip
+
+    if cfg["align-teacher"] == holdout.HOLDOUT:
+        model, source = holdout.load_or_train(cfg)
+        print(f"[clip2fl] server takes class features from the classifier of the {source}", flush=True)
+        return F.normalize(model.classifier.weight.detach().float(), dim=1)
+    classes = prepare(cfg).dataset.classes
+    config_dir = Path(tempfile.gettempdir()) / "clip2fl-configs"
+    model = clip.load_teacher(
+        str(cfg["align-teacher"]), str(cfg["align-pretrained"]), int(cfg["projection-dim"]), config_dir
+    )
+    print(f"[clip2fl] server computes class text features once with {model.label}", flush=True)
+    return clip.text_features(model, classes, clip.prompt_templates(str(cfg["clip2fl-prompt"]))).float()
+
+
+def contrast_term(cfg: Mapping) -> TextContrast | None:
+    """The server's text contrast, or None when `contrast-weight` is 0 (CReFF's server)."""
+    weight = float(cfg["contrast-weight"])
+    if weight == 0:
+        return None
+    return TextContrast(lambda: class_text_features(cfg), weight, float(cfg["contrast-temperature"]))
+
+
 def clip2fl(cfg: Mapping) -> Strategy:
-    """CReFF's server plus CLIP distillation on the clients (`client_app.distill`)."""
-    return with_distillation(creff(cfg), cfg)
+    """CReFF's server with the text contrast, plus CLIP distillation on the clients (`client_app.distill`)."""
+    return with_distillation(with_server(cfg, CReFFServer(cfg, contrast_term(cfg))), cfg)
+
+
+def check(cfg: Mapping, prepared: Prepared) -> None:
+    """The preflight's CLIP2FL checks: class names to prompt with and, for the server contrast, the
+    teacher's embedding size equal to `projection-dim` and its weights on this machine."""
+    from alignment import holdout
+    from alignment.logits import check_class_names, teacher_embed_dim
+
+    if cfg["align-teacher"] == holdout.HOLDOUT:  # no prompts; its feature space is projection-dim wide
+        holdout.check(cfg, prepared)
+        return
+    check_class_names(prepared.dataset.classes, who="strategy = clip2fl", escape="")
+    if float(cfg["contrast-weight"]) == 0:
+        return
+    dim = teacher_embed_dim(cfg)
+    if dim != int(cfg["projection-dim"]):
+        raise ConfigError(
+            f"run-config key 'projection-dim' = {cfg['projection-dim']} does not match the align-teacher "
+            f"{cfg['align-teacher']}'s embedding size {dim}: CLIP2FL's server contrasts the federated features "
+            f"(projection-dim wide) with its text features; set projection-dim={dim}, or contrast-weight=0."
+        )
+    if cfg["align-teacher"] != "tiny":
+        from alignment.teacher import resolve_weights
+
+        resolve_weights(str(cfg["align-teacher"]), str(cfg["align-pretrained"]))

@@ -11,7 +11,7 @@ FedAvg model. Classifier-input features are `FLModel.embed` (the projection outp
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flcore.class_statistics import Uploads, classifier_grad
 from strategies.calibration import WEIGHT, ClientUploads, retrain_classifier, with_classifier
 from strategies.fedavg import sampling
+
+# An extra loss on the federated features (features [N, D], labels [N]) added to every matching step.
+FeatureTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def match_distance(syn: tuple[torch.Tensor, ...], real: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -48,10 +51,12 @@ class FederatedFeatures:
         uploads: list[Mapping[str, np.ndarray]],
         epochs: int,
         lr: float,
+        extra: FeatureTerm | None = None,
     ) -> float:
-        """Move the features so their classifier gradients match the real ones.
+        """Move the features so their classifier gradients match the real ones; returns the last distance.
 
         The real gradient of class c is the plain mean over the clients holding c (as CReFF averages).
+        `extra` (CLIP2FL's text contrast) is added to the loss of every step, over all features.
         """
         holders = sum((np.asarray(u["counts"]) > 0).astype(np.float64) for u in uploads)
         safe = np.maximum(holders, 1)
@@ -62,18 +67,19 @@ class FederatedFeatures:
         feats = self.features.clone().requires_grad_(True)
         opt = torch.optim.SGD([feats], lr=lr)
         seen = [int(c) for c in np.flatnonzero(holders > 0)]
-        loss = torch.zeros(())
+        distance = torch.zeros(())
         for _ in range(epochs):
-            loss = torch.zeros((), dtype=torch.float64)
+            distance = torch.zeros((), dtype=torch.float64)
             for c in seen:
                 rows = slice(c * self.per_class, (c + 1) * self.per_class)
                 syn = classifier_grad(feats[rows], c, weight, bias, create_graph=True)
-                loss = loss + match_distance(syn, (real_w[c], real_b[c]))
+                distance = distance + match_distance(syn, (real_w[c], real_b[c]))
+            loss = distance if extra is None else distance + extra(feats, self.labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         self.features = feats.detach()
-        return float(loss.detach())
+        return float(distance.detach())
 
 
 class CReFFServer:
@@ -82,10 +88,11 @@ class CReFFServer:
     Each round clients compute class gradients of the re-trained classifier (`head`, sent with the
     request; a seeded fresh one in round 1) on their backbone features; the server matches the
     federated features to them on that same classifier and re-trains a fresh classifier on the features.
+    `extra` is added to the matching loss (CLIP2FL's text contrast); its final value goes to the metrics.
     """
 
-    def __init__(self, cfg: Mapping) -> None:
-        self.cfg, self.seed = cfg, int(cfg["seed"])
+    def __init__(self, cfg: Mapping, extra: FeatureTerm | None = None) -> None:
+        self.cfg, self.seed, self.extra = cfg, int(cfg["seed"]), extra
         self.features: FederatedFeatures | None = None
         self.weight = self.bias = torch.empty(0)
 
@@ -107,9 +114,13 @@ class CReFFServer:
         cfg = self.cfg
         if self.features is None:
             raise RuntimeError("CReFF calibration ran before any request sent its classifier")
-        metrics["match-loss"] = self.features.match(
-            self.weight, self.bias, uploads, int(cfg["match-epochs"]), float(cfg["feature-lr"])
+        feats = self.features
+        metrics["match-loss"] = feats.match(
+            self.weight, self.bias, uploads, int(cfg["match-epochs"]), float(cfg["feature-lr"]), self.extra
         )
+        if self.extra is not None:
+            with torch.no_grad():
+                metrics["contrast-loss"] = float(self.extra(feats.features, feats.labels))
         self.weight, self.bias = retrain_classifier(
             self.weight,
             self.bias,
@@ -123,9 +134,8 @@ class CReFFServer:
         return with_classifier(arrays, self.weight, self.bias)
 
 
-def creff(cfg: Mapping) -> Strategy:
-    """FedAvg plus CReFF every round: federated features from class gradients; clients train the plain aggregate."""
-    server = CReFFServer(cfg)
+def with_server(cfg: Mapping, server: CReFFServer) -> Strategy:
+    """FedAvg whose clients upload class gradients every round for `server`, and train the plain aggregate."""
     return ClientUploads(
         FedAvg(**sampling(cfg)),
         "class-gradients",
@@ -134,3 +144,8 @@ def creff(cfg: Mapping) -> Strategy:
         train_on_calibrated=False,
         head=server.head,
     )
+
+
+def creff(cfg: Mapping) -> Strategy:
+    """FedAvg plus CReFF every round: federated features from class gradients; clients train the plain aggregate."""
+    return with_server(cfg, CReFFServer(cfg))

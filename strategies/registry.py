@@ -5,12 +5,14 @@ Every strategy factory takes the validated run config; the method modules define
 `rounds.policy.RoundPolicy` (sampling, reply screening) and `strategies.wrapper.ServerStages` together
 with the stages every entry of `SERVER_STAGES` contributes (each factory reads its own switches from the
 config and returns no stages when it is off), so adding a strategy or a server stage needs no change in
-the apps. Each stage entry also names its input checks, which the preflight runs before any process.
+the apps. Each stage entry also names its input checks, and a strategy with inputs of its own (CLIP2FL's
+teacher) has an entry in `STRATEGY_CHECKS`; the preflight runs both before any process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
@@ -18,8 +20,8 @@ from alignment import stage as alignment
 from pretrain import stage as pretrain
 from rounds.policy import RoundPolicy
 from rounds.stage import ServerContext, ServerStage, Stages
+from strategies import clip2fl as clip2fl_method
 from strategies.ccvr import ccvr
-from strategies.clip2fl import clip2fl
 from strategies.creff import creff
 from strategies.fedavg import fedavg, fedavgm, fedprox
 from strategies.fednova import fednova
@@ -35,7 +37,12 @@ STRATEGIES: dict[str, StrategyFactory] = {
     "fednova": fednova,
     "ccvr": ccvr,
     "creff": creff,
-    "clip2fl": clip2fl,
+    "clip2fl": clip2fl_method.clip2fl,
+}
+
+# Input checks of strategies that read more than the config schema checks, run by the preflight.
+STRATEGY_CHECKS: dict[str, Callable[[Mapping, Any], None]] = {
+    "clip2fl": clip2fl_method.check,
 }
 
 # Server stages in the order they run: stage 1 (pretraining) before round 1, stage 3 (alignment) after
@@ -45,6 +52,13 @@ SERVER_STAGES: dict[str, ServerStage] = {
     "align": ServerStage(alignment.alignment_stages, alignment.check),
     "tau-norm": ServerStage(tau_norm_stage),
 }
+
+
+def check_strategy(cfg: Mapping, prepared: Any) -> None:
+    """The chosen strategy's own input checks (`STRATEGY_CHECKS`), if it has any."""
+    check = STRATEGY_CHECKS.get(str(cfg["strategy"]))
+    if check is not None:
+        check(cfg, prepared)
 
 
 def build_strategy(cfg: Mapping) -> Strategy:
@@ -94,6 +108,7 @@ def client_workload(cfg: Mapping) -> dict[str, str]:
     if strategy == "clip2fl":
         runs += (
             f"; CLIP teacher {cfg['align-teacher']} ({cfg['align-pretrained']}) ON THE CLIENT: one zero-shot forward "
-            f"over its partition (cached), KD term weight {cfg['kd-weight']} at temperature {cfg['kd-temperature']}"
+            f"over its partition (cached, prompt {cfg['clip2fl-prompt']!r}), KD term weight {cfg['kd-weight']} at "
+            f"temperature {cfg['kd-temperature']}"
         )
     return {"client-uploads": per_round, "client-runs": runs}

@@ -17,9 +17,9 @@ def teacher_calls(monkeypatch):
     calls = []
     real = clip_teacher.zero_shot_logits
 
-    def counting(teacher, classes, images):
+    def counting(teacher, classes, images, *args, **kwargs):
         calls.append(len(images))
-        return real(teacher, classes, images)
+        return real(teacher, classes, images, *args, **kwargs)
 
     monkeypatch.setattr(clip_teacher, "zero_shot_logits", counting)
     return calls

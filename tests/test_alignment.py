@@ -140,15 +140,15 @@ def test_teacher_runs_once_for_d_align_across_rounds_and_reruns(tmp_path, teache
     assert calls.count(align_size) == 1 and len(calls) == 2  # D_align once, the test split once
     assert "pre-align-accuracy" not in rows[0] and "pre-align-few-accuracy" in rows[2]  # evaluated rounds only
     assert rows[0]["align-steps"] == 1 and rows[0]["align-kl"] == 0.0
-    assert not outcomes[0].sections and not outcomes[0].figures  # Figure 4 comes with the last round only
+    assert not outcomes[0].sections and not outcomes[0].figures  # the step's figure comes with the last round only
     report = RunReport(tmp_path / "report", 3, ctx.data.dataset.classes)
     report.dir.mkdir()
     report.take(outcomes[-1])
     info = json.loads((report.dir / "alignment.json").read_text())
     assert info["teacher-random-weights"] is True and info["beta-effective"] == 0.0 and "random" in info["beta-note"]
     assert 0.0 <= info["teacher-test-accuracy"] <= 0.3  # a random teacher is near chance (0.1), and visible
-    assert set(info["figure-4"]) == {"round", "without-alignment", "with-alignment"}
-    assert (report.dir / "alignment.png").is_file() and report.sections["alignment"] == info
+    assert set(info["alignment-step"]) == {"round", "before", "after"}
+    assert (report.dir / "alignment-step.png").is_file() and report.sections["alignment"] == info
     alignment_stages(cfg, context(cfg, run_id="rerun"))  # a rerun with the same D_align hits the disk cache
     assert len(calls) == 2
 
@@ -162,8 +162,8 @@ def test_alignment_raises_few_class_accuracy_on_the_long_tailed_default(tmp_path
     pool = Batches(prep.dataset.train.subset(prep.split.pool), prep.dataset, 8, 32)
     train(model, pool, TrainSettings(1, 0.1, 0.0, 0.0, True), torch.Generator().manual_seed(7))
     (stage,) = alignment_stages(cfg, ctx).after_aggregation
-    fig4 = stage(1, to_record(model), MetricRecord()).sections["alignment"]["figure-4"]
-    before, after = fig4["without-alignment"], fig4["with-alignment"]
+    step = stage(1, to_record(model), MetricRecord()).sections["alignment"]["alignment-step"]
+    before, after = step["before"], step["after"]
     print(f"few-class accuracy before {before['few-accuracy']:.3f} -> after {after['few-accuracy']:.3f} (beta 0)")
     assert after["few-accuracy"] > before["few-accuracy"]
 
@@ -256,8 +256,8 @@ def test_fedprox_with_alignment_runs_through_the_server_app(tmp_path, monkeypatc
     assert all(c["proximal-mu"] == 0.01 for c in grid.configs) and len(grid.configs) == 4
     rows = [json.loads(line) for line in (tmp_path / "fedprox" / "metrics.jsonl").read_text().splitlines()]
     assert all("pre-align-accuracy" in r and r["align-steps"] == 1 for r in rows[1:])
-    assert summary["alignment"]["figure-4"]["round"] == 2
-    assert (tmp_path / "fedprox" / "alignment.png").is_file()
+    assert summary["alignment"]["alignment-step"]["round"] == 2
+    assert (tmp_path / "fedprox" / "alignment-step.png").is_file()
 
 
 CLIENT_SCRIPT = """
@@ -319,5 +319,5 @@ def test_full_simulation_with_alignment_through_flwr_run(tmp_path, capfd):
     assert all(r["replies"] == 3 and r["align-steps"] == 2 and "pre-align-few-accuracy" in r for r in rows[1:])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["alignment"]["beta-effective"] == 0.0 and summary["alignment"]["teacher-random-weights"]
-    assert summary["alignment"]["figure-4"]["with-alignment"]["accuracy"] == summary["final"]["accuracy"]
-    assert (run_dir / "alignment.png").is_file() and len(list((tmp_path / "teacher-cache").glob("*.pt"))) == 2
+    assert summary["alignment"]["alignment-step"]["after"]["accuracy"] == summary["final"]["accuracy"]
+    assert (run_dir / "alignment-step.png").is_file() and len(list((tmp_path / "teacher-cache").glob("*.pt"))) == 2

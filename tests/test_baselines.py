@@ -3,6 +3,8 @@
 Models here are tiny ResNet-8 configurations with random weights on the offline digits data.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -412,3 +414,144 @@ def test_bad_clip2fl_settings_name_what_is_allowed(overrides, hint):
 def test_client_rejects_a_bad_distillation_round_config_before_training():
     with pytest.raises(ValueError, match="kd-temperature = 0.0 must be > 0"):
         client_train({"strategy": "clip2fl"}, {**KD, "kd-temperature": 0.0})
+
+
+def pairwise_text_contrast(features, labels, text, temperature):
+    """CLIP2FL's N x N form written out row by row: anchor i against every other row j's class text feature."""
+    losses = []
+    for i in range(len(labels)):
+        others = [j for j in range(len(labels)) if j != i]
+        positives = [j for j in others if labels[j] == labels[i]]
+        if not positives:
+            continue
+        logit = {j: float(features[i] @ text[labels[j]]) / temperature for j in others}
+        log_denominator = np.log(sum(np.exp(v) for v in logit.values()))
+        losses.append(-np.mean([logit[j] - log_denominator for j in positives]))
+    return float(np.mean(losses))
+
+
+def test_clip2fl_text_contrast_matches_a_hand_computed_case_and_clip2fl_pairwise_form():
+    from strategies.clip2fl import text_contrast_loss
+
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    feats = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    # row 0: others have logits 2 (row 1, class 0) and 0 (row 2): -(2 - log(e^2 + 1)) = log(1 + e^-2)
+    # row 1: others have logits 0 and 0: -(0 - log 2) = log 2; row 2 is alone in class 1 and left out
+    by_hand = (math.log(1 + math.exp(-2)) + math.log(2)) / 2
+    assert text_contrast_loss(feats, labels, text, 1.0).item() == pytest.approx(by_hand, rel=1e-6)
+    assert text_contrast_loss(feats, labels, text, 0.5).item() == pytest.approx(
+        pairwise_text_contrast(feats.numpy(), labels.numpy(), text.numpy(), 0.5), rel=1e-6
+    )
+    gen = torch.Generator().manual_seed(0)
+    feats, text = torch.randn(13, 6, generator=gen), F.normalize(torch.randn(4, 6, generator=gen), dim=1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 0, 1, 2])
+    assert text_contrast_loss(feats, labels, text, 0.1).item() == pytest.approx(
+        pairwise_text_contrast(feats.numpy(), labels.numpy(), text.numpy(), 0.1), rel=1e-5
+    )
+
+
+def creff_round(strategy, glob: dict, num_classes: int, seed: int = 0):
+    """One round of a CReFF-style strategy on hand-built replies whose uploads are real class gradients."""
+    from flcore.class_statistics import HEAD_KEYS, encode, read_npy
+
+    (msg, *_) = strategy.configure_train(1, ArrayRecord(glob), ConfigRecord(), FakeGrid())
+    config = msg.content["config"]
+    head_w, head_b = (torch.from_numpy(read_npy(HEAD_KEYS[k], config[HEAD_KEYS[k]])) for k in ("weight", "bias"))
+    gen = torch.Generator().manual_seed(seed)
+    grads_w, grads_b = [], []
+    for c in range(num_classes):
+        w, b = head_w.clone().requires_grad_(True), head_b.clone().requires_grad_(True)
+        real = torch.randn(4, head_w.shape[1], generator=gen) + 2 * torch.eye(num_classes, head_w.shape[1])[c]
+        F.cross_entropy(F.linear(real, w, b), torch.full((4,), c)).backward()
+        grads_w.append(w.grad.numpy())
+        grads_b.append(b.grad.numpy())
+    upload = {"counts": np.full(num_classes, 4.0), "grad-weight": np.stack(grads_w), "grad-bias": np.stack(grads_b)}
+    replies = [reply({k: v + 1 for k, v in glob.items()}, 2), reply({k: v + 3 for k, v in glob.items()}, 2)]
+    for r in replies:
+        r.content["uploads"] = encode(upload)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    return arrays.to_torch_state_dict(), metrics
+
+
+SMALL_CREFF = {"calibration_epochs": 2, "match_epochs": 3, "virtual_per_class": 4, "projection_dim": 8}
+
+
+def test_clip2fl_with_zero_contrast_weight_is_the_creff_server_exactly(monkeypatch):
+    from strategies import clip2fl
+
+    monkeypatch.setattr(clip2fl, "class_text_features", lambda cfg: pytest.fail("no teacher for weight 0"))
+    glob = {"classifier.weight": torch.zeros(10, 8), "classifier.bias": torch.zeros(10), "w": torch.ones(2)}
+    creff, creff_metrics = creff_round(build_strategy(cfg_of(strategy="creff", **SMALL_CREFF)), glob, 10)
+    zero_cfg = cfg_of(strategy="clip2fl", contrast_weight=0.0, **SMALL_CREFF)
+    zero, zero_metrics = creff_round(build_strategy(zero_cfg), glob, 10)
+    assert all(torch.equal(creff[k], zero[k]) for k in creff)
+    assert zero_metrics["match-loss"] == creff_metrics["match-loss"] and "contrast-loss" not in zero_metrics
+
+
+def test_clip2fl_server_contrast_uses_the_teachers_text_features_once_and_changes_the_classifier(
+    teacher_calls, monkeypatch
+):
+    from strategies import clip2fl
+
+    made, real = [], clip2fl.class_text_features
+
+    def counted(cfg):
+        made.append(real(cfg))
+        return made[-1]
+
+    monkeypatch.setattr(clip2fl, "class_text_features", counted)
+    glob = {"classifier.weight": torch.zeros(10, 8), "classifier.bias": torch.zeros(10), "w": torch.ones(2)}
+    cfg = cfg_of(strategy="clip2fl", contrast_weight=1.0, **SMALL_CREFF)  # tiny CLIP at projection-dim 8
+    strategy = build_strategy(cfg)
+    got, metrics = creff_round(strategy, glob, 10)
+    creff_round(strategy, glob, 10)
+    creff, _ = creff_round(build_strategy(cfg_of(strategy="creff", **SMALL_CREFF)), glob, 10)
+    assert metrics["contrast-loss"] > 0 and not torch.allclose(got["classifier.weight"], creff["classifier.weight"])
+    assert len(made) == 1 and made[0].shape == (10, 8)  # digits' ten class names, once for the run
+    assert torch.allclose(made[0].norm(dim=1), torch.ones(10))
+    assert teacher_calls == []  # the server encodes text only, never an image
+
+
+def test_clip2fl_text_contrast_moves_federated_features_towards_their_class_text():
+    from strategies.clip2fl import TextContrast
+    from strategies.creff import FederatedFeatures
+
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(3, 8, generator=gen), torch.randn(3, generator=gen)
+    grads = {"grad-weight": np.zeros((3, 3, 8)), "grad-bias": np.zeros((3, 3))}
+    for c in range(3):
+        w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        F.cross_entropy(F.linear(torch.randn(5, 8, generator=gen), w, b), torch.full((5,), c)).backward()
+        grads["grad-weight"][c], grads["grad-bias"][c] = w.grad.numpy(), b.grad.numpy()
+    upload = {"counts": np.full(3, 5.0), **grads}
+    text = F.normalize(torch.randn(3, 8, generator=gen), dim=1)
+
+    def cosine(ff):
+        return F.cosine_similarity(ff.features, text.double()[ff.labels], dim=1).mean().item()
+
+    plain, pulled = (FederatedFeatures(3, 8, 6, torch.Generator().manual_seed(1)) for _ in range(2))
+    start = cosine(plain)
+    plain.match(weight, bias, [upload], epochs=30, lr=0.1)
+    pulled.match(weight, bias, [upload], epochs=30, lr=0.1, extra=TextContrast(lambda: text, 1.0, 0.1))
+    assert cosine(pulled) > start + 0.1 and cosine(pulled) > cosine(plain) + 0.1
+
+
+def test_clip2fl_preflight_needs_projection_dim_equal_to_the_teachers_embedding(monkeypatch):
+    from alignment import teacher
+    from server_app.preflight import preflight, validated
+
+    monkeypatch.setattr(teacher, "_cached_weights", lambda name, tag: None)  # whatever this machine has cached
+
+    with pytest.raises(ConfigError, match=r"'projection-dim' = 64 .* ViT-B-32's embedding size 512.*contrast-weight=0"):
+        preflight(validated({"strategy": "clip2fl", "align-teacher": "ViT-B-32", "projection-dim": 64}))
+    with pytest.raises(ConfigError, match="ViT-B-32 / openai is not in the local cache"):
+        preflight(validated({"strategy": "clip2fl", "align-teacher": "ViT-B-32", "projection-dim": 512}))
+    no_contrast = {"contrast-weight": 0.0, "projection-dim": 64}
+    preflight(validated({"strategy": "clip2fl", "align-teacher": "ViT-B-32", **no_contrast}))
+
+
+def test_clip2fl_prompt_setting_is_checked():
+    with pytest.raises(ConfigError, match="clip2fl-prompt.*exactly one"):
+        validate({"clip2fl-prompt": "a photo"}, choices={"strategy": STRATEGIES})
+    assert validate({"clip2fl-prompt": "ensemble"}, choices={"strategy": STRATEGIES})["clip2fl-prompt"] == "ensemble"

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from bench import compare
@@ -96,3 +97,58 @@ def test_include_fills_cells_from_an_earlier_csv_and_local_cells_win(tmp_path, m
     assert compare.main(report) == 0
     assert "| **30.00 ± 0.00** | – |" in (tmp_path / "table.md").read_text()
     assert not (tmp_path / "curves_if100.png").exists()
+
+
+def finished_run(root, method, imbalance, seed, cm, final):
+    """A cell folder holding one finished run with a final confusion matrix and class names."""
+    run = root / "cells" / method / f"if{imbalance:g}" / f"seed{seed}" / "1"
+    run.mkdir(parents=True)
+    rows = [{"round": 0, "accuracy": 0.1, "confusion-matrix": [[1, 1], [1, 1]]}, {"round": 2, "confusion-matrix": cm}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (run / "summary.json").write_text(json.dumps({"final": final}))
+    (run / "partition.json").write_text(json.dumps({"classes": ["cat", "dog"]}))
+    return run
+
+
+def test_figure4_compares_the_run_with_alignment_to_the_run_without(tmp_path):
+    from flcore.metrics import row_normalised
+
+    keys = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
+    without = dict(zip(keys, (0.55, 0.5, 0.9, None, 0.1), strict=True))
+    with_align = dict(zip(keys, (0.7, 0.65, 0.875, None, 0.45), strict=True))
+    runs = {
+        "ours-no-align": finished_run(tmp_path, "ours-no-align", 10.0, 7, [[9, 1], [9, 1]], without),
+        "ours": finished_run(tmp_path, "ours", 10.0, 7, [[7, 3], [4, 6]], with_align),
+    }
+    finished_run(tmp_path, "ours", 50.0, 7, [[1, 0], [0, 1]], with_align)  # no run without alignment at IF 50
+    cells = [
+        compare.Cell(m, i, 7, tmp_path / "cells" / m / f"if{i:g}" / "seed7")
+        for m in ("ours", "ours-no-align")
+        for i in (10.0, 50.0)
+    ]
+    assert compare.write_figure4(cells, tmp_path) == [tmp_path / "figure4_if10_seed7.png"]
+    assert (tmp_path / "figure4_if10_seed7.png").stat().st_size > 0
+    numbers = json.loads((tmp_path / "figure4_if10_seed7.json").read_text())
+    assert numbers["without-alignment"] == {"method": "ours-no-align", "run": str(runs["ours-no-align"]), **without}
+    assert numbers["with-alignment"]["few-accuracy"] == 0.45 and numbers["with-alignment"]["run"] == str(runs["ours"])
+
+    fig, _ = compare.figure4(runs["ours-no-align"], runs["ours"], "IF 10, seed 7")
+    left, right = fig.axes[0], fig.axes[1]
+    assert left.get_title() == "without alignment (ours-no-align): acc 0.550\nmany 0.90 few 0.10"
+    assert right.get_title() == "with alignment (ours): acc 0.700\nmany 0.88 few 0.45"
+    assert np.allclose(right.images[0].get_array(), row_normalised(np.array([[7, 3], [4, 6]])))
+    assert [t.get_text() for t in left.get_xticklabels()] == ["cat", "dog"]
+
+
+def test_a_grid_with_both_cells_draws_figure4(tmp_path, monkeypatch):
+    keys = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
+    for method in ("ours", "ours-no-align"):
+        run = finished_run(tmp_path, method, 10.0, 7, [[5, 5], [2, 8]], dict.fromkeys(keys, 0.6))
+        rows = [{"round": 0, "seconds": 0.5, "accuracy": 0.1}, {"round": 1, "seconds": 1.0, "accuracy": 0.6}]
+        rows[-1] |= {"confusion-matrix": [[5, 5], [2, 8]], "upload-bytes": 1.0, "peak-rss-mb": 1.0}
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        (run / "summary.json").write_text(json.dumps({"final": dict.fromkeys(keys, 0.6), "wall-seconds": 1.0}))
+    monkeypatch.setattr(compare, "run_cell", lambda cell, overrides: pytest.fail(f"ran {cell}"))
+    args = ["--methods", "ours,ours-no-align", "--ifs", "10", "--seeds", "7", "--out", str(tmp_path)]
+    assert compare.main(args) == 0
+    assert (tmp_path / "figure4_if10_seed7.png").is_file() and (tmp_path / "figure4_if10_seed7.json").is_file()

@@ -114,3 +114,16 @@ def test_clip2fl_clients_distil_from_the_same_stand_in(tmp_path):
     teacher, _ = holdout.load_or_train(cfg)
     assert torch.allclose(q, holdout.logits(teacher, part, prepare(cfg).dataset, 8))
     assert q.shape == (len(part), 10)
+
+
+def test_clip2fl_server_contrasts_with_the_stand_ins_classifier_rows(tmp_path):
+    """The stand-in has no text tower: its unit-norm classifier rows play CLIP's text features."""
+    from strategies.clip2fl import class_text_features
+
+    cfg = config(tmp_path, strategy="clip2fl", align=False)
+    preflight(cfg)  # no prompts, no embedding-size check: the stand-in is projection-dim wide
+    text = class_text_features(cfg)
+    teacher, _ = holdout.load_or_train(cfg)
+    rows = teacher.classifier.weight.detach()
+    assert text.shape == (10, 32) and torch.allclose(text.norm(dim=1), torch.ones(10))
+    assert torch.allclose(text, rows / rows.norm(dim=1, keepdim=True))

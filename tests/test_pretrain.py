@@ -12,6 +12,7 @@ from PIL import Image
 from flcore.config import ConfigError, WeightsNotFound, validate
 from flcore.experiment import server_data, to_record
 from flcore.models import build_model
+from flcore.reports import RunReport
 from pretrain.annotate import annotate, done_ids
 from pretrain.checkpoints import Checkpoints
 from pretrain.dwp import DWPConfig, alpha_at, build_gfl, clip_features, lm_loss, mixed_features, train_dwp
@@ -57,7 +58,7 @@ def samples(teacher, records, images):
 
 
 def new_gfl(teacher, seed=0):
-    return build_gfl(build_model("resnet8", 16, 10, seed=seed).backbone, teacher)
+    return build_gfl(build_model("resnet8", 16, 10, seed=seed), teacher)
 
 
 def test_alpha_is_a_cosine_ramp_over_the_first_half_then_one():
@@ -91,7 +92,7 @@ def test_only_gfl_trains_and_every_frozen_parameter_is_bit_identical(teacher, re
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(not p.requires_grad and p.grad is None for p in teacher.model.parameters())
     changed = [k for k, v in gfl.state_dict().items() if not torch.equal(start[k], v)]
-    assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("mapper.") for k in changed)
+    assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("projection.") for k in changed)
     assert result.steps == 2 * math.ceil(len(records) / 4) and len(result.epoch_loss) == 2
 
 
@@ -211,18 +212,19 @@ def test_config_rejects_bad_pretrain_values(tmp_path):
         validate({"pretrain": True, "pretrain-data": str(tmp_path / "missing.json")}, choices=choices)
 
 
+STAGE_RUN = {
+    "pretrain": True,
+    "pretrain-max-samples": 3,
+    "pretrain-max-new-tokens": 4,
+    "pretrain-epochs": 2,
+    "pretrain-batch-size": 4,
+    "pretrain-grad-accum": 2,
+    "num-clients": 4,
+}
+
+
 def test_stage_hands_the_pretrained_backbone_to_round_one_and_reuses_the_cache(tmp_path):
-    raw = {
-        "pretrain": True,
-        "pretrain-cache-dir": str(tmp_path / "cache"),
-        "pretrain-max-samples": 3,
-        "pretrain-max-new-tokens": 4,
-        "pretrain-epochs": 2,
-        "pretrain-batch-size": 4,
-        "pretrain-grad-accum": 2,
-        "num-clients": 4,
-    }
-    cfg = validate(raw, choices={"strategy": STRATEGIES})
+    cfg = validate({**STAGE_RUN, "pretrain-cache-dir": str(tmp_path / "cache")}, choices={"strategy": STRATEGIES})
     data = server_data(cfg)
     ctx = ServerContext(cfg, data, None, None)
     assert pretrain_stage({**cfg, "pretrain": False}, ctx).before_training == []
@@ -233,13 +235,14 @@ def test_stage_hands_the_pretrained_backbone_to_round_one_and_reuses_the_cache(t
     outcome = hook(initial)
     out, meta = outcome.arrays.to_torch_state_dict(), outcome.sections["pretrain"]
     assert meta["note"] == TINY_NOTE and meta["reused"] is False and meta["annotation"]["written"] == 9
+    assert meta["handed-over"] == ["backbone"] and "differs from LLaVA's vision width 32" in meta["handover-note"]
     cached = torch.load(Path(meta["cache"]) / "final.pt", weights_only=False)["gfl"]
     init = initial.to_torch_state_dict()
     for key, value in out.items():
         if key.startswith("backbone."):
             assert torch.equal(value, cached[key].to(value.dtype))
         else:
-            assert torch.equal(value, init[key])  # projection and classifier stay fresh
+            assert torch.equal(value, init[key])  # projection-dim 512 is not the tiny LLaVA's 32: projection fresh
     assert not torch.equal(out["backbone.stem.0.weight"], init["backbone.stem.0.weight"])
     second = hook(initial)
     again = second.arrays.to_torch_state_dict()
@@ -260,6 +263,49 @@ def test_digits_stand_in_holds_no_test_or_d_align_image(tmp_path):
     assert not rendered & set(written)
     other = validate({**cfg, "dataset": "folder", "data-dir": str(tmp_path)}, choices={"strategy": STRATEGIES})
     assert len(held_out_digits(other)) == 539  # another dataset's D_align is not a digit: only the test split
+
+
+def test_gfl_trains_the_fl_models_own_projection_when_it_has_llavas_width(teacher, records, images):
+    assert teacher.vision_hidden == 32
+    matching, other = build_model("resnet8", 32, 10, seed=0), build_model("resnet8", 16, 10, seed=0)
+    gfl, separate = build_gfl(matching, teacher), build_gfl(other, teacher)
+    assert gfl.projection is matching.projection and separate.projection is not other.projection
+    before = {k: v.clone() for k, v in matching.projection.state_dict().items()}
+    untouched = {k: v.clone() for k, v in other.projection.state_dict().items()}
+    data = samples(teacher, records, images)
+    train_dwp(teacher, gfl, data, DWPConfig(epochs=1, batch_size=4, lr=1e-2))
+    train_dwp(teacher, separate, data, DWPConfig(epochs=1, batch_size=4, lr=1e-2))
+    assert all(not torch.equal(before[k], v) for k, v in matching.projection.state_dict().items())
+    assert all(torch.equal(untouched[k], v) for k, v in other.projection.state_dict().items())
+    assert set(gfl.state_dict()) <= set(matching.state_dict())  # g_fl's keys are the FL model's
+
+
+def test_with_matching_widths_round_one_gets_the_dwp_trained_projection_too(tmp_path):
+    cfg = validate(
+        {**STAGE_RUN, "pretrain-cache-dir": str(tmp_path / "cache"), "projection-dim": 32},
+        choices={"strategy": STRATEGIES},
+    )
+    ctx = ServerContext(cfg, server_data(cfg), None, None)
+    (hook,) = build_stages(cfg, ctx).before_training
+    initial = to_record(build_model("resnet8", 32, 10, seed=7))
+    outcome = hook(initial)
+    out, meta = outcome.arrays.to_torch_state_dict(), outcome.sections["pretrain"]
+    assert meta["handed-over"] == ["backbone", "projection"] and "equals LLaVA's vision width" in meta["handover-note"]
+    cached = torch.load(Path(meta["cache"]) / "final.pt", weights_only=False)["gfl"]
+    init = initial.to_torch_state_dict()
+    projection = [k for k in out if k.startswith("projection.")]
+    assert projection and all(torch.equal(out[k], cached[k].to(out[k].dtype)) for k in projection)
+    assert all(not torch.equal(out[k], init[k]) for k in projection)
+    assert all(torch.equal(out[k], init[k]) for k in out if k.startswith("classifier."))
+    report = RunReport(tmp_path / "run", 1, [])
+    report.dir.mkdir()
+    report.take(outcome)
+    assert json.loads((report.dir / "pretrain.json").read_text())["handed-over"] == ["backbone", "projection"]
+    other = validate({**cfg, "projection-dim": 512}, choices={"strategy": STRATEGIES})  # what DWP trains changes
+    (narrow,) = build_stages(other, ServerContext(other, ctx.data, None, None)).before_training
+    second = narrow(to_record(build_model("resnet8", 512, 10, seed=7))).sections["pretrain"]
+    assert second["reused"] is False and second["cache"] != meta["cache"] and second["handed-over"] == ["backbone"]
+    assert hook(initial).sections["pretrain"]["reused"] is True
 
 
 def test_gradient_checkpointing_gives_the_same_training_and_accumulation_the_same_steps(teacher, records, images):

@@ -133,41 +133,37 @@ class UploadsAfterAggregation(Delegating):
         return self.calibrate(server_round, arrays, self._collect(server_round, arrays, metrics), metrics), metrics
 
     def _collect(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> list[Uploads]:
-        """Every connected client's upload computed on `arrays`, screened, in node order."""
-        if self.grid is None:
-            raise RuntimeError("UploadsAfterAggregation.aggregate_train ran before configure_train: no grid to ask")
-        nodes = list(self.grid.get_node_ids())
-        content = RecordDict(
-            {"arrays": arrays, "config": ConfigRecord({UPLOAD_KEY: self.upload, "server-round": server_round})}
-        )
-        messages = [Message(content, dst_node_id=n, message_type=f"query.{UPLOAD_ACTION}") for n in nodes]
-        with kept_random():
-            replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-        rank = {node: i for i, node in enumerate(nodes)}
-        checked = screen(
-            sorted(replies, key=lambda r: rank.get(r.metadata.src_node_id, len(rank))), None, with_model=False
-        )
-        sizes = [
-            float(next(iter(r.content.metric_records.values())).get("upload-bytes", 0.0)) for r in checked.accepted
-        ]
+        """Every connected client's upload computed on `arrays`, screened, in node order; counts in `metrics`."""
+        replies, asked = self._ask(server_round, arrays)
+        checked = screen(replies, None, with_model=False)
+        sizes = [next(iter(r.content.metric_records.values())).get("upload-bytes", 0.0) for r in checked.accepted]
         metrics[f"{self.upload}-replies"] = len(checked.accepted)
-        metrics[f"{self.upload}-failed"] = len(checked.failed) + len(nodes) - len(replies)
+        metrics[f"{self.upload}-failed"] = len(checked.failed) + asked - len(replies)
         metrics[f"{self.upload}-rejected"] = len(checked.rejected)
         metrics[f"{self.upload}-bytes"] = float(np.mean(sizes)) if sizes else 0.0
         if not checked.accepted:
             raise RuntimeError(
                 f"round {server_round}: no client sent the '{self.upload}' upload of the aggregated model"
             )
-        if len(checked.accepted) < len(nodes):
+        if len(checked.accepted) < asked:
             log(
-                WARNING,
-                "round %s: '%s' from %d of %d clients",
-                server_round,
-                self.upload,
-                len(checked.accepted),
-                len(nodes),
+                WARNING, "round %s: '%s' from %d of %d clients", server_round, self.upload, len(checked.accepted), asked
             )
         return [decode(r.content[RECORD]) for r in checked.accepted]
+
+    def _ask(self, server_round: int, arrays: ArrayRecord) -> tuple[list[Message], int]:
+        """Send `arrays` with the upload request to every connected node; the replies in node order, and how
+        many nodes were asked. The global `random` is left as it was, so sampling does not depend on it."""
+        if self.grid is None:
+            raise RuntimeError("UploadsAfterAggregation.aggregate_train ran before configure_train: no grid to ask")
+        nodes = list(self.grid.get_node_ids())
+        config = ConfigRecord({UPLOAD_KEY: self.upload, "server-round": server_round})
+        content = RecordDict({"arrays": arrays, "config": config})
+        messages = [Message(content, dst_node_id=n, message_type=f"query.{UPLOAD_ACTION}") for n in nodes]
+        with kept_random():
+            replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        rank = {node: i for i, node in enumerate(nodes)}
+        return sorted(replies, key=lambda r: rank.get(r.metadata.src_node_id, len(rank))), len(nodes)
 
 
 def with_classifier(arrays: ArrayRecord, weight: torch.Tensor, bias: torch.Tensor) -> ArrayRecord:

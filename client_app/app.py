@@ -1,8 +1,9 @@
 """ClientApp: train the received global model on this node's own partition and send back the weights.
 
 A client uploads its model arrays and scalar metrics (with `num-examples` for weighting, and its
-`upload-bytes` and `peak-rss-mb`); only when the server's round config asks (`upload`, the CCVR and
-CReFF baselines) it adds class statistics of the received model in an `uploads` record. It never
+`upload-bytes` and `peak-rss-mb`); only when the server's round config asks (`upload`, CReFF) it adds
+class statistics of the received model in an `uploads` record. A `query.upload` message (CCVR, after
+the last aggregation) asks for such statistics of the model it carries alone, with no training. It never
 loads the LLM, and loads CLIP only when the round config asks for CLIP2FL's distillation (`kd-weight`).
 """
 
@@ -11,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import lru_cache
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.faults import inject_failure, partition_reply
 from client_app.limits import check_global
 from flcore.class_statistics import RECORD as UPLOADS_RECORD
-from flcore.class_statistics import UPLOAD_KEY, client_upload
+from flcore.class_statistics import UPLOAD_ACTION, UPLOAD_KEY, client_upload
 from flcore.config import validate
 from flcore.costs import cost_metrics
 from flcore.experiment import client_batches, load_state, prepare, seeded_generator, to_record
@@ -74,7 +75,7 @@ def train_fn(msg: Message, context: Context) -> Message:
     gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), partition_id)
     inject_failure(cfg, int(server_config.get("server-round", 0)), partition_id)
     extra = {}
-    if UPLOAD_KEY in server_config:  # CCVR / CReFF: computed on the received global model, before training
+    if UPLOAD_KEY in server_config:  # CReFF: computed on the received global model, before training
         classes = prepare(cfg).dataset.num_classes
         extra[UPLOADS_RECORD] = client_upload(server_config, model, batches, classes)
     metrics = train(
@@ -100,3 +101,14 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
 def query_fn(msg: Message, context: Context) -> Message:
     """Tell the server this node's partition, so it samples and orders nodes independently of node IDs."""
     return partition_reply(msg, context)
+
+
+@app.query(UPLOAD_ACTION)
+def upload_fn(msg: Message, context: Context) -> Message:
+    """CCVR: the class statistics the config asks for, of the model the message carries; no training."""
+    cfg, partition_id, model = _setup(msg, context)
+    batches = client_batches(cfg, partition_id)
+    upload = client_upload(dict(msg.content["config"]), model, batches, prepare(cfg).dataset.num_classes)
+    record = MetricRecord({"num-examples": len(batches.data)})
+    record.update(cost_metrics(ArrayRecord(), record, upload))
+    return Message(RecordDict({"metrics": record, UPLOADS_RECORD: upload}), reply_to=msg)

@@ -2,8 +2,11 @@
 
 CCVR's clients send per-class feature means and covariances (`feature_statistics`), CReFF's per-class
 classifier gradients (`class_gradients`); the server halves are `strategies.ccvr` and `strategies.creff`.
-The server asks for an upload by putting `upload = <name>` (and, for CReFF, its re-trained classifier)
-in the round's train config; the client answers with an extra ConfigRecord `uploads` of `.npy` bytes.
+CReFF asks for an upload by putting `upload = <name>` (and its re-trained classifier) in the round's train
+config, and the client computes it on the received model before training; CCVR sends the final
+aggregated model in a `query.upload` message with `upload = <name>` in its config, and the client computes
+the upload on that model without training. Either way the client answers with an extra ConfigRecord
+`uploads` of `.npy` bytes.
 This lives in the shared package because the client must never import the server's `strategies`.
 Classifier-input features are `FLModel.embed` (the projection output, `projection-dim` wide).
 """
@@ -25,6 +28,7 @@ from flcore.data import Batches
 UPLOAD_KEY = "upload"  # train-config key naming the requested upload
 HEAD_KEYS = {"weight": "upload-head-weight", "bias": "upload-head-bias"}  # classifier the upload is computed with
 RECORD = "uploads"  # reply ConfigRecord holding it
+UPLOAD_ACTION = "upload"  # the ClientApp's query action for an upload without training: `query.upload`
 
 Uploads = dict[str, np.ndarray]
 

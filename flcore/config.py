@@ -143,7 +143,9 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "num-server-rounds": _opt(40, "Federated rounds.", _number(1, integer=True)),
         "fraction-train": _opt(0.4, "Fraction of clients sampled per round.", _number(0, 1, low_open=True)),
         "round-timeout": _opt(
-            3600.0, "Seconds the server waits for client replies per round.", _number(0, low_open=True)
+            3600.0,
+            "Seconds the server waits for client replies per round (and for CCVR's statistics after the last).",
+            _number(0, low_open=True),
         ),
     },
     "Local training": {

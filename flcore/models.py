@@ -98,3 +98,12 @@ def build_model(name: str, projection_dim: int, num_classes: int, seed: int | No
         torch.manual_seed(seed)
     model = FLModel(BACKBONES[name](), projection_dim, num_classes)
     return model.to(memory_format=torch.channels_last)
+
+
+def buffer_names(name: str, projection_dim: int) -> frozenset[str]:
+    """State-dict entries of the model that SGD does not train: its buffers (BatchNorm's running mean and
+    variance and batch count). Asked of the model itself, built on the meta device (no memory, no weights),
+    so it holds for any backbone and any normalisation layer."""
+    with torch.device("meta"):
+        model = FLModel(BACKBONES[name](), projection_dim, num_classes=1)
+    return frozenset(key for key, _ in model.named_buffers())

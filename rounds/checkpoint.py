@@ -8,9 +8,10 @@ run from it with `strategies.wrapper.ServerStages.round_offset` = the saved roun
 reports see the original round numbers and the run ends with the same weights as an uninterrupted one.
 
 Strategy state: a strategy may define `state_dict() -> dict[str, Tensor-like]` and
-`load_state_dict(dict)`. Without them, array-valued attributes (an `ArrayRecord`, a list or a dict of
-NumPy arrays, e.g. Flower's FedAvgM `current_arrays`/`momentum_vector` or FedOpt's `m_t`/`v_t`) are
-saved and restored generically, recursing into wrapped strategies.
+`load_state_dict(dict)`. Without them, its attributes are saved and restored generically, recursing
+into wrapped strategies: array-valued ones (an `ArrayRecord`, a list or a dict of NumPy arrays, e.g.
+Flower's FedAvgM `current_arrays`/`momentum_vector` or FedOpt's `m_t`/`v_t`) as arrays, and any other
+object with `state_dict()`/`load_state_dict()` (CReFF's server: its federated features) through those.
 
 The file is the server's own and is read with `torch.load(weights_only=True)`: tensors and plain
 Python values only, nothing executable.
@@ -80,9 +81,18 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
     for name, value in vars(strategy).items():
         if isinstance(value, Strategy):
             state[name] = ("strategy", strategy_state(value))
+        elif _stateful(value):
+            state[name] = ("state", value.state_dict())
         elif (packed := _pack(value)) is not None:
             state[name] = packed
     return state
+
+
+def _stateful(value: Any) -> bool:
+    """An object (not a class) that saves and restores its own state, like a torch module."""
+    return not isinstance(value, type) and all(
+        callable(getattr(value, method, None)) for method in ("state_dict", "load_state_dict")
+    )
 
 
 def load_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
@@ -92,6 +102,8 @@ def load_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
     for name, (kind, value) in state.items():
         if kind == "strategy":
             load_strategy_state(getattr(strategy, name), value)
+        elif kind == "state":
+            getattr(strategy, name).load_state_dict(value)
         else:
             setattr(strategy, name, _unpack(kind, value))
 

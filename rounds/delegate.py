@@ -1,7 +1,12 @@
-"""A strategy that forwards every call to the strategy it holds.
+"""A strategy that forwards every call to the strategy it holds, and how a strategy adopts a new global model.
 
 Wrappers (server stages, FedNova's normalisation, extra client uploads) change one or two steps of a
 Flower strategy by composition: they subclass this and override only those steps.
+
+`adopt` exists because Flower's `Strategy.start` only passes the model a round returned on to the next
+`configure_train`: a strategy that keeps its own reference model never learns that a server stage
+replaced it. `strategies.wrapper.ServerStages` therefore hands the stages' output down the chain after
+every aggregation, and each link makes it the base of its next update.
 """
 
 from __future__ import annotations
@@ -39,3 +44,26 @@ class Delegating(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round, replies)
+
+    def adopt(self, arrays: ArrayRecord) -> None:
+        """`arrays` is the global model now; a wrapper that keeps a model of its own overrides this."""
+        adopt(self.inner, arrays)
+
+
+def adopt(strategy: Strategy, arrays: ArrayRecord) -> None:
+    """Make `arrays` the model `strategy`'s next update starts from.
+
+    A `Delegating` wrapper passes it down its chain. Flower's own strategies keep that model in
+    `current_arrays` (an ArrayRecord in FedAvgM, QFedAvg and the DP wrappers, a dict of NumPy arrays in
+    the FedOpt family): most reset it from `configure_train`'s arrays every round, but FedAvgM sets it
+    once and then moves it with its own momentum step, so it is replaced here in the type it holds.
+    Strategies without one (FedAvg, FedProx) base every round on `configure_train`'s arrays already.
+    """
+    if isinstance(strategy, Delegating):
+        strategy.adopt(arrays)
+        return
+    current = getattr(strategy, "current_arrays", None)
+    if isinstance(current, ArrayRecord):
+        strategy.current_arrays = arrays
+    elif isinstance(current, dict):
+        strategy.current_arrays = {key: array.numpy() for key, array in arrays.items()}

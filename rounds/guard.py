@@ -36,14 +36,14 @@ class Screened:
     failed: list[tuple[int, str]] = field(default_factory=list)
 
 
-def _reply_problem(reply: Message, reference: dict | None) -> str | None:
+def _reply_problem(reply: Message, reference: dict | None, with_model: bool) -> str | None:
     content = reply.content
-    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+    models = 1 if with_model else 0
+    if len(content.array_records) != models or len(content.metric_records) != 1:
         return (
-            f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
+            f"expected {models} ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
             f"{len(content.metric_records)}"
         )
-    arrays = next(iter(content.array_records.values()))
     metrics = next(iter(content.metric_records.values()))
     weight = metrics.get(WEIGHT_KEY)
     if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
@@ -51,10 +51,10 @@ def _reply_problem(reply: Message, reference: dict | None) -> str | None:
     bad = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v, dtype=float)))]
     if bad:
         return f"metrics {bad[:3]} are NaN or Inf"
-    if reference is None:
+    if reference is None or not with_model:
         return None
     try:
-        read_numeric(arrays, reference)
+        read_numeric(next(iter(content.array_records.values())), reference)
     except ArrayProblem as err:
         return f"{err} (global model)"
     return None
@@ -81,14 +81,15 @@ def _signature(arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
     return {k: tuple(a.shape) for k, a in arrays.items()}
 
 
-def screen(replies: Iterable[Message], reference: ArrayRecord | None) -> Screened:
+def screen(replies: Iterable[Message], reference: ArrayRecord | None, *, with_model: bool = True) -> Screened:
     """Accept the replies a strategy can safely average; log and count the rest.
 
     `reference` is the global model sent this round; without it (unit use) the first well-formed reply
-    serves as reference. Replies whose metric keys differ from the most common set are refused too, since
-    Flower's metric aggregation would raise on them, and so are replies whose uploads (`.npy` entries of
-    their ConfigRecords: CCVR/CReFF statistics) are not finite numbers or have other keys or shapes than
-    most replies', since the server's calibration stacks them.
+    serves as reference. Replies to an upload-only request (CCVR's statistics, `with_model=False`) must
+    carry no model, only their metrics and upload. Replies whose metric keys differ from the most common
+    set are refused too, since Flower's metric aggregation would raise on them, and so are replies whose
+    uploads (`.npy` entries of their ConfigRecords: CCVR/CReFF statistics) are not finite numbers or have
+    other keys or shapes than most replies', since the server's calibration stacks them.
     """
     out = Screened()
     signature = _signature(reference) if reference is not None else None
@@ -98,13 +99,13 @@ def screen(replies: Iterable[Message], reference: ArrayRecord | None) -> Screene
         if reply.has_error():
             out.failed.append((node, f"error reply {reply.error.code}: {reply.error.reason}"))
             continue
-        problem = _reply_problem(reply, signature)
+        problem = _reply_problem(reply, signature, with_model)
         if problem is None:
             try:
                 candidates.append((reply, _metric_keys(reply), _upload_layout(reply)))
             except ArrayProblem as err:
                 problem = f"{err} (upload)"
-        if problem is None and signature is None:
+        if problem is None and signature is None and with_model:
             signature = _signature(next(iter(reply.content.array_records.values())))
         if problem is not None:
             out.rejected.append((node, problem))

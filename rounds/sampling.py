@@ -38,11 +38,8 @@ class NodeOrder:
         unknown = [n for n in node_ids if n not in self.partition]
         if not unknown:
             return
-        state = random.getstate()
-        try:
+        with kept_random():
             self._ask(grid, unknown)
-        finally:
-            random.setstate(state)
 
     def _ask(self, grid: Grid, unknown: list[int]) -> None:
         ask = ConfigRecord({"ask": PARTITION_KEY})
@@ -83,6 +80,16 @@ def seeded_random(seed: int, server_round: int) -> Iterator[None]:
     """Run the block with the global `random` seeded by (seed, round); restore the outer state after."""
     outer = random.getstate()
     random.seed(int(np.random.SeedSequence([seed, server_round]).generate_state(1)[0]))
+    try:
+        yield
+    finally:
+        random.setstate(outer)
+
+
+@contextmanager
+def kept_random() -> Iterator[None]:
+    """Run the block, then put the global `random` back: messages it sends must not move the sampling stream."""
+    outer = random.getstate()
     try:
         yield
     finally:

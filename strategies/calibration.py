@@ -1,38 +1,52 @@
-"""What CCVR and CReFF share on the server: the upload round trip and re-training the classifier.
+"""What CCVR and CReFF share on the server: collecting client uploads and re-training the classifier.
 
 Both keep the federated backbone and re-train only the linear classifier on the server, on features
-that never were client images (`strategies.ccvr`, `strategies.creff`). `ClientUploads` holds any
-strategy and forwards every call to it. In the rounds it asks for them, it adds `upload = <name>` to the
-round's train config; each client then computes that upload (`flcore.class_statistics`) on the global
-model it received, before local training, and replies with an extra ConfigRecord of numpy arrays as
-bytes. FedAvg checks and averages only the ArrayRecord and MetricRecord, and every sampled client gets
-the same request, so the reply keys stay identical across clients. After the inner strategy
-aggregates, `calibrate` turns the uploads into a new classifier.
+that never were client images (`strategies.ccvr`, `strategies.creff`). Clients compute the uploads
+(`flcore.class_statistics`) and send them as an extra ConfigRecord of `.npy` bytes, at one of two
+moments, each a wrapper around any strategy:
+
+- `ClientUploads` (CReFF): with the training request of the rounds it asks in (`upload = <name>` in the
+  train config); each client computes the upload on the global model it received, before local training.
+  FedAvg checks and averages only the ArrayRecord and MetricRecord, and every sampled client gets the
+  same request, so the reply keys stay identical across clients.
+- `UploadsAfterAggregation` (CCVR): after the aggregation of the rounds it asks in, a separate
+  `query.upload` round trip sends the aggregated model to every connected client, which computes the
+  upload on that model and trains nothing.
+
+Then `calibrate` turns the uploads into a new classifier on the aggregated backbone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from flcore.class_statistics import HEAD_KEYS, RECORD, UPLOAD_KEY, Uploads, decode, npy_bytes
+from flcore.class_statistics import HEAD_KEYS, RECORD, UPLOAD_ACTION, UPLOAD_KEY, Uploads, decode, npy_bytes
 from rounds.delegate import Delegating
+from rounds.guard import screen
+from rounds.sampling import kept_random
 
 WEIGHT, BIAS = "classifier.weight", "classifier.bias"
-Calibrate = Callable[[int, ArrayRecord, ArrayRecord, list[Uploads], MetricRecord], ArrayRecord]
+Calibrate = Callable[[int, ArrayRecord, list[Uploads], MetricRecord], ArrayRecord]
 
 
 class ClientUploads(Delegating):
-    """Any strategy, plus client uploads in chosen rounds and a server-side classifier calibration."""
+    """Any strategy, plus uploads with the training request of chosen rounds and a classifier calibration.
+
+    With `train_on_calibrated=False` (CReFF) the calibrated classifier stays on the server: clients train
+    the global model with the classifier federated training carries (the last plain aggregate's) in
+    place of the global one, and `head` picks, from the global model, the classifier their uploads are
+    computed with.
+    """
 
     def __init__(
         self,
@@ -46,8 +60,7 @@ class ClientUploads(Delegating):
         super().__init__(inner)
         self.upload, self.in_round, self.calibrate = upload, in_round, calibrate
         self.train_on_calibrated, self.head = train_on_calibrated, head
-        self.sent: ArrayRecord | None = None
-        self.aggregated: ArrayRecord | None = None
+        self.trained_classifier: ArrayRecord | None = None  # the last plain aggregate's (train_on_calibrated=False)
 
     def summary(self) -> None:
         log(INFO, "\t├──> client uploads '%s' + server classifier calibration", self.upload)
@@ -56,14 +69,13 @@ class ClientUploads(Delegating):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if not self.train_on_calibrated and self.aggregated is not None:
-            arrays = self.aggregated  # CReFF: clients keep training the plain aggregate
-        self.sent = arrays
         config = ConfigRecord({k: v for k, v in config.items() if k != UPLOAD_KEY})
         if self.in_round(server_round):
             config[UPLOAD_KEY] = self.upload
             for key, value in (self.head(arrays) if self.head else {}).items():
                 config[HEAD_KEYS[key]] = npy_bytes(value)
+        if not self.train_on_calibrated and self.trained_classifier is not None:
+            arrays = with_classifier(arrays, *classifier(self.trained_classifier))
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -71,14 +83,87 @@ class ClientUploads(Delegating):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        if arrays is None or not self.in_round(server_round):
+        if arrays is None:
             return arrays, metrics
-        self.aggregated = arrays
+        if not self.train_on_calibrated:
+            self.trained_classifier = ArrayRecord({WEIGHT: arrays[WEIGHT], BIAS: arrays[BIAS]})
+        if not self.in_round(server_round):
+            return arrays, metrics
         uploads = [decode(r.content[RECORD]) for r in replies if not r.has_error() and RECORD in r.content]
         if not uploads:
             raise RuntimeError(f"round {server_round}: no client sent the '{self.upload}' upload")
         metrics = MetricRecord() if metrics is None else metrics
-        return self.calibrate(server_round, self.sent, arrays, uploads, metrics), metrics
+        return self.calibrate(server_round, arrays, uploads, metrics), metrics
+
+
+class UploadsAfterAggregation(Delegating):
+    """Any strategy, plus, after the aggregation of chosen rounds, an upload-only round trip and a calibration.
+
+    The aggregated model goes to every connected client in a `query.upload` message; each computes the
+    upload on it without training. Replies are screened like training replies (failed, non-finite or
+    misshapen uploads are left out) and taken in node order (partition order under the round policy),
+    so the calibration does not depend on arrival order. Its metrics `<upload>-replies`,
+    `<upload>-failed`, `<upload>-rejected` and `<upload>-bytes` (mean per reply) join the round's.
+    """
+
+    def __init__(
+        self, inner: Strategy, upload: str, in_round: Callable[[int], bool], calibrate: Calibrate, timeout: float
+    ) -> None:
+        super().__init__(inner)
+        self.upload, self.in_round, self.calibrate, self.timeout = upload, in_round, calibrate, timeout
+        self.grid: Grid | None = None
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> '%s' of the aggregated model from every client + server classifier calibration", self.upload)
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.grid = grid
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if arrays is None or not self.in_round(server_round):
+            return arrays, metrics
+        metrics = MetricRecord() if metrics is None else metrics
+        return self.calibrate(server_round, arrays, self._collect(server_round, arrays, metrics), metrics), metrics
+
+    def _collect(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> list[Uploads]:
+        """Every connected client's upload computed on `arrays`, screened, in node order; counts in `metrics`."""
+        replies, asked = self._ask(server_round, arrays)
+        checked = screen(replies, None, with_model=False)
+        sizes = [next(iter(r.content.metric_records.values())).get("upload-bytes", 0.0) for r in checked.accepted]
+        metrics[f"{self.upload}-replies"] = len(checked.accepted)
+        metrics[f"{self.upload}-failed"] = len(checked.failed) + asked - len(replies)
+        metrics[f"{self.upload}-rejected"] = len(checked.rejected)
+        metrics[f"{self.upload}-bytes"] = float(np.mean(sizes)) if sizes else 0.0
+        if not checked.accepted:
+            raise RuntimeError(
+                f"round {server_round}: no client sent the '{self.upload}' upload of the aggregated model"
+            )
+        if len(checked.accepted) < asked:
+            log(
+                WARNING, "round %s: '%s' from %d of %d clients", server_round, self.upload, len(checked.accepted), asked
+            )
+        return [decode(r.content[RECORD]) for r in checked.accepted]
+
+    def _ask(self, server_round: int, arrays: ArrayRecord) -> tuple[list[Message], int]:
+        """Send `arrays` with the upload request to every connected node; the replies in node order, and how
+        many nodes were asked. The global `random` is left as it was, so sampling does not depend on it."""
+        if self.grid is None:
+            raise RuntimeError("UploadsAfterAggregation.aggregate_train ran before configure_train: no grid to ask")
+        nodes = list(self.grid.get_node_ids())
+        config = ConfigRecord({UPLOAD_KEY: self.upload, "server-round": server_round})
+        content = RecordDict({"arrays": arrays, "config": config})
+        messages = [Message(content, dst_node_id=n, message_type=f"query.{UPLOAD_ACTION}") for n in nodes]
+        with kept_random():
+            replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        rank = {node: i for i, node in enumerate(nodes)}
+        return sorted(replies, key=lambda r: rank.get(r.metadata.src_node_id, len(rank))), len(nodes)
 
 
 def with_classifier(arrays: ArrayRecord, weight: torch.Tensor, bias: torch.Tensor) -> ArrayRecord:

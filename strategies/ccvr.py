@@ -1,10 +1,13 @@
 """CCVR (Luo et al., NeurIPS 2021, "No Fear of Heterogeneity: Classifier Calibration for Federated
 Learning with Non-IID Data"): FedAvg, then classifier calibration with virtual representations.
 
-In the last round clients send per-class mean and covariance of the classifier's input features under
-the global model (`flcore.class_statistics.feature_statistics`); the server pools them into one Gaussian
-per class, samples `virtual-per-class` virtual features from each and re-trains the classifier on them
-(class-balanced by construction). Classifier-input features are `FLModel.embed`.
+As Luo et al. define it, calibration is post hoc: after the last round's aggregation the server sends
+the final aggregated model to every connected client (`strategies.calibration.UploadsAfterAggregation`,
+one `query.upload` round trip, no training), and each client returns per-class count, mean and
+covariance of the classifier's input features under that model
+(`flcore.class_statistics.feature_statistics`). The server pools them into one Gaussian per class,
+samples `virtual-per-class` virtual features from each, re-trains the classifier on them (class-balanced
+by construction) and attaches it to that same backbone. Classifier-input features are `FLModel.embed`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.class_statistics import Uploads
-from strategies.calibration import Calibrate, ClientUploads, classifier, retrain_classifier, with_classifier
+from strategies.calibration import (
+    Calibrate,
+    UploadsAfterAggregation,
+    classifier,
+    retrain_classifier,
+    with_classifier,
+)
 from strategies.fedavg import sampling
 
 
@@ -53,7 +62,7 @@ def ccvr_calibrate(cfg: Mapping) -> Calibrate:
     """CCVR: pool the clients' class Gaussians, sample virtual features, re-train the classifier."""
     seed = int(cfg["seed"])
 
-    def calibrate(rnd: int, sent: ArrayRecord, arrays: ArrayRecord, uploads: list[Uploads], metrics) -> ArrayRecord:
+    def calibrate(rnd: int, arrays: ArrayRecord, uploads: list[Uploads], metrics) -> ArrayRecord:
         counts, means, covs = pooled_gaussians(uploads)
         feats, labels = sample_virtual_features(
             counts, means, covs, int(cfg["virtual-per-class"]), np.random.default_rng(seed)
@@ -74,6 +83,12 @@ def ccvr_calibrate(cfg: Mapping) -> Calibrate:
 
 
 def ccvr(cfg: Mapping) -> Strategy:
-    """FedAvg, then CCVR in the last round: clients send class feature statistics, the server re-trains the head."""
+    """FedAvg, then CCVR after the last aggregation: class feature statistics of the final model, a new head."""
     last = int(cfg["num-server-rounds"])
-    return ClientUploads(FedAvg(**sampling(cfg)), "feature-stats", lambda rnd: rnd == last, ccvr_calibrate(cfg))
+    return UploadsAfterAggregation(
+        FedAvg(**sampling(cfg)),
+        "feature-stats",
+        lambda rnd: rnd == last,
+        ccvr_calibrate(cfg),
+        timeout=float(cfg["round-timeout"]),
+    )

@@ -5,8 +5,14 @@ Every round clients send, per class, the gradient of the CE loss w.r.t. the serv
 classifier on their real features (`flcore.class_statistics.class_gradients`); the server learns
 `virtual-per-class` "federated features" per class whose classifier gradients match the aggregated real
 ones (cosine distance per output row, as in dataset condensation), then re-trains a fresh classifier on
-them. The evaluated model is the FedAvg backbone with that classifier; clients keep training the plain
-FedAvg model. Classifier-input features are `FLModel.embed` (the projection output).
+them. Classifier-input features are `FLModel.embed` (the projection output).
+
+The global model is the evaluated one, the FedAvg backbone with the re-trained classifier; server stages
+run on it and their output replaces it. As in CReFF's reference code, the re-trained classifier never
+reaches local training: clients train the global backbone with the classifier federated training carries
+(the last plain FedAvg aggregate's), and compute their class gradients with the global model's own
+classifier (the re-trained one, or what a server stage made of it; a seeded fresh one until the first
+re-training).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.class_statistics import Uploads, classifier_grad
-from strategies.calibration import WEIGHT, ClientUploads, retrain_classifier, with_classifier
+from strategies.calibration import WEIGHT, ClientUploads, classifier, retrain_classifier, with_classifier
 from strategies.fedavg import sampling
 
 # An extra loss on the federated features (features [N, D], labels [N]) added to every matching step.
@@ -39,10 +45,14 @@ def match_distance(syn: tuple[torch.Tensor, ...], real: tuple[torch.Tensor, ...]
 class FederatedFeatures:
     """CReFF's server state: `per_class` learnable features per class, kept across rounds."""
 
-    def __init__(self, num_classes: int, dim: int, per_class: int, gen: torch.Generator) -> None:
-        self.features = torch.randn(num_classes * per_class, dim, generator=gen, dtype=torch.float64)
-        self.labels = torch.arange(num_classes).repeat_interleave(per_class)
-        self.per_class = per_class
+    def __init__(self, features: torch.Tensor, per_class: int) -> None:
+        self.features, self.per_class = features, per_class
+        self.labels = torch.arange(len(features) // per_class).repeat_interleave(per_class)
+
+    @classmethod
+    def random(cls, num_classes: int, dim: int, per_class: int, gen: torch.Generator) -> FederatedFeatures:
+        """CReFF's start: standard normal features."""
+        return cls(torch.randn(num_classes * per_class, dim, generator=gen, dtype=torch.float64), per_class)
 
     def match(
         self,
@@ -83,34 +93,37 @@ class FederatedFeatures:
 
 
 class CReFFServer:
-    """CReFF's server state across rounds: the federated features and the classifier re-trained on them.
+    """CReFF's server state across rounds: the federated features and whether a classifier was re-trained yet.
 
-    Each round clients compute class gradients of the re-trained classifier (`head`, sent with the
-    request; a seeded fresh one in round 1) on their backbone features; the server matches the
-    federated features to them on that same classifier and re-trains a fresh classifier on the features.
+    Each round clients compute class gradients of the classifier `head` picks (sent with the request) on
+    their backbone features; the server matches the federated features to them on that same classifier
+    and re-trains a fresh classifier on the features, which `ClientUploads` attaches to the aggregate.
     `extra` is added to the matching loss (CLIP2FL's text contrast); its final value goes to the metrics.
     """
 
     def __init__(self, cfg: Mapping, extra: FeatureTerm | None = None) -> None:
         self.cfg, self.seed, self.extra = cfg, int(cfg["seed"]), extra
         self.features: FederatedFeatures | None = None
+        self.retrained = False
         self.weight = self.bias = torch.empty(0)
 
     def head(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
-        """The classifier clients compute gradients with; created on first use with the global head's shape."""
+        """The classifier this round's class gradients are computed with: the global model's once one was
+        re-trained, before that a seeded fresh one (CReFF's start); the features start with the first call."""
+        num_classes, dim = arrays[WEIGHT].shape
         if self.features is None:
-            num_classes, dim = arrays[WEIGHT].shape
             gen = torch.Generator().manual_seed(self.seed)
-            self.features = FederatedFeatures(num_classes, dim, int(self.cfg["virtual-per-class"]), gen)
+            self.features = FederatedFeatures.random(num_classes, dim, int(self.cfg["virtual-per-class"]), gen)
+        if self.retrained:
+            self.weight, self.bias = classifier(arrays)
+        else:
             with torch.random.fork_rng():
                 torch.manual_seed(self.seed)
                 fresh = torch.nn.Linear(dim, num_classes)
             self.weight, self.bias = fresh.weight.detach(), fresh.bias.detach()
         return {"weight": self.weight.numpy(), "bias": self.bias.numpy()}
 
-    def __call__(
-        self, rnd: int, sent: ArrayRecord, arrays: ArrayRecord, uploads: list[Uploads], metrics
-    ) -> ArrayRecord:
+    def __call__(self, rnd: int, arrays: ArrayRecord, uploads: list[Uploads], metrics) -> ArrayRecord:
         cfg = self.cfg
         if self.features is None:
             raise RuntimeError("CReFF calibration ran before any request sent its classifier")
@@ -121,7 +134,7 @@ class CReFFServer:
         if self.extra is not None:
             with torch.no_grad():
                 metrics["contrast-loss"] = float(self.extra(feats.features, feats.labels))
-        self.weight, self.bias = retrain_classifier(
+        weight, bias = retrain_classifier(
             self.weight,
             self.bias,
             self.features.features,
@@ -131,7 +144,19 @@ class CReFFServer:
             torch.Generator().manual_seed(self.seed + rnd),
             fresh=True,
         )
-        return with_classifier(arrays, self.weight, self.bias)
+        self.retrained = True
+        return with_classifier(arrays, weight, bias)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs (`rounds.checkpoint`): the features and whether a classifier was re-trained."""
+        if self.features is None:
+            return {"retrained": self.retrained}
+        return {"retrained": self.retrained, "features": self.features.features.clone()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.retrained = bool(state["retrained"])
+        if "features" in state:
+            self.features = FederatedFeatures(state["features"], int(self.cfg["virtual-per-class"]))
 
 
 def with_server(cfg: Mapping, server: CReFFServer) -> Strategy:

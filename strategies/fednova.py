@@ -7,13 +7,17 @@ effective step count (plain local SGD, no momentum):
 
     d_i = (w_global - w_i) / tau_i,   tau_eff = sum_i p_i tau_i,   w_new = w_global - tau_eff * sum_i p_i d_i
 
-with p_i = n_i / sum_j n_j. With equal tau_i this is exactly FedAvg. Sampling, messages, reply checks
+with p_i = n_i / sum_j n_j. With equal tau_i this is exactly FedAvg. The normalisation applies to what
+SGD updates only: the model's buffers (BatchNorm's running mean and variance and batch count) are
+statistics, not tau_i gradient steps, so they are averaged plainly, weighted by examples as in FedAvg
+(normalising them would push e.g. a running variance past every client's value). Which entries are
+buffers is asked of the model itself (`flcore.models.buffer_names`). Sampling, messages, reply checks
 and metric aggregation are delegated to a held `FedAvg` (composition, not subclassing).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from logging import INFO
 
 import numpy as np
@@ -22,6 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from flcore.models import buffer_names
 from rounds.delegate import Delegating
 from strategies.fedavg import sampling
 
@@ -29,9 +34,14 @@ STEPS_KEY = "local-steps"
 
 
 def normalized_average(
-    global_arrays: ArrayRecord, client_arrays: list[ArrayRecord], examples: list[float], steps: list[float]
+    global_arrays: ArrayRecord,
+    client_arrays: list[ArrayRecord],
+    examples: list[float],
+    steps: list[float],
+    buffers: Collection[str] = (),
 ) -> tuple[ArrayRecord, float]:
-    """FedNova's update of `global_arrays` from the clients' weights, sample counts and local steps."""
+    """FedNova's update of `global_arrays` from the clients' weights, sample counts and local steps;
+    entries named in `buffers` get FedAvg's weighted mean instead."""
     if any(t <= 0 for t in steps):
         raise ValueError(f"FedNova needs every client's '{STEPS_KEY}' > 0, got {steps}")
     total = float(sum(examples))
@@ -40,11 +50,14 @@ def normalized_average(
     out = {}
     for key, g_arr in global_arrays.items():
         g = g_arr.numpy()
-        direction = sum(
-            (pi / ti) * (g.astype(np.float64) - arrays[key].numpy())
-            for pi, ti, arrays in zip(p, steps, client_arrays, strict=True)
-        )
-        new = g - tau_eff * direction
+        if key in buffers:
+            new = sum(pi * arrays[key].numpy().astype(np.float64) for pi, arrays in zip(p, client_arrays, strict=True))
+        else:
+            direction = sum(
+                (pi / ti) * (g.astype(np.float64) - arrays[key].numpy())
+                for pi, ti, arrays in zip(p, steps, client_arrays, strict=True)
+            )
+            new = g - tau_eff * direction
         out[key] = Array(np.asarray(new.astype(g.dtype) if np.issubdtype(g.dtype, np.floating) else new))
     return ArrayRecord(out), tau_eff
 
@@ -52,8 +65,9 @@ def normalized_average(
 class FedNova(Delegating):
     """Normalised averaging around a `FedAvg` that samples clients and aggregates their metrics."""
 
-    def __init__(self, base: FedAvg) -> None:
+    def __init__(self, base: FedAvg, buffers: Collection[str] = ()) -> None:
         super().__init__(base)
+        self.buffers = frozenset(buffers)
         self.current: ArrayRecord | None = None
 
     def summary(self) -> None:
@@ -85,6 +99,7 @@ class FedNova(Delegating):
             [next(iter(c.array_records.values())) for c in valid],
             [float(m[key]) for m in records],
             [float(m[STEPS_KEY]) for m in records],
+            self.buffers,
         )
         metrics = MetricRecord() if metrics is None else metrics
         metrics["fednova-tau-eff"] = tau_eff
@@ -92,5 +107,5 @@ class FedNova(Delegating):
 
 
 def fednova(cfg: Mapping) -> Strategy:
-    """FedNova around a FedAvg that samples like every other strategy."""
-    return FedNova(FedAvg(**sampling(cfg)))
+    """FedNova around a FedAvg that samples like every other strategy; the configured model's buffers averaged."""
+    return FedNova(FedAvg(**sampling(cfg)), buffer_names(str(cfg["model"]), int(cfg["projection-dim"])))

@@ -99,9 +99,10 @@ def client_workload(cfg: Mapping) -> dict[str, str]:
         runs += f" + FedProx proximal term (mu {cfg['proximal-mu']})"
     if strategy == "ccvr":
         per_round += (
-            "; last round also: per-class feature count, mean [C, D] and covariance [C, D, D] under the global model"
+            "; after the last round, every client once: per-class feature count, mean [C, D] and covariance "
+            "[C, D, D] under the final aggregated model"
         )
-        runs += "; last round also a feature pass over its data with the received global model"
+        runs += "; after the last round a feature pass over its data with the final aggregated model (no training)"
     if strategy in ("creff", "clip2fl"):
         per_round += "; every round also: per-class classifier gradients [C, C, D] + [C, C] and class counts"
         runs += "; every round also a feature pass and per-class CE gradients of the global classifier"

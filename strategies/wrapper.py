@@ -3,8 +3,10 @@
 `ServerStages` holds a strategy (the training method inside `rounds.policy.RoundPolicy`) and forwards
 every call to it unchanged. It adds the two hooks the paper needs: stages that transform the initial
 global model before round 1 (stage 1, pretraining) and stages that run on the aggregated model right
-after each aggregation (stage 3, alignment; tau-norm). What a stage returns becomes the next global
-model; what it measured goes to the run report, with each round's client metrics.
+after each aggregation (stage 3, alignment; tau-norm). What the last stage returns becomes the next
+global model for every strategy: Flower sends it to the next round's clients, and `adopt` hands it down
+the strategy chain as the base of the strategy's own update (FedAvgM's momentum reference, for one).
+What a stage measured goes to the run report, with each round's client metrics.
 
 For resume, `round_offset` lets a continued run start at the round after its checkpoint, with clients,
 stages and evaluation seeing the original round numbers, and `on_round_end` saves the state after each
@@ -20,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from rounds.delegate import Delegating
+from rounds.delegate import Delegating, adopt
 from rounds.polling import PromptGrid
 from rounds.stage import Outcome, Stages
 
@@ -65,6 +67,7 @@ class ServerStages(Delegating):
         if arrays is not None:
             for stage in self.stages.after_aggregation:
                 arrays = self._take(stage(server_round, arrays, metrics))
+            adopt(self.inner, arrays)
         self.report.record_train(server_round, metrics)
         return arrays, metrics
 

@@ -72,11 +72,14 @@ class InProcessGrid:
 
 
 class ClientAppGrid(InProcessGrid):
-    """Nodes 0..num-clients-1 run the real ClientApp functions; `configs` records every train config sent."""
+    """Nodes 0..num-clients-1 run the real ClientApp, routed by message type as Flower routes it.
+
+    `configs` records every train config sent, `requests` every message other than the partition query.
+    """
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg, self.configs = cfg, []
+        self.cfg, self.configs, self.requests = cfg, [], []
 
     def get_node_ids(self):
         return list(range(int(self.cfg["num-clients"])))
@@ -84,16 +87,17 @@ class ClientAppGrid(InProcessGrid):
     def answer(self, msg):
         from flwr.app import Context, RecordDict
 
-        from client_app.app import query_fn, train_fn
+        from client_app.app import app
 
         node = msg.metadata.dst_node_id
         context = Context(
             1, node, {"partition-id": node, "num-partitions": self.cfg["num-clients"]}, RecordDict(), dict(self.cfg)
         )
-        if msg.metadata.message_type == "query":
-            return query_fn(msg, context)
-        self.configs.append(dict(msg.content["config"]))
-        return train_fn(msg, context)
+        if msg.metadata.message_type != "query":
+            self.requests.append(msg)
+        if msg.metadata.message_type == "train":
+            self.configs.append(dict(msg.content["config"]))
+        return app(msg, context)
 
 
 class RecordingReport:

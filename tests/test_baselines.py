@@ -75,6 +75,28 @@ def test_fednova_normalises_unequal_steps_by_hand():
     assert torch.allclose(got["w"], torch.tensor([1.25, 1.25]))
 
 
+def test_fednova_averages_batchnorm_buffers_plainly_and_normalises_only_trained_weights():
+    var, count = "backbone.stem.1.running_var", "backbone.stem.1.num_batches_tracked"
+    glob = {"w": torch.zeros(2), var: torch.ones(3), count: torch.tensor(10)}
+    clients = [{"w": torch.tensor([1.0, 0.0]), var: torch.full((3,), 2.0), count: torch.tensor(11)}]
+    clients.append({"w": torch.tensor([0.0, 5.0]), var: torch.full((3,), 2.0), count: torch.tensor(13)})
+    got = run_round(build_strategy(cfg_of(strategy="fednova")), glob, clients, [1, 1], [1, 5])
+    assert torch.allclose(got[var], torch.full((3,), 2.0))  # normalised like a weight it would be 2.8
+    assert float(got[count]) == 12.0  # FedAvg's weighted mean (normalised: 12.4)
+    # d = 0.5*(-[1,0])/1 + 0.5*(-[0,5])/5 = [-0.5,-0.5]; tau_eff = 3 -> w = [1.5, 1.5]; FedAvg gives [0.5, 2.5]
+    assert torch.allclose(got["w"], torch.tensor([1.5, 1.5]))
+
+
+def test_buffer_names_are_the_models_running_statistics():
+    from flcore.models import buffer_names, build_model
+
+    names = buffer_names("resnet8", 16)
+    model = build_model("resnet8", 16, 10)
+    assert names == set(model.state_dict()) - {n for n, _ in model.named_parameters()}
+    assert "backbone.stem.1.running_var" in names and "classifier.weight" not in names
+    assert len(buffer_names("resnet50", 16)) == 3 * 53  # 53 BatchNorm layers, three buffers each
+
+
 def test_fednova_requires_local_steps_and_a_configured_round():
     glob, clients = states(1)
     strategy = FedNova(build_strategy(cfg_of()))
@@ -235,7 +257,7 @@ def test_creff_gradient_matching_reduces_the_distance():
         grads_w.append(w.grad.numpy())
         grads_b.append(b.grad.numpy())
     upload = {"counts": np.full(3, 10.0), "grad-weight": np.stack(grads_w), "grad-bias": np.stack(grads_b)}
-    ff = FederatedFeatures(3, 8, 5, gen)
+    ff = FederatedFeatures.random(3, 8, 5, gen)
     first = ff.match(weight, bias, [upload], epochs=1, lr=0.1)
     later = ff.match(weight, bias, [upload], epochs=50, lr=0.1)
     assert later < 0.5 * first
@@ -247,7 +269,7 @@ def test_client_uploads_ask_in_chosen_rounds_and_calibrate_after_fedavg():
 
     calls = []
 
-    def calibrate(rnd, sent, arrays, uploads, metrics):
+    def calibrate(rnd, arrays, uploads, metrics):
         calls.append((rnd, float(uploads[0]["x"].sum() + uploads[1]["x"].sum())))
         metrics["calibrated"] = 1.0
         return ArrayRecord({k: v * 0 for k, v in arrays.to_torch_state_dict().items()})
@@ -273,7 +295,7 @@ def test_a_reply_with_a_bad_or_misshapen_upload_is_dropped_whole_and_the_round_g
 
     seen = []
 
-    def calibrate(rnd, sent, arrays, uploads, metrics):
+    def calibrate(rnd, arrays, uploads, metrics):
         seen.extend(float(u["x"].sum()) for u in uploads)
         return arrays
 
@@ -530,7 +552,7 @@ def test_clip2fl_text_contrast_moves_federated_features_towards_their_class_text
     def cosine(ff):
         return F.cosine_similarity(ff.features, text.double()[ff.labels], dim=1).mean().item()
 
-    plain, pulled = (FederatedFeatures(3, 8, 6, torch.Generator().manual_seed(1)) for _ in range(2))
+    plain, pulled = (FederatedFeatures.random(3, 8, 6, torch.Generator().manual_seed(1)) for _ in range(2))
     start = cosine(plain)
     plain.match(weight, bias, [upload], epochs=30, lr=0.1)
     pulled.match(weight, bias, [upload], epochs=30, lr=0.1, extra=TextContrast(lambda: text, 1.0, 0.1))
@@ -555,3 +577,77 @@ def test_clip2fl_prompt_setting_is_checked():
     with pytest.raises(ConfigError, match="clip2fl-prompt.*exactly one"):
         validate({"clip2fl-prompt": "a photo"}, choices={"strategy": STRATEGIES})
     assert validate({"clip2fl-prompt": "ensemble"}, choices={"strategy": STRATEGIES})["clip2fl-prompt"] == "ensemble"
+
+
+def test_ccvr_calibrates_on_statistics_of_the_final_aggregate_and_keeps_its_backbone(tmp_path):
+    """Luo et al.: statistics under the final aggregated model, from every client, after the last aggregation."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from flcore.class_statistics import decode, feature_statistics
+    from flcore.experiment import client_batches, load_record, prepare, to_record
+    from flcore.models import build_model
+    from tests.conftest import ClientAppGrid, served
+
+    class KeepingReplies(ClientAppGrid):
+        def answer(self, msg):
+            reply = super().answer(msg)
+            self.pairs.append((msg, reply))
+            return reply
+
+    run = {**TINY, "num-clients": 4, "fraction-train": 0.5, "strategy": "ccvr", "num-server-rounds": 2}
+    cfg = cfg_of(**{k.replace("-", "_"): v for k, v in run.items()})
+    grid = KeepingReplies(cfg)
+    grid.pairs = []
+    strategy = build_strategy(cfg)
+    seen = {}
+    calibrate = strategy.calibrate
+
+    def recording(rnd, arrays, uploads, metrics):
+        seen.update(rnd=rnd, arrays=arrays, uploads=uploads)
+        return calibrate(rnd, arrays, uploads, metrics)
+
+    strategy.calibrate = recording
+    classes = prepare(cfg).dataset.num_classes
+    result = served(strategy, seed=7).start(grid, to_record(build_model("resnet8", 16, classes, seed=0)), num_rounds=2)
+
+    trained = [(m, r) for m, r in grid.pairs if m.metadata.message_type == "train"]
+    assert len(trained) == 4 and [c["server-round"] for c in grid.configs] == [1, 1, 2, 2]
+    last = trained[2:]
+    final, _ = FedAvg().aggregate_train(2, [r for _, r in sorted(last, key=lambda p: p[0].metadata.dst_node_id)])
+    final = final.to_torch_state_dict()
+    assert seen["rnd"] == 2
+    assert all(
+        torch.allclose(seen["arrays"].to_torch_state_dict()[k].float(), final[k].float(), atol=1e-6) for k in final
+    )
+    queries = [(m, r) for m, r in grid.pairs if m.metadata.message_type == "query.upload"]
+    assert [m.metadata.dst_node_id for m, _ in queries] == [0, 1, 2, 3]  # every client, trained last round or not
+    assert all(len(r.content.array_records) == 0 for _, r in queries)  # statistics only, no training
+    model = build_model("resnet8", 16, classes)
+    for pid, upload in enumerate(seen["uploads"]):
+        local = feature_statistics(load_record(model, ArrayRecord(final)), client_batches(cfg, pid), classes)
+        assert np.array_equal(upload["counts"], local["counts"])
+        assert np.allclose(upload["means"], local["means"], atol=1e-5)
+        assert np.allclose(upload["covs"], local["covs"], atol=1e-5)
+        assert np.allclose(decode(queries[pid][1].content["uploads"])["means"], local["means"], atol=1e-5)
+    out = result.arrays.to_torch_state_dict()
+    backbone = [k for k in final if not k.startswith("classifier.")]
+    assert all(torch.allclose(out[k].float(), final[k].float(), atol=1e-6) for k in backbone)
+    assert not torch.allclose(out["classifier.weight"], final["classifier.weight"])
+
+
+def test_upload_only_replies_must_carry_no_model_and_finite_uploads():
+    from flcore.class_statistics import encode
+    from rounds.guard import screen
+
+    def upload_reply(node, value, arrays=None):
+        content = RecordDict({"metrics": MetricRecord({"num-examples": 3}), "uploads": encode({"x": value})})
+        if arrays is not None:
+            content["arrays"] = ArrayRecord(arrays)
+        request = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="query.upload")
+        return Message(content, reply_to=request)
+
+    replies = [upload_reply(1, np.ones(2)), upload_reply(2, np.array([1.0, np.nan])), upload_reply(3, np.ones(2))]
+    replies.append(upload_reply(4, np.ones(2), arrays={"w": torch.ones(2)}))
+    checked = screen(replies, None, with_model=False)
+    assert [r.metadata.src_node_id for r in checked.accepted] == [1, 3]
+    assert sorted(node for node, _ in checked.rejected) == [2, 4]

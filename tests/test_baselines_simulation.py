@@ -32,7 +32,9 @@ def test_baselines_run_one_round_through_the_real_apps(tmp_path):
     row, summary = run_one(tmp_path, "ccvr", "strategy=ccvr loss=focal tau-norm=1.0")
     assert row["round"] == 1 and row["replies"] == 2
     assert row["calibrated-classes"] == 10 and row["tau-norm"] == 1.0
-    assert row["upload-bytes"] > model_bytes + 10 * 32 * 32 * 4  # + per-class 32x32 float32 covariances
+    assert row["feature-stats-replies"] == 2 and row["feature-stats-failed"] == 0
+    assert row["feature-stats-bytes"] > 10 * 32 * 32 * 4  # per-class 32x32 float32 covariances, sent after training
+    assert model_bytes < row["upload-bytes"] < model_bytes + 10 * 32 * 32 * 4  # the train replies carry the model only
     assert "covariance" in summary["client-uploads"] and "focal" in summary["client-runs"]
     assert row["peak-rss-mb"] > 0
 

@@ -15,11 +15,13 @@ from flwr.serverapp.strategy import FedAvgM
 
 from client_app.faults import fails
 from flcore.config import ConfigError, validate
+from flcore.experiment import prepare, to_record
+from flcore.models import build_model
 from rounds import checkpoint
 from rounds.sampling import seeded_random
 from server_app import launch
 from strategies.registry import STRATEGIES, build_strategy
-from tests.conftest import served
+from tests.conftest import ClientAppGrid, served
 from tests.procs import kill_tree
 from tests.test_faults import GLOBAL, FlakyGrid
 
@@ -73,6 +75,49 @@ def test_resume_with_new_node_ids_and_momentum_matches_uninterrupted(tmp_path):
     assert not np.array_equal(straight["w"].numpy(), GLOBAL["w"].numpy())
 
 
+CREFF = {
+    "strategy": "creff",
+    "num-clients": 4,
+    "fraction-train": 0.5,
+    "num-server-rounds": 3,
+    "image-size": 8,
+    "projection-dim": 16,
+    "local-epochs": 1,
+    "virtual-per-class": 5,
+    "match-epochs": 3,
+    "calibration-epochs": 3,
+}
+
+
+def run_creff(cfg: dict, path: Path, stop_after: int | None = None) -> ArrayRecord:
+    """CReFF in-process through the real ClientApp, checkpointing every round as the ServerApp does."""
+    resumed = checkpoint.load(cfg) if cfg["resume"] else None
+    done = resumed.round if resumed else 0
+    method = build_strategy(cfg)
+    strategy = served(method, seed=int(cfg["seed"]))
+    strategy.round_offset = done
+    strategy.on_round_end = lambda rnd, arrays: checkpoint.save(path, rnd, arrays, method, [], cfg)
+    if resumed:
+        resumed.restore(method)
+    classes = prepare(cfg).dataset.num_classes
+    initial = resumed.arrays if resumed else to_record(build_model("resnet8", 16, classes, seed=0))
+    total = (stop_after or int(cfg["num-server-rounds"])) - done
+    return strategy.start(ClientAppGrid(cfg), initial, num_rounds=total).arrays
+
+
+def test_creff_resumed_after_round_2_ends_with_the_uninterrupted_weights(tmp_path):
+    """CReFF's server state (federated features, the plain aggregate's classifier) must survive a restart."""
+    straight = run_creff(cfg_for(tmp_path, **CREFF), tmp_path / "a.pt")
+    run_creff(cfg_for(tmp_path, **CREFF), tmp_path / "b.pt", stop_after=2)
+    saved = torch.load(tmp_path / "b.pt", weights_only=True)["strategy"]
+    kind, server = saved["calibrate"]
+    assert kind == "state" and server["retrained"] and server["features"].shape == (10 * 5, 16)
+    assert saved["trained_classifier"][0] == "arrays"
+    resumed = run_creff(cfg_for(tmp_path, **CREFF, resume=str(tmp_path / "b.pt")), tmp_path / "c.pt")
+    assert straight.keys() == resumed.keys()
+    assert all(np.array_equal(resumed[k].numpy(), straight[k].numpy()) for k in straight)
+
+
 def test_resume_refuses_a_missing_file_and_changed_settings(tmp_path):
     with pytest.raises(ConfigError, match="resume"):
         checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path / "nothing")))
@@ -109,12 +154,17 @@ def expected_failures(seed: int, rounds: int, clients: int, sampled: int, rate: 
     return total
 
 
+METHOD_SETTINGS = {"fedavg": "", "creff": " strategy=creff match-epochs=5 calibration-epochs=5 virtual-per-class=10"}
+
+
 @pytest.mark.slow
-def test_kill_9_mid_run_then_resume_ends_with_the_uninterrupted_weights(tmp_path, capfd):
-    """The one full simulation of this suite; clients also fail on purpose (fail-rate) to show the run goes on."""
+@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+def test_kill_9_mid_run_then_resume_ends_with_the_uninterrupted_weights(tmp_path, capfd, method):
+    """Full simulations; clients also fail on purpose (fail-rate) to show the run goes on. CReFF adds server
+    state beyond the weights (federated features, the clients' classifier) that the checkpoint must carry."""
     base = (
         "num-clients=3 fraction-train=0.67 num-server-rounds=3 local-epochs=1 image-size=8 dirichlet-alpha=100.0 "
-        "imbalance-factor=2.0 projection-dim=16 fail-rate=0.3"
+        "imbalance-factor=2.0 projection-dim=16 fail-rate=0.3" + METHOD_SETTINGS[method]
     )
     assert launch.main(["--run-config", f"{base} output-dir={tmp_path / 'straight'}"]) == 0
     straight_out = capfd.readouterr().out
@@ -152,6 +202,6 @@ def test_kill_9_mid_run_then_resume_ends_with_the_uninterrupted_weights(tmp_path
     assert "injected failure" in straight_out
     (restored,) = [line for line in out.splitlines() if line.startswith("Resumed ")]
     print(
-        f"fail-rate 0.3: 3/3 rounds completed, {lost} of 6 client replies lost; killed after round {stopped_at}; "
-        f"resumed run (launch + remaining rounds) took {seconds:.1f} s; {restored}"
+        f"{method}, fail-rate 0.3: 3/3 rounds completed, {lost} of 6 client replies lost; killed after round "
+        f"{stopped_at}; resumed run (launch + remaining rounds) took {seconds:.1f} s; {restored}"
     )

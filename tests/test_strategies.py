@@ -5,6 +5,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from flcore.arrays import read_npy
+from flcore.class_statistics import encode
 from flcore.config import validate
 from flcore.experiment import load_record
 from flcore.models import build_model
@@ -12,6 +14,7 @@ from flcore.reports import RunReport
 from rounds.stage import Outcome, ServerStage, Stages
 from strategies.registry import STRATEGIES, build_strategy
 from strategies.wrapper import ServerStages
+from tests.conftest import InProcessGrid, served
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -90,3 +93,94 @@ def test_server_stage_registry_wires_hooks_and_start_applies_initial_stages(monk
     wrapped.start(None, ArrayRecord({"w": torch.zeros(2)}), num_rounds=0, evaluate_fn=evaluate)
     assert torch.equal(seen[0], torch.ones(2))
     assert report.sections["test"] == {"built": True}  # what the factory measured reaches the report
+
+
+class EchoGrid(InProcessGrid):
+    """Four clients that send back the model they received unchanged, with whatever upload the method asks for.
+
+    Uploads are fixed random arrays of the right shapes (3 classes, 4 features), so CCVR's and CReFF's
+    calibrations run; `requests` keeps every message except the partition queries.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+
+    def get_node_ids(self):
+        return [1, 2, 3, 4]
+
+    def answer(self, msg):
+        if msg.metadata.message_type == "query":
+            return Message(
+                RecordDict({"metrics": MetricRecord({"partition-id": msg.metadata.dst_node_id})}), reply_to=msg
+            )
+        self.requests.append(msg)
+        config, content = msg.content["config"], RecordDict()
+        if "upload" in config:
+            content["uploads"] = encode(fake_upload(str(config["upload"])))
+        if msg.metadata.message_type == "train":
+            content["arrays"] = msg.content["arrays"]
+            content["metrics"] = MetricRecord({"num-examples": 2, "local-steps": 3})
+        else:
+            content["metrics"] = MetricRecord({"num-examples": 2})
+        return Message(content, reply_to=msg)
+
+
+def fake_upload(name: str) -> dict:
+    gen = np.random.default_rng(0)
+    counts = np.full(3, 2.0)
+    if name == "feature-stats":
+        return {"counts": counts, "means": gen.normal(size=(3, 4)), "covs": np.stack([np.eye(4) * 0.1] * 3)}
+    return {"counts": counts, "grad-weight": gen.normal(size=(3, 3, 4)), "grad-bias": gen.normal(size=(3, 3))}
+
+
+KEEPS_CLIENT_CLASSIFIER = {"creff", "clip2fl"}  # clients train the plain aggregate's classifier, not the global one
+CLASSIFIER = ("classifier.weight", "classifier.bias")
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_the_last_stage_output_is_the_next_global_model_and_the_base_of_the_strategys_update(name):
+    """Round 1's stage sets every weight to 5; clients change nothing. Round 2 must send 5 and, since no
+    client moved it, the strategy's own update must leave it at 5 (FedAvgM's momentum reference, FedNova's
+    normalisation base, CReFF's aggregate). CReFF's clients keep the plain aggregate's classifier."""
+    from rounds.stage import Outcome
+
+    cfg = validate(
+        {
+            "strategy": name,
+            "num-clients": 4,
+            "fraction-train": 1.0,
+            "num-server-rounds": 2,
+            "virtual-per-class": 2,
+            "match-epochs": 2,
+            "calibration-epochs": 2,
+            "contrast-weight": 0.0,  # CLIP2FL's text contrast needs 4-d text features; the mechanics are CReFF's
+        },
+        choices={"strategy": STRATEGIES},
+    )
+    gen = torch.Generator().manual_seed(0)
+    initial = {"w": torch.randn(2, generator=gen), "classifier.weight": torch.randn(3, 4, generator=gen)}
+    initial["classifier.bias"] = torch.randn(3, generator=gen)
+
+    def constant_in_round_1(rnd, arrays, metrics):
+        if rnd != 1:
+            return Outcome(arrays)
+        return Outcome(ArrayRecord({k: torch.full_like(v, 5.0) for k, v in arrays.to_torch_state_dict().items()}))
+
+    grid = EchoGrid()
+    result = served(build_strategy(cfg), [constant_in_round_1]).start(grid, ArrayRecord(initial), num_rounds=2)
+    round_2 = [m for m in grid.requests if m.metadata.message_type == "train"][4:]
+    assert len(round_2) == 4
+    for msg in round_2:
+        sent = msg.content["arrays"].to_torch_state_dict()
+        assert torch.equal(sent["w"], torch.full((2,), 5.0))
+        for key in CLASSIFIER:
+            expected = initial[key] if name in KEEPS_CLIENT_CLASSIFIER else torch.full_like(initial[key], 5.0)
+            assert torch.allclose(sent[key], expected, atol=1e-6), key
+        if name in KEEPS_CLIENT_CLASSIFIER:  # the class gradients are computed with the global (stage's) classifier
+            head = read_npy("upload-head-weight", msg.content["config"]["upload-head-weight"])
+            assert np.array_equal(head, np.full((3, 4), 5.0))
+    final = result.arrays.to_torch_state_dict()
+    assert torch.allclose(final["w"], torch.full((2,), 5.0), atol=1e-6)
+    if name in ("fedavg", "fedprox", "fedavgm", "fednova"):
+        assert all(torch.allclose(final[k], torch.full_like(final[k], 5.0), atol=1e-6) for k in CLASSIFIER)

@@ -51,6 +51,11 @@ def read_npy(key: str, data: bytes) -> np.ndarray:
     return _finite_numbers(key, value)
 
 
+def non_finite(arrays: ArrayRecord) -> list[str]:
+    """Keys of the floating-point arrays that hold NaN or Inf (the server's own arrays, already trusted as NumPy)."""
+    return [k for k, a in arrays.items() if (v := a.numpy()).dtype.kind in "fc" and not np.isfinite(v).all()]
+
+
 def _finite_numbers(key: str, value: np.ndarray) -> np.ndarray:
     if value.dtype.kind not in "biuf":
         raise ArrayProblem(f"array '{key}' holds {value.dtype}, not numbers")

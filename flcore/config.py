@@ -25,6 +25,10 @@ ALIGN_LOSSES = ("ce+kl", "ce", "kl")
 LOSSES = ("ce", "focal")
 
 
+MAX_SEED = 2**31 - 1  # every seed consumer accepts it (torch, NumPy, Flower), also as seed * 1000 + epoch
+MAX_INT = 2**63 - 1  # Flower sends run-config integers as signed 64-bit
+
+
 class ConfigError(ValueError):
     """A run-config value is not allowed; the message names key, value and what is allowed."""
 
@@ -129,7 +133,9 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "lr": _opt(0.1, "Local SGD learning rate.", _number(0, low_open=True)),
         "momentum": _opt(0.0, "Local SGD momentum.", _number(0, 1)),
         "weight-decay": _opt(0.0, "Local SGD weight decay.", _number(0)),
-        "seed": _opt(7, "Seed for data split, sampling, initialisation and training.", _number(0, integer=True)),
+        "seed": _opt(
+            7, "Seed for data split, sampling, initialisation and training.", _number(0, MAX_SEED, integer=True)
+        ),
     },
     "Evaluation and reports": {
         "eval-every": _opt(
@@ -292,14 +298,31 @@ def _check_key(key: str, value: Any, option: Option, choices: tuple[str, ...]) -
     if not _type_ok(option.default, value):
         kind = type(option.default).__name__
         raise ConfigError(f"run-config key '{key}' = {value!r} has the wrong type: expected {kind}.")
+    if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
+        raise ConfigError(
+            f"run-config key '{key}' = {value!r} is not allowed: Flower's run config holds 64-bit integers."
+        )
     if choices and value not in choices:
         raise ConfigError(f"run-config key '{key}' = {value!r} is not allowed: choose one of {', '.join(choices)}.")
     if option.check and not option.check(value):
         raise ConfigError(f"run-config key '{key}' = {value!r} is not allowed: expected {option.allowed}.")
 
 
+def _check_folders(cfg: Mapping[str, Any]) -> None:
+    """Folders the run writes to: never '' (that would be the working directory), never an existing file."""
+    keys = ("output-dir", "pretrain-cache-dir") if cfg["pretrain"] else ("output-dir",)
+    for key in keys:
+        value = str(cfg[key])
+        if not value.strip():
+            raise ConfigError(f"run-config key '{key}' is empty: expected a folder to write into, e.g. 'outputs'.")
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"run-config key '{key}' = {value!r} is an existing file: expected a folder.")
+
+
 def _check_relations(cfg: Mapping[str, Any]) -> None:
     """Rules that tie several keys together."""
+    _check_folders(cfg)
     if cfg["dataset"] in DATASETS_WITH_FILES:
         root = str(cfg["data-dir"])
         if not root:

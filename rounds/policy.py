@@ -5,7 +5,9 @@ listed in partition order and sampled with a `random` seeded by (seed, round) (`
 resumed run repeats the original. Aggregation: replies are screened (`rounds.guard`) so failed,
 non-finite or malformed updates are never averaged; a round needs `min_replies` good ones, or the global
 model stays as it was; and `max_empty_rounds` rounds in a row without one valid update stop the run
-instead of letting it finish with the initial model. Every aggregation reports its reply counts.
+instead of letting it finish with the initial model; a run in which no round aggregated anything fails at
+its end (`require_an_update`), however short. An aggregate with NaN or Inf (finite updates can still
+overflow) is not adopted. Every aggregation reports its reply counts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flcore.arrays import non_finite
 from rounds.delegate import Delegating
 from rounds.guard import Screened, screen
 from rounds.sampling import NodeOrder, OrderedGrid, seeded_random
@@ -38,6 +41,7 @@ class RoundPolicy(Delegating):
         super().__init__(inner)
         self.min_replies, self.seed = min_replies, seed
         self.max_empty_rounds, self._empty_rounds = max_empty_rounds, 0
+        self.updated_rounds, self._last_problem = 0, "no round ran"
         self.nodes = NodeOrder(query_timeout)
         self._sent: int | None = None
         self._global: ArrayRecord | None = None
@@ -80,6 +84,7 @@ class RoundPolicy(Delegating):
             "failed": len(checked.failed) + missing,
         }
         self._stop_if_nothing_arrives(checked)
+        self._last_problem = ([reason for _, reason in checked.failed + checked.rejected] or ["no reply arrived"])[0]
         if len(checked.accepted) < self.min_replies:
             log(
                 WARNING,
@@ -94,7 +99,29 @@ class RoundPolicy(Delegating):
         metrics = MetricRecord() if metrics is None else metrics
         for key, value in counts.items():
             metrics[key] = value
+        if arrays is not None and (bad := non_finite(arrays)):
+            log(
+                WARNING,
+                "round %s: the aggregate has NaN or Inf in %s; the global model stays as it was",
+                server_round,
+                bad[:3],
+            )
+            self._last_problem = f"the aggregate of the valid updates had NaN or Inf in {bad[:3]}"
+            return None, metrics
+        self.updated_rounds += arrays is not None
         return arrays, metrics
+
+    def require_an_update(self) -> None:
+        """At the end of a run: a run in which no round aggregated one client update has failed, however short.
+
+        `max-empty-rounds` stops a long run early; a run shorter than that would otherwise end `completed`
+        with the initial model (every reply timed out, or was refused, say).
+        """
+        if not self.updated_rounds:
+            raise RuntimeError(
+                "no round of this run aggregated a single client update, so its model is the initial one; last "
+                f"round's first problem: {self._last_problem}"
+            )
 
     def _stop_if_nothing_arrives(self, checked: Screened) -> None:
         """A fault that hits every client (a bad setting, a rejected message) would otherwise let the run

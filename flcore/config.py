@@ -227,6 +227,23 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "max-message-mb": _opt(
             1024.0, "Largest global model (MB of arrays) a client accepts from the server.", _number(0, low_open=True)
         ),
+        "max-upload-mb": _opt(
+            1024.0,
+            "Largest extra upload (MB of CCVR/CReFF statistics per reply) the server reads; larger replies are "
+            "rejected before they are decoded.",
+            _number(0, low_open=True),
+        ),
+        "max-examples": _opt(
+            10_000_000,
+            "Most num-examples one client's update may weigh in an average, whatever it reports.",
+            _number(1, integer=True),
+        ),
+        "max-weight-ratio": _opt(
+            10.0,
+            "A client whose data size the server does not know weighs at most this times the round's lower "
+            "median num-examples.",
+            _number(1),
+        ),
     },
     "Strategies and long-tail baselines": {
         "proximal-mu": _opt(0.01, "FedProx proximal weight mu (strategy=fedprox; CReFF's baseline 0.01).", _number(0)),
@@ -237,6 +254,11 @@ SECTIONS: dict[str, dict[str, Option]] = {
             0.03,
             "FedAvgM server learning rate (strategy=fedavgm); 1 - momentum keeps FedAvg's effective step (Hsu et al.).",
             _number(0, 10, low_open=True),
+        ),
+        "trim-fraction": _opt(
+            0.2,
+            "Fraction of updates cut from each tail of every coordinate (strategy=fedtrimmedavg; Yin et al.).",
+            _number(0, 0.49),
         ),
         "loss": _choice(
             "ce", "Client loss: ce (cross-entropy) or focal (Fed-Focal; focal with gamma 0 is ce).", LOSSES

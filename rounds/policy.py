@@ -3,7 +3,8 @@
 `RoundPolicy` holds the training method's strategy and changes two steps of it. Sampling: nodes are
 listed in partition order and sampled with a `random` seeded by (seed, round) (`rounds.sampling`), so a
 resumed run repeats the original. Aggregation: replies are screened (`rounds.guard`) so failed,
-non-finite or malformed updates are never averaged; a round needs `min_replies` good ones, or the global
+non-finite or malformed updates are never averaged, and each client's weight is bounded
+(`rounds.weights`); a round needs `min_replies` good ones, or the global
 model stays as it was; and `max_empty_rounds` rounds in a row without one valid update stop the run
 instead of letting it finish with the initial model; a run in which no round aggregated anything fails at
 its end (`require_an_update`), however short. An aggregate with NaN or Inf (finite updates can still
@@ -12,6 +13,7 @@ overflow) is not adopted. Every aggregation reports its reply counts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -24,6 +26,7 @@ from flcore.arrays import non_finite
 from rounds.delegate import Delegating
 from rounds.guard import Screened, screen
 from rounds.sampling import NodeOrder, OrderedGrid, seeded_random
+from rounds.weights import WeightCaps, bound_weights
 
 
 class RoundPolicy(Delegating):
@@ -37,9 +40,12 @@ class RoundPolicy(Delegating):
         max_empty_rounds: int = 0,
         seed: int = 0,
         query_timeout: float = 60.0,
+        weight_caps: WeightCaps | None = None,
+        max_upload_mb: float = math.inf,
     ) -> None:
         super().__init__(inner)
         self.min_replies, self.seed = min_replies, seed
+        self.weight_caps, self.max_upload_mb = weight_caps or WeightCaps(), max_upload_mb
         self.max_empty_rounds, self._empty_rounds = max_empty_rounds, 0
         self.updated_rounds, self._last_problem = 0, "no round ran"
         self.nodes = NodeOrder(query_timeout)
@@ -76,7 +82,9 @@ class RoundPolicy(Delegating):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        checked = screen(replies, self._global)
+        checked = screen(replies, self._global, self.max_upload_mb)
+        for node, claimed, cap in bound_weights(checked.accepted, self.weight_caps, self.nodes.partition.get):
+            log(WARNING, "round %s: node %s claims %g examples; weighted as %g", server_round, node, claimed, cap)
         missing = max(0, (self._sent or len(replies)) - len(replies))  # timed out or dropped: no reply at all
         counts = {
             "replies": len(checked.accepted),

@@ -320,14 +320,14 @@ def _check_key(key: str, value: Any, option: Option, choices: tuple[str, ...]) -
     if not _type_ok(option.default, value):
         kind = type(option.default).__name__
         raise ConfigError(f"run-config key '{key}' = {value!r} has the wrong type: expected {kind}.")
-    if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
-        raise ConfigError(
-            f"run-config key '{key}' = {value!r} is not allowed: Flower's run config holds 64-bit integers."
-        )
     if choices and value not in choices:
         raise ConfigError(f"run-config key '{key}' = {value!r} is not allowed: choose one of {', '.join(choices)}.")
     if option.check and not option.check(value):
         raise ConfigError(f"run-config key '{key}' = {value!r} is not allowed: expected {option.allowed}.")
+    if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
+        raise ConfigError(
+            f"run-config key '{key}' = {value!r} is not allowed: Flower's run config holds 64-bit integers."
+        )
 
 
 def _check_folders(cfg: Mapping[str, Any]) -> None:

@@ -7,7 +7,7 @@ with different keys raises `InconsistentMessageReplies`, which stops the whole r
 replies into accepted ones and refused ones with a reason per node, so only well-formed, finite updates
 of the current global model's exact keys and shapes ever reach the strategy.
 
-Arrays are read with Flower's `Array.numpy()` (`np.load(..., allow_pickle=False)`): nothing a client
+Arrays are read with `flcore.arrays.read_npy` (`np.load(..., allow_pickle=False)`): nothing a client
 sends is unpickled or executed.
 """
 

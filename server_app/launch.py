@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from flcore.config import ConfigError
-from flcore.data import DataNotFound
-from server_app.preflight import preflight, validated
+from server_app.preflight import InputError, preflight, validated
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of this environment
@@ -48,7 +47,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if item.endswith(".toml") and "=" not in item:
-            out.update(tomllib.loads(Path(item).read_text()))
+            out.update(read_toml(Path(item)))
             continue
         for pair in item.split():
             key, sep, value = pair.partition("=")
@@ -59,6 +58,16 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             except tomllib.TOMLDecodeError:
                 out[key] = value
     return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A `--run-config` TOML file; a missing or malformed one is a ConfigError naming it."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--run-config file '{path}' cannot be read ({err.strerror or err}).") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--run-config file '{path}' is not valid TOML ({err}).") from err
 
 
 def project_settings(project: Path = PROJECT) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -91,7 +100,7 @@ def check_before_start(cfg: Mapping[str, Any]) -> None:
     print(
         f"data: {cfg['dataset']} | pool {len(prep.split.pool)} images (IF {cfg['imbalance-factor']}) | "
         f"{len(sizes)} clients, {min(sizes)}-{max(sizes)} images each | D_align {len(prep.split.align)} | "
-        f"test {len(prep.dataset.test)}",
+        f"test {len(prep.dataset.test)}" + (f" | {checked.images}" if checked.images else ""),
         flush=True,
     )
 
@@ -266,7 +275,7 @@ def run(overrides: Mapping[str, Any]) -> int:
     try:
         cfg, sent = resolve(overrides, defaults)
         check_before_start(cfg)
-    except (ConfigError, DataNotFound) as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     port = free_port()

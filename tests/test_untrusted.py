@@ -256,9 +256,9 @@ def test_fuzzed_server_messages_are_refused_or_fit_the_model():
         else:
             config["upload-head-weight"] = fuzz_payload(rng, (2, 2), kinds=8)
         try:
-            got = check_global(server_message(arrays, config), state, 1.0)
+            check_global(server_message(arrays, config), state, 1.0)
         except MessageRejected:
             refused += 1
             continue
-        raise AssertionError(f"a defective message was accepted: {arrays[key].data!r} {config}")
+        raise AssertionError(f"a defective message was accepted: {arrays[key].data!r} {dict(config)}")
     assert refused == 2000

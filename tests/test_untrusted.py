@@ -262,3 +262,12 @@ def test_fuzzed_server_messages_are_refused_or_fit_the_model():
             continue
         raise AssertionError(f"a defective message was accepted: {arrays[key].data!r} {dict(config)}")
     assert refused == 2000
+
+
+def test_the_node_operator_can_lower_the_message_limit_the_server_sets():
+    from client_app.app import message_limit
+
+    cfg = validate({"max-message-mb": 1024.0}, choices={"strategy": STRATEGIES})
+    assert message_limit(cfg, {"partition-id": 0}) == 1024.0
+    assert message_limit(cfg, {"partition-id": 0, "max-message-mb": 2}) == 2.0
+    assert message_limit({**cfg, "max-message-mb": 1.0}, {"max-message-mb": 64.0}) == 1.0

@@ -4,9 +4,10 @@ The launcher calls `preflight` before it starts the SuperLink and Ray; the Serve
 first thing (a run started with `flwr run` on a real SuperLink has no launcher). It validates the
 config, reads the checkpoint to resume from, loads the dataset and draws the split (a split the
 settings cannot produce names the key to change), decodes the image files (`flcore.images`), estimates
-the memory a training process needs (`flcore.memory`), and runs every server stage's own checks
-(teachers' weights on disk, class names, logits files, pretraining data). Each problem is a
-`ConfigError` or `DataNotFound` naming the key or file; the launcher prints it on one line.
+the memory a training process needs (`flcore.memory`) and the size of the clients' uploads, and runs
+every server stage's own checks (teachers' weights on disk, class names, logits files, pretraining
+data). Each problem is a `ConfigError` or `DataNotFound` naming the key or file; the launcher prints it
+on one line.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from typing import Any
 import numpy as np
 
 from flcore import data as datasets
+from flcore.class_statistics import upload_bytes
 from flcore.config import ConfigError, validate
 from flcore.data import DataNotFound
 from flcore.experiment import Prepared, prepare
 from flcore.images import check_images
 from flcore.memory import check_memory
 from rounds import checkpoint
-from strategies.registry import SERVER_STAGES, STRATEGIES
+from rounds.delegate import Delegating
+from strategies.calibration import ClientUploads
+from strategies.registry import SERVER_STAGES, STRATEGIES, build_strategy
 
 InputError = (ConfigError, DataNotFound)
 
@@ -50,6 +54,7 @@ def preflight(cfg: Mapping[str, Any]) -> Checked:
     prepared = prepared_data(cfg)
     images = check_image_files(cfg, prepared)
     check_memory(cfg, prepared.dataset.num_classes)
+    check_upload_size(cfg, prepared.dataset.num_classes)
     for entry in SERVER_STAGES.values():
         entry.check(cfg, prepared)
     return Checked(prepared, resumed, images)
@@ -105,3 +110,20 @@ def check_image_files(cfg: Mapping[str, Any], prepared: Prepared) -> str:
     which = check_images([train.files[i] for i in used], "data-dir", int(cfg["seed"]))
     which_test = check_images(list(test.files or ()), "data-dir", int(cfg["seed"]))
     return f"images checked: train {which}, test {which_test}"
+
+
+def check_upload_size(cfg: Mapping[str, Any], num_classes: int) -> None:
+    """A strategy whose clients upload class statistics (CCVR, CReFF) must fit them in `max-upload-mb`, or the
+    server would reject every reply of the rounds that need them."""
+    strategy = build_strategy(cfg)
+    while isinstance(strategy, Delegating) and not isinstance(strategy, ClientUploads):
+        strategy = strategy.inner
+    if not isinstance(strategy, ClientUploads):
+        return
+    need = upload_bytes(strategy.upload, num_classes, int(cfg["projection-dim"]))
+    if need > float(cfg["max-upload-mb"]) * 2**20:
+        raise ConfigError(
+            f"run-config key 'max-upload-mb' = {cfg['max-upload-mb']} is not allowed for strategy={cfg['strategy']}: "
+            f"each client's '{strategy.upload}' upload is {need / 2**20:.1f} MB ({num_classes} classes, projection-dim "
+            f"{cfg['projection-dim']}); expected >= {need / 2**20:.1f}."
+        )

@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from client_app.limits import MessageRejected, check_global
 from flcore.class_statistics import npy_bytes
-from flcore.config import validate
+from flcore.config import ConfigError, validate
 from rounds import guard
 from rounds.guard import screen
 from rounds.policy import RoundPolicy
@@ -271,3 +271,13 @@ def test_the_node_operator_can_lower_the_message_limit_the_server_sets():
     assert message_limit(cfg, {"partition-id": 0}) == 1024.0
     assert message_limit(cfg, {"partition-id": 0, "max-message-mb": 2}) == 2.0
     assert message_limit({**cfg, "max-message-mb": 1.0}, {"max-message-mb": 64.0}) == 1.0
+
+
+def test_a_max_upload_mb_too_small_for_the_strategy_is_refused_before_the_run():
+    from server_app.preflight import check_upload_size
+
+    cfg = validate({"strategy": "ccvr", "max-upload-mb": 1.0}, choices={"strategy": STRATEGIES})
+    with pytest.raises(ConfigError, match=r"'max-upload-mb' = 1.0 .*strategy=ccvr.*10\.0 MB"):
+        check_upload_size(cfg, 10)
+    check_upload_size({**cfg, "max-upload-mb": 11.0}, 10)
+    check_upload_size({**cfg, "strategy": "fedavg"}, 10)

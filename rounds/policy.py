@@ -3,12 +3,12 @@
 `RoundPolicy` holds the training method's strategy and changes two steps of it. Sampling: nodes are
 listed in partition order and sampled with a `random` seeded by (seed, round) (`rounds.sampling`), so a
 resumed run repeats the original. Aggregation: replies are screened (`rounds.guard`) so failed,
-non-finite or malformed updates are never averaged, and each client's weight is bounded
-(`rounds.weights`); a round needs `min_replies` good ones, or the global
-model stays as it was; and `max_empty_rounds` rounds in a row without one valid update stop the run
-instead of letting it finish with the initial model; a run in which no round aggregated anything fails at
-its end (`require_an_update`), however short. An aggregate with NaN or Inf (finite updates can still
-overflow) is not adopted. Every aggregation reports its reply counts.
+non-finite or malformed updates are never averaged, and each client's claimed weight is bounded
+(`rounds.weights`); a round needs `min_replies` good ones, or the global model stays as it was, and so
+does an aggregate with NaN or Inf (finite updates can still overflow). `max_empty_rounds` rounds in a
+row without one valid update stop the run instead of letting it finish with the initial model, and a
+run in which no round aggregated anything fails at its end (`require_an_update`), however short. Every
+aggregation reports its reply counts.
 """
 
 from __future__ import annotations
@@ -91,8 +91,11 @@ class RoundPolicy(Delegating):
             "rejected": len(checked.rejected),
             "failed": len(checked.failed) + missing,
         }
+        reasons = [reason for _, reason in checked.failed + checked.rejected]
+        if missing:
+            reasons.append(f"{missing} of {self._sent} sampled clients sent no reply within round-timeout")
+        self._last_problem = (reasons or ["no client was sampled"])[0]
         self._stop_if_nothing_arrives(checked)
-        self._last_problem = ([reason for _, reason in checked.failed + checked.rejected] or ["no reply arrived"])[0]
         if len(checked.accepted) < self.min_replies:
             log(
                 WARNING,
@@ -136,8 +139,7 @@ class RoundPolicy(Delegating):
         finish round after round with the initial model and look like a result."""
         self._empty_rounds = 0 if checked.accepted else self._empty_rounds + 1
         if self.max_empty_rounds and self._empty_rounds >= self.max_empty_rounds:
-            reasons = [reason for _, reason in checked.failed + checked.rejected] or ["no reply arrived"]
             raise RuntimeError(
                 f"{self._empty_rounds} rounds in a row without one valid client update (max-empty-rounds="
-                f"{self.max_empty_rounds}); last round's first problem: {reasons[0]}"
+                f"{self.max_empty_rounds}); last round's first problem: {self._last_problem}"
             )

@@ -105,9 +105,9 @@ def test_a_run_shorter_than_max_empty_rounds_that_aggregated_nothing_fails(tmp_p
 def test_one_good_round_is_enough_to_finish():
     strategy = served(build_strategy(check({})))
     policy = strategy.inner
-    policy._global = ArrayRecord(GLOBAL)
-    policy.aggregate_train(1, [])
-    with pytest.raises(RuntimeError, match="no round"):
+    policy._global, policy._sent = ArrayRecord(GLOBAL), 2
+    policy.aggregate_train(1, [])  # every reply timed out
+    with pytest.raises(RuntimeError, match="no round.*2 of 2 sampled clients sent no reply within round-timeout"):
         policy.require_an_update()
     policy.aggregate_train(2, [reply(1, {"w": torch.ones(3), "b": torch.ones(2)})])
     policy.require_an_update()

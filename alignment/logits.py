@@ -64,21 +64,32 @@ def load_logits_file(
     `test-logits` (for the teacher's test accuracy).
     """
     key, file = "align-logits-file", Path(path).expanduser()
-    if file.suffix == ".npy":
-        obj: dict = {"logits": np.load(file)}
-    elif file.suffix == ".pt":
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
-        obj = loaded if isinstance(loaded, dict) else {"logits": loaded}
-    else:
+    if file.suffix not in (".npy", ".pt"):
         raise ConfigError(f"run-config key '{key}' = {path!r}: expected a .npy or .pt file.")
-    if "logits" not in obj:
-        raise ConfigError(f"run-config key '{key}' = {path!r}: the dict has no 'logits' entry.")
-    logits = torch.as_tensor(np.asarray(obj["logits"]), dtype=torch.float32)
+    try:
+        if file.suffix == ".npy":
+            obj: dict = {"logits": np.load(file, allow_pickle=False)}
+        else:
+            loaded = torch.load(file, map_location="cpu", weights_only=True)
+            obj = loaded if isinstance(loaded, dict) else {"logits": loaded}
+        if "logits" not in obj:
+            raise ConfigError(f"run-config key '{key}' = {path!r}: the dict has no 'logits' entry.")
+        logits = torch.as_tensor(np.asarray(obj["logits"], dtype=np.float32))
+    except ConfigError:
+        raise
+    except Exception as err:  # a truncated, foreign or non-numeric file: name it, whatever the reader raised
+        raise ConfigError(f"run-config key '{key}' = {path!r} cannot be read as numeric logits: {err}") from err
     want = (len(align_idx), len(classes))
     if tuple(logits.shape) != want:
         raise ConfigError(
             f"run-config key '{key}' = {path!r} holds logits of shape {tuple(logits.shape)}: expected {want} "
             f"(|D_align| = {want[0]} images x {want[1]} classes)."
+        )
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).sum())
+        raise ConfigError(
+            f"run-config key '{key}' = {path!r}: {bad} of its {logits.numel()} logits are NaN or Inf; expected finite "
+            "numbers."
         )
     if "classes" in obj and [str(c) for c in obj["classes"]] != [str(c) for c in classes]:
         raise ConfigError(

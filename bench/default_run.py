@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server_app.launch import process_tree  # noqa: E402
+from server_app.watchdog import process_tree  # noqa: E402
 
 
 def tree_rss_mb(pid: int) -> float:

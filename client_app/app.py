@@ -47,8 +47,16 @@ def _setup(msg: Message, context: Context) -> tuple[dict, int, FLModel]:
         )
     classes = prepare(cfg).dataset.num_classes
     model = _model(str(cfg["model"]), int(cfg["projection-dim"]), classes)
-    load_state(model, check_global(msg, model.state_dict(), float(cfg["max-message-mb"])))
+    load_state(model, check_global(msg, model.state_dict(), message_limit(cfg, context.node_config)))
     return cfg, partition_id, model
+
+
+def message_limit(cfg: Mapping, node_config: Mapping) -> float:
+    """The largest server message this node reads: the run's `max-message-mb`, lowered by the node operator's own
+    `--node-config "max-message-mb=..."` (the run config is the server's to set, so it cannot protect from it)."""
+    own = node_config.get("max-message-mb")
+    run = float(cfg["max-message-mb"])
+    return run if own is None else min(run, float(own))
 
 
 def _settings(cfg: Mapping, server_config: Mapping) -> TrainSettings:

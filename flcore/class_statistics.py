@@ -115,6 +115,14 @@ def classifier_grad(
 CLIENT_UPLOADS: dict[str, Callable] = {"feature-stats": feature_statistics, "class-gradients": class_gradients}
 
 
+def upload_bytes(name: str, num_classes: int, dim: int) -> int:
+    """Bytes of one client's upload `name` (float32 arrays, float64 counts, `.npy` headers), known in advance so
+    the preflight can check it against the server's `max-upload-mb`."""
+    c, d = num_classes, dim
+    floats = {"feature-stats": c * d + c * d * d, "class-gradients": c * c * d + c * c}[name]
+    return 4 * floats + 8 * c + 3 * 128
+
+
 def client_upload(server_config: Mapping, model: torch.nn.Module, batches, num_classes: int) -> ConfigRecord:
     """What a client sends when the server's round config asks for an upload (and maybe sends a classifier)."""
     name = str(server_config[UPLOAD_KEY])

@@ -27,6 +27,10 @@ PARTITIONER_NAMES = ("creff", "dirichlet")
 ALIGN_SOURCES = ("auto", "train", "val")
 
 
+MAX_SEED = 2**31 - 1  # every seed consumer accepts it (torch, NumPy, Flower), also as seed * 1000 + epoch
+MAX_INT = 2**63 - 1  # Flower sends run-config integers as signed 64-bit
+
+
 class ConfigError(ValueError):
     """A run-config value is not allowed; the message names key, value and what is allowed."""
 
@@ -154,7 +158,9 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "lr": _opt(0.1, "Local SGD learning rate.", _number(0, low_open=True)),
         "momentum": _opt(0.0, "Local SGD momentum.", _number(0, 1)),
         "weight-decay": _opt(0.0, "Local SGD weight decay.", _number(0)),
-        "seed": _opt(7, "Seed for data split, sampling, initialisation and training.", _number(0, integer=True)),
+        "seed": _opt(
+            7, "Seed for data split, sampling, initialisation and training.", _number(0, MAX_SEED, integer=True)
+        ),
     },
     "Evaluation and reports": {
         "eval-every": _opt(
@@ -258,6 +264,23 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "max-message-mb": _opt(
             1024.0, "Largest global model (MB of arrays) a client accepts from the server.", _number(0, low_open=True)
         ),
+        "max-upload-mb": _opt(
+            1024.0,
+            "Largest extra upload (MB of CCVR/CReFF statistics per reply) the server reads; larger replies are "
+            "rejected before they are decoded.",
+            _number(0, low_open=True),
+        ),
+        "max-examples": _opt(
+            10_000_000,
+            "Most num-examples one client's update may weigh in an average, whatever it reports.",
+            _number(1, integer=True),
+        ),
+        "max-weight-ratio": _opt(
+            10.0,
+            "A client whose data size the server does not know weighs at most this times the round's lower "
+            "median num-examples.",
+            _number(1),
+        ),
     },
     "Strategies and long-tail baselines": {
         "proximal-mu": _opt(0.01, "FedProx proximal weight mu (strategy=fedprox; CReFF's baseline 0.01).", _number(0)),
@@ -268,6 +291,11 @@ SECTIONS: dict[str, dict[str, Option]] = {
             0.03,
             "FedAvgM server learning rate (strategy=fedavgm); 1 - momentum keeps FedAvg's effective step (Hsu et al.).",
             _number(0, 10, low_open=True),
+        ),
+        "trim-fraction": _opt(
+            0.2,
+            "Fraction of updates cut from each tail of every coordinate (strategy=fedtrimmedavg; Yin et al.).",
+            _number(0, 0.49),
         ),
         "loss": _choice(
             "ce", "Client loss: ce (cross-entropy) or focal (Fed-Focal; focal with gamma 0 is ce).", LOSSES
@@ -353,10 +381,27 @@ def _check_key(key: str, value: Any, option: Option, choices: tuple[str, ...]) -
         raise ConfigError(f"run-config key '{key}' = {value!r} is not allowed: choose one of {', '.join(choices)}.")
     if option.check and not option.check(value):
         raise ConfigError(f"run-config key '{key}' = {value!r} is not allowed: expected {option.allowed}.")
+    if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
+        raise ConfigError(
+            f"run-config key '{key}' = {value!r} is not allowed: Flower's run config holds 64-bit integers."
+        )
+
+
+def _check_folders(cfg: Mapping[str, Any]) -> None:
+    """Folders the run writes to: never '' (that would be the working directory), never an existing file."""
+    keys = ("output-dir", "pretrain-cache-dir") if cfg["pretrain"] else ("output-dir",)
+    for key in keys:
+        value = str(cfg[key])
+        if not value.strip():
+            raise ConfigError(f"run-config key '{key}' is empty: expected a folder to write into, e.g. 'outputs'.")
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"run-config key '{key}' = {value!r} is an existing file: expected a folder.")
 
 
 def _check_relations(cfg: Mapping[str, Any]) -> None:
     """Rules that tie several keys together."""
+    _check_folders(cfg)
     if cfg["dataset"] in DATASETS_WITH_FILES:
         root = str(cfg["data-dir"])
         if not root:

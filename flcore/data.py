@@ -128,15 +128,32 @@ def _cifar_from_hf_disk(root: Path, num_classes: int, image_size: int) -> tuple[
     return splits[0], splits[1], classes
 
 
+def _unless_corrupt(
+    read: Callable, data_dir: Path, part: str, num_classes: int, image_size: int
+) -> tuple[ImageSet, ImageSet, tuple]:
+    """`read(data_dir, ...)`, with a broken copy in `data_dir / part` (empty folder, truncated batch, bad JSON)
+    named as such: torchvision answers those with "use download=True", and nothing is downloaded here."""
+    try:
+        return read(data_dir, num_classes, image_size)
+    except Exception as err:
+        reason = (
+            "torchvision's integrity check failed" if "download=True" in str(err) else f"{type(err).__name__}: {err}"
+        )
+        raise DataNotFound(
+            f"CIFAR-{num_classes} in '{(data_dir / part).resolve()}' is incomplete or corrupt ({reason}); replace it "
+            "with an intact copy (nothing is downloaded)."
+        ) from err
+
+
 def load_cifar(num_classes: int) -> Callable[[Path, int], Dataset]:
     folder = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
     def load(data_dir: Path, image_size: int) -> Dataset:
         if (data_dir / folder).is_dir():
-            train, test, classes = _cifar_from_torchvision(data_dir, num_classes, image_size)
+            train, test, classes = _unless_corrupt(_cifar_from_torchvision, data_dir, folder, num_classes, image_size)
         elif (data_dir / "dataset_dict.json").is_file():
-            train, test, classes = _cifar_from_hf_disk(data_dir, num_classes, image_size)
+            train, test, classes = _unless_corrupt(_cifar_from_hf_disk, data_dir, ".", num_classes, image_size)
         else:
             raise DataNotFound(
                 f"CIFAR-{num_classes} not found in data-dir '{data_dir}'. Put torchvision's '{folder}' folder there "
@@ -200,6 +217,12 @@ def load_folder(data_dir: Path, image_size: int) -> Dataset:
     if not train_dir.is_dir() or not test_dir.is_dir():
         raise DataNotFound(f"folder dataset needs '{train_dir}' and '{test_dir}', each with one subfolder per class.")
     classes = tuple(sorted(p.name for p in train_dir.iterdir() if p.is_dir()))
+    orphans = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
+    if orphans:
+        raise DataNotFound(
+            f"folder dataset: class folder(s) {orphans[:5]} in '{test_dir}' have no twin in '{train_dir}'; their test "
+            "images would be dropped. Add the class to train/ or remove it from test/."
+        )
     train, test = _scan_folder(train_dir, classes), _scan_folder(test_dir, classes)
     if len(train) == 0 or len(test) == 0:
         raise DataNotFound(f"folder dataset under '{data_dir}' has no images in train/ or test/.")
@@ -265,8 +288,11 @@ def decode(files: tuple[str, ...], image_size: int) -> torch.Tensor:
 
     out = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
     for i, path in enumerate(files):
-        with Image.open(path) as img:
-            rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+        except Exception as err:  # name the file: the run checks only a sample of a large set beforehand
+            raise DataNotFound(f"image '{path}' cannot be decoded ({type(err).__name__}: {err})") from err
         out[i] = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
     return out
 

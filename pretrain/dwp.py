@@ -37,6 +37,10 @@ from pretrain.llava_data import Batch, LlavaSamples
 from pretrain.teacher import LlavaTeacher, projector, vision_tower
 
 
+class DWPError(RuntimeError):
+    """Pretraining could not train at all; the message says why."""
+
+
 def alpha_at(step: int, total_steps: int) -> float:
     """Cosine ramp 0 -> 1 over the first half of training, then 1."""
     half = total_steps / 2
@@ -266,7 +270,12 @@ def train_dwp(
             if micro:
                 total_loss += _step(teacher, gfl, micro, clock.alpha, opt, sched, scaler, device)
                 seen, clock.step = seen + 1, clock.step + 1
-            result.epoch_loss.append(total_loss / max(seen, 1))
+            if not seen:  # every image failed: nothing trained, so nothing may be checkpointed or cached
+                raise DWPError(
+                    f"DWP epoch {epoch + 1} trained zero steps: none of the {len(samples)} records' images could be "
+                    f"read under {samples.image_root} (e.g. {sorted(samples.failed)[:3]})"
+                )
+            result.epoch_loss.append(total_loss / seen)
             if checkpoints:
                 checkpoints.save_epoch(
                     epoch + 1,

@@ -15,12 +15,13 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
 from PIL import Image
 
+from flcore.config import ConfigError
 from pretrain.prompts import SYSTEM, user_prefix
 from pretrain.teacher import IMAGE_TOKEN, LlavaTeacher
 
@@ -28,8 +29,22 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 
 
-class AnnotationError(ValueError):
-    """An annotation file is malformed; the message names file and line."""
+class AnnotationError(ConfigError):
+    """An annotation file is malformed; the message names file and line (a bad `pretrain-data` input)."""
+
+
+def image_file(root: Path, name: str) -> Path:
+    """A record's image under `root`; AnnotationError when the name leads outside it (`../`, absolute, links)."""
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise AnnotationError(f"image {name!r} is outside the image folder {root}")
+    return path
+
+
+def outside_root(name: str) -> bool:
+    """Whether a record's image name leads outside its folder without touching the disk (absolute or `..`)."""
+    pure = PurePath(name)
+    return pure.is_absolute() or ".." in pure.parts
 
 
 @dataclass(frozen=True)
@@ -173,9 +188,9 @@ class LlavaSamples:
 
     def _decode(self, record: Record) -> Image.Image | None:
         try:
-            with Image.open(self.image_root / record.image) as img:
+            with Image.open(image_file(self.image_root, record.image)) as img:
                 return img.convert("RGB")
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             if record.image not in self.failed:
                 log.warning("skipping %s: cannot decode image (%s)", self.image_root / record.image, err)
                 self.failed.add(record.image)

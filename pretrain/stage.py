@@ -23,8 +23,10 @@ import torch
 from flwr.app import ArrayRecord
 from PIL import Image
 
+from flcore.config import ConfigError
 from flcore.data import digits_pixels, digits_split
 from flcore.experiment import Prepared, prepare
+from flcore.images import image_problem
 from flcore.models import build_model
 from pretrain.checkpoints import Checkpoints, cache_key, file_digest
 from rounds.stage import Outcome, ServerContext, Stages
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 DIGITS = "digits"
 DIGITS_IMAGE_SIZE = 32
 EXISTING = "existing LLaVA-format file"
+IMAGE_SAMPLE = 256  # pretraining images decoded by the preflight (each one that fails later is skipped)
 
 
 def render_digit(scan: np.ndarray) -> Image.Image:
@@ -74,8 +77,41 @@ def check(cfg: Mapping, prepared: Prepared | None = None) -> None:
         return
     check_available(str(cfg["pretrain-teacher"]))
     data = str(cfg["pretrain-data"])
-    if data != DIGITS and not Path(data).expanduser().exists():
-        raise FileNotFoundError(f"run-config key 'pretrain-data' = {data!r}: no such file or folder.")
+    path = Path(data).expanduser()
+    if data != DIGITS and not path.exists():
+        raise ConfigError(f"run-config key 'pretrain-data' = {data!r}: no such file or folder.")
+    if data != DIGITS and path.is_file():
+        check_records(cfg, path)
+
+
+def check_records(cfg: Mapping, path: Path) -> None:
+    """A LLaVA file: every record well-formed (`file:line` errors), every image inside the image folder, and a
+    sample of the images the run would read decodable (one that fails later is skipped and counted)."""
+    from pretrain.llava_data import load_annotations, outside_root
+
+    root = Path(str(cfg["pretrain-image-dir"]) or path.parent).expanduser()
+    records = load_annotations(path)
+    outside = [r for r in records if outside_root(r.image)]
+    if outside:
+        raise ConfigError(
+            f"run-config key 'pretrain-data' = {str(path)!r}: record {outside[0].id!r} names image "
+            f"{outside[0].image!r}, outside the image folder {root} ({len(outside)} such records)."
+        )
+    limit = int(cfg["pretrain-max-samples"])
+    used = [str(root / r.image) for r in (records[:limit] if limit else records)]
+    if not used:
+        raise ConfigError(f"run-config key 'pretrain-data' = {str(path)!r} holds no records.")
+    picked = np.random.default_rng(int(cfg["seed"])).choice(len(used), min(IMAGE_SAMPLE, len(used)), replace=False)
+    problems = {used[i]: image_problem(used[i]) for i in sorted(picked)}
+    bad = {p: why for p, why in problems.items() if why is not None}
+    if len(bad) == len(problems):
+        first, why = next(iter(bad.items()))
+        raise ConfigError(
+            f"run-config key 'pretrain-data' = {str(path)!r}: none of the {len(problems)} images checked can be "
+            f"read under {root} (e.g. '{first}' {why}); set pretrain-image-dir to the image folder."
+        )
+    if bad:
+        log.warning("%d of %d pretraining images checked cannot be read; they will be skipped", len(bad), len(problems))
 
 
 def annotations_for(cfg: Mapping, teacher, cache: Path) -> tuple[Path, Path, dict]:

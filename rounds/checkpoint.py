@@ -36,6 +36,7 @@ from flcore.files import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 VERSION = 1
+PAYLOAD_KEYS = ("version", "round", "arrays", "strategy", "random", "numpy-random", "torch-random", "rows", "config")
 # Keys that may change between the stopped run and its continuation without changing the trajectory.
 FREE_KEYS = {
     "resume",
@@ -166,15 +167,28 @@ def load(cfg: Mapping) -> Checkpoint:
         payload = torch.load(path, weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which, do not guess
         raise ConfigError(f"run-config key 'resume': {path} is not a readable checkpoint ({err}).") from err
-    saved = json.loads(payload["config"])
+    missing = [k for k in PAYLOAD_KEYS if k not in payload] if isinstance(payload, dict) else list(PAYLOAD_KEYS)
+    if missing:
+        raise ConfigError(
+            f"run-config key 'resume': {path} is not a run checkpoint (it lacks {missing[:3]}); expected a run's "
+            f"output folder or its {CHECKPOINT}, not a model file."
+        )
+    try:
+        saved = dict(json.loads(payload["config"]))
+        rows = json.loads(payload["rows"])
+        arrays = ArrayRecord({k: v for k, v in payload["arrays"].items()})
+        done = int(payload["round"])
+    except Exception as err:
+        raise ConfigError(
+            f"run-config key 'resume': {path} is a damaged checkpoint ({type(err).__name__}: {err})."
+        ) from err
     differ = sorted(k for k in saved.keys() & cfg.keys() if k not in FREE_KEYS and saved[k] != cfg[k])
     if differ:
         shown = ", ".join(f"{k} = {saved[k]!r} there, {cfg[k]!r} here" for k in differ[:5])
         raise ConfigError(f"run-config key 'resume': the checkpoint's run used different settings: {shown}.")
-    if payload["round"] > int(cfg["num-server-rounds"]):
+    if done > int(cfg["num-server-rounds"]):
         raise ConfigError(
             f"run-config key 'num-server-rounds' = {cfg['num-server-rounds']} is not allowed: the checkpoint "
-            f"already finished round {payload['round']}."
+            f"already finished round {done}."
         )
-    arrays = ArrayRecord({k: v for k, v in payload["arrays"].items()})
-    return Checkpoint(int(payload["round"]), arrays, json.loads(payload["rows"]), payload)
+    return Checkpoint(done, arrays, rows, payload)

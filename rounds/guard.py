@@ -7,12 +7,13 @@ with different keys raises `InconsistentMessageReplies`, which stops the whole r
 replies into accepted ones and refused ones with a reason per node, so only well-formed, finite updates
 of the current global model's exact keys and shapes ever reach the strategy.
 
-Arrays are read with Flower's `Array.numpy()` (`np.load(..., allow_pickle=False)`): nothing a client
+Arrays are read with `flcore.arrays.read_npy` (`np.load(..., allow_pickle=False)`): nothing a client
 sends is unpickled or executed.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -64,32 +65,58 @@ def _metric_keys(reply: Message) -> tuple[str, ...]:
     return tuple(sorted(next(iter(reply.content.metric_records.values())).keys()))
 
 
-def _upload_layout(reply: Message) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+def _upload_layout(reply: Message, max_bytes: float) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
     """Shapes of the `.npy` entries in the reply's ConfigRecords (CCVR/CReFF uploads), each read with the
-    checked reader: `ArrayProblem` if one is not finite numeric."""
-    return tuple(
-        sorted(
-            (name, key, read_npy(key, value).shape)
-            for name, record in reply.content.config_records.items()
-            for key, value in record.items()
-            if isinstance(value, bytes)
-        )
-    )
+    checked reader: `ArrayProblem` if they are larger than `max_bytes` together (checked before any is
+    decoded) or one is not finite numeric."""
+    entries = [
+        (name, key, value)
+        for name, record in reply.content.config_records.items()
+        for key, value in record.items()
+        if isinstance(value, bytes)
+    ]
+    size = sum(len(value) for *_, value in entries)
+    if size > max_bytes:
+        raise ArrayProblem(f"uploads of {size / 2**20:.1f} MB exceed max-upload-mb = {max_bytes / 2**20:g}")
+    return tuple(sorted((name, key, read_npy(key, value).shape) for name, key, value in entries))
 
 
 def _signature(arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
     return {k: tuple(a.shape) for k, a in arrays.items()}
 
 
-def screen(replies: Iterable[Message], reference: ArrayRecord | None, *, with_model: bool = True) -> Screened:
+def _candidate(
+    reply: Message, signature: dict | None, max_upload_bytes: float, with_model: bool
+) -> tuple[str | None, tuple]:
+    """(problem, candidate entry) of one reply; whatever reading it raises refuses this reply only."""
+    try:
+        problem = _reply_problem(reply, signature, with_model)
+        if problem is not None:
+            return problem, ()
+        return None, (reply, _metric_keys(reply), _upload_layout(reply, max_upload_bytes))
+    except ArrayProblem as err:
+        return f"{err} (upload)", ()
+    except Exception as err:  # MemoryError, odd metric values, anything a crafted reply may provoke
+        return f"unreadable reply ({type(err).__name__}: {err})", ()
+
+
+def screen(
+    replies: Iterable[Message],
+    reference: ArrayRecord | None,
+    max_upload_mb: float = math.inf,
+    *,
+    with_model: bool = True,
+) -> Screened:
     """Accept the replies a strategy can safely average; log and count the rest.
 
     `reference` is the global model sent this round; without it (unit use) the first well-formed reply
     serves as reference. Replies to an upload-only request (CCVR's statistics, `with_model=False`) must
-    carry no model, only their metrics and upload. Replies whose metric keys differ from the most common
-    set are refused too, since Flower's metric aggregation would raise on them, and so are replies whose
-    uploads (`.npy` entries of their ConfigRecords: CCVR/CReFF statistics) are not finite numbers or have
-    other keys or shapes than most replies', since the server's calibration stacks them.
+    carry no model, only their metrics and upload. Replies whose metric keys differ from the most common set
+    are refused too, since
+    Flower's metric aggregation would raise on them, and so are replies whose uploads (`.npy` entries of
+    their ConfigRecords: CCVR/CReFF statistics) exceed `max_upload_mb`, are not finite numbers or have
+    other keys or shapes than most replies', since the server's calibration stacks them. Whatever reading
+    a reply raises (a MemoryError included) refuses that reply and no other.
     """
     out = Screened()
     signature = _signature(reference) if reference is not None else None
@@ -99,12 +126,9 @@ def screen(replies: Iterable[Message], reference: ArrayRecord | None, *, with_mo
         if reply.has_error():
             out.failed.append((node, f"error reply {reply.error.code}: {reply.error.reason}"))
             continue
-        problem = _reply_problem(reply, signature, with_model)
+        problem, candidate = _candidate(reply, signature, max_upload_mb * 2**20, with_model)
         if problem is None:
-            try:
-                candidates.append((reply, _metric_keys(reply), _upload_layout(reply)))
-            except ArrayProblem as err:
-                problem = f"{err} (upload)"
+            candidates.append(candidate)
         if problem is None and signature is None and with_model:
             signature = _signature(next(iter(reply.content.array_records.values())))
         if problem is not None:

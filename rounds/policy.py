@@ -3,13 +3,17 @@
 `RoundPolicy` holds the training method's strategy and changes two steps of it. Sampling: nodes are
 listed in partition order and sampled with a `random` seeded by (seed, round) (`rounds.sampling`), so a
 resumed run repeats the original. Aggregation: replies are screened (`rounds.guard`) so failed,
-non-finite or malformed updates are never averaged; a round needs `min_replies` good ones, or the global
-model stays as it was; and `max_empty_rounds` rounds in a row without one valid update stop the run
-instead of letting it finish with the initial model. Every aggregation reports its reply counts.
+non-finite or malformed updates are never averaged, and each client's claimed weight is bounded
+(`rounds.weights`); a round needs `min_replies` good ones, or the global model stays as it was, and so
+does an aggregate with NaN or Inf (finite updates can still overflow). `max_empty_rounds` rounds in a
+row without one valid update stop the run instead of letting it finish with the initial model, and a
+run in which no round aggregated anything fails at its end (`require_an_update`), however short. Every
+aggregation reports its reply counts.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -18,9 +22,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flcore.arrays import non_finite
 from rounds.delegate import Delegating
 from rounds.guard import Screened, screen
 from rounds.sampling import NodeOrder, OrderedGrid, seeded_random
+from rounds.weights import WeightCaps, bound_weights
 
 
 class RoundPolicy(Delegating):
@@ -34,10 +40,14 @@ class RoundPolicy(Delegating):
         max_empty_rounds: int = 0,
         seed: int = 0,
         query_timeout: float = 60.0,
+        weight_caps: WeightCaps | None = None,
+        max_upload_mb: float = math.inf,
     ) -> None:
         super().__init__(inner)
         self.min_replies, self.seed = min_replies, seed
+        self.weight_caps, self.max_upload_mb = weight_caps or WeightCaps(), max_upload_mb
         self.max_empty_rounds, self._empty_rounds = max_empty_rounds, 0
+        self.updated_rounds, self._last_problem = 0, "no round ran"
         self.nodes = NodeOrder(query_timeout)
         self._sent: int | None = None
         self._global: ArrayRecord | None = None
@@ -72,13 +82,19 @@ class RoundPolicy(Delegating):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        checked = screen(replies, self._global)
+        checked = screen(replies, self._global, self.max_upload_mb)
+        for node, claimed, cap in bound_weights(checked.accepted, self.weight_caps, self.nodes.partition.get):
+            log(WARNING, "round %s: node %s claims %g examples; weighted as %g", server_round, node, claimed, cap)
         missing = max(0, (self._sent or len(replies)) - len(replies))  # timed out or dropped: no reply at all
         counts = {
             "replies": len(checked.accepted),
             "rejected": len(checked.rejected),
             "failed": len(checked.failed) + missing,
         }
+        reasons = [reason for _, reason in checked.failed + checked.rejected]
+        if missing:
+            reasons.append(f"{missing} of {self._sent} sampled clients sent no reply within round-timeout")
+        self._last_problem = (reasons or ["no client was sampled"])[0]
         self._stop_if_nothing_arrives(checked)
         if len(checked.accepted) < self.min_replies:
             log(
@@ -94,15 +110,36 @@ class RoundPolicy(Delegating):
         metrics = MetricRecord() if metrics is None else metrics
         for key, value in counts.items():
             metrics[key] = value
+        if arrays is not None and (bad := non_finite(arrays)):
+            log(
+                WARNING,
+                "round %s: the aggregate has NaN or Inf in %s; the global model stays as it was",
+                server_round,
+                bad[:3],
+            )
+            self._last_problem = f"the aggregate of the valid updates had NaN or Inf in {bad[:3]}"
+            return None, metrics
+        self.updated_rounds += arrays is not None
         return arrays, metrics
+
+    def require_an_update(self) -> None:
+        """At the end of a run: a run in which no round aggregated one client update has failed, however short.
+
+        `max-empty-rounds` stops a long run early; a run shorter than that would otherwise end `completed`
+        with the initial model (every reply timed out, or was refused, say).
+        """
+        if not self.updated_rounds:
+            raise RuntimeError(
+                "no round of this run aggregated a single client update, so its model is the initial one; last "
+                f"round's first problem: {self._last_problem}"
+            )
 
     def _stop_if_nothing_arrives(self, checked: Screened) -> None:
         """A fault that hits every client (a bad setting, a rejected message) would otherwise let the run
         finish round after round with the initial model and look like a result."""
         self._empty_rounds = 0 if checked.accepted else self._empty_rounds + 1
         if self.max_empty_rounds and self._empty_rounds >= self.max_empty_rounds:
-            reasons = [reason for _, reason in checked.failed + checked.rejected] or ["no reply arrived"]
             raise RuntimeError(
                 f"{self._empty_rounds} rounds in a row without one valid client update (max-empty-rounds="
-                f"{self.max_empty_rounds}); last round's first problem: {reasons[0]}"
+                f"{self.max_empty_rounds}); last round's first problem: {self._last_problem}"
             )

@@ -89,6 +89,7 @@ def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
         train_config=ConfigRecord({k: cfg[k] for k in TRAIN_KEYS}),
         evaluate_fn=evaluator,
     )
+    strategy.inner.require_an_update()  # the round policy: a run that aggregated nothing has failed
     final = load_record(model, result.arrays if len(result.arrays) else to_record(model))
     return report.finish(
         final.state_dict(),

@@ -10,7 +10,9 @@ dependencies at run time. This launcher hides none of that; it handles it:
    loopback port with its own FLWR_HOME (the user's ~/.flwr is left alone);
 3. runs `flwr run . <connection> --stream` with the overrides and the simulation federation from
    `[tool.mllm-llava-fl.simulation]` (num-supernodes = num-clients);
-4. reads the run's final status with `flwr list --format json` and exits non-zero unless it completed.
+4. reads the run's final status with `flwr list --format json` and exits non-zero unless it completed;
+5. stops everything it started before it returns, and a watchdog (`server_app.watchdog`) stops it all
+   too when the launcher itself is killed, even with kill -9.
 
 Usage: python -m server_app.launch [--run-config "k=v k2=v2"] [--run-config more.toml]
 """
@@ -18,7 +20,6 @@ Usage: python -m server_app.launch [--run-config "k=v k2=v2"] [--run-config more
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -33,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from flcore.config import ConfigError, align_source
-from flcore.data import DataNotFound
-from server_app.preflight import preflight, validated
+from server_app.preflight import InputError, preflight, validated
+from server_app.watchdog import Watchdog, stop
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of this environment
@@ -48,7 +49,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if item.endswith(".toml") and "=" not in item:
-            out.update(tomllib.loads(Path(item).read_text()))
+            out.update(read_toml(Path(item)))
             continue
         for pair in item.split():
             key, sep, value = pair.partition("=")
@@ -59,6 +60,16 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             except tomllib.TOMLDecodeError:
                 out[key] = value
     return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A `--run-config` TOML file; a missing or malformed one is a ConfigError naming it."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--run-config file '{path}' cannot be read ({err.strerror or err}).") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--run-config file '{path}' is not valid TOML ({err}).") from err
 
 
 def project_settings(project: Path = PROJECT) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -92,7 +103,7 @@ def check_before_start(cfg: Mapping[str, Any]) -> None:
         f"data: {cfg['dataset']} | pool {len(prep.split.pool)} images (IF {cfg['imbalance-factor']}) | "
         f"{len(sizes)} clients ({cfg['partitioner']}), {min(sizes)}-{max(sizes)} images each | "
         f"D_align {len(prep.split.align)} from {align_source(cfg)} | "
-        f"test {len(prep.dataset.test)}",
+        f"test {len(prep.dataset.test)}" + (f" | {checked.images}" if checked.images else ""),
         flush=True,
     )
 
@@ -144,58 +155,6 @@ def start_superlink(
     proc = start_process([*cmd, "--host", "127.0.0.1", "--port", str(port)], log_path, env)
     wait_for_port(proc, port, log_path)
     return proc
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants (from /proc), parents first.
-
-    The SuperLink's SuperExec starts its own session, so killing the SuperLink's process group would
-    leave the simulation and its Ray cluster running.
-    """
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    tree, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        tree.append(pid)
-        stack.extend(children.get(pid, []))
-    return tree
-
-
-def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Terminate a process and everything it started; SIGKILL what is still alive after `grace` seconds.
-
-    Returns once every process of the tree is gone (signals are delivered asynchronously, so it waits).
-    """
-    tree = process_tree(proc.pid)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in reversed(tree):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        if _wait_gone(proc, tree, grace):
-            return
-
-
-def _wait_gone(proc: subprocess.Popen, tree: list[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.poll()  # reap our own child so it does not linger as a zombie
-        if not any(_alive(pid) for pid in tree):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def federation_config(simulation: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
@@ -267,7 +226,7 @@ def run(overrides: Mapping[str, Any]) -> int:
     try:
         cfg, sent = resolve(overrides, defaults)
         check_before_start(cfg)
-    except (ConfigError, DataNotFound) as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     port = free_port()
@@ -275,10 +234,12 @@ def run(overrides: Mapping[str, Any]) -> int:
     env = run_env(home)
     write_connection(home, port)
     link = start_superlink(home, port, env)
+    watchdog = Watchdog.start([link.pid])  # ends all of it if this process dies, and Ray's stragglers at the end
     try:
         status = flwr_run(CONNECTION, env, sent, ["--federation-config", federation_config(simulation, cfg)])
     finally:
         stop(link)
+        watchdog.close()
     code = report_status(status, str(home / "superlink.log"))
     if code == 0:
         shutil.rmtree(home, ignore_errors=True)

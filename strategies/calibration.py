@@ -107,10 +107,17 @@ class UploadsAfterAggregation(Delegating):
     """
 
     def __init__(
-        self, inner: Strategy, upload: str, in_round: Callable[[int], bool], calibrate: Calibrate, timeout: float
+        self,
+        inner: Strategy,
+        upload: str,
+        in_round: Callable[[int], bool],
+        calibrate: Calibrate,
+        timeout: float,
+        max_upload_mb: float,
     ) -> None:
         super().__init__(inner)
         self.upload, self.in_round, self.calibrate, self.timeout = upload, in_round, calibrate, timeout
+        self.max_upload_mb = max_upload_mb
         self.grid: Grid | None = None
 
     def summary(self) -> None:
@@ -135,7 +142,7 @@ class UploadsAfterAggregation(Delegating):
     def _collect(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> list[Uploads]:
         """Every connected client's upload computed on `arrays`, screened, in node order; counts in `metrics`."""
         replies, asked = self._ask(server_round, arrays)
-        checked = screen(replies, None, with_model=False)
+        checked = screen(replies, None, self.max_upload_mb, with_model=False)
         sizes = [next(iter(r.content.metric_records.values())).get("upload-bytes", 0.0) for r in checked.accepted]
         metrics[f"{self.upload}-replies"] = len(checked.accepted)
         metrics[f"{self.upload}-failed"] = len(checked.failed) + asked - len(replies)

@@ -91,4 +91,5 @@ def ccvr(cfg: Mapping) -> Strategy:
         lambda rnd: rnd == last,
         ccvr_calibrate(cfg),
         timeout=float(cfg["round-timeout"]),
+        max_upload_mb=float(cfg["max-upload-mb"]),
     )

@@ -20,11 +20,13 @@ from alignment import stage as alignment
 from pretrain import stage as pretrain
 from rounds.policy import RoundPolicy
 from rounds.stage import ServerContext, ServerStage, Stages
+from rounds.weights import WeightCaps
 from strategies import clip2fl as clip2fl_method
 from strategies.ccvr import ccvr
 from strategies.creff import creff
 from strategies.fedavg import fedavg, fedavgm, fedprox
 from strategies.fednova import fednova
+from strategies.robust import fedmedian, fedtrimmedavg
 from strategies.tau_norm import tau_norm_stage
 from strategies.wrapper import Report, RoundEnd, ServerStages
 
@@ -38,6 +40,8 @@ STRATEGIES: dict[str, StrategyFactory] = {
     "ccvr": ccvr,
     "creff": creff,
     "clip2fl": clip2fl_method.clip2fl,
+    "fedmedian": fedmedian,
+    "fedtrimmedavg": fedtrimmedavg,
 }
 
 # Input checks of strategies that read more than the config schema checks, run by the preflight.
@@ -77,6 +81,13 @@ def build_stages(cfg: Mapping, ctx: ServerContext) -> Stages:
     return stages
 
 
+def weight_caps(cfg: Mapping, ctx: ServerContext) -> WeightCaps:
+    """Each partition of the server's split weighs at most its size; others by `max-examples`, `max-weight-ratio`."""
+    sizes = ctx.data.client_histogram.sum(axis=1) if ctx is not None and ctx.data is not None else []
+    known = {pid: int(n) for pid, n in enumerate(sizes)}
+    return WeightCaps(float(cfg["max-examples"]), float(cfg["max-weight-ratio"]), known)
+
+
 def build_server_strategy(
     cfg: Mapping, ctx: ServerContext, report: Report, round_offset: int = 0, on_round_end: RoundEnd | None = None
 ) -> ServerStages:
@@ -86,6 +97,8 @@ def build_server_strategy(
         min_replies=int(cfg["min-replies"]),
         max_empty_rounds=int(cfg["max-empty-rounds"]),
         seed=int(cfg["seed"]),
+        weight_caps=weight_caps(cfg, ctx),
+        max_upload_mb=float(cfg["max-upload-mb"]),
     )
     return ServerStages(policy, build_stages(cfg, ctx), report, round_offset=round_offset, on_round_end=on_round_end)
 

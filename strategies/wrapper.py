@@ -7,6 +7,8 @@ after each aggregation (stage 3, alignment; tau-norm). What the last stage retur
 global model for every strategy: Flower sends it to the next round's clients, and `adopt` hands it down
 the strategy chain as the base of the strategy's own update (FedAvgM's momentum reference, for one).
 What a stage measured goes to the run report, with each round's client metrics.
+Every stage's weights pass one check here: a model with NaN or Inf stops the run with the stage's name
+(`StageError`) instead of becoming the global model.
 
 For resume, `round_offset` lets a continued run start at the round after its checkpoint, with clients,
 stages and evaluation seeing the original round numbers, and `on_round_end` saves the state after each
@@ -22,11 +24,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from flcore.arrays import non_finite
 from rounds.delegate import Delegating, adopt
 from rounds.polling import PromptGrid
 from rounds.stage import Outcome, Stages
 
 RoundEnd = Callable[[int, ArrayRecord], None]
+
+
+class StageError(RuntimeError):
+    """A server stage produced weights the server must not adopt."""
+
+
+def stage_name(stage: Callable) -> str:
+    """The name a stage is defined under (its factory for closures), for error messages."""
+    return getattr(stage, "__qualname__", type(stage).__qualname__).split(".<locals>")[0]
 
 
 class Report(Protocol):
@@ -66,12 +78,19 @@ class ServerStages(Delegating):
         metrics = MetricRecord() if metrics is None else metrics
         if arrays is not None:
             for stage in self.stages.after_aggregation:
-                arrays = self._take(stage(server_round, arrays, metrics))
+                arrays = self._take(stage, stage(server_round, arrays, metrics))
             adopt(self.inner, arrays)
         self.report.record_train(server_round, metrics)
         return arrays, metrics
 
-    def _take(self, outcome: Outcome) -> ArrayRecord:
+    def _take(self, stage: Callable, outcome: Outcome) -> ArrayRecord:
+        """The stage's weights, once they are known to be finite: a NaN model is never adopted or sent out."""
+        bad = non_finite(outcome.arrays)
+        if bad:
+            raise StageError(
+                f"server stage {stage_name(stage)} returned a model with NaN or Inf in {bad[:3]} ({len(bad)} of "
+                f"{len(outcome.arrays)} arrays); the run stops instead of adopting it"
+            )
         self.report.take(outcome)
         return outcome.arrays
 
@@ -95,7 +114,7 @@ class ServerStages(Delegating):
         self.report.take(Outcome(initial_arrays, self.stages.sections))
         if not self.round_offset:
             for stage in self.stages.before_training:
-                initial_arrays = self._take(stage(initial_arrays))
+                initial_arrays = self._take(stage, stage(initial_arrays))
         return super().start(
             PromptGrid(grid), initial_arrays, *args, evaluate_fn=self._round_end(evaluate_fn), **kwargs
         )

@@ -27,7 +27,9 @@ def run_one(tmp_path, name: str, overrides: str) -> tuple[dict, dict]:
 
 @pytest.mark.slow
 def test_baselines_run_one_round_through_the_real_apps(tmp_path):
-    model_bytes = 4 * 1_200_000  # the tiny model has 1.24 M float32 values
+    from flcore.models import build_model
+
+    model_bytes = sum(v.numel() * v.element_size() for v in build_model("resnet8", 32, 10).state_dict().values())
 
     row, summary = run_one(tmp_path, "ccvr", "strategy=ccvr loss=focal tau-norm=1.0")
     assert row["round"] == 1 and row["replies"] == 2

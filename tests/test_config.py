@@ -6,7 +6,7 @@ import pytest
 
 from flcore import config_docs
 from flcore.config import SCHEMA, ConfigError, validate
-from server_app import launch
+from server_app import launch, watchdog
 from strategies.registry import STRATEGIES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,10 +99,10 @@ def test_stop_tree_also_ends_descendants_in_other_sessions(tmp_path):
         assert time.time() < deadline
         time.sleep(0.05)
     grandchild = int(pidfile.read_text())
-    assert grandchild in launch.process_tree(proc.pid)
+    assert grandchild in watchdog.process_tree(proc.pid)
     launch.stop(proc, grace=5)
     assert proc.poll() is not None
-    assert not launch._alive(grandchild)
+    assert not watchdog.alive(grandchild)
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "conf").glob("*.toml")))

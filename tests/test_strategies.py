@@ -119,7 +119,7 @@ class EchoGrid(InProcessGrid):
         if "upload" in config:
             content["uploads"] = encode(fake_upload(str(config["upload"])))
         if msg.metadata.message_type == "train":
-            content["arrays"] = msg.content["arrays"]
+            content["arrays"] = ArrayRecord(msg.content["arrays"].to_torch_state_dict())  # a copy, as on the wire
             content["metrics"] = MetricRecord({"num-examples": 2, "local-steps": 3})
         else:
             content["metrics"] = MetricRecord({"num-examples": 2})

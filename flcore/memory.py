@@ -1,0 +1,80 @@
+"""The memory one training process needs for a setting, estimated before anything is allocated.
+
+A setting such as `projection-dim=100000000` (a d x d projection: 10**16 weights) or `image-size=1024
+model=resnet50` (about 2.5 GB of activations per image) would otherwise fail deep inside a ServerApp or a
+Ray worker with a MemoryError, or take the machine down. The model is built on PyTorch's `meta` device
+(shapes only, no storage) and run forward once there to count its parameters and the activations a
+training batch keeps for backward; the estimate is checked against the machine's physical memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flcore.config import ConfigError
+from flcore.models import build_model
+
+FLOAT_BYTES = 4
+# Weights, gradients, the SGD momentum buffer and the received global copy (FedProx, CReFF) per parameter.
+PARAMETER_COPIES = 4
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of one training process: parameter copies, and activations kept for one batch's backward."""
+
+    parameters: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters * FLOAT_BYTES * PARAMETER_COPIES + self.activations * FLOAT_BYTES
+
+
+def estimate(model_name: str, projection_dim: int, num_classes: int, image_size: int, batch: int) -> MemoryEstimate:
+    """Parameters and saved activations (both counted in floats) of one training step, from a meta-device model."""
+    with torch.device("meta"):
+        model = build_model(model_name, projection_dim, num_classes)
+    saved = 0
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal saved
+        if isinstance(output, torch.Tensor):
+            saved += output.numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        model(torch.empty(batch, 3, image_size, image_size, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return MemoryEstimate(sum(p.numel() for p in model.parameters()), saved)
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(cfg: Mapping, num_classes: int, available: int | None = None) -> MemoryEstimate:
+    """Refuse a setting one training process could not hold in this machine's memory, naming the key to change."""
+    batch = max(int(cfg["batch-size"]), int(cfg.get("align-batch-size", 1)))
+    need = estimate(str(cfg["model"]), int(cfg["projection-dim"]), num_classes, int(cfg["image-size"]), batch)
+    available = physical_memory() if available is None else available
+    if need.total <= available:
+        return need
+    weights = need.parameters * FLOAT_BYTES * PARAMETER_COPIES
+    key = "projection-dim" if weights > need.activations * FLOAT_BYTES else "image-size"
+    raise ConfigError(
+        f"run-config key '{key}' = {cfg[key]!r} is not allowed here: model={cfg['model']}, image-size="
+        f"{cfg['image-size']}, projection-dim={cfg['projection-dim']} and batch {batch} need about "
+        f"{need.total / 2**30:,.1f} GiB per training process ({need.parameters:,} parameters: "
+        f"{weights / 2**30:,.1f} GiB with gradients and optimizer state; {need.activations * FLOAT_BYTES / 2**30:,.1f}"
+        f" GiB of activations), more than this machine's {available / 2**30:,.1f} GiB."
+    )

@@ -1,0 +1,250 @@
+"""Every input problem that can be known before round 1 stops the launcher with exit code 2 and one line
+naming the key or file, before any Flower process starts; inputs read later never crash a run."""
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flcore.config import ConfigError, validate
+from flcore.data import DataNotFound, load
+from flcore.images import check_images
+from flcore.memory import check_memory
+from flcore.models import build_model
+from pretrain.checkpoints import CacheError, Checkpoints
+from pretrain.dwp import DWPConfig, DWPError, build_gfl, train_dwp
+from pretrain.llava_data import LlavaSamples, Record
+from pretrain.stage import check as pretrain_check
+from pretrain.teacher import tiny_teacher
+from rounds import checkpoint
+from server_app import launch
+from strategies.registry import STRATEGIES
+
+TINY = "num-server-rounds=2 local-epochs=1 num-clients=4 fraction-train=0.5 image-size=8"
+
+
+def launch_error(capsys, overrides: str, *files: str) -> str:
+    """The launcher's one-line error for `overrides` (exit code 2, nothing started)."""
+    args = ["--run-config", f"{TINY} {overrides}".strip()]
+    for file in files:
+        args += ["--run-config", file]
+    assert launch.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def png_claiming(path: Path, width: int, height: int) -> None:
+    """A 50-byte PNG whose header claims width x height pixels (a decompression bomb's signature)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk)))
+
+
+def folder_dataset(root: Path, classes=("cat", "dog"), per_class=12) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class if split == "train" else 3):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+FOLDER = "dataset=folder num-clients=2 align-per-class=1 min-partition-size=1 imbalance-factor=1.0"
+
+
+# --- 7: the run config itself -------------------------------------------------------------------------
+
+
+def test_missing_or_malformed_run_config_files_are_named(no_superlink, capsys, tmp_path):
+    assert "'missing.toml' cannot be read" in launch_error(capsys, "", "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("seed = = 3\n")
+    assert f"'{broken}' is not valid TOML" in launch_error(capsys, "", str(broken))
+
+
+def test_seeds_and_integers_are_bounded_to_what_numpy_torch_and_flower_accept():
+    with pytest.raises(ConfigError, match="'seed' = 99999999999999999999.*<= 2147483647"):
+        validate({"seed": 99999999999999999999}, choices={"strategy": STRATEGIES})
+    with pytest.raises(ConfigError, match="'num-server-rounds' = .*64-bit"):
+        validate({"num-server-rounds": 2**70}, choices={"strategy": STRATEGIES})
+    torch.manual_seed(2**31 - 1)
+    np.random.default_rng(2**31 - 1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"), [("num-clients=100000", "num-clients"), ("align-per-class=1000", "align-per-class")]
+)
+def test_a_split_the_data_cannot_give_names_the_key(no_superlink, capsys, overrides, key):
+    assert f"run-config key '{key}'" in launch_error(capsys, overrides)
+
+
+def test_settings_beyond_the_machines_memory_are_refused_with_the_estimate(no_superlink, capsys):
+    err = launch_error(capsys, "projection-dim=100000000")
+    assert "'projection-dim' = 100000000" in err and "GiB per training process" in err
+    cfg = validate({"model": "resnet50", "image-size": 1024}, choices={"strategy": STRATEGIES})
+    with pytest.raises(ConfigError, match=r"'image-size' = 1024.*need about 8\d\.\d GiB.*this machine's 64\.0 GiB"):
+        check_memory(cfg, 1000, available=64 * 2**30)
+    assert check_memory(validate({}, choices={"strategy": STRATEGIES}), 10, available=2**30).total < 2**30
+
+
+def test_resume_from_a_model_file_names_the_file(tmp_path):
+    model = tmp_path / "model.pt"
+    torch.save(build_model("resnet8", 8, 10).state_dict(), model)
+    cfg = validate({"resume": str(model)}, choices={"strategy": STRATEGIES})
+    with pytest.raises(ConfigError, match=f"'resume': {model} is not a run checkpoint"):
+        checkpoint.load(cfg)
+
+
+# --- 4, 5, 7: dataset files ----------------------------------------------------------------------------
+
+
+def test_a_test_class_without_a_train_twin_is_refused(tmp_path):
+    root = folder_dataset(tmp_path / "data")
+    (root / "test" / "bird").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "test" / "bird" / "0.png")
+    with pytest.raises(DataNotFound, match=r"\['bird'\].*no twin"):
+        load("folder", str(root), 8)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("kind", ["corrupt", "empty", "bomb"])
+def test_unusable_images_stop_the_launcher_naming_the_file(no_superlink, capsys, tmp_path, split, kind):
+    root = folder_dataset(tmp_path / "data")
+    bad = root / split / "dog" / "0.png"
+    if kind == "corrupt":
+        bad.write_bytes(bad.read_bytes()[:40])
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    else:
+        png_claiming(bad, 20_000, 20_000)
+    err = launch_error(capsys, f"{FOLDER} data-dir={root} output-dir={tmp_path / 'out'}")
+    assert f"image '{bad}'" in err and "'data-dir'" in err
+
+
+def test_large_image_sets_are_checked_by_a_seeded_sample(tmp_path, monkeypatch):
+    from flcore import images
+
+    monkeypatch.setattr(images, "DECODE_ALL", 5)
+    monkeypatch.setattr(images, "SAMPLE", 3)
+    files = [str(tmp_path / f"{i}.png") for i in range(8)]
+    for f in files:
+        Image.new("RGB", (4, 4)).save(f)
+    assert check_images(files, "data-dir") == "a sample of 3 of 8 (the rest as they are read)"
+
+
+def test_an_unsampled_bad_image_is_named_when_it_is_read(tmp_path):
+    from flcore.data import decode
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"junk")
+    with pytest.raises(DataNotFound, match=f"image '{bad}' cannot be decoded"):
+        decode((str(bad),), 8)
+
+
+@pytest.mark.parametrize("damage", ["empty folder", "truncated batch", "broken dataset_dict.json"])
+def test_broken_cifar_copies_say_so_without_download_advice(no_superlink, capsys, tmp_path, damage):
+    if damage == "empty folder":
+        (tmp_path / "cifar-10-batches-py").mkdir()
+    elif damage == "truncated batch":
+        (tmp_path / "cifar-10-batches-py").mkdir()
+        (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"\x80\x04\x95")
+    else:
+        (tmp_path / "dataset_dict.json").write_text("{broken")
+    err = launch_error(capsys, f"dataset=cifar10 data-dir={tmp_path}")
+    assert "incomplete or corrupt" in err and "download=True" not in err
+
+
+# --- 6, 7, 10: pretraining data and its cache ------------------------------------------------------------
+
+
+def chat_file(path: Path, images: list[str]) -> Path:
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A digit."}]
+    path.write_text(json.dumps([{"id": str(i), "image": im, "conversations": turns} for i, im in enumerate(images)]))
+    return path
+
+
+def pretrain_cfg(tmp_path: Path, data: Path, **extra) -> dict:
+    raw = {"pretrain": True, "pretrain-data": str(data), "pretrain-cache-dir": str(tmp_path / "cache"), **extra}
+    return validate(raw, choices={"strategy": STRATEGIES})
+
+
+def test_pretraining_records_outside_the_image_folder_are_refused(tmp_path):
+    (tmp_path / "images").mkdir()
+    data = chat_file(tmp_path / "chat.json", ["../../../../etc/passwd"])
+    with pytest.raises(ConfigError, match="'pretrain-data'.*'../../../../etc/passwd', outside the image folder"):
+        pretrain_check(pretrain_cfg(tmp_path, data, **{"pretrain-image-dir": str(tmp_path / "images")}))
+
+
+def test_pretraining_records_whose_images_are_all_missing_are_refused(tmp_path):
+    data = chat_file(tmp_path / "chat.json", ["gone-1.png", "gone-2.png"])
+    with pytest.raises(ConfigError, match="none of the 2 images checked can be read"):
+        pretrain_check(pretrain_cfg(tmp_path, data))
+
+
+def test_a_malformed_pretraining_file_stops_the_launcher_with_file_and_line(no_superlink, capsys, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text('{"id": "a"}\n')
+    err = launch_error(capsys, f"pretrain=true pretrain-data={data} pretrain-cache-dir={tmp_path / 'cache'}")
+    assert f"{data}:1: record lacks 'image'" in err
+
+
+def test_an_image_link_leading_outside_the_folder_is_skipped_as_failed(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (12, 12)).save(tmp_path / "secret.png")
+    (root / "link.png").symlink_to(tmp_path / "secret.png")
+    teacher = tiny_teacher()
+    turns = (("human", "<image>\nq"), ("gpt", "a"))
+    data = LlavaSamples([Record("0", "link.png", turns)], root, teacher, 16, (0.5,) * 3, (0.5,) * 3)
+    assert data.batch([0], need_clip=False) is None and data.failed == {"link.png"}
+
+
+def test_a_pretraining_that_trains_zero_steps_fails_and_caches_nothing(tmp_path):
+    teacher = tiny_teacher()
+    turns = (("human", "<image>\nq"), ("gpt", "a"))
+    data = LlavaSamples([Record("0", "gone.png", turns)], tmp_path, teacher, 16, (0.5,) * 3, (0.5,) * 3)
+    gfl = build_gfl(build_model("resnet8", 16, 10, seed=0), teacher)
+    ckpt = Checkpoints(tmp_path / "dwp")
+    with pytest.raises(DWPError, match="trained zero steps"):
+        train_dwp(teacher, gfl, data, DWPConfig(epochs=1, batch_size=2), ckpt)
+    assert list(ckpt.root.iterdir()) == []
+    ckpt.save_final(gfl.state_dict(), {"steps": 0})  # as an older version could leave it
+    assert ckpt.final() is None
+
+
+class Planted:
+    """A pickle that creates a file when it is loaded (a shell command would do the same)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_cache_file_is_refused_and_never_runs(tmp_path):
+    ckpt = Checkpoints(tmp_path / "dwp")
+    marker = tmp_path / "pwned"
+    torch.save({"gfl": Planted(marker), "meta": {"steps": 5}}, ckpt.final_path)
+    with pytest.raises(CacheError, match=f"{ckpt.final_path} is not a pretraining checkpoint"):
+        ckpt.final()
+    assert not marker.exists()
+
+
+def test_what_pretraining_saves_loads_with_weights_only(tmp_path):
+    teacher = tiny_teacher()
+    gfl = build_gfl(build_model("resnet8", 16, 10, seed=0), teacher)
+    ckpt = Checkpoints(tmp_path / "dwp")
+    opt = torch.optim.AdamW(gfl.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = {"step": 1, "gfl": gfl.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "losses": [1.0]}
+    ckpt.save_epoch(1, state)
+    ckpt.save_final(gfl.state_dict(), {"steps": 1, "annotation": {"source": "x", "failed": []}, "loss": [0.5]})
+    assert ckpt.latest()["epoch"] == 1 and ckpt.final()["meta"]["steps"] == 1

@@ -183,6 +183,11 @@ def make_split(
     align = balanced_subset(labels if own else align_labels, align_per_class, rng)
     rest = np.setdiff1d(np.arange(len(labels)), align) if own else np.arange(len(labels))
     pool = long_tail_pool(labels, rest, num_classes, imbalance_factor, rng)
+    if len(pool) < num_clients * max(1, min_size):  # say so before drawing: a huge num-clients would take minutes
+        raise ConfigError(
+            f"run-config key 'num-clients' = {num_clients} is not allowed: the long-tailed pool holds {len(pool)} "
+            f"images, fewer than num-clients x min-partition-size ({max(1, min_size)})."
+        )
     parts = client_split(labels[pool], partitioner, num_clients, alpha, seed, min_size, num_classes)
     return Split(align, pool, [pool[p] for p in parts], num_classes, align_from_train=own)
 

@@ -121,6 +121,21 @@ def teacher_embed_dim(cfg: Mapping) -> int:
     return int(model_cfg["embed_dim"])
 
 
+def check_teacher(cfg: Mapping, use: str) -> None:
+    """The align-teacher's embedding size must be `projection-dim` (`use` says why), and a real teacher's
+    weights must be on this machine; the tiny teacher is built at projection-dim."""
+    dim = teacher_embed_dim(cfg)
+    if dim != int(cfg["projection-dim"]):
+        raise ConfigError(
+            f"run-config key 'projection-dim' = {cfg['projection-dim']} does not match the align-teacher "
+            f"{cfg['align-teacher']}'s embedding size {dim}: {use}; set projection-dim={dim}."
+        )
+    if cfg["align-teacher"] != "tiny":
+        from alignment.teacher import resolve_weights
+
+        resolve_weights(str(cfg["align-teacher"]), str(cfg["align-pretrained"]))
+
+
 def _cache_key(cfg: Mapping, align_idx: np.ndarray, split: str) -> str:
     from alignment.teacher import TEMPLATES, TINY_SEED, tiny_config
 

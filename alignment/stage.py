@@ -27,13 +27,12 @@ from alignment.holdout import HOLDOUT
 from alignment.logits import (
     TeacherLogits,
     check_class_names,
+    check_teacher,
     compute_teacher_logits,
     effective_beta,
     load_logits_file,
-    teacher_embed_dim,
 )
 from alignment.loss import AlignSettings, fine_tune
-from flcore.config import ConfigError
 from flcore.data import Dataset
 from flcore.experiment import Prepared, load_record, prepare, seeded_generator, to_record
 from rounds.stage import Outcome, ServerContext, Stages
@@ -110,18 +109,8 @@ def check_inputs(cfg: Mapping, dataset: Dataset, align_idx: np.ndarray) -> Teach
     effective_beta(cfg, cfg["align-teacher"] == "tiny")
     if cfg["align-teacher"] == HOLDOUT:
         return None  # logits only: no prompts, no feature space to match (its own check runs in `check`)
-    dim = teacher_embed_dim(cfg)
-    if dim != int(cfg["projection-dim"]):
-        raise ConfigError(
-            f"run-config key 'projection-dim' = {cfg['projection-dim']} does not match the teacher "
-            f"{cfg['align-teacher']}'s feature size {dim}: the model's projection is the teacher's feature "
-            f"space; set projection-dim={dim}."
-        )
+    check_teacher(cfg, "the model's projection is the teacher's feature space")
     check_class_names(dataset.classes)
-    if cfg["align-teacher"] != "tiny":
-        from alignment.teacher import resolve_weights
-
-        resolve_weights(str(cfg["align-teacher"]), str(cfg["align-pretrained"]))
     return None
 
 

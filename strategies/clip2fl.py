@@ -26,7 +26,6 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from flcore.config import ConfigError
 from flcore.experiment import Prepared, prepare
 from rounds.delegate import Delegating
 from strategies.creff import CReFFServer, with_server
@@ -134,7 +133,7 @@ def check(cfg: Mapping, prepared: Prepared) -> None:
     """The preflight's CLIP2FL checks: class names to prompt with and, for the server contrast, the
     teacher's embedding size equal to `projection-dim` and its weights on this machine."""
     from alignment import holdout
-    from alignment.logits import check_class_names, teacher_embed_dim
+    from alignment.logits import check_class_names, check_teacher
 
     if cfg["align-teacher"] == holdout.HOLDOUT:  # no prompts; its feature space is projection-dim wide
         holdout.check(cfg, prepared)
@@ -142,14 +141,8 @@ def check(cfg: Mapping, prepared: Prepared) -> None:
     check_class_names(prepared.dataset.classes, who="strategy = clip2fl", escape="")
     if float(cfg["contrast-weight"]) == 0:
         return
-    dim = teacher_embed_dim(cfg)
-    if dim != int(cfg["projection-dim"]):
-        raise ConfigError(
-            f"run-config key 'projection-dim' = {cfg['projection-dim']} does not match the align-teacher "
-            f"{cfg['align-teacher']}'s embedding size {dim}: CLIP2FL's server contrasts the federated features "
-            f"(projection-dim wide) with its text features; set projection-dim={dim}, or contrast-weight=0."
-        )
-    if cfg["align-teacher"] != "tiny":
-        from alignment.teacher import resolve_weights
-
-        resolve_weights(str(cfg["align-teacher"]), str(cfg["align-pretrained"]))
+    check_teacher(
+        cfg,
+        "CLIP2FL's server contrasts the federated features (projection-dim wide) with its text features, "
+        "unless contrast-weight=0",
+    )

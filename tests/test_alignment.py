@@ -34,6 +34,7 @@ from strategies.wrapper import ServerStages
 from tests.conftest import ClientAppGrid
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"num-clients": 4, "projection-dim": 32, "eval-batch-size": 1000, "image-size": 8}  # digits are 8x8
 
 
@@ -54,15 +55,6 @@ def context(cfg, run_id="t"):
         return summarize(preds, labels, classes, data.groups)
 
     return ServerContext(cfg, data, new_model, evaluate)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared 2-core machine: one intra-op thread avoids contention (8x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def settings(beta, steps=8, loss="ce+kl", lr=0.05):
@@ -186,7 +178,7 @@ def test_bad_alignment_config_is_rejected(tmp_path, overrides, hint):
 
 def test_bad_teacher_inputs_fail_before_round_one(tmp_path, monkeypatch):
     cfg = config(tmp_path, **{"align-teacher": "ViT-L-14-336"})
-    with pytest.raises(ConfigError, match="projection-dim.*feature size 768"):
+    with pytest.raises(ConfigError, match="projection-dim.*embedding size 768"):
         alignment_stages(cfg, context(cfg))
     cfg = config(tmp_path, **{"align-teacher": "NoSuchCLIP"})
     with pytest.raises(ConfigError, match="'align-teacher' = 'NoSuchCLIP'"):
@@ -204,7 +196,7 @@ def test_bad_teacher_inputs_fail_before_round_one(tmp_path, monkeypatch):
 
 def test_launcher_stops_bad_alignment_input_before_starting_anything(no_superlink, capsys):
     assert launch.main(["--run-config", "align=true align-teacher=ViT-B-32 projection-dim=768"]) == 2
-    assert "feature size 512" in capsys.readouterr().err
+    assert "embedding size 512" in capsys.readouterr().err
     assert launch.main(["--run-config", "align=true align-beta=-1.0"]) == 2
     assert "'align-beta' = -1.0" in capsys.readouterr().err
 

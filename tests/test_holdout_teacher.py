@@ -16,20 +16,13 @@ from rounds.stage import ServerContext
 from server_app.preflight import preflight
 from strategies.registry import STRATEGIES
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"num-clients": 4, "projection-dim": 32, "image-size": 8, "holdout-epochs": 3}
 
 
 def config(tmp_path, **overrides):
     raw = {**SMALL, "align": True, "align-teacher": "holdout", "output-dir": str(tmp_path), **overrides}
     return validate(raw, choices={"strategy": STRATEGIES})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

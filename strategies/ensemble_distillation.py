@@ -31,6 +31,7 @@ from flcore.experiment import Prepared, load_record, model_from, prepare, server
 from flcore.losses import kd_loss
 from rounds.delegate import Delegating
 
+MIN_IMAGES = 2
 # (round, averaged model, client models, their sample counts, the round's metrics) -> next global model
 Fuse = Callable[[int, ArrayRecord, list[ArrayRecord], list[float], MetricRecord], ArrayRecord]
 
@@ -75,27 +76,22 @@ def unlabeled_images(cfg: Mapping) -> ImageSet:
     return ImageSet(np.zeros(len(files), dtype=np.int64), files=files)
 
 
-def unlabeled_batches(cfg: Mapping) -> Batches:
-    """`unlabeled_images` in `distill-batch-size` batches, normalised like the dataset."""
-    dataset = prepare(cfg).dataset
-    return Batches(unlabeled_images(cfg), dataset, int(cfg["image-size"]), int(cfg["distill-batch-size"]))
+def batches_of(cfg: Mapping, images: ImageSet) -> Batches:
+    """`images` in `distill-batch-size` batches, normalised like the dataset."""
+    return Batches(images, prepare(cfg).dataset, int(cfg["image-size"]), int(cfg["distill-batch-size"]))
 
 
 def check(cfg: Mapping, prepared: Prepared) -> None:
-    """The preflight's check for FedDF and FedBE: the server holds unlabeled images to distil on."""
+    """The preflight's check for FedDF and FedBE: the server holds unlabeled images to distil on (FedDF holds
+    some of them out, so at least `MIN_IMAGES`)."""
     source = str(cfg["distill-data"])
-    if source == DISTILL_ON_ALIGN:
-        if len(prepared.split.align) == 0:
-            raise ConfigError(
-                "run-config key 'distill-data' = 'align': D_align is empty, so the server has no images to "
-                f"distil on (strategy {cfg['strategy']}); raise align-per-class or name a folder of images."
-            )
-        return
-    if not folder_images(Path(source).expanduser()):
+    found = len(prepared.split.align) if source == DISTILL_ON_ALIGN else len(folder_images(Path(source).expanduser()))
+    if found < MIN_IMAGES:
+        where = "D_align" if source == DISTILL_ON_ALIGN else f"the folder {source!r}"
         raise ConfigError(
-            f"run-config key 'distill-data' = {source!r}: the folder holds no images "
-            f"({', '.join(sorted(IMAGE_SUFFIXES))}); strategy {cfg['strategy']} distils the clients' ensemble on them "
-            "on the server."
+            f"run-config key 'distill-data' = {source!r}: {where} holds {found} image(s); strategy "
+            f"{cfg['strategy']} distils the clients' ensemble on the server on at least {MIN_IMAGES} unlabeled "
+            f"images ({', '.join(sorted(IMAGE_SUFFIXES))} files for a folder)."
         )
 
 

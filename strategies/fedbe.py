@@ -38,10 +38,11 @@ from flcore.data import Batches
 from flcore.experiment import model_from, to_record
 from strategies.ensemble_distillation import (
     ClientModels,
+    batches_of,
     distill_step,
     ensemble_logits,
     shuffled,
-    unlabeled_batches,
+    unlabeled_images,
 )
 from strategies.fedavg import sampling
 
@@ -118,7 +119,7 @@ class FedBEFusion:
         mean, var = gaussian([{k: a.numpy() for k, a in c.items()} for c in clients], examples, weights)
         sampled = sample_models(averaged, mean, var, int(cfg["fedbe-samples"]), np.random.default_rng(seed))
         members = [averaged, *clients, *sampled]
-        batches = unlabeled_batches(cfg)
+        batches = batches_of(cfg, unlabeled_images(cfg))
         targets = pseudo_labels(ensemble_logits(cfg, members, batches))
         gen = torch.Generator().manual_seed(seed)
         fused, loss = distill_with_swa(

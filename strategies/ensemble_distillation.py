@@ -31,7 +31,7 @@ from flcore.experiment import Prepared, load_record, model_from, prepare, server
 from flcore.losses import kd_loss
 from rounds.delegate import Delegating
 
-MIN_IMAGES = 2
+MIN_IMAGES = 2  # FedDF distils on some and holds at least one out for early stopping
 # (round, averaged model, client models, their sample counts, the round's metrics) -> next global model
 Fuse = Callable[[int, ArrayRecord, list[ArrayRecord], list[float], MetricRecord], ArrayRecord]
 

@@ -54,16 +54,22 @@ from alignment.figure import plot_pair  # noqa: E402
 from server_app.launch import parse_overrides  # noqa: E402
 
 # Method name -> run-config overrides that select it. `--method name=k=v ...` adds or replaces entries.
+# The first twelve are the paper's Table 2 baselines; FedLC and FedRS are long-tail methods beyond it.
 METHODS: dict[str, str] = {
     "fedavg": "strategy=fedavg",
     "fedprox": "strategy=fedprox",
     "fedavgm": "strategy=fedavgm",
     "fednova": "strategy=fednova",
     "focal": "loss=focal",
+    "ratioloss": "strategy=ratioloss",
+    "feddf": "strategy=feddf",
+    "fedbe": "strategy=fedbe",
     "tau-norm": "tau-norm=1.0",
     "ccvr": "strategy=ccvr",
     "creff": "strategy=creff",
     "clip2fl": "strategy=clip2fl",
+    "fedlc": "loss=fedlc",
+    "fedrs": "loss=fedrs",
     "ours": "pretrain=true align=true",  # MLLM-LLaVA-FL: stage 1 + FedAvg + stage 3
     "ours-no-align": "pretrain=true",
     # Offline, with the stand-in teacher (align-teacher=holdout) that knows the classes, so the KL term of
@@ -222,7 +228,7 @@ def plot_curves(results: list[dict], methods: Sequence[str], ifs: Sequence[float
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for m, (rounds, mean) in series.items():
-            # tab20: the default cycle has 10 colours and the grid has 11 methods
+            # tab20: the default cycle has 10 colours and the grid has up to 20 methods
             ax.plot(rounds, mean, marker="o", ms=3, color=plt.cm.tab20(methods.index(m) % 20), label=m)
         ax.set(xlabel="round", ylabel="test accuracy (mean over seeds)", ylim=(0, 1), title=f"IF {i:g}")
         ax.grid(alpha=0.3)

@@ -2,7 +2,9 @@
 
 A client uploads its model arrays and scalar metrics (with `num-examples` for weighting, and its
 `upload-bytes` and `peak-rss-mb`); only when the server's round config asks (`upload`, CReFF) it adds
-class statistics of the received model in an `uploads` record. A `query.upload` message (CCVR, after
+class statistics of the received model in an `uploads` record. Its loss is the run config's `loss`
+(FedLC and FedRS read the client's own label counts, which stay here) unless the round config names
+one (`loss`, the Ratio Loss with the server's class weights). A `query.upload` message (CCVR, after
 the last aggregation) asks for such statistics of the model it carries alone, with no training. It never
 loads the LLM, and loads CLIP only when the round config asks for CLIP2FL's distillation (`kd-weight`).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import lru_cache
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -22,7 +25,7 @@ from flcore.class_statistics import UPLOAD_ACTION, UPLOAD_KEY, client_upload
 from flcore.config import validate
 from flcore.costs import cost_metrics
 from flcore.experiment import client_batches, load_state, prepare, seeded_generator, to_record
-from flcore.losses import build_loss
+from flcore.losses import LossInputs, build_loss
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
 from flcore.training import ExtraLoss, TrainSettings, predict, train
@@ -82,13 +85,12 @@ def train_fn(msg: Message, context: Context) -> Message:
     batches = client_batches(cfg, partition_id)
     gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), partition_id)
     inject_failure(cfg, int(server_config.get("server-round", 0)), partition_id)
+    classes = prepare(cfg).dataset.num_classes
     extra = {}
     if UPLOAD_KEY in server_config:  # CReFF: computed on the received global model, before training
-        classes = prepare(cfg).dataset.num_classes
         extra[UPLOADS_RECORD] = client_upload(server_config, model, batches, classes)
-    metrics = train(
-        model, batches, _settings(cfg, server_config), gen, build_loss(cfg), _kd(cfg, server_config, partition_id)
-    )
+    loss = build_loss(LossInputs(cfg, np.bincount(batches.data.labels, minlength=classes), server_config))
+    metrics = train(model, batches, _settings(cfg, server_config), gen, loss, _kd(cfg, server_config, partition_id))
     arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})
     record.update(cost_metrics(arrays, record, *extra.values()))
     reply = RecordDict({"arrays": arrays, "metrics": record, **extra})

@@ -22,7 +22,8 @@ DATASETS_WITH_FILES = ("cifar10", "cifar100", "imagenet-lt", "folder")
 MODELS = ("resnet8", "resnet50")
 ALIGN_WHEN = ("every-round", "last-round")
 ALIGN_LOSSES = ("ce+kl", "ce", "kl")
-LOSSES = ("ce", "focal")
+LOSSES = ("ce", "focal", "fedlc", "fedrs")
+DISTILL_ON_ALIGN = "align"  # distill-data: D_align's images, labels dropped
 PARTITIONER_NAMES = ("creff", "dirichlet")
 ALIGN_SOURCES = ("auto", "train", "val")
 
@@ -298,7 +299,10 @@ SECTIONS: dict[str, dict[str, Option]] = {
             _number(0, 0.49),
         ),
         "loss": _choice(
-            "ce", "Client loss: ce (cross-entropy) or focal (Fed-Focal; focal with gamma 0 is ce).", LOSSES
+            "ce",
+            "Client loss: ce (cross-entropy), focal (Fed-Focal; focal with gamma 0 is ce), fedlc (FedLC's logit "
+            "calibration) or fedrs (FedRS's restricted softmax); strategy=ratioloss sets its own.",
+            LOSSES,
         ),
         "focal-gamma": _opt(2.0, "Focusing parameter gamma of the focal loss (loss=focal).", _number(0, 10)),
         "tau-norm": _opt(
@@ -327,6 +331,65 @@ SECTIONS: dict[str, dict[str, Option]] = {
         ),
         "feature-lr": _opt(
             0.1, "Learning rate of the federated features (strategy=creff; CReFF 0.1).", _number(0, low_open=True)
+        ),
+    },
+    "FedDF and FedBE (server-side ensemble distillation on unlabeled server images)": {
+        "distill-data": _opt(
+            DISTILL_ON_ALIGN,
+            "Unlabeled images the server distils the clients' ensemble on (strategy=feddf/fedbe): align (D_align's "
+            "images, labels dropped) or a folder of images (searched recursively).",
+        ),
+        "distill-lr": _opt(
+            0.001,
+            "Learning rate of the server distillation (FedDF: Adam 1e-3 with cosine annealing; FedBE: SGD, "
+            "momentum 0.9, 1e-3).",
+            _number(0, 10, low_open=True),
+        ),
+        "distill-batch-size": _opt(
+            128, "Batch size of the server distillation (FedBE's server batch size 128).", _number(1, integer=True)
+        ),
+        "feddf-steps": _opt(
+            10000,
+            "Most distillation steps per round (strategy=feddf; FedDF's 10^4).",
+            _number(1, integer=True),
+        ),
+        "feddf-patience": _opt(
+            1000,
+            "Steps without a lower epoch-mean distillation loss after which FedDF stops distilling (FedDF's 10^3).",
+            _number(1, integer=True),
+        ),
+        "fedbe-samples": _opt(
+            10,
+            "Models sampled from the Gaussian over the client weights per round (strategy=fedbe; FedBE's M 10).",
+            _number(0, 1000, integer=True),
+        ),
+        "fedbe-epochs": _opt(
+            20,
+            "Epochs of SGD + SWA distillation over the unlabeled images per round (strategy=fedbe; FedBE's 20).",
+            _number(1, integer=True),
+        ),
+    },
+    "Ratio Loss, FedLC, FedRS (client losses against label skew)": {
+        "ratio-alpha": _opt(
+            1.0,
+            "Ratio Loss class weight alpha + beta * Ra_c: alpha (strategy=ratioloss; Wang et al.'s 1.0).",
+            _number(0, 100),
+        ),
+        "ratio-beta": _opt(
+            0.1,
+            "Ratio Loss class weight alpha + beta * Ra_c: beta (strategy=ratioloss; Wang et al.'s 0.1).",
+            _number(0, 100),
+        ),
+        "fedlc-tau": _opt(
+            1.0,
+            "FedLC calibration strength tau in f_c - tau * n_c^(-1/4) (loss=fedlc; the paper tunes it, FL-bench's "
+            "default 1.0).",
+            _number(0, 100),
+        ),
+        "fedrs-alpha": _opt(
+            0.5,
+            "FedRS scale of the logits of classes a client lacks (loss=fedrs; the paper's alpha 0.5; 1 = ce).",
+            _number(0, 1),
         ),
     },
     "CLIP2FL (CReFF + client-side distillation from the align-teacher CLIP + a server-side text contrast)": {
@@ -436,6 +499,17 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"run-config key 'pretrain-data' = {cfg['pretrain-data']!r} is not allowed: expected 'digits', a folder "
             "of images or a LLaVA chat.json/.jsonl file that exists."
+        )
+    if cfg["strategy"] == "ratioloss" and cfg["loss"] != "ce":
+        raise ConfigError(
+            f"run-config key 'loss' = {cfg['loss']!r} is not allowed with strategy 'ratioloss': the Ratio Loss is "
+            "that method's client loss; expected ce (the default)."
+        )
+    distill = str(cfg["distill-data"])
+    if distill != DISTILL_ON_ALIGN and not Path(distill).expanduser().is_dir():
+        raise ConfigError(
+            f"run-config key 'distill-data' = {distill!r} is not allowed: expected {DISTILL_ON_ALIGN} or an "
+            "existing folder of images."
         )
     per_round = max(1, int(cfg["num-clients"] * cfg["fraction-train"]))
     if cfg["min-replies"] > per_round:

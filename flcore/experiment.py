@@ -19,6 +19,7 @@ from torch import nn
 from flcore import data as datasets
 from flcore.config import align_source, data_key
 from flcore.data import Batches, Dataset, ImageSet
+from flcore.models import FLModel, build_model
 from flcore.partition import Split, class_groups, make_split
 
 
@@ -115,6 +116,12 @@ def load_state(model: nn.Module, received: Mapping[str, torch.Tensor]) -> nn.Mod
 
 def load_record(model: nn.Module, arrays: ArrayRecord) -> nn.Module:
     return load_state(model, arrays.to_torch_state_dict())
+
+
+def model_from(cfg: Mapping, arrays: ArrayRecord) -> FLModel:
+    """A fresh model of the run's architecture holding `arrays`, for server-side methods that run the model."""
+    model = build_model(str(cfg["model"]), int(cfg["projection-dim"]), prepare(cfg).dataset.num_classes)
+    return load_record(model, arrays)
 
 
 def seeded_generator(*parts: int) -> torch.Generator:

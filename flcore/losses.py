@@ -1,22 +1,49 @@
-"""Client losses selectable with the `loss` run-config key.
+"""Client losses: the ones the `loss` run-config key selects, and the one a strategy's round config selects.
 
 Fed-Focal (Sarkar et al., 2020) replaces the clients' cross-entropy with the focal loss (Lin et al.,
 2017), which down-weights examples the model already classifies well, so the rare classes of a
 long-tailed client weigh more: FL = -(1 - p_t)^gamma * log p_t. With gamma = 0 it is cross-entropy.
 
-`kd_loss` is the one distillation loss of the project: CLIP2FL's clients (`client_app.distill`) and the
-server's global alignment (`alignment.loss`) both use it.
+FedLC (Zhang et al., ICML 2022) and FedRS (Li and Zhan, KDD 2021) change the softmax with the client's
+own label counts, which never leave the client: FedLC subtracts tau * n_c^(-1/4) from the logit of each
+class c before the cross-entropy (a larger margin for the client's rare classes), FedRS multiplies the
+logits of the classes the client lacks by alpha, so the client pushes them down less.
+
+The Ratio Loss (Wang et al., AAAI 2021) weights each example's cross-entropy by a per-class weight the
+server estimates every round (`strategies.ratio_loss`) and sends in the round config; a strategy that
+defines its clients' loss names it under `LOSS_KEY`, so it lives in `SERVER_LOSSES`, not in `LOSSES`.
+
+`kd_loss` is the one distillation loss of the project: CLIP2FL's clients (`client_app.distill`), the
+server's global alignment (`alignment.loss`) and FedDF/FedBE's server distillation use it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flcore.arrays import read_npy
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+LOSS_KEY = "loss"  # round-config key through which a strategy names its clients' loss
+RATIO_WEIGHTS_KEY = "ratio-weights"  # round-config key: the Ratio Loss's per-class weights, .npy bytes
+FEDLC_MIN_COUNT = 1e-8  # a class the client lacks counts as 1e-8 images: its logit drops by 100 * tau
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What a client knows when it builds its loss: the run config, its own images per class, and the round
+    config the server sent."""
+
+    cfg: Mapping
+    label_counts: np.ndarray
+    server_config: Mapping = field(default_factory=dict)
 
 
 def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -26,6 +53,39 @@ def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0) -
     return -(weight * log_pt).mean()
 
 
+def fedlc_offsets(label_counts: np.ndarray, tau: float) -> torch.Tensor:
+    """FedLC's calibration tau * n_c^(-1/4) per class; absent classes count as `FEDLC_MIN_COUNT` images."""
+    counts = torch.as_tensor(np.maximum(np.asarray(label_counts, np.float64), FEDLC_MIN_COUNT))
+    return (tau * counts.pow(-0.25)).float()
+
+
+def fedlc_loss(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the calibrated logits f_c - tau * n_c^(-1/4).
+
+    The paper's Eq. sums the denominator over y' != y only; read literally the loss has no lower bound
+    and training collapses (FL-bench issue #5), so the softmax runs over every class, as FL-bench and
+    fluke implement it.
+    """
+    return F.cross_entropy(logits - offsets.to(logits.dtype), labels)
+
+
+def fedrs_scale(label_counts: np.ndarray, alpha: float) -> torch.Tensor:
+    """FedRS's restriction per class: 1 for the classes the client holds, alpha for the ones it lacks."""
+    held = torch.as_tensor(np.asarray(label_counts) > 0)
+    return torch.where(held, 1.0, float(alpha))
+
+
+def fedrs_loss(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the restricted softmax: the logits of absent classes scaled by alpha."""
+    return F.cross_entropy(logits * scale.to(logits.dtype), labels)
+
+
+def ratio_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Ratio Loss: -w_y log p_y averaged over the batch (the authors' mean, not PyTorch's weight-normalised one)."""
+    per_example = F.cross_entropy(logits, labels, reduction="none")
+    return (weights.to(logits.dtype)[labels] * per_example).mean()
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(teacher/T) || softmax(student/T)) * T^2, averaged over the batch (Hinton et al.)."""
     log_p = F.log_softmax(student / temperature, dim=1)
@@ -33,12 +93,39 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * temperature**2
 
 
-LOSSES: dict[str, Callable[[Mapping], LossFn]] = {
-    "ce": lambda cfg: F.cross_entropy,
-    "focal": lambda cfg: partial(focal_loss, gamma=float(cfg["focal-gamma"])),
+def _ratio(inputs: LossInputs) -> LossFn:
+    """The Ratio Loss with the weights of this round's config, checked to be one non-negative weight per class."""
+    if RATIO_WEIGHTS_KEY not in inputs.server_config:
+        raise ValueError(f"the server asked for the ratio loss but sent no '{RATIO_WEIGHTS_KEY}' in the round config")
+    weights = read_npy(RATIO_WEIGHTS_KEY, inputs.server_config[RATIO_WEIGHTS_KEY])
+    classes = len(inputs.label_counts)
+    if weights.shape != (classes,) or (weights < 0).any():
+        raise ValueError(
+            f"the server's '{RATIO_WEIGHTS_KEY}' must be {classes} non-negative class weights, got shape "
+            f"{weights.shape}"
+        )
+    return partial(ratio_loss, weights=torch.from_numpy(weights.astype(np.float32)))
+
+
+LOSSES: dict[str, Callable[[LossInputs], LossFn]] = {
+    "ce": lambda inputs: F.cross_entropy,
+    "focal": lambda inputs: partial(focal_loss, gamma=float(inputs.cfg["focal-gamma"])),
+    "fedlc": lambda inputs: partial(
+        fedlc_loss, offsets=fedlc_offsets(inputs.label_counts, float(inputs.cfg["fedlc-tau"]))
+    ),
+    "fedrs": lambda inputs: partial(
+        fedrs_loss, scale=fedrs_scale(inputs.label_counts, float(inputs.cfg["fedrs-alpha"]))
+    ),
 }
 
+# Losses only a strategy selects, through `LOSS_KEY` in its round config.
+SERVER_LOSSES: dict[str, Callable[[LossInputs], LossFn]] = {"ratio": _ratio}
 
-def build_loss(cfg: Mapping) -> LossFn:
-    """The loss named by the run config's `loss` key."""
-    return LOSSES[str(cfg["loss"])](cfg)
+
+def build_loss(inputs: LossInputs) -> LossFn:
+    """The loss the round config names (`LOSS_KEY`), else the run config's `loss`."""
+    name = str(inputs.server_config.get(LOSS_KEY, inputs.cfg["loss"]))
+    known = {**LOSSES, **SERVER_LOSSES}
+    if name not in known:
+        raise ValueError(f"the server asked for loss {name!r}; this client knows {', '.join(known)}")
+    return known[name](inputs)

@@ -1,12 +1,14 @@
 """Registries: run-config name -> factory of a Flower Message-API strategy, and the server stages.
 
 Every strategy factory takes the validated run config; the method modules define them (`fedavg`,
-`fednova`, `ccvr`, `creff`, `clip2fl`). `build_server_strategy` wraps whatever comes out in
-`rounds.policy.RoundPolicy` (sampling, reply screening) and `strategies.wrapper.ServerStages` together
-with the stages every entry of `SERVER_STAGES` contributes (each factory reads its own switches from the
-config and returns no stages when it is off), so adding a strategy or a server stage needs no change in
-the apps. Each stage entry also names its input checks, and a strategy with inputs of its own (CLIP2FL's
-teacher) has an entry in `STRATEGY_CHECKS`; the preflight runs both before any process.
+`fednova`, `ccvr`, `creff`, `clip2fl`, `feddf`, `fedbe`, `ratio_loss`). `build_server_strategy` wraps
+whatever comes out in `rounds.policy.RoundPolicy` (sampling, reply screening) and
+`strategies.wrapper.ServerStages` together with the stages every entry of `SERVER_STAGES` contributes
+(each factory reads its own switches from the config and returns no stages when it is off), so adding a
+strategy or a server stage needs no change in the apps. Each stage entry also names its input checks, and
+a strategy with inputs of its own (CLIP2FL's teacher, the unlabeled images FedDF and FedBE distil on, the
+Ratio Loss's auxiliary set) has an entry in `STRATEGY_CHECKS`; the preflight runs both before any process.
+Client losses are registered in `flcore.losses` (`LOSSES`), because clients must not import this package.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from rounds.policy import RoundPolicy
 from rounds.stage import ServerContext, ServerStage, Stages
 from rounds.weights import WeightCaps
 from strategies import clip2fl as clip2fl_method
+from strategies import ensemble_distillation, ratio_loss
 from strategies.ccvr import ccvr
 from strategies.creff import creff
 from strategies.fedavg import fedavg, fedavgm, fedprox
+from strategies.fedbe import fedbe
+from strategies.feddf import feddf
 from strategies.fednova import fednova
 from strategies.robust import fedmedian, fedtrimmedavg
 from strategies.tau_norm import tau_norm_stage
@@ -42,11 +47,17 @@ STRATEGIES: dict[str, StrategyFactory] = {
     "clip2fl": clip2fl_method.clip2fl,
     "fedmedian": fedmedian,
     "fedtrimmedavg": fedtrimmedavg,
+    "feddf": feddf,
+    "fedbe": fedbe,
+    "ratioloss": ratio_loss.ratioloss,
 }
 
 # Input checks of strategies that read more than the config schema checks, run by the preflight.
 STRATEGY_CHECKS: dict[str, Callable[[Mapping, Any], None]] = {
     "clip2fl": clip2fl_method.check,
+    "feddf": ensemble_distillation.check,
+    "fedbe": ensemble_distillation.check,
+    "ratioloss": ratio_loss.check,
 }
 
 # Server stages in the order they run: stage 1 (pretraining) before round 1, stage 3 (alignment) after
@@ -103,11 +114,35 @@ def build_server_strategy(
     return ServerStages(policy, build_stages(cfg, ctx), report, round_offset=round_offset, on_round_end=on_round_end)
 
 
+LOSS_RUNS: dict[str, Callable[[Mapping], str]] = {
+    "ce": lambda cfg: "ce loss",
+    "focal": lambda cfg: f"focal loss (gamma {cfg['focal-gamma']})",
+    "fedlc": lambda cfg: (
+        f"FedLC's logit-calibrated CE (tau {cfg['fedlc-tau']}) from its own label counts, which it keeps"
+    ),
+    "fedrs": lambda cfg: (
+        f"FedRS's restricted softmax (logits of classes it lacks x {cfg['fedrs-alpha']}) from its own label "
+        "counts, which it keeps"
+    ),
+}
+
+
 def client_workload(cfg: Mapping) -> dict[str, str]:
     """For the run summary: what each client uploads per round and what it runs, for an honest comparison."""
     per_round = "model weights (state dict) + scalar train metrics"
-    runs = f"local SGD on its partition with {cfg['loss']} loss"
+    runs = f"local SGD on its partition with {LOSS_RUNS[str(cfg['loss'])](cfg)}"
     strategy = str(cfg["strategy"])
+    if strategy == "ratioloss":
+        runs = (
+            "local SGD on its partition with the Ratio Loss: CE weighted per class by ratio-alpha + ratio-beta * Ra "
+            "(alpha {a}, beta {b}); it receives the C class weights with the model every round and uploads "
+            "nothing extra".format(a=cfg["ratio-alpha"], b=cfg["ratio-beta"])
+        )
+    if strategy in ("feddf", "fedbe"):
+        runs += (
+            f"; nothing else: the server distils the round's client models ({strategy}) on its own unlabeled "
+            f"images (distill-data {cfg['distill-data']})"
+        )
     if strategy == "fedprox":
         runs += f" + FedProx proximal term (mu {cfg['proximal-mu']})"
     if strategy == "ccvr":

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from client_app import app as client
 from flcore import config as config_module
 from flcore.config import ConfigError, validate
-from flcore.losses import LOSSES, build_loss, focal_loss
+from flcore.losses import LOSSES, LossInputs, build_loss, focal_loss
 from strategies.fednova import FedNova
 from strategies.registry import STRATEGIES, build_strategy
 from strategies.tau_norm import tau_norm_stage, tau_normalize
@@ -180,7 +180,7 @@ def test_focal_with_zero_gamma_equals_cross_entropy():
     logits, labels = torch.randn(64, 10, generator=gen) * 3, torch.randint(0, 10, (64,), generator=gen)
     assert torch.allclose(focal_loss(logits, labels, gamma=0.0), F.cross_entropy(logits, labels))
     assert focal_loss(logits, labels, gamma=2.0) < F.cross_entropy(logits, labels)
-    loss = build_loss(cfg_of(loss="focal", focal_gamma=0.0))
+    loss = build_loss(LossInputs(cfg_of(loss="focal", focal_gamma=0.0), np.ones(10)))
     assert torch.allclose(loss(logits, labels), F.cross_entropy(logits, labels))
     assert set(LOSSES) == set(config_module.LOSSES)
 

@@ -138,7 +138,10 @@ KEEPS_CLIENT_CLASSIFIER = {"creff", "clip2fl"}  # clients train the plain aggreg
 CLASSIFIER = ("classifier.weight", "classifier.bias")
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+SERVER_MODEL = {"feddf", "fedbe", "ratioloss"}  # run the model on server data: need the real architecture's weights
+
+
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n not in SERVER_MODEL])
 def test_the_last_stage_output_is_the_next_global_model_and_the_base_of_the_strategys_update(name):
     """Round 1's stage sets every weight to 5; clients change nothing. Round 2 must send 5 and, since no
     client moved it, the strategy's own update must leave it at 5 (FedAvgM's momentum reference, FedNova's
@@ -184,3 +187,31 @@ def test_the_last_stage_output_is_the_next_global_model_and_the_base_of_the_stra
     assert torch.allclose(final["w"], torch.full((2,), 5.0), atol=1e-6)
     if name in ("fedavg", "fedprox", "fedavgm", "fednova"):
         assert all(torch.allclose(final[k], torch.full_like(final[k], 5.0), atol=1e-6) for k in CLASSIFIER)
+
+
+@pytest.mark.parametrize("name", sorted(SERVER_MODEL))
+def test_strategies_that_run_the_model_on_server_data_send_the_last_stage_output(name):
+    """FedDF, FedBE and the Ratio Loss run the real model on D_align: with its weights, round 2 must send what
+    round 1's last stage made (their own update is FedAvg of what clients send back, then server work)."""
+    from flcore.models import build_model
+    from rounds.stage import Outcome
+
+    cfg = validate(
+        {"strategy": name, "num-clients": 4, "fraction-train": 1.0, "num-server-rounds": 2, "projection-dim": 8}
+        | {"feddf-steps": 2, "feddf-patience": 1, "fedbe-samples": 1, "fedbe-epochs": 1},
+        choices={"strategy": STRATEGIES},
+    )
+    initial = build_model("resnet8", 8, 10, seed=0).state_dict()
+
+    def constant_in_round_1(rnd, arrays, metrics):
+        if rnd != 1:
+            return Outcome(arrays)
+        return Outcome(ArrayRecord({k: torch.full_like(v, 5.0) for k, v in arrays.to_torch_state_dict().items()}))
+
+    grid = EchoGrid()
+    served(build_strategy(cfg), [constant_in_round_1]).start(grid, ArrayRecord(initial), num_rounds=2)
+    round_2 = [m for m in grid.requests if m.metadata.message_type == "train"][4:]
+    assert len(round_2) == 4
+    for msg in round_2:
+        sent = msg.content["arrays"].to_torch_state_dict()
+        assert all(torch.allclose(v.double(), torch.full_like(v.double(), 5.0)) for v in sent.values())

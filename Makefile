@@ -1,7 +1,8 @@
 # Quick start: `make run` (set up + run the offline default), `make test` (set up + run the tests).
 # `make test-fast` runs the unit tier alone (no end-to-end runs through real Flower processes).
 # Set RUN_CONFIG to override run-config keys, e.g. make run RUN_CONFIG="num-server-rounds=5 seed=1", and PRESET
-# to start from one of the paper's settings in conf/, e.g. make run PRESET=cifar10-lt RUN_CONFIG="data-dir=/data/c10".
+# to start from one of the paper's settings in conf/, e.g. make run PRESET=cifar10-lt RUN_CONFIG="data-dir=/data/c10";
+# RAY_ADDRESS=<head>:6379 joins a running Ray cluster (docs/cluster.md).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m server_app.launch $(if $(PRESET),--run-config conf/$(PRESET).toml) $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
+	$(PY) -m server_app.launch $(if $(PRESET),--run-config conf/$(PRESET).toml) $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)") $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

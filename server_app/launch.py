@@ -221,17 +221,36 @@ def report_status(status: Mapping[str, Any], logs: str) -> int:
     return 0
 
 
-def run(overrides: Mapping[str, Any]) -> int:
+def check_ray_cluster(address: str) -> None:
+    """The head node of the cluster the run will join must answer at `address` (host:port of its GCS), so a
+    wrong address fails before start instead of Ray retrying for minutes inside the simulation."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"--ray-address {address!r}: no Ray cluster answers there ({err}); expected host:port of a head node "
+            "started with `ray start --head`."
+        ) from err
+    print(f"ray: the simulation joins the cluster at {address}", flush=True)
+
+
+def run(overrides: Mapping[str, Any], ray_address: str = "") -> int:
+    """One run on a private SuperLink; with `ray_address` the simulation joins that Ray cluster (RAY_ADDRESS)."""
     defaults, simulation = project_settings()
     try:
         cfg, sent = resolve(overrides, defaults)
         check_before_start(cfg)
+        if ray_address:
+            check_ray_cluster(ray_address)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     port = free_port()
     home = PROJECT / ".flwr" / f"sim-{port}"  # one FLWR_HOME per launch: concurrent launches stay apart
     env = run_env(home)
+    if ray_address:  # Flower's Ray backend calls ray.init() without an address: Ray then reads RAY_ADDRESS
+        env["RAY_ADDRESS"] = ray_address
     write_connection(home, port)
     link = start_superlink(home, port, env)
     watchdog = Watchdog.start([link.pid])  # ends all of it if this process dies, and Ray's stragglers at the end
@@ -259,13 +278,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--run-config", "-c", action="append", default=[], help="overrides: 'k=v k2=v2' or a TOML file; repeatable"
     )
+    parser.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS", ""),
+        help="join this running Ray cluster (e.g. 10.0.0.1:6379) instead of starting one; default: $RAY_ADDRESS",
+    )
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.run_config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return run(overrides)
+    return run(overrides, args.ray_address)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""ClientApp: train the received global model on this node's own partition and send back the weights.
+"""ClientApp: train the received global model on this node's data and send back the weights.
 
+A node's data is its partition of the run's pool or, with client-data=local, its own folder (`client_app.shard`).
 A client uploads its model arrays and scalar metrics (with `num-examples` for weighting, and its
-`upload-bytes` and `peak-rss-mb`); only when the server's round config asks (`upload`, CReFF) it adds
+`upload-bytes` and `peak-rss-mb`; a node holding its own data adds its `class-counts`, images per class,
+so the server can report the federation's data without seeing it); only when the server's round config
+asks (`upload`, CReFF) it adds
 class statistics of the received model in an `uploads` record. Its loss is the run config's `loss`
 (FedLC and FedRS read the client's own label counts, which stay here) unless the round config names
 one (`loss`, the Ratio Loss with the server's class weights). A `query.upload` message (CCVR, after
@@ -18,13 +21,15 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.faults import inject_failure, partition_reply
+from client_app.faults import identity_reply, inject_failure
 from client_app.limits import check_global
+from client_app.shard import Shard, shard
 from flcore.class_statistics import RECORD as UPLOADS_RECORD
 from flcore.class_statistics import UPLOAD_ACTION, UPLOAD_KEY, client_upload
 from flcore.config import validate
 from flcore.costs import cost_metrics
-from flcore.experiment import client_batches, load_state, prepare, seeded_generator, to_record
+from flcore.experiment import load_state, seeded_generator, to_record
+from flcore.local_data import CLASS_COUNTS_KEY
 from flcore.losses import LossInputs, build_loss
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
@@ -39,19 +44,15 @@ def _model(name: str, projection_dim: int, num_classes: int) -> FLModel:
     return build_model(name, projection_dim, num_classes)
 
 
-def _setup(msg: Message, context: Context) -> tuple[dict, int, FLModel]:
-    cfg = validate(context.run_config)
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config.get("num-partitions", cfg["num-clients"]))
-    if num_partitions != cfg["num-clients"]:
-        raise ValueError(
-            f"this node has num-partitions={num_partitions} but run-config num-clients="
-            f"{cfg['num-clients']}: start the federation with num-supernodes = num-clients."
-        )
-    classes = prepare(cfg).dataset.num_classes
-    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), classes)
+def _setup(msg: Message, context: Context) -> tuple[dict, dict, Shard, FLModel]:
+    """The run config (its server-side paths are not this node's to check), the request's config, this node's
+    data, and the model holding the received global weights."""
+    cfg = validate(context.run_config, paths=False)
+    server_config = dict(msg.content["config"]) if "config" in msg.content else {}
+    data = shard(cfg, context, server_config)
+    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), data.num_classes)
     load_state(model, check_global(msg, model.state_dict(), message_limit(cfg, context.node_config)))
-    return cfg, partition_id, model
+    return cfg, server_config, data, model
 
 
 def message_limit(cfg: Mapping, node_config: Mapping) -> float:
@@ -68,30 +69,29 @@ def _settings(cfg: Mapping, server_config: Mapping) -> TrainSettings:
     return TrainSettings.from_config({**local, **server_config})
 
 
-def _kd(cfg: Mapping, server_config: Mapping, partition_id: int) -> ExtraLoss | None:
+def _kd(cfg: Mapping, server_config: Mapping, data: Shard) -> ExtraLoss | None:
     """CLIP2FL's distillation term, only when the round config asks; only then is open_clip imported."""
     if "kd-weight" not in server_config:
         return None
     from client_app.distill import distillation
 
-    dataset = prepare(cfg).dataset
-    return distillation(cfg, server_config, partition_id, dataset.classes, client_batches(cfg, partition_id).data)
+    return distillation(cfg, server_config, data.stream, data.classes, data.batches.data)
 
 
 @app.train()
 def train_fn(msg: Message, context: Context) -> Message:
-    cfg, partition_id, model = _setup(msg, context)
-    server_config = dict(msg.content["config"])
-    batches = client_batches(cfg, partition_id)
-    gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), partition_id)
-    inject_failure(cfg, int(server_config.get("server-round", 0)), partition_id)
-    classes = prepare(cfg).dataset.num_classes
+    cfg, server_config, data, model = _setup(msg, context)
+    batches, classes = data.batches, data.num_classes
+    gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), data.stream)
+    inject_failure(cfg, int(server_config.get("server-round", 0)), data.stream)
     extra = {}
     if UPLOAD_KEY in server_config:  # CReFF: computed on the received global model, before training
         extra[UPLOADS_RECORD] = client_upload(server_config, model, batches, classes)
     loss = build_loss(LossInputs(cfg, np.bincount(batches.data.labels, minlength=classes), server_config))
-    metrics = train(model, batches, _settings(cfg, server_config), gen, loss, _kd(cfg, server_config, partition_id))
+    metrics = train(model, batches, _settings(cfg, server_config), gen, loss, _kd(cfg, server_config, data))
     arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})
+    if data.local:
+        record[CLASS_COUNTS_KEY] = data.class_counts()
     record.update(cost_metrics(arrays, record, *extra.values()))
     reply = RecordDict({"arrays": arrays, "metrics": record, **extra})
     return Message(reply, reply_to=msg)
@@ -99,26 +99,25 @@ def train_fn(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_fn(msg: Message, context: Context) -> Message:
-    cfg, partition_id, model = _setup(msg, context)
-    batches = client_batches(cfg, partition_id)
-    preds, labels = predict(model, batches)
-    scores = summarize(preds, labels, prepare(cfg).dataset.num_classes, {})
+    cfg, _, data, model = _setup(msg, context)
+    preds, labels = predict(model, data.batches)
+    scores = summarize(preds, labels, data.num_classes, {})
     reply = MetricRecord({"accuracy": scores["accuracy"], "num-examples": len(labels)})
     return Message(RecordDict({"metrics": reply}), reply_to=msg)
 
 
 @app.query()
 def query_fn(msg: Message, context: Context) -> Message:
-    """Tell the server this node's partition, so it samples and orders nodes independently of node IDs."""
-    return partition_reply(msg, context)
+    """Tell the server this node's partition (or name), so it samples and orders nodes independently of node IDs."""
+    return identity_reply(msg, context)
 
 
 @app.query(UPLOAD_ACTION)
 def upload_fn(msg: Message, context: Context) -> Message:
     """CCVR: the class statistics the config asks for, of the model the message carries; no training."""
-    cfg, partition_id, model = _setup(msg, context)
-    batches = client_batches(cfg, partition_id)
-    upload = client_upload(dict(msg.content["config"]), model, batches, prepare(cfg).dataset.num_classes)
+    cfg, server_config, data, model = _setup(msg, context)
+    batches = data.batches
+    upload = client_upload(server_config, model, batches, data.num_classes)
     record = MetricRecord({"num-examples": len(batches.data)})
     record.update(cost_metrics(ArrayRecord(), record, upload))
     return Message(RecordDict({"metrics": record, UPLOADS_RECORD: upload}), reply_to=msg)

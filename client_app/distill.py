@@ -26,7 +26,7 @@ from flcore.training import ExtraLoss
 WEIGHT_KEY, TEMPERATURE_KEY = "kd-weight", "kd-temperature"  # train-config keys that switch distillation on
 
 
-_CACHE: dict[tuple, torch.Tensor] = {}  # (data split, partition, teacher) -> logits; one process, many rounds
+_CACHE: dict[tuple, torch.Tensor] = {}  # (data split, partition, images, teacher) -> logits; one process, many rounds
 
 
 TEACHER_KEYS = (
@@ -40,9 +40,14 @@ TEACHER_KEYS = (
 )
 
 
+def _fingerprint(images: ImageSet) -> tuple:
+    """What the cached logits belong to: a node holding its own data may add or remove images between rounds."""
+    return (len(images), hash(images.files)) if images.files is not None else (len(images),)
+
+
 def teacher_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
-    """The teacher's logits [N, C] of this client's partition, computed once per process and reused."""
-    key = (data_key(cfg), partition_id, *(cfg[k] for k in TEACHER_KEYS))
+    """The teacher's logits [N, C] of this client's data, computed once per process and reused."""
+    key = (data_key(cfg), partition_id, _fingerprint(images), *(cfg[k] for k in TEACHER_KEYS))
     if key not in _CACHE:
         compute = _holdout_logits if cfg["align-teacher"] == "holdout" else _clip_logits
         _CACHE[key] = compute(cfg, partition_id, classes, images)

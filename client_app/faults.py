@@ -1,4 +1,4 @@
-"""Client-side pieces of fault tolerance: injected failures for tests, and the partition-id answer.
+"""Client-side pieces of fault tolerance: injected failures for tests, and the node's answer to "who are you".
 
 `fail-rate` makes a client's train call raise with that probability, drawn from (seed, round, partition)
 so a test knows exactly which replies fail; Flower turns the exception into an error reply, which the
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from flcore.experiment import seeded_generator
 
@@ -33,6 +33,13 @@ def inject_failure(cfg: Mapping, server_round: int, partition_id: int) -> None:
         raise InjectedFailure(f"injected failure (fail-rate {cfg['fail-rate']}) in round {server_round}")
 
 
-def partition_reply(msg: Message, context: Context) -> Message:
-    pid = int(context.node_config["partition-id"])
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+def identity_reply(msg: Message, context: Context) -> Message:
+    """What the server orders nodes by (`rounds.sampling`): the partition id of a node serving a partition,
+    and the operator's `node-name`, if set, of a node holding its own data (`data-dir`); nothing else."""
+    node = context.node_config
+    own_data = "data-dir" in node
+    metrics = {} if own_data or "partition-id" not in node else {"partition-id": int(node["partition-id"])}
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if own_data and node.get("node-name"):
+        content["config"] = ConfigRecord({"node-name": str(node["node-name"])})
+    return Message(content, reply_to=msg)

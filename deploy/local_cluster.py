@@ -2,7 +2,9 @@
 
 This is the simulation's ServerApp and ClientApp unchanged, served by real Flower processes that talk
 over the network: each SuperNode is its own `flower-supernode` process that loads only its partition
-(`--node-config "partition-id=i num-partitions=N"`) and runs the ClientApp in a subprocess. Flower
+(`--node-config "partition-id=i num-partitions=N"`), or, with `--node-data DIR` once per node, trains on
+that folder alone (`--node-config "data-dir='DIR' node-name='node<i>'"`, run config client-data=local: the
+server never reads the folders), and runs the ClientApp in a subprocess. Flower
 1.42's SuperLink serves the Fleet API (SuperNodes), the Control API (`flwr`) and the Runtime API over
 one HTTP(S) port; `--fleet-api-type grpc-rere` is deprecated and no longer selects another transport.
 
@@ -14,6 +16,7 @@ Modes:
   the SuperLink runs with `--enable-supernode-auth`, so only registered nodes may join.
 
 Usage: python -m deploy.local_cluster --nodes 3 [--insecure] [--run-config "k=v ..."] [--workdir DIR]
+       python -m deploy.local_cluster --node-data DIR1 --node-data DIR2 ... [--insecure] [--run-config "k=v ..."]
 Every process is stopped on exit (also on errors and Ctrl-C); every wait has a timeout.
 """
 
@@ -115,6 +118,7 @@ class LocalCluster:
     nodes: int
     tls: bool = True
     auth: bool = True
+    node_data: Sequence[Path] = ()  # node i's own image folder (client-data=local); empty: partitions
     procs: list[subprocess.Popen] = field(default_factory=list)
     link: subprocess.Popen | None = None
 
@@ -153,7 +157,14 @@ class LocalCluster:
         args = self.security_args() + (["--enable-supernode-auth"] if self.auth else [])
         self.link = launch.start_superlink(self.home, self.port, self.env, args)
 
-    def node_args(self, pid: int, key: Path | None) -> list[str]:
+    def node_config(self, pid: int, data_dir: Path | None = None) -> str:
+        """Node `pid`'s --node-config: its own folder and a name when it has one, else its partition."""
+        data_dir = data_dir or (self.node_data[pid] if pid < len(self.node_data) else None)
+        if data_dir is None:
+            return f"partition-id={pid} num-partitions={self.nodes}"
+        return f"data-dir={json.dumps(str(Path(data_dir).resolve()))} node-name={json.dumps(f'node{pid}')}"
+
+    def node_args(self, pid: int, key: Path | None, data_dir: Path | None = None) -> list[str]:
         trust = ["--root-certificates", str(self.certs.ca)] if self.certs else ["--insecure"]
         args = [
             str(launch.BIN / "flower-supernode"),
@@ -161,7 +172,7 @@ class LocalCluster:
             "--superlink",
             f"{HOST}:{self.port}",
             "--node-config",
-            f"partition-id={pid} num-partitions={self.nodes}",
+            self.node_config(pid, data_dir),
             "--port",
             str(launch.free_port()),
             "--max-wait-time",
@@ -175,16 +186,20 @@ class LocalCluster:
         if out.returncode:
             raise RuntimeError(f"flwr supernode register {public} failed: {out.stdout}{out.stderr}")
 
-    def start_supernode(self, pid: int, register: bool = True) -> subprocess.Popen:
-        """Node `pid` with its own FLWR_HOME; with auth, its key is made and (unless told not to) registered."""
+    def start_supernode(self, pid: int, register: bool = True, data_dir: Path | None = None) -> subprocess.Popen:
+        """Node `pid` with its own FLWR_HOME; with auth, its key is made (unless it exists: a restarted node
+        keeps its identity) and, unless told not to, registered. `data_dir`: a node added with its own folder."""
         key = None
         if self.auth:
-            key, public = make_node_key(self.workdir / "keys", f"node{pid}")
-            if register:
-                self.register(public)
+            key, public = self.workdir / "keys" / f"node{pid}", self.workdir / "keys" / f"node{pid}.pub"
+            if not key.is_file():
+                key, public = make_node_key(self.workdir / "keys", f"node{pid}")
+                if register:
+                    self.register(public)
         home = self.workdir / f"node{pid}"
         home.mkdir(parents=True, exist_ok=True)
-        proc = launch.start_process(self.node_args(pid, key), home / "supernode.log", launch.run_env(home))
+        log = home / "supernode.log"
+        proc = launch.start_process(self.node_args(pid, key, data_dir), log, launch.run_env(home), append=True)
         self.procs.append(proc)
         return proc
 
@@ -220,22 +235,31 @@ class LocalCluster:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=3, help="SuperNodes to start (= num-clients)")
+    parser.add_argument(
+        "--node-data",
+        type=Path,
+        action="append",
+        default=[],
+        help="one SuperNode per use, training on this folder of its own (client-data=local; --nodes is ignored)",
+    )
     parser.add_argument("--insecure", action="store_true", help="plain HTTP and no node authentication")
     parser.add_argument("--workdir", type=Path, default=launch.PROJECT / ".flwr-cluster")
     parser.add_argument("--run-config", "-c", action="append", default=[], help="overrides: 'k=v ...' or a TOML file")
     args = parser.parse_args(argv)
     defaults, _ = launch.project_settings()
+    nodes = len(args.node_data) or args.nodes
+    local = {"client-data": "local"} if args.node_data else {}
     try:
-        overrides = {**launch.parse_overrides(args.run_config), "num-clients": args.nodes}
+        overrides = {**launch.parse_overrides(args.run_config), "num-clients": nodes, **local}
         cfg, sent = launch.resolve(overrides, defaults)
         launch.check_before_start(cfg)
     except (launch.ConfigError, launch.DataNotFound) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     secure = not args.insecure
-    with LocalCluster(args.workdir, args.nodes, tls=secure, auth=secure) as cluster:
+    with LocalCluster(args.workdir, nodes, tls=secure, auth=secure, node_data=args.node_data) as cluster:
         mode = "TLS + SuperNode authentication" if secure else "insecure"
-        print(f"SuperLink on {HOST}:{cluster.port} ({mode}), {args.nodes} SuperNodes online", flush=True)
+        print(f"SuperLink on {HOST}:{cluster.port} ({mode}), {nodes} SuperNodes online", flush=True)
         status = cluster.run(sent)
     return launch.report_status(status, str(cluster.home / "superlink.log"))
 

@@ -26,6 +26,8 @@ LOSSES = ("ce", "focal", "fedlc", "fedrs")
 DISTILL_ON_ALIGN = "align"  # distill-data: D_align's images, labels dropped
 PARTITIONER_NAMES = ("creff", "dirichlet")
 ALIGN_SOURCES = ("auto", "train", "val")
+CLIENT_DATA = ("partition", "local")
+LOCAL = "local"  # client-data: every SuperNode trains on its own folder (node config `data-dir`)
 
 
 MAX_SEED = 2**31 - 1  # every seed consumer accepts it (torch, NumPy, Flower), also as seed * 1000 + epoch
@@ -92,6 +94,14 @@ SECTIONS: dict[str, dict[str, Option]] = {
             "digits", "Dataset: digits (offline default), cifar10, cifar100, imagenet-lt, folder.", DATASETS
         ),
         "data-dir": _opt("", "Local data root (required for every dataset but digits; nothing is downloaded)."),
+        "client-data": _choice(
+            "partition",
+            "Where each client's images come from: partition (every node cuts its share of the long-tailed pool "
+            "from dataset/data-dir: the simulation, or SuperNodes sharing one copy) or local (every SuperNode "
+            "trains on its own folder, --node-config \"data-dir='...'\", and the server reads only its test split "
+            "and D_align; the split keys do not apply; docs/deployment.md).",
+            CLIENT_DATA,
+        ),
         "image-size": _opt(
             16, "Side of the model input in pixels (digits are upsampled to it).", _number(8, 1024, integer=True)
         ),
@@ -462,8 +472,9 @@ def _check_folders(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(f"run-config key '{key}' = {value!r} is an existing file: expected a folder.")
 
 
-def _check_relations(cfg: Mapping[str, Any]) -> None:
-    """Rules that tie several keys together."""
+def _check_paths(cfg: Mapping[str, Any]) -> None:
+    """Files and folders the server reads or writes must exist where it runs (a SuperNode holding its own data
+    does not have them, so its ClientApp skips these checks)."""
     _check_folders(cfg)
     if cfg["dataset"] in DATASETS_WITH_FILES:
         root = str(cfg["data-dir"])
@@ -473,6 +484,33 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
             )
         if not Path(root).expanduser().is_dir():
             raise ConfigError(f"run-config key 'data-dir' = {root!r} is not an existing folder.")
+    source = str(cfg["align-data"])
+    if source not in ALIGN_SOURCES and not Path(source).expanduser().is_dir():
+        raise ConfigError(
+            f"run-config key 'align-data' = {source!r} is not allowed: expected {', '.join(ALIGN_SOURCES)} or an "
+            "existing folder with one subfolder per class."
+        )
+    if cfg["align"] and cfg["align-logits-file"] and not Path(str(cfg["align-logits-file"])).expanduser().is_file():
+        raise ConfigError(f"run-config key 'align-logits-file' = {cfg['align-logits-file']!r} is not an existing file.")
+    if (
+        cfg["pretrain"]
+        and cfg["pretrain-data"] != "digits"
+        and not Path(str(cfg["pretrain-data"])).expanduser().exists()
+    ):
+        raise ConfigError(
+            f"run-config key 'pretrain-data' = {cfg['pretrain-data']!r} is not allowed: expected 'digits', a folder "
+            "of images or a LLaVA chat.json/.jsonl file that exists."
+        )
+    distill = str(cfg["distill-data"])
+    if distill != DISTILL_ON_ALIGN and not Path(distill).expanduser().is_dir():
+        raise ConfigError(
+            f"run-config key 'distill-data' = {distill!r} is not allowed: expected {DISTILL_ON_ALIGN} or an "
+            "existing folder of images."
+        )
+
+
+def _check_relations(cfg: Mapping[str, Any]) -> None:
+    """Rules that tie several keys together."""
     if cfg["dataset"] == "imagenet-lt" and cfg["imbalance-factor"] != 1:
         raise ConfigError(
             f"run-config key 'imbalance-factor' = {cfg['imbalance-factor']!r} is not allowed for imagenet-lt: "
@@ -484,32 +522,15 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
             f"run-config key 'few-threshold' = {cfg['few-threshold']!r} is not allowed: expected <= many-threshold "
             f"({cfg['many-threshold']!r})."
         )
-    if cfg["align"] and cfg["align-logits-file"] and not Path(str(cfg["align-logits-file"])).expanduser().is_file():
-        raise ConfigError(f"run-config key 'align-logits-file' = {cfg['align-logits-file']!r} is not an existing file.")
     if cfg["pretrain-batch-size"] % cfg["pretrain-grad-accum"]:
         raise ConfigError(
             f"run-config key 'pretrain-grad-accum' = {cfg['pretrain-grad-accum']!r} is not allowed: expected a "
             f"divisor of pretrain-batch-size ({cfg['pretrain-batch-size']!r})."
         )
-    if (
-        cfg["pretrain"]
-        and cfg["pretrain-data"] != "digits"
-        and not Path(str(cfg["pretrain-data"])).expanduser().exists()
-    ):
-        raise ConfigError(
-            f"run-config key 'pretrain-data' = {cfg['pretrain-data']!r} is not allowed: expected 'digits', a folder "
-            "of images or a LLaVA chat.json/.jsonl file that exists."
-        )
     if cfg["strategy"] == "ratioloss" and cfg["loss"] != "ce":
         raise ConfigError(
             f"run-config key 'loss' = {cfg['loss']!r} is not allowed with strategy 'ratioloss': the Ratio Loss is "
             "that method's client loss; expected ce (the default)."
-        )
-    distill = str(cfg["distill-data"])
-    if distill != DISTILL_ON_ALIGN and not Path(distill).expanduser().is_dir():
-        raise ConfigError(
-            f"run-config key 'distill-data' = {distill!r} is not allowed: expected {DISTILL_ON_ALIGN} or an "
-            "existing folder of images."
         )
     per_round = max(1, int(cfg["num-clients"] * cfg["fraction-train"]))
     if cfg["min-replies"] > per_round:
@@ -521,19 +542,19 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"run-config key 'image-size' = {cfg['image-size']!r} is not allowed for resnet8: expected <= 64."
         )
+    if cfg["client-data"] == LOCAL and cfg["strategy"] == "clip2fl" and cfg["align-teacher"] == "holdout":
+        raise ConfigError(
+            "run-config key 'align-teacher' = 'holdout' is not allowed with strategy 'clip2fl' and client-data "
+            "'local': CLIP2FL's clients would train the stand-in teacher from the run's dataset, which nodes holding "
+            "their own data do not have; expected an open_clip teacher, or client-data = partition."
+        )
 
 
 def _check_align_data(cfg: Mapping[str, Any]) -> None:
-    source = str(cfg["align-data"])
-    if source == "val" and cfg["dataset"] != "imagenet-lt":
+    if str(cfg["align-data"]) == "val" and cfg["dataset"] != "imagenet-lt":
         raise ConfigError(
             f"run-config key 'align-data' = 'val' is not allowed for dataset '{cfg['dataset']}': only imagenet-lt "
             "has a published val split; expected auto, train or a folder with one subfolder per class."
-        )
-    if source not in ALIGN_SOURCES and not Path(source).expanduser().is_dir():
-        raise ConfigError(
-            f"run-config key 'align-data' = {source!r} is not allowed: expected {', '.join(ALIGN_SOURCES)} or an "
-            "existing folder with one subfolder per class."
         )
 
 
@@ -550,11 +571,14 @@ def validate(
     raw: Mapping[str, Any],
     choices: Mapping[str, Iterable[str]] | None = None,
     schema: Mapping[str, Option] = SCHEMA,
+    *,
+    paths: bool = True,
 ) -> dict[str, Scalar]:
     """Return a complete, checked config: defaults filled in, every key and relation validated.
 
     `choices` supplies allowed values that live in other packages (the strategy registry), so this
-    module depends on none of them.
+    module depends on none of them. `paths=False` skips the checks of the server's files and folders
+    (`_check_paths`), for a ClientApp on a machine that does not hold them.
     """
     unknown = sorted(set(raw) - set(schema))
     if unknown:
@@ -565,6 +589,8 @@ def validate(
         value = raw.get(key, option.default)
         _check_key(key, value, option, extra.get(key, option.choices))
         cfg[key] = int(value) if isinstance(option.default, int) and not isinstance(option.default, bool) else value
+    if paths:
+        _check_paths(cfg)
     _check_relations(cfg)
     return cfg
 
@@ -574,6 +600,7 @@ def data_key(cfg: Mapping[str, Any]) -> tuple:
     keys = (
         "dataset",
         "data-dir",
+        "client-data",
         "image-size",
         "imbalance-factor",
         "partitioner",

@@ -19,6 +19,16 @@ from flcore.config import ConfigError
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGITS_TEST_FRACTION = 0.3
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+Stats = tuple[tuple[float, float, float], tuple[float, float, float], bool]
+# Per dataset: the input mean and std (of 0..1 pixels) and whether its images may be flipped (natural photos:
+# yes; digits: no). A node holding its own images normalises them like the server's dataset of that name.
+INPUT_STATS: dict[str, Stats] = {
+    "digits": ((0.5,) * 3, (0.5,) * 3, False),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "cifar100": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "imagenet-lt": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True),
+    "folder": ((0.5,) * 3, (0.5,) * 3, True),
+}
 
 
 class DataNotFound(FileNotFoundError):
@@ -35,6 +45,11 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @classmethod
+    def empty(cls) -> ImageSet:
+        """No images (the training split of a server whose clients hold their own data)."""
+        return cls(np.zeros(0, dtype=np.int64), files=())
 
     def subset(self, idx: np.ndarray) -> ImageSet:
         idx = np.asarray(idx, dtype=np.int64)
@@ -59,7 +74,7 @@ class Dataset:
         return len(self.classes)
 
 
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize a uint8 NCHW batch once at load time, so training never resizes."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images.contiguous()
@@ -95,10 +110,10 @@ def load_digits(data_dir: Path, image_size: int) -> Dataset:
     """scikit-learn's 8x8 digits (1,797 real scans), upsampled to the model input, fixed 70/30 split."""
     scans, labels = digits_pixels()
     pixels = torch.from_numpy(scans)
-    images = _resize(pixels[:, None].expand(-1, 3, -1, -1), image_size)
+    images = resize(pixels[:, None].expand(-1, 3, -1, -1), image_size)
     train, test = digits_split(labels)
     full = ImageSet(labels, images)
-    return Dataset(full.subset(train), full.subset(test), DIGIT_NAMES, (0.5,) * 3, (0.5,) * 3, natural=False)
+    return Dataset(full.subset(train), full.subset(test), DIGIT_NAMES, *INPUT_STATS["digits"])
 
 
 def _cifar_from_torchvision(root: Path, num_classes: int, image_size: int) -> tuple[ImageSet, ImageSet, tuple]:
@@ -108,7 +123,7 @@ def _cifar_from_torchvision(root: Path, num_classes: int, image_size: int) -> tu
     splits = []
     for train in (True, False):
         ds = cls(str(root), train=train, download=False)
-        images = _resize(torch.from_numpy(ds.data).permute(0, 3, 1, 2), image_size)
+        images = resize(torch.from_numpy(ds.data).permute(0, 3, 1, 2), image_size)
         splits.append(ImageSet(np.asarray(ds.targets, dtype=np.int64), images))
     return splits[0], splits[1], tuple(ds.classes)
 
@@ -122,7 +137,7 @@ def _cifar_from_hf_disk(root: Path, num_classes: int, image_size: int) -> tuple[
     for name in ("train", "test"):
         ds = dd[name].with_format("numpy")
         pixels = np.stack([np.asarray(img.convert("RGB")) for img in dd[name]["img"]])
-        images = _resize(torch.from_numpy(pixels).permute(0, 3, 1, 2), image_size)
+        images = resize(torch.from_numpy(pixels).permute(0, 3, 1, 2), image_size)
         splits.append(ImageSet(np.asarray(ds[label_col], dtype=np.int64), images))
     classes = tuple(dd["train"].features[label_col].names)
     return splits[0], splits[1], classes
@@ -147,7 +162,6 @@ def _unless_corrupt(
 
 def load_cifar(num_classes: int) -> Callable[[Path, int], Dataset]:
     folder = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
-    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
     def load(data_dir: Path, image_size: int) -> Dataset:
         if (data_dir / folder).is_dir():
@@ -161,7 +175,7 @@ def load_cifar(num_classes: int) -> Callable[[Path, int], Dataset]:
                 f"internet), or an HF dataset saved with save_to_disk (load_dataset('uoft-cs/cifar{num_classes}')"
                 f".save_to_disk('{data_dir}'))."
             )
-        return Dataset(train, test, classes, mean, std, natural=True)
+        return Dataset(train, test, classes, *INPUT_STATS[f"cifar{num_classes}"])
 
     return load
 
@@ -187,21 +201,36 @@ def _read_index(root: Path, name: str) -> ImageSet:
     return ImageSet(np.asarray(labels, dtype=np.int64), files=tuple(files))
 
 
-def load_imagenet_lt(data_dir: Path, image_size: int) -> Dataset:
-    """ImageNet-LT from its published index files; images are decoded on demand (too large for memory)."""
-    train = _read_index(data_dir, "ImageNet_LT_train.txt")
-    test = _read_index(data_dir, "ImageNet_LT_test.txt")
-    num_classes = int(train.labels.max()) + 1
+def _imagenet_lt(data_dir: Path, train: ImageSet, test: ImageSet) -> Dataset:
+    num_classes = int(max(train.labels.max(initial=-1), test.labels.max(initial=-1))) + 1
     names_file = data_dir / "classnames.txt"
     classes = (
         tuple(names_file.read_text().splitlines())
         if names_file.is_file()
         else tuple(f"class {c}" for c in range(num_classes))
     )
-    return Dataset(train, test, classes, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), natural=True)
+    return Dataset(train, test, classes, *INPUT_STATS["imagenet-lt"])
 
 
-def _scan_folder(split_dir: Path, classes: tuple[str, ...]) -> ImageSet:
+def load_imagenet_lt(data_dir: Path, image_size: int) -> Dataset:
+    """ImageNet-LT from its published index files; images are decoded on demand (too large for memory)."""
+    train = _read_index(data_dir, "ImageNet_LT_train.txt")
+    return _imagenet_lt(data_dir, train, _read_index(data_dir, "ImageNet_LT_test.txt"))
+
+
+def load_imagenet_lt_test(data_dir: Path, image_size: int) -> Dataset:
+    """ImageNet-LT's test split alone (a server whose clients hold their own images needs no training index)."""
+    return _imagenet_lt(data_dir, ImageSet.empty(), _read_index(data_dir, "ImageNet_LT_test.txt"))
+
+
+def class_subfolders(root: Path) -> list[str]:
+    """Names of the class subfolders of `root`, sorted; hidden folders (`.cache`, `.ipynb_checkpoints`) are not
+    classes."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_folder(split_dir: Path, classes: tuple[str, ...]) -> ImageSet:
+    """Image files under split_dir/<class name>/ (recursively), labelled by the class's position in `classes`."""
     files, labels = [], []
     for c, name in enumerate(classes):
         for path in sorted((split_dir / name).rglob("*")):
@@ -216,17 +245,29 @@ def load_folder(data_dir: Path, image_size: int) -> Dataset:
     train_dir, test_dir = data_dir / "train", data_dir / "test"
     if not train_dir.is_dir() or not test_dir.is_dir():
         raise DataNotFound(f"folder dataset needs '{train_dir}' and '{test_dir}', each with one subfolder per class.")
-    classes = tuple(sorted(p.name for p in train_dir.iterdir() if p.is_dir()))
+    classes = tuple(class_subfolders(train_dir))
     orphans = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
     if orphans:
         raise DataNotFound(
             f"folder dataset: class folder(s) {orphans[:5]} in '{test_dir}' have no twin in '{train_dir}'; their test "
             "images would be dropped. Add the class to train/ or remove it from test/."
         )
-    train, test = _scan_folder(train_dir, classes), _scan_folder(test_dir, classes)
+    train, test = scan_folder(train_dir, classes), scan_folder(test_dir, classes)
     if len(train) == 0 or len(test) == 0:
         raise DataNotFound(f"folder dataset under '{data_dir}' has no images in train/ or test/.")
-    return Dataset(train, test, classes, (0.5,) * 3, (0.5,) * 3, natural=True)
+    return Dataset(train, test, classes, *INPUT_STATS["folder"])
+
+
+def load_folder_test(data_dir: Path, image_size: int) -> Dataset:
+    """An ImageFolder tree's test split alone (data-dir/test/<class>/*): the classes are its subfolders."""
+    test_dir = data_dir / "test"
+    if not test_dir.is_dir():
+        raise DataNotFound(f"folder dataset needs '{test_dir}', with one subfolder per class.")
+    classes = tuple(class_subfolders(test_dir))
+    test = scan_folder(test_dir, classes)
+    if len(test) == 0:
+        raise DataNotFound(f"folder dataset under '{data_dir}' has no images in test/.")
+    return Dataset(ImageSet.empty(), test, classes, *INPUT_STATS["folder"])
 
 
 def _require_classes(found: ImageSet, classes: tuple[str, ...], where: str) -> ImageSet:
@@ -248,14 +289,14 @@ def _require_classes(found: ImageSet, classes: tuple[str, ...], where: str) -> I
 
 def class_folder(root: Path, classes: tuple[str, ...]) -> ImageSet:
     """The server's own images: root/<class name>/*, every subfolder named after one of `classes`."""
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    found = class_subfolders(root)
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise ConfigError(
             f"run-config key 'align-data' = '{root}': subfolder(s) {unknown[:5]} are not classes of the dataset; "
             f"expected subfolders named after its classes, e.g. {list(classes[:5])}."
         )
-    return _require_classes(_scan_folder(root, classes), classes, f"folder '{root}'")
+    return _require_classes(scan_folder(root, classes), classes, f"folder '{root}'")
 
 
 def align_images(source: str, data_dir: str, classes: tuple[str, ...]) -> ImageSet | None:
@@ -278,8 +319,18 @@ LOADERS: dict[str, Callable[[Path, int], Dataset]] = {
 }
 
 
-def load(name: str, data_dir: str, image_size: int) -> Dataset:
-    return LOADERS[name](Path(data_dir).expanduser(), image_size)
+# Datasets whose test split can be read without the training split: a server whose clients hold their own
+# images and whose D_align is not carved from the training split reads no more than it must.
+TEST_ONLY_LOADERS: dict[str, Callable[[Path, int], Dataset]] = {
+    "imagenet-lt": load_imagenet_lt_test,
+    "folder": load_folder_test,
+}
+
+
+def load(name: str, data_dir: str, image_size: int, with_train: bool = True) -> Dataset:
+    """The named dataset; with `with_train=False` its training split may be left unread (then it is empty)."""
+    loader = LOADERS[name] if with_train else TEST_ONLY_LOADERS.get(name, LOADERS[name])
+    return loader(Path(data_dir).expanduser(), image_size)
 
 
 def decode(files: tuple[str, ...], image_size: int) -> torch.Tensor:

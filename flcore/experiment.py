@@ -1,8 +1,9 @@
 """What a run's configuration determines on each side: the dataset, its split, and the model weights.
 
-The server and each client call these with the same config and get the same split; results are cached
-per process, so a simulated client (a Ray actor serving many partitions) decodes the dataset once and
-never reloads data between rounds.
+With `client-data=partition` the server and each client call these with the same config and get the same
+split; results are cached per process, so a simulated client (a Ray actor serving many partitions) decodes
+the dataset once and never reloads data between rounds. With `client-data=local` the clients hold their own
+images (`flcore.local_data`): the server reads only its test split and D_align, and there is no split.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from flcore import data as datasets
-from flcore.config import align_source, data_key
+from flcore.config import LOCAL, align_source, data_key
 from flcore.data import Batches, Dataset, ImageSet
+from flcore.local_data import CLASSES_KEY
 from flcore.models import FLModel, build_model
-from flcore.partition import Split, class_groups, make_split
+from flcore.partition import Split, balanced_subset, class_groups, make_split
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,28 @@ class Prepared:
     align_source: ImageSet
 
 
+def _server_only(cfg: Mapping) -> Prepared:
+    """client-data=local: the server's test split and D_align, nothing of the clients' (no pool, no split).
+
+    D_align comes from `align-data`; carved from the server's own training split (`train`) it is a
+    class-balanced draw of align-per-class images per class, as in the partitioned recipe but without a
+    long tail, since no pool is cut from what is left.
+    """
+    source_name = align_source(cfg)
+    dataset = datasets.load(cfg["dataset"], cfg["data-dir"], cfg["image-size"], with_train=source_name == "train")
+    source = datasets.align_images(source_name, cfg["data-dir"], dataset.classes)
+    labels = dataset.train.labels if source is None else source.labels
+    align = balanced_subset(labels, cfg["align-per-class"], np.random.default_rng(cfg["seed"]))
+    empty = np.zeros(0, dtype=np.int64)
+    split = Split(align, empty, [], dataset.num_classes, align_from_train=source is None)
+    return Prepared(dataset, split, dataset.train if source is None else source)
+
+
 @lru_cache(maxsize=2)
 def _prepare(key: tuple) -> Prepared:
     cfg = dict(key)
+    if cfg["client-data"] == LOCAL:
+        return _server_only(cfg)
     dataset = datasets.load(cfg["dataset"], cfg["data-dir"], cfg["image-size"])
     source = datasets.align_images(align_source(cfg), cfg["data-dir"], dataset.classes)
     split = make_split(
@@ -58,6 +79,12 @@ def prepare(cfg: Mapping) -> Prepared:
     return _prepare(data_key(cfg))
 
 
+def client_classes(cfg: Mapping) -> dict[str, list[str]]:
+    """What every request to a node must carry for it to label its own images: the class names, in the
+    server's order, when the nodes hold their own data (client-data=local); nothing otherwise."""
+    return {CLASSES_KEY: list(prepare(cfg).dataset.classes)} if cfg["client-data"] == LOCAL else {}
+
+
 @lru_cache(maxsize=64)
 def _client_batches(key: tuple, batch_size: int, partition_id: int) -> Batches:
     prep = _prepare(key)
@@ -75,7 +102,8 @@ def client_batches(cfg: Mapping, partition_id: int) -> Batches:
 
 @dataclass(frozen=True)
 class ServerData:
-    """What the server holds: the balanced test split, D_align, and the long-tail bookkeeping."""
+    """What the server holds: the balanced test split, D_align, and the long-tail bookkeeping (with
+    client-data=local the server knows no pool: zero counts, no clients, empty class groups)."""
 
     dataset: Dataset
     test: Batches
@@ -90,14 +118,11 @@ def server_data(cfg: Mapping) -> ServerData:
     labels = prep.dataset.train.labels
     counts = prep.split.pool_counts(labels)
     test = Batches(prep.dataset.test, prep.dataset, cfg["image-size"], cfg["eval-batch-size"])
-    return ServerData(
-        prep.dataset,
-        test,
-        prep.align_source.subset(prep.split.align),
-        counts,
-        prep.split.client_histogram(labels),
-        class_groups(counts, cfg["many-threshold"], cfg["few-threshold"]),
-    )
+    local = cfg["client-data"] == LOCAL
+    groups = class_groups(counts, cfg["many-threshold"], cfg["few-threshold"])
+    groups = {name: [] for name in groups} if local else groups
+    histogram = prep.split.client_histogram(labels)
+    return ServerData(prep.dataset, test, prep.align_source.subset(prep.split.align), counts, histogram, groups)
 
 
 def to_record(model: nn.Module) -> ArrayRecord:

@@ -156,8 +156,9 @@ class Split:
         return np.bincount(labels[self.pool], minlength=self.num_classes)
 
     def client_histogram(self, labels: np.ndarray) -> np.ndarray:
-        """clients x classes image counts."""
-        return np.stack([np.bincount(labels[idx], minlength=self.num_classes) for idx in self.clients])
+        """clients x classes image counts (no rows when the clients hold their own data)."""
+        rows = [np.bincount(labels[idx], minlength=self.num_classes) for idx in self.clients]
+        return np.stack(rows) if rows else np.zeros((0, self.num_classes), dtype=np.int64)
 
 
 def make_split(

@@ -6,6 +6,10 @@ run goes, so a crash keeps what was done), summary.json, curves.png, confusion.p
 the server stages measured (`take`): a `<name>.json` per summary section (pretrain.json,
 alignment.json) and their figures (alignment-step.png). Every file but the metrics log is written atomically
 (`flcore.files`); the checkpoint for resume is written beside them by `rounds.checkpoint`.
+
+When the nodes hold their own data (client-data=local) the server knows no split: partition.json/.png
+then show what each node reported (its image count and images per class; each node's latest report),
+kept per round in metrics.jsonl (`node-data`) and in the summary.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from flcore.files import atomic_write, json_safe, write_json  # noqa: E402
 from flcore.metrics import row_normalised  # noqa: E402
 
 SCALAR_KEYS = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
+NODE_DATA = "node-data"  # metrics row / summary key: node label -> {num-examples, class-counts} as reported
 
 
 def save_figure(fig: Figure, path: Path) -> None:
@@ -51,6 +56,7 @@ class RunReport:
         self.rows: list[dict] = []
         self.sections: dict[str, dict] = {}
         self._pending: dict[int, dict] = {}
+        self._drawn: dict[str, dict] = {}
         self._t0 = self._last = time.perf_counter()
 
     @classmethod
@@ -60,24 +66,33 @@ class RunReport:
         write_json(out / "config.json", dict(cfg))
         return cls(out, int(cfg["num-server-rounds"]), classes)
 
-    def write_partition(self, histogram: np.ndarray, pool_counts: np.ndarray, groups: Mapping[str, list[int]]) -> None:
-        """Per-client class histogram as JSON and heatmap, with the long-tail counts and class groups."""
-        write_json(
-            self.dir / "partition.json",
-            {
-                "classes": self.classes,
-                "pool-counts": pool_counts.tolist(),
-                "groups": dict(groups),
-                "clients": histogram.tolist(),
-            },
-        )
+    def write_partition(
+        self,
+        histogram: np.ndarray,
+        pool_counts: np.ndarray,
+        groups: Mapping[str, list[int]],
+        nodes: Sequence[str] | None = None,
+    ) -> None:
+        """Per-client class histogram as JSON and heatmap, with the long-tail counts and class groups; `nodes`
+        names the rows when they are what nodes holding their own data reported."""
+        content = {
+            "classes": self.classes,
+            "pool-counts": pool_counts.tolist(),
+            "groups": dict(groups),
+            "clients": histogram.tolist(),
+        }
+        if nodes is not None:
+            content.update({"nodes": list(nodes), "source": "reported by the nodes (counts only)"})
+        write_json(self.dir / "partition.json", content)
         fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(self.classes) + 2), max(4, 0.3 * len(histogram) + 1.5)))
         im = ax.imshow(histogram, aspect="auto", cmap="viridis")
-        ax.set(xlabel="class", ylabel="client", title=f"Images per client and class (pool {int(pool_counts.sum())})")
+        what = "reported by the nodes, " if nodes is not None else ""
+        title = f"Images per client and class ({what}pool {int(pool_counts.sum())})"
+        ax.set(xlabel="class", ylabel="node" if nodes is not None else "client", title=title)
         if len(self.classes) <= 20:
             ax.set_xticks(range(len(self.classes)), self.classes, rotation=45, ha="right")
         if len(histogram) <= 40:
-            ax.set_yticks(range(len(histogram)))
+            ax.set_yticks(range(len(histogram)), nodes)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         save_figure(fig, self.dir / "partition.png")
@@ -99,7 +114,31 @@ class RunReport:
 
     def record_train(self, server_round: int, metrics: Mapping[str, Any]) -> None:
         """Keep the round's aggregated client metrics until its evaluation arrives."""
-        self._pending[server_round] = dict(metrics)
+        self._pending[server_round] = {**self._pending.get(server_round, {}), **metrics}
+
+    def record_nodes(self, server_round: int, nodes: Mapping[str, Mapping[str, Any]]) -> None:
+        """What nodes holding their own data reported this round (image count and images per class, nothing
+        else); kept with the round's row, and the partition files redrawn from every node's latest report."""
+        pending = self._pending.setdefault(server_round, {})
+        pending[NODE_DATA] = {**pending.get(NODE_DATA, {}), **{k: dict(v) for k, v in nodes.items()}}
+        latest = {**self.node_data(), **pending[NODE_DATA]}
+        if latest != self._drawn:  # a node joined or its folder changed
+            self.write_node_partition(latest)
+            self._drawn = latest
+
+    def node_data(self) -> dict[str, dict]:
+        """Each reporting node's latest report, over the rows so far (a resumed run's included)."""
+        latest: dict[str, dict] = {}
+        for row in self.rows:
+            latest.update(row.get(NODE_DATA, {}))
+        return latest
+
+    def write_node_partition(self, nodes: Mapping[str, Mapping[str, Any]]) -> None:
+        """partition.json/.png from the nodes' reports, in node-label order; no long tail is known, so no groups."""
+        names, width = sorted(nodes), len(self.classes)
+        rows = [(list(nodes[n]["class-counts"]) + [0] * width)[:width] for n in names]  # as long as the class list
+        histogram = np.asarray(rows, dtype=np.int64).reshape(len(names), width)
+        self.write_partition(histogram, histogram.sum(axis=0), {}, names)
 
     def record_eval(self, server_round: int, metrics: Mapping[str, Any]) -> None:
         """Append one metrics.jsonl line and print the round's progress line."""
@@ -136,6 +175,7 @@ class RunReport:
             "final": {k: last.get(k) for k in SCALAR_KEYS},
             "best-accuracy": max(r["accuracy"] for r in self.rows),
             "per-class-accuracy": last["per-class-accuracy"],
+            **({NODE_DATA: self.node_data()} if self.node_data() else {}),
             **self.sections,
             **(extra or {}),
         }

@@ -9,12 +9,16 @@ does an aggregate with NaN or Inf (finite updates can still overflow). `max_empt
 row without one valid update stop the run instead of letting it finish with the initial model, and a
 run in which no round aggregated anything fails at its end (`require_an_update`), however short. Every
 aggregation reports its reply counts.
+
+Nodes holding their own data report their images per class (`class-counts`) with each update; the
+policy takes those counts out of the metrics before the strategy averages them and hands them, per node,
+to `on_node_data` (the run report), so a real federation's data is reported without being seen.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -23,10 +27,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flcore.arrays import non_finite
+from flcore.local_data import CLASS_COUNTS_KEY
 from rounds.delegate import Delegating
-from rounds.guard import Screened, screen
+from rounds.guard import WEIGHT_KEY, Screened, screen
 from rounds.sampling import NodeOrder, OrderedGrid, seeded_random
 from rounds.weights import WeightCaps, bound_weights
+
+NodeData = dict[str, dict[str, int | list[int]]]  # node label -> its num-examples and class-counts
+NodeDataSink = Callable[[int, NodeData], None]
 
 
 class RoundPolicy(Delegating):
@@ -42,8 +50,10 @@ class RoundPolicy(Delegating):
         query_timeout: float = 60.0,
         weight_caps: WeightCaps | None = None,
         max_upload_mb: float = math.inf,
+        on_node_data: NodeDataSink | None = None,
     ) -> None:
         super().__init__(inner)
+        self.on_node_data = on_node_data
         self.min_replies, self.seed = min_replies, seed
         self.weight_caps, self.max_upload_mb = weight_caps or WeightCaps(), max_upload_mb
         self.max_empty_rounds, self._empty_rounds = max_empty_rounds, 0
@@ -59,13 +69,8 @@ class RoundPolicy(Delegating):
             messages = list(self.inner.configure_train(server_round, arrays, config, OrderedGrid(grid, self.nodes)))
         self._sent, self._global = len(messages), arrays
         self._stop_waiting_for_lost_nodes()
-        picked = sorted(self.nodes.key(m.metadata.dst_node_id) for m in messages)
-        log(
-            INFO,
-            "round %s: sampled partitions %s",
-            server_round,
-            [k[1] if k[0] == 0 else f"node {k[1]}" for k in picked],
-        )
+        picked = sorted((m.metadata.dst_node_id for m in messages), key=self.nodes.key)
+        log(INFO, "round %s: sampled %s", server_round, [self.nodes.label(n) for n in picked])
         return messages
 
     def _stop_waiting_for_lost_nodes(self) -> None:
@@ -83,6 +88,9 @@ class RoundPolicy(Delegating):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         checked = screen(replies, self._global, self.max_upload_mb)
+        reported = take_node_data(checked.accepted, self.nodes.label)
+        if reported and self.on_node_data is not None:
+            self.on_node_data(server_round, reported)
         for node, claimed, cap in bound_weights(checked.accepted, self.weight_caps, self.nodes.partition.get):
             log(WARNING, "round %s: node %s claims %g examples; weighted as %g", server_round, node, claimed, cap)
         missing = max(0, (self._sent or len(replies)) - len(replies))  # timed out or dropped: no reply at all
@@ -143,3 +151,17 @@ class RoundPolicy(Delegating):
                 f"{self._empty_rounds} rounds in a row without one valid client update (max-empty-rounds="
                 f"{self.max_empty_rounds}); last round's first problem: {self._last_problem}"
             )
+
+
+def take_node_data(replies: Iterable[Message], label: Callable[[int], str]) -> NodeData:
+    """Each reply's reported size and images per class, by node label; the counts are removed from its metrics,
+    which the strategy then averages as usual (a mean histogram would mean nothing)."""
+    out: NodeData = {}
+    for reply in replies:
+        metrics = next(iter(reply.content.metric_records.values()))
+        if CLASS_COUNTS_KEY not in metrics:
+            continue
+        counts = [max(0, int(c)) for c in metrics[CLASS_COUNTS_KEY]]
+        del metrics[CLASS_COUNTS_KEY]
+        out[label(reply.metadata.src_node_id)] = {"num-examples": int(metrics[WEIGHT_KEY]), CLASS_COUNTS_KEY: counts}
+    return out

@@ -7,6 +7,10 @@ differs between two runs. Here each node is asked once for its `partition-id` (a
 ClientApp answers from its node config), nodes are listed in partition order, and the strategy samples
 with a `random` seeded by (seed, round) only. The same seed then picks the same partitions in every
 round, and replies are aggregated in partition order, whatever the node IDs and arrival order are.
+
+A node holding its own data (client-data=local) has no partition: it answers with the `node-name` its
+operator gave it, if any. Such nodes follow the partitioned ones, named nodes by name, then unnamed ones
+by node ID (stable while the SuperLink lives: a registered node keeps its ID across restarts).
 """
 
 from __future__ import annotations
@@ -22,15 +26,17 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 PARTITION_KEY = "partition-id"
+NAME_KEY = "node-name"
 QUERY = "query"
 
 
 class NodeOrder:
-    """Partition ID per node, learnt by asking each new node once; unknown nodes sort last by ID."""
+    """Partition ID (or name) per node, learnt by asking each new node once; unknown nodes sort last by ID."""
 
     def __init__(self, timeout: float = 60.0) -> None:
         self.timeout = timeout
         self.partition: dict[int, int | None] = {}
+        self.name: dict[int, str] = {}
 
     def learn(self, grid: Grid, node_ids: Iterable[int]) -> None:
         """Ask nodes not seen before for their partition id (building and sending messages draws from the
@@ -46,15 +52,27 @@ class NodeOrder:
         messages = [Message(RecordDict({"config": ask}), dst_node_id=n, message_type=QUERY) for n in unknown]
         answers: dict[int, int | None] = dict.fromkeys(unknown)
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
-            metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
+            if reply.has_error():
+                continue
+            node, content = reply.metadata.src_node_id, reply.content
+            metrics, config = content.metric_records.get("metrics"), content.config_records.get("config")
             if metrics is not None and isinstance(metrics.get(PARTITION_KEY), int):
-                answers[reply.metadata.src_node_id] = int(metrics[PARTITION_KEY])
+                answers[node] = int(metrics[PARTITION_KEY])
+            if config is not None and isinstance(config.get(NAME_KEY), str) and config[NAME_KEY]:
+                self.name[node] = config[NAME_KEY]
         self.partition.update(answers)
-        log(INFO, "partition ids of %d new node(s): %s", len(unknown), sorted(answers.values(), key=str))
+        log(INFO, "%d new node(s): %s", len(unknown), sorted(self.label(n) for n in unknown))
 
-    def key(self, node_id: int) -> tuple[int, int]:
+    def key(self, node_id: int) -> tuple[int, int | str]:
         pid = self.partition.get(node_id)
-        return (0, pid) if pid is not None else (1, node_id)
+        if pid is not None:
+            return (0, pid)
+        return (1, self.name[node_id]) if node_id in self.name else (2, node_id)
+
+    def label(self, node_id: int) -> str:
+        """How logs and reports name a node: `partition <i>`, its node-name, or `node <id>`."""
+        kind, value = self.key(node_id)
+        return (f"partition {value}", str(value), f"node {value}")[kind]
 
     def sort_replies(self, replies: Iterable[Message]) -> list[Message]:
         return sorted(replies, key=lambda r: self.key(r.metadata.src_node_id))

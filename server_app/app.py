@@ -10,7 +10,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from flcore.experiment import ServerData, load_record, server_data, to_record
+from flcore.config import LOCAL
+from flcore.experiment import ServerData, client_classes, load_record, server_data, to_record
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
 from flcore.reports import RunReport
@@ -55,7 +56,9 @@ def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
     report = RunReport.create(cfg, run_id, data.dataset.classes)
     if resumed is not None:
         report.restore(resumed.rows)
-    report.write_partition(data.client_histogram, data.pool_counts, data.groups)
+    local = cfg["client-data"] == LOCAL
+    if not local:  # nodes holding their own data report it with their updates (RunReport.record_nodes)
+        report.write_partition(data.client_histogram, data.pool_counts, data.groups)
     rounds = int(cfg["num-server-rounds"])
 
     def new_model(seed: int | None = None) -> FLModel:
@@ -86,7 +89,7 @@ def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
         initial,
         num_rounds=rounds - done,
         timeout=float(cfg["round-timeout"]),
-        train_config=ConfigRecord({k: cfg[k] for k in TRAIN_KEYS}),
+        train_config=ConfigRecord({**{k: cfg[k] for k in TRAIN_KEYS}, **client_classes(cfg)}),
         evaluate_fn=evaluator,
     )
     strategy.inner.require_an_update()  # the round policy: a run that aggregated nothing has failed
@@ -96,11 +99,16 @@ def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
         {
             "run-id": str(run_id),
             "output-dir": str(report.dir),
-            "pool-size": int(data.pool_counts.sum()),
+            "pool-size": _reported_size(report) if local else int(data.pool_counts.sum()),
             "align-size": len(data.align),
             **client_workload(cfg),
         },
     )
+
+
+def _reported_size(report: RunReport) -> int:
+    """The images the nodes holding their own data reported, each node's latest count."""
+    return sum(int(node["num-examples"]) for node in report.node_data().values())
 
 
 @app.main()

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flcore.config import ConfigError, align_source
+from flcore.config import LOCAL, ConfigError, align_source
 from server_app.preflight import InputError, preflight, validated
 from server_app.watchdog import Watchdog, stop
 
@@ -98,6 +98,14 @@ def check_before_start(cfg: Mapping[str, Any]) -> None:
     if checked.resumed is not None:
         print(f"resume: continuing after round {checked.resumed.round} from {cfg['resume']}", flush=True)
     prep = checked.prepared
+    if cfg["client-data"] == LOCAL:
+        print(
+            f"data: {cfg['dataset']} | clients hold their own images (client-data=local) | D_align "
+            f"{len(prep.split.align)} from {align_source(cfg)} | test {len(prep.dataset.test)}"
+            + (f" | {checked.images}" if checked.images else ""),
+            flush=True,
+        )
+        return
     sizes = [len(c) for c in prep.split.clients]
     print(
         f"data: {cfg['dataset']} | pool {len(prep.split.pool)} images (IF {cfg['imbalance-factor']}) | "
@@ -106,6 +114,17 @@ def check_before_start(cfg: Mapping[str, Any]) -> None:
         f"test {len(prep.dataset.test)}" + (f" | {checked.images}" if checked.images else ""),
         flush=True,
     )
+
+
+def refuse_local_data(cfg: Mapping[str, Any]) -> None:
+    """The simulation's virtual clients have no data of their own: client-data=local needs real SuperNodes."""
+    if cfg["client-data"] == LOCAL:
+        raise ConfigError(
+            "run-config key 'client-data' = 'local' is not allowed in the simulation (make run): its virtual "
+            "clients hold no images of their own. Start real SuperNodes, each with --node-config "
+            "\"data-dir='/path/to/images'\" (docs/deployment.md; on one machine: python -m deploy.local_cluster "
+            "--node-data DIR --node-data DIR ...), or use client-data = partition."
+        )
 
 
 def free_port() -> int:
@@ -123,9 +142,10 @@ def write_connection(home: Path, port: int, name: str = CONNECTION, root_certifi
     )
 
 
-def start_process(cmd: Sequence[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen:
-    """A Flower process in its own process group (so `stop` reaches its children), logging to a file."""
-    with log_path.open("w") as log:
+def start_process(cmd: Sequence[str], log_path: Path, env: Mapping[str, str], append: bool = False) -> subprocess.Popen:
+    """A Flower process in its own process group (so `stop` reaches its children), logging to a file (appended
+    to with `append`: a restarted process keeps its earlier log)."""
+    with log_path.open("a" if append else "w") as log:
         return subprocess.Popen(
             list(cmd), cwd=PROJECT, env=dict(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -240,6 +260,7 @@ def run(overrides: Mapping[str, Any], ray_address: str = "") -> int:
     defaults, simulation = project_settings()
     try:
         cfg, sent = resolve(overrides, defaults)
+        refuse_local_data(cfg)
         check_before_start(cfg)
         if ray_address:
             check_ray_cluster(ray_address)

@@ -106,11 +106,13 @@ def explain_failure(cfg: Mapping[str, Any], err: Exception) -> Exception:
 
 
 def check_image_files(cfg: Mapping[str, Any], prepared: Prepared) -> str:
-    """Decode the image files the run reads (train images of D_align and the pool, all test images)."""
+    """Decode the image files the run reads from data-dir (train images of D_align and the pool, all test
+    images); nodes holding their own data (client-data=local) check theirs when they read them."""
     train, test = prepared.dataset.train, prepared.dataset.test
     if train.files is None:
         return ""
-    used = np.concatenate([prepared.split.align, prepared.split.pool])
+    align = prepared.split.align if prepared.split.align_from_train else np.zeros(0, dtype=np.int64)
+    used = np.concatenate([align, prepared.split.pool])
     which = check_images([train.files[i] for i in used], "data-dir", int(cfg["seed"]))
     which_test = check_images(list(test.files or ()), "data-dir", int(cfg["seed"]))
     return f"images checked: train {which}, test {which_test}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,10 +115,12 @@ class UploadsAfterAggregation(Delegating):
         calibrate: Calibrate,
         timeout: float,
         max_upload_mb: float,
+        request_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(inner)
         self.upload, self.in_round, self.calibrate, self.timeout = upload, in_round, calibrate, timeout
         self.max_upload_mb = max_upload_mb
+        self.request_config = dict(request_config or {})  # what every request carries (nodes' own data: classes)
         self.grid: Grid | None = None
 
     def summary(self) -> None:
@@ -164,7 +167,7 @@ class UploadsAfterAggregation(Delegating):
         if self.grid is None:
             raise RuntimeError("UploadsAfterAggregation.aggregate_train ran before configure_train: no grid to ask")
         nodes = list(self.grid.get_node_ids())
-        config = ConfigRecord({UPLOAD_KEY: self.upload, "server-round": server_round})
+        config = ConfigRecord({**self.request_config, UPLOAD_KEY: self.upload, "server-round": server_round})
         content = RecordDict({"arrays": arrays, "config": config})
         messages = [Message(content, dst_node_id=n, message_type=f"query.{UPLOAD_ACTION}") for n in nodes]
         with kept_random():

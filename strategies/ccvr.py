@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.class_statistics import Uploads
+from flcore.experiment import client_classes
 from strategies.calibration import (
     Calibrate,
     UploadsAfterAggregation,
@@ -92,4 +93,5 @@ def ccvr(cfg: Mapping) -> Strategy:
         ccvr_calibrate(cfg),
         timeout=float(cfg["round-timeout"]),
         max_upload_mb=float(cfg["max-upload-mb"]),
+        request_config=client_classes(cfg),
     )

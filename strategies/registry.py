@@ -110,6 +110,7 @@ def build_server_strategy(
         seed=int(cfg["seed"]),
         weight_caps=weight_caps(cfg, ctx),
         max_upload_mb=float(cfg["max-upload-mb"]),
+        on_node_data=report.record_nodes,
     )
     return ServerStages(policy, build_stages(cfg, ctx), report, round_offset=round_offset, on_round_end=on_round_end)
 

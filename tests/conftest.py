@@ -115,10 +115,13 @@ class RecordingReport:
     """Stands in for `RunReport` where a test drives the strategy wrapper: keeps what it is handed."""
 
     def __init__(self):
-        self.train, self.outcomes = {}, []
+        self.train, self.outcomes, self.nodes = {}, [], {}
 
     def record_train(self, server_round, metrics):
         self.train[server_round] = dict(metrics)
+
+    def record_nodes(self, server_round, nodes):
+        self.nodes[server_round] = dict(nodes)
 
     def take(self, outcome):
         self.outcomes.append(outcome)

@@ -1,0 +1,105 @@
+"""Which images this node trains on, read per request: its partition of the run's pool, or its own folder.
+
+- `client-data=partition` (the simulation, or SuperNodes sharing one copy of the dataset): the node config's
+  `partition-id` picks one client of the split that every party draws alike from the run config
+  (`flcore.experiment`).
+- `client-data=local` (a real federation): the node config's `data-dir` is this node's own data
+  (`flcore.local_data`), labelled with the class names the server sends in every request; the folder is
+  read anew on each request, so a folder that changed between rounds is used as it is now.
+
+A node whose node config does not fit the run's `client-data` is refused before it trains, with an error
+that names the setting to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.common.logger import log
+
+from flcore.config import LOCAL
+from flcore.data import INPUT_STATS, Batches, Dataset, ImageSet
+from flcore.experiment import client_batches, prepare
+from flcore.local_data import CLASSES_KEY, LocalDataError, class_counts, read_local
+
+DATA_DIR_KEY = "data-dir"  # node config: this node's own images
+NAME_KEY = "node-name"  # node config: a stable name, for node order and the run summary
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This node's training data for one request, the class names, and the number that seeds its draws."""
+
+    batches: Batches
+    classes: tuple[str, ...]
+    stream: int  # the partition id, or (own data) the node id the SuperLink gave this node
+    local: bool
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def class_counts(self) -> list[int]:
+        return class_counts(self.batches.data, self.num_classes)
+
+
+def shard(cfg: Mapping, context: Context, server_config: Mapping) -> Shard:
+    """This node's data for a request whose config is `server_config` (see the module docstring)."""
+    if cfg["client-data"] == LOCAL:
+        return _own_data(cfg, context, server_config)
+    return _partition(cfg, context.node_config)
+
+
+def _partition(cfg: Mapping, node_config: Mapping) -> Shard:
+    if DATA_DIR_KEY in node_config:
+        raise LocalDataError(
+            f"this node has its own data (node config data-dir = '{node_config[DATA_DIR_KEY]}'), but the run has "
+            "client-data = partition, under which every node trains on its partition of the server's dataset; "
+            "start the run with client-data = local, or this node without data-dir."
+        )
+    if "partition-id" not in node_config:
+        raise LocalDataError(
+            "this node's node config has neither partition-id (client-data = partition, the run's setting) nor "
+            'data-dir: start it with --node-config "partition-id=<i> num-partitions=<num-clients>".'
+        )
+    partition_id = int(node_config["partition-id"])
+    num_partitions = int(node_config.get("num-partitions", cfg["num-clients"]))
+    if num_partitions != cfg["num-clients"]:
+        raise ValueError(
+            f"this node has num-partitions={num_partitions} but run-config num-clients="
+            f"{cfg['num-clients']}: start the federation with num-supernodes = num-clients."
+        )
+    classes = prepare(cfg).dataset.classes
+    return Shard(client_batches(cfg, partition_id), classes, partition_id, local=False)
+
+
+def _own_data(cfg: Mapping, context: Context, server_config: Mapping) -> Shard:
+    root = context.node_config.get(DATA_DIR_KEY)
+    if not root:
+        raise LocalDataError(
+            "the run has client-data = local, so every node trains on its own images, and this node has none: "
+            "start it with --node-config \"data-dir='/path/to/images'\"."
+        )
+    classes = server_config.get(CLASSES_KEY)
+    if not classes:
+        raise LocalDataError(f"the server's request carries no class list ('{CLASSES_KEY}') to label this node's data.")
+    classes = tuple(str(c) for c in classes)
+    images = read_local(Path(str(root)), classes, int(cfg["image-size"]))
+    dataset = Dataset(images, ImageSet.empty(), classes, *INPUT_STATS[str(cfg["dataset"])])
+    batches = Batches(images, dataset, int(cfg["image-size"]), int(cfg["batch-size"]))
+    found = Shard(batches, classes, int(context.node_id), local=True)
+    counts = found.class_counts()
+    log(
+        INFO,
+        "local data %s: %d images of %d of the server's %d classes %s",
+        root,
+        len(images),
+        sum(c > 0 for c in counts),
+        len(classes),
+        {classes[c]: n for c, n in enumerate(counts) if n},
+    )
+    return found

@@ -1,0 +1,241 @@
+"""Nodes holding their own data (client-data=local): each trains on exactly its folder, the server sees counts only."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from PIL import Image
+
+from client_app.app import query_fn, train_fn
+from flcore import data
+from flcore.config import ConfigError, validate
+from flcore.local_data import CLASS_COUNTS_KEY, CLASSES_KEY, LocalDataError, read_local
+from flcore.models import build_model
+from server_app import app as server_app
+from server_app import launch
+from tests.conftest import ClientAppGrid
+
+pytestmark = pytest.mark.usefixtures("flower_identity", "one_thread")
+
+CLASSES = data.DIGIT_NAMES
+SIZE = 16
+
+
+def digits_by_class() -> dict[str, torch.Tensor]:
+    train = data.load("digits", "", SIZE).train
+    return {name: train.images[torch.from_numpy(np.flatnonzero(train.labels == c))] for c, name in enumerate(CLASSES)}
+
+
+DIGITS = digits_by_class()
+
+
+def write_images(root, counts: dict[str, int], offset: int = 0) -> None:
+    """`counts[name]` real digit scans of that class as PNG files under root/<name>/."""
+    for name, n in counts.items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(offset, offset + n):
+            pixels = DIGITS.get(name, DIGITS["zero"])[i].permute(1, 2, 0).numpy()
+            Image.fromarray(pixels).save(folder / f"img{i:03d}.png")
+
+
+def local_cfg(tmp_path, **overrides):
+    base = {
+        "client-data": "local",
+        "num-clients": 3,
+        "fraction-train": 1.0,
+        "num-server-rounds": 2,
+        "local-epochs": 1,
+        "align-per-class": 5,
+        "round-timeout": 2.0,
+        "output-dir": str(tmp_path / "out"),
+    }
+    return validate({**base, **overrides})
+
+
+def request(cfg, server_round: int = 1, **config) -> Message:
+    model = build_model(str(cfg["model"]), int(cfg["projection-dim"]), len(CLASSES), seed=0)
+    record = ConfigRecord({"server-round": server_round, CLASSES_KEY: list(CLASSES), **config})
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": record}), 1, "train")
+
+
+def node(cfg, node_config: dict, node_id: int = 5) -> Context:
+    return Context(1, node_id, node_config, RecordDict(), dict(cfg))
+
+
+def test_a_node_trains_on_exactly_its_own_folder_and_reports_counts_only(tmp_path):
+    write_images(tmp_path / "mine", {"zero": 4, "three": 7})
+    cfg = local_cfg(tmp_path)
+    reply = train_fn(request(cfg), node(cfg, {"data-dir": str(tmp_path / "mine")}))
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 11
+    assert metrics[CLASS_COUNTS_KEY] == [4, 0, 0, 7, 0, 0, 0, 0, 0, 0]
+    assert set(reply.content.keys()) == {"arrays", "metrics"}  # no file names, no images
+
+
+def test_a_changed_folder_is_read_as_it_is_now(tmp_path):
+    root = tmp_path / "mine"
+    write_images(root, {"one": 3, "two": 2})
+    cfg = local_cfg(tmp_path)
+    first = train_fn(request(cfg, 1), node(cfg, {"data-dir": str(root)})).content["metrics"]
+    shutil.rmtree(root / "two")
+    write_images(root, {"one": 2, "nine": 5}, offset=3)
+    second = train_fn(request(cfg, 2), node(cfg, {"data-dir": str(root)})).content["metrics"]
+    assert (first["num-examples"], first[CLASS_COUNTS_KEY][1:3]) == (5, [3, 2])
+    assert second["num-examples"] == 10
+    assert second[CLASS_COUNTS_KEY] == [0, 5, 0, 0, 0, 0, 0, 0, 0, 5]
+
+
+def test_an_image_folder_under_train_and_hidden_folders_are_read(tmp_path):
+    write_images(tmp_path / "copy" / "train", {"five": 3})
+    (tmp_path / "copy" / "train" / ".cache").mkdir()
+    found = read_local(tmp_path / "copy", CLASSES, SIZE)
+    assert found.labels.tolist() == [5, 5, 5] and len(found.files) == 3
+
+
+def test_an_hf_save_to_disk_copy_is_relabelled_with_the_servers_classes(tmp_path):
+    import datasets
+
+    names = ["seven", "one"]  # the copy's own order differs from the server's
+    images = [
+        Image.fromarray(DIGITS[n][i].permute(1, 2, 0).numpy()) for n, k in (("seven", 3), ("one", 2)) for i in range(k)
+    ]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    table = datasets.Dataset.from_dict({"img": images, "label": [0, 0, 0, 1, 1]}, features=features)
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "hf"))
+    found = read_local(tmp_path / "hf", CLASSES, SIZE)
+    assert found.labels.tolist() == [7, 7, 7, 1, 1] and tuple(found.images.shape) == (5, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize(
+    ("layout", "node_config", "match"),
+    [
+        ({"three": 2, "eleven": 1}, {}, r"'.*mine' has class\(es\) \['eleven'\] that the server does not know"),
+        ({"cats": 2, "dogs": 1}, {}, r"'.*mine' has class\(es\) \['cats', 'dogs'\]"),
+        ({}, {}, r"'.*mine' holds no images of the server's classes"),
+        ({"four": 0}, {}, r"'.*mine' holds no images of the server's classes"),
+        (None, {}, r"data-dir '.*mine' is not an existing folder"),
+        ({"four": 2}, {"data-dir": None}, r"client-data = local.*start it with --node-config \"data-dir="),
+    ],
+    ids=["unknown-class", "no-server-class-names", "empty", "empty-class-folder", "missing-folder", "no-data-dir"],
+)
+def test_a_node_whose_folder_does_not_fit_the_servers_classes_is_refused_naming_it(
+    tmp_path, layout, node_config, match
+):
+    root = tmp_path / "mine"
+    if layout is not None:
+        root.mkdir()
+        write_images(root, layout)
+    cfg = local_cfg(tmp_path)
+    config = {"data-dir": str(root), **node_config}
+    with pytest.raises(LocalDataError, match=match):
+        train_fn(request(cfg), node(cfg, {k: v for k, v in config.items() if v is not None}))
+
+
+def test_a_corrupt_cifar_copy_is_named(tmp_path):
+    (tmp_path / "mine" / "cifar-10-batches-py").mkdir(parents=True)
+    with pytest.raises(LocalDataError, match=r"data-dir '.*mine' cannot be read"):
+        read_local(tmp_path / "mine", CLASSES, SIZE)
+
+
+def test_a_node_with_its_own_folder_is_refused_by_a_partitioned_run(tmp_path):
+    write_images(tmp_path / "mine", {"zero": 2})
+    cfg = validate({"num-clients": 2, "output-dir": str(tmp_path / "out")})
+    own = {"data-dir": str(tmp_path / "mine"), "partition-id": 0, "num-partitions": 2}
+    with pytest.raises(LocalDataError, match="client-data = partition.*start the run with client-data = local"):
+        train_fn(request(cfg), node(cfg, own))
+
+
+def test_a_request_without_the_class_list_is_refused(tmp_path):
+    write_images(tmp_path / "mine", {"zero": 2})
+    cfg = local_cfg(tmp_path)
+    msg = request(cfg)
+    del msg.content["config"][CLASSES_KEY]
+    with pytest.raises(LocalDataError, match="carries no class list"):
+        train_fn(msg, node(cfg, {"data-dir": str(tmp_path / "mine")}))
+
+
+def test_a_local_data_node_answers_with_its_name_not_a_partition(tmp_path):
+    cfg = local_cfg(tmp_path)
+    ask = Message(RecordDict({"config": ConfigRecord({"ask": "partition-id"})}), 1, "query")
+    reply = query_fn(ask, node(cfg, {"data-dir": "/x", "node-name": "clinic-a", "partition-id": 3}))
+    assert dict(reply.content["metrics"]) == {} and reply.content["config"]["node-name"] == "clinic-a"
+
+
+def test_the_simulation_refuses_local_client_data(tmp_path, no_superlink, capsys):
+    assert launch.run({"client-data": "local", "output-dir": str(tmp_path)}) == 2
+    assert "'client-data' = 'local' is not allowed in the simulation" in capsys.readouterr().err
+
+
+def test_clip2fl_with_the_holdout_teacher_needs_the_shared_dataset():
+    with pytest.raises(ConfigError, match="align-teacher.*holdout.*client-data"):
+        validate({"client-data": "local", "strategy": "clip2fl", "align-teacher": "holdout"})
+
+
+class Federation(ClientAppGrid):
+    """Nodes with their own folders, running the real ClientApp, whose membership changes between rounds.
+
+    `folders[i]` is node i's data-dir (named `names[i]`); node i is online from the sampling of round
+    `joins[i]` on; in round `leaves[i]` it takes the request, never answers and is gone from then on;
+    `changes[r]` runs after node 0 trained in round r (its folder changes between rounds).
+    """
+
+    def __init__(self, cfg, folders, names, joins, leaves, changes):
+        super().__init__(cfg)
+        self.folders, self.names, self.joins, self.leaves, self.changes = folders, names, joins, leaves, changes
+        self.last = 0  # the last round whose training requests went out
+
+    def get_node_ids(self):
+        return [i for i in range(len(self.folders)) if self.joins[i] - 1 <= self.last < self.leaves.get(i, 99)]
+
+    def answer(self, msg):
+        node_id, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+        server_round = int(msg.content["config"]["server-round"]) if kind == "train" else None
+        self.last = max(self.last, server_round or 0)
+        if server_round is not None and self.leaves.get(node_id) == server_round:
+            return None  # gone mid-round: no reply ever comes
+        own = {"data-dir": str(self.folders[node_id]), "node-name": self.names[node_id]}
+        if kind == "train":
+            self.configs.append(dict(msg.content["config"]))
+        from client_app.app import app
+
+        reply = app(msg, Context(1, node_id, own, RecordDict(), dict(self.cfg)))
+        if node_id == 0 and server_round in self.changes:
+            self.changes[server_round]()
+        return reply
+
+    def pull_messages(self, message_ids):
+        self.outbox = [r for r in self.outbox if r is not None]
+        return super().pull_messages(message_ids)
+
+
+def test_a_federation_of_own_folders_survives_joins_departures_and_changed_folders(tmp_path):
+    layouts = [{"zero": 6, "one": 4}, {"two": 3, "three": 9, "four": 2}, {"five": 5}, {"six": 4, "zero": 3}]
+    names = ["alpha", "beta", "gamma", "delta"]
+    folders = [tmp_path / "nodes" / n for n in names]
+    for folder, layout in zip(folders, layouts, strict=True):
+        write_images(folder, layout)
+    cfg = local_cfg(tmp_path, **{"num-server-rounds": 3})
+    grow = {1: lambda: write_images(folders[0], {"seven": 5})}  # alpha gains a class after round 1
+    grid = Federation(cfg, folders, names, joins=[1, 1, 1, 2], leaves={2: 2}, changes=grow)
+    summary = server_app.run(grid, cfg, "local")
+    run_dir = tmp_path / "out" / "local"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["replies"], r["failed"]) for r in rows[1:]] == [(3, 0), (3, 1), (3, 0)]  # gamma left in round 2
+    assert rows[1]["node-data"]["alpha"] == {"num-examples": 10, CLASS_COUNTS_KEY: [6, 4] + [0] * 8}
+    assert rows[2]["node-data"]["alpha"]["num-examples"] == 15 and set(rows[2]["node-data"]) == {
+        "alpha",
+        "beta",
+        "delta",
+    }
+    expected = {"alpha": 15, "beta": 14, "gamma": 5, "delta": 7}  # each node's latest report
+    assert {k: v["num-examples"] for k, v in summary["node-data"].items()} == expected
+    assert summary["pool-size"] == sum(expected.values())
+    partition = json.loads((run_dir / "partition.json").read_text())
+    assert partition["nodes"] == sorted(expected) and np.sum(partition["clients"], axis=1).tolist() == [15, 14, 7, 5]
+    assert all(c[CLASSES_KEY] == list(CLASSES) for c in grid.configs)
+    written = "".join(p.read_text() for p in run_dir.iterdir() if p.suffix in (".json", ".jsonl"))
+    assert str(tmp_path / "nodes") not in written and ".png" not in written  # counts only, never paths or files

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from PIL import Image
 
 from client_app.app import query_fn, train_fn
@@ -14,9 +14,11 @@ from flcore import data
 from flcore.config import ConfigError, validate
 from flcore.local_data import CLASS_COUNTS_KEY, CLASSES_KEY, LocalDataError, read_local
 from flcore.models import build_model
+from rounds.polling import PromptGrid
+from rounds.sampling import NodeOrder, OrderedGrid
 from server_app import app as server_app
 from server_app import launch
-from tests.conftest import ClientAppGrid
+from tests.conftest import ClientAppGrid, InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity", "one_thread")
 
@@ -173,6 +175,26 @@ def test_the_simulation_refuses_local_client_data(tmp_path, no_superlink, capsys
 def test_clip2fl_with_the_holdout_teacher_needs_the_shared_dataset():
     with pytest.raises(ConfigError, match="align-teacher.*holdout.*client-data"):
         validate({"client-data": "local", "strategy": "clip2fl", "align-teacher": "holdout"})
+
+
+def test_nodes_are_ordered_by_partition_then_name_then_node_id():
+    names = {30: "zeta", 40: "alpha"}
+
+    class Answers(InProcessGrid):
+        def get_node_ids(self):
+            return [50, 40, 30, 20, 10]
+
+        def answer(self, msg):
+            node_id = msg.metadata.dst_node_id
+            content = RecordDict({"metrics": MetricRecord({"partition-id": 1} if node_id == 50 else {})})
+            if node_id in names:
+                content["config"] = ConfigRecord({"node-name": names[node_id]})
+            return Message(content, reply_to=msg)
+
+    order = NodeOrder()
+    ids = OrderedGrid(PromptGrid(Answers()), order).get_node_ids()
+    assert ids == [50, 40, 30, 10, 20]
+    assert [order.label(n) for n in ids] == ["partition 1", "alpha", "zeta", "node 10", "node 20"]
 
 
 class Federation(ClientAppGrid):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flcore.config import ConfigError, data_key
+from flcore.config import LOCAL, ConfigError, data_key
 from flcore.data import Batches, Dataset, ImageSet
 from flcore.experiment import Prepared, prepare, seeded_generator
 from flcore.files import atomic_write
@@ -53,6 +53,12 @@ def holdout_indices(prepared: Prepared) -> np.ndarray:
 
 def check(cfg: Mapping, prepared: Prepared) -> None:
     """Refuse the stand-in when the recipe leaves no image over (IF = 1 puts every image in the pool)."""
+    if len(holdout_indices(prepared)) == 0 and cfg["client-data"] == LOCAL:
+        raise ConfigError(
+            "run-config key 'align-teacher' = 'holdout' needs training images of the server's own in data-dir that "
+            "are not in D_align, and the server reads none (client-data = local, align-data from a folder); use "
+            "align-data = train with a data-dir that has a training split, another teacher, or align-logits-file."
+        )
     if len(holdout_indices(prepared)) == 0:
         raise ConfigError(
             "run-config key 'align-teacher' = 'holdout' needs training images that are in no client's partition "

@@ -21,7 +21,7 @@ import numpy as np
 
 from flcore import data as datasets
 from flcore.class_statistics import upload_bytes
-from flcore.config import ConfigError, validate
+from flcore.config import LOCAL, ConfigError, validate
 from flcore.data import DataNotFound
 from flcore.experiment import Prepared, prepare
 from flcore.images import check_images
@@ -69,7 +69,16 @@ def prepared_data(cfg: Mapping[str, Any]) -> Prepared:
     except DataNotFound:
         raise
     except Exception as err:  # a split's refusal, a loader's or flwr-datasets' own error: say which input
-        raise explain_failure(cfg, err) from err
+        if cfg["client-data"] != LOCAL:
+            raise explain_failure(cfg, err) from err
+        if isinstance(err, ConfigError):  # no split is drawn: D_align's source names its key itself
+            raise
+        raise unreadable(cfg, err) from err
+
+
+def unreadable(cfg: Mapping[str, Any], err: Exception) -> DataNotFound:
+    where = Path(str(cfg["data-dir"])).expanduser() if cfg["data-dir"] else "scikit-learn"
+    return DataNotFound(f"dataset '{cfg['dataset']}' in '{where}' cannot be read ({type(err).__name__}: {err}).")
 
 
 def explain_failure(cfg: Mapping[str, Any], err: Exception) -> Exception:
@@ -77,10 +86,7 @@ def explain_failure(cfg: Mapping[str, Any], err: Exception) -> Exception:
     try:
         labels = datasets.load(str(cfg["dataset"]), str(cfg["data-dir"]), int(cfg["image-size"])).train.labels
     except Exception as load_err:
-        where = Path(str(cfg["data-dir"])).expanduser() if cfg["data-dir"] else "scikit-learn"
-        return DataNotFound(
-            f"dataset '{cfg['dataset']}' in '{where}' cannot be read ({type(load_err).__name__}: {load_err})."
-        )
+        return unreadable(cfg, load_err)
     counts = np.bincount(labels)
     smallest = int(counts.min())
     if cfg["align-per-class"] >= smallest:

@@ -19,6 +19,7 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 
 from alignment import stage as alignment
+from flcore.config import LOCAL
 from pretrain import stage as pretrain
 from rounds.policy import RoundPolicy
 from rounds.stage import ServerContext, ServerStage, Stages
@@ -131,7 +132,10 @@ LOSS_RUNS: dict[str, Callable[[Mapping], str]] = {
 def client_workload(cfg: Mapping) -> dict[str, str]:
     """For the run summary: what each client uploads per round and what it runs, for an honest comparison."""
     per_round = "model weights (state dict) + scalar train metrics"
-    runs = f"local SGD on its partition with {LOSS_RUNS[str(cfg['loss'])](cfg)}"
+    if cfg["client-data"] == LOCAL:
+        per_round += " + its image count per class"
+    data = "its own data (client-data=local)" if cfg["client-data"] == LOCAL else "its partition"
+    runs = f"local SGD on {data} with {LOSS_RUNS[str(cfg['loss'])](cfg)}"
     strategy = str(cfg["strategy"])
     if strategy == "ratioloss":
         runs = (

@@ -261,3 +261,31 @@ def test_a_federation_of_own_folders_survives_joins_departures_and_changed_folde
     assert all(c[CLASSES_KEY] == list(CLASSES) for c in grid.configs)
     written = "".join(p.read_text() for p in run_dir.iterdir() if p.suffix in (".json", ".jsonl"))
     assert str(tmp_path / "nodes") not in written and ".png" not in written  # counts only, never paths or files
+
+
+def test_the_server_of_nodes_with_own_data_reads_only_its_test_split_and_align_folder(tmp_path, capsys):
+    from flcore.experiment import prepare, server_data
+
+    names = ("zero", "one", "two")
+    write_images(tmp_path / "server" / "test", dict.fromkeys(names, 4))
+    write_images(tmp_path / "align", dict.fromkeys(names, 6), offset=10)
+    cfg = local_cfg(
+        tmp_path, dataset="folder", **{"data-dir": str(tmp_path / "server"), "align-data": str(tmp_path / "align")}
+    )
+    assert not (tmp_path / "server" / "train").exists()  # the server has no training split at all
+    prepared = prepare(cfg)
+    assert (
+        prepared.dataset.classes == tuple(sorted(names))
+        and len(prepared.dataset.train) == 0
+        and len(prepared.dataset.test) == 12
+    )
+    assert prepared.split.clients == [] and len(prepared.split.align) == 15  # align-per-class 5 of each class
+    held = server_data(cfg)
+    assert held.client_histogram.shape == (0, 3) and held.groups == {"many": [], "medium": [], "few": []}
+    launch.check_before_start(cfg)  # every check before a run (server_app.preflight), then what runs
+    assert "clients hold their own images (client-data=local) | D_align 15" in capsys.readouterr().out
+
+
+def test_client_data_takes_partition_or_local():
+    with pytest.raises(ConfigError, match="'client-data' = 'remote' is not allowed: choose one of partition, local"):
+        validate({"client-data": "remote"})

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client_app.shard import DATA_DIR_KEY, NAME_KEY
 from flcore.experiment import seeded_generator
 
 FAULT_STREAM = 104729  # a fourth seed part, so failures do not reuse the training generator's stream
@@ -37,9 +38,9 @@ def identity_reply(msg: Message, context: Context) -> Message:
     """What the server orders nodes by (`rounds.sampling`): the partition id of a node serving a partition,
     and the operator's `node-name`, if set, of a node holding its own data (`data-dir`); nothing else."""
     node = context.node_config
-    own_data = "data-dir" in node
+    own_data = DATA_DIR_KEY in node
     metrics = {} if own_data or "partition-id" not in node else {"partition-id": int(node["partition-id"])}
     content = RecordDict({"metrics": MetricRecord(metrics)})
-    if own_data and node.get("node-name"):
-        content["config"] = ConfigRecord({"node-name": str(node["node-name"])})
+    if own_data and node.get(NAME_KEY):
+        content["config"] = ConfigRecord({NAME_KEY: str(node[NAME_KEY])})
     return Message(content, reply_to=msg)

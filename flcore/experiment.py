@@ -118,9 +118,9 @@ def server_data(cfg: Mapping) -> ServerData:
     labels = prep.dataset.train.labels
     counts = prep.split.pool_counts(labels)
     test = Batches(prep.dataset.test, prep.dataset, cfg["image-size"], cfg["eval-batch-size"])
-    local = cfg["client-data"] == LOCAL
     groups = class_groups(counts, cfg["many-threshold"], cfg["few-threshold"])
-    groups = {name: [] for name in groups} if local else groups
+    if cfg["client-data"] == LOCAL:  # no pool is known before training, so no class can be put in a group
+        groups = {name: [] for name in groups}
     histogram = prep.split.client_histogram(labels)
     return ServerData(prep.dataset, test, prep.align_source.subset(prep.split.align), counts, histogram, groups)
 

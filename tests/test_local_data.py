@@ -248,6 +248,7 @@ def test_a_federation_of_own_folders_survives_joins_departures_and_changed_folde
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["replies"], r["failed"]) for r in rows[1:]] == [(3, 0), (3, 1), (3, 0)]  # gamma left in round 2
     assert rows[1]["node-data"]["alpha"] == {"num-examples": 10, CLASS_COUNTS_KEY: [6, 4] + [0] * 8}
+    assert CLASS_COUNTS_KEY not in rows[1]  # taken out of the metrics before averaging
     assert rows[2]["node-data"]["alpha"]["num-examples"] == 15 and set(rows[2]["node-data"]) == {
         "alpha",
         "beta",

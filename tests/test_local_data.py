@@ -201,17 +201,23 @@ class Federation(ClientAppGrid):
     """Nodes with their own folders, running the real ClientApp, whose membership changes between rounds.
 
     `folders[i]` is node i's data-dir (named `names[i]`); node i is online from the sampling of round
-    `joins[i]` on; in round `leaves[i]` it takes the request, never answers and is gone from then on;
-    `changes[r]` runs after node 0 trained in round r (its folder changes between rounds).
+    `joins[i]` on; in round `leaves[i]` it takes the request and never answers, and it is gone until it is
+    restarted for round `returns[i]` (same node ID, as a registered node keeps it); `changes[r]` runs
+    after node 0 trained in round r (its folder changes between rounds).
     """
 
-    def __init__(self, cfg, folders, names, joins, leaves, changes):
+    def __init__(self, cfg, folders, names, joins, leaves, returns, changes):
         super().__init__(cfg)
-        self.folders, self.names, self.joins, self.leaves, self.changes = folders, names, joins, leaves, changes
+        self.folders, self.names, self.joins, self.changes = folders, names, joins, changes
+        self.leaves, self.returns = leaves, returns
         self.last = 0  # the last round whose training requests went out
 
+    def online(self, node_id, server_round):
+        away = self.leaves.get(node_id, 99) < server_round < self.returns.get(node_id, 99)
+        return self.joins[node_id] <= server_round and not away
+
     def get_node_ids(self):
-        return [i for i in range(len(self.folders)) if self.joins[i] - 1 <= self.last < self.leaves.get(i, 99)]
+        return [i for i in range(len(self.folders)) if self.online(i, self.last + 1)]
 
     def answer(self, msg):
         node_id, kind = msg.metadata.dst_node_id, msg.metadata.message_type
@@ -234,19 +240,21 @@ class Federation(ClientAppGrid):
         return super().pull_messages(message_ids)
 
 
-def test_a_federation_of_own_folders_survives_joins_departures_and_changed_folders(tmp_path):
+def test_a_federation_of_own_folders_survives_joins_departures_restarts_and_changed_folders(tmp_path):
     layouts = [{"zero": 6, "one": 4}, {"two": 3, "three": 9, "four": 2}, {"five": 5}, {"six": 4, "zero": 3}]
     names = ["alpha", "beta", "gamma", "delta"]
     folders = [tmp_path / "nodes" / n for n in names]
     for folder, layout in zip(folders, layouts, strict=True):
         write_images(folder, layout)
-    cfg = local_cfg(tmp_path, **{"num-server-rounds": 3})
+    cfg = local_cfg(tmp_path, **{"num-server-rounds": 4})
     grow = {1: lambda: write_images(folders[0], {"seven": 5})}  # alpha gains a class after round 1
-    grid = Federation(cfg, folders, names, joins=[1, 1, 1, 2], leaves={2: 2}, changes=grow)
+    grid = Federation(cfg, folders, names, joins=[1, 1, 1, 2], leaves={2: 2}, returns={2: 4}, changes=grow)
     summary = server_app.run(grid, cfg, "local")
     run_dir = tmp_path / "out" / "local"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["replies"], r["failed"]) for r in rows[1:]] == [(3, 0), (3, 1), (3, 0)]  # gamma left in round 2
+    # delta joins in round 2, gamma leaves during round 2 and is back (restarted) for round 4
+    assert [(r["replies"], r["failed"]) for r in rows[1:]] == [(3, 0), (3, 1), (3, 0), (4, 0)]
+    assert set(rows[4]["node-data"]) == {"alpha", "beta", "gamma", "delta"}
     assert rows[1]["node-data"]["alpha"] == {"num-examples": 10, CLASS_COUNTS_KEY: [6, 4] + [0] * 8}
     assert CLASS_COUNTS_KEY not in rows[1]  # taken out of the metrics before averaging
     assert rows[2]["node-data"]["alpha"]["num-examples"] == 15 and set(rows[2]["node-data"]) == {

@@ -7,6 +7,8 @@ class statistics of the received model in an `uploads` record. Its loss is the r
 one (`loss`, the Ratio Loss with the server's class weights). A `query.upload` message (CCVR, after
 the last aggregation) asks for such statistics of the model it carries alone, with no training. It never
 loads the LLM, and loads CLIP only when the round config asks for CLIP2FL's distillation (`kd-weight`).
+It trains on the device `device` resolves to in this process (under Ray, the GPU share of
+`client-resources-num-gpus`, if any): its model and partition stay there across rounds.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from flcore.class_statistics import RECORD as UPLOADS_RECORD
 from flcore.class_statistics import UPLOAD_ACTION, UPLOAD_KEY, client_upload
 from flcore.config import validate
 from flcore.costs import cost_metrics
+from flcore.device import Compute, compute_of
 from flcore.experiment import client_batches, load_state, prepare, seeded_generator, to_record
 from flcore.losses import LossInputs, build_loss
 from flcore.metrics import summarize
@@ -34,9 +37,9 @@ app = ClientApp()
 
 
 @lru_cache(maxsize=2)
-def _model(name: str, projection_dim: int, num_classes: int) -> FLModel:
-    """One model object per process, refilled with the global weights every round."""
-    return build_model(name, projection_dim, num_classes)
+def _model(name: str, projection_dim: int, num_classes: int, compute: Compute) -> FLModel:
+    """One model object per process, on its device, refilled with the global weights every round."""
+    return build_model(name, projection_dim, num_classes, device=compute.device)
 
 
 def _setup(msg: Message, context: Context) -> tuple[dict, int, FLModel]:
@@ -49,7 +52,7 @@ def _setup(msg: Message, context: Context) -> tuple[dict, int, FLModel]:
             f"{cfg['num-clients']}: start the federation with num-supernodes = num-clients."
         )
     classes = prepare(cfg).dataset.num_classes
-    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), classes)
+    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), classes, compute_of(cfg))
     load_state(model, check_global(msg, model.state_dict(), message_limit(cfg, context.node_config)))
     return cfg, partition_id, model
 
@@ -90,7 +93,8 @@ def train_fn(msg: Message, context: Context) -> Message:
     if UPLOAD_KEY in server_config:  # CReFF: computed on the received global model, before training
         extra[UPLOADS_RECORD] = client_upload(server_config, model, batches, classes)
     loss = build_loss(LossInputs(cfg, np.bincount(batches.data.labels, minlength=classes), server_config))
-    metrics = train(model, batches, _settings(cfg, server_config), gen, loss, _kd(cfg, server_config, partition_id))
+    settings, kd = _settings(cfg, server_config), _kd(cfg, server_config, partition_id)
+    metrics = train(model, batches, settings, gen, loss, kd, compute_of(cfg))
     arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})
     record.update(cost_metrics(arrays, record, *extra.values()))
     reply = RecordDict({"arrays": arrays, "metrics": record, **extra})
@@ -101,7 +105,7 @@ def train_fn(msg: Message, context: Context) -> Message:
 def evaluate_fn(msg: Message, context: Context) -> Message:
     cfg, partition_id, model = _setup(msg, context)
     batches = client_batches(cfg, partition_id)
-    preds, labels = predict(model, batches)
+    preds, labels = predict(model, batches, compute_of(cfg))
     scores = summarize(preds, labels, prepare(cfg).dataset.num_classes, {})
     reply = MetricRecord({"accuracy": scores["accuracy"], "num-examples": len(labels)})
     return Message(RecordDict({"metrics": reply}), reply_to=msg)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from flcore.config import ConfigError, align_source
-from flcore.device import visible_gpus
+from flcore.device import compute_of, visible_gpus
 from server_app.preflight import InputError, preflight, validated
 from server_app.watchdog import Watchdog, stop
 
@@ -296,6 +296,7 @@ def run(overrides: Mapping[str, Any], ray_address: str = "", federation: Mapping
     try:
         cfg, sent = resolve(overrides, defaults)
         simulation = client_resources(declared, federation or {})
+        compute_of(cfg)  # this machine's GPUs before the clients' share: the plainest message comes first
         check_client_devices(cfg, simulation, ray_address)
         check_before_start(cfg)
         if ray_address:

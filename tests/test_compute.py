@@ -31,6 +31,7 @@ def check(overrides):
 def no_gpu(monkeypatch):
     """This process sees no GPU, whatever the machine has; resolutions are not cached across tests."""
     monkeypatch.setattr(devices, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
     devices._compute.cache_clear()
     yield
     devices._compute.cache_clear()
@@ -102,17 +103,20 @@ def test_auto_workers_leave_one_core_of_the_share_to_training(monkeypatch):
 
 
 def test_device_cuda_on_a_machine_without_gpu_fails_before_anything_starts(no_gpu, no_superlink, capsys):
-    """The launcher's preflight resolves the device as the ServerApp would: exit code 2, the key named."""
-    code = launch.main(["--run-config", "device=cuda", "--federation-config", "client-resources-num-gpus=0.5"])
-    assert code == 2
-    assert "'client-resources-num-gpus' = 0.5 needs a GPU, and this machine has none" in capsys.readouterr().err
+    """The launcher resolves the device as the ServerApp's preflight does: exit code 2, the key named."""
+    assert launch.main(["--run-config", "device=cuda"]) == 2
+    assert "run-config key 'device' = 'cuda' is not allowed on this machine: this process sees no GPU" in (
+        capsys.readouterr().err
+    )
     with pytest.raises(ConfigError, match=r"'device' = 'cuda' is not allowed on this machine: this process sees no"):
         preflight(check({"device": "cuda"}))
-    assert launch.main(["--run-config", "device=cuda"]) == 2
-    assert "run-config key 'device' = 'cuda'" in capsys.readouterr().err
+    assert launch.main(["--federation-config", "client-resources-num-gpus=0.5"]) == 2
+    assert "'client-resources-num-gpus' = 0.5 needs a GPU, and this machine has none" in capsys.readouterr().err
+    assert launch.main(["--run-config", "amp=bf16"]) == 2
+    assert "'amp' = 'bf16' is not allowed here: mixed precision runs on a CUDA device" in capsys.readouterr().err
 
 
-def test_client_resources_are_checked_before_start(no_superlink, capsys, two_gpus):
+def test_client_resources_are_checked_before_start(two_gpus):
     simulation = launch.project_settings()[1]
     bad = [
         ({"num-supernodes": 3}, "unknown option(s) num-supernodes"),
@@ -131,8 +135,6 @@ def test_client_resources_are_checked_before_start(no_superlink, capsys, two_gpu
     on_cpu = launch.client_resources(simulation, {})
     with pytest.raises(ConfigError, match=r"'amp' = 'fp16' is not allowed with client-resources-num-gpus = 0"):
         launch.check_client_devices(check({"amp": "fp16"}), on_cpu, "")
-    assert launch.main(["--run-config", "amp=bf16"]) == 2
-    assert "'amp' = 'bf16'" in capsys.readouterr().err
 
 
 def test_make_run_passes_the_federation_config():

@@ -296,7 +296,7 @@ def open_image(path: str) -> Image.Image:
         raise DataNotFound(f"image '{path}' cannot be decoded ({type(err).__name__}: {err})") from err
 
 
-def test_resize(image_size: int) -> int:
+def eval_resize(image_size: int) -> int:
     """The shorter side the test transform resizes to before its centre crop: ImageNet's 256 for 224."""
     return round(image_size * 256 / 224)
 
@@ -316,7 +316,7 @@ class FileImages(TorchDataset):
         self.files = files
         train = [v2.RandomResizedCrop(image_size, antialias=True), *([v2.RandomHorizontalFlip()] if flip else [])]
         self.train = v2.Compose([*train, v2.PILToTensor()])
-        self.test = v2.Compose([v2.Resize(test_resize(image_size)), v2.CenterCrop(image_size), v2.PILToTensor()])
+        self.test = v2.Compose([v2.Resize(eval_resize(image_size)), v2.CenterCrop(image_size), v2.PILToTensor()])
 
     def __len__(self) -> int:
         return len(self.files)

@@ -35,10 +35,6 @@ class Compute:
     amp: str = "off"
     workers: int = 0
 
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
     def autocast(self) -> AbstractContextManager:
         """The forward passes' precision: nothing changes with amp off."""
         if self.amp == "off":

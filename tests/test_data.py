@@ -112,5 +112,5 @@ def test_file_test_transform_crops_the_centre_instead_of_squashing(tmp_path):
     images = ImageSet(np.zeros(1, dtype=np.int64), files=(str(tmp_path / "wide.png"),))
     dataset = data.Dataset(images, images, ("a",), (0.0,) * 3, (1 / 255,) * 3, natural=True)
     x, _ = next(Batches(images, dataset, 8, 1).iterate())
-    assert x.shape == (1, 3, 8, 8) and data.test_resize(224) == 256
+    assert x.shape == (1, 3, 8, 8) and data.eval_resize(224) == 256
     assert float(x[0, 1].min()) > 250  # green is full everywhere: no red pixel was kept

@@ -4,12 +4,14 @@
   order and augmentation (drawn on the CPU), every weight within ATOL + RTOL * |w| of the CPU's.
 - A round with `amp=bf16` (and `fp16`, with its gradient scaler) trains: finite weights, a lower loss.
 - Every server-side method runs a small in-process run end to end with the ServerApp and the clients on `cuda`.
+- Under Ray, client actors train on the GPU share `client-resources-num-gpus` gives them (slow: `flwr run`).
 
 The tolerance holds with cuDNN's TF32 convolutions off (`float32_only`), so the comparison measures the device
 path in float32 on both sides rather than TF32's 10-bit mantissa.
 """
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from flcore.device import CPU, Compute, compute_of
 from flcore.experiment import client_batches, prepare, server_data, to_record
 from flcore.models import build_model
 from server_app import app as server_app
+from server_app import launch
 from strategies.registry import STRATEGIES
 from tests.conftest import ClientAppGrid
 
@@ -156,3 +159,19 @@ def test_every_server_method_runs_on_cuda(tmp_path, overrides):
     assert 0.0 <= summary["final"]["accuracy"] <= 1.0
     weights = torch.load(tmp_path / "gpu" / "model.pt", weights_only=True)
     assert all(v.device.type == "cpu" and torch.isfinite(v.double()).all() for v in weights.values())
+
+
+@pytest.mark.slow
+def test_client_actors_under_ray_train_on_the_gpu_share_they_are_given(tmp_path, capsys):
+    """With `device=cuda` a client without a GPU refuses to train, so a run in which every client replied every
+    round proves that each Ray actor saw the GPU share `client-resources-num-gpus` gave it."""
+    run = (
+        "num-clients=4 num-server-rounds=2 fraction-train=1.0 local-epochs=1 image-size=8 projection-dim=16 "
+        f"dirichlet-alpha=100.0 device=cuda output-dir={tmp_path}"
+    )
+    share = "client-resources-num-gpus=0.25"
+    assert launch.main(["--run-config", run, "--federation-config", share]) == 0
+    assert "finished:completed" in capsys.readouterr().out
+    (run_dir,) = list(tmp_path.iterdir())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["replies"] for r in rows[1:]] == [4, 4]

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from flcore.config import LOCAL, ConfigError, data_key
-from flcore.data import Batches, Dataset, ImageSet
-from flcore.experiment import Prepared, prepare, seeded_generator
+from flcore.data import ImageSet
+from flcore.device import compute_of
+from flcore.experiment import Prepared, batches, prepare, seeded_generator
 from flcore.files import atomic_write
 from flcore.models import build_model
 from flcore.training import TrainSettings, train
@@ -73,15 +74,21 @@ def _cache_file(cfg: Mapping) -> Path:
     return Path(str(cfg["output-dir"])).expanduser() / "teacher-cache" / f"holdout-{digest}.pt"
 
 
+def _model(cfg: Mapping, num_classes: int, seed: int | None = None) -> nn.Module:
+    """The stand-in's architecture on the run's device."""
+    dim, device = int(cfg["projection-dim"]), compute_of(cfg).device
+    return build_model(str(cfg["holdout-model"]), dim, num_classes, seed=seed, device=device)
+
+
 def _train(cfg: Mapping, prepared: Prepared, held: np.ndarray) -> nn.Module:
     dataset, seed = prepared.dataset, int(cfg["seed"])
-    model = build_model(str(cfg["holdout-model"]), int(cfg["projection-dim"]), dataset.num_classes, seed=seed)
-    batches = Batches(dataset.train.subset(held), dataset, int(cfg["image-size"]), int(cfg["batch-size"]))
+    model = _model(cfg, dataset.num_classes, seed=seed)
+    data = batches(cfg, dataset.train.subset(held), int(cfg["batch-size"]))
     settings = TrainSettings(
         int(cfg["holdout-epochs"]), float(cfg["holdout-lr"]), MOMENTUM, WEIGHT_DECAY, bool(cfg["augment"])
     )
     print(f"[teacher] training the {label(len(held), str(cfg['holdout-model']))}", flush=True)
-    train(model, batches, settings, seeded_generator(seed, STREAM))
+    train(model, data, settings, seeded_generator(seed, STREAM), compute=compute_of(cfg))
     return model
 
 
@@ -90,21 +97,21 @@ def load_or_train(cfg: Mapping) -> tuple[nn.Module, str]:
     prepared = prepare(cfg)
     check(cfg, prepared)
     held = holdout_indices(prepared)
-    model = build_model(str(cfg["holdout-model"]), int(cfg["projection-dim"]), prepared.dataset.num_classes)
+    model = _model(cfg, prepared.dataset.num_classes)
     path = _cache_file(cfg)
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
         model = _train(cfg, prepared, held)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     return model.eval(), label(len(held), str(cfg["holdout-model"]))
 
 
 @torch.no_grad()
-def logits(model: nn.Module, images: ImageSet, dataset: Dataset, image_size: int) -> torch.Tensor:
-    """The teacher's logits [N, C] over `images`, in order."""
+def logits(cfg: Mapping, model: nn.Module, images: ImageSet) -> torch.Tensor:
+    """The teacher's logits [N, C] over `images`, in order, computed on the run's device in float32 and returned
+    on the CPU (they are cached like CLIP's)."""
     model.eval()
-    batches = Batches(images, dataset, image_size, 256)
-    return torch.cat([model(x) for x, _ in batches.iterate()]).float()
+    return torch.cat([model(x) for x, _ in batches(cfg, images, 256).iterate()]).float().cpu()

@@ -21,6 +21,7 @@ import torch
 
 from flcore.config import ConfigError, align_source
 from flcore.data import Dataset, ImageSet
+from flcore.device import compute_of
 from flcore.files import atomic_write
 
 PLACEHOLDER_NAME = re.compile(r"^(class[ _-]?)?\d+$", re.IGNORECASE)
@@ -157,9 +158,8 @@ def holdout_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet) -> T
     from alignment import holdout
 
     model, source = holdout.load_or_train(cfg)
-    size = int(cfg["image-size"])
-    q = holdout.logits(model, align, dataset, size)
-    test = holdout.logits(model, dataset.test, dataset, size)
+    q = holdout.logits(cfg, model, align)
+    test = holdout.logits(cfg, model, dataset.test)
     acc = float((test.argmax(1).numpy() == dataset.test.labels).mean())
     return TeacherLogits(q, source, False, acc)
 
@@ -180,9 +180,8 @@ def compute_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet, alig
         else f"{cfg['align-teacher']} / {cfg['align-pretrained']}"
     )
     if not all(f.is_file() for f in files.values()):
-        model = clip.load_teacher(
-            str(cfg["align-teacher"]), str(cfg["align-pretrained"]), int(cfg["projection-dim"]), cache / "configs"
-        )
+        name, pretrained, dim = str(cfg["align-teacher"]), str(cfg["align-pretrained"]), int(cfg["projection-dim"])
+        model = clip.load_teacher(name, pretrained, dim, cache / "configs", compute_of(cfg).device)
         print(f"[align] computing teacher logits once with {model.label}", flush=True)
         cache.mkdir(parents=True, exist_ok=True)
         for split, images in (("align", align), ("test", dataset.test)):

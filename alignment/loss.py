@@ -5,7 +5,8 @@
 where p are the model's logits and q the teacher's. The KL term is `flcore.losses.kd_loss`, the same
 distillation loss CLIP2FL's clients use. Fine-tuning runs through the clients' own training loop
 (`flcore.training.train`) with batches that carry each image's D_align position, so the loss can look up
-both the label and the teacher's logits; with beta = 0 it is exactly CE fine-tuning on D_align.
+both the label and the teacher's logits; with beta = 0 it is exactly CE fine-tuning on D_align. It runs on the
+run's device and precision (`flcore.device`), where D_align, its labels and q move once per alignment.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flcore.data import Batches, Dataset, ImageSet
+from flcore.device import CPU, Compute
 from flcore.losses import kd_loss
 from flcore.training import TrainSettings, train
 
@@ -102,11 +104,12 @@ def fine_tune(
     q: torch.Tensor,
     settings: AlignSettings,
     gen: torch.Generator,
+    compute: Compute = CPU,
 ) -> dict[str, float]:
     """SGD on D_align with the alignment loss, through the same loop as local training."""
     indexed = ImageSet(np.arange(len(align)), align.images, align.files)
-    batches = Batches(indexed, dataset, image_size, settings.batch_size)
-    loss = AlignLoss(torch.from_numpy(align.labels), q, settings)
+    batches = Batches(indexed, dataset, image_size, settings.batch_size, compute)
+    loss = AlignLoss(torch.from_numpy(align.labels).to(compute.device), q.to(compute.device), settings)
     plain = TrainSettings(1, settings.lr, 0.0, 0.0, settings.augment)
-    stats = train(model, StepBatches(batches, settings.steps), plain, gen, loss)
+    stats = train(model, StepBatches(batches, settings.steps), plain, gen, loss, compute=compute)
     return {"align-loss": stats["train-loss"], **loss.means(), "align-steps": stats["local-steps"]}

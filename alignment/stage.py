@@ -34,6 +34,7 @@ from alignment.logits import (
 )
 from alignment.loss import AlignSettings, fine_tune
 from flcore.data import Dataset
+from flcore.device import compute_of
 from flcore.experiment import Prepared, load_record, prepare, seeded_generator, to_record
 from rounds.stage import Outcome, ServerContext, Stages
 
@@ -50,6 +51,7 @@ class AlignmentStage:
         self.last = int(cfg["num-server-rounds"])
         self.every = int(cfg["eval-every"])
         self.seed, self.image_size = int(cfg["seed"]), int(cfg["image-size"])
+        self.compute = compute_of(cfg)
 
     def __call__(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> Outcome:
         if self.s.when == "last-round" and server_round != self.last:
@@ -65,7 +67,7 @@ class AlignmentStage:
         data = self.ctx.data
         start = time.perf_counter()
         gen = seeded_generator(self.seed, server_round, ALIGN_STREAM)
-        stats = fine_tune(model, data.align, data.dataset, self.image_size, self.q, self.s, gen)
+        stats = fine_tune(model, data.align, data.dataset, self.image_size, self.q, self.s, gen, self.compute)
         for key, value in {**stats, "align-seconds": time.perf_counter() - start}.items():
             metrics[key] = float(value)
         aligned = to_record(model)

@@ -6,7 +6,8 @@ with OpenAI weights, by default) or `tiny`: a small open_clip config with random
 `open_clip.add_model_config` and built by the same call, for tests and offline runs. Real weights come
 from a checkpoint file or the local Hugging Face / open_clip cache only; nothing is downloaded.
 Zero-shot logits use the prompt-template ensemble of CLIP's paper (or the templates a caller passes, e.g.
-CLIP2FL's single "a photo of a {}") and the model's own logit scale.
+CLIP2FL's single "a photo of a {}") and the model's own logit scale. The teacher runs on the run's device
+in float32 (once per run: its logits are cached); images are read and preprocessed on the CPU.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class ClipTeacher:
     tokenizer: Callable[[Sequence[str]], torch.Tensor]
     embed_dim: int
     random: bool
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def label(self) -> str:
@@ -120,15 +125,18 @@ def resolve_weights(name: str, pretrained: str) -> tuple[str, dict]:
     return path, open_clip.get_pretrained_cfg(name, pretrained)
 
 
-def load_teacher(name: str, pretrained: str, tiny_embed_dim: int, config_dir: Path) -> ClipTeacher:
-    """Build the teacher; `tiny` is seeded so its random weights (and cached logits) are reproducible."""
+def load_teacher(
+    name: str, pretrained: str, tiny_embed_dim: int, config_dir: Path, device: torch.device | None = None
+) -> ClipTeacher:
+    """Build the teacher on `device`; `tiny` is seeded (on the CPU) so its random weights (and cached logits) are
+    reproducible."""
     random_weights = name == TINY
     if random_weights:
         model_name, checkpoint, tag_cfg = _register_tiny(tiny_embed_dim, config_dir), None, {}
     else:
         model_name = name
         checkpoint, tag_cfg = resolve_weights(name, pretrained)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name,
@@ -137,7 +145,7 @@ def load_teacher(name: str, pretrained: str, tiny_embed_dim: int, config_dir: Pa
             image_mean=tag_cfg.get("mean"),
             image_std=tag_cfg.get("std"),
         )
-    model.eval()
+    model.to(device).eval()
     embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
     tokenizer = open_clip.get_tokenizer(model_name)
     return ClipTeacher(
@@ -165,7 +173,9 @@ def text_features(
     teacher: ClipTeacher, classes: Sequence[str], templates: Sequence[Callable[[str], str] | str] = TEMPLATES
 ) -> torch.Tensor:
     """Unit-norm class text embeddings [C, D]: the mean over templates of each class's normalised embedding."""
-    return open_clip.build_zero_shot_classifier(teacher.model, teacher.tokenizer, list(classes), templates).T
+    return open_clip.build_zero_shot_classifier(
+        teacher.model, teacher.tokenizer, list(classes), templates, device=teacher.device
+    ).T
 
 
 @torch.no_grad()
@@ -175,13 +185,14 @@ def zero_shot_logits(
     images: ImageSet,
     templates: Sequence[Callable[[str], str] | str] = TEMPLATES,
 ) -> torch.Tensor:
-    """CLIP zero-shot logits [N, C]: logit_scale * cos(image, mean prompt embedding of each class)."""
+    """CLIP zero-shot logits [N, C]: logit_scale * cos(image, mean prompt embedding of each class), computed on the
+    teacher's device and returned on the CPU (they are cached)."""
     text = text_features(teacher, classes, templates).T
     scale = teacher.model.logit_scale.exp()
     out = []
     for start in range(0, len(images), IMAGE_BATCH):
         idx = range(start, min(start + IMAGE_BATCH, len(images)))
-        batch = torch.stack([teacher.preprocess(img) for img in _pil_images(images, idx)])
+        batch = torch.stack([teacher.preprocess(img) for img in _pil_images(images, idx)]).to(teacher.device)
         feats = teacher.model.encode_image(batch, normalize=True)
         out.append(scale * feats @ text)
-    return torch.cat(out).float()
+    return torch.cat(out).float().cpu()

@@ -41,6 +41,7 @@ def setup(size: str):
     import torch
     from PIL import Image
 
+    from flcore.device import resolve_device
     from flcore.models import build_model
     from pretrain.dwp import build_gfl
     from pretrain.llava_data import LlavaSamples, Record
@@ -48,7 +49,7 @@ def setup(size: str):
 
     torch.set_num_threads(1)
     teacher = tiny_teacher(size)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     teacher.model.to(device)
     root = Path(tempfile.mkdtemp())
     rng = np.random.default_rng(0)

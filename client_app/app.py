@@ -10,6 +10,8 @@ class statistics of the received model in an `uploads` record. Its loss is the r
 one (`loss`, the Ratio Loss with the server's class weights). A `query.upload` message (CCVR, after
 the last aggregation) asks for such statistics of the model it carries alone, with no training. It never
 loads the LLM, and loads CLIP only when the round config asks for CLIP2FL's distillation (`kd-weight`).
+It trains on the device `device` resolves to in this process (under Ray, the GPU share of
+`client-resources-num-gpus`, if any): its model and partition stay there across rounds.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from flcore.class_statistics import RECORD as UPLOADS_RECORD
 from flcore.class_statistics import UPLOAD_ACTION, UPLOAD_KEY, client_upload
 from flcore.config import validate
 from flcore.costs import cost_metrics
+from flcore.device import Compute, compute_of
 from flcore.experiment import load_state, seeded_generator, to_record
 from flcore.local_data import CLASS_COUNTS_KEY
 from flcore.losses import LossInputs, build_loss
@@ -39,18 +42,18 @@ app = ClientApp()
 
 
 @lru_cache(maxsize=2)
-def _model(name: str, projection_dim: int, num_classes: int) -> FLModel:
-    """One model object per process, refilled with the global weights every round."""
-    return build_model(name, projection_dim, num_classes)
+def _model(name: str, projection_dim: int, num_classes: int, compute: Compute) -> FLModel:
+    """One model object per process, on its device, refilled with the global weights every round."""
+    return build_model(name, projection_dim, num_classes, device=compute.device)
 
 
 def _setup(msg: Message, context: Context) -> tuple[dict, dict, Shard, FLModel]:
     """The run config (its server-side paths are not this node's to check), the request's config, this node's
-    data, and the model holding the received global weights."""
+    data, and the model holding the received global weights, on this process's device."""
     cfg = validate(context.run_config, paths=False)
     server_config = dict(msg.content["config"]) if "config" in msg.content else {}
     data = shard(cfg, context, server_config)
-    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), data.num_classes)
+    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), data.num_classes, compute_of(cfg))
     load_state(model, check_global(msg, model.state_dict(), message_limit(cfg, context.node_config)))
     return cfg, server_config, data, model
 
@@ -88,7 +91,8 @@ def train_fn(msg: Message, context: Context) -> Message:
     if UPLOAD_KEY in server_config:  # CReFF: computed on the received global model, before training
         extra[UPLOADS_RECORD] = client_upload(server_config, model, batches, classes)
     loss = build_loss(LossInputs(cfg, np.bincount(batches.data.labels, minlength=classes), server_config))
-    metrics = train(model, batches, _settings(cfg, server_config), gen, loss, _kd(cfg, server_config, data))
+    settings, kd = _settings(cfg, server_config), _kd(cfg, server_config, data)
+    metrics = train(model, batches, settings, gen, loss, kd, compute_of(cfg))
     arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})
     if data.local:
         record[CLASS_COUNTS_KEY] = data.class_counts()
@@ -100,7 +104,7 @@ def train_fn(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_fn(msg: Message, context: Context) -> Message:
     cfg, _, data, model = _setup(msg, context)
-    preds, labels = predict(model, data.batches)
+    preds, labels = predict(model, data.batches, compute_of(cfg))
     scores = summarize(preds, labels, data.num_classes, {})
     reply = MetricRecord({"accuracy": scores["accuracy"], "num-examples": len(labels)})
     return Message(RecordDict({"metrics": reply}), reply_to=msg)

@@ -6,8 +6,8 @@ where q are the CLIP teacher's zero-shot logits of the same (unaugmented) image 
 as CLIP2FL's reference code does (T = 3, prompt `clip2fl-prompt`: "a photo of a {}" by default). The
 teacher (`align-teacher` / `align-pretrained`: tiny random or real local weights; or `holdout`, the
 offline stand-in that stage 3 uses too, so `clip2fl` and `ours` can be compared with teachers of equal
-knowledge) runs once per process over the partition; its logits are cached, not recomputed each round.
-open_clip is imported only here, and the ClientApp imports this module lazily.
+knowledge) runs once per process over the partition, on the client's device; its logits are cached, not
+recomputed each round. open_clip is imported only here, and the ClientApp imports this module lazily.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from flcore.config import data_key
 from flcore.data import ImageSet
+from flcore.device import compute_of
 from flcore.losses import kd_loss
 from flcore.training import ExtraLoss
 
@@ -60,7 +61,8 @@ def _clip_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageS
 
     config_dir = Path(tempfile.gettempdir()) / "clip2fl-configs"
     dim = int(cfg["projection-dim"])
-    model = clip.load_teacher(str(cfg["align-teacher"]), str(cfg["align-pretrained"]), dim, config_dir)
+    device = compute_of(cfg).device
+    model = clip.load_teacher(str(cfg["align-teacher"]), str(cfg["align-pretrained"]), dim, config_dir, device)
     print(f"[clip2fl] client {partition_id} computes teacher logits once with {model.label}", flush=True)
     return clip.zero_shot_logits(model, classes, images, clip.prompt_templates(str(cfg["clip2fl-prompt"])))
 
@@ -69,11 +71,10 @@ def _holdout_logits(cfg: Mapping, partition_id: int, classes: tuple, images: Ima
     """The offline stand-in for CLIP (`alignment.holdout`), the same one stage 3 uses: loaded from the server's
     cache where it shares a disk with the server (simulation), else trained here with the same seed."""
     from alignment import holdout
-    from flcore.experiment import prepare
 
     model, source = holdout.load_or_train(cfg)
     print(f"[clip2fl] client {partition_id} computes teacher logits once with the {source}", flush=True)
-    return holdout.logits(model, images, prepare(cfg).dataset, int(cfg["image-size"]))
+    return holdout.logits(cfg, model, images)
 
 
 def distillation(
@@ -83,7 +84,7 @@ def distillation(
     weight, temperature = float(server_config[WEIGHT_KEY]), float(server_config[TEMPERATURE_KEY])
     if weight < 0 or temperature <= 0:
         raise ValueError(f"kd-weight = {weight} must be >= 0 and kd-temperature = {temperature} must be > 0.")
-    q = teacher_logits(cfg, partition_id, classes, images)
+    q = teacher_logits(cfg, partition_id, classes, images).to(compute_of(cfg).device)
     if q.shape != (len(images), len(classes)):
         raise RuntimeError(
             f"teacher logits {tuple(q.shape)} do not match the partition ({len(images)}, {len(classes)})"

@@ -23,6 +23,7 @@ from flwr.common.logger import log
 
 from flcore.config import LOCAL
 from flcore.data import INPUT_STATS, Batches, Dataset, ImageSet
+from flcore.device import compute_of
 from flcore.experiment import client_batches, prepare
 from flcore.local_data import CLASSES_KEY, LocalDataError, class_counts, read_local
 
@@ -90,7 +91,7 @@ def _own_data(cfg: Mapping, context: Context, server_config: Mapping) -> Shard:
     classes = tuple(str(c) for c in classes)
     images = read_local(Path(str(root)), classes, int(cfg["image-size"]))
     dataset = Dataset(images, ImageSet.empty(), classes, *INPUT_STATS[str(cfg["dataset"])])
-    batches = Batches(images, dataset, int(cfg["image-size"]), int(cfg["batch-size"]))
+    batches = Batches(images, dataset, int(cfg["image-size"]), int(cfg["batch-size"]), compute_of(cfg))
     found = Shard(batches, classes, int(context.node_id), local=True)
     counts = found.class_counts()
     log(

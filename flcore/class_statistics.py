@@ -8,7 +8,8 @@ aggregated model in a `query.upload` message with `upload = <name>` in its confi
 the upload on that model without training. Either way the client answers with an extra ConfigRecord
 `uploads` of `.npy` bytes.
 This lives in the shared package because the client must never import the server's `strategies`.
-Classifier-input features are `FLModel.embed` (the projection output, `projection-dim` wide).
+Classifier-input features are `FLModel.embed` (the projection output, `projection-dim` wide), computed on
+the model's device in float32 (statistics in float64, with no mixed precision), and sent from the CPU.
 """
 
 from __future__ import annotations
@@ -72,9 +73,9 @@ def feature_statistics(
         fc = feats[labels == c]
         counts[c] = len(fc)
         if len(fc):
-            means[c] = fc.mean(0).numpy()
+            means[c] = fc.mean(0).cpu().numpy()
         if len(fc) > 1:
-            covs[c] = torch.cov(fc.T).numpy()
+            covs[c] = torch.cov(fc.T).cpu().numpy()
     return {"counts": counts, "means": means, "covs": covs}
 
 
@@ -88,7 +89,7 @@ def class_gradients(
     """
     feats, labels = class_features(model, batches)
     source = head if head is not None else {"weight": model.classifier.weight, "bias": model.classifier.bias}
-    weight, bias = source["weight"].detach().double(), source["bias"].detach().double()
+    weight, bias = (source[k].detach().to(feats.device, torch.float64) for k in ("weight", "bias"))
     counts = np.zeros(num_classes)
     grad_w = np.zeros((num_classes, *weight.shape), np.float32)
     grad_b = np.zeros((num_classes, *bias.shape), np.float32)
@@ -97,7 +98,7 @@ def class_gradients(
         counts[c] = len(fc)
         if len(fc):
             gw, gb = classifier_grad(fc, c, weight, bias, create_graph=False)
-            grad_w[c], grad_b[c] = gw.numpy(), gb.numpy()
+            grad_w[c], grad_b[c] = gw.cpu().numpy(), gb.cpu().numpy()
     return {"counts": counts, "grad-weight": grad_w, "grad-bias": grad_b}
 
 
@@ -105,7 +106,7 @@ def classifier_grad(
     feats: torch.Tensor, label: int, weight: torch.Tensor, bias: torch.Tensor, create_graph: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     w, b = weight.detach().requires_grad_(True), bias.detach().requires_grad_(True)
-    target = torch.full((len(feats),), label, dtype=torch.long)
+    target = torch.full((len(feats),), label, dtype=torch.long, device=feats.device)
     loss = F.cross_entropy(F.linear(feats, w, b), target)
     gw, gb = torch.autograd.grad(loss, (w, b), create_graph=create_graph)
     return gw, gb

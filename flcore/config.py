@@ -10,6 +10,7 @@ the value and what is allowed.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ PARTITIONER_NAMES = ("creff", "dirichlet")
 ALIGN_SOURCES = ("auto", "train", "val")
 CLIENT_DATA = ("partition", "local")
 LOCAL = "local"  # client-data: every SuperNode trains on its own folder (node config `data-dir`)
+AMP_MODES = ("off", "bf16", "fp16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 MAX_SEED = 2**31 - 1  # every seed consumer accepts it (torch, NumPy, Flower), also as seed * 1000 + epoch
@@ -52,6 +55,7 @@ class Option:
     allowed: str = ""
     check: Callable[[Any], bool] | None = None
     choices: tuple[str, ...] = ()
+    kinds: tuple[type, ...] = ()  # the types a value may have, where they are not just the default's
 
 
 def _number(low: float, high: float = math.inf, low_open: bool = False, integer: bool = False):
@@ -85,6 +89,17 @@ def _prompt_ok(value: Any) -> bool:
 
 def _choice(default: str, help: str, choices: Iterable[str]) -> Option:
     return Option(default, help, choices=tuple(choices))
+
+
+def _device_ok(value: Any) -> bool:
+    return isinstance(value, str) and DEVICE_PATTERN.fullmatch(value) is not None
+
+
+def _workers_ok(value: Any) -> bool:
+    """`auto`, or a whole number of loader processes (0 = decode in the training process)."""
+    if isinstance(value, str):
+        return value == "auto"
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # The keys by topic, in the order docs/configuration.md lists them; SCHEMA is their union.
@@ -171,6 +186,30 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "weight-decay": _opt(0.0, "Local SGD weight decay.", _number(0)),
         "seed": _opt(
             7, "Seed for data split, sampling, initialisation and training.", _number(0, MAX_SEED, integer=True)
+        ),
+    },
+    "Compute: device, precision, data loading": {
+        "device": Option(
+            "auto",
+            "Where every model computes (client training and evaluation, the server's evaluation, stages 1 and 3, "
+            "calibration, the teachers): auto (the GPU this process sees, else the CPU; a client actor sees the GPU "
+            "share Ray gives it), cpu, cuda or cuda:N.",
+            "auto, cpu, cuda or cuda:N",
+            _device_ok,
+        ),
+        "amp": _choice(
+            "off",
+            "Mixed precision on a GPU for client training, evaluation and the server stages: off, bf16, or fp16 "
+            "(with a gradient scaler). Needs a CUDA device.",
+            AMP_MODES,
+        ),
+        "num-workers": Option(
+            "auto",
+            "Loader processes that decode image files (imagenet-lt, folder) while the model trains: a number (0 = "
+            "in the training process) or auto (the process's CPU share minus one).",
+            "auto or an integer >= 0",
+            _workers_ok,
+            kinds=(str, int),
         ),
     },
     "Evaluation and reports": {
@@ -438,7 +477,10 @@ SECTIONS: dict[str, dict[str, Option]] = {
 SCHEMA: dict[str, Option] = {key: option for part in SECTIONS.values() for key, option in part.items()}
 
 
-def _type_ok(default: Scalar, value: Any) -> bool:
+def _type_ok(option: Option, value: Any) -> bool:
+    if option.kinds:
+        return isinstance(value, option.kinds) and not isinstance(value, bool)
+    default = option.default
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int | float):
@@ -447,8 +489,8 @@ def _type_ok(default: Scalar, value: Any) -> bool:
 
 
 def _check_key(key: str, value: Any, option: Option, choices: tuple[str, ...]) -> None:
-    if not _type_ok(option.default, value):
-        kind = type(option.default).__name__
+    if not _type_ok(option, value):
+        kind = " or ".join(t.__name__ for t in option.kinds) or type(option.default).__name__
         raise ConfigError(f"run-config key '{key}' = {value!r} has the wrong type: expected {kind}.")
     if choices and value not in choices:
         raise ConfigError(f"run-config key '{key}' = {value!r} is not allowed: choose one of {', '.join(choices)}.")
@@ -537,6 +579,11 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"run-config key 'min-replies' = {cfg['min-replies']!r} is not allowed: expected <= the clients sampled "
             f"per round ({per_round} = num-clients x fraction-train)."
+        )
+    if cfg["amp"] != "off" and cfg["device"] == "cpu":
+        raise ConfigError(
+            f"run-config key 'amp' = {cfg['amp']!r} is not allowed with device = 'cpu': mixed precision runs on a "
+            "CUDA device; expected off, or device auto / cuda."
         )
     if cfg["model"] == "resnet8" and cfg["image-size"] > 64:
         raise ConfigError(

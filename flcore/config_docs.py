@@ -40,6 +40,8 @@ RELATIONS = (
     "With `pretrain=true`, `pretrain-data` must be `digits` or an existing folder or file.",
     "`min-replies` must be <= the clients sampled per round (`num-clients` x `fraction-train`, at least 1).",
     "`image-size` must be <= 64 with `model=resnet8`.",
+    "`amp` other than `off` needs a CUDA device: refused with `device=cpu`, and before anything starts where "
+    "the device resolves to the CPU (docs/gpu.md).",
 )
 
 HEADER = f"""\

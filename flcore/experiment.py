@@ -4,6 +4,8 @@ With `client-data=partition` the server and each client call these with the same
 split; results are cached per process, so a simulated client (a Ray actor serving many partitions) decodes
 the dataset once and never reloads data between rounds. With `client-data=local` the clients hold their own
 images (`flcore.local_data`): the server reads only its test split and D_align, and there is no split.
+Batches and models are made on the process's device (`flcore.device.compute_of`): a client's partition
+moves there once, when its batches are first made.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from flcore import data as datasets
 from flcore.config import LOCAL, align_source, data_key
 from flcore.data import Batches, Dataset, ImageSet
+from flcore.device import Compute, compute_of
 from flcore.local_data import CLASSES_KEY
 from flcore.models import FLModel, build_model
 from flcore.partition import Split, balanced_subset, class_groups, make_split
@@ -86,18 +89,23 @@ def client_classes(cfg: Mapping) -> dict[str, list[str]]:
 
 
 @lru_cache(maxsize=64)
-def _client_batches(key: tuple, batch_size: int, partition_id: int) -> Batches:
+def _client_batches(key: tuple, batch_size: int, partition_id: int, compute: Compute) -> Batches:
     prep = _prepare(key)
     cfg = dict(key)
     part = prep.dataset.train.subset(prep.split.clients[partition_id])
-    return Batches(part, prep.dataset, cfg["image-size"], batch_size)
+    return Batches(part, prep.dataset, cfg["image-size"], batch_size, compute)
 
 
 def client_batches(cfg: Mapping, partition_id: int) -> Batches:
-    """One client's share of the long-tailed pool, ready for local training."""
+    """One client's share of the long-tailed pool, ready for local training on this process's device."""
     if not 0 <= partition_id < cfg["num-clients"]:
         raise ValueError(f"partition-id {partition_id} is outside 0..{cfg['num-clients'] - 1} (num-clients).")
-    return _client_batches(data_key(cfg), int(cfg["batch-size"]), partition_id)
+    return _client_batches(data_key(cfg), int(cfg["batch-size"]), partition_id, compute_of(cfg))
+
+
+def batches(cfg: Mapping, images: ImageSet, batch_size: int) -> Batches:
+    """Any image set of the run's dataset in batches on this process's device (server sets, teachers)."""
+    return Batches(images, prepare(cfg).dataset, int(cfg["image-size"]), batch_size, compute_of(cfg))
 
 
 @dataclass(frozen=True)
@@ -113,16 +121,22 @@ class ServerData:
     groups: dict[str, list[int]]
 
 
+def align_set(cfg: Mapping) -> ImageSet:
+    """D_align: the server's class-balanced images, from the training split or `align-data`'s source."""
+    prep = prepare(cfg)
+    return prep.align_source.subset(prep.split.align)
+
+
 def server_data(cfg: Mapping) -> ServerData:
+    """What the ServerApp holds; the test split moves to the device here, once per run."""
     prep = prepare(cfg)
     labels = prep.dataset.train.labels
     counts = prep.split.pool_counts(labels)
-    test = Batches(prep.dataset.test, prep.dataset, cfg["image-size"], cfg["eval-batch-size"])
     groups = class_groups(counts, cfg["many-threshold"], cfg["few-threshold"])
     if cfg["client-data"] == LOCAL:  # no pool is known before training, so no class can be put in a group
         groups = {name: [] for name in groups}
-    histogram = prep.split.client_histogram(labels)
-    return ServerData(prep.dataset, test, prep.align_source.subset(prep.split.align), counts, histogram, groups)
+    test = batches(cfg, prep.dataset.test, int(cfg["eval-batch-size"]))
+    return ServerData(prep.dataset, test, align_set(cfg), counts, prep.split.client_histogram(labels), groups)
 
 
 def to_record(model: nn.Module) -> ArrayRecord:
@@ -143,10 +157,15 @@ def load_record(model: nn.Module, arrays: ArrayRecord) -> nn.Module:
     return load_state(model, arrays.to_torch_state_dict())
 
 
+def new_model(cfg: Mapping, seed: int | None = None) -> FLModel:
+    """A model of the run's architecture on this process's device (initialised on the CPU from `seed`)."""
+    name, dim = str(cfg["model"]), int(cfg["projection-dim"])
+    return build_model(name, dim, prepare(cfg).dataset.num_classes, seed=seed, device=compute_of(cfg).device)
+
+
 def model_from(cfg: Mapping, arrays: ArrayRecord) -> FLModel:
     """A fresh model of the run's architecture holding `arrays`, for server-side methods that run the model."""
-    model = build_model(str(cfg["model"]), int(cfg["projection-dim"]), prepare(cfg).dataset.num_classes)
-    return load_record(model, arrays)
+    return load_record(new_model(cfg), arrays)
 
 
 def seeded_generator(*parts: int) -> torch.Generator:

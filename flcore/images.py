@@ -4,7 +4,7 @@ A corrupt, empty or decompression-bomb file would otherwise surface mid-run: in 
 that holds it fails every round (its data is never used, and the run still succeeds), in `test/` the
 ServerApp dies at round 0. Sets of up to `DECODE_ALL` files are decoded in full; larger ones (ImageNet-LT)
 have a seeded sample of `SAMPLE` files decoded, and every other file is checked when it is read
-(`flcore.data.decode` names the file that fails).
+(`flcore.data.open_image` names the file that fails).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def fedlc_loss(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor
     and training collapses (FL-bench issue #5), so the softmax runs over every class, as FL-bench and
     fluke implement it.
     """
-    return F.cross_entropy(logits - offsets.to(logits.dtype), labels)
+    return F.cross_entropy(logits - offsets.to(logits), labels)
 
 
 def fedrs_scale(label_counts: np.ndarray, alpha: float) -> torch.Tensor:
@@ -77,13 +77,13 @@ def fedrs_scale(label_counts: np.ndarray, alpha: float) -> torch.Tensor:
 
 def fedrs_loss(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the restricted softmax: the logits of absent classes scaled by alpha."""
-    return F.cross_entropy(logits * scale.to(logits.dtype), labels)
+    return F.cross_entropy(logits * scale.to(logits), labels)
 
 
 def ratio_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Ratio Loss: -w_y log p_y averaged over the batch (the authors' mean, not PyTorch's weight-normalised one)."""
     per_example = F.cross_entropy(logits, labels, reduction="none")
-    return (weights.to(logits.dtype)[labels] * per_example).mean()
+    return (weights.to(logits)[labels] * per_example).mean()
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

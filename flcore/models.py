@@ -92,12 +92,15 @@ class FLModel(nn.Module):
         return self.classifier(self.embed(x))
 
 
-def build_model(name: str, projection_dim: int, num_classes: int, seed: int | None = None) -> FLModel:
-    """One factory for every client model; `seed` makes the initial weights reproducible."""
+def build_model(
+    name: str, projection_dim: int, num_classes: int, seed: int | None = None, device: torch.device | None = None
+) -> FLModel:
+    """One factory for every client model; `seed` makes the initial weights reproducible. They are drawn on the
+    CPU and then moved to `device`, so every device starts from the same weights."""
     if seed is not None:
         torch.manual_seed(seed)
     model = FLModel(BACKBONES[name](), projection_dim, num_classes)
-    return model.to(memory_format=torch.channels_last)
+    return model.to(device=device, memory_format=torch.channels_last)
 
 
 def buffer_names(name: str, projection_dim: int) -> frozenset[str]:

@@ -166,8 +166,9 @@ class RunReport:
         )
 
     def finish(self, state_dict: Mapping[str, torch.Tensor], extra: Mapping[str, Any] | None = None) -> dict:
-        """Write summary.json, the plots and the final weights; return the summary."""
-        atomic_write(self.dir / "model.pt", lambda tmp: torch.save(dict(state_dict), tmp))
+        """Write summary.json, the plots and the final weights (on the CPU, loadable anywhere); return the summary."""
+        weights = {k: v.detach().cpu() for k, v in state_dict.items()}
+        atomic_write(self.dir / "model.pt", lambda tmp: torch.save(weights, tmp))
         last = self.rows[-1]
         summary = {
             "rounds": self.num_rounds,

@@ -1,4 +1,9 @@
-"""Local training and evaluation loops shared by clients, the server stages and the benchmarks."""
+"""Local training and evaluation loops shared by clients, the server stages and the benchmarks.
+
+They run where the batches and the model are (`flcore.device`), in the precision `compute.amp` asks. The
+loss and accuracy sums stay on the device (float64, the same numbers as summing Python floats) and are read
+once per call, so a GPU never waits for the host between steps.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flcore.data import Batches
+from flcore.device import CPU, Compute
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, batch positions in the data) -> term
@@ -55,6 +61,7 @@ def train(
     gen: torch.Generator,
     loss_fn: LossFn = F.cross_entropy,
     extra_loss: ExtraLoss | None = None,
+    compute: Compute = CPU,
 ) -> dict[str, float]:
     """Plain SGD over the client's data; with proximal_mu > 0 adds FedProx's (mu/2)||w - w_global||^2.
 
@@ -65,34 +72,44 @@ def train(
     opt = torch.optim.SGD(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
+    scaler = compute.scaler()
     anchor = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else None
-    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    total_loss = torch.zeros((), dtype=torch.float64, device=compute.device)
+    correct = torch.zeros((), dtype=torch.int64, device=compute.device)
+    seen, steps = 0, 0
     for _ in range(settings.epochs):
         for idx, x, y in _batches(batches, settings.augment, gen, indexed=extra_loss is not None):
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            if extra_loss is not None:
-                loss = loss + extra_loss(logits, idx)
-            if anchor is not None:
-                loss = loss + 0.5 * settings.proximal_mu * sum(
-                    (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
-                )
+            with compute.autocast():
+                logits = model(x)
+                loss = loss_fn(logits, y)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(logits, idx)
+                if anchor is not None:
+                    loss = loss + 0.5 * settings.proximal_mu * sum(
+                        (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+                    )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total_loss += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            total_loss += loss.detach().double() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             steps += 1
-    return {"train-loss": total_loss / max(seen, 1), "train-accuracy": correct / max(seen, 1), "local-steps": steps}
+    return {
+        "train-loss": float(total_loss) / max(seen, 1),
+        "train-accuracy": int(correct) / max(seen, 1),
+        "local-steps": steps,
+    }
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Batches) -> tuple[np.ndarray, np.ndarray]:
+def predict(model: nn.Module, batches: Batches, compute: Compute = CPU) -> tuple[np.ndarray, np.ndarray]:
     """Predicted and true labels over a whole set, in order."""
     model.eval()
     preds, labels = [], []
     for x, y in batches.iterate():
-        preds.append(model(x).argmax(1))
+        with compute.autocast():
+            preds.append(model(x).argmax(1))
         labels.append(y)
-    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    return torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()

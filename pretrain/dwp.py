@@ -17,7 +17,8 @@ size"); otherwise a separate MLP to LLaVA's width is trained and only the backbo
 (`build_gfl`). The loss is LLaVA's language-model loss on the answer tokens. Only g_fl trains:
 CLIP, projector and LLM have requires_grad False (no gradient buffers) and gradients flow through them to
 Z. alpha follows a cosine from 0 to 1 over the first half of the optimizer steps, then stays 1; from
-then on the CLIP forward (and CLIP's image preprocessing) is skipped entirely.
+then on the CLIP forward (and CLIP's image preprocessing) is skipped entirely. Training runs on the teacher's
+device under the run's mixed precision (`flcore.device.Compute`: bf16, or fp16 with a gradient scaler).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flcore.device import CPU, Compute
 from flcore.models import FLModel
 from pretrain.checkpoints import Checkpoints
 from pretrain.llava_data import Batch, LlavaSamples
@@ -197,14 +199,6 @@ class DWPResult:
     resumed_from: int = 0
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPUs that support it, fp16 otherwise; none on CPU."""
-    if device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 def _checkpointing(model: nn.Module, on: bool) -> None:
     """Activation checkpointing in the frozen LLM (transformers 5 name, or the older gradient_* one)."""
     if hasattr(model, "activation_checkpointing_enable"):
@@ -232,8 +226,10 @@ def train_dwp(
     cfg: DWPConfig,
     checkpoints: Checkpoints | None = None,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    compute: Compute = CPU,
 ) -> DWPResult:
-    """Train g_fl (backbone + projection) for `cfg.epochs`; resumes from the last epoch checkpoint if any."""
+    """Train g_fl (backbone + projection) for `cfg.epochs` on the teacher's device, in `compute`'s precision;
+    resumes from the last epoch checkpoint if any."""
     device = teacher.model.device
     freeze(teacher)
     if cfg.gradient_checkpointing:
@@ -244,7 +240,7 @@ def train_dwp(
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(gfl.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = compute.scaler()
     result = DWPResult()
     clock = AlphaClock(total)
     start = 0
@@ -265,10 +261,10 @@ def train_dwp(
                 micro.append(batch)
                 if len(micro) < cfg.grad_accum:
                     continue
-                total_loss += _step(teacher, gfl, micro, clock.alpha, opt, sched, scaler, device)
+                total_loss += _step(teacher, gfl, micro, clock.alpha, opt, sched, scaler, compute)
                 seen, micro, clock.step = seen + 1, [], clock.step + 1
             if micro:
-                total_loss += _step(teacher, gfl, micro, clock.alpha, opt, sched, scaler, device)
+                total_loss += _step(teacher, gfl, micro, clock.alpha, opt, sched, scaler, compute)
                 seen, clock.step = seen + 1, clock.step + 1
             if not seen:  # every image failed: nothing trained, so nothing may be checkpointed or cached
                 raise DWPError(
@@ -298,15 +294,15 @@ def train_dwp(
     return result
 
 
-def _step(teacher, gfl, micro: list[Batch], alpha: float, opt, sched, scaler, device) -> float:
+def _step(teacher, gfl, micro: list[Batch], alpha: float, opt, sched, scaler, compute: Compute) -> float:
     """One optimizer step over `micro`-batches (gradient accumulation); returns the mean loss."""
     opt.zero_grad(set_to_none=True)
     total = 0.0
     for batch in micro:
         if alpha < 1.0 and batch.clip_pixels is None:
             raise RuntimeError("alpha < 1 needs CLIP pixels in the batch")
-        batch.fl_pixels = batch.fl_pixels.to(device)
-        with autocast(device):
+        batch.fl_pixels = batch.fl_pixels.to(teacher.model.device)
+        with compute.autocast():
             loss = lm_loss(teacher, mixed_features(teacher, gfl, batch, alpha), batch) / len(micro)
         scaler.scale(loss).backward()
         total += float(loss.detach())

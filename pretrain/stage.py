@@ -25,6 +25,7 @@ from PIL import Image
 
 from flcore.config import ConfigError
 from flcore.data import digits_pixels, digits_split
+from flcore.device import AMP_DTYPES, compute_of
 from flcore.experiment import Prepared, prepare
 from flcore.images import image_problem
 from flcore.models import build_model
@@ -168,10 +169,10 @@ def pretrained_weights(cfg: Mapping, mean, std) -> tuple[dict[str, torch.Tensor]
     from pretrain.teacher import load_teacher
 
     cache = Path(str(cfg["pretrain-cache-dir"])).expanduser()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    half = torch.float16 if device.type == "cuda" else None  # LLaVA-1.5 ships fp16 weights
-    teacher = load_teacher(str(cfg["pretrain-teacher"]), dtype=half, seed=int(cfg["seed"]))
-    teacher.model.to(device)
+    compute = compute_of(cfg)
+    weights = AMP_DTYPES.get(compute.amp)  # the frozen teacher in the amp dtype (halves a 7B LLM's memory), else fp32
+    teacher = load_teacher(str(cfg["pretrain-teacher"]), dtype=weights, seed=int(cfg["seed"]))
+    teacher.model.to(compute.device)
     ann, root, ann_summary = annotations_for(cfg, teacher, cache)
     model = build_model(str(cfg["model"]), int(cfg["projection-dim"]), 2, seed=int(cfg["seed"]))
     shared = shares_projection(model, teacher)
@@ -202,7 +203,7 @@ def pretrained_weights(cfg: Mapping, mean, std) -> tuple[dict[str, torch.Tensor]
             f"[pretrain] epoch {epoch}/{dwp.epochs}: LM loss {loss:.4f}, alpha {alpha:.3f} ({teacher.note})", flush=True
         )
 
-    result = train_dwp(teacher, gfl, samples, dwp, ckpt, on_epoch)
+    result = train_dwp(teacher, gfl, samples, dwp, ckpt, on_epoch, compute)
     meta = {
         "teacher": teacher.name,
         "note": teacher.note,

@@ -1,19 +1,25 @@
-"""ServerApp: check the run config, hold the test split and D_align, run the strategy, write reports."""
+"""ServerApp: check the run config, hold the test split and D_align, run the strategy, write reports.
+
+Its models (the global model, centralized evaluation, the server stages) live on the device `device`
+resolves to in the ServerApp's own process (`flcore.device`), whatever GPUs the clients get from Ray.
+"""
 
 from __future__ import annotations
 
 import random
 import time
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from flcore.config import LOCAL
-from flcore.experiment import ServerData, client_classes, load_record, server_data, to_record
+from flcore.device import Compute, compute_of
+from flcore.experiment import ServerData, client_classes, load_record, new_model, server_data, to_record
 from flcore.metrics import summarize
-from flcore.models import FLModel, build_model
+from flcore.models import FLModel
 from flcore.reports import RunReport
 from flcore.training import predict
 from rounds import checkpoint
@@ -29,12 +35,14 @@ TRAIN_KEYS = ("local-epochs", "lr", "momentum", "weight-decay", "augment")
 class Evaluator:
     """Centralized evaluation on the balanced test split (Flower's `evaluate_fn`), feeding the report."""
 
-    def __init__(self, model: FLModel, data: ServerData, report: RunReport, every: int, last_round: int) -> None:
+    def __init__(
+        self, model: FLModel, data: ServerData, report: RunReport, every: int, last_round: int, compute: Compute
+    ) -> None:
         self.model, self.data, self.report = model, data, report
-        self.every, self.last_round = every, last_round
+        self.every, self.last_round, self.compute = every, last_round, compute
 
     def metrics(self, arrays: ArrayRecord) -> dict:
-        preds, labels = predict(load_record(self.model, arrays), self.data.test)
+        preds, labels = predict(load_record(self.model, arrays), self.data.test, self.compute)
         return summarize(preds, labels, self.data.dataset.num_classes, self.data.groups)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -61,12 +69,10 @@ def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
         report.write_partition(data.client_histogram, data.pool_counts, data.groups)
     rounds = int(cfg["num-server-rounds"])
 
-    def new_model(seed: int | None = None) -> FLModel:
-        return build_model(str(cfg["model"]), int(cfg["projection-dim"]), data.dataset.num_classes, seed=seed)
-
-    model = new_model(seed=int(cfg["seed"]))
-    evaluator = Evaluator(new_model(), data, report, int(cfg["eval-every"]), rounds)
-    ctx = ServerContext(cfg, data, new_model, evaluator.metrics)
+    make_model = partial(new_model, cfg)
+    model = make_model(seed=int(cfg["seed"]))
+    evaluator = Evaluator(make_model(), data, report, int(cfg["eval-every"]), rounds, compute_of(cfg))
+    ctx = ServerContext(cfg, data, make_model, evaluator.metrics)
     done = resumed.round if resumed is not None else 0
 
     def save_state(server_round: int, arrays: ArrayRecord) -> None:

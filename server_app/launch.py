@@ -9,12 +9,14 @@ dependencies at run time. This launcher hides none of that; it handles it:
 2. starts `flower-superlink --simulation --disable-runtime-dependency-installation` on a free
    loopback port with its own FLWR_HOME (the user's ~/.flwr is left alone);
 3. runs `flwr run . <connection> --stream` with the overrides and the simulation federation from
-   `[tool.mllm-llava-fl.simulation]` (num-supernodes = num-clients);
+   `[tool.mllm-llava-fl.simulation]` (num-supernodes = num-clients), whose client resources
+   `--federation-config` may override (checked against the GPUs this machine has and the `device` asked for);
 4. reads the run's final status with `flwr list --format json` and exits non-zero unless it completed;
 5. stops everything it started before it returns, and a watchdog (`server_app.watchdog`) stops it all
    too when the launcher itself is killed, even with kill -9.
 
 Usage: python -m server_app.launch [--run-config "k=v k2=v2"] [--run-config more.toml]
+                                  [--federation-config "client-resources-num-gpus=0.25"]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from flcore.config import LOCAL, ConfigError, align_source
+from flcore.device import compute_of, visible_gpus
 from server_app.preflight import InputError, preflight, validated
 from server_app.watchdog import Watchdog, stop
 
@@ -42,6 +45,7 @@ BIN = Path(sys.executable).parent  # flwr and flower-superlink of this environme
 CONNECTION = "mllm-sim"
 SIMULATION_ARGS = ("--insecure", "--simulation")
 PATH_KEYS = ("data-dir", "output-dir", "resume")
+CLIENT_RESOURCES = ("client-resources-num-cpus", "client-resources-num-gpus")  # what --federation-config may set
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -177,6 +181,56 @@ def start_superlink(
     return proc
 
 
+def client_resources(simulation: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The simulation federation with `--federation-config` overrides, each checked (Ray takes whole CPUs, and
+    a GPU share below 1 or whole GPUs)."""
+    unknown = sorted(set(overrides) - set(CLIENT_RESOURCES))
+    if unknown:
+        raise ConfigError(
+            f"--federation-config: unknown option(s) {', '.join(unknown)}; expected {' and '.join(CLIENT_RESOURCES)} "
+            "(num-supernodes follows num-clients)."
+        )
+    options = {**simulation, **overrides}
+    cpus, gpus = options["client-resources-num-cpus"], options["client-resources-num-gpus"]
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+        raise ConfigError(f"federation option 'client-resources-num-cpus' = {cpus!r}: expected an integer >= 1.")
+    if isinstance(gpus, bool) or not isinstance(gpus, int | float) or gpus < 0 or (gpus > 1 and gpus % 1):
+        raise ConfigError(
+            f"federation option 'client-resources-num-gpus' = {gpus!r}: expected a number >= 0, a fraction below 1 "
+            "(0.25: four clients share a GPU) or a whole number of GPUs."
+        )
+    return options
+
+
+def check_client_devices(cfg: Mapping[str, Any], options: Mapping[str, Any], ray_address: str) -> None:
+    """Client actors see only the GPUs Ray gives them (numbered from cuda:0), and none without a GPU share: a
+    setting that would leave them waiting for a GPU forever, or make them refuse `device`/`amp`, fails here."""
+    gpus = float(options["client-resources-num-gpus"])
+    device, amp = str(cfg["device"]), str(cfg["amp"])
+    if gpus > 0 and not ray_address and visible_gpus() == 0:
+        raise ConfigError(
+            f"federation option 'client-resources-num-gpus' = {gpus:g} needs a GPU, and this machine has none: Ray "
+            "would never start a client; expected 0 (or --ray-address of a cluster with GPUs)."
+        )
+    if gpus == 0 and device.startswith("cuda"):
+        raise ConfigError(
+            f"run-config key 'device' = {device!r} is not allowed with client-resources-num-gpus = 0: the clients' "
+            "Ray actors see no GPU; give them a share (--federation-config client-resources-num-gpus=0.25) or use "
+            "device=auto (clients on the CPU, the server on its GPU)."
+        )
+    if gpus == 0 and amp != "off":
+        raise ConfigError(
+            f"run-config key 'amp' = {amp!r} is not allowed with client-resources-num-gpus = 0: the clients would "
+            "train on the CPU, where there is no mixed precision; expected off, or give clients a GPU share."
+        )
+    index = int(device.partition(":")[2] or 0)
+    if gpus > 0 and index >= max(1, int(gpus)):
+        raise ConfigError(
+            f"run-config key 'device' = {device!r} is not allowed in the simulation: each client actor sees only the "
+            f"{max(1, int(gpus))} GPU(s) Ray gives it, numbered from cuda:0; expected auto or cuda."
+        )
+
+
 def federation_config(simulation: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
     """num-supernodes follows num-clients, so every partition has exactly one node."""
     options = {**simulation, "num-supernodes": int(cfg["num-clients"])}
@@ -255,12 +309,16 @@ def check_ray_cluster(address: str) -> None:
     print(f"ray: the simulation joins the cluster at {address}", flush=True)
 
 
-def run(overrides: Mapping[str, Any], ray_address: str = "") -> int:
-    """One run on a private SuperLink; with `ray_address` the simulation joins that Ray cluster (RAY_ADDRESS)."""
-    defaults, simulation = project_settings()
+def run(overrides: Mapping[str, Any], ray_address: str = "", federation: Mapping[str, Any] | None = None) -> int:
+    """One run on a private SuperLink; with `ray_address` the simulation joins that Ray cluster (RAY_ADDRESS);
+    `federation` overrides the client resources of the simulation."""
+    defaults, declared = project_settings()
     try:
         cfg, sent = resolve(overrides, defaults)
         refuse_local_data(cfg)
+        simulation = client_resources(declared, federation or {})
+        compute_of(cfg)  # this machine's GPUs before the clients' share: the plainest message comes first
+        check_client_devices(cfg, simulation, ray_address)
         check_before_start(cfg)
         if ray_address:
             check_ray_cluster(ray_address)
@@ -300,17 +358,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--run-config", "-c", action="append", default=[], help="overrides: 'k=v k2=v2' or a TOML file; repeatable"
     )
     parser.add_argument(
+        "--federation-config",
+        "-f",
+        action="append",
+        default=[],
+        help="client resources of the simulation: 'client-resources-num-cpus=2 client-resources-num-gpus=0.25'",
+    )
+    parser.add_argument(
         "--ray-address",
         default=os.environ.get("RAY_ADDRESS", ""),
         help="join this running Ray cluster (e.g. 10.0.0.1:6379) instead of starting one; default: $RAY_ADDRESS",
     )
     args = parser.parse_args(argv)
     try:
-        overrides = parse_overrides(args.run_config)
+        overrides, federation = parse_overrides(args.run_config), parse_overrides(args.federation_config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return run(overrides, args.ray_address)
+    return run(overrides, args.ray_address, federation)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 The launcher calls `preflight` before it starts the SuperLink and Ray; the ServerApp calls it again
 first thing (a run started with `flwr run` on a real SuperLink has no launcher). It validates the
-config, reads the checkpoint to resume from, loads the dataset and draws the split (a split the
-settings cannot produce names the key to change), decodes the image files (`flcore.images`), estimates
+config, resolves `device` and `amp` in this process (a GPU it does not see names the key), reads the
+checkpoint to resume from, loads the dataset and draws the split (a split the settings cannot produce
+names the key to change), decodes the image files (`flcore.images`), estimates
 the memory a training process needs (`flcore.memory`) and the size of the clients' uploads, and runs
 the strategy's and every server stage's own checks (teachers' weights on disk, class names, logits files, pretraining
 data). Each problem is a `ConfigError` or `DataNotFound` naming the key or file; the launcher prints it
@@ -23,6 +24,7 @@ from flcore import data as datasets
 from flcore.class_statistics import upload_bytes
 from flcore.config import LOCAL, ConfigError, validate
 from flcore.data import DataNotFound
+from flcore.device import compute_of
 from flcore.experiment import Prepared, prepare
 from flcore.images import check_images
 from flcore.memory import check_memory
@@ -51,6 +53,7 @@ class Checked:
 
 def preflight(cfg: Mapping[str, Any]) -> Checked:
     """Raise `ConfigError` / `DataNotFound` on the first problem, before anything trains."""
+    compute_of(cfg)
     resumed = checkpoint.load(cfg) if cfg["resume"] else None
     prepared = prepared_data(cfg)
     images = check_image_files(cfg, prepared)

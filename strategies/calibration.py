@@ -13,7 +13,8 @@ moments, each a wrapper around any strategy:
   `query.upload` round trip sends the aggregated model to every connected client, which computes the
   upload on that model and trains nothing.
 
-Then `calibrate` turns the uploads into a new classifier on the aggregated backbone.
+Then `calibrate` turns the uploads into a new classifier on the aggregated backbone, on the run's device
+(`flcore.device`); the new classifier comes back to the CPU where it becomes Flower arrays (`with_classifier`).
 """
 
 from __future__ import annotations
@@ -178,9 +179,9 @@ class UploadsAfterAggregation(Delegating):
 
 def with_classifier(arrays: ArrayRecord, weight: torch.Tensor, bias: torch.Tensor) -> ArrayRecord:
     """`arrays` with the classifier replaced (dtype kept)."""
-    new = {WEIGHT: weight, BIAS: bias}
+    new = {WEIGHT: weight.detach().cpu().numpy(), BIAS: bias.detach().cpu().numpy()}
     return ArrayRecord(
-        {k: Array(np.asarray(new[k].numpy().astype(v.numpy().dtype))) if k in new else v for k, v in arrays.items()}
+        {k: Array(np.asarray(new[k].astype(v.numpy().dtype))) if k in new else v for k, v in arrays.items()}
     )
 
 
@@ -200,19 +201,25 @@ def retrain_classifier(
     batch_size: int = 32,
     momentum: float = 0.0,
     fresh: bool = False,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SGD with CE on (virtual or federated) features: from the given classifier, or a fresh one (CReFF)."""
-    with torch.random.fork_rng():
+    """SGD with CE on (virtual or federated) features: from the given classifier, or a fresh one (CReFF).
+
+    The fresh classifier and the order of every epoch are drawn on the CPU from `gen`, then the training runs
+    on `device` (the features' own by default)."""
+    device = feats.device if device is None else device
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
         head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.to(device)
     if not fresh:
         with torch.no_grad():
             head.weight.copy_(weight)
             head.bias.copy_(bias)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
-    feats, labels = feats.detach().float(), labels.long()
+    feats, labels = feats.detach().to(device, torch.float32), labels.to(device, torch.long)
     for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=gen)
+        order = torch.randperm(len(labels), generator=gen).to(device)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             loss = F.cross_entropy(head(feats[idx]), labels[idx])

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.class_statistics import Uploads
+from flcore.device import compute_of
 from flcore.experiment import client_classes
 from strategies.calibration import (
     Calibrate,
@@ -76,6 +77,7 @@ def ccvr_calibrate(cfg: Mapping) -> Calibrate:
             float(cfg["calibration-lr"]),
             torch.Generator().manual_seed(seed),
             momentum=0.9,
+            device=compute_of(cfg).device,
         )
         metrics["calibrated-classes"] = float((counts > 0).sum())
         return with_classifier(arrays, weight, bias)

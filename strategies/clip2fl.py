@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flcore.device import compute_of
 from flcore.experiment import Prepared, prepare
 from rounds.delegate import Delegating
 from strategies.creff import CReFFServer, with_server
@@ -69,7 +70,7 @@ def text_contrast_loss(
     if not bool(keep.any()):
         return features.sum() * 0.0
     feats, own = features[keep], labels[keep]
-    logits = feats @ text.to(feats.dtype).T / temperature  # [K, C]
+    logits = feats @ text.to(feats).T / temperature  # [K, C]
     others = counts.to(feats.dtype).expand_as(logits) - F.one_hot(own, num_classes).to(feats.dtype)
     log_denominator = torch.logsumexp(logits + others.log(), dim=1)
     return -(logits.gather(1, own[:, None]).squeeze(1) - log_denominator).mean()
@@ -109,9 +110,8 @@ def class_text_features(cfg: Mapping) -> torch.Tensor:
         return F.normalize(model.classifier.weight.detach().float(), dim=1)
     classes = prepare(cfg).dataset.classes
     config_dir = Path(tempfile.gettempdir()) / "clip2fl-configs"
-    model = clip.load_teacher(
-        str(cfg["align-teacher"]), str(cfg["align-pretrained"]), int(cfg["projection-dim"]), config_dir
-    )
+    name, pretrained, dim = str(cfg["align-teacher"]), str(cfg["align-pretrained"]), int(cfg["projection-dim"])
+    model = clip.load_teacher(name, pretrained, dim, config_dir, compute_of(cfg).device)
     print(f"[clip2fl] server computes class text features once with {model.label}", flush=True)
     return clip.text_features(model, classes, clip.prompt_templates(str(cfg["clip2fl-prompt"]))).float()
 

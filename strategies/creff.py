@@ -12,7 +12,7 @@ run on it and their output replaces it. As in CReFF's reference code, the re-tra
 reaches local training: clients train the global backbone with the classifier federated training carries
 (the last plain FedAvg aggregate's), and compute their class gradients with the global model's own
 classifier (the re-trained one, or what a server stage made of it; a seeded fresh one until the first
-re-training).
+re-training). The federated features, the matching (float64) and the re-training live on the run's device.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.class_statistics import Uploads, classifier_grad
+from flcore.device import compute_of
 from strategies.calibration import WEIGHT, ClientUploads, classifier, retrain_classifier, with_classifier
 from strategies.fedavg import sampling
 
@@ -35,7 +36,7 @@ FeatureTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def match_distance(syn: tuple[torch.Tensor, ...], real: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Dataset-condensation gradient distance: sum over output rows of 1 - cosine similarity."""
-    total = torch.zeros((), dtype=syn[0].dtype)
+    total = syn[0].new_zeros(())
     for s, r in zip(syn, real, strict=True):
         rows = s.shape[0] if s.dim() > 1 else 1  # a bias gradient is one row
         total = total + (1 - F.cosine_similarity(s.reshape(rows, -1), r.reshape(rows, -1), dim=1, eps=1e-6)).sum()
@@ -47,12 +48,15 @@ class FederatedFeatures:
 
     def __init__(self, features: torch.Tensor, per_class: int) -> None:
         self.features, self.per_class = features, per_class
-        self.labels = torch.arange(len(features) // per_class).repeat_interleave(per_class)
+        self.labels = torch.arange(len(features) // per_class, device=features.device).repeat_interleave(per_class)
 
     @classmethod
-    def random(cls, num_classes: int, dim: int, per_class: int, gen: torch.Generator) -> FederatedFeatures:
-        """CReFF's start: standard normal features."""
-        return cls(torch.randn(num_classes * per_class, dim, generator=gen, dtype=torch.float64), per_class)
+    def random(
+        cls, num_classes: int, dim: int, per_class: int, gen: torch.Generator, device: torch.device | None = None
+    ) -> FederatedFeatures:
+        """CReFF's start: standard normal features, drawn on the CPU from `gen` and kept on `device`."""
+        features = torch.randn(num_classes * per_class, dim, generator=gen, dtype=torch.float64)
+        return cls(features.to(device), per_class)
 
     def match(
         self,
@@ -72,14 +76,15 @@ class FederatedFeatures:
         safe = np.maximum(holders, 1)
         real_w = sum(u["grad-weight"].astype(np.float64) for u in uploads) / safe[:, None, None]
         real_b = sum(u["grad-bias"].astype(np.float64) for u in uploads) / safe[:, None]
-        real_w, real_b = torch.tensor(real_w, dtype=torch.float64), torch.tensor(real_b, dtype=torch.float64)
-        weight, bias = weight.double(), bias.double()
+        device = self.features.device
+        real_w, real_b = (torch.tensor(r, dtype=torch.float64, device=device) for r in (real_w, real_b))
+        weight, bias = weight.to(device, torch.float64), bias.to(device, torch.float64)
         feats = self.features.clone().requires_grad_(True)
         opt = torch.optim.SGD([feats], lr=lr)
         seen = [int(c) for c in np.flatnonzero(holders > 0)]
-        distance = torch.zeros(())
+        distance = torch.zeros((), device=device)
         for _ in range(epochs):
-            distance = torch.zeros((), dtype=torch.float64)
+            distance = torch.zeros((), dtype=torch.float64, device=device)
             for c in seen:
                 rows = slice(c * self.per_class, (c + 1) * self.per_class)
                 syn = classifier_grad(feats[rows], c, weight, bias, create_graph=True)
@@ -103,6 +108,7 @@ class CReFFServer:
 
     def __init__(self, cfg: Mapping, extra: FeatureTerm | None = None) -> None:
         self.cfg, self.seed, self.extra = cfg, int(cfg["seed"]), extra
+        self.device = compute_of(cfg).device
         self.features: FederatedFeatures | None = None
         self.retrained = False
         self.weight = self.bias = torch.empty(0)
@@ -113,11 +119,12 @@ class CReFFServer:
         num_classes, dim = arrays[WEIGHT].shape
         if self.features is None:
             gen = torch.Generator().manual_seed(self.seed)
-            self.features = FederatedFeatures.random(num_classes, dim, int(self.cfg["virtual-per-class"]), gen)
+            per_class = int(self.cfg["virtual-per-class"])
+            self.features = FederatedFeatures.random(num_classes, dim, per_class, gen, self.device)
         if self.retrained:
             self.weight, self.bias = classifier(arrays)
         else:
-            with torch.random.fork_rng():
+            with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 fresh = torch.nn.Linear(dim, num_classes)
             self.weight, self.bias = fresh.weight.detach(), fresh.bias.detach()
@@ -143,6 +150,7 @@ class CReFFServer:
             float(cfg["calibration-lr"]),
             torch.Generator().manual_seed(self.seed + rnd),
             fresh=True,
+            device=self.device,
         )
         self.retrained = True
         return with_classifier(arrays, weight, bias)
@@ -151,12 +159,13 @@ class CReFFServer:
         """What a resumed run needs (`rounds.checkpoint`): the features and whether a classifier was re-trained."""
         if self.features is None:
             return {"retrained": self.retrained}
-        return {"retrained": self.retrained, "features": self.features.features.clone()}
+        return {"retrained": self.retrained, "features": self.features.features.cpu().clone()}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.retrained = bool(state["retrained"])
         if "features" in state:
-            self.features = FederatedFeatures(state["features"], int(self.cfg["virtual-per-class"]))
+            features = state["features"].to(self.device)
+            self.features = FederatedFeatures(features, int(self.cfg["virtual-per-class"]))
 
 
 def with_server(cfg: Mapping, server: CReFFServer) -> Strategy:

@@ -10,6 +10,7 @@ whose result becomes the next global model.
 The unlabeled images are `distill-data`: D_align's images with their labels dropped (`align`), or every
 image in a folder. The ensemble's soft labels are computed once per round on the images as they are
 (no augmentation), and the student learns them with KL(targets || student) at temperature 1 (`kd_loss`).
+All of it runs on the run's device and precision (`flcore.device`); the targets stay there.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from torch import nn
 
 from flcore.config import DISTILL_ON_ALIGN, ConfigError
 from flcore.data import IMAGE_SUFFIXES, Batches, ImageSet
-from flcore.experiment import Prepared, load_record, model_from, prepare, server_data
+from flcore.device import CPU, Compute
+from flcore.experiment import Prepared, align_set, batches, load_record, model_from
 from flcore.losses import kd_loss
 from rounds.delegate import Delegating
 
@@ -71,14 +73,14 @@ def unlabeled_images(cfg: Mapping) -> ImageSet:
     """The images the server distils on: D_align's (labels kept only as placeholders) or a folder's."""
     source = str(cfg["distill-data"])
     if source == DISTILL_ON_ALIGN:
-        return server_data(cfg).align
+        return align_set(cfg)
     files = folder_images(Path(source).expanduser())
     return ImageSet(np.zeros(len(files), dtype=np.int64), files=files)
 
 
 def batches_of(cfg: Mapping, images: ImageSet) -> Batches:
-    """`images` in `distill-batch-size` batches, normalised like the dataset."""
-    return Batches(images, prepare(cfg).dataset, int(cfg["image-size"]), int(cfg["distill-batch-size"]))
+    """`images` in `distill-batch-size` batches, normalised like the dataset, on the run's device."""
+    return batches(cfg, images, int(cfg["distill-batch-size"]))
 
 
 def check(cfg: Mapping, prepared: Prepared) -> None:
@@ -96,28 +98,40 @@ def check(cfg: Mapping, prepared: Prepared) -> None:
 
 
 @torch.no_grad()
-def logits_of(model: nn.Module, batches: Batches) -> torch.Tensor:
-    """The model's logits on every image of `batches`, in order (eval mode)."""
+def logits_of(model: nn.Module, data: Batches, compute: Compute = CPU) -> torch.Tensor:
+    """The model's float32 logits on every image of `data`, in order (eval mode)."""
     model.eval()
-    return torch.cat([model(x) for x, _ in batches.iterate()])
+    with compute.autocast():
+        return torch.cat([model(x).float() for x, _ in data.iterate()])
 
 
-def ensemble_logits(cfg: Mapping, members: list[ArrayRecord], batches: Batches) -> list[torch.Tensor]:
+def ensemble_logits(
+    cfg: Mapping, members: list[ArrayRecord], data: Batches, compute: Compute = CPU
+) -> list[torch.Tensor]:
     """Each member model's logits on the unlabeled images, computed with one model object refilled per member."""
     model = model_from(cfg, members[0])
-    return [logits_of(load_record(model, arrays), batches) for arrays in members]
+    return [logits_of(load_record(model, arrays), data, compute) for arrays in members]
 
 
-def shuffled(batches: Batches, targets: torch.Tensor, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+def shuffled(data: Batches, targets: torch.Tensor, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
     """One pass over the images in a seeded random order, each batch with its target log-probabilities."""
-    for idx, x, _ in batches.iterate_indexed(shuffle=True, gen=gen):
+    for idx, x, _ in data.iterate_indexed(shuffle=True, gen=gen):
         yield x, targets[idx]
 
 
-def distill_step(student: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor) -> float:
-    """One optimiser step on KL(target || student), targets given as log-probabilities; returns the loss."""
-    loss = kd_loss(student(x), target, 1.0)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
+class Distiller:
+    """Optimiser steps on KL(target || student), targets given as log-probabilities, in the run's precision."""
+
+    def __init__(self, student: nn.Module, opt: torch.optim.Optimizer, compute: Compute) -> None:
+        self.student, self.opt, self.compute = student, opt, compute
+        self.scaler = compute.scaler()
+
+    def step(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One step; returns the loss, left on the device (reading it would wait for the GPU every step)."""
+        with self.compute.autocast():
+            loss = kd_loss(self.student(x).float(), target, 1.0)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss.detach()

@@ -35,11 +35,12 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from flcore.data import Batches
+from flcore.device import CPU, Compute, compute_of
 from flcore.experiment import model_from, to_record
 from strategies.ensemble_distillation import (
     ClientModels,
+    Distiller,
     batches_of,
-    distill_step,
     ensemble_logits,
     shuffled,
     unlabeled_images,
@@ -87,21 +88,28 @@ def pseudo_labels(member_logits: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def distill_with_swa(
-    student: nn.Module, batches: Batches, targets: torch.Tensor, epochs: int, lr: float, gen: torch.Generator
+    student: nn.Module,
+    data: Batches,
+    targets: torch.Tensor,
+    epochs: int,
+    lr: float,
+    gen: torch.Generator,
+    compute: Compute = CPU,
 ) -> tuple[nn.Module, float]:
     """SGD on KL(targets || student) for `epochs` epochs, SWA over the epochs from `SWA_START` on, then the SWA
     model's BatchNorm statistics recomputed on the images; returns it and the last epoch's mean loss."""
     student.train()
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=WEIGHT_DECAY)
+    distiller = Distiller(student, opt, compute)
     swa = AveragedModel(student)
     first = min(int(SWA_START * epochs), epochs - 1)
-    losses = [0.0]
+    losses = [torch.zeros(())]
     for epoch in range(epochs):
-        losses = [distill_step(student, opt, x, target) for x, target in shuffled(batches, targets, gen)]
+        losses = [distiller.step(x, target) for x, target in shuffled(data, targets, gen)]
         if epoch >= first:
             swa.update_parameters(student)
-    update_bn(batches.iterate(), swa.module)
-    return swa.module, statistics.fmean(losses)
+    update_bn(data.iterate(), swa.module)
+    return swa.module, statistics.fmean(float(loss) for loss in losses)
 
 
 class FedBEFusion:
@@ -113,17 +121,17 @@ class FedBEFusion:
     def __call__(
         self, rnd: int, averaged: ArrayRecord, clients: list[ArrayRecord], examples: list[float], metrics: MetricRecord
     ) -> ArrayRecord:
-        cfg, seed = self.cfg, int(self.cfg["seed"]) + rnd
+        cfg, seed, compute = self.cfg, int(self.cfg["seed"]) + rnd, compute_of(self.cfg)
         student = model_from(cfg, averaged)
         weights = [name for name, _ in student.named_parameters()]
         mean, var = gaussian([{k: a.numpy() for k, a in c.items()} for c in clients], examples, weights)
         sampled = sample_models(averaged, mean, var, int(cfg["fedbe-samples"]), np.random.default_rng(seed))
         members = [averaged, *clients, *sampled]
-        batches = batches_of(cfg, unlabeled_images(cfg))
-        targets = pseudo_labels(ensemble_logits(cfg, members, batches))
+        data = batches_of(cfg, unlabeled_images(cfg))
+        targets = pseudo_labels(ensemble_logits(cfg, members, data, compute))
         gen = torch.Generator().manual_seed(seed)
         fused, loss = distill_with_swa(
-            student, batches, targets, int(cfg["fedbe-epochs"]), float(cfg["distill-lr"]), gen
+            student, data, targets, int(cfg["fedbe-epochs"]), float(cfg["distill-lr"]), gen, compute
         )
         metrics["distill-loss"], metrics["ensemble-size"] = loss, float(len(members))
         return to_record(fused)

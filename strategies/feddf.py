@@ -27,12 +27,13 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from torch import nn
 
 from flcore.data import Batches
+from flcore.device import CPU, Compute, compute_of
 from flcore.experiment import model_from, to_record
 from flcore.losses import kd_loss
 from strategies.ensemble_distillation import (
     ClientModels,
+    Distiller,
     batches_of,
-    distill_step,
     ensemble_logits,
     logits_of,
     shuffled,
@@ -56,9 +57,9 @@ def held_out_split(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np
 
 
 @torch.no_grad()
-def held_out_loss(student: nn.Module, batches: Batches, targets: torch.Tensor) -> float:
+def held_out_loss(student: nn.Module, data: Batches, targets: torch.Tensor, compute: Compute = CPU) -> float:
     """The distillation loss on the held-out images (eval mode)."""
-    return float(kd_loss(logits_of(student, batches), targets, 1.0))
+    return float(kd_loss(logits_of(student, data, compute), targets, 1.0))
 
 
 def distill_until_plateau(
@@ -69,23 +70,25 @@ def distill_until_plateau(
     patience: int,
     lr: float,
     gen: torch.Generator,
+    compute: Compute = CPU,
 ) -> tuple[int, float]:
     """Adam with cosine annealing on KL(targets || student) over `train` until `max_steps`, or until the loss on
     `held` has not improved for `patience` steps; leaves the student at its best held-out loss and returns
     the steps taken and that loss."""
     opt = torch.optim.Adam(student.parameters(), lr=lr)
+    distiller = Distiller(student, opt, compute)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_steps)
-    best, best_step, best_state = held_out_loss(student, *held), 0, copy.deepcopy(student.state_dict())
+    best, best_step, best_state = held_out_loss(student, *held, compute), 0, copy.deepcopy(student.state_dict())
     step = 0
     while step < max_steps and step - best_step < patience:
         student.train()
         for x, target in shuffled(*train, gen):
-            distill_step(student, opt, x, target)
+            distiller.step(x, target)
             schedule.step()
             step += 1
             if step >= max_steps:
                 break
-        loss = held_out_loss(student, *held)
+        loss = held_out_loss(student, *held, compute)
         if loss < best:
             best, best_step, best_state = loss, step, copy.deepcopy(student.state_dict())
     student.load_state_dict(best_state)
@@ -101,19 +104,20 @@ class FedDFFusion:
     def __call__(
         self, rnd: int, averaged: ArrayRecord, clients: list[ArrayRecord], examples: list[float], metrics: MetricRecord
     ) -> ArrayRecord:
-        cfg, seed = self.cfg, int(self.cfg["seed"]) + rnd
+        cfg, seed, compute = self.cfg, int(self.cfg["seed"]) + rnd, compute_of(self.cfg)
         images = unlabeled_images(cfg)
         train_idx, held_idx = held_out_split(len(images), np.random.default_rng(seed))
         train, held = batches_of(cfg, images.subset(train_idx)), batches_of(cfg, images.subset(held_idx))
         student = model_from(cfg, averaged)
         steps, loss = distill_until_plateau(
             student,
-            (train, ensemble_targets(ensemble_logits(cfg, clients, train))),
-            (held, ensemble_targets(ensemble_logits(cfg, clients, held))),
+            (train, ensemble_targets(ensemble_logits(cfg, clients, train, compute))),
+            (held, ensemble_targets(ensemble_logits(cfg, clients, held, compute))),
             int(cfg["feddf-steps"]),
             int(cfg["feddf-patience"]),
             float(cfg["distill-lr"]),
             torch.Generator().manual_seed(seed),
+            compute,
         )
         metrics["distill-steps"], metrics["distill-held-out-loss"] = float(steps), loss
         metrics["ensemble-size"] = float(len(clients))

@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flcore.class_statistics import class_gradients, npy_bytes
 from flcore.config import ConfigError
 from flcore.data import Batches
-from flcore.experiment import Prepared, model_from, prepare, server_data
+from flcore.experiment import Prepared, align_set, batches, model_from, prepare
 from flcore.losses import LOSS_KEY, RATIO_WEIGHTS_KEY
 from rounds.delegate import Delegating
 from strategies.calibration import BIAS, WEIGHT
@@ -98,9 +98,8 @@ class RatioLoss(Delegating):
         self.inner.summary()
 
     def _auxiliary(self) -> Batches:
-        cfg = self.cfg
-        size, batch = int(cfg["image-size"]), int(cfg["eval-batch-size"])
-        return Batches(server_data(cfg).align, prepare(cfg).dataset, size, batch)
+        """D_align in evaluation batches, on the run's device."""
+        return batches(self.cfg, align_set(self.cfg), int(self.cfg["eval-batch-size"]))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from flcore import data
-from flcore.data import Batches, DataNotFound
+from flcore.data import Batches, DataNotFound, ImageSet
 
 
 def write_tree(root, splits=("train", "test"), classes=("cat", "dog"), per_class=3, size=10):
@@ -44,7 +44,7 @@ def test_imagenet_lt_reads_published_index_layout(tmp_path):
     (tmp_path / "ImageNet_LT_test.txt").write_text("val/n01/0.png 0\nval/n02/1.png 1\n")
     ds = data.load("imagenet-lt", str(tmp_path), 8)
     assert ds.train.labels.tolist() == [0, 0, 1] and len(ds.test) == 2
-    assert data.decode(ds.test.files, 8).shape == (2, 3, 8, 8)
+    assert next(Batches(ds.test, ds, 8, 2).iterate())[0].shape == (2, 3, 8, 8)
 
 
 def test_imagenet_lt_bad_index_line_is_named(tmp_path):
@@ -70,3 +70,47 @@ def test_batches_cover_the_set_once_and_augment_reproducibly():
     plain = next(batches.iterate())[0]
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
     assert abs(float(plain.mean())) < 2 and a[0].shape == plain.shape
+
+
+def file_set(tmp_path, count=10, size=(12, 20)):
+    """`count` random images of height x width `size`, two classes, as a file-backed training split."""
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(count):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+        files.append(str(path))
+    images = ImageSet(np.arange(count, dtype=np.int64) % 2, files=tuple(files))
+    return images, data.Dataset(images, images, ("a", "b"), (0.5,) * 3, (0.5,) * 3, natural=True)
+
+
+def run_epoch(batches, seed):
+    out = list(batches.iterate_indexed(shuffle=True, augment=True, gen=torch.Generator().manual_seed(seed)))
+    return torch.cat([i for i, _, _ in out]), torch.cat([x for _, x, _ in out]), torch.cat([y for _, _, y in out])
+
+
+def test_file_batches_keep_the_seeded_order_and_augment_alike_with_any_number_of_loader_processes(tmp_path):
+    from flcore.device import Compute
+
+    images, dataset = file_set(tmp_path)
+    in_process = Batches(images, dataset, 8, 3)
+    loaders = Batches(images, dataset, 8, 3, Compute(torch.device("cpu"), workers=2))
+    order, x, y = run_epoch(in_process, seed=4)
+    assert torch.equal(order, torch.randperm(10, generator=torch.Generator().manual_seed(4)))  # today's order
+    assert torch.equal(y, torch.from_numpy(images.labels)[order]) and x.shape == (10, 3, 8, 8)
+    again, x_loaders, _ = run_epoch(loaders, seed=4)
+    assert torch.equal(again, order) and torch.equal(x_loaders, x)
+    _, other, _ = run_epoch(in_process, seed=5)
+    assert not torch.equal(other, x)
+
+
+def test_file_test_transform_crops_the_centre_instead_of_squashing(tmp_path):
+    """ImageNet's test transform: shorter side to 256/224 of the input size, then the centre crop."""
+    pixels = np.full((10, 40, 3), 255, dtype=np.uint8)
+    pixels[:, :10] = (255, 0, 0)  # a red left quarter, outside the centre crop of a wide image
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    images = ImageSet(np.zeros(1, dtype=np.int64), files=(str(tmp_path / "wide.png"),))
+    dataset = data.Dataset(images, images, ("a",), (0.0,) * 3, (1 / 255,) * 3, natural=True)
+    x, _ = next(Batches(images, dataset, 8, 1).iterate())
+    assert x.shape == (1, 3, 8, 8) and data.eval_resize(224) == 256
+    assert float(x[0, 1].min()) > 250  # green is full everywhere: no red pixel was kept

@@ -85,7 +85,7 @@ def test_with_the_stand_in_beta_one_pulls_predictions_toward_q_more_than_beta_ze
     with_kl, info, data = aligned(1.0)
     ce_only, info0, _ = aligned(0.0)
     teacher, _ = holdout.load_or_train(config(tmp_path))
-    q = holdout.logits(teacher, data.align, data.dataset, 8)
+    q = holdout.logits(config(tmp_path), teacher, data.align)
     start = build_model("resnet8", 32, 10, seed=3)
     before = kl_to_q(start, info, data, q)
     assert info["beta-effective"] == 1.0 and info["teacher-random-weights"] is False  # not forced to 0
@@ -105,7 +105,7 @@ def test_clip2fl_clients_distil_from_the_same_stand_in(tmp_path):
     part = client_batches(cfg, 1).data
     q = distill.teacher_logits(cfg, 1, prepare(cfg).dataset.classes, part)
     teacher, _ = holdout.load_or_train(cfg)
-    assert torch.allclose(q, holdout.logits(teacher, part, prepare(cfg).dataset, 8))
+    assert torch.allclose(q, holdout.logits(cfg, teacher, part))
     assert q.shape == (len(part), 10)
 
 

@@ -140,12 +140,14 @@ def test_large_image_sets_are_checked_by_a_seeded_sample(tmp_path, monkeypatch):
 
 
 def test_an_unsampled_bad_image_is_named_when_it_is_read(tmp_path):
-    from flcore.data import decode
+    from flcore.data import Batches, Dataset, ImageSet
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"junk")
+    images = ImageSet(np.zeros(1, dtype=np.int64), files=(str(bad),))
+    dataset = Dataset(images, images, ("a",), (0.5,) * 3, (0.5,) * 3, natural=True)
     with pytest.raises(DataNotFound, match=f"image '{bad}' cannot be decoded"):
-        decode((str(bad),), 8)
+        next(Batches(images, dataset, 8, 1).iterate())
 
 
 @pytest.mark.parametrize("damage", ["empty folder", "truncated batch", "broken dataset_dict.json"])

@@ -7,6 +7,10 @@ class statistics of the received model in an `uploads` record. Its loss is the r
 one (`loss`, the Ratio Loss with the server's class weights). A `query.upload` message (CCVR, after
 the last aggregation) asks for such statistics of the model it carries alone, with no training. It never
 loads the LLM, and loads CLIP only when the round config asks for CLIP2FL's distillation (`kd-weight`).
+
+The partition it trains is the one the server's message names (`partition-assignment=server`: simulated
+nodes are virtual clients), else its node config's own. Its data is built on first use for the partitions
+this process serves, and only for those (`flcore.experiment.client_batches`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from flcore.class_statistics import RECORD as UPLOADS_RECORD
 from flcore.class_statistics import UPLOAD_ACTION, UPLOAD_KEY, client_upload
 from flcore.config import validate
 from flcore.costs import cost_metrics
-from flcore.experiment import client_batches, load_state, prepare, seeded_generator, to_record
+from flcore.experiment import PARTITION_KEY, client_batches, load_state, prepare, seeded_generator, to_record
 from flcore.losses import LossInputs, build_loss
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
@@ -41,7 +45,7 @@ def _model(name: str, projection_dim: int, num_classes: int) -> FLModel:
 
 def _setup(msg: Message, context: Context) -> tuple[dict, int, FLModel]:
     cfg = validate(context.run_config)
-    partition_id = int(context.node_config["partition-id"])
+    partition_id = served_partition(cfg, msg, context.node_config)
     num_partitions = int(context.node_config.get("num-partitions", cfg["num-clients"]))
     if num_partitions != cfg["num-clients"]:
         raise ValueError(
@@ -52,6 +56,26 @@ def _setup(msg: Message, context: Context) -> tuple[dict, int, FLModel]:
     model = _model(str(cfg["model"]), int(cfg["projection-dim"]), classes)
     load_state(model, check_global(msg, model.state_dict(), message_limit(cfg, context.node_config)))
     return cfg, partition_id, model
+
+
+def served_partition(cfg: Mapping, msg: Message, node_config: Mapping) -> int:
+    """The partition this message is for: the one the server names, else this node's own (its node config).
+
+    With `partition-assignment=node` the node serves its own partition only, so another one named is refused.
+    """
+    config = msg.content.config_records.get("config")
+    named = None if config is None else config.get(PARTITION_KEY)
+    if named is None:
+        return int(node_config[PARTITION_KEY])
+    if not isinstance(named, int) or isinstance(named, bool):
+        raise ValueError(f"the server's message names partition {named!r}; expected an integer.")
+    own = node_config.get(PARTITION_KEY)
+    if cfg["partition-assignment"] == "node" and named != own:
+        raise ValueError(
+            f"the server's message is for partition {named}, but this node serves partition {own} (its node config) "
+            "and the run has partition-assignment=node."
+        )
+    return named
 
 
 def message_limit(cfg: Mapping, node_config: Mapping) -> float:

@@ -226,7 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     defaults, _ = launch.project_settings()
     try:
-        overrides = {**launch.parse_overrides(args.run_config), "num-clients": args.nodes}
+        # real nodes serve the partition of their own node config (the server asks each one for it)
+        overrides = {
+            "partition-assignment": "node",
+            **launch.parse_overrides(args.run_config),
+            "num-clients": args.nodes,
+        }
         cfg, sent = launch.resolve(overrides, defaults)
         launch.check_before_start(cfg)
     except (launch.ConfigError, launch.DataNotFound) as err:

@@ -58,6 +58,9 @@ def prepare(cfg: Mapping) -> Prepared:
     return _prepare(data_key(cfg))
 
 
+PARTITION_KEY = "partition-id"  # Flower's node-config key; a server message names the partition it is for by it
+
+
 @lru_cache(maxsize=64)
 def _client_batches(key: tuple, batch_size: int, partition_id: int) -> Batches:
     prep = _prepare(key)

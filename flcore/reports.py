@@ -28,6 +28,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from flcore.files import atomic_write, json_safe, write_json  # noqa: E402
 from flcore.metrics import row_normalised  # noqa: E402
 
+MAX_FIGURE_INCHES = 14  # a figure's side: one row per client would otherwise grow without bound
 SCALAR_KEYS = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
 
 
@@ -71,7 +72,8 @@ class RunReport:
                 "clients": histogram.tolist(),
             },
         )
-        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(self.classes) + 2), max(4, 0.3 * len(histogram) + 1.5)))
+        height = min(MAX_FIGURE_INCHES, max(4, 0.3 * len(histogram) + 1.5))  # 1,000 clients: not 300 inches
+        fig, ax = plt.subplots(figsize=(min(MAX_FIGURE_INCHES, max(6, 0.35 * len(self.classes) + 2)), height))
         im = ax.imshow(histogram, aspect="auto", cmap="viridis")
         ax.set(xlabel="class", ylabel="client", title=f"Images per client and class (pool {int(pool_counts.sum())})")
         if len(self.classes) <= 20:

@@ -108,6 +108,7 @@ def build_server_strategy(
         min_replies=int(cfg["min-replies"]),
         max_empty_rounds=int(cfg["max-empty-rounds"]),
         seed=int(cfg["seed"]),
+        partitions=int(cfg["num-clients"]) if cfg["partition-assignment"] == "server" else None,
         weight_caps=weight_caps(cfg, ctx),
         max_upload_mb=float(cfg["max-upload-mb"]),
     )

@@ -145,3 +145,21 @@ def test_the_partition_figure_of_1000_clients_stays_a_few_inches_high(tmp_path):
     report.write_partition(histogram, histogram.sum(axis=0), {"many": [], "medium": [], "few": []})
     with Image.open(tmp_path / "partition.png") as png:
         assert png.size[1] <= 14 * 110  # one 0.3-inch row per client was 301.5 inches, 33,165 pixels
+
+
+def test_bench_scale_dataset_gives_every_client_its_images_and_the_table_compares_sizes(tmp_path):
+    from bench import scale
+    from server_app.launch import parse_overrides
+
+    scale.write_dataset(tmp_path, max_clients=40)
+    settings = {**parse_overrides([scale.SETTINGS]), "data-dir": str(tmp_path), "num-clients": 40}
+    split = experiment.prepare(validate(settings, choices={"strategy": STRATEGIES})).split
+    assert [len(c) for c in split.clients] == [scale.IMAGES_PER_CLIENT] * 40
+    runs = [
+        {"clients": 100, **dict.fromkeys(scale.FIGURES, 2.0)},
+        {"clients": 100, **dict.fromkeys(scale.FIGURES, 1.0)},
+    ]
+    small = scale.best(runs)
+    assert (small["round s"], small["tree peak MB"]) == (1.0, 2.0)  # least disturbed time, highest peak
+    large = {**small, "clients": 1000, "round s": 1.2}
+    assert "| round s | 1.0 | 1.2 | 1.20 |" in scale.table([small, large])

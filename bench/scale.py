@@ -16,7 +16,9 @@ What is measured:
 - peak memory: resident memory (VmRSS from /proc, sampled every 0.2 s) of the simulation process
   (`flwr-simulation`: the ServerApp, Flower's simulation engine and the Ray driver), of all Ray
   ClientApp actors together (`ray::ClientAppActor`), and of the launcher's whole process tree. Sums
-  of RSS count pages shared between processes (torch's libraries) once per process.
+  of RSS count pages shared between processes (torch's libraries) once per process; a child forked but
+  not yet exec'd (same command line as its parent, for a moment while a process starts another) is not
+  counted, its pages being its parent's.
 
 With `--repeats N` each size runs N times, the sizes taking turns, and the table shows each size's
 shortest times and highest memory peaks: on a machine shared with other jobs the shortest time is the
@@ -80,6 +82,13 @@ def rss_mb(pid: int) -> float:
     return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
 
 
+def parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -100,8 +109,12 @@ class Watch:
     def sample(self, root_pid: int, out: Path, t0: float) -> None:
         server = actors = tree = 0.0
         count = 0
-        for pid in process_tree(root_pid):
-            mb, cmd = rss_mb(pid), cmdline(pid)
+        commands: dict[int, str] = {}
+        for pid in process_tree(root_pid):  # parents first
+            cmd = commands[pid] = cmdline(pid)
+            if commands.get(parent(pid)) == cmd:  # forked, not yet exec'd: its pages are its parent's
+                continue
+            mb = rss_mb(pid)
             tree += mb
             if "flwr-simulation" in cmd:
                 server += mb
@@ -168,7 +181,7 @@ def run_once(clients: int, sampled: int, rounds: int, data: Path, out: Path) -> 
     }
 
 
-FIGURES = ("start-up s", "round s", "server peak MB", "actors peak MB", "tree peak MB", "actors", "wall s")
+FIGURES = ("start-up s", "round s", "server peak MB", "actors peak MB", "tree peak MB", "wall s")
 TIMES = ("start-up s", "round s", "wall s")
 
 
@@ -189,6 +202,7 @@ def table(results: list[dict]) -> str:
     for key in FIGURES:
         cells = " | ".join(f"{r[key]:.1f}" if isinstance(r[key], float) else str(r[key]) for r in results)
         lines.append(f"| {key} | {cells} | {last[key] / first[key]:.2f} |")
+    lines.append(f"| actor processes at once (most) | {' | '.join(str(r['actors']) for r in results)} | |")
     return "\n".join(lines)
 
 

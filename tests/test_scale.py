@@ -155,10 +155,7 @@ def test_bench_scale_dataset_gives_every_client_its_images_and_the_table_compare
     settings = {**parse_overrides([scale.SETTINGS]), "data-dir": str(tmp_path), "num-clients": 40}
     split = experiment.prepare(validate(settings, choices={"strategy": STRATEGIES})).split
     assert [len(c) for c in split.clients] == [scale.IMAGES_PER_CLIENT] * 40
-    runs = [
-        {"clients": 100, **dict.fromkeys(scale.FIGURES, 2.0)},
-        {"clients": 100, **dict.fromkeys(scale.FIGURES, 1.0)},
-    ]
+    runs = [{"clients": 100, "actors": 2, **dict.fromkeys(scale.FIGURES, v)} for v in (2.0, 1.0)]
     small = scale.best(runs)
     assert (small["round s"], small["tree peak MB"]) == (1.0, 2.0)  # least disturbed time, highest peak
     large = {**small, "clients": 1000, "round s": 1.2}

@@ -160,3 +160,22 @@ def test_bench_scale_dataset_gives_every_client_its_images_and_the_table_compare
     assert (small["round s"], small["tree peak MB"]) == (1.0, 2.0)  # least disturbed time, highest peak
     large = {**small, "clients": 1000, "round s": 1.2}
     assert "| round s | 1.0 | 1.2 | 1.20 |" in scale.table([small, large])
+
+
+def test_a_client_process_keeps_teacher_logits_of_its_last_64_partitions_only(tmp_path, monkeypatch):
+    """CLIP2FL's clients cache the teacher's logits per partition; an actor serving 1,000 clients keeps 64."""
+    from client_app import distill
+
+    computed = []
+
+    def stub(cfg, partition_id, classes, images):
+        computed.append(partition_id)
+        return torch.full((2, 10), float(partition_id))
+
+    monkeypatch.setattr(distill, "_CACHE", {})
+    monkeypatch.setattr(distill, "_clip_logits", stub)
+    cfg = client_cfg(tmp_path, "server")
+    for pid in [*range(distill.CACHED_PARTITIONS), 0, distill.CACHED_PARTITIONS, 0, 1]:
+        assert distill.teacher_logits(cfg, pid, (), None)[0, 0] == pid
+    assert len(distill._CACHE) == distill.CACHED_PARTITIONS
+    assert computed == [*range(distill.CACHED_PARTITIONS), distill.CACHED_PARTITIONS, 1]  # 0 was used again, 1 was not

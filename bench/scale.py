@@ -2,9 +2,10 @@
 
 Both runs go through the real launcher (`python -m server_app.launch`) on one `folder` dataset of
 CIFAR-shaped (32x32 RGB) random images, written once to a temporary folder and read by both: large
-enough that each of 1,000 clients holds 5 images. The settings keep local work per sampled client the
-same in both runs (one local epoch of one batch: `batch-size` is above every client's image count), so
-what differs is the number of clients that exist.
+enough that each of 1,000 clients holds 5 images. Every client holds 5 images in both runs, so a sampled
+client's work (one local epoch of one batch) is the same and what differs is the number of clients that
+exist: the smaller run puts the images the larger run's extra clients hold into the server's D_align
+(`align-per-class`; stage 3 is off, so the server keeps only their file names).
 
 What is measured:
 
@@ -55,7 +56,7 @@ TEST_PER_CLASS = 20
 POLL_S = 0.2
 SETTINGS = (
     "dataset=folder image-size=8 imbalance-factor=1.0 dirichlet-alpha=1.0 min-partition-size=2 "
-    f"align-per-class={ALIGN_PER_CLASS} local-epochs=1 batch-size=64 projection-dim=16 augment=false"
+    "local-epochs=1 batch-size=8 projection-dim=16 augment=false"
 )
 
 
@@ -135,11 +136,18 @@ def metrics_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in found[0].read_text().splitlines() if line.strip()]
 
 
-def run_once(clients: int, sampled: int, rounds: int, data: Path, out: Path) -> dict:
+def align_per_class(clients: int, max_clients: int) -> int:
+    """D_align per class that leaves `IMAGES_PER_CLIENT` images to each of `clients` in a dataset made for
+    `max_clients`."""
+    return ALIGN_PER_CLASS + (max_clients - clients) * IMAGES_PER_CLIENT // CLASSES
+
+
+def run_once(clients: int, max_clients: int, sampled: int, rounds: int, data: Path, out: Path) -> dict:
     """One launch; its figures (see the module docstring)."""
     overrides = (
         f"{SETTINGS} data-dir={json.dumps(str(data))} output-dir={json.dumps(str(out))} num-clients={clients} "
-        f"fraction-train={sampled / clients} num-server-rounds={rounds}"
+        f"align-per-class={align_per_class(clients, max_clients)} fraction-train={sampled / clients} "
+        f"num-server-rounds={rounds}"
     )
     watch, t0 = Watch(), time.monotonic()
     with (out / "launch.log").open("w") as log:
@@ -232,7 +240,7 @@ def main() -> None:
                 out = Path(tmp) / f"run-{clients}-{repeat}"
                 out.mkdir()
                 print(f"load average before the {clients}-client run: {load_average()}", flush=True)
-                runs[clients].append(run_once(clients, args.sampled, args.rounds, data, out))
+                runs[clients].append(run_once(clients, max(args.clients), args.sampled, args.rounds, data, out))
                 print(json.dumps(runs[clients][-1]), flush=True)
     print(table([best(runs[clients]) for clients in args.clients]))
 

@@ -152,9 +152,11 @@ def test_bench_scale_dataset_gives_every_client_its_images_and_the_table_compare
     from server_app.launch import parse_overrides
 
     scale.write_dataset(tmp_path, max_clients=40)
-    settings = {**parse_overrides([scale.SETTINGS]), "data-dir": str(tmp_path), "num-clients": 40}
-    split = experiment.prepare(validate(settings, choices={"strategy": STRATEGIES})).split
-    assert [len(c) for c in split.clients] == [scale.IMAGES_PER_CLIENT] * 40
+    for clients in (20, 40):  # every client holds as many images in the smaller run as in the larger
+        settings = {**parse_overrides([scale.SETTINGS]), "data-dir": str(tmp_path), "num-clients": clients}
+        settings["align-per-class"] = scale.align_per_class(clients, max_clients=40)
+        split = experiment.prepare(validate(settings, choices={"strategy": STRATEGIES})).split
+        assert [len(c) for c in split.clients] == [scale.IMAGES_PER_CLIENT] * clients
     runs = [{"clients": 100, "actors": 2, **dict.fromkeys(scale.FIGURES, v)} for v in (2.0, 1.0)]
     small = scale.best(runs)
     assert (small["round s"], small["tree peak MB"]) == (1.0, 2.0)  # least disturbed time, highest peak

@@ -25,7 +25,7 @@ With `--repeats N` each size runs N times, the sizes taking turns, and the table
 shortest times and highest memory peaks: on a machine shared with other jobs the shortest time is the
 least disturbed one.
 
-Usage: python bench/scale.py [--clients 100 1000] [--rounds 4] [--sampled 10] [--repeats 2]
+Usage: python bench/scale.py [--clients 100 1000] [--rounds 4] [--sampled 10] [--repeats 2] [--run-config "k=v"]
 """
 
 from __future__ import annotations
@@ -142,10 +142,10 @@ def align_per_class(clients: int, max_clients: int) -> int:
     return ALIGN_PER_CLASS + (max_clients - clients) * IMAGES_PER_CLIENT // CLASSES
 
 
-def run_once(clients: int, max_clients: int, sampled: int, rounds: int, data: Path, out: Path) -> dict:
+def run_once(clients: int, max_clients: int, sampled: int, rounds: int, data: Path, out: Path, extra: str) -> dict:
     """One launch; its figures (see the module docstring)."""
     overrides = (
-        f"{SETTINGS} data-dir={json.dumps(str(data))} output-dir={json.dumps(str(out))} num-clients={clients} "
+        f"{SETTINGS} {extra} data-dir={json.dumps(str(data))} output-dir={json.dumps(str(out))} num-clients={clients} "
         f"align-per-class={align_per_class(clients, max_clients)} fraction-train={sampled / clients} "
         f"num-server-rounds={rounds}"
     )
@@ -224,6 +224,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--sampled", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--run-config", default="", help="more overrides for every run, 'k=v ...'")
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs per size, interleaved (100, 1000, 100, ...); see `best`"
     )
@@ -240,7 +241,9 @@ def main() -> None:
                 out = Path(tmp) / f"run-{clients}-{repeat}"
                 out.mkdir()
                 print(f"load average before the {clients}-client run: {load_average()}", flush=True)
-                runs[clients].append(run_once(clients, max(args.clients), args.sampled, args.rounds, data, out))
+                runs[clients].append(
+                    run_once(clients, max(args.clients), args.sampled, args.rounds, data, out, args.run_config)
+                )
                 print(json.dumps(runs[clients][-1]), flush=True)
     print(table([best(runs[clients]) for clients in args.clients]))
 

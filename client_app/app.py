@@ -12,6 +12,10 @@ the last aggregation) asks for such statistics of the model it carries alone, wi
 loads the LLM, and loads CLIP only when the round config asks for CLIP2FL's distillation (`kd-weight`).
 It trains on the device `device` resolves to in this process (under Ray, the GPU share of
 `client-resources-num-gpus`, if any): its model and partition stay there across rounds.
+
+The partition it trains is the one the server's message names (`partition-assignment=server`: simulated
+nodes are virtual clients), else its node config's own (`client_app.shard`). Its data is built on first
+use for the partitions this process serves, and only for those (`flcore.experiment.client_batches`).
 """
 
 from __future__ import annotations

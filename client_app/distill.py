@@ -27,7 +27,9 @@ from flcore.training import ExtraLoss
 WEIGHT_KEY, TEMPERATURE_KEY = "kd-weight", "kd-temperature"  # train-config keys that switch distillation on
 
 
-_CACHE: dict[tuple, torch.Tensor] = {}  # (data split, partition, images, teacher) -> logits; one process, many rounds
+_CACHE: dict[tuple, torch.Tensor] = {}  # (data split, partition, images, teacher) -> logits, least recently used first
+CACHED_PARTITIONS = 64  # as many as a process keeps client data for (`flcore.experiment`): with 1,000 clients an
+# actor serves many partitions, each rarely, and keeping all would grow with the clients it ever served
 
 
 TEACHER_KEYS = (
@@ -47,11 +49,16 @@ def _fingerprint(images: ImageSet) -> tuple:
 
 
 def teacher_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
-    """The teacher's logits [N, C] of this client's data, computed once per process and reused."""
+    """The teacher's logits [N, C] of this client's data, computed once per process and reused while it is
+    among the last `CACHED_PARTITIONS` partitions the process served."""
     key = (data_key(cfg), partition_id, _fingerprint(images), *(cfg[k] for k in TEACHER_KEYS))
-    if key not in _CACHE:
-        compute = _holdout_logits if cfg["align-teacher"] == "holdout" else _clip_logits
-        _CACHE[key] = compute(cfg, partition_id, classes, images)
+    if key in _CACHE:
+        _CACHE[key] = _CACHE.pop(key)
+        return _CACHE[key]
+    compute = _holdout_logits if cfg["align-teacher"] == "holdout" else _clip_logits
+    _CACHE[key] = compute(cfg, partition_id, classes, images)
+    while len(_CACHE) > CACHED_PARTITIONS:
+        del _CACHE[next(iter(_CACHE))]
     return _CACHE[key]
 
 

@@ -24,7 +24,7 @@ from flwr.common.logger import log
 from flcore.config import LOCAL
 from flcore.data import INPUT_STATS, Batches, Dataset, ImageSet
 from flcore.device import compute_of
-from flcore.experiment import client_batches, prepare
+from flcore.experiment import PARTITION_KEY, client_batches, prepare
 from flcore.local_data import CLASSES_KEY, LocalDataError, class_counts, read_local
 
 DATA_DIR_KEY = "data-dir"  # node config: this node's own images
@@ -52,22 +52,17 @@ def shard(cfg: Mapping, context: Context, server_config: Mapping) -> Shard:
     """This node's data for a request whose config is `server_config` (see the module docstring)."""
     if cfg["client-data"] == LOCAL:
         return _own_data(cfg, context, server_config)
-    return _partition(cfg, context.node_config)
+    return _partition(cfg, context.node_config, server_config)
 
 
-def _partition(cfg: Mapping, node_config: Mapping) -> Shard:
+def _partition(cfg: Mapping, node_config: Mapping, server_config: Mapping) -> Shard:
     if DATA_DIR_KEY in node_config:
         raise LocalDataError(
             f"this node has its own data (node config data-dir = '{node_config[DATA_DIR_KEY]}'), but the run has "
             "client-data = partition, under which every node trains on its partition of the server's dataset; "
             "start the run with client-data = local, or this node without data-dir."
         )
-    if "partition-id" not in node_config:
-        raise LocalDataError(
-            "this node's node config has neither partition-id (client-data = partition, the run's setting) nor "
-            'data-dir: start it with --node-config "partition-id=<i> num-partitions=<num-clients>".'
-        )
-    partition_id = int(node_config["partition-id"])
+    partition_id = served_partition(cfg, node_config, server_config)
     num_partitions = int(node_config.get("num-partitions", cfg["num-clients"]))
     if num_partitions != cfg["num-clients"]:
         raise ValueError(
@@ -76,6 +71,29 @@ def _partition(cfg: Mapping, node_config: Mapping) -> Shard:
         )
     classes = prepare(cfg).dataset.classes
     return Shard(client_batches(cfg, partition_id), classes, partition_id, local=False)
+
+
+def served_partition(cfg: Mapping, node_config: Mapping, server_config: Mapping) -> int:
+    """The partition a request is for: the one the server names (`partition-assignment=server`), else this
+    node's own (its node config). With `partition-assignment=node` a node serves its own partition only, so
+    another one named is refused."""
+    named = server_config.get(PARTITION_KEY)
+    own = node_config.get(PARTITION_KEY)
+    if named is None:
+        if own is None:
+            raise LocalDataError(
+                "this node's node config has neither partition-id (client-data = partition, the run's setting) "
+                'nor data-dir: start it with --node-config "partition-id=<i> num-partitions=<num-clients>".'
+            )
+        return int(own)
+    if not isinstance(named, int) or isinstance(named, bool):
+        raise ValueError(f"the server's message names partition {named!r}; expected an integer.")
+    if cfg["partition-assignment"] == "node" and named != own:
+        raise ValueError(
+            f"the server's message is for partition {named}, but this node serves partition {own} (its node config) "
+            "and the run has partition-assignment=node."
+        )
+    return named
 
 
 def _own_data(cfg: Mapping, context: Context, server_config: Mapping) -> Shard:

@@ -250,7 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     nodes = len(args.node_data) or args.nodes
     local = {"client-data": "local"} if args.node_data else {}
     try:
-        overrides = {**launch.parse_overrides(args.run_config), "num-clients": nodes, **local}
+        # real nodes serve the partition of their own node config (the server asks each one for it)
+        overrides = {
+            "partition-assignment": "node",
+            **launch.parse_overrides(args.run_config),
+            "num-clients": nodes,
+            **local,
+        }
         cfg, sent = launch.resolve(overrides, defaults)
         launch.check_before_start(cfg)
     except (launch.ConfigError, launch.DataNotFound) as err:

@@ -31,6 +31,7 @@ CLIENT_DATA = ("partition", "local")
 LOCAL = "local"  # client-data: every SuperNode trains on its own folder (node config `data-dir`)
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+PARTITION_ASSIGNMENTS = ("server", "node")
 
 
 MAX_SEED = 2**31 - 1  # every seed consumer accepts it (torch, NumPy, Flower), also as seed * 1000 + epoch
@@ -172,6 +173,15 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "strategy": _choice("fedavg", "Server strategy, from the registry in strategies/registry.py.", ()),
         "num-server-rounds": _opt(40, "Federated rounds.", _number(1, integer=True)),
         "fraction-train": _opt(0.4, "Fraction of clients sampled per round.", _number(0, 1, low_open=True)),
+        "partition-assignment": _choice(
+            "server",
+            "Which partition a node trains. server: the server gives nodes partitions 0..num-clients-1 in node-ID "
+            "order and names one in every message it sends (simulation, where every SuperNode is a virtual "
+            "client; nothing is asked before round 1). node: each node trains the partition-id of its own node "
+            "config, which the server asks each new node once (deployment). Not used with client-data=local: such "
+            "nodes hold no partition.",
+            PARTITION_ASSIGNMENTS,
+        ),
         "round-timeout": _opt(
             3600.0,
             "Seconds the server waits for client replies per round (and for CCVR's statistics after the last).",

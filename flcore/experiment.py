@@ -82,6 +82,9 @@ def prepare(cfg: Mapping) -> Prepared:
     return _prepare(data_key(cfg))
 
 
+PARTITION_KEY = "partition-id"  # Flower's node-config key; a server message names the partition it is for by it
+
+
 def client_classes(cfg: Mapping) -> dict[str, list[str]]:
     """What every request to a node must carry for it to label its own images: the class names, in the
     server's order, when the nodes hold their own data (client-data=local); nothing otherwise."""

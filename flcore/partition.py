@@ -123,13 +123,13 @@ def client_split(
     """
     import datasets
 
-    from flcore.partitioners import PARTITIONERS, column
+    from flcore.partitioners import PARTITIONERS, partition_positions
 
     table = datasets.Dataset.from_dict({"label": labels.tolist(), "pos": list(range(len(labels)))})
     chosen = PARTITIONERS[partitioner](num_clients, alpha, seed, min_size, num_classes)
     chosen.dataset = table
     try:
-        parts = [np.sort(column(chosen.load_partition(i), "pos")) for i in range(num_clients)]
+        parts = [np.sort(p) for p in partition_positions(chosen)]
     except ValueError as err:
         raise ConfigError(f"partitioner '{partitioner}' cannot split {len(labels)} images: {err}") from err
     smallest = min(len(p) for p in parts)

@@ -32,6 +32,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from flcore.files import atomic_write, json_safe, write_json  # noqa: E402
 from flcore.metrics import row_normalised  # noqa: E402
 
+MAX_FIGURE_INCHES = 14  # a figure's side: one row per client would otherwise grow without bound
 SCALAR_KEYS = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
 NODE_DATA = "node-data"  # metrics row / summary key: node label -> {num-examples, class-counts} as reported
 
@@ -84,7 +85,8 @@ class RunReport:
         if nodes is not None:
             content.update({"nodes": list(nodes), "source": "reported by the nodes (counts only)"})
         write_json(self.dir / "partition.json", content)
-        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(self.classes) + 2), max(4, 0.3 * len(histogram) + 1.5)))
+        height = min(MAX_FIGURE_INCHES, max(4, 0.3 * len(histogram) + 1.5))  # 1,000 clients: not 300 inches
+        fig, ax = plt.subplots(figsize=(min(MAX_FIGURE_INCHES, max(6, 0.35 * len(self.classes) + 2)), height))
         im = ax.imshow(histogram, aspect="auto", cmap="viridis")
         what = "reported by the nodes, " if nodes is not None else ""
         title = f"Images per client and class ({what}pool {int(pool_counts.sum())})"

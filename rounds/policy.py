@@ -2,13 +2,14 @@
 
 `RoundPolicy` holds the training method's strategy and changes two steps of it. Sampling: nodes are
 listed in partition order and sampled with a `random` seeded by (seed, round) (`rounds.sampling`), so a
-resumed run repeats the original. Aggregation: replies are screened (`rounds.guard`) so failed,
-non-finite or malformed updates are never averaged, and each client's claimed weight is bounded
-(`rounds.weights`); a round needs `min_replies` good ones, or the global model stays as it was, and so
-does an aggregate with NaN or Inf (finite updates can still overflow). `max_empty_rounds` rounds in a
-row without one valid update stop the run instead of letting it finish with the initial model, and a
-run in which no round aggregated anything fails at its end (`require_an_update`), however short. Every
-aggregation reports its reply counts.
+resumed run repeats the original; with `partitions` set, the server gives nodes their partitions and
+names one in each message instead of asking every node for its own. Aggregation: replies are screened
+(`rounds.guard`) so failed, non-finite or malformed updates are never averaged, and each client's
+claimed weight is bounded (`rounds.weights`); a round needs `min_replies` good ones, or the global model
+stays as it was, and so does an aggregate with NaN or Inf (finite updates can still overflow).
+`max_empty_rounds` rounds in a row without one valid update stop the run instead of letting it finish
+with the initial model, and a run in which no round aggregated anything fails at its end
+(`require_an_update`), however short. Every aggregation reports its reply counts.
 
 Nodes holding their own data report their images per class (`class-counts`) with each update; the
 policy takes those counts out of the metrics before the strategy averages them and hands them, per node,
@@ -48,6 +49,7 @@ class RoundPolicy(Delegating):
         max_empty_rounds: int = 0,
         seed: int = 0,
         query_timeout: float = 60.0,
+        partitions: int | None = None,
         weight_caps: WeightCaps | None = None,
         max_upload_mb: float = math.inf,
         on_node_data: NodeDataSink | None = None,
@@ -58,7 +60,7 @@ class RoundPolicy(Delegating):
         self.weight_caps, self.max_upload_mb = weight_caps or WeightCaps(), max_upload_mb
         self.max_empty_rounds, self._empty_rounds = max_empty_rounds, 0
         self.updated_rounds, self._last_problem = 0, "no round ran"
-        self.nodes = NodeOrder(query_timeout)
+        self.nodes = NodeOrder(partitions, query_timeout)
         self._sent: int | None = None
         self._global: ArrayRecord | None = None
 
@@ -66,7 +68,9 @@ class RoundPolicy(Delegating):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         with seeded_random(self.seed, server_round):
-            messages = list(self.inner.configure_train(server_round, arrays, config, OrderedGrid(grid, self.nodes)))
+            messages = self.nodes.address(
+                self.inner.configure_train(server_round, arrays, config, OrderedGrid(grid, self.nodes))
+            )
         self._sent, self._global = len(messages), arrays
         self._stop_waiting_for_lost_nodes()
         picked = sorted((m.metadata.dst_node_id for m in messages), key=self.nodes.key)

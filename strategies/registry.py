@@ -100,6 +100,14 @@ def weight_caps(cfg: Mapping, ctx: ServerContext) -> WeightCaps:
     return WeightCaps(float(cfg["max-examples"]), float(cfg["max-weight-ratio"]), known)
 
 
+def server_partitions(cfg: Mapping) -> int | None:
+    """How many partitions the server gives out itself (`partition-assignment=server`); None where nodes say
+    what they hold: their own partition (`node`), or their own data, which has none (`client-data=local`)."""
+    if cfg["client-data"] == LOCAL or cfg["partition-assignment"] != "server":
+        return None
+    return int(cfg["num-clients"])
+
+
 def build_server_strategy(
     cfg: Mapping, ctx: ServerContext, report: Report, round_offset: int = 0, on_round_end: RoundEnd | None = None
 ) -> ServerStages:
@@ -109,6 +117,7 @@ def build_server_strategy(
         min_replies=int(cfg["min-replies"]),
         max_empty_rounds=int(cfg["max-empty-rounds"]),
         seed=int(cfg["seed"]),
+        partitions=server_partitions(cfg),
         weight_caps=weight_caps(cfg, ctx),
         max_upload_mb=float(cfg["max-upload-mb"]),
         on_node_data=report.record_nodes,

@@ -105,6 +105,7 @@ class FlakyGrid(InProcessGrid):
         if msg.metadata.message_type == "query":
             return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
         rnd = int(msg.content["config"]["server-round"])
+        pid = int(msg.content["config"].get("partition-id", pid))  # the one the server names, as the ClientApp does
         self.sent += 1
         if fails(self.seed, rnd, pid, self.rate):
             self.failed += 1

@@ -336,7 +336,8 @@ def test_the_new_methods_run_through_the_server_and_client_apps(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["ensemble-size"] == 2 for r in rows[1:])
     assert all(1 <= r["distill-steps"] <= 20 and "pre-align-accuracy" in r for r in rows[1:])
     assert "FedLC" in summary["client-runs"] and "the server distils" in summary["client-runs"]
-    assert all(set(c) == {"server-round", "local-epochs", "lr", "momentum", "weight-decay", "augment"} for c in configs)
+    sent = {"server-round", "local-epochs", "lr", "momentum", "weight-decay", "augment", "partition-id"}
+    assert all(set(c) == sent for c in configs)  # the training settings and the partition each message is for
 
     folder = tmp_path / "unlabeled"
     folder.mkdir()

@@ -7,7 +7,7 @@ import pytest
 
 from flcore.config import ConfigError
 from flcore.partition import balanced_subset, class_groups, client_split, long_tail_counts, make_split
-from flcore.partitioners import CReFFPartitioner
+from flcore.partitioners import CReFFPartitioner, partition_positions
 
 
 @pytest.mark.parametrize(
@@ -197,3 +197,20 @@ def test_creff_partitioner_plugs_into_federated_dataset(tmp_path):
     rows = [fds.load_partition(i)["row"] for i in range(5)]
     assert sorted(len(r) for r in rows) == [len(labels) // 5] * 5
     assert sorted(x for r in rows for x in r) == list(range(len(labels)))
+
+
+def test_creff_split_of_1000_clients_reads_its_draw_without_a_select_per_client(monkeypatch):
+    """`datasets.select` costs ~3 ms a call: once per client it made drawing a 1,000-client split take seconds
+    in every process; CReFF's positions come from its draw, equal to what loading each partition gives."""
+    labels = lt_labels(600, 10, 1.0)
+    part = CReFFPartitioner(1000, "label", 1.0, 7, num_classes=10)
+    part.dataset = datasets.Dataset.from_dict({"label": labels.tolist(), "pos": list(range(100, 100 + len(labels)))})
+    loaded = [np.asarray(part.load_partition(i)["pos"]) for i in (0, 999)]
+
+    def no_select(*args, **kwargs):
+        raise AssertionError("a partition was loaded through datasets.select")
+
+    monkeypatch.setattr(datasets.Dataset, "select", no_select)
+    got = partition_positions(part)
+    assert len(got) == 1000 and [got[0].tolist(), got[999].tolist()] == [p.tolist() for p in loaded]
+    assert sum(len(p) for p in client_split(labels, "creff", 1000, 1.0, 7, 2, 10)) == len(labels)

@@ -44,8 +44,11 @@ def cfg_for(tmp_path: Path, **extra) -> dict:
     return validate(raw, choices={"strategy": STRATEGIES})
 
 
-def run_rounds(cfg: dict, path: Path, nodes: dict[int, int], stop_after: int | None = None) -> ArrayRecord:
-    """Drive FedAvgM in-process over a grid whose node IDs we choose, checkpointing every round."""
+def run_rounds(
+    cfg: dict, path: Path, nodes: dict[int, int], stop_after: int | None = None, partitions: int | None = None
+) -> ArrayRecord:
+    """Drive FedAvgM in-process over a grid whose node IDs we choose, checkpointing every round; `partitions`:
+    the server gives nodes their partitions (`partition-assignment=server`), else it asks each node."""
     resumed = checkpoint.load(cfg) if cfg["resume"] else None
     done = resumed.round if resumed else 0
     inner = FedAvgM(server_momentum=0.9, fraction_train=0.5, min_available_nodes=6, fraction_evaluate=0.0)
@@ -53,7 +56,7 @@ def run_rounds(cfg: dict, path: Path, nodes: dict[int, int], stop_after: int | N
     def save(rnd, arrays):
         checkpoint.save(path, rnd, arrays, inner, [{"round": rnd}], cfg)
 
-    strategy = served(inner, seed=int(cfg["seed"]))
+    strategy = served(inner, seed=int(cfg["seed"]), partitions=partitions)
     strategy.round_offset, strategy.on_round_end = done, save
     if resumed:
         resumed.restore(inner)
@@ -62,13 +65,17 @@ def run_rounds(cfg: dict, path: Path, nodes: dict[int, int], stop_after: int | N
     return strategy.start(grid, resumed.arrays if resumed else ArrayRecord(GLOBAL), num_rounds=total).arrays
 
 
-def test_resume_with_new_node_ids_and_momentum_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("partitions", [None, 6], ids=["asked", "given"])
+def test_resume_with_new_node_ids_and_momentum_matches_uninterrupted(tmp_path, partitions):
     cfg = cfg_for(tmp_path)
-    straight = run_rounds(cfg, tmp_path / "a.pt", {100 + i: i for i in range(6)})
-    run_rounds(cfg, tmp_path / "b.pt", {900 - i: i for i in range(6)}, stop_after=2)
+    straight = run_rounds(cfg, tmp_path / "a.pt", {100 + i: i for i in range(6)}, partitions=partitions)
+    run_rounds(cfg, tmp_path / "b.pt", {900 - i: i for i in range(6)}, stop_after=2, partitions=partitions)
     assert torch.load(tmp_path / "b.pt", weights_only=True)["round"] == 2
     resumed = run_rounds(
-        cfg_for(tmp_path, resume=str(tmp_path / "b.pt")), tmp_path / "c.pt", {5 + 3 * i: i for i in range(6)}
+        cfg_for(tmp_path, resume=str(tmp_path / "b.pt")),
+        tmp_path / "c.pt",
+        {5 + 3 * i: i for i in range(6)},
+        partitions=partitions,
     )
     for key in GLOBAL:
         assert np.array_equal(resumed[key].numpy(), straight[key].numpy())

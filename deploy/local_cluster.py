@@ -228,8 +228,13 @@ class LocalCluster:
         return launch.flwr_run(CONNECTION, self.env, sent, timeout=timeout)
 
     def stop(self) -> None:
+        """End every node and the SuperLink with their process trees; a process the tree walk missed (it
+        exited and a new one took its pid, or it had not yet shown up in /proc) is killed directly."""
         for proc in [*self.procs, *([self.link] if self.link else [])]:
             launch.stop(proc)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

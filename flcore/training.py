@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -60,7 +62,10 @@ def train(
 
     `extra_loss` gets the logits and the batch's positions in the data, so a per-example term (CLIP2FL's
     distillation from cached teacher logits) is added without changing the loss signature of other callers.
+    `train-seconds` and `train-images-per-second` are the loop's own wall time and throughput, so a run can
+    tell client compute from what surrounds it (messaging, set-up, the server's work).
     """
+    start = time.perf_counter()
     model.train()
     opt = torch.optim.SGD(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
@@ -84,7 +89,14 @@ def train(
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             steps += 1
-    return {"train-loss": total_loss / max(seen, 1), "train-accuracy": correct / max(seen, 1), "local-steps": steps}
+    seconds = time.perf_counter() - start
+    return {
+        "train-loss": total_loss / max(seen, 1),
+        "train-accuracy": correct / max(seen, 1),
+        "local-steps": steps,
+        "train-seconds": seconds,
+        "train-images-per-second": seen / max(seconds, 1e-9),
+    }
 
 
 @torch.no_grad()

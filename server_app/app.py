@@ -26,15 +26,24 @@ TRAIN_KEYS = ("local-epochs", "lr", "momentum", "weight-decay", "augment")
 
 
 class Evaluator:
-    """Centralized evaluation on the balanced test split (Flower's `evaluate_fn`), feeding the report."""
+    """Centralized evaluation on the balanced test split (Flower's `evaluate_fn`), feeding the report.
+
+    The last weights it evaluated and their metrics are kept: a server stage that evaluates the model it
+    hands on (alignment's last step) and Flower's evaluation right after it then cost one pass over the test
+    split, not two. Stages and strategies return new ArrayRecords rather than changing one in place, so the
+    same object means the same weights.
+    """
 
     def __init__(self, model: FLModel, data: ServerData, report: RunReport, every: int, last_round: int) -> None:
         self.model, self.data, self.report = model, data, report
         self.every, self.last_round = every, last_round
+        self._last: tuple[ArrayRecord, dict] | None = None
 
     def metrics(self, arrays: ArrayRecord) -> dict:
-        preds, labels = predict(load_record(self.model, arrays), self.data.test)
-        return summarize(preds, labels, self.data.dataset.num_classes, self.data.groups)
+        if self._last is None or self._last[0] is not arrays:
+            preds, labels = predict(load_record(self.model, arrays), self.data.test)
+            self._last = (arrays, summarize(preds, labels, self.data.dataset.num_classes, self.data.groups))
+        return dict(self._last[1])
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round % self.every and server_round != self.last_round:

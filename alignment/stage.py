@@ -6,11 +6,11 @@ computed once per run (`alignment.logits`), so the teacher never runs again acro
 and it never exists on a client. Because the stage only wraps the aggregation output, it works with any
 strategy in the registry.
 
-Every `align-eval-every` rounds the model's metrics before alignment (`pre-align-*`) are recorded next to
-the usual ones (after alignment); the last round hands the report its alignment step drawn and counted: the
-confusion matrices of the global model right before and right after that step (`alignment-step.png`,
-and `alignment-step` in `alignment.json`). That is one model and one step; the paper's Figure 4 compares
-a run with alignment against one without (`bench/compare.py`).
+In the last round, and every `align-eval-every` rounds if set, the model's metrics before alignment
+(`pre-align-*`) are recorded next to the usual ones (after alignment); the last round hands the report
+its alignment step drawn and counted: the confusion matrices of the global model right before and right
+after that step (`alignment-step.png`, and `alignment-step` in `alignment.json`). That is one model and
+one step; the paper's Figure 4 compares a run with alignment against one without (`bench/compare.py`).
 
 The stage costs what its arithmetic costs: one model object is refilled every round (no rebuild), q is
 computed once, and the pre-alignment evaluation, a full pass over the test split, runs only on the rounds

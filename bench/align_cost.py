@@ -16,9 +16,9 @@ One invocation, three measurements:
 
 Round 1 is reported apart: the ClientApp actors load the dataset in it. The last round is reported apart
 too: it always evaluates before alignment and draws the alignment-step figure. Rounds that evaluate before
-aligning (`align-eval-every`, default every 10th) cost one test-set pass more.
+aligning (`align-eval-every`; by default only the last) cost one test-set pass more.
 
-Usage: python bench/align_cost.py [--rounds 6] [--repeat 5] [--run-config "k=v ..."] [--cprofile]
+Usage: python bench/align_cost.py [--rounds 40] [--repeat 5] [--run-config "k=v ..."] [--cprofile]
                                   [--real-architecture]
 """
 
@@ -189,7 +189,7 @@ def print_run(rows: Sequence[Mapping], load: tuple[float, float]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=40, help="the default run has 40")
     parser.add_argument("--repeat", type=int, default=5, help="calls per part in the in-process timing")
     parser.add_argument("--run-config", default="")
     parser.add_argument("--cprofile", action="store_true", help="print cProfile's listing of the stage call")

@@ -201,7 +201,7 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "align-batch-size": _opt(32, "Batch size of the alignment fine-tuning.", _number(1, integer=True)),
         "align-when": _choice("every-round", "Align after every aggregation or only after the last one.", ALIGN_WHEN),
         "align-eval-every": _opt(
-            10,
+            0,
             "Test metrics of the aggregated model right before its alignment (pre-align-*) every N rounds: a second "
             "test-set evaluation each time. 0 = the last round only (always done: alignment.json reports it); N "
             "must be a multiple of eval-every.",

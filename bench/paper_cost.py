@@ -5,17 +5,19 @@
    in 0..255), and the output says so: training costs the same whatever the pixels are. The same images
    are written once under `--data-root` as two copies: an HF `save_to_disk` copy, which the `cifar10`
    loader decodes into memory (the in-memory path), and a `folder` copy, one PNG per image, which the
-   `folder` loader reads and decodes batch by batch (the file path, the one a DataLoader serves). With a
-   real `--data-dir` only the folder copy is written.
+   `folder` loader reads and decodes batch by batch (the file path; where the schema has `num-workers`,
+   a DataLoader's workers do that). With a real `--data-dir` only the folder copy is written.
 2. Runs. For each path in `--paths`, one real run: `python -m server_app.launch` with `conf/cifar10-lt.toml`,
    `num-server-rounds=--rounds` and `--run-config` (where `device`, `amp`, `num-workers` go when the schema
-   has them). Round 1 is left out of the figures (the ClientApp actors load the dataset in it).
+   has them). Round 1 is left out of the figures (the ClientApp actors load the dataset in it). A run that
+   already finished in `--out` with the same settings is reported again, not rerun.
 3. Figures, from each run's metrics.jsonl: seconds per round; the wait for the clients' training
    (`train-wait-seconds`) and the share of the round outside it (aggregation, evaluation of the test split,
    sampling, messaging set-up); training images per second per client (`train-images-per-second`, the
    clients' own loop) and of the whole device during the wait; each against its limit: what the device
-   reaches on a large matmul of the run's dtype, divided by the FLOPs of one training image
-   (`torch.utils.flop_counter`: forward and backward of the preset's model, per image).
+   reaches on a large matmul of the run's dtype (on a CPU with one client's threads, and with all;
+   measured before and after the runs, the better of the two kept), divided by the FLOPs of one training
+   image (`torch.utils.flop_counter`: forward and backward of the preset's model, per image).
 4. Projection: 200 rounds of the preset, and the paper's Table 2 grid (CIFAR-10-LT and CIFAR-100-LT, IF 100,
    50 and 10, the 12 baselines and the method, `--seeds` seeds). A cell's round costs the measured time
    outside client training plus the measured wait scaled by the images its clients train per round (its
@@ -195,26 +197,36 @@ def prepare_data(args: argparse.Namespace) -> tuple[dict[str, str], str]:
     return {"memory": str(root / "hf"), "folder": str(root / "folder")}, what
 
 
+def finished_rows(cell: Path, expected: Mapping) -> list[dict] | None:
+    """The metrics of a run in `cell` that finished with the `expected` settings (a rerun reports it again)."""
+    for summary in sorted(cell.glob("*/summary.json")):
+        config = json.loads((summary.parent / "config.json").read_text())
+        if all(config.get(k) == v for k, v in expected.items()):
+            return [json.loads(line) for line in (summary.parent / "metrics.jsonl").read_text().splitlines() if line]
+    return None
+
+
 def run_path(path: str, data_dir: str, rounds: int, extra: str, out: Path) -> list[dict]:
-    """One real launch of the preset on this data path; its metrics.jsonl rows."""
-    dataset = "cifar10" if path == "memory" else "folder"
+    """One real launch of the preset on this data path (or its finished run in `out`); its metrics.jsonl rows."""
     cell = out / path
-    pairs = {"dataset": dataset, "data-dir": data_dir, "num-server-rounds": rounds, "output-dir": str(cell)}
+    pairs = {
+        "dataset": "cifar10" if path == "memory" else "folder",
+        "data-dir": data_dir,
+        "num-server-rounds": rounds,
+        "output-dir": str(cell),
+    }
+    done = finished_rows(cell, {**pairs, **launch.parse_overrides([extra])})
+    if done is not None:
+        print(f"[{path}] reporting the finished run in {cell}", flush=True)
+        return done
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in pairs.items())
     cell.mkdir(parents=True, exist_ok=True)
     log = cell / "launch.log"
     print(f"[{path}] running {rounds} round(s) of {PRESET.name}; log: {log}", flush=True)
+    command = [sys.executable, "-m", "server_app.launch", "--run-config", str(PRESET), "--run-config", overrides]
     with log.open("w") as fh:
         code = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "server_app.launch",
-                "--run-config",
-                str(PRESET),
-                "--run-config",
-                f"{overrides} {extra}",
-            ],
+            [*command, "--run-config", extra] if extra else command,
             cwd=ROOT,
             stdout=fh,
             stderr=subprocess.STDOUT,
@@ -222,8 +234,7 @@ def run_path(path: str, data_dir: str, rounds: int, extra: str, out: Path) -> li
         ).returncode
     if code:
         raise SystemExit(f"the {path} run failed (exit {code}); see {log}")
-    metrics = next(cell.glob("*/metrics.jsonl"))
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    return finished_rows(cell, pairs) or []
 
 
 def split_images(settings: Mapping, labels: np.ndarray, num_classes: int) -> float:
@@ -369,16 +380,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     all_threads = len(os.sched_getaffinity(0))
     client_threads = max(1, int(simulation["client-resources-num-cpus"])) if device == "cpu" else all_threads
     size = 2048 if device == "cpu" else 8192
-    peaks = {
-        "client": matmul_flops_per_second(device, dtype, client_threads, size),
-        "device": matmul_flops_per_second(device, dtype, all_threads, size),
-        "size": size,
-    }
+
+    def matmul_rates() -> tuple[float, float]:
+        one = matmul_flops_per_second(device, dtype, client_threads, size)
+        return one, matmul_flops_per_second(device, dtype, all_threads, size)
+
+    before = matmul_rates()
+    runs = {path: run_path(path, data_dirs[path], args.rounds, args.run_config, out) for path in paths}
+    after = matmul_rates()  # the best of two measurements: on a shared machine each is slowed by other load
+    peaks = {"client": max(before[0], after[0]), "device": max(before[1], after[1]), "size": size}
     limits = Limits(flops["train"], peaks["client"], peaks["device"])
-    results = {}
-    for path in paths:
-        rows = run_path(path, data_dirs[path], args.rounds, args.run_config, out)
-        results[path] = path_figures(rows, measured_images, limits, cells, args.seeds)
+    results = {path: path_figures(rows, measured_images, limits, cells, args.seeds) for path, rows in runs.items()}
     report = {
         "data": what,
         "device": device,

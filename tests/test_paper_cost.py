@@ -136,3 +136,18 @@ def test_paper_cost_runs_both_paths_end_to_end_on_tiny_random_images(tmp_path, c
         assert figures["rounds-measured"] == [2] and figures["clients-per-round"] == 8
         assert 0 < figures["train-wait-seconds"] < figures["seconds-per-round"]
         assert 0 < figures["client-limit-ratio"] < 2 and figures["table2-hours"] > figures["preset-hours"] > 0
+
+
+def test_a_finished_run_with_the_same_settings_is_reported_again_not_rerun(tmp_path, monkeypatch):
+    run = tmp_path / "memory" / "123"
+    run.mkdir(parents=True)
+    settings = {"dataset": "cifar10", "data-dir": "/d", "num-server-rounds": 2, "output-dir": str(tmp_path / "memory")}
+    (run / "config.json").write_text(json.dumps({**settings, "local-epochs": 1, "seed": 7}))
+    (run / "summary.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows((5.0, 4.0, 1.0, 1.0))))
+    launched = []
+    monkeypatch.setattr(paper_cost.subprocess, "run", lambda *a, **k: launched.append(a) or 1 / 0)
+    assert len(paper_cost.run_path("memory", "/d", 2, "local-epochs=1", tmp_path)) == 2 and not launched
+    with pytest.raises(ZeroDivisionError):  # other settings: a new run is launched
+        paper_cost.run_path("memory", "/d", 2, "local-epochs=2", tmp_path)
+    assert len(launched) == 1

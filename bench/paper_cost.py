@@ -15,9 +15,10 @@
    (`train-wait-seconds`) and the share of the round outside it (aggregation, evaluation of the test split,
    sampling, messaging set-up); training images per second per client (`train-images-per-second`, the
    clients' own loop) and of the whole device during the wait; each against its limit: what the device
-   reaches on a large matmul of the run's dtype (on a CPU with one client's threads, and with all;
-   measured before and after the runs, the better of the two kept), divided by the FLOPs of one training
-   image (`torch.utils.flop_counter`: forward and backward of the preset's model, per image).
+   reaches on a large matmul of the run's dtype (the fastest of many products, before and after the
+   runs; on a CPU with one client's threads, and with all, at least the threads times one thread's rate),
+   divided by the FLOPs of one training image (`torch.utils.flop_counter`: forward and backward of the
+   preset's model, per image).
 4. Projection: 200 rounds of the preset, and the paper's Table 2 grid (CIFAR-10-LT and CIFAR-100-LT, IF 100,
    50 and 10, the 12 baselines and the method, `--seeds` seeds). A cell's round costs the measured time
    outside client training plus the measured wait scaled by the images its clients train per round (its
@@ -46,11 +47,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from bench.compare import METHODS  # noqa: E402
 from bench.limits import device_and_dtype, flops_per_image, limit_ratio, matmul_flops_per_second  # noqa: E402
 from flcore.config import ConfigError  # noqa: E402
-from flcore.data import DataNotFound  # noqa: E402
+from flcore.data import Batches, DataNotFound  # noqa: E402
 from flcore.data import load as load_dataset  # noqa: E402
 from flcore.partition import make_split  # noqa: E402
 from server_app import launch  # noqa: E402
@@ -223,6 +225,7 @@ def run_path(path: str, data_dir: str, rounds: int, extra: str, out: Path) -> li
     cell.mkdir(parents=True, exist_ok=True)
     log = cell / "launch.log"
     print(f"[{path}] running {rounds} round(s) of {PRESET.name}; log: {log}", flush=True)
+    load = os.getloadavg()[0]
     command = [sys.executable, "-m", "server_app.launch", "--run-config", str(PRESET), "--run-config", overrides]
     with log.open("w") as fh:
         code = subprocess.run(
@@ -234,6 +237,7 @@ def run_path(path: str, data_dir: str, rounds: int, extra: str, out: Path) -> li
         ).returncode
     if code:
         raise SystemExit(f"the {path} run failed (exit {code}); see {log}")
+    (cell / "load.json").write_text(json.dumps([load, os.getloadavg()[0]]))
     return finished_rows(cell, pairs) or []
 
 
@@ -272,6 +276,25 @@ class Limits:
     flops_per_image: float
     client_flops_per_second: float
     device_flops_per_second: float
+
+
+def batching_seconds_per_image(data_dirs: Mapping[str, str], image_size: int, batch: int, images: int) -> dict:
+    """Seconds per image to batch (and augment) the same `images` training images from each path, no model:
+    the two paths timed back to back, five times, the fastest kept, so other load does not tilt the
+    comparison as it can between two runs an hour apart."""
+    sets = {}
+    for path, data_dir in data_dirs.items():
+        dataset = load_dataset("cifar10" if path == "memory" else "folder", data_dir, image_size)
+        order = np.argsort(dataset.train.labels, kind="stable")[:: max(1, len(dataset.train) // images)][:images]
+        sets[path] = Batches(dataset.train.subset(order), dataset, image_size, batch)
+    best = dict.fromkeys(sets, float("inf"))
+    for _ in range(5):
+        for path, batches in sets.items():
+            start = time.perf_counter()
+            for _ in batches.iterate(shuffle=True, augment=True, gen=torch.Generator().manual_seed(0)):
+                pass
+            best[path] = min(best[path], (time.perf_counter() - start) / len(batches.data))
+    return best
 
 
 def path_figures(rows: Sequence[Mapping], images: float, limits: Limits, cells: Mapping, seeds: int) -> dict:
@@ -314,6 +337,8 @@ def print_report(report: Mapping, seeds: int) -> None:
         ("  of the one-client matmul limit", "client-limit-ratio", "{:.1%}"),
         ("images/s of the device (during the wait)", "images-per-second-device", "{:.1f}"),
         ("  of the whole-device matmul limit", "device-limit-ratio", "{:.1%}"),
+        ("batching alone (back to back), microseconds per image", "batching-seconds-per-image", "{:.0f}"),
+        ("load average at the run's start / end", "run-load-average", "{}"),
         ("200 rounds of the preset, hours", "preset-hours", "{:.1f}"),
         (f"Table 2 grid ({len(TABLE2_METHODS)} methods x 6 cells x {seeds} seed), hours", "table2-hours", "{:,.0f}"),
     ]
@@ -321,12 +346,16 @@ def print_report(report: Mapping, seeds: int) -> None:
     for label, key, fmt in lines:
         if key is None:
             cells = [f"{f['clients-per-round']:.0f} / {f['clients-training-at-once']:.2f}" for f in paths.values()]
+        elif key == "batching-seconds-per-image":
+            cells = [f"{f[key] * 1e6:.0f}" for f in paths.values()]
+        elif key == "run-load-average":
+            cells = ["n/a" if f[key] is None else "{:.1f} / {:.1f}".format(*f[key]) for f in paths.values()]
         else:
             cells = [fmt.format(f[key]) for f in paths.values()]
         print(f"{label:<52}" + "".join(f"{c:>14}" for c in cells))
     flops, peak = report["flops-per-image"], report["matmul-flops-per-second"]
     print(
-        f"\ndevice {report['device']}, {report['dtype']}; load average {report['load-average']:.2f}\n"
+        f"\ndevice {report['device']}, {report['dtype']}; load average now {report['load-average-at-report']:.2f}\n"
         f"model FLOPs per image: forward {flops['forward'] / 1e6:.1f} M, training step {flops['train'] / 1e6:.1f} M\n"
         f"matmul {peak['size']}x{peak['size']}: {peak['client'] / 1e9:.1f} GFLOP/s with one client's threads, "
         f"{peak['device'] / 1e9:.1f} GFLOP/s on the whole device\n"
@@ -353,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test-per-class", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random images")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per Table 2 cell in the projection")
+    parser.add_argument("--batching-images", type=int, default=640, help="images per path in the batching timing")
     parser.add_argument("--run-config", default="", help="overrides for every run (e.g. device, amp, num-workers)")
     parser.add_argument("--out", default="", help="folder for the runs and paper-cost.json (default: a temp folder)")
     args = parser.parse_args(argv)
@@ -379,11 +409,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     all_threads = len(os.sched_getaffinity(0))
     client_threads = max(1, int(simulation["client-resources-num-cpus"])) if device == "cpu" else all_threads
-    size = 2048 if device == "cpu" else 8192
+    size = 1024 if device == "cpu" else 8192
 
     def matmul_rates() -> tuple[float, float]:
+        """One client's and the whole device's rate. On a CPU the whole device is at least the threads
+        times one thread's rate: a shared CPU rarely frees every core at once for the all-thread product."""
         one = matmul_flops_per_second(device, dtype, client_threads, size)
-        return one, matmul_flops_per_second(device, dtype, all_threads, size)
+        every = matmul_flops_per_second(device, dtype, all_threads, size)
+        return one, (max(every, one * all_threads / client_threads) if device == "cpu" else every)
 
     before = matmul_rates()
     runs = {path: run_path(path, data_dirs[path], args.rounds, args.run_config, out) for path in paths}
@@ -391,11 +424,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     peaks = {"client": max(before[0], after[0]), "device": max(before[1], after[1]), "size": size}
     limits = Limits(flops["train"], peaks["client"], peaks["device"])
     results = {path: path_figures(rows, measured_images, limits, cells, args.seeds) for path, rows in runs.items()}
+    batching = batching_seconds_per_image(
+        {p: data_dirs[p] for p in paths}, int(cfg["image-size"]), int(cfg["batch-size"]), args.batching_images
+    )
+    for path, figures in results.items():
+        figures["batching-seconds-per-image"] = batching[path]
+        load_file = out / path / "load.json"
+        figures["run-load-average"] = json.loads(load_file.read_text()) if load_file.is_file() else None
     report = {
         "data": what,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
-        "load-average": os.getloadavg()[0],
+        "load-average-at-report": os.getloadavg()[0],
         "flops-per-image": flops,
         "matmul-flops-per-second": peaks,
         "table2-images-per-round": {f"{k[0]} IF {k[1]:g}": v for k, v in cells.items()},

@@ -3,7 +3,8 @@
 One invocation, three measurements:
 1. the teacher's one-time cost: zero-shot logits for D_align and the test split with an empty cache, then
    the same call again (a cache hit, as in every later round and rerun);
-2. the stage's parts, timed here on the run's own data and model (median of `--repeat` calls each): building
+2. the stage's parts, timed here on the run's own data and model, on the ServerApp's torch threads
+   (`server-threads`), median of `--repeat` calls each: building
    a model, loading the aggregated weights into it, turning weights back into an ArrayRecord, one test-set
    evaluation, batching D_align alone, the fine-tuning (`align-steps` SGD steps), and one whole stage call
    on a round without pre-alignment evaluation. `--cprofile` adds the stage call's cProfile listing;
@@ -53,7 +54,7 @@ from flcore.experiment import load_record, prepare, seeded_generator, server_dat
 from flcore.models import build_model  # noqa: E402
 from rounds.stage import ServerContext  # noqa: E402
 from server_app import launch  # noqa: E402
-from server_app.app import Evaluator  # noqa: E402
+from server_app.app import Evaluator, torch_threads  # noqa: E402
 
 
 def teacher_cost(cfg: Mapping) -> tuple[float, float]:
@@ -204,10 +205,11 @@ def main() -> None:
     cold, warm = teacher_cost(cfg)
     print(f"teacher logits ({cfg['align-teacher']}): cold {cold:.3f} s, cached {warm:.4f} s", flush=True)
     print(f"\nthe stage's parts in this process (median of {args.repeat}):")
-    times = stage_parts(cfg, args.repeat, args.cprofile)
-    for name, seconds in times.items():
-        print(f"  {name:<32} {seconds:8.4f} s")
-    arithmetic(cfg, times)
+    with torch_threads(int(cfg["server-threads"])):  # the ServerApp's threads
+        times = stage_parts(cfg, args.repeat, args.cprofile)
+        for name, seconds in times.items():
+            print(f"  {name:<32} {seconds:8.4f} s")
+        arithmetic(cfg, times)
     if args.real_architecture:
         real = real_architecture_cost(cfg)
         print(f"  ViT-L-14-336 q for D_align (random weights, real compute) {real:8.3f} s (once per run)")

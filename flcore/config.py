@@ -152,6 +152,12 @@ SECTIONS: dict[str, dict[str, Option]] = {
             "Seconds the server waits for client replies per round (and for CCVR's statistics after the last).",
             _number(0, low_open=True),
         ),
+        "server-threads": _opt(
+            1,
+            "Torch intra-op threads of the ServerApp (evaluation, server stages, server-side methods); 0 = torch's "
+            "default, one per core. 1 suits small models on a shared CPU: each simulated client has one too.",
+            _number(0, integer=True),
+        ),
     },
     "Local training": {
         "local-epochs": _opt(5, "Local epochs per round.", _number(1, integer=True)),

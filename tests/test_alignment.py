@@ -353,3 +353,17 @@ def test_a_round_reports_where_its_time_went_and_the_last_model_is_evaluated_onc
         parts = row["train-wait-seconds"] + row["aggregate-seconds"] + row["stage-seconds"]
         assert 0 < parts <= row["seconds"] and row["stage-seconds"] >= row["align-seconds"] > 0
         assert 0 < row["train-seconds"] < row["train-wait-seconds"] and row["train-images-per-second"] > 0
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_the_server_runs_on_server_threads_and_gives_the_process_its_threads_back(tmp_path, monkeypatch):
+    seen = []
+    real_predict = server_app.predict
+    monkeypatch.setattr(server_app, "predict", lambda m, b: seen.append(torch.get_num_threads()) or real_predict(m, b))
+    overrides = {"num-clients": 2, "fraction-train": 1.0, "num-server-rounds": 1, "local-epochs": 1}
+    torch.set_num_threads(2)  # as torch's default on a 2-core machine; the one_thread fixture restores it
+    for threads, expected in ((1, 1), (0, 2)):
+        cfg = config(tmp_path / str(threads), **overrides, **{"align-steps": 1, "server-threads": threads})
+        server_app.run(ClientAppGrid(cfg), cfg, "threads")
+        assert set(seen) == {expected} and torch.get_num_threads() == 2
+        seen.clear()

@@ -4,10 +4,10 @@ One invocation, three measurements:
 1. the teacher's one-time cost: zero-shot logits for D_align and the test split with an empty cache, then
    the same call again (a cache hit, as in every later round and rerun);
 2. the stage's parts, timed here on the run's own data and model, on the ServerApp's torch threads
-   (`server-threads`), median of `--repeat` calls each: building
-   a model, loading the aggregated weights into it, turning weights back into an ArrayRecord, one test-set
-   evaluation, batching D_align alone, the fine-tuning (`align-steps` SGD steps), and one whole stage call
-   on a round without pre-alignment evaluation. `--cprofile` adds the stage call's cProfile listing;
+   (`server-threads`), median of `--repeat` calls each: building a model, loading the aggregated weights
+   into it, turning weights back into an ArrayRecord, one test-set evaluation, batching D_align alone,
+   the fine-tuning (`align-steps` SGD steps) and the FLOP/s of the last two against a matmul, and one
+   whole stage call (round 1: no evaluation before aligning). `--cprofile` adds its cProfile listing;
 3. a real `flwr run` simulation of the default config with `align=true`, whose metrics.jsonl gives, for each
    round, its wall time (`seconds`) and the parts the server measured inside it: the wait for the clients'
    training (`train-wait-seconds`), the aggregation, every after-aggregation stage together

@@ -6,7 +6,7 @@ One invocation, three measurements:
 2. the stage's parts, timed here on the run's own data and model, on the ServerApp's torch threads
    (`server-threads`), median of `--repeat` calls each: building a model, loading the aggregated weights
    into it, turning weights back into an ArrayRecord, one test-set evaluation, batching D_align alone,
-   the fine-tuning (`align-steps` SGD steps) and the FLOP/s of the last two against a matmul, and one
+   the fine-tuning (`align-steps` SGD steps), the FLOP/s of evaluation and fine-tuning against a matmul, one
    whole stage call (round 1: no evaluation before aligning). `--cprofile` adds its cProfile listing;
 3. a real `flwr run` simulation of the default config with `align=true`, whose metrics.jsonl gives, for each
    round, its wall time (`seconds`) and the parts the server measured inside it: the wait for the clients'

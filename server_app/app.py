@@ -60,8 +60,8 @@ def torch_threads(threads: int) -> Iterator[None]:
 
     The server's per-round work is small (a ResNet-8 over the test split, a few SGD steps on D_align): with
     one thread per core, every operator waits at a barrier for threads that other processes (the clients,
-    other jobs) have descheduled. Measured inside one run on a shared 2-core CPU: alignment's 2 SGD steps
-    took 0.08 to 2.2 s per round with 2 threads, 0.11 to 0.2 s with 1.
+    other jobs) have descheduled. Measured in 40-round runs on a shared 2-core CPU: alignment's 2 SGD steps
+    took 0.08 to 2.6 s per round (median 1.1) with 2 threads, 0.11 to 0.4 s (median 0.16) with 1.
     """
     before = torch.get_num_threads()
     if threads:

@@ -60,6 +60,7 @@ from server_app import launch  # noqa: E402
 PRESET = ROOT / "conf" / "cifar10-lt.toml"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PATHS = ("memory", "folder")
+COPY_MARKER = "copy.json"  # in --data-root: what the copies there hold; only a folder with it is rewritten
 # The paper's Table 2: two datasets (preset, classes, training images per class), three IFs, twelve
 # baselines (the first twelve of bench/compare.py's METHODS) and the method itself.
 TABLE2_DATASETS = {"CIFAR-10-LT": ("cifar10-lt.toml", 10, 5000), "CIFAR-100-LT": ("cifar100-lt.toml", 100, 500)}
@@ -170,10 +171,11 @@ def prepare_data(args: argparse.Namespace) -> tuple[dict[str, str], str]:
         source = {"data-dir": str(Path(args.data_dir).expanduser().resolve())}
     else:
         source = {"random": [args.train_per_class, args.test_per_class, args.seed]}
-    marker = root / "copy.json"
+    marker = root / COPY_MARKER
     if not (marker.is_file() and json.loads(marker.read_text()) == source):
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)  # ours: `main` refuses a folder without the marker
         root.mkdir(parents=True)
+        marker.write_text(json.dumps({"writing": source}))  # an interrupted copy is still known as ours
         start = time.perf_counter()
         if args.data_dir:
             real = load_dataset("cifar10", source["data-dir"], 32)
@@ -391,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--paths {args.paths!r}: expected memory, folder or both, comma-separated")
     if args.rounds < 1 or min(args.train_per_class, args.test_per_class, args.seeds) < 1:
         parser.error("--rounds, --train-per-class, --test-per-class and --seeds must be >= 1")
+    root = Path(args.data_root).expanduser()
+    if root.is_dir() and any(root.iterdir()) and not (root / COPY_MARKER).is_file():
+        parser.error(f"--data-root {str(root)!r} holds files this bench did not write; name a new or empty folder")
     defaults, simulation = launch.project_settings()
     try:
         cfg = checked_settings(args.run_config, defaults)

@@ -120,6 +120,10 @@ def test_bad_arguments_stop_before_any_data_is_written(tmp_path, capsys):
     assert err.value.code == 2 and "--paths 'gpu'" in capsys.readouterr().err
     assert paper_cost.main(["--run-config", "colour=blue", "--data-root", str(root)]) == 2
     assert "unknown run-config key" in capsys.readouterr().err and not root.exists()
+    (root / "mine").mkdir(parents=True)  # a folder the bench did not write is never cleared
+    with pytest.raises(SystemExit):
+        paper_cost.main(["--data-root", str(root)])
+    assert "did not write" in capsys.readouterr().err and (root / "mine").is_dir()
 
 
 @pytest.mark.slow

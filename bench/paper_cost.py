@@ -366,6 +366,18 @@ def print_report(report: Mapping, seeds: int) -> None:
     )
 
 
+def matmul_size(device: str) -> int:
+    return 1024 if device == "cpu" else 8192
+
+
+def matmul_rates(device: str, dtype: torch.dtype, per_client: int, threads: int) -> tuple[float, float]:
+    """One client's and the whole device's matmul rate. On a CPU the whole device is at least its threads
+    times one client's rate: a shared CPU rarely frees every core at once for the all-thread product."""
+    one = matmul_flops_per_second(device, dtype, per_client, matmul_size(device))
+    every = matmul_flops_per_second(device, dtype, threads, matmul_size(device))
+    return one, (max(every, one * threads / per_client) if device == "cpu" else every)
+
+
 def checked_settings(run_config: str, defaults: Mapping) -> dict:
     """The preset with the overrides, validated before any data is written (on digits: the copy the runs
     read does not exist yet, and the dataset's own checks run in each launch)."""
@@ -412,21 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     flops = flops_per_image(
         str(cfg["model"]), int(cfg["projection-dim"]), 10, int(cfg["image-size"]), int(cfg["batch-size"])
     )
-    all_threads = len(os.sched_getaffinity(0))
-    client_threads = max(1, int(simulation["client-resources-num-cpus"])) if device == "cpu" else all_threads
-    size = 1024 if device == "cpu" else 8192
-
-    def matmul_rates() -> tuple[float, float]:
-        """One client's and the whole device's rate. On a CPU the whole device is at least the threads
-        times one thread's rate: a shared CPU rarely frees every core at once for the all-thread product."""
-        one = matmul_flops_per_second(device, dtype, client_threads, size)
-        every = matmul_flops_per_second(device, dtype, all_threads, size)
-        return one, (max(every, one * all_threads / client_threads) if device == "cpu" else every)
-
-    before = matmul_rates()
+    threads = len(os.sched_getaffinity(0))
+    per_client = max(1, int(simulation["client-resources-num-cpus"])) if device == "cpu" else threads
+    before = matmul_rates(device, dtype, per_client, threads)
     runs = {path: run_path(path, data_dirs[path], args.rounds, args.run_config, out) for path in paths}
-    after = matmul_rates()  # the best of two measurements: on a shared machine each is slowed by other load
-    peaks = {"client": max(before[0], after[0]), "device": max(before[1], after[1]), "size": size}
+    after = matmul_rates(device, dtype, per_client, threads)  # the better of the two: other load slows each
+    peaks = {"client": max(before[0], after[0]), "device": max(before[1], after[1]), "size": matmul_size(device)}
     limits = Limits(flops["train"], peaks["client"], peaks["device"])
     results = {path: path_figures(rows, measured_images, limits, cells, args.seeds) for path, rows in runs.items()}
     batching = batching_seconds_per_image(

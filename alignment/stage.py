@@ -6,11 +6,15 @@ computed once per run (`alignment.logits`), so the teacher never runs again acro
 and it never exists on a client. Because the stage only wraps the aggregation output, it works with any
 strategy in the registry.
 
-Each evaluated round records the model's metrics before alignment (`pre-align-*`) next to the usual
-ones (after alignment); the last round hands the report its alignment step drawn and counted: the
-confusion matrices of the global model right before and right after that step (`alignment-step.png`,
-and `alignment-step` in `alignment.json`). That is one model and one step; the paper's Figure 4 compares
-a run with alignment against one without (`bench/compare.py`).
+In the last round, and every `align-eval-every` rounds if set, the model's metrics before alignment
+(`pre-align-*`) are recorded next to the usual ones (after alignment); the last round hands the report
+its alignment step drawn and counted: the confusion matrices of the global model right before and right
+after that step (`alignment-step.png`, and `alignment-step` in `alignment.json`). That is one model and
+one step; the paper's Figure 4 compares a run with alignment against one without (`bench/compare.py`).
+
+The stage costs what its arithmetic costs: one model object is refilled every round (no rebuild), q is
+computed once, and the pre-alignment evaluation, a full pass over the test split, runs only on the rounds
+that ask for it (`bench/align_cost.py` measures the stage's share of a round).
 """
 
 from __future__ import annotations
@@ -49,21 +53,26 @@ class AlignmentStage:
         cfg = ctx.cfg
         self.ctx, self.s, self.q, self.info = ctx, settings, q, info
         self.last = int(cfg["num-server-rounds"])
-        self.every = int(cfg["eval-every"])
+        self.eval_every = int(cfg["align-eval-every"])  # 0 or a multiple of eval-every (the config checks)
         self.seed, self.image_size = int(cfg["seed"]), int(cfg["image-size"])
         self.compute = compute_of(cfg)
+        self.model = ctx.new_model()  # refilled with the aggregated weights every round
+
+    def evaluates_before(self, server_round: int) -> bool:
+        """Whether this round records pre-alignment metrics: every `align-eval-every` rounds, and the last."""
+        return server_round == self.last or (self.eval_every > 0 and server_round % self.eval_every == 0)
 
     def __call__(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> Outcome:
         if self.s.when == "last-round" and server_round != self.last:
             return Outcome(arrays)
         before = None
-        if server_round % self.every == 0 or server_round == self.last:  # rounds the report evaluates
+        if self.evaluates_before(server_round):
             start = time.perf_counter()
             before = self.ctx.evaluate(arrays)
             for key in GROUP_KEYS:
                 metrics[f"pre-align-{key}"] = before[key]
             metrics["pre-align-eval-seconds"] = time.perf_counter() - start
-        model = load_record(self.ctx.new_model(), arrays)
+        model = load_record(self.model, arrays)
         data = self.ctx.data
         start = time.perf_counter()
         gen = seeded_generator(self.seed, server_round, ALIGN_STREAM)

@@ -1,40 +1,63 @@
-"""What stage 3 costs: the share of a federated round that alignment takes, and the teacher's one-time cost.
+"""What stage 3 costs: its parts in this process, its share of a federated round inside one run, and the teacher.
 
-One run, side by side:
-1. the teacher's one-time cost in this process: zero-shot logits for D_align and the test split with an
-   empty cache, then the same call again (a cache hit, as in every later round and rerun);
-2. a real `flwr run` simulation of the default config with `align=true` for a few rounds (it reuses the
-   cache from step 1), whose metrics.jsonl gives each round's wall time (`seconds`: client training,
-   aggregation, alignment, evaluation) and the alignment's own time (`align-seconds`) plus the extra
-   pre-alignment evaluation (`pre-align-eval-seconds`).
+One invocation, three measurements:
+1. the teacher's one-time cost: zero-shot logits for D_align and the test split with an empty cache, then
+   the same call again (a cache hit, as in every later round and rerun);
+2. the stage's parts, timed here on the run's own data and model, on the ServerApp's torch threads
+   (`server-threads`), median of `--repeat` calls each: building a model, loading the aggregated weights
+   into it, turning weights back into an ArrayRecord, one test-set evaluation, batching D_align alone,
+   the fine-tuning (`align-steps` SGD steps), the FLOP/s of evaluation and fine-tuning against a matmul, one
+   whole stage call (round 1: no evaluation before aligning). `--cprofile` adds its cProfile listing;
+3. a real `flwr run` simulation of the default config with `align=true`, whose metrics.jsonl gives, for each
+   round, its wall time (`seconds`) and the parts the server measured inside it: the wait for the clients'
+   training (`train-wait-seconds`), the aggregation, every after-aggregation stage together
+   (`stage-seconds`: the stage's model loading, fine-tuning, pre-alignment evaluation, last-step figure)
+   and the fine-tuning alone (`align-seconds`). Numerator and denominator come from the same rounds of the
+   same run, so other load on the machine slows both alike; the load average is printed with them.
 
-Prints the mean round time, the alignment's share of it (target <= 5 %), and the teacher's one-time cost
-as a multiple of a round. The teacher is the offline `tiny` one (random weights) unless overridden;
-`--real-architecture` also times ViT-L-14-336 (LLaVA-1.5's CLIP, random weights: same compute as the
-real teacher, no download) on D_align.
+Round 1 is reported apart: the ClientApp actors load the dataset in it. The last round is reported apart
+too: it always evaluates before alignment and draws the alignment-step figure. Rounds that evaluate before
+aligning (`align-eval-every`; by default only the last) cost one test-set pass more.
 
-Usage: python bench/align_cost.py [--rounds 5] [--run-config "k=v ..."] [--real-architecture]
+Usage: python bench/align_cost.py [--rounds 40] [--repeat 5] [--run-config "k=v ..."] [--cprofile]
+                                  [--real-architecture]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import os
+import pstats
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import MetricRecord  # noqa: E402
+
 from alignment import teacher as clip_teacher  # noqa: E402
 from alignment.logits import compute_teacher_logits  # noqa: E402
-from flcore.experiment import prepare, server_data  # noqa: E402
+from alignment.loss import AlignSettings, StepBatches, fine_tune  # noqa: E402
+from alignment.stage import ALIGN_STREAM, alignment_stages  # noqa: E402
+from bench.limits import flops_per_image, matmul_flops_per_second  # noqa: E402
+from flcore.data import Batches, ImageSet  # noqa: E402
+from flcore.experiment import load_record, prepare, seeded_generator, server_data, to_record  # noqa: E402
+from flcore.models import build_model  # noqa: E402
+from rounds.stage import ServerContext  # noqa: E402
 from server_app import launch  # noqa: E402
+from server_app.app import Evaluator, torch_threads  # noqa: E402
 
 
-def teacher_cost(cfg: dict) -> tuple[float, float]:
+def teacher_cost(cfg: Mapping) -> tuple[float, float]:
     """Seconds for the teacher's logits with an empty cache, then with the cache filled."""
     data = server_data(cfg)
     idx = prepare(cfg).split.align
@@ -46,7 +69,7 @@ def teacher_cost(cfg: dict) -> tuple[float, float]:
     return times[0], times[1]
 
 
-def real_architecture_cost(cfg: dict) -> float:
+def real_architecture_cost(cfg: Mapping) -> float:
     """Seconds for ViT-L-14-336 (random weights, real compute) to produce q for D_align."""
     import open_clip
 
@@ -60,38 +83,146 @@ def real_architecture_cost(cfg: dict) -> float:
     return time.perf_counter() - start
 
 
+def median_seconds(fn: Callable[[], object], repeat: int) -> float:
+    """Median wall time of `repeat` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def stage_parts(cfg: Mapping, repeat: int, profile: bool) -> dict[str, float]:
+    """Each part of one alignment round timed alone here, on the run's data, model and settings."""
+    data = server_data(cfg)
+    classes = data.dataset.num_classes
+
+    def new_model(seed: int | None = None):  # the ServerApp's factory (server_app.app.run)
+        return build_model(str(cfg["model"]), int(cfg["projection-dim"]), classes, seed=seed)
+
+    evaluator = Evaluator(new_model(), data, None, int(cfg["eval-every"]), int(cfg["num-server-rounds"]))
+    ctx = ServerContext(cfg, data, new_model, evaluator.metrics)
+    (stage,) = alignment_stages(cfg, ctx).after_aggregation
+    arrays, model = to_record(new_model(seed=1)), new_model()
+    settings = AlignSettings.from_config(cfg, 0.0)
+    indexed = ImageSet(np.arange(len(data.align)), data.align.images, data.align.files)
+    batches = StepBatches(Batches(indexed, data.dataset, int(cfg["image-size"]), settings.batch_size), settings.steps)
+    gen = seeded_generator(int(cfg["seed"]), 1, ALIGN_STREAM)
+    q = torch.zeros(len(data.align), classes)
+    parts = {
+        "build a model": lambda: new_model(),
+        "load weights into it": lambda: load_record(model, arrays),
+        "weights back to an ArrayRecord": lambda: to_record(model),
+        "one test-set evaluation (+ load)": lambda: evaluator.metrics(to_record(model)),
+        "batch D_align alone": lambda: list(batches.iterate(True, settings.augment, gen)),
+        "fine-tune on D_align": lambda: fine_tune(
+            model, data.align, data.dataset, int(cfg["image-size"]), q, settings, gen
+        ),
+        "whole stage call, round 1": lambda: stage(1, arrays, MetricRecord()),
+    }
+    times = {name: median_seconds(fn, repeat) for name, fn in parts.items()}
+    if profile:
+        prof = cProfile.Profile()
+        prof.runcall(lambda: [stage(1, arrays, MetricRecord()) for _ in range(repeat)])
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    return times
+
+
+def arithmetic(cfg: Mapping, times: Mapping) -> None:
+    """How close the fine-tuning and the evaluation run to this process's matmul rate (their FLOPs per second)."""
+    data, settings = server_data(cfg), AlignSettings.from_config(cfg, 0.0)
+    classes, test_size = data.dataset.num_classes, len(data.test.data)
+    flops = flops_per_image(str(cfg["model"]), int(cfg["projection-dim"]), classes, int(cfg["image-size"]), 32)
+    peak = matmul_flops_per_second("cpu", torch.float32, torch.get_num_threads(), 1024)
+    work = {
+        "fine-tune on D_align": settings.steps * settings.batch_size * flops["train"],
+        "one test-set evaluation (+ load)": test_size * flops["forward"],
+    }
+    print(f"  matmul rate here ({torch.get_num_threads()} thread(s), float32): {peak / 1e9:.1f} GFLOP/s")
+    for name, total in work.items():
+        rate = total / times[name]
+        print(f"  {name}: {total / 1e9:.2f} GFLOP -> {rate / 1e9:.1f} GFLOP/s = {rate / peak:.0%} of the matmul rate")
+
+
+def read_rounds(run_dir: Path) -> list[dict]:
+    """The trained rounds (1..N) of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return [r for r in rows if r["round"] > 0]
+
+
+def shares(rows: Sequence[Mapping]) -> dict[str, float]:
+    """Mean round time and the mean seconds of each measured part, over `rows` (one run's rounds)."""
+    keys = ("seconds", "train-wait-seconds", "aggregate-seconds", "stage-seconds", "align-seconds")
+    out = {k: sum(float(r.get(k, 0.0)) for r in rows) / len(rows) for k in keys}
+    out["pre-align-eval-seconds"] = sum(float(r.get("pre-align-eval-seconds", 0.0)) for r in rows) / len(rows)
+    return out
+
+
+def print_run(rows: Sequence[Mapping], load: tuple[float, float]) -> None:
+    """Per-round table, then the stage's share of round 1, the steady rounds, the last round and all rounds."""
+    print(f"\nrounds of one run (load average {load[0]:.2f} at its start, {load[1]:.2f} at its end)")
+    header = ("round", "seconds", "train-wait", "aggregate", "stage", "fine-tune", "pre-eval")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (5, 8, 10, 9, 7, 9, 8), strict=True)))
+    for r in rows:
+        print(
+            f"{r['round']:>5} {r['seconds']:8.3f} {r['train-wait-seconds']:10.3f} {r['aggregate-seconds']:9.3f} "
+            f"{r['stage-seconds']:7.3f} {r['align-seconds']:9.3f} {r.get('pre-align-eval-seconds', 0.0):8.3f}"
+        )
+    groups = {
+        "round 1 (actors load data)": rows[:1],
+        "steady (rounds 2..N-1)": rows[1:-1],
+        "last round": rows[-1:] if len(rows) > 1 else [],
+        "every round": rows,
+    }
+    for name, group in groups.items():
+        if not group:
+            continue
+        s = shares(group)
+        print(
+            f"  {name:<27} round {s['seconds']:7.3f} s | stage {s['stage-seconds']:6.3f} s = "
+            f"{s['stage-seconds'] / s['seconds']:6.2%} (fine-tune {s['align-seconds'] / s['seconds']:5.2%}, "
+            f"pre-align eval {s['pre-align-eval-seconds'] / s['seconds']:5.2%}) | client wait "
+            f"{s['train-wait-seconds'] / s['seconds']:6.2%}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=40, help="the default run has 40")
+    parser.add_argument("--repeat", type=int, default=5, help="calls per part in the in-process timing")
     parser.add_argument("--run-config", default="")
+    parser.add_argument("--cprofile", action="store_true", help="print cProfile's listing of the stage call")
     parser.add_argument("--real-architecture", action="store_true")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="align-cost-"))
     overrides = f"align=true num-server-rounds={args.rounds} output-dir={out} {args.run_config}".strip()
     defaults, _ = launch.project_settings()
     cfg, _ = launch.resolve(launch.parse_overrides([overrides]), defaults)
+    print(f"torch threads here: {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}", flush=True)
 
     cold, warm = teacher_cost(cfg)
-    print(f"teacher logits ({cfg['align-teacher']}): cold {cold:.3f} s, cached {warm:.3f} s", flush=True)
+    print(f"teacher logits ({cfg['align-teacher']}): cold {cold:.3f} s, cached {warm:.4f} s", flush=True)
+    print(f"\nthe stage's parts in this process (median of {args.repeat}):")
+    with torch_threads(int(cfg["server-threads"])):  # the ServerApp's threads
+        times = stage_parts(cfg, args.repeat, args.cprofile)
+        for name, seconds in times.items():
+            print(f"  {name:<32} {seconds:8.4f} s")
+        arithmetic(cfg, times)
+    if args.real_architecture:
+        real = real_architecture_cost(cfg)
+        print(f"  ViT-L-14-336 q for D_align (random weights, real compute) {real:8.3f} s (once per run)")
+
+    load_start = os.getloadavg()[0]
     if launch.main(["--run-config", overrides]) != 0:
         raise SystemExit("the simulation failed; see the log above")
     run_dir = next(p for p in out.iterdir() if (p / "metrics.jsonl").is_file())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
-    round_s = sum(r["seconds"] for r in rows) / len(rows)
-    align_s = sum(r["align-seconds"] for r in rows) / len(rows)
-    eval_s = sum(r["pre-align-eval-seconds"] for r in rows) / len(rows)
-
+    rows = read_rounds(run_dir)
     print(f"\nalignment cost on the default config + align=true, {len(rows)} rounds ({cfg['align-teacher']} teacher)")
-    print(f"  mean round wall time                 {round_s:8.3f} s")
-    print(f"  alignment fine-tuning per round      {align_s:8.3f} s   share {align_s / round_s:6.1%}  (target <= 5%)")
-    print(f"  pre-alignment evaluation per round   {eval_s:8.3f} s   share {eval_s / round_s:6.1%}  (reporting only)")
-    print(f"  teacher logits, one time (cold)      {cold:8.3f} s   = {cold / round_s:5.2f} rounds")
-    print(f"  teacher logits, cached (warm)        {warm:8.3f} s   = {warm / cold:6.1%} of cold")
-    if args.real_architecture:
-        real = real_architecture_cost(cfg)
-        print(
-            f"  ViT-L-14-336 q for D_align (random weights, real compute) {real:8.3f} s = {real / round_s:5.2f} rounds"
-        )
+    print_run(rows, (load_start, os.getloadavg()[0]))
+    steady = shares(rows[1:-1] or rows)
+    print(f"  teacher logits, one time (cold) {cold:8.3f} s = {cold / steady['seconds']:5.2f} steady rounds")
 
 
 if __name__ == "__main__":

@@ -187,6 +187,12 @@ SECTIONS: dict[str, dict[str, Option]] = {
             "Seconds the server waits for client replies per round (and for CCVR's statistics after the last).",
             _number(0, low_open=True),
         ),
+        "server-threads": _opt(
+            1,
+            "Torch intra-op threads of the ServerApp (evaluation, server stages, server-side methods); 0 = torch's "
+            "default, one per core. 1 suits small models on a shared CPU: each simulated client has one too.",
+            _number(0, integer=True),
+        ),
     },
     "Local training": {
         "local-epochs": _opt(5, "Local epochs per round.", _number(1, integer=True)),
@@ -259,6 +265,13 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "align-lr": _opt(0.01, "SGD learning rate of the alignment fine-tuning.", _number(0, low_open=True)),
         "align-batch-size": _opt(32, "Batch size of the alignment fine-tuning.", _number(1, integer=True)),
         "align-when": _choice("every-round", "Align after every aggregation or only after the last one.", ALIGN_WHEN),
+        "align-eval-every": _opt(
+            0,
+            "Test metrics of the aggregated model right before its alignment (pre-align-*) every N rounds: a second "
+            "test-set evaluation each time. 0 = the last round only (always done: alignment.json reports it); N "
+            "must be a multiple of eval-every.",
+            _number(0, integer=True),
+        ),
         "align-loss": _choice("ce+kl", "Alignment loss: ce+kl (the paper), ce (beta = 0), kl (KL only).", ALIGN_LOSSES),
     },
     "Stage 1: server-side global multimodal pretraining": {
@@ -573,6 +586,11 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"run-config key 'few-threshold' = {cfg['few-threshold']!r} is not allowed: expected <= many-threshold "
             f"({cfg['many-threshold']!r})."
+        )
+    if cfg["align"] and cfg["align-eval-every"] % cfg["eval-every"]:
+        raise ConfigError(
+            f"run-config key 'align-eval-every' = {cfg['align-eval-every']!r} is not allowed: expected 0 or a multiple "
+            f"of eval-every ({cfg['eval-every']!r}); pre-alignment metrics are kept only on evaluated rounds."
         )
     if cfg["pretrain-batch-size"] % cfg["pretrain-grad-accum"]:
         raise ConfigError(

@@ -7,6 +7,7 @@ once per call, so a GPU never waits for the host between steps.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -67,7 +68,10 @@ def train(
 
     `extra_loss` gets the logits and the batch's positions in the data, so a per-example term (CLIP2FL's
     distillation from cached teacher logits) is added without changing the loss signature of other callers.
+    `train-seconds` and `train-images-per-second` are the loop's own wall time and throughput, so a run can
+    tell client compute from what surrounds it (messaging, set-up, the server's work).
     """
+    start = time.perf_counter()
     model.train()
     opt = torch.optim.SGD(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
@@ -96,10 +100,13 @@ def train(
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             steps += 1
+    seconds = time.perf_counter() - start
     return {
         "train-loss": float(total_loss) / max(seen, 1),
         "train-accuracy": int(correct) / max(seen, 1),
         "local-steps": steps,
+        "train-seconds": seconds,
+        "train-images-per-second": seen / max(seconds, 1e-9),
     }
 
 

@@ -10,6 +10,11 @@ What a stage measured goes to the run report, with each round's client metrics.
 Every stage's weights pass one check here: a model with NaN or Inf stops the run with the stage's name
 (`StageError`) instead of becoming the global model.
 
+Each round's metrics also say where its time went, measured here because only the outermost strategy
+sees the whole round: `train-wait-seconds` (from handing the train messages to Flower until the replies
+are in: client training plus messaging), `aggregate-seconds` (the strategy's aggregation) and
+`stage-seconds` (every after-aggregation stage together, model loading and its evaluations included).
+
 For resume, `round_offset` lets a continued run start at the round after its checkpoint, with clients,
 stages and evaluation seeing the original round numbers, and `on_round_end` saves the state after each
 round's evaluation.
@@ -17,6 +22,7 @@ round's evaluation.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -66,22 +72,30 @@ class ServerStages(Delegating):
         super().__init__(inner)
         self.stages, self.report = stages, report
         self.round_offset, self.on_round_end = round_offset, on_round_end
+        self._sent = time.perf_counter()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+        messages = self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+        self._sent = time.perf_counter()  # Flower sends them and waits for the replies next
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
+        received = time.perf_counter()
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        aggregated = time.perf_counter()
         metrics = MetricRecord() if metrics is None else metrics
         if arrays is not None:
             for stage in self.stages.after_aggregation:
                 arrays = self._take(stage, stage(server_round, arrays, metrics))
             adopt(self.inner, arrays)
+        metrics["train-wait-seconds"] = received - self._sent
+        metrics["aggregate-seconds"] = aggregated - received
+        metrics["stage-seconds"] = time.perf_counter() - aggregated
         self.report.record_train(server_round, metrics)
         return arrays, metrics
 

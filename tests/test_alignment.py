@@ -116,7 +116,7 @@ def test_kl_term_pulls_the_student_towards_the_teacher(tmp_path):
 
 def test_teacher_runs_once_for_d_align_across_rounds_and_reruns(tmp_path, teacher_calls):
     calls = teacher_calls
-    cfg = config(tmp_path, **{"num-server-rounds": 3, "eval-every": 5, "align-steps": 1})
+    cfg = config(tmp_path, **{"num-server-rounds": 3, "eval-every": 5, "align-eval-every": 5, "align-steps": 1})
     ctx = context(cfg)
     (stage,) = alignment_stages(cfg, ctx).after_aggregation
     align_size = len(ctx.data.align)
@@ -130,7 +130,7 @@ def test_teacher_runs_once_for_d_align_across_rounds_and_reruns(tmp_path, teache
         arrays = new
         rows.append(metrics)
     assert calls.count(align_size) == 1 and len(calls) == 2  # D_align once, the test split once
-    assert "pre-align-accuracy" not in rows[0] and "pre-align-few-accuracy" in rows[2]  # evaluated rounds only
+    assert "pre-align-accuracy" not in rows[0] and "pre-align-few-accuracy" in rows[2]  # the last round only
     assert rows[0]["align-steps"] == 1 and rows[0]["align-kl"] == 0.0
     assert not outcomes[0].sections and not outcomes[0].figures  # the step's figure comes with the last round only
     report = RunReport(tmp_path / "report", 3, ctx.data.dataset.classes)
@@ -240,7 +240,7 @@ def test_fedprox_with_alignment_runs_through_the_server_app(tmp_path, monkeypatc
 
     monkeypatch.setitem(registry.STRATEGIES, "fedprox", fedprox)
     overrides = {"strategy": "fedprox", "num-clients": 2, "num-server-rounds": 2, "local-epochs": 1}
-    cfg = config(tmp_path, **overrides, **{"dirichlet-alpha": 100.0, "align-steps": 1})
+    cfg = config(tmp_path, **overrides, **{"dirichlet-alpha": 100.0, "align-steps": 1, "align-eval-every": 1})
     grid = ClientAppGrid(cfg)
     built = registry.build_server_strategy(cfg, context(cfg), RunReport(tmp_path, 2, []))
     assert isinstance(built, ServerStages) and isinstance(built.inner.inner, FedProx)
@@ -300,7 +300,7 @@ def test_full_simulation_with_alignment_through_flwr_run(tmp_path, capfd):
     """The one full run of this issue: `flwr run` on a local SuperLink, FedAvg + alignment, tiny teacher."""
     overrides = (
         "num-clients=3 num-server-rounds=2 fraction-train=1.0 local-epochs=1 dirichlet-alpha=100.0 image-size=8 "
-        f"projection-dim=32 align=true align-steps=2 output-dir={tmp_path}"
+        f"projection-dim=32 align=true align-steps=2 align-eval-every=1 output-dir={tmp_path}"
     )
     assert launch.main(["--run-config", overrides]) == 0
     out = capfd.readouterr().out  # the ServerApp's log comes from the SuperLink's processes
@@ -313,3 +313,61 @@ def test_full_simulation_with_alignment_through_flwr_run(tmp_path, capfd):
     assert summary["alignment"]["beta-effective"] == 0.0 and summary["alignment"]["teacher-random-weights"]
     assert summary["alignment"]["alignment-step"]["after"]["accuracy"] == summary["final"]["accuracy"]
     assert (run_dir / "alignment-step.png").is_file() and len(list((tmp_path / "teacher-cache").glob("*.pt"))) == 2
+
+
+def test_stage_reuses_one_model_and_evaluates_before_alignment_only_where_asked(tmp_path):
+    """The stage's cost is its arithmetic: no model is rebuilt per round, and the extra test-set pass runs
+    only on `align-eval-every` rounds and the last (evaluating every round doubled the stage's cost)."""
+    cfg = config(tmp_path, **{"num-server-rounds": 5, "align-eval-every": 2, "align-steps": 1})
+    ctx = context(cfg)
+    built, evaluated = [], []
+    new_model, evaluate = ctx.new_model, ctx.evaluate
+    ctx.new_model = lambda seed=None: built.append(seed) or new_model(seed)
+    ctx.evaluate = lambda arrays: evaluated.append(arrays) or evaluate(arrays)
+    (stage,) = alignment_stages(cfg, ctx).after_aggregation
+    arrays = to_record(new_model(seed=0))
+    rows = []
+    for rnd in range(1, 6):
+        rows.append(MetricRecord())
+        arrays = stage(rnd, arrays, rows[-1]).arrays
+    assert len(built) == 1  # built with the stage, refilled every round
+    assert ["pre-align-accuracy" in r for r in rows] == [False, True, False, True, True]
+    assert len(evaluated) == 4  # rounds 2 and 4 before alignment; round 5 before and after its step
+    assert all(r["align-steps"] == 1 for r in rows)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_round_reports_where_its_time_went_and_the_last_model_is_evaluated_once(tmp_path, monkeypatch):
+    passes = []
+    real_predict = server_app.predict
+    monkeypatch.setattr(
+        server_app, "predict", lambda model, batches, compute: passes.append(1) or real_predict(model, batches, compute)
+    )
+    overrides = {"num-clients": 2, "fraction-train": 1.0, "num-server-rounds": 2, "local-epochs": 1}
+    cfg = config(tmp_path, **overrides, **{"dirichlet-alpha": 100.0, "align-steps": 1, "align-eval-every": 0})
+    server_app.run(ClientAppGrid(cfg), cfg, "timed")
+    rows = [json.loads(line) for line in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines()]
+    # rounds 0, 1 and 2 once each, plus round 2's model before its alignment step; the aligned model that
+    # the step's figure needs is the one Flower's evaluation scores next, so it is not scored twice
+    assert len(passes) == 4
+    assert "pre-align-accuracy" not in rows[1] and "pre-align-accuracy" in rows[2]
+    for row in rows[1:]:
+        parts = row["train-wait-seconds"] + row["aggregate-seconds"] + row["stage-seconds"]
+        assert 0 < parts <= row["seconds"] and row["stage-seconds"] >= row["align-seconds"] > 0
+        assert 0 < row["train-seconds"] < row["train-wait-seconds"] and row["train-images-per-second"] > 0
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_the_server_runs_on_server_threads_and_gives_the_process_its_threads_back(tmp_path, monkeypatch):
+    seen = []
+    real_predict = server_app.predict
+    monkeypatch.setattr(
+        server_app, "predict", lambda m, b, c: seen.append(torch.get_num_threads()) or real_predict(m, b, c)
+    )
+    overrides = {"num-clients": 2, "fraction-train": 1.0, "num-server-rounds": 1, "local-epochs": 1}
+    torch.set_num_threads(2)  # as torch's default on a 2-core machine; the one_thread fixture restores it
+    for threads, expected in ((1, 1), (0, 2)):
+        cfg = config(tmp_path / str(threads), **overrides, **{"align-steps": 1, "server-threads": threads})
+        server_app.run(ClientAppGrid(cfg), cfg, "threads")
+        assert set(seen) == {expected} and torch.get_num_threads() == 2
+        seen.clear()

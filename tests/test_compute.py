@@ -243,7 +243,8 @@ def test_cpu_training_is_bitwise_the_training_before_the_device_keys(one_thread,
         new, Batches(part, data, 16, 8, compute_of(check({"device": "cpu"}))), settings, gen_new, extra_loss=extra
     )
     want = reference_train(old, reference_epoch, settings, extra)
-    assert got == want
+    timings = {"train-seconds", "train-images-per-second"}  # wall time, not a result
+    assert {k: v for k, v in got.items() if k not in timings} == want and timings <= set(got)
     assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.state_dict().values(), strict=True))
     assert torch.equal(gen_new.get_state(), gen_old.get_state())  # the same random numbers were drawn
     preds, labels = predict(new, Batches(part, data, 16, 8))

@@ -55,6 +55,8 @@ def test_configuration_doc_matches_schema():
         ({"partitioner": "iid"}, "partitioner", "creff, dirichlet"),
         ({"align-data": "/no/such/dir"}, "align-data", "auto, train, val or an existing folder"),
         ({"align-data": "val"}, "align-data", "only imagenet-lt has a published val split"),
+        ({"align": True, "eval-every": 2, "align-eval-every": 3}, "align-eval-every", "multiple of eval-every (2)"),
+        ({"align-eval-every": -1}, "align-eval-every", ">= 0"),
     ],
 )
 def test_invalid_values_name_key_value_and_rule(overrides, key, hint):

@@ -322,6 +322,7 @@ def run_app(tmp_path, name, **overrides):
         "fedbe-samples": 2,
         "fedbe-epochs": 3,
         "align-steps": 1,
+        "align-eval-every": 1,
         "pretrain-cache-dir": str(tmp_path / "pretrain-cache"),
     }
     cfg = validate({**base, **overrides}, choices={"strategy": STRATEGIES})

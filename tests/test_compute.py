@@ -27,24 +27,24 @@ def check(overrides):
     return validate(overrides, choices={"strategy": STRATEGIES})
 
 
-@pytest.fixture
-def no_gpu(monkeypatch):
-    """This process sees no GPU, whatever the machine has; resolutions are not cached across tests."""
-    monkeypatch.setattr(devices, "visible_gpus", lambda: 0)
-    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
+def _seeing(monkeypatch, gpus: int):
+    """This process sees `gpus` GPUs, whatever the machine has; resolutions are not cached across tests."""
+    monkeypatch.setattr(devices, "visible_gpus", lambda: gpus)
+    monkeypatch.setattr(launch, "visible_gpus", lambda: gpus)
     devices._compute.cache_clear()
     yield
     devices._compute.cache_clear()
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    yield from _seeing(monkeypatch, 0)
 
 
 @pytest.fixture
 def two_gpus(monkeypatch):
-    """This process sees two GPUs (nothing runs on them: only resolution and the launcher's checks are tested)."""
-    monkeypatch.setattr(devices, "visible_gpus", lambda: 2)
-    monkeypatch.setattr(launch, "visible_gpus", lambda: 2)
-    devices._compute.cache_clear()
-    yield
-    devices._compute.cache_clear()
+    """Two GPUs (nothing runs on them: only resolution and the launcher's checks are tested)."""
+    yield from _seeing(monkeypatch, 2)
 
 
 @pytest.mark.parametrize("value", ["auto", "cpu", "cuda", "cuda:0", "cuda:3"])

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from flcore.device import AMP_DTYPES
 from flcore.models import build_model
 
 
@@ -33,13 +34,12 @@ def flops_per_image(model_name: str, projection_dim: int, num_classes: int, imag
 
 
 def device_and_dtype(cfg: Mapping) -> tuple[str, torch.dtype]:
-    """The device and compute dtype a run uses: its `device` and `amp` keys where the schema has them
-    (`auto` picks CUDA when present; `amp` computes in the autocast dtype of the device), else CPU float32."""
+    """The device and compute dtype a run uses: its `device` (`auto` picks CUDA when present) and its `amp`
+    (`off`: float32; `bf16`, `fp16`: the autocast dtype `flcore.device` uses)."""
     device = str(cfg.get("device", "cpu"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.get_autocast_dtype(device.split(":")[0]) if cfg.get("amp", False) else torch.float32
-    return device, dtype
+    return device, AMP_DTYPES.get(str(cfg.get("amp", "off")), torch.float32)
 
 
 def matmul_flops_per_second(device: str, dtype: torch.dtype, threads: int, n: int, min_seconds: float = 1.0) -> float:

@@ -109,7 +109,9 @@ def test_flops_per_image_match_the_architecture_and_the_device_defaults_to_cpu_f
     assert 2.5 < flops["train"] / flops["forward"] <= 3.0  # backward: gradients of inputs and of weights
     assert limits.matmul_flops_per_second("cpu", torch.float32, 1, 128, min_seconds=0.05) > 1e8
     assert limits.device_and_dtype({}) == ("cpu", torch.float32)
-    assert limits.device_and_dtype({"device": "cpu", "amp": True}) == ("cpu", torch.bfloat16)
+    assert limits.device_and_dtype({"device": "cpu", "amp": "off"}) == ("cpu", torch.float32)  # the default
+    assert limits.device_and_dtype({"device": "cuda", "amp": "bf16"}) == ("cuda", torch.bfloat16)
+    assert limits.device_and_dtype({"device": "cuda", "amp": "fp16"}) == ("cuda", torch.float16)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert limits.device_and_dtype({"device": "auto"})[0] == expected
 

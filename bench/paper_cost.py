@@ -26,6 +26,7 @@
    CReFF, CLIP2FL, FedDF and FedBE and the stages' one-time costs come on top, so the grid is a lower bound.
 
 Usage: python bench/paper_cost.py [--rounds 3] [--paths memory,folder] [--data-dir DIR] [--run-config "k=v ..."]
+                                [--federation-config "client-resources-num-gpus=0.125"]
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def finished_rows(cell: Path, expected: Mapping) -> list[dict] | None:
     return None
 
 
-def run_path(path: str, data_dir: str, rounds: int, extra: str, out: Path) -> list[dict]:
+def run_path(path: str, data_dir: str, rounds: int, extra: str, out: Path, federation: str = "") -> list[dict]:
     """One real launch of the preset on this data path (or its finished run in `out`); its metrics.jsonl rows."""
     cell = out / path
     pairs = {
@@ -229,9 +230,11 @@ def run_path(path: str, data_dir: str, rounds: int, extra: str, out: Path) -> li
     print(f"[{path}] running {rounds} round(s) of {PRESET.name}; log: {log}", flush=True)
     load = os.getloadavg()[0]
     command = [sys.executable, "-m", "server_app.launch", "--run-config", str(PRESET), "--run-config", overrides]
+    command += ["--run-config", extra] if extra else []
+    command += ["--federation-config", federation] if federation else []
     with log.open("w") as fh:
         code = subprocess.run(
-            [*command, "--run-config", extra] if extra else command,
+            command,
             cwd=ROOT,
             stdout=fh,
             stderr=subprocess.STDOUT,
@@ -398,6 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="seeds per Table 2 cell in the projection")
     parser.add_argument("--batching-images", type=int, default=640, help="images per path in the batching timing")
     parser.add_argument("--run-config", default="", help="overrides for every run (e.g. device, amp, num-workers)")
+    parser.add_argument(
+        "--federation-config",
+        default="",
+        help="client resources of each run, e.g. 'client-resources-num-gpus=0.125' to put the clients on a GPU",
+    )
     parser.add_argument("--out", default="", help="folder for the runs and paper-cost.json (default: a temp folder)")
     args = parser.parse_args(argv)
     paths = [p for p in args.paths.split(",") if p]
@@ -427,7 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = len(os.sched_getaffinity(0))
     per_client = max(1, int(simulation["client-resources-num-cpus"])) if device == "cpu" else threads
     before = matmul_rates(device, dtype, per_client, threads)
-    runs = {path: run_path(path, data_dirs[path], args.rounds, args.run_config, out) for path in paths}
+    runs = {
+        path: run_path(path, data_dirs[path], args.rounds, args.run_config, out, args.federation_config)
+        for path in paths
+    }
     after = matmul_rates(device, dtype, per_client, threads)  # the better of the two: other load slows each
     peaks = {"client": max(before[0], after[0]), "device": max(before[1], after[1]), "size": matmul_size(device)}
     limits = Limits(flops["train"], peaks["client"], peaks["device"])

@@ -158,3 +158,15 @@ def test_a_finished_run_with_the_same_settings_is_reported_again_not_rerun(tmp_p
     with pytest.raises(ZeroDivisionError):  # other settings: a new run is launched
         paper_cost.run_path("memory", "/d", 2, "local-epochs=2", tmp_path)
     assert len(launched) == 1
+
+
+def test_the_federation_config_reaches_the_launch_so_clients_can_take_a_gpu_share(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(paper_cost.subprocess, "run", lambda cmd, **k: commands.append(cmd) or 1 / 0)
+    share = "client-resources-num-gpus=0.125"
+    for federation in ("", share):
+        with pytest.raises(ZeroDivisionError):
+            paper_cost.run_path("memory", "/d", 2, "device=cuda", tmp_path, federation)
+    without, with_share = commands
+    assert "--federation-config" not in without and without[-2:] == ["--run-config", "device=cuda"]
+    assert with_share[-4:] == ["--run-config", "device=cuda", "--federation-config", share]

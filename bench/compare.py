@@ -121,6 +121,15 @@ def run_cell(cell: Cell, overrides: Mapping[str, object]) -> bool:
     return proc.returncode == 0
 
 
+def cell_failure(cell: Cell) -> str | None:
+    """Why a cell that was launched has no summary: `diverged` when its clients' updates went NaN or Inf
+    (every reply refused), else `failed`; None for a finished cell or one never launched."""
+    log = cell.dir / "launch.log"
+    if cell.summary_path() is not None or not log.is_file():
+        return None
+    return "diverged" if "are NaN or Inf" in log.read_text(errors="replace") else "failed"
+
+
 def cell_result(cell: Cell) -> dict | None:
     """Accuracy and cost figures of a finished cell, read from its summary.json and metrics.jsonl."""
     path = cell.summary_path()
@@ -174,8 +183,17 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def table(results: list[dict], methods: Sequence[str], ifs: Sequence[float]) -> str:
-    """Markdown in the shape of the paper's Table 2, with cost columns; best mean per IF in bold."""
+def table(
+    results: list[dict],
+    methods: Sequence[str],
+    ifs: Sequence[float],
+    failures: Mapping[tuple[str, float], Sequence[str]] | None = None,
+) -> str:
+    """Markdown in the shape of the paper's Table 2, with cost columns; best mean per IF in bold.
+
+    `failures` lists, per (method, IF), why launched seeds did not finish; such a cell says how many
+    (`diverged` alone when no seed finished), so a method that blew up is not mistaken for one not run."""
+    failures = failures or {}
     means = {
         (m, i): _mean_std([100 * r["accuracy"] for r in results if r["method"] == m and r["imbalance-factor"] == i])
         for m in methods
@@ -187,16 +205,22 @@ def table(results: list[dict], methods: Sequence[str], ifs: Sequence[float]) -> 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         mine = [r for r in results if r["method"] == m]
-        if not mine:
+        if not mine and not any(failures.get((m, i)) for i in ifs):
             continue
         cells = []
         for i in ifs:
+            why = failures.get((m, i), [])
+            noted = ", ".join(f"{why.count(w)} {w}" for w in sorted(set(why)))
             if (m, i) not in means:
-                cells.append("–")
+                cells.append(noted.split(" ", 1)[1] if len(why) == 1 else noted or "–")
                 continue
             mean, std = means[m, i]
             text = f"{mean:.2f} ± {std:.2f}"
-            cells.append(f"**{text}**" if mean == best[i] else text)
+            text = f"**{text}**" if mean == best[i] else text
+            cells.append(f"{text} ({noted})" if why else text)
+        if not mine:
+            lines.append("| " + " | ".join([m, *cells, "–", "–", "–"]) + " |")
+            continue
         cost = [
             f"{statistics.fmean(r['round-seconds'] for r in mine):.2f}",
             f"{statistics.fmean(r['upload-bytes'] for r in mine) / 2**20:.2f} MiB",
@@ -363,7 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not results:
         print("error: no cell finished", file=sys.stderr)
         return 1
-    text = table(results, methods, ifs)
+    failures: dict[tuple[str, float], list[str]] = {}
+    for cell in cells:
+        if cell.key not in borrowed and (why := cell_failure(cell)):
+            failures.setdefault((cell.method, cell.imbalance), []).append(why)
+    text = table(results, methods, ifs, failures)
     (out / "table.md").write_text(text)
     write_csv(results, out / "results.csv")
     plot_curves(results, methods, ifs, out)

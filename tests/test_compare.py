@@ -43,6 +43,24 @@ def test_cell_results_table_and_csv(tmp_path):
     assert (tmp_path / "r.csv").read_text().count("\n") == 6
 
 
+def test_a_cell_whose_clients_diverged_is_marked_in_the_table_not_left_as_not_run(tmp_path, monkeypatch):
+    def run_cell(cell, overrides):  # ratioloss seed 7 diverges, seed 8 finishes; fedavg crashes
+        cell.dir.mkdir(parents=True)
+        if (cell.method, cell.seed) == ("ratioloss", 8):
+            fake_cell(tmp_path / "cells", "ratioloss", 10.0, 8, 0.6)
+        reason = "metrics ['train-loss'] are NaN or Inf" if cell.method == "ratioloss" else "Traceback"
+        (cell.dir / "launch.log").write_text(f"client 3: {reason}\n")
+        return cell.summary_path() is not None
+
+    monkeypatch.setattr(compare, "run_cell", run_cell)
+    args = ["--methods", "ratioloss,fedavg", "--ifs", "10", "--seeds", "7,8", "--out", str(tmp_path)]
+    assert compare.main(args) == 1
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    assert lines[2].startswith("| ratioloss | **60.00 ± 0.00** (1 diverged) | ")
+    assert lines[3] == "| fedavg | 2 failed | – | – | – |"
+    assert compare.cell_failure(compare.Cell("fedavg", 10.0, 9, tmp_path / "never")) is None
+
+
 def test_finished_cells_are_not_rerun(tmp_path, monkeypatch):
     fake_cell(tmp_path / "cells", "fedavg", 10.0, 7, 0.5)
     ran = []

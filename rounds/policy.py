@@ -143,7 +143,7 @@ class RoundPolicy(Delegating):
         if not self.updated_rounds:
             raise RuntimeError(
                 "no round of this run aggregated a single client update, so its model is the initial one; last "
-                f"round's first problem: {self._last_problem}"
+                f"round's first problem: {self._problem_text()}"
             )
 
     def _stop_if_nothing_arrives(self, checked: Screened) -> None:
@@ -153,8 +153,17 @@ class RoundPolicy(Delegating):
         if self.max_empty_rounds and self._empty_rounds >= self.max_empty_rounds:
             raise RuntimeError(
                 f"{self._empty_rounds} rounds in a row without one valid client update (max-empty-rounds="
-                f"{self.max_empty_rounds}); last round's first problem: {self._last_problem}"
+                f"{self.max_empty_rounds}); last round's first problem: {self._problem_text()}"
             )
+
+    def _problem_text(self) -> str:
+        """The last refusal, with what to change when it says the clients' training diverged."""
+        if "NaN or Inf" not in str(self._last_problem):
+            return str(self._last_problem)
+        return (
+            f"{self._last_problem} (the clients' training diverged: lower `lr`, or a loss weight such as "
+            "`ratio-beta` with strategy=ratioloss)"
+        )
 
 
 def take_node_data(replies: Iterable[Message], label: Callable[[int], str]) -> NodeData:

@@ -181,3 +181,13 @@ def test_an_empty_round_between_good_ones_does_not_stop_the_run():
     for replies in ([error_reply(2)], [good], [error_reply(2)], [good]):
         guarded.aggregate_train(1, replies)
     assert guarded._empty_rounds == 0
+
+
+def test_rounds_of_diverged_clients_stop_the_run_saying_what_to_lower():
+    """Every reply NaN (a loss weight too large for the learning rate, say): the error names the settings."""
+    guarded = fedavg(max_empty_rounds=2)
+    guarded._global = ArrayRecord(GLOBAL)
+    nan = reply(1, {"w": torch.ones(3), "b": torch.ones(2)}, **{"train-loss": float("nan")})
+    guarded.aggregate_train(1, [nan])
+    with pytest.raises(RuntimeError, match=r"train-loss.*NaN or Inf \(the clients' training diverged: lower `lr`"):
+        guarded.aggregate_train(2, [nan])

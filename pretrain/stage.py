@@ -138,11 +138,14 @@ def annotations_for(cfg: Mapping, teacher, cache: Path) -> tuple[Path, Path, dic
 def dwp_settings(cfg: Mapping) -> dict:
     """The config keys that change what DWP trains. `projection-dim` is one even when the projection is not
     handed over: it decides whether the FL projection is trained at all, and the separate MLP's seeded
-    initialisation comes after the FL model's in the same random stream."""
+    initialisation comes after the FL model's in the same random stream. `amp` is one when it is on (bf16 or
+    fp16 training is not float32's); the device is not, since float32 on a GPU differs from the CPU only by
+    rounding, and a float32 run keeps the key it had before `amp` existed."""
     keys = ("model", "image-size", "seed", "projection-dim") + tuple(
         k for k in cfg if k.startswith("pretrain-") and k != "pretrain-cache-dir"
     )
-    return {k: cfg[k] for k in keys}
+    amp = {"amp": cfg["amp"]} if cfg.get("amp", "off") != "off" else {}
+    return {**{k: cfg[k] for k in keys}, **amp}
 
 
 def handover(shared: bool, width: int, projection_dim: int) -> dict:

@@ -17,7 +17,7 @@ from pretrain.annotate import annotate, done_ids
 from pretrain.checkpoints import Checkpoints
 from pretrain.dwp import DWPConfig, alpha_at, build_gfl, clip_features, lm_loss, mixed_features, train_dwp
 from pretrain.llava_data import AnnotationError, LlavaSamples, load_annotations
-from pretrain.stage import digits_images, held_out_digits, pretrain_stage, render_digit
+from pretrain.stage import digits_images, dwp_settings, held_out_digits, pretrain_stage, render_digit
 from pretrain.teacher import TINY_NOTE, load_teacher, projector, tiny_teacher, vision_tower
 from rounds.stage import ServerContext
 from strategies.registry import STRATEGIES, build_stages
@@ -326,3 +326,11 @@ def test_launcher_stops_a_missing_llava_before_starting_anything(no_superlink, c
 
     assert launch.main(["--run-config", "pretrain=true pretrain-teacher=no-such-org/llava"]) == 2
     assert "huggingface-cli download no-such-org/llava" in capsys.readouterr().err
+
+
+def test_the_dwp_cache_key_tells_mixed_precision_from_float32_and_keeps_float32s_old_key():
+    cfg = validate({"pretrain": True})
+    off = dwp_settings(cfg)
+    assert "amp" not in off  # the key float32 runs had before `amp` existed: their caches stay valid
+    assert dwp_settings({**cfg, "amp": "bf16"}) == {**off, "amp": "bf16"}
+    assert dwp_settings({**cfg, "device": "cuda"}) == off

@@ -392,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cell.key not in borrowed and (why := cell_failure(cell)):
             failures.setdefault((cell.method, cell.imbalance), []).append(why)
     text = table(results, methods, ifs, failures)
+    out.mkdir(parents=True, exist_ok=True)  # a report of borrowed rows alone has no cell folder here
     (out / "table.md").write_text(text)
     write_csv(results, out / "results.csv")
     plot_curves(results, methods, ifs, out)

@@ -85,6 +85,10 @@ def test_report_only_tables_a_partial_grid_without_running(tmp_path, monkeypatch
     assert compare.main(args) == 0
     table = (tmp_path / "table.md").read_text()
     assert "| fedavg | **50.00 ± 0.00** |" in table and "fednova" not in table
+    merged = tmp_path / "merged"  # a report from borrowed rows alone, into a folder that does not exist yet
+    args = ["--methods", "fedavg", "--ifs", "10", "--seeds", "7", "--out", str(merged), "--report-only"]
+    assert compare.main([*args, "--include", str(tmp_path / "results.csv")]) == 0
+    assert "| fedavg | **50.00 ± 0.00** |" in (merged / "table.md").read_text()
 
 
 def test_csv_round_trips_the_cells_with_their_curves_and_reads_old_csvs_without(tmp_path):

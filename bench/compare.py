@@ -32,11 +32,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,6 +184,12 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _finite_mean(values: Iterable[float]) -> float:
+    """The mean of the finite values: a run whose last rounds had no valid reply has NaN figures for them."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else float("nan")
+
+
 def table(
     results: list[dict],
     methods: Sequence[str],
@@ -222,8 +229,8 @@ def table(
             lines.append("| " + " | ".join([m, *cells, "–", "–", "–"]) + " |")
             continue
         cost = [
-            f"{statistics.fmean(r['round-seconds'] for r in mine):.2f}",
-            f"{statistics.fmean(r['upload-bytes'] for r in mine) / 2**20:.2f} MiB",
+            f"{_finite_mean(r['round-seconds'] for r in mine):.2f}",
+            f"{_finite_mean(r['upload-bytes'] for r in mine) / 2**20:.2f} MiB",
             f"{max(r['peak-rss-mb'] for r in mine):.0f}",
         ]
         lines.append("| " + " | ".join([m, *cells, *cost]) + " |")

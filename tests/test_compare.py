@@ -41,6 +41,8 @@ def test_cell_results_table_and_csv(tmp_path):
     assert lines[3].startswith("| focal | **70.00 ± 0.00** | **40.00 ± 0.00** |")
     compare.write_csv(results, tmp_path / "r.csv")
     assert (tmp_path / "r.csv").read_text().count("\n") == 6
+    results[1]["upload-bytes"] = float("nan")  # a run whose last round had no valid reply
+    assert "| fedavg | **55.00 ± 7.07** | – | 2.00 | 1.00 MiB |" in compare.table(results, ["fedavg"], [10.0, 50.0])
 
 
 def test_a_cell_whose_clients_diverged_is_marked_in_the_table_not_left_as_not_run(tmp_path, monkeypatch):

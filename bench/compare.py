@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from alignment.figure import plot_pair  # noqa: E402
+from flcore.arrays import NON_FINITE  # noqa: E402
 from server_app.launch import parse_overrides  # noqa: E402
 
 # Method name -> run-config overrides that select it. `--method name=k=v ...` adds or replaces entries.
@@ -128,7 +129,7 @@ def cell_failure(cell: Cell) -> str | None:
     log = cell.dir / "launch.log"
     if cell.summary_path() is not None or not log.is_file():
         return None
-    return "diverged" if "are NaN or Inf" in log.read_text(errors="replace") else "failed"
+    return "diverged" if NON_FINITE in log.read_text(errors="replace") else "failed"
 
 
 def cell_result(cell: Cell) -> dict | None:

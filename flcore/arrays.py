@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 NUMPY_STYPE = "numpy.ndarray"  # Flower's serialisation type of NumPy arrays
+NON_FINITE = "NaN or Inf"  # the words of every refusal of non-finite numbers, which diverged runs are told by
 HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -99,5 +100,5 @@ def _finite_numbers(key: str, value: np.ndarray) -> np.ndarray:
     if value.dtype.kind not in "biuf":
         raise ArrayProblem(f"array '{key}' holds {value.dtype}, not numbers")
     if value.dtype.kind == "f" and not np.isfinite(value).all():
-        raise ArrayProblem(f"array '{key}' contains NaN or Inf")
+        raise ArrayProblem(f"array '{key}' contains {NON_FINITE}")
     return value

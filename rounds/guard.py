@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.common.logger import log
 
-from flcore.arrays import ArrayProblem, read_npy, read_numeric
+from flcore.arrays import NON_FINITE, ArrayProblem, read_npy, read_numeric
 
 WEIGHT_KEY = "num-examples"
 
@@ -51,7 +51,7 @@ def _reply_problem(reply: Message, reference: dict | None, with_model: bool) -> 
         return f"metric '{WEIGHT_KEY}' is {weight!r}; expected a positive number"
     bad = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v, dtype=float)))]
     if bad:
-        return f"metrics {bad[:3]} are NaN or Inf"
+        return f"metrics {bad[:3]} are {NON_FINITE}"
     if reference is None or not with_model:
         return None
     try:

@@ -27,7 +27,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from flcore.arrays import non_finite
+from flcore.arrays import NON_FINITE, non_finite
 from flcore.local_data import CLASS_COUNTS_KEY
 from rounds.delegate import Delegating
 from rounds.guard import WEIGHT_KEY, Screened, screen
@@ -129,7 +129,7 @@ class RoundPolicy(Delegating):
                 server_round,
                 bad[:3],
             )
-            self._last_problem = f"the aggregate of the valid updates had NaN or Inf in {bad[:3]}"
+            self._last_problem = f"the aggregate of the valid updates had {NON_FINITE} in {bad[:3]}"
             return None, metrics
         self.updated_rounds += arrays is not None
         return arrays, metrics
@@ -158,7 +158,7 @@ class RoundPolicy(Delegating):
 
     def _problem_text(self) -> str:
         """The last refusal, with what to change when it says the clients' training diverged."""
-        if "NaN or Inf" not in str(self._last_problem):
+        if NON_FINITE not in str(self._last_problem):
             return str(self._last_problem)
         return (
             f"{self._last_problem} (the clients' training diverged: lower `lr`, or a loss weight such as "

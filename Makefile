@@ -1,6 +1,7 @@
 # Quick start: `make run` (set up + run the offline default), `make test` (set up + run the tests).
 # `make test-fast` runs the unit tier alone (no end-to-end runs through real Flower processes).
-# Set RUN_CONFIG to override run-config keys, e.g. make run RUN_CONFIG="num-server-rounds=5 seed=1", and PRESET
+# Set RUN_CONFIG to override run-config keys, e.g. make run RUN_CONFIG="num-server-rounds=5 seed=1" (TOML values:
+# quote one with spaces, RUN_CONFIG='clip2fl-prompt="a photo of a {}"'; RUN_CONFIG reaches the launcher verbatim), and PRESET
 # to start from one of the paper's settings in conf/, e.g. make run PRESET=cifar10-lt RUN_CONFIG="data-dir=/data/c10";
 # RAY_ADDRESS=<head>:6379 joins a running Ray cluster (docs/cluster.md); FEDERATION_CONFIG sets the clients' Ray
 # resources, e.g. FEDERATION_CONFIG="client-resources-num-gpus=0.25" (docs/gpu.md).
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m server_app.launch $(if $(PRESET),--run-config conf/$(PRESET).toml) $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)") $(if $(FEDERATION_CONFIG),--federation-config "$(FEDERATION_CONFIG)") $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
+	$(PY) -m server_app.launch $(if $(PRESET),--run-config conf/$(PRESET).toml) $(if $(RUN_CONFIG),--run-config '$(subst ','\'',$(RUN_CONFIG))') $(if $(FEDERATION_CONFIG),--federation-config "$(FEDERATION_CONFIG)") $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

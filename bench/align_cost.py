@@ -52,6 +52,7 @@ from bench.limits import flops_per_image, matmul_flops_per_second  # noqa: E402
 from flcore.data import Batches, ImageSet  # noqa: E402
 from flcore.experiment import load_record, prepare, seeded_generator, server_data, to_record  # noqa: E402
 from flcore.models import build_model  # noqa: E402
+from flcore.run_config import format_overrides, parse_overrides  # noqa: E402
 from rounds.stage import ServerContext  # noqa: E402
 from server_app import launch  # noqa: E402
 from server_app.app import Evaluator, torch_threads  # noqa: E402
@@ -197,9 +198,12 @@ def main() -> None:
     parser.add_argument("--real-architecture", action="store_true")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="align-cost-"))
-    overrides = f"align=true num-server-rounds={args.rounds} output-dir={out} {args.run_config}".strip()
+    overrides = [
+        format_overrides({"align": True, "num-server-rounds": args.rounds, "output-dir": str(out)}),
+        args.run_config,
+    ]
     defaults, _ = launch.project_settings()
-    cfg, _ = launch.resolve(launch.parse_overrides([overrides]), defaults)
+    cfg, _ = launch.resolve(parse_overrides(overrides), defaults)
     print(f"torch threads here: {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}", flush=True)
 
     cold, warm = teacher_cost(cfg)
@@ -215,7 +219,7 @@ def main() -> None:
         print(f"  ViT-L-14-336 q for D_align (random weights, real compute) {real:8.3f} s (once per run)")
 
     load_start = os.getloadavg()[0]
-    if launch.main(["--run-config", overrides]) != 0:
+    if launch.main([arg for pairs in overrides for arg in ("--run-config", pairs)]) != 0:
         raise SystemExit("the simulation failed; see the log above")
     run_dir = next(p for p in out.iterdir() if (p / "metrics.jsonl").is_file())
     rows = read_rounds(run_dir)

@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from alignment.figure import plot_pair  # noqa: E402
 from flcore.arrays import NON_FINITE  # noqa: E402
-from server_app.launch import parse_overrides  # noqa: E402
+from flcore.run_config import format_overrides, parse_overrides  # noqa: E402
 
 # Method name -> run-config overrides that select it. `--method name=k=v ...` adds or replaces entries.
 # The first twelve are the paper's Table 2 baselines; FedLC and FedRS are long-tail methods beyond it.
@@ -111,7 +111,7 @@ def run_cell(cell: Cell, overrides: Mapping[str, object]) -> bool:
     """One launch of the real app; its output goes to the cell's launch.log."""
     cell.dir.mkdir(parents=True, exist_ok=True)
     pairs = {**overrides, "imbalance-factor": cell.imbalance, "seed": cell.seed, "output-dir": str(cell.dir)}
-    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in pairs.items())
+    run_config = format_overrides(pairs)
     with (cell.dir / "launch.log").open("w") as log:
         proc = subprocess.run(
             [sys.executable, "-m", "server_app.launch", "--run-config", run_config],

@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from flcore.run_config import format_overrides  # noqa: E402
 from server_app.watchdog import process_tree  # noqa: E402
 
 
@@ -38,10 +39,10 @@ def main() -> None:
     parser.add_argument("--run-config", default="")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:
-        overrides = f"{args.run_config} output-dir={json.dumps(out)}".strip()
+        overrides = ["--run-config", args.run_config, "--run-config", format_overrides({"output-dir": out})]
         start = time.perf_counter()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server_app.launch", "--run-config", overrides], cwd=ROOT, stdout=subprocess.DEVNULL
+            [sys.executable, "-m", "server_app.launch", *overrides], cwd=ROOT, stdout=subprocess.DEVNULL
         )
         peak = 0.0
         while proc.poll() is None:

@@ -56,6 +56,7 @@ from flcore.config import ConfigError  # noqa: E402
 from flcore.data import Batches, DataNotFound  # noqa: E402
 from flcore.data import load as load_dataset  # noqa: E402
 from flcore.partition import make_split  # noqa: E402
+from flcore.run_config import format_overrides, parse_overrides, read_toml  # noqa: E402
 from server_app import launch  # noqa: E402
 
 PRESET = ROOT / "conf" / "cifar10-lt.toml"
@@ -220,11 +221,11 @@ def run_path(path: str, data_dir: str, rounds: int, extra: str, out: Path, feder
         "num-server-rounds": rounds,
         "output-dir": str(cell),
     }
-    done = finished_rows(cell, {**pairs, **launch.parse_overrides([extra])})
+    done = finished_rows(cell, {**pairs, **parse_overrides([extra])})
     if done is not None:
         print(f"[{path}] reporting the finished run in {cell}", flush=True)
         return done
-    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in pairs.items())
+    overrides = format_overrides(pairs)
     cell.mkdir(parents=True, exist_ok=True)
     log = cell / "launch.log"
     print(f"[{path}] running {rounds} round(s) of {PRESET.name}; log: {log}", flush=True)
@@ -267,7 +268,7 @@ def table2_cells(defaults: Mapping) -> dict[tuple[str, float], float]:
     """Images trained per round in each Table 2 cell: each dataset's preset, its IFs, labels alone."""
     cells = {}
     for name, (preset, classes, per_class) in TABLE2_DATASETS.items():
-        settings = {**defaults, **launch.read_toml(ROOT / "conf" / preset)}
+        settings = {**defaults, **read_toml(ROOT / "conf" / preset)}
         labels = np.repeat(np.arange(classes), per_class)
         for factor in TABLE2_IFS:
             cells[name, factor] = split_images({**settings, "imbalance-factor": factor}, labels, classes)
@@ -308,10 +309,8 @@ def path_figures(rows: Sequence[Mapping], images: float, limits: Limits, cells: 
     cost = round_cost(rows, images)
     client_rate = mean(steady, "train-images-per-second")
     device_rate = images / cost.wait
-    rounds = int(launch.read_toml(PRESET)["num-server-rounds"])
-    preset_round = projected_round_seconds(
-        cost, cells["CIFAR-10-LT", float(launch.read_toml(PRESET)["imbalance-factor"])]
-    )
+    rounds = int(read_toml(PRESET)["num-server-rounds"])
+    preset_round = projected_round_seconds(cost, cells["CIFAR-10-LT", float(read_toml(PRESET)["imbalance-factor"])])
     return {
         "rounds-measured": [r["round"] for r in steady],
         "seconds-per-round": cost.seconds,
@@ -384,7 +383,7 @@ def matmul_rates(device: str, dtype: torch.dtype, per_client: int, threads: int)
 def checked_settings(run_config: str, defaults: Mapping) -> dict:
     """The preset with the overrides, validated before any data is written (on digits: the copy the runs
     read does not exist yet, and the dataset's own checks run in each launch)."""
-    overrides = launch.parse_overrides([str(PRESET), run_config])
+    overrides = parse_overrides([str(PRESET), run_config])
     cfg, _ = launch.resolve({**overrides, "dataset": "digits", "data-dir": ""}, defaults)
     return cfg
 

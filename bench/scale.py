@@ -46,6 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from flcore.run_config import format_overrides  # noqa: E402
 from server_app.watchdog import process_tree  # noqa: E402
 
 CLASSES = 10
@@ -144,15 +145,19 @@ def align_per_class(clients: int, max_clients: int) -> int:
 
 def run_once(clients: int, max_clients: int, sampled: int, rounds: int, data: Path, out: Path, extra: str) -> dict:
     """One launch; its figures (see the module docstring)."""
-    overrides = (
-        f"{SETTINGS} {extra} data-dir={json.dumps(str(data))} output-dir={json.dumps(str(out))} num-clients={clients} "
-        f"align-per-class={align_per_class(clients, max_clients)} fraction-train={sampled / clients} "
-        f"num-server-rounds={rounds}"
-    )
+    run = {
+        "data-dir": str(data),
+        "output-dir": str(out),
+        "num-clients": clients,
+        "align-per-class": align_per_class(clients, max_clients),
+        "fraction-train": sampled / clients,
+        "num-server-rounds": rounds,
+    }
+    overrides = [arg for pairs in (SETTINGS, extra, format_overrides(run)) for arg in ("--run-config", pairs)]
     watch, t0 = Watch(), time.monotonic()
     with (out / "launch.log").open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server_app.launch", "--run-config", overrides],
+            [sys.executable, "-m", "server_app.launch", *overrides],
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

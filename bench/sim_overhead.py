@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT))
 from flcore.experiment import client_batches, load_state, seeded_generator, server_data  # noqa: E402
 from flcore.metrics import summarize  # noqa: E402
 from flcore.models import build_model  # noqa: E402
+from flcore.run_config import format_overrides, parse_overrides  # noqa: E402
 from flcore.training import TrainSettings, predict, train  # noqa: E402
-from server_app.launch import parse_overrides, project_settings, resolve  # noqa: E402
+from server_app.launch import project_settings, resolve  # noqa: E402
 
 
 def plain_fedavg(cfg: dict) -> tuple[float, float]:
@@ -62,7 +63,7 @@ def plain_fedavg(cfg: dict) -> tuple[float, float]:
 
 def flower_run(overrides: dict, out: Path) -> tuple[float, float, float]:
     """The launcher (`flwr run` on a local SuperLink, Ray backend). Returns (wall s, round-loop s, accuracy)."""
-    pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in {**overrides, "output-dir": str(out)}.items())
+    pairs = format_overrides({**overrides, "output-dir": str(out)})
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "server_app.launch", "--run-config", pairs],
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("--run-config", default="")
     args = parser.parse_args()
     overrides = {
-        **parse_overrides([args.run_config] if args.run_config else []),
+        **parse_overrides([args.run_config]),
         "num-server-rounds": args.rounds,
         "fraction-train": 1.0,
         "eval-every": 1,

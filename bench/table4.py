@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import shlex
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -37,22 +35,11 @@ from flcore.data import Batches  # noqa: E402
 from flcore.experiment import seeded_generator  # noqa: E402
 from flcore.metrics import summarize  # noqa: E402
 from flcore.models import build_model  # noqa: E402
+from flcore.run_config import parse_overrides  # noqa: E402
 from flcore.training import TrainSettings, predict, train  # noqa: E402
 from pretrain.stage import pretrained_weights  # noqa: E402
 from pretrain.teacher import TINY, TINY_NOTE  # noqa: E402
 from strategies.registry import STRATEGIES  # noqa: E402
-
-
-def parse_overrides(text: str) -> dict:
-    """`k=v k2=v2` with TOML values (bare words as strings), like `--run-config`."""
-    out = {}
-    for item in shlex.split(text):
-        key, _, value = item.partition("=")
-        try:
-            out[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = value
-    return out
 
 
 def few_shot(labels: np.ndarray, percent: float, seed: int) -> np.ndarray:
@@ -99,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/table4"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = validate({**parse_overrides(args.run_config), "pretrain": True}, choices={"strategy": STRATEGIES})
+    cfg = validate({**parse_overrides([args.run_config]), "pretrain": True}, choices={"strategy": STRATEGIES})
     dataset = datasets.load(str(cfg["dataset"]), str(cfg["data-dir"]), int(cfg["image-size"]))
     pretrained, meta = pretrained_weights(cfg, dataset.mean, dataset.std)
     note = TINY_NOTE if cfg["pretrain-teacher"] == TINY else f"teacher {cfg['pretrain-teacher']}"

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from flcore.run_config import parse_overrides
 from server_app import launch
 
 CONNECTION = "mllm-cluster"
@@ -258,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # real nodes serve the partition of their own node config (the server asks each one for it)
         overrides = {
             "partition-assignment": "node",
-            **launch.parse_overrides(args.run_config),
+            **parse_overrides(args.run_config),
             "num-clients": nodes,
             **local,
         }

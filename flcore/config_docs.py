@@ -61,7 +61,9 @@ run with the key, the value and what is allowed, e.g.
 
 Override keys with `make run RUN_CONFIG="num-server-rounds=10 seed=1"` (values are TOML; bare words are
 taken as strings), or with `flwr run . <federation> --run-config "dataset='cifar10' seed=1"` (quote strings
-TOML-style there). The paper's settings as ready commands: [paper-settings.md](paper-settings.md).
+TOML-style there). A value with spaces is quoted either way:
+`make run RUN_CONFIG='clip2fl-prompt="a photo of a {{}}" data-dir="/my data"'`. The paper's settings as ready
+commands: [paper-settings.md](paper-settings.md).
 """
 
 

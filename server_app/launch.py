@@ -15,7 +15,7 @@ dependencies at run time. This launcher hides none of that; it handles it:
 5. stops everything it started before it returns, and a watchdog (`server_app.watchdog`) stops it all
    too when the launcher itself is killed, even with kill -9.
 
-Usage: python -m server_app.launch [--run-config "k=v k2=v2"] [--run-config more.toml]
+Usage: python -m server_app.launch [--run-config 'k=v k2="two words"'] [--run-config more.toml]
                                   [--federation-config "client-resources-num-gpus=0.25"]
 """
 
@@ -37,6 +37,7 @@ from typing import Any
 
 from flcore.config import LOCAL, ConfigError, align_source
 from flcore.device import compute_of, visible_gpus
+from flcore.run_config import format_overrides, parse_overrides, toml_document
 from server_app.preflight import InputError, preflight, validated
 from server_app.watchdog import Watchdog, stop
 
@@ -46,34 +47,6 @@ CONNECTION = "mllm-sim"
 SIMULATION_ARGS = ("--insecure", "--simulation")
 PATH_KEYS = ("data-dir", "output-dir", "resume")
 CLIENT_RESOURCES = ("client-resources-num-cpus", "client-resources-num-gpus")  # what --federation-config may set
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """`k=v` pairs (TOML values; a bare word is taken as a string) or TOML files, later ones winning."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if item.endswith(".toml") and "=" not in item:
-            out.update(read_toml(Path(item)))
-            continue
-        for pair in item.split():
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise ConfigError(f"--run-config expects key=value pairs, got {pair!r}.")
-            try:
-                out[key] = tomllib.loads(f"v = {value}")["v"]
-            except tomllib.TOMLDecodeError:
-                out[key] = value
-    return out
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    """A `--run-config` TOML file; a missing or malformed one is a ConfigError naming it."""
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"--run-config file '{path}' cannot be read ({err.strerror or err}).") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"--run-config file '{path}' is not valid TOML ({err}).") from err
 
 
 def project_settings(project: Path = PROJECT) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -233,8 +206,7 @@ def check_client_devices(cfg: Mapping[str, Any], options: Mapping[str, Any], ray
 
 def federation_config(simulation: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
     """num-supernodes follows num-clients, so every partition has exactly one node."""
-    options = {**simulation, "num-supernodes": int(cfg["num-clients"])}
-    return " ".join(f"{k}={json.dumps(v)}" for k, v in options.items())
+    return format_overrides({**simulation, "num-supernodes": int(cfg["num-clients"])})
 
 
 def last_run(env: Mapping[str, str], connection: str = CONNECTION) -> dict[str, Any]:
@@ -274,7 +246,7 @@ def flwr_run(
     """`flwr run . <connection> --stream` with the overrides, then the run's final status from the SuperLink."""
     home = Path(env["FLWR_HOME"])
     overrides_file = home / "run-config.toml"
-    overrides_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in sent.items()))
+    overrides_file.write_text(toml_document(sent), encoding="utf-8")  # a file: no value is split again
     cmd = [str(BIN / "flwr"), "run", ".", connection, "--stream", *extra]
     if sent:
         cmd += ["--run-config", str(overrides_file)]
@@ -355,7 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, _exit_on_signal)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--run-config", "-c", action="append", default=[], help="overrides: 'k=v k2=v2' or a TOML file; repeatable"
+        "--run-config",
+        "-c",
+        action="append",
+        default=[],
+        help="overrides: 'k=v k2=\"two words\"' (TOML values, bare words as strings) or a TOML file; repeatable",
     )
     parser.add_argument(
         "--federation-config",

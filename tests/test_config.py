@@ -6,6 +6,7 @@ import pytest
 
 from flcore import config_docs
 from flcore.config import SCHEMA, ConfigError, validate
+from flcore.run_config import parse_overrides
 from server_app import launch, watchdog
 from strategies.registry import STRATEGIES
 
@@ -74,7 +75,7 @@ def test_imagenet_lt_requires_if_one(tmp_path):
 def test_overrides_parse_toml_values_and_bare_words(tmp_path):
     extra = tmp_path / "more.toml"
     extra.write_text("seed = 3\n")
-    got = launch.parse_overrides(["dataset=cifar10 lr=0.1 augment=false", 'strategy="fedavg"', str(extra)])
+    got = parse_overrides(["dataset=cifar10 lr=0.1 augment=false", 'strategy="fedavg"', str(extra)])
     assert got == {"dataset": "cifar10", "lr": 0.1, "augment": False, "strategy": "fedavg", "seed": 3}
 
 
@@ -126,7 +127,7 @@ def test_make_run_passes_the_preset_before_the_overrides(monkeypatch):
         text=True,
         check=True,
     ).stdout
-    assert '--run-config conf/cifar10-lt.toml --run-config "imbalance-factor=50"' in dry
+    assert "--run-config conf/cifar10-lt.toml --run-config 'imbalance-factor=50'" in dry
     monkeypatch.chdir(ROOT)
-    got = launch.parse_overrides(["conf/cifar10-lt.toml", "imbalance-factor=50"])
+    got = parse_overrides(["conf/cifar10-lt.toml", "imbalance-factor=50"])
     assert got["imbalance-factor"] == 50 and got["dataset"] == "cifar10"

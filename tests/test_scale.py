@@ -150,7 +150,7 @@ def test_the_partition_figure_of_1000_clients_stays_a_few_inches_high(tmp_path):
 
 def test_bench_scale_dataset_gives_every_client_its_images_and_the_table_compares_sizes(tmp_path):
     from bench import scale
-    from server_app.launch import parse_overrides
+    from flcore.run_config import parse_overrides
 
     scale.write_dataset(tmp_path, max_clients=40)
     for clients in (20, 40):  # every client holds as many images in the smaller run as in the larger

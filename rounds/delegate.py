@@ -7,6 +7,11 @@ Flower strategy by composition: they subclass this and override only those steps
 `configure_train`: a strategy that keeps its own reference model never learns that a server stage
 replaced it. `strategies.wrapper.ServerStages` therefore hands the stages' output down the chain after
 every aggregation, and each link makes it the base of its next update.
+
+`after_stages` exists for methods whose last step must see the model the server stages made of the
+aggregate, not the bare aggregate: CCVR computes its class statistics with the model the clients end
+with, so under stage 3 (alignment) that is the aligned model. `ServerStages` calls it down the chain after
+the round stages and before the post-hoc ones (`rounds.stage.Stages`).
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ class Delegating(Strategy):
         """`arrays` is the global model now; a wrapper that keeps a model of its own overrides this."""
         adopt(self.inner, arrays)
 
+    def after_stages(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> ArrayRecord:
+        """The method's own step on the model the round stages returned; a wrapper with one overrides this."""
+        return after_stages(self.inner, server_round, arrays, metrics)
+
 
 def adopt(strategy: Strategy, arrays: ArrayRecord) -> None:
     """Make `arrays` the model `strategy`'s next update starts from.
@@ -67,3 +76,15 @@ def adopt(strategy: Strategy, arrays: ArrayRecord) -> None:
         strategy.current_arrays = arrays
     elif isinstance(current, dict):
         strategy.current_arrays = {key: array.numpy() for key, array in arrays.items()}
+
+
+def after_stages(strategy: Strategy, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> ArrayRecord:
+    """`arrays` after `strategy`'s own step on the model the round stages made of the aggregate.
+
+    A `Delegating` wrapper passes it down its chain, so a link anywhere in it (CCVR's calibration) can act;
+    Flower's own strategies have no such step and hand `arrays` back unchanged. What the step measures
+    goes into `metrics`, the round's.
+    """
+    if isinstance(strategy, Delegating):
+        return strategy.after_stages(server_round, arrays, metrics)
+    return arrays

@@ -1,7 +1,8 @@
 """The server-stage protocol: what a stage may use, what it contributes and what it hands back.
 
 A stage is a function that the wrapper (`strategies.wrapper.ServerStages`) calls on the global model:
-before round 1 (stage 1, pretraining) or right after each aggregation (stage 3, alignment; tau-norm).
+before round 1 (stage 1, pretraining), right after each aggregation (stage 3, alignment), or post hoc,
+after the training method's own last step on the round's model (tau-norm, after CCVR's calibration).
 It returns an `Outcome`, the weights that become the global model plus what it measured; the run report
 writes the measurements, so no stage writes a file of the run itself. A registry entry (`ServerStage`)
 pairs the stage factory with its input checks, which the preflight runs before any process starts.
@@ -45,11 +46,16 @@ RoundStage = Callable[[int, ArrayRecord, MetricRecord], Outcome]
 
 @dataclass
 class Stages:
-    """The stages one factory contributes, and the sections it measured while building them."""
+    """The stages one factory contributes, and the sections it measured while building them.
+
+    Each round runs `after_aggregation` on the aggregate, then the training method's own step on their
+    result (`rounds.delegate.after_stages`: CCVR's statistics and calibration), then `post_hoc`.
+    """
 
     before_training: list[InitialStage] = field(default_factory=list)
     after_aggregation: list[RoundStage] = field(default_factory=list)
     sections: dict[str, dict] = field(default_factory=dict)
+    post_hoc: list[RoundStage] = field(default_factory=list)
 
 
 def no_check(cfg: Mapping, prepared: Any) -> None:

@@ -9,11 +9,12 @@ moments, each a wrapper around any strategy:
   train config); each client computes the upload on the global model it received, before local training.
   FedAvg checks and averages only the ArrayRecord and MetricRecord, and every sampled client gets the
   same request, so the reply keys stay identical across clients.
-- `UploadsAfterAggregation` (CCVR): after the aggregation of the rounds it asks in, a separate
-  `query.upload` round trip sends the aggregated model to every connected client, which computes the
-  upload on that model and trains nothing.
+- `UploadsAfterAggregation` (CCVR): in the rounds it asks in, once the server stages have acted on the
+  aggregate (stage 3's alignment; `rounds.delegate.after_stages`), a separate `query.upload` round trip
+  sends that model, the one the clients end with, to every connected client, which computes the upload on
+  it and trains nothing.
 
-Then `calibrate` turns the uploads into a new classifier on the aggregated backbone, on the run's device
+Then `calibrate` turns the uploads into a new classifier on that backbone, on the run's device
 (`flcore.device`); the new classifier comes back to the CPU where it becomes Flower arrays (`with_classifier`).
 """
 
@@ -101,8 +102,10 @@ class ClientUploads(Delegating):
 class UploadsAfterAggregation(Delegating):
     """Any strategy, plus, after the aggregation of chosen rounds, an upload-only round trip and a calibration.
 
-    The aggregated model goes to every connected client in a `query.upload` message; each computes the
-    upload on it without training. Replies are screened like training replies (failed, non-finite or
+    Both run in `after_stages`, on the model the server stages made of the aggregate (the aligned one under
+    `align`; the bare aggregate without stages), so the statistics describe the backbone the calibrated
+    classifier is attached to. That model goes to every connected client in a `query.upload` message; each
+    computes the upload on it without training. Replies are screened like training replies (failed, non-finite or
     misshapen uploads are left out) and taken in node order (partition order under the round policy),
     so the calibration does not depend on arrival order. Its metrics `<upload>-replies`,
     `<upload>-failed`, `<upload>-rejected` and `<upload>-bytes` (mean per reply) join the round's.
@@ -125,7 +128,7 @@ class UploadsAfterAggregation(Delegating):
         self.grid: Grid | None = None
 
     def summary(self) -> None:
-        log(INFO, "\t├──> '%s' of the aggregated model from every client + server classifier calibration", self.upload)
+        log(INFO, "\t├──> '%s' of the final model from every client + server classifier calibration", self.upload)
         self.inner.summary()
 
     def configure_train(
@@ -134,14 +137,11 @@ class UploadsAfterAggregation(Delegating):
         self.grid = grid
         return self.inner.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        if arrays is None or not self.in_round(server_round):
-            return arrays, metrics
-        metrics = MetricRecord() if metrics is None else metrics
-        return self.calibrate(server_round, arrays, self._collect(server_round, arrays, metrics), metrics), metrics
+    def after_stages(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> ArrayRecord:
+        arrays = super().after_stages(server_round, arrays, metrics)
+        if not self.in_round(server_round):
+            return arrays
+        return self.calibrate(server_round, arrays, self._collect(server_round, arrays, metrics), metrics)
 
     def _collect(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> list[Uploads]:
         """Every connected client's upload computed on `arrays`, screened, in node order; counts in `metrics`."""
@@ -166,7 +166,7 @@ class UploadsAfterAggregation(Delegating):
         """Send `arrays` with the upload request to every connected node; the replies in node order, and how
         many nodes were asked. The global `random` is left as it was, so sampling does not depend on it."""
         if self.grid is None:
-            raise RuntimeError("UploadsAfterAggregation.aggregate_train ran before configure_train: no grid to ask")
+            raise RuntimeError("UploadsAfterAggregation.after_stages ran before configure_train: no grid to ask")
         nodes = list(self.grid.get_node_ids())
         config = ConfigRecord({**self.request_config, UPLOAD_KEY: self.upload, "server-round": server_round})
         content = RecordDict({"arrays": arrays, "config": config})

@@ -1,13 +1,21 @@
 """CCVR (Luo et al., NeurIPS 2021, "No Fear of Heterogeneity: Classifier Calibration for Federated
 Learning with Non-IID Data"): FedAvg, then classifier calibration with virtual representations.
 
-As Luo et al. define it, calibration is post hoc: after the last round's aggregation the server sends
-the final aggregated model to every connected client (`strategies.calibration.UploadsAfterAggregation`,
-one `query.upload` round trip, no training), and each client returns per-class count, mean and
-covariance of the classifier's input features under that model
-(`flcore.class_statistics.feature_statistics`). The server pools them into one Gaussian per class,
-samples `virtual-per-class` virtual features from each, re-trains the classifier on them (class-balanced
-by construction) and attaches it to that same backbone. Classifier-input features are `FLModel.embed`.
+As Luo et al. define it, calibration is post hoc: after the last round the server sends the final
+global model to every connected client (`strategies.calibration.UploadsAfterAggregation`, one
+`query.upload` round trip, no training), and each client returns per-class count, mean and covariance of
+the classifier's input features under that model (`flcore.class_statistics.feature_statistics`). The
+final model is the one the clients end with: the last aggregate after the server's round stages, so
+under `align` the aligned one (the statistics are taken after stage 3, not before it). The server pools
+them into one Gaussian per class (`pooled_gaussians`), samples `virtual-per-class` virtual features from
+each class seen at least twice (one feature has no covariance), re-trains the classifier on them
+(class-balanced by construction) and attaches it to that same backbone. Classifier-input features are
+`FLModel.embed`.
+
+Clients send unbiased covariances (n - 1), as the paper defines them, so the pooled covariance is the
+exact sample covariance of the union of the clients' features; FL-bench's CCVR pools with the same
+formula but its clients send biased ones (n), a departure recorded in docs/stage2-methods.md and
+checked against FL-bench's code in tests/test_parity_ccvr.py.
 """
 
 from __future__ import annotations
@@ -51,9 +59,10 @@ def pooled_gaussians(uploads: list[Mapping[str, np.ndarray]]) -> tuple[np.ndarra
 def sample_virtual_features(
     counts: np.ndarray, means: np.ndarray, covs: np.ndarray, per_class: int, gen: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`per_class` draws from each seen class's Gaussian (covariance made PSD), with their labels."""
+    """`per_class` draws from the Gaussian (covariance made PSD) of each class with a covariance, i.e. seen at
+    least twice (as FL-bench's CCVR), with their labels."""
     feats, labels = [], []
-    for c in np.flatnonzero(counts > 0):
+    for c in np.flatnonzero(counts > 1):
         cov = (covs[c] + covs[c].T) / 2 + 1e-5 * np.eye(len(means[c]))
         feats.append(gen.multivariate_normal(means[c], cov, size=per_class, method="eigh"))
         labels.append(np.full(per_class, c))
@@ -66,6 +75,9 @@ def ccvr_calibrate(cfg: Mapping) -> Calibrate:
 
     def calibrate(rnd: int, arrays: ArrayRecord, uploads: list[Uploads], metrics) -> ArrayRecord:
         counts, means, covs = pooled_gaussians(uploads)
+        metrics["calibrated-classes"] = float((counts > 1).sum())
+        if not (counts > 1).any():
+            return arrays  # no class has a covariance: nothing to sample, the classifier stays
         feats, labels = sample_virtual_features(
             counts, means, covs, int(cfg["virtual-per-class"]), np.random.default_rng(seed)
         )
@@ -79,14 +91,14 @@ def ccvr_calibrate(cfg: Mapping) -> Calibrate:
             momentum=0.9,
             device=compute_of(cfg).device,
         )
-        metrics["calibrated-classes"] = float((counts > 0).sum())
         return with_classifier(arrays, weight, bias)
 
     return calibrate
 
 
 def ccvr(cfg: Mapping) -> Strategy:
-    """FedAvg, then CCVR after the last aggregation: class feature statistics of the final model, a new head."""
+    """FedAvg, then CCVR after the last round's aggregation and stages: class feature statistics of the final
+    model, a new head."""
     last = int(cfg["num-server-rounds"])
     return UploadsAfterAggregation(
         FedAvg(**sampling(cfg)),

@@ -62,7 +62,8 @@ STRATEGY_CHECKS: dict[str, Callable[[Mapping, Any], None]] = {
 }
 
 # Server stages in the order they run: stage 1 (pretraining) before round 1, stage 3 (alignment) after
-# each aggregation. tau-norm is post-hoc: it acts on the final model only, so it stays last.
+# each aggregation. tau-norm is post-hoc: it acts on the final model only, after the strategy's own last
+# step (CCVR's calibration), so it stays last.
 SERVER_STAGES: dict[str, ServerStage] = {
     "pretrain": ServerStage(pretrain.pretrain_stage, pretrain.check),
     "align": ServerStage(alignment.alignment_stages, alignment.check),
@@ -89,6 +90,7 @@ def build_stages(cfg: Mapping, ctx: ServerContext) -> Stages:
         built = entry.build(cfg, ctx)
         stages.before_training += built.before_training
         stages.after_aggregation += built.after_aggregation
+        stages.post_hoc += built.post_hoc
         stages.sections.update(built.sections)
     return stages
 
@@ -162,9 +164,9 @@ def client_workload(cfg: Mapping) -> dict[str, str]:
     if strategy == "ccvr":
         per_round += (
             "; after the last round, every client once: per-class feature count, mean [C, D] and covariance "
-            "[C, D, D] under the final aggregated model"
+            "[C, D, D] under the final global model (the last aggregate after the server stages: aligned under align)"
         )
-        runs += "; after the last round a feature pass over its data with the final aggregated model (no training)"
+        runs += "; after the last round a feature pass over its data with the final global model (no training)"
     if strategy in ("creff", "clip2fl"):
         per_round += "; every round also: per-class classifier gradients [C, C, D] + [C, C] and class counts"
         runs += "; every round also a feature pass and per-class CE gradients of the global classifier"

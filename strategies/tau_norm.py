@@ -30,7 +30,8 @@ def tau_normalize(arrays: ArrayRecord, tau: float, key: str = CLASSIFIER_WEIGHT)
 
 
 def tau_norm_stage(cfg: Mapping, ctx: ServerContext) -> Stages:
-    """tau-normalise the final global model (`tau-norm` > 0); the rounds before train unchanged."""
+    """tau-normalise the final global model (`tau-norm` > 0), post hoc: after every other step on it (CCVR's
+    re-trained classifier included); the rounds before train unchanged."""
     tau, last = float(cfg["tau-norm"]), int(cfg["num-server-rounds"])
     if tau == 0:
         return Stages()
@@ -41,4 +42,4 @@ def tau_norm_stage(cfg: Mapping, ctx: ServerContext) -> Stages:
         metrics["tau-norm"] = tau
         return Outcome(tau_normalize(arrays, tau))
 
-    return Stages(after_aggregation=[stage])
+    return Stages(post_hoc=[stage])

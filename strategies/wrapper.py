@@ -3,17 +3,21 @@
 `ServerStages` holds a strategy (the training method inside `rounds.policy.RoundPolicy`) and forwards
 every call to it unchanged. It adds the two hooks the paper needs: stages that transform the initial
 global model before round 1 (stage 1, pretraining) and stages that run on the aggregated model right
-after each aggregation (stage 3, alignment; tau-norm). What the last stage returns becomes the next
-global model for every strategy: Flower sends it to the next round's clients, and `adopt` hands it down
-the strategy chain as the base of the strategy's own update (FedAvgM's momentum reference, for one).
+after each aggregation (stage 3, alignment). Then the method's own step on the model those stages made
+(`rounds.delegate.after_stages`: CCVR's class statistics, which must come from the model the clients
+end with, aligned or not, and its calibration), then the post-hoc stages (tau-norm). What the last of
+them returns becomes the next global model for every strategy: Flower sends it to the next round's
+clients, and `adopt` hands it down the strategy chain as the base of the strategy's own update (FedAvgM's
+momentum reference, for one).
 What a stage measured goes to the run report, with each round's client metrics.
-Every stage's weights pass one check here: a model with NaN or Inf stops the run with the stage's name
-(`StageError`) instead of becoming the global model.
+Every stage's weights, and the method's own step's, pass one check here: a model with NaN or Inf stops
+the run with the step's name (`StageError`) instead of becoming the global model.
 
 Each round's metrics also say where its time went, measured here because only the outermost strategy
 sees the whole round: `train-wait-seconds` (from handing the train messages to Flower until the replies
 are in: client training plus messaging), `aggregate-seconds` (the strategy's aggregation) and
-`stage-seconds` (every after-aggregation stage together, model loading and its evaluations included).
+`stage-seconds` (every after-aggregation stage together, model loading and its evaluations included,
+and the method's own step after them: CCVR's upload round trip and calibration).
 
 For resume, `round_offset` lets a continued run start at the round after its checkpoint, with clients,
 stages and evaluation seeing the original round numbers, and `on_round_end` saves the state after each
@@ -31,7 +35,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from flcore.arrays import non_finite
-from rounds.delegate import Delegating, adopt
+from rounds.delegate import Delegating, adopt, after_stages
 from rounds.polling import PromptGrid
 from rounds.stage import Outcome, Stages
 
@@ -58,7 +62,8 @@ class Report(Protocol):
 
 
 class ServerStages(Delegating):
-    """Any strategy plus server-side stages before round 1 and after each aggregation."""
+    """Any strategy plus server-side stages before round 1 and after each aggregation (around the method's
+    own step on their result)."""
 
     def __init__(
         self,
@@ -91,6 +96,11 @@ class ServerStages(Delegating):
         metrics = MetricRecord() if metrics is None else metrics
         if arrays is not None:
             for stage in self.stages.after_aggregation:
+                arrays = self._take(stage, stage(server_round, arrays, metrics))
+            stepped = after_stages(self.inner, server_round, arrays, metrics)
+            if stepped is not arrays:
+                arrays = self._take(after_stages, Outcome(stepped))
+            for stage in self.stages.post_hoc:
                 arrays = self._take(stage, stage(server_round, arrays, metrics))
             adopt(self.inner, arrays)
         metrics["train-wait-seconds"] = received - self._sent

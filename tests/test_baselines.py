@@ -199,8 +199,8 @@ def test_tau_norm_zero_leaves_the_model_unchanged_and_one_makes_unit_rows():
 
 
 def test_tau_norm_stage_acts_on_the_last_round_only():
-    assert tau_norm_stage(cfg_of(tau_norm=0.0), None).after_aggregation == []
-    (stage,) = tau_norm_stage(cfg_of(tau_norm=1.0, num_server_rounds=3), None).after_aggregation
+    assert tau_norm_stage(cfg_of(tau_norm=0.0), None).post_hoc == []
+    (stage,) = tau_norm_stage(cfg_of(tau_norm=1.0, num_server_rounds=3), None).post_hoc
     arrays = ArrayRecord({"classifier.weight": torch.full((2, 4), 2.0)})
     metrics = MetricRecord()
     assert stage(2, arrays, metrics).arrays is arrays and "tau-norm" not in metrics
@@ -633,6 +633,55 @@ def test_ccvr_calibrates_on_statistics_of_the_final_aggregate_and_keeps_its_back
     backbone = [k for k in final if not k.startswith("classifier.")]
     assert all(torch.allclose(out[k].float(), final[k].float(), atol=1e-6) for k in backbone)
     assert not torch.allclose(out["classifier.weight"], final["classifier.weight"])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_ccvr_under_alignment_takes_statistics_of_the_aligned_model_and_tau_norm_stays_last(tmp_path):
+    """The clients' class statistics describe the model they end with: the last aggregate after stage 3."""
+    from flcore.experiment import load_record, prepare, server_data, to_record
+    from flcore.metrics import summarize
+    from flcore.models import build_model
+    from flcore.training import predict
+    from rounds.stage import ServerContext
+    from strategies.registry import build_server_strategy
+    from tests.conftest import ClientAppGrid, RecordingReport
+
+    run = {**TINY, "num-clients": 4, "fraction-train": 0.5, "strategy": "ccvr", "num-server-rounds": 1}
+    run.update({"align": True, "align-steps": 1, "align-lr": 0.5, "calibration-epochs": 1, "tau-norm": 1.0})
+    cfg = cfg_of(**{k.replace("-", "_"): v for k, v in {**run, "output-dir": str(tmp_path)}.items()})
+    data, classes = server_data(cfg), prepare(cfg).dataset.num_classes
+
+    def new_model(seed=None):
+        return build_model("resnet8", 16, classes, seed=seed)
+
+    def evaluate(arrays):
+        return summarize(*predict(load_record(new_model(), arrays), data.test), classes, data.groups)
+
+    strategy = build_server_strategy(cfg, ServerContext(cfg, data, new_model, evaluate), RecordingReport())
+    align = strategy.stages.after_aggregation[0]  # stage 3, the first after-aggregation stage
+    seen = {}
+
+    def recorded(rnd, arrays, metrics):
+        outcome = align(rnd, arrays, metrics)
+        seen.update(aggregate=arrays.to_torch_state_dict(), aligned=outcome.arrays.to_torch_state_dict())
+        return outcome
+
+    strategy.stages.after_aggregation[0] = recorded
+    grid = ClientAppGrid(cfg)
+    result = strategy.start(grid, to_record(new_model(seed=0)), num_rounds=1)
+
+    queries = [m for m in grid.requests if m.metadata.message_type == "query.upload"]
+    assert len(queries) == 4
+    moved = [
+        k for k, v in seen["aligned"].items() if v.is_floating_point() and not torch.equal(v, seen["aggregate"][k])
+    ]
+    assert "backbone.stem.0.weight" in moved  # alignment changed the backbone, so the order matters
+    for query in queries:
+        sent = query.content["arrays"].to_torch_state_dict()
+        assert all(torch.equal(sent[k], v) for k, v in seen["aligned"].items())
+    out = result.arrays.to_torch_state_dict()
+    assert all(torch.equal(out[k], v) for k, v in seen["aligned"].items() if not k.startswith("classifier."))
+    assert torch.allclose(out["classifier.weight"].norm(dim=1), torch.ones(classes), atol=1e-5)  # tau-norm after CCVR
 
 
 def test_upload_only_replies_must_carry_no_model_and_finite_uploads():

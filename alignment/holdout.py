@@ -2,11 +2,14 @@
 
 Offline there is no real CLIP: the `tiny` teacher has random weights and carries no knowledge, so stage 3
 would run with beta forced to 0 and the KL term, the heart of the paper's alignment, would never carry a
-signal. `align-teacher=holdout` trains a model on the server, once per data settings, on the training
-images that the recipe leaves out: in no client's partition, not in D_align, not in the test split (on
-digits and CIFAR, the images the long-tailed cut drops). Its logits play the role of CLIP's zero-shot
-logits q: it knows the classes from data no client holds, as CLIP knows them from web data, so the
-mechanism can be seen and tested. Every output made with it says it is this stand-in, not CLIP.
+signal. `align-teacher=holdout` trains a model on the server, once per data settings, on a class-balanced
+reserve of training images (`holdout-per-class` of every class) that the recipe draws after D_align and
+before the long-tailed cut (`flcore.partition`): in no client's partition, not in D_align, not in the test
+split. Its logits play the role of CLIP's zero-shot logits q: it knows every class about equally, from
+data no client holds, as CLIP knows them from web data, so the mechanism can be seen and tested. (The
+images the long-tailed cut drops would not do: they are a reversed long tail with none of the head class.)
+Every output made with it says it is this stand-in, not CLIP; `holdout-teacher.json` and the summary give
+its training images per class, its test accuracy, and the images per class the pool gave up for it.
 
 The trained weights are cached under `<output-dir>/teacher-cache/`, keyed by everything that determines
 them, so reruns, and CLIP2FL's clients (which distil from the same stand-in in place of the random
@@ -24,13 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from flcore.config import LOCAL, ConfigError, data_key
-from flcore.data import ImageSet
+from flcore.config import ConfigError, data_key
+from flcore.data import Dataset, ImageSet
 from flcore.device import compute_of
 from flcore.experiment import Prepared, batches, prepare, seeded_generator
 from flcore.files import atomic_write
 from flcore.models import build_model
 from flcore.training import TrainSettings, train
+from rounds.stage import ServerContext, Stages
 
 HOLDOUT = "holdout"
 STREAM = 2_000_003  # generator stream of the stand-in's training, apart from clients and alignment
@@ -41,31 +45,32 @@ KEYS = ("holdout-model", "holdout-epochs", "holdout-lr", "batch-size", "projecti
 def label(n_images: int, model: str) -> str:
     """What every output calls this teacher."""
     return (
-        f"holdout stand-in for CLIP: {model} trained centrally on {n_images} held-out server images "
+        f"holdout stand-in for CLIP: {model} trained centrally on {n_images} held-out server images, class-balanced "
         "(in no client's partition, not in D_align, not in the test split)"
     )
 
 
 def holdout_indices(prepared: Prepared) -> np.ndarray:
-    """Training-split indices in neither the long-tailed pool (every client's data) nor D_align."""
-    used = np.union1d(prepared.split.pool, prepared.split.align)
-    return np.setdiff1d(np.arange(len(prepared.dataset.train)), used)
+    """The reserve's training-split indices: class-balanced, in neither the long-tailed pool nor D_align."""
+    return prepared.split.holdout
 
 
 def check(cfg: Mapping, prepared: Prepared) -> None:
-    """Refuse the stand-in when the recipe leaves no image over (IF = 1 puts every image in the pool)."""
-    if len(holdout_indices(prepared)) == 0 and cfg["client-data"] == LOCAL:
-        raise ConfigError(
-            "run-config key 'align-teacher' = 'holdout' needs training images of the server's own in data-dir that "
-            "are not in D_align, and the server reads none (client-data = local, align-data from a folder); use "
-            "align-data = train with a data-dir that has a training split, another teacher, or align-logits-file."
-        )
+    """Refuse the stand-in when the server holds no reserve: the split refuses a class with too few images
+    itself (`flcore.partition.holdout_reserve`), so this is a server that reads no training split."""
     if len(holdout_indices(prepared)) == 0:
         raise ConfigError(
-            "run-config key 'align-teacher' = 'holdout' needs training images that are in no client's partition "
-            f"and not in D_align, and none is left over (imbalance-factor = {cfg['imbalance-factor']} keeps every "
-            "image in the pool); use imbalance-factor > 1, another teacher, or align-logits-file."
+            "run-config key 'align-teacher' = 'holdout' needs training images of the server's own in data-dir that "
+            f"are not in D_align, and the server reads none (client-data = {cfg['client-data']}, align-data = "
+            f"{cfg['align-data']!r}); use align-data = train with a data-dir that has a training split, another "
+            "teacher, or align-logits-file."
         )
+
+
+def check_reserve(cfg: Mapping, prepared: Prepared) -> None:
+    """The registry's check of the report stage: with the holdout teacher, its reserve must exist."""
+    if cfg["align-teacher"] == HOLDOUT:
+        check(cfg, prepared)
 
 
 def _cache_file(cfg: Mapping) -> Path:
@@ -107,6 +112,35 @@ def load_or_train(cfg: Mapping) -> tuple[nn.Module, str]:
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     return model.eval(), label(len(held), str(cfg["holdout-model"]))
+
+
+def accuracy_on_test_split(cfg: Mapping, model: nn.Module, dataset: Dataset) -> tuple[float, list[float]]:
+    """The stand-in's accuracy on the test split, overall and per class (recall)."""
+    predicted = logits(cfg, model, dataset.test).argmax(1).numpy()
+    labels = dataset.test.labels
+    per_class = [float((predicted[labels == c] == c).mean()) for c in range(dataset.num_classes)]
+    return float((predicted == labels).mean()), per_class
+
+
+def report_stage(cfg: Mapping, ctx: ServerContext) -> Stages:
+    """The registry factory: with the holdout teacher, the summary's `holdout-teacher` section (no stage).
+
+    Every such run reports it, also one that sets the teacher only to share the pool of runs using it; the
+    teacher is trained once per data settings (cached), so that costs a load and one pass over the test split.
+    """
+    if cfg["align-teacher"] != HOLDOUT:
+        return Stages()
+    model, source = load_or_train(cfg)
+    accuracy, per_class = accuracy_on_test_split(cfg, model, ctx.data.dataset)
+    info = {
+        "teacher": source,
+        "holdout-per-class": cfg["holdout-per-class"],
+        **ctx.data.reserve,
+        "test-accuracy": accuracy,
+        "per-class-test-accuracy": per_class,
+    }
+    print(f"[teacher] {source}: test accuracy {accuracy:.3f}", flush=True)
+    return Stages(sections={"holdout-teacher": info})
 
 
 @torch.no_grad()

@@ -158,10 +158,8 @@ def holdout_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet) -> T
     from alignment import holdout
 
     model, source = holdout.load_or_train(cfg)
-    q = holdout.logits(cfg, model, align)
-    test = holdout.logits(cfg, model, dataset.test)
-    acc = float((test.argmax(1).numpy() == dataset.test.labels).mean())
-    return TeacherLogits(q, source, False, acc)
+    accuracy, _ = holdout.accuracy_on_test_split(cfg, model, dataset)
+    return TeacherLogits(holdout.logits(cfg, model, align), source, False, accuracy)
 
 
 def compute_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet, align_idx: np.ndarray) -> TeacherLogits:

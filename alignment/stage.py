@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from alignment import holdout
 from alignment.holdout import HOLDOUT
 from alignment.logits import (
     TeacherLogits,
@@ -126,10 +125,9 @@ def check_inputs(cfg: Mapping, dataset: Dataset, align_idx: np.ndarray) -> Teach
 
 
 def check(cfg: Mapping, prepared: Prepared) -> None:
-    """The preflight's alignment checks (the registry's `ServerStage.check`)."""
+    """The preflight's alignment checks (the registry's `ServerStage.check`; the holdout teacher's reserve has
+    its own entry, `holdout.check_reserve`)."""
     check_inputs(cfg, prepared.dataset, prepared.split.align)
-    if cfg["align"] and not cfg["align-logits-file"] and cfg["align-teacher"] == HOLDOUT:
-        holdout.check(cfg, prepared)
 
 
 def alignment_stages(cfg: Mapping, ctx: ServerContext) -> Stages:

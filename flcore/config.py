@@ -96,6 +96,13 @@ def _device_ok(value: Any) -> bool:
     return isinstance(value, str) and DEVICE_PATTERN.fullmatch(value) is not None
 
 
+def _per_class_ok(value: Any) -> bool:
+    """`auto`, or a whole number of images per class, at least one."""
+    if isinstance(value, str):
+        return value == "auto"
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _workers_ok(value: Any) -> bool:
     """`auto`, or a whole number of loader processes (0 = decode in the training process)."""
     if isinstance(value, str):
@@ -252,6 +259,15 @@ SECTIONS: dict[str, dict[str, Option]] = {
             30, "Epochs of the holdout teacher's centralized training (SGD, momentum 0.9).", _number(1, integer=True)
         ),
         "holdout-lr": _opt(0.05, "Learning rate of the holdout teacher's training.", _number(0, low_open=True)),
+        "holdout-per-class": Option(
+            "auto",
+            "Training images per class of the holdout teacher (align-teacher=holdout): a class-balanced reserve "
+            "drawn after D_align and before the long-tailed cut, so the pool's head gives them up (partition.json "
+            "says how many); auto = a tenth of the training split's smallest class. Other teachers reserve none.",
+            "auto or an integer >= 1",
+            _per_class_ok,
+            kinds=(str, int),
+        ),
         "align-logits-file": _opt("", "Teacher logits q for D_align computed elsewhere (.pt or .npy, [|D_align|, C])."),
         "align-beta": _opt(
             1.0, "Weight beta of the KL term (0 = CE only; forced to 0 for the random tiny teacher).", _number(0)
@@ -581,6 +597,13 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
             f"run-config key 'imbalance-factor' = {cfg['imbalance-factor']!r} is not allowed for imagenet-lt: "
             "expected 1 (ImageNet-LT's published index is already long-tailed)."
         )
+    if cfg["align-teacher"] == "holdout" and cfg["dataset"] == "imagenet-lt":
+        raise ConfigError(
+            "run-config key 'align-teacher' = 'holdout' is not allowed for dataset 'imagenet-lt': the stand-in "
+            "teacher's class-balanced reserve comes from the training split, which is already long-tailed, so it "
+            "would take the tail classes' few images from the clients; expected an open_clip model name or tiny "
+            "(with q from align-logits-file)."
+        )
     _check_align_data(cfg)
     if cfg["few-threshold"] > cfg["many-threshold"]:
         raise ConfigError(
@@ -631,6 +654,13 @@ def _check_align_data(cfg: Mapping[str, Any]) -> None:
             f"run-config key 'align-data' = 'val' is not allowed for dataset '{cfg['dataset']}': only imagenet-lt "
             "has a published val split; expected auto, train or a folder with one subfolder per class."
         )
+    if str(cfg["align-data"]) == "train" and cfg["dataset"] == "imagenet-lt":
+        raise ConfigError(
+            "run-config key 'align-data' = 'train' is not allowed for dataset 'imagenet-lt': its training split is "
+            "already long-tailed, so a class-balanced D_align carved from it would take the tail classes' few "
+            "images from the clients; expected auto or val (ImageNet_LT_val.txt), or a folder with one subfolder "
+            "per class."
+        )
 
 
 def align_source(cfg: Mapping[str, Any]) -> str:
@@ -671,7 +701,8 @@ def validate(
 
 
 def data_key(cfg: Mapping[str, Any]) -> tuple:
-    """The settings that determine the data split: equal keys give identical partitions."""
+    """The settings that determine the data split: equal keys give identical partitions. `holdout-per-class`
+    counts only with the holdout teacher (0 otherwise: no reserve), so every other run keeps one split."""
     keys = (
         "dataset",
         "data-dir",
@@ -686,4 +717,5 @@ def data_key(cfg: Mapping[str, Any]) -> tuple:
         "align-data",
         "seed",
     )
-    return tuple((k, cfg[k]) for k in keys)
+    reserve = cfg["holdout-per-class"] if cfg["align-teacher"] == "holdout" else 0
+    return (*((k, cfg[k]) for k in keys), ("holdout-per-class", reserve))

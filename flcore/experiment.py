@@ -11,7 +11,7 @@ moves there once, when its batches are first made.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -25,7 +25,7 @@ from flcore.data import Batches, Dataset, ImageSet
 from flcore.device import Compute, compute_of
 from flcore.local_data import CLASSES_KEY
 from flcore.models import FLModel, build_model
-from flcore.partition import Split, balanced_subset, class_groups, make_split
+from flcore.partition import Split, balanced_subset, class_groups, holdout_reserve, make_split
 
 
 @dataclass(frozen=True)
@@ -43,15 +43,21 @@ def _server_only(cfg: Mapping) -> Prepared:
 
     D_align comes from `align-data`; carved from the server's own training split (`train`) it is a
     class-balanced draw of align-per-class images per class, as in the partitioned recipe but without a
-    long tail, since no pool is cut from what is left.
+    long tail, since no pool is cut from what is left. The holdout teacher's reserve is drawn after it from
+    the same split, class-balanced too.
     """
     source_name = align_source(cfg)
     dataset = datasets.load(cfg["dataset"], cfg["data-dir"], cfg["image-size"], with_train=source_name == "train")
     source = datasets.align_images(source_name, cfg["data-dir"], dataset.classes)
     labels = dataset.train.labels if source is None else source.labels
-    align = balanced_subset(labels, cfg["align-per-class"], np.random.default_rng(cfg["seed"]))
+    rng = np.random.default_rng(cfg["seed"])
+    align = balanced_subset(labels, cfg["align-per-class"], rng)
     empty = np.zeros(0, dtype=np.int64)
-    split = Split(align, empty, [], dataset.num_classes, align_from_train=source is None)
+    held = empty
+    if cfg["holdout-per-class"] and source is None:
+        rest = np.setdiff1d(np.arange(len(labels)), align)
+        held = holdout_reserve(labels, rest, cfg["holdout-per-class"], dataset.num_classes, rng)
+    split = Split(align, empty, [], dataset.num_classes, source is None, held)
     return Prepared(dataset, split, dataset.train if source is None else source)
 
 
@@ -73,6 +79,7 @@ def _prepare(key: tuple) -> Prepared:
         cfg["seed"],
         partitioner=cfg["partitioner"],
         align_labels=None if source is None else source.labels,
+        holdout=cfg["holdout-per-class"],
     )
     return Prepared(dataset, split, dataset.train if source is None else source)
 
@@ -114,7 +121,8 @@ def batches(cfg: Mapping, images: ImageSet, batch_size: int) -> Batches:
 @dataclass(frozen=True)
 class ServerData:
     """What the server holds: the balanced test split, D_align, and the long-tail bookkeeping (with
-    client-data=local the server knows no pool: zero counts, no clients, empty class groups)."""
+    client-data=local the server knows no pool: zero counts, no clients, empty class groups), with the
+    holdout teacher's reserve (`Split.reserve`; empty for other teachers)."""
 
     dataset: Dataset
     test: Batches
@@ -122,6 +130,7 @@ class ServerData:
     pool_counts: np.ndarray
     client_histogram: np.ndarray
     groups: dict[str, list[int]]
+    reserve: dict = field(default_factory=dict)
 
 
 def align_set(cfg: Mapping) -> ImageSet:
@@ -139,7 +148,8 @@ def server_data(cfg: Mapping) -> ServerData:
     if cfg["client-data"] == LOCAL:  # no pool is known before training, so no class can be put in a group
         groups = {name: [] for name in groups}
     test = batches(cfg, prep.dataset.test, int(cfg["eval-batch-size"]))
-    return ServerData(prep.dataset, test, align_set(cfg), counts, prep.split.client_histogram(labels), groups)
+    histogram, reserve = prep.split.client_histogram(labels), prep.split.reserve(labels)
+    return ServerData(prep.dataset, test, align_set(cfg), counts, histogram, groups, reserve)
 
 
 def to_record(model: nn.Module) -> ArrayRecord:

@@ -73,9 +73,11 @@ class RunReport:
         pool_counts: np.ndarray,
         groups: Mapping[str, list[int]],
         nodes: Sequence[str] | None = None,
+        reserve: Mapping[str, list[int]] | None = None,
     ) -> None:
         """Per-client class histogram as JSON and heatmap, with the long-tail counts and class groups; `nodes`
-        names the rows when they are what nodes holding their own data reported."""
+        names the rows when they are what nodes holding their own data reported; `reserve` is the holdout
+        teacher's (its training images per class, and what the pool gave up for it), kept as `holdout-reserve`."""
         content = {
             "classes": self.classes,
             "pool-counts": pool_counts.tolist(),
@@ -84,12 +86,16 @@ class RunReport:
         }
         if nodes is not None:
             content.update({"nodes": list(nodes), "source": "reported by the nodes (counts only)"})
+        if reserve:
+            content["holdout-reserve"] = dict(reserve)
         write_json(self.dir / "partition.json", content)
         height = min(MAX_FIGURE_INCHES, max(4, 0.3 * len(histogram) + 1.5))  # 1,000 clients: not 300 inches
         fig, ax = plt.subplots(figsize=(min(MAX_FIGURE_INCHES, max(6, 0.35 * len(self.classes) + 2)), height))
         im = ax.imshow(histogram, aspect="auto", cmap="viridis")
         what = "reported by the nodes, " if nodes is not None else ""
         title = f"Images per client and class ({what}pool {int(pool_counts.sum())})"
+        if reserve and "pool-cut" in reserve:
+            title += f"\nthe pool gave up {sum(reserve['pool-cut'])} images to the holdout teacher's reserve"
         ax.set(xlabel="class", ylabel="node" if nodes is not None else "client", title=title)
         if len(self.classes) <= 20:
             ax.set_xticks(range(len(self.classes)), self.classes, rotation=45, ha="right")

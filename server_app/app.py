@@ -100,7 +100,7 @@ def serve(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
         report.restore(resumed.rows)
     local = cfg["client-data"] == LOCAL
     if not local:  # nodes holding their own data report it with their updates (RunReport.record_nodes)
-        report.write_partition(data.client_histogram, data.pool_counts, data.groups)
+        report.write_partition(data.client_histogram, data.pool_counts, data.groups, reserve=data.reserve)
     rounds = int(cfg["num-server-rounds"])
 
     make_model = partial(new_model, cfg)

@@ -18,6 +18,7 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
+from alignment import holdout
 from alignment import stage as alignment
 from flcore.config import LOCAL
 from pretrain import stage as pretrain
@@ -67,6 +68,7 @@ STRATEGY_CHECKS: dict[str, Callable[[Mapping, Any], None]] = {
 SERVER_STAGES: dict[str, ServerStage] = {
     "pretrain": ServerStage(pretrain.pretrain_stage, pretrain.check),
     "align": ServerStage(alignment.alignment_stages, alignment.check),
+    "holdout-teacher": ServerStage(holdout.report_stage, holdout.check_reserve),  # a summary section, no stage
     "tau-norm": ServerStage(tau_norm_stage),
 }
 

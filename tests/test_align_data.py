@@ -70,14 +70,13 @@ def test_val_keeps_every_training_image_for_the_clients(tmp_path):
     assert not prep.split.align_from_train
 
 
-def test_train_starves_classes_with_align_per_class_images_or_fewer(tmp_path):
-    """The behaviour before align-data: D_align is carved from the training split first."""
-    cfg = config(imagenet_lt_tree(tmp_path), **{"align-data": "train"})
-    data = server_data(cfg)
-    expected = [max(0, n - 4) for n in TRAIN_COUNTS]
-    assert data.pool_counts.tolist() == expected == [36, 21, 8, 2, 0, 0]
-    assert data.client_histogram[:, 4:].sum() == 0  # ostrich and robin reach no client
-    assert np.bincount(data.align.labels).tolist() == [4, 4, 4, 4, 3, 2]
+@pytest.mark.parametrize("client_data", ["partition", "local"])
+def test_train_is_refused_before_start_as_it_would_starve_the_tail(tmp_path, client_data):
+    """Carved from ImageNet-LT's long-tailed training split, D_align would take every image of the classes
+    with align-per-class images or fewer (here the last two) from the clients."""
+    refusal = r"'align-data' = 'train' is not allowed for dataset 'imagenet-lt'.*expected auto or val"
+    with pytest.raises(ConfigError, match=refusal):
+        config(tmp_path, **{"align-data": "train", "client-data": client_data})
 
 
 def test_a_server_folder_supplies_d_align(tmp_path):
@@ -111,4 +110,3 @@ def test_missing_val_index_names_the_file(tmp_path):
     (root / "ImageNet_LT_val.txt").unlink()
     with pytest.raises(DataNotFound, match="ImageNet_LT_val.txt"):
         prepare(config(root))
-    assert len(prepare(config(root, **{"align-data": "train"})).split.align) == 6 * 4 - 2 - 1

@@ -1,5 +1,7 @@
-"""The offline stand-in teacher (`align-teacher=holdout`): trained on images no one else holds, cached,
-knowledgeable enough that stage 3's KL term carries a signal, and shared with CLIP2FL's clients."""
+"""The offline stand-in teacher (`align-teacher=holdout`): trained on a class-balanced reserve no one else
+holds, cached, knowledgeable enough that stage 3's KL term carries a signal, and shared with CLIP2FL's clients."""
+
+import hashlib
 
 import numpy as np
 import pytest
@@ -8,16 +10,17 @@ from flwr.app import MetricRecord
 
 from alignment import holdout
 from alignment.stage import alignment_stages
-from flcore.config import ConfigError, validate
+from flcore.config import ConfigError, data_key, validate
 from flcore.data import Batches
 from flcore.experiment import prepare, server_data, to_record
 from flcore.models import build_model
+from flcore.partition import make_split
 from rounds.stage import ServerContext
 from server_app.preflight import preflight
 from strategies.registry import STRATEGIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SMALL = {"num-clients": 4, "projection-dim": 32, "image-size": 8, "holdout-epochs": 3}
+SMALL = {"num-clients": 4, "projection-dim": 32, "image-size": 8, "holdout-epochs": 15}
 
 
 def config(tmp_path, **overrides):
@@ -53,11 +56,83 @@ def test_stand_in_trains_once_on_images_no_client_d_align_or_test_holds(tmp_path
     assert "stand-in for CLIP" in source and "held-out" in source
 
 
-def test_stand_in_is_refused_before_round_one_when_no_image_is_left_over(tmp_path):
-    with pytest.raises(ConfigError, match="'align-teacher' = 'holdout'.*none is left over.*imbalance-factor = 1"):
-        preflight(config(tmp_path, **{"imbalance-factor": 1.0}))
-    with pytest.raises(ConfigError, match="none is left over"):  # CLIP2FL's clients use the same teacher
-        preflight(config(tmp_path, **{"imbalance-factor": 1.0, "align": False, "strategy": "clip2fl"}))
+def test_stand_in_trains_on_as_many_images_of_every_class_also_of_the_head_class(tmp_path):
+    """The images the long-tailed cut drops are a reversed long tail (IF 100 on digits: 0, 43, ..., 115): the
+    reserve is drawn before the cut instead, a tenth of the smallest class (122 images) of each."""
+    prep = prepare(config(tmp_path, **{"imbalance-factor": 100.0}))
+    labels = prep.dataset.train.labels
+    held = np.bincount(labels[holdout.holdout_indices(prep)], minlength=10)
+    assert held.tolist() == [12] * 10
+    assert prep.split.pool_counts(labels).tolist() == [103, 74, 44, 26, 16, 9, 5, 3, 2, 1]  # head: 115 - 12
+    assert prep.split.reserve(labels) == {"train-counts": [12] * 10, "pool-cut": [12] + [0] * 9}
+    assert not np.intersect1d(holdout.holdout_indices(prep), prep.split.pool).size
+
+
+def test_only_the_stand_in_changes_the_pool():
+    """Every other teacher keeps the pool that the recipe drew before the reserve existed."""
+    default = validate({})
+    assert data_key(default) == data_key(validate({"holdout-per-class": 40}))  # not used: no reserve
+    split = prepare(default).split
+    digest = hashlib.sha256(
+        b"".join(a.astype(np.int64).tobytes() + b"|" for a in [split.align, split.pool, *split.clients])
+    )
+    assert len(split.pool) == 495 and digest.hexdigest()[:16] == "f17f1c065782c422"
+    assert not len(split.holdout) and split.reserve(prepare(default).dataset.train.labels) == {}
+
+
+def test_a_reserve_a_class_cannot_give_is_refused_before_round_one(tmp_path):
+    """Digits' smallest class has 122 training images, 112 after D_align: a reserve must leave it one."""
+    with pytest.raises(ConfigError, match=r"'holdout-per-class' = 112 is not allowed.*class 8 has 112.*from 1 to 111"):
+        preflight(config(tmp_path, **{"holdout-per-class": 112}))
+    with pytest.raises(ConfigError, match="'holdout-per-class' = 112"):  # CLIP2FL's clients use the same teacher
+        preflight(config(tmp_path, **{"holdout-per-class": 112, "align": False, "strategy": "clip2fl"}))
+    with pytest.raises(ConfigError, match=r"'holdout-per-class' = 'auto' \(= 1\).*class 1 has 1 "):
+        make_split(np.repeat(np.arange(3), [12, 11, 11]), 3, 1.0, 10, 1, 0.5, 1, 0, holdout="auto")
+    with pytest.raises(ConfigError, match="'holdout-per-class' = 0 is not allowed: expected auto or an integer >= 1"):
+        config(tmp_path, **{"holdout-per-class": 0})
+
+
+def test_imbalance_factor_one_leaves_the_reserve_to_the_stand_in_and_every_other_image_to_the_clients(tmp_path):
+    prep = prepare(config(tmp_path, **{"imbalance-factor": 1.0, "holdout-per-class": 5}))
+    labels = prep.dataset.train.labels
+    assert np.bincount(labels[prep.split.holdout]).tolist() == [5] * 10
+    assert (prep.split.pool_counts(labels) == np.bincount(labels) - 10 - 5).all()
+    assert prep.split.pool_cut.tolist() == [5] * 10
+
+
+def test_a_server_whose_nodes_hold_their_own_data_reserves_a_balanced_set_of_its_training_split(tmp_path):
+    prep = prepare(config(tmp_path, **{"client-data": "local", "align-data": "train"}))
+    labels = prep.dataset.train.labels
+    assert np.bincount(labels[prep.split.holdout]).tolist() == [12] * 10
+    assert not np.intersect1d(prep.split.holdout, prep.split.align).size
+    assert prep.split.reserve(labels) == {"train-counts": [12] * 10}  # no pool, so nothing it gave up
+    holdout.check(config(tmp_path, **{"client-data": "local", "align-data": "train"}), prep)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_partition_and_summary_report_the_reserve_and_the_stand_ins_test_accuracy(tmp_path):
+    import json
+
+    from server_app import app as server_app
+    from tests.conftest import ClientAppGrid
+
+    overrides = {"num-clients": 2, "fraction-train": 1.0, "num-server-rounds": 1, "local-epochs": 1}
+    cfg = config(tmp_path, **overrides, **{"imbalance-factor": 100.0, "align-steps": 1})
+    summary = server_app.run(ClientAppGrid(cfg), cfg, "teacher")
+    partition = json.loads((tmp_path / "teacher" / "partition.json").read_text())
+    assert partition["holdout-reserve"] == {"train-counts": [12] * 10, "pool-cut": [12] + [0] * 9}
+    assert partition["pool-counts"][0] == 115 - 12
+    section = summary["holdout-teacher"]
+    assert section["train-counts"] == [12] * 10 and section["pool-cut"] == [12] + [0] * 9
+    assert section["holdout-per-class"] == "auto" and "stand-in for CLIP" in section["teacher"]
+    assert 0.1 < section["test-accuracy"] <= 1 and len(section["per-class-test-accuracy"]) == 10
+    assert section["test-accuracy"] == pytest.approx(summary["alignment"]["teacher-test-accuracy"])
+    assert json.loads((tmp_path / "teacher" / "holdout-teacher.json").read_text()) == section
+
+
+def test_imagenet_lt_refuses_the_stand_in_whose_reserve_would_take_its_tail(tmp_path):
+    with pytest.raises(ConfigError, match="'align-teacher' = 'holdout' is not allowed for dataset 'imagenet-lt'"):
+        config(tmp_path, dataset="imagenet-lt", **{"imbalance-factor": 1.0, "data-dir": str(tmp_path)})
 
 
 def test_with_the_stand_in_beta_one_pulls_predictions_toward_q_more_than_beta_zero(tmp_path):

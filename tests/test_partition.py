@@ -45,6 +45,31 @@ def test_split_pool_follows_profile_and_align_is_balanced_and_disjoint():
     assert split.pool_counts(labels).tolist() == expected
 
 
+@pytest.mark.parametrize(
+    ("imbalance", "head_cut"), [(100.0, [6] + [0] * 9), (1.0, [6] * 10), (1.2, [6] * 5 + [5, 4, 3, 2, 1])]
+)
+def test_the_holdout_reserve_is_class_balanced_and_drawn_before_the_long_tailed_cut(imbalance, head_cut):
+    """The stand-in teacher's reserve: `holdout` images of every class, the head's too, which the pool's head
+    gives up (at a small IF, where every class keeps (nearly) all its images, every class gives some up)."""
+    labels = cifar_like_labels()
+    plain = make_split(labels, 10, imbalance, 5, num_clients=4, alpha=0.5, min_size=1, seed=1)
+    split = make_split(labels, 10, imbalance, 5, num_clients=4, alpha=0.5, min_size=1, seed=1, holdout="auto")
+    assert np.bincount(labels[split.holdout], minlength=10).tolist() == [6] * 10  # auto: 60 // 10
+    assert not np.intersect1d(split.holdout, np.union1d(split.align, split.pool)).size
+    assert np.array_equal(split.align, plain.align)
+    assert split.pool_cut.tolist() == head_cut
+    assert (plain.pool_counts(labels) - split.pool_counts(labels)).tolist() == head_cut
+    assert not len(plain.holdout) and not plain.pool_cut.any() and plain.reserve(labels) == {}
+
+
+def test_a_holdout_reserve_that_would_empty_a_class_is_refused():
+    labels = cifar_like_labels()
+    with pytest.raises(ConfigError, match=r"'holdout-per-class' = 55 is not allowed.*class 0 has 55.*from 1 to 54"):
+        make_split(labels, 10, 10.0, 5, num_clients=4, alpha=0.5, min_size=1, seed=1, holdout=55)
+    split = make_split(labels, 10, 10.0, 5, num_clients=4, alpha=0.5, min_size=1, seed=1, holdout=54)
+    assert split.pool_counts(labels).tolist() == [1] * 10
+
+
 @pytest.mark.parametrize("partitioner", ["creff", "dirichlet"])
 def test_client_split_is_complete_disjoint_and_seeded(partitioner):
     labels = cifar_like_labels(40)

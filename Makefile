@@ -38,7 +38,7 @@ docs: $(STAMP)
 	$(PY) -m flcore.config_docs > docs/configuration.md
 
 bench: $(STAMP)
-	$(PY) bench/sim_overhead.py
+	$(PY) -m bench.sim_overhead
 
 clean:
 	rm -rf $(VENV) .flwr

@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from flcore.metrics import row_normalised
 
-from flcore.metrics import row_normalised  # noqa: E402
+matplotlib.use("Agg")  # files only, never a window; pyplot takes its backend at the first figure, not at import
 
 GROUPS = ("many", "medium", "few")
 

@@ -19,7 +19,7 @@ Round 1 is reported apart: the ClientApp actors load the dataset in it. The last
 too: it always evaluates before alignment and draws the alignment-step figure. Rounds that evaluate before
 aligning (`align-eval-every`; by default only the last) cost one test-set pass more.
 
-Usage: python bench/align_cost.py [--rounds 40] [--repeat 5] [--run-config "k=v ..."] [--cprofile]
+Usage: python -m bench.align_cost [--rounds 40] [--repeat 5] [--run-config "k=v ..."] [--cprofile]
                                   [--real-architecture]
 """
 
@@ -27,35 +27,32 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import pstats
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+from flwr.app import MetricRecord
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flwr.app import MetricRecord  # noqa: E402
-
-from alignment import teacher as clip_teacher  # noqa: E402
-from alignment.logits import compute_teacher_logits  # noqa: E402
-from alignment.loss import AlignSettings, StepBatches, fine_tune  # noqa: E402
-from alignment.stage import ALIGN_STREAM, alignment_stages  # noqa: E402
-from bench.limits import flops_per_image, matmul_flops_per_second  # noqa: E402
-from flcore.data import Batches, ImageSet  # noqa: E402
-from flcore.experiment import load_record, prepare, seeded_generator, server_data, to_record  # noqa: E402
-from flcore.models import build_model  # noqa: E402
-from flcore.run_config import format_overrides, parse_overrides  # noqa: E402
-from rounds.stage import ServerContext  # noqa: E402
-from server_app import launch  # noqa: E402
-from server_app.app import Evaluator, torch_threads  # noqa: E402
+from alignment import teacher as clip_teacher
+from alignment.logits import compute_teacher_logits
+from alignment.loss import AlignSettings, StepBatches, fine_tune
+from alignment.stage import ALIGN_STREAM, alignment_stages
+from bench.limits import flops_per_image, matmul_flops_per_second
+from bench.runs import LOG, failure, launch_run, run_dirs
+from flcore.data import Batches, ImageSet
+from flcore.experiment import load_record, prepare, seeded_generator, server_data, to_record
+from flcore.models import build_model
+from flcore.reports import read_metrics
+from flcore.run_config import parse_overrides
+from rounds.stage import ServerContext
+from server_app import launch
+from server_app.app import Evaluator, torch_threads
 
 
 def teacher_cost(cfg: Mapping) -> tuple[float, float]:
@@ -149,8 +146,7 @@ def arithmetic(cfg: Mapping, times: Mapping) -> None:
 
 def read_rounds(run_dir: Path) -> list[dict]:
     """The trained rounds (1..N) of a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return [r for r in rows if r["round"] > 0]
+    return [r for r in read_metrics(run_dir) if r["round"] > 0]
 
 
 def shares(rows: Sequence[Mapping]) -> dict[str, float]:
@@ -190,7 +186,9 @@ def print_run(rows: Sequence[Mapping], load: tuple[float, float]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.align_cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=40, help="the default run has 40")
     parser.add_argument("--repeat", type=int, default=5, help="calls per part in the in-process timing")
     parser.add_argument("--run-config", default="")
@@ -198,12 +196,9 @@ def main() -> None:
     parser.add_argument("--real-architecture", action="store_true")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="align-cost-"))
-    overrides = [
-        format_overrides({"align": True, "num-server-rounds": args.rounds, "output-dir": str(out)}),
-        args.run_config,
-    ]
+    overrides = f"align=true num-server-rounds={args.rounds} output-dir={out} {args.run_config}".strip()
     defaults, _ = launch.project_settings()
-    cfg, _ = launch.resolve(parse_overrides(overrides), defaults)
+    cfg, _ = launch.resolve(parse_overrides([overrides]), defaults)
     print(f"torch threads here: {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}", flush=True)
 
     cold, warm = teacher_cost(cfg)
@@ -219,10 +214,10 @@ def main() -> None:
         print(f"  ViT-L-14-336 q for D_align (random weights, real compute) {real:8.3f} s (once per run)")
 
     load_start = os.getloadavg()[0]
-    if launch.main([arg for pairs in overrides for arg in ("--run-config", pairs)]) != 0:
-        raise SystemExit("the simulation failed; see the log above")
-    run_dir = next(p for p in out.iterdir() if (p / "metrics.jsonl").is_file())
-    rows = read_rounds(run_dir)
+    print(f"\nrunning {args.rounds} rounds with align=true; log: {out / LOG}", flush=True)
+    if not launch_run(out, overrides):
+        raise SystemExit(failure(out, "the simulation"))
+    rows = read_rounds(run_dirs(out, finished=True)[-1])
     print(f"\nalignment cost on the default config + align=true, {len(rows)} rounds ({cfg['align-teacher']} teacher)")
     print_run(rows, (load_start, os.getloadavg()[0]))
     steady = shares(rows[1:-1] or rows)

@@ -21,10 +21,10 @@ gone; the CSV keeps each cell's per-round curve, so included rows are plotted to
 written before the curve column are not).
 
 Usage:
-    python bench/compare.py --quick
-    python bench/compare.py --ifs 100,50,10 --seeds 7,8,9 --run-config "num-server-rounds=20"
-    python bench/compare.py --ifs 10 --include bench/results/compare-full/results.csv --report-only
-    python bench/compare.py --methods fedavg,ours --method "ours=pretrain=true align=true align-steps=4"
+    python -m bench.compare --quick
+    python -m bench.compare --ifs 100,50,10 --seeds 7,8,9 --run-config "num-server-rounds=20"
+    python -m bench.compare --ifs 10 --include bench/results/compare-full/results.csv --report-only
+    python -m bench.compare --methods fedavg,ours --method "ours=pretrain=true align=true align-steps=4"
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import csv
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,18 +41,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from alignment.figure import plot_pair
+from bench.runs import LOG, ROOT, launch_run, run_dirs
+from flcore.arrays import NON_FINITE
+from flcore.reports import read_metrics, read_summary
+from flcore.run_config import parse_overrides
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from alignment.figure import plot_pair  # noqa: E402
-from flcore.arrays import NON_FINITE  # noqa: E402
-from flcore.run_config import format_overrides, parse_overrides  # noqa: E402
+matplotlib.use("Agg")  # files only, never a window; pyplot takes its backend at the first figure, not at import
 
 # Method name -> run-config overrides that select it. `--method name=k=v ...` adds or replaces entries.
 # The first twelve are the paper's Table 2 baselines; FedLC and FedRS are long-tail methods beyond it.
@@ -102,43 +100,32 @@ class Cell:
     def key(self) -> tuple[str, float, int]:
         return self.method, self.imbalance, self.seed
 
-    def summary_path(self) -> Path | None:
-        found = sorted(self.dir.glob("*/summary.json"))
+    def finished_run(self) -> Path | None:
+        """The cell's latest run that completed, if any."""
+        found = run_dirs(self.dir, finished=True)
         return found[-1] if found else None
 
 
 def run_cell(cell: Cell, overrides: Mapping[str, object]) -> bool:
-    """One launch of the real app; its output goes to the cell's launch.log."""
-    cell.dir.mkdir(parents=True, exist_ok=True)
-    pairs = {**overrides, "imbalance-factor": cell.imbalance, "seed": cell.seed, "output-dir": str(cell.dir)}
-    run_config = format_overrides(pairs)
-    with (cell.dir / "launch.log").open("w") as log:
-        proc = subprocess.run(
-            [sys.executable, "-m", "server_app.launch", "--run-config", run_config],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-    return proc.returncode == 0
+    """One launch of the real app into the cell's folder; its output goes to the cell's launch.log."""
+    return launch_run(cell.dir, {**overrides, "imbalance-factor": cell.imbalance, "seed": cell.seed})
 
 
 def cell_failure(cell: Cell) -> str | None:
     """Why a cell that was launched has no summary: `diverged` when its clients' updates went NaN or Inf
     (every reply refused), else `failed`; None for a finished cell or one never launched."""
-    log = cell.dir / "launch.log"
-    if cell.summary_path() is not None or not log.is_file():
+    log = cell.dir / LOG
+    if cell.finished_run() is not None or not log.is_file():
         return None
     return "diverged" if NON_FINITE in log.read_text(errors="replace") else "failed"
 
 
 def cell_result(cell: Cell) -> dict | None:
     """Accuracy and cost figures of a finished cell, read from its summary.json and metrics.jsonl."""
-    path = cell.summary_path()
-    if path is None:
+    run = cell.finished_run()
+    if run is None:
         return None
-    summary = json.loads(path.read_text())
-    rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines() if line]
+    summary, rows = read_summary(run), read_metrics(run)
     trained = [r for r in rows if r["round"] > 0]
     rounds_between = [b["round"] - a["round"] for a, b in zip(rows, rows[1:], strict=False)]
     seconds = [r["seconds"] / max(n, 1) for r, n in zip(rows[1:], rounds_between, strict=True)]
@@ -274,9 +261,8 @@ def plot_curves(results: list[dict], methods: Sequence[str], ifs: Sequence[float
 def final_model(run: Path) -> tuple[np.ndarray, dict, list[str]]:
     """A finished run's final confusion matrix (last metrics.jsonl row), its accuracies (summary.json) and
     its class names (partition.json)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    final = json.loads((run / "summary.json").read_text())["final"]
-    cm = np.asarray(rows[-1]["confusion-matrix"])
+    final = read_summary(run)["final"]
+    cm = np.asarray(read_metrics(run)[-1]["confusion-matrix"])
     partition = run / "partition.json"
     classes = json.loads(partition.read_text())["classes"] if partition.is_file() else [str(c) for c in range(len(cm))]
     return cm, {k: final[k] for k in GROUP_KEYS}, classes
@@ -305,7 +291,7 @@ def figure4(without_run: Path, with_run: Path, label: str) -> tuple[Figure, dict
 
 def write_figure4(cells: Sequence[Cell], out: Path) -> list[Path]:
     """`figure4_if<IF>_seed<seed>.png/.json` for every IF and seed whose two Figure 4 cells finished here."""
-    finished = {c.key: path.parent for c in cells if (path := c.summary_path()) is not None}
+    finished = {c.key: run for c in cells if (run := c.finished_run()) is not None}
     written = []
     for imbalance, seed in sorted({(c.imbalance, c.seed) for c in cells}):
         runs = [finished.get((method, imbalance, seed)) for method in FIGURE4]
@@ -321,7 +307,9 @@ def write_figure4(cells: Sequence[Cell], out: Path) -> list[Path]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
     parser.add_argument("--method", action="append", default=[], help="define a method: 'name=k=v k2=v2'")
     parser.add_argument("--ifs", default="100,50,10", help="comma-separated imbalance factors")
@@ -381,14 +369,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     for n, cell in enumerate(cells, 1):
         label = f"[{n}/{len(cells)}] {cell.method} IF {cell.imbalance:g} seed {cell.seed}"
-        done = cell.summary_path() is not None
+        done = cell.finished_run() is not None
         if done or args.report_only or cell.key in borrowed:
             how = "done before" if done else "from --include" if cell.key in borrowed else "not run"
             print(f"{label}: {how}, skipped", flush=True)
             continue
         start = time.perf_counter()
         ok = run_cell(cell, {**base, **parse_overrides([methods_cfg[cell.method]])})
-        status = "ok" if ok else f"FAILED (see {cell.dir / 'launch.log'})"
+        status = "ok" if ok else f"FAILED (see {cell.dir / LOG})"
         print(f"{label}: {status} in {time.perf_counter() - start:.0f} s", flush=True)
     results = [cell_result(c) or borrowed.get(c.key) for c in cells]
     results = [r for r in results if r is not None]

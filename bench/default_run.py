@@ -3,24 +3,20 @@
 Peak memory is the largest sum of resident memory over the launcher's whole process tree (SuperLink,
 SuperExec, simulation, Ray and its ClientApp actors), sampled every 0.2 s.
 
-Usage: python bench/default_run.py [--run-config "k=v ..."]
+Usage: python -m bench.default_run [--run-config "k=v ..."]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from flcore.run_config import format_overrides  # noqa: E402
-from server_app.watchdog import process_tree  # noqa: E402
+from bench.runs import failure, launch_run, run_dirs
+from flcore.reports import read_summary
+from server_app.watchdog import process_tree
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -35,24 +31,25 @@ def tree_rss_mb(pid: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.default_run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run-config", default="")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as out:
-        overrides = ["--run-config", args.run_config, "--run-config", format_overrides({"output-dir": out})]
+    peak = 0.0
+
+    def sample(pid: int) -> None:
+        nonlocal peak
+        peak = max(peak, tree_rss_mb(pid))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
         start = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server_app.launch", *overrides], cwd=ROOT, stdout=subprocess.DEVNULL
-        )
-        peak = 0.0
-        while proc.poll() is None:
-            peak = max(peak, tree_rss_mb(proc.pid))
-            time.sleep(0.2)
+        ok = launch_run(out, args.run_config, watch=sample)
         wall = time.perf_counter() - start
-        if proc.returncode:
-            sys.exit(f"the run failed (exit {proc.returncode})")
-        (run_dir,) = list(Path(out).iterdir())
-        summary = json.loads((run_dir / "summary.json").read_text())
+        if not ok:
+            sys.exit(failure(out, "the run"))
+        summary = read_summary(run_dirs(out, finished=True)[-1])
     final = summary["final"]
     print(
         f"wall time {wall:.1f} s | peak memory {peak:.0f} MB (whole process tree) | "

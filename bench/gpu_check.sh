@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, as one script: the CUDA tests (tests/test_gpu.py, the Ray one included) and
-# bench/paper_cost.py on the GPU in float32 and bf16, the clients sharing the GPU through Ray.
+# `python -m bench.paper_cost` on the GPU in float32 and bf16, the clients sharing the GPU through Ray.
 # What comes back is small and flat (a device line, two logs, one JSON per precision), so the script also suits
 # machines that return only a few files.
 #
@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 timeout 150 $python -m pytest tests/test_gpu.py -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
 
 for amp in off bf16; do
-    timeout 200 $python bench/paper_cost.py --paths memory --rounds 3 --data-root "$work/data" \
+    timeout 200 $python -m bench.paper_cost --paths memory --rounds 3 --data-root "$work/data" \
         --run-config "device=cuda amp=$amp" --federation-config "client-resources-num-gpus=0.125" \
         --out "$work/paper-cost-$amp" 2>&1 | tee -a "$out/paper-cost.log"
     cp "$work/paper-cost-$amp/paper-cost.json" "$out/paper-cost-$amp.json" 2>/dev/null

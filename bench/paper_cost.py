@@ -25,8 +25,8 @@
    long-tailed pool differs). Every method is costed at FedAvg's round: the server-side work of CCVR,
    CReFF, CLIP2FL, FedDF and FedBE and the stages' one-time costs come on top, so the grid is a lower bound.
 
-Usage: python bench/paper_cost.py [--rounds 3] [--paths memory,folder] [--data-dir DIR] [--run-config "k=v ..."]
-                                [--federation-config "client-resources-num-gpus=0.125"]
+Usage: python -m bench.paper_cost [--rounds 3] [--paths memory,folder] [--data-dir DIR] [--run-config "k=v ..."]
+                                 [--federation-config "client-resources-num-gpus=0.125"]
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,20 +43,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.compare import METHODS  # noqa: E402
-from bench.limits import device_and_dtype, flops_per_image, limit_ratio, matmul_flops_per_second  # noqa: E402
-from flcore.config import ConfigError  # noqa: E402
-from flcore.data import Batches, DataNotFound  # noqa: E402
-from flcore.data import load as load_dataset  # noqa: E402
-from flcore.partition import make_split  # noqa: E402
-from flcore.run_config import format_overrides, parse_overrides, read_toml  # noqa: E402
-from server_app import launch  # noqa: E402
+from bench.compare import METHODS
+from bench.limits import device_and_dtype, flops_per_image, limit_ratio, matmul_flops_per_second
+from bench.runs import LOG, ROOT, failure, launch_run, run_dirs
+from flcore.config import ConfigError
+from flcore.data import Batches, DataNotFound
+from flcore.data import load as load_dataset
+from flcore.partition import make_split
+from flcore.reports import read_metrics
+from flcore.run_config import parse_overrides, read_toml
+from server_app import launch
 
 PRESET = ROOT / "conf" / "cifar10-lt.toml"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -205,10 +203,10 @@ def prepare_data(args: argparse.Namespace) -> tuple[dict[str, str], str]:
 
 def finished_rows(cell: Path, expected: Mapping) -> list[dict] | None:
     """The metrics of a run in `cell` that finished with the `expected` settings (a rerun reports it again)."""
-    for summary in sorted(cell.glob("*/summary.json")):
-        config = json.loads((summary.parent / "config.json").read_text())
+    for run in run_dirs(cell, finished=True):
+        config = json.loads((run / "config.json").read_text())
         if all(config.get(k) == v for k, v in expected.items()):
-            return [json.loads(line) for line in (summary.parent / "metrics.jsonl").read_text().splitlines() if line]
+            return read_metrics(run)
     return None
 
 
@@ -225,24 +223,10 @@ def run_path(path: str, data_dir: str, rounds: int, extra: str, out: Path, feder
     if done is not None:
         print(f"[{path}] reporting the finished run in {cell}", flush=True)
         return done
-    overrides = format_overrides(pairs)
-    cell.mkdir(parents=True, exist_ok=True)
-    log = cell / "launch.log"
-    print(f"[{path}] running {rounds} round(s) of {PRESET.name}; log: {log}", flush=True)
+    print(f"[{path}] running {rounds} round(s) of {PRESET.name}; log: {cell / LOG}", flush=True)
     load = os.getloadavg()[0]
-    command = [sys.executable, "-m", "server_app.launch", "--run-config", str(PRESET), "--run-config", overrides]
-    command += ["--run-config", extra] if extra else []
-    command += ["--federation-config", federation] if federation else []
-    with log.open("w") as fh:
-        code = subprocess.run(
-            command,
-            cwd=ROOT,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            check=False,
-        ).returncode
-    if code:
-        raise SystemExit(f"the {path} run failed (exit {code}); see {log}")
+    if not launch_run(cell, PRESET, pairs, extra, federation=federation):
+        raise SystemExit(failure(cell, f"the {path} run"))
     (cell / "load.json").write_text(json.dumps([load, os.getloadavg()[0]]))
     return finished_rows(cell, pairs) or []
 
@@ -389,7 +373,9 @@ def checked_settings(run_config: str, defaults: Mapping) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.paper_cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (round 1 is left out of the figures)")
     parser.add_argument("--paths", default=",".join(PATHS), help="memory, folder or both (comma-separated)")
     parser.add_argument("--data-dir", default="", help="a real CIFAR-10 copy (default: random CIFAR-shaped images)")

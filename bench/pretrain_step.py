@@ -1,6 +1,6 @@
 """DWP step time and peak memory: alpha < 1 vs alpha = 1, and with vs without frozen-gradient hygiene.
 
-Run: `python bench/pretrain_step.py [--sizes tiny mid] [--steps 5]`, on the random `tiny`/`mid` LLaVA
+Run: `python -m bench.pretrain_step [--sizes tiny mid] [--steps 5]`, on the random `tiny`/`mid` LLaVA
 teachers (random weights; same classes as llava-1.5). Step time (batch decode, forward, backward,
 optimizer step) is the median over `--steps` rounds in one process where the cases take turns step by
 step, so a busy machine slows them alike. Memory is measured per case in its own child process (so one
@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.runs import ROOT
+
 CASES = (("alpha=0.5", 0.5, True), ("alpha=1", 1.0, True), ("alpha=0.5 no-hygiene", 0.5, False))
 BATCH = {"tiny": 16, "mid": 8}
 
@@ -132,12 +132,13 @@ def timing(size: str, steps: int) -> tuple[dict, dict]:
 
 def run_child(size: str, alpha: float, hygiene: bool) -> dict:
     args = json.dumps({"size": size, "alpha": alpha, "hygiene": hygiene})
-    out = subprocess.run([sys.executable, __file__, "--child", args], capture_output=True, text=True, check=True)
+    command = [sys.executable, "-m", "bench.pretrain_step", "--child", args]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.pretrain_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=sorted(BATCH))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -25,7 +25,7 @@ With `--repeats N` each size runs N times, the sizes taking turns, and the table
 shortest times and highest memory peaks: on a machine shared with other jobs the shortest time is the
 least disturbed one.
 
-Usage: python bench/scale.py [--clients 100 1000] [--rounds 4] [--sampled 10] [--repeats 2] [--run-config "k=v"]
+Usage: python -m bench.scale [--clients 100 1000] [--rounds 4] [--sampled 10] [--repeats 2] [--run-config "k=v"]
 """
 
 from __future__ import annotations
@@ -33,28 +33,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from flcore.run_config import format_overrides  # noqa: E402
-from server_app.watchdog import process_tree  # noqa: E402
+from bench.runs import failure, launch_run, run_dirs
+from flcore.reports import read_metrics
+from server_app.watchdog import process_tree
 
 CLASSES = 10
 SIDE = 32  # CIFAR's image size
 IMAGES_PER_CLIENT = 5
 ALIGN_PER_CLASS = 2
 TEST_PER_CLASS = 20
-POLL_S = 0.2
 SETTINGS = (
     "dataset=folder image-size=8 imbalance-factor=1.0 dirichlet-alpha=1.0 min-partition-size=2 "
     "local-epochs=1 batch-size=8 projection-dim=16 augment=false"
@@ -131,10 +126,9 @@ class Watch:
 
 
 def metrics_rows(out: Path) -> list[dict]:
-    found = list(out.glob("*/metrics.jsonl"))
-    if not found:
-        return []
-    return [json.loads(line) for line in found[0].read_text().splitlines() if line.strip()]
+    """The rows so far of the run launched into `out` (none before its first round)."""
+    found = run_dirs(out)
+    return read_metrics(found[0]) if found else []
 
 
 def align_per_class(clients: int, max_clients: int) -> int:
@@ -145,38 +139,18 @@ def align_per_class(clients: int, max_clients: int) -> int:
 
 def run_once(clients: int, max_clients: int, sampled: int, rounds: int, data: Path, out: Path, extra: str) -> dict:
     """One launch; its figures (see the module docstring)."""
-    run = {
+    sizes = {
         "data-dir": str(data),
-        "output-dir": str(out),
         "num-clients": clients,
         "align-per-class": align_per_class(clients, max_clients),
         "fraction-train": sampled / clients,
         "num-server-rounds": rounds,
     }
-    overrides = [arg for pairs in (SETTINGS, extra, format_overrides(run)) for arg in ("--run-config", pairs)]
     watch, t0 = Watch(), time.monotonic()
-    with (out / "launch.log").open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server_app.launch", *overrides],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        stop = threading.Event()
-
-        def poll() -> None:
-            while not stop.is_set():
-                watch.sample(proc.pid, out, t0)
-                time.sleep(POLL_S)
-
-        sampler = threading.Thread(target=poll, daemon=True)
-        sampler.start()
-        code = proc.wait()
-        stop.set()
-        sampler.join()
+    ok = launch_run(out, SETTINGS, extra, sizes, watch=lambda pid: watch.sample(pid, out, t0))
     wall = time.monotonic() - t0
-    if code:
-        sys.exit(f"the run with {clients} clients failed (exit {code}); see {out / 'launch.log'}")
+    if not ok:
+        sys.exit(failure(out, f"the run with {clients} clients"))
     rows = metrics_rows(out)
     later = [r["seconds"] for r in rows if r["round"] >= 2]
     per_round = statistics.fmean(later)
@@ -225,7 +199,9 @@ def load_average() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--sampled", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=4)

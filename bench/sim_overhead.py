@@ -6,30 +6,26 @@ same work; Flower's own node sampling cannot be replayed outside Flower. Prints 
 and the ratios: the round loop alone (from the ServerApp's own clock, round 0 evaluation to the last
 round) and end to end (including SuperLink and Ray start-up).
 
-Usage: python bench/sim_overhead.py [--rounds 10] [--run-config "k=v ..."]
+Usage: python -m bench.sim_overhead [--rounds 10] [--run-config "k=v ..."]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from flcore.experiment import client_batches, load_state, seeded_generator, server_data  # noqa: E402
-from flcore.metrics import summarize  # noqa: E402
-from flcore.models import build_model  # noqa: E402
-from flcore.run_config import format_overrides, parse_overrides  # noqa: E402
-from flcore.training import TrainSettings, predict, train  # noqa: E402
-from server_app.launch import project_settings, resolve  # noqa: E402
+from bench.runs import failure, launch_run, run_dirs
+from flcore.experiment import client_batches, load_state, seeded_generator, server_data
+from flcore.metrics import summarize
+from flcore.models import build_model
+from flcore.reports import read_metrics
+from flcore.run_config import parse_overrides
+from flcore.training import TrainSettings, predict, train
+from server_app.launch import project_settings, resolve
 
 
 def plain_fedavg(cfg: dict) -> tuple[float, float]:
@@ -63,22 +59,18 @@ def plain_fedavg(cfg: dict) -> tuple[float, float]:
 
 def flower_run(overrides: dict, out: Path) -> tuple[float, float, float]:
     """The launcher (`flwr run` on a local SuperLink, Ray backend). Returns (wall s, round-loop s, accuracy)."""
-    pairs = format_overrides({**overrides, "output-dir": str(out)})
     start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "server_app.launch", "--run-config", pairs],
-        cwd=ROOT,
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    if not launch_run(out, overrides):
+        raise SystemExit(failure(out, "the Flower run"))
     wall = time.perf_counter() - start
-    (run_dir,) = list(out.iterdir())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return wall, rows[-1]["elapsed"], rows[-1]["accuracy"]
+    last = read_metrics(run_dirs(out, finished=True)[-1])[-1]
+    return wall, last["elapsed"], last["accuracy"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.sim_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--run-config", default="")
     args = parser.parse_args()

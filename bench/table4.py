@@ -1,6 +1,6 @@
 """The paper's Table 4: few-shot training from the DWP-pretrained g_fl vs from scratch.
 
-Run: `python bench/table4.py [--fractions 0.4 1 2] [--epochs 30] [--target 0.5] [--run-config "k=v ..."]`.
+Run: `python -m bench.table4 [--fractions 0.4 1 2] [--epochs 30] [--target 0.5] [--run-config "k=v ..."]`.
 For each fraction of the training set (stratified, at least one image per class) it trains the FL model
 centrally for `--epochs` epochs twice, once from random init and once from the pretrained g_fl (the
 backbone, and the projection when `projection-dim` equals LLaVA's vision width; classifier fresh),
@@ -16,30 +16,26 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flcore import data as datasets
+from flcore.config import validate
+from flcore.data import Batches
+from flcore.experiment import seeded_generator
+from flcore.metrics import summarize
+from flcore.models import build_model
+from flcore.run_config import parse_overrides
+from flcore.training import TrainSettings, predict, train
+from pretrain.stage import pretrained_weights
+from pretrain.teacher import TINY, TINY_NOTE
+from strategies.registry import STRATEGIES
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from flcore import data as datasets  # noqa: E402
-from flcore.config import validate  # noqa: E402
-from flcore.data import Batches  # noqa: E402
-from flcore.experiment import seeded_generator  # noqa: E402
-from flcore.metrics import summarize  # noqa: E402
-from flcore.models import build_model  # noqa: E402
-from flcore.run_config import parse_overrides  # noqa: E402
-from flcore.training import TrainSettings, predict, train  # noqa: E402
-from pretrain.stage import pretrained_weights  # noqa: E402
-from pretrain.teacher import TINY, TINY_NOTE  # noqa: E402
-from strategies.registry import STRATEGIES  # noqa: E402
+matplotlib.use("Agg")  # files only, never a window; pyplot takes its backend at the first figure, not at import
 
 
 def few_shot(labels: np.ndarray, percent: float, seed: int) -> np.ndarray:
@@ -78,7 +74,7 @@ def epochs_to(accs: list[float], target: float) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.table4", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.4, 1.0, 2.0], help="percent of train set")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--target", type=float, default=0.5, help="accuracy whose first epoch is reported")

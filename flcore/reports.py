@@ -22,19 +22,34 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from flcore.files import atomic_write, json_safe, write_json
+from flcore.metrics import row_normalised
 
-from flcore.files import atomic_write, json_safe, write_json  # noqa: E402
-from flcore.metrics import row_normalised  # noqa: E402
+matplotlib.use("Agg")  # files only, never a window; pyplot takes its backend at the first figure, not at import
 
+METRICS = "metrics.jsonl"  # one JSON object per evaluated round
+SUMMARY = "summary.json"  # written once, when the run completed
 MAX_FIGURE_INCHES = 14  # a figure's side: one row per client would otherwise grow without bound
 SCALAR_KEYS = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
 NODE_DATA = "node-data"  # metrics row / summary key: node label -> {num-examples, class-counts} as reported
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl rows in round order (round 0 first when the initial model was evaluated); the
+    one reader of what `RunReport.record_eval` writes, for benchmarks and tests alike. A run still going has
+    the rows so far; blank lines are skipped."""
+    text = (Path(run_dir) / METRICS).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A completed run's summary.json (what `RunReport.finish` returned)."""
+    return json.loads((Path(run_dir) / SUMMARY).read_text())
 
 
 def save_figure(fig: Figure, path: Path) -> None:
@@ -118,7 +133,7 @@ class RunReport:
         """Take over the rows of a resumed run, so metrics.jsonl and the summary cover the whole run."""
         self.rows = [dict(r) for r in rows]
         text = "".join(json.dumps(json_safe(r)) + "\n" for r in self.rows)
-        atomic_write(self.dir / "metrics.jsonl", lambda tmp: tmp.write_text(text))
+        atomic_write(self.dir / METRICS, lambda tmp: tmp.write_text(text))
 
     def record_train(self, server_round: int, metrics: Mapping[str, Any]) -> None:
         """Keep the round's aggregated client metrics until its evaluation arrives."""
@@ -160,7 +175,7 @@ class RunReport:
         }
         self._last = now
         self.rows.append(row)
-        with (self.dir / "metrics.jsonl").open("a") as fh:
+        with (self.dir / METRICS).open("a") as fh:
             fh.write(json.dumps(json_safe(row)) + "\n")
         print(self.progress_line(row), flush=True)
 
@@ -188,7 +203,7 @@ class RunReport:
             **self.sections,
             **(extra or {}),
         }
-        write_json(self.dir / "summary.json", summary)
+        write_json(self.dir / SUMMARY, summary)
         self._plot_curves()
         plot_confusion(
             np.asarray(last["confusion-matrix"]),

@@ -2,11 +2,10 @@
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any test imports a hub library; pytest itself does not
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from flcore.data import Batches
 from flcore.experiment import load_record, prepare, server_data, to_record
 from flcore.metrics import summarize
 from flcore.models import build_model
-from flcore.reports import RunReport
+from flcore.reports import RunReport, read_metrics, read_summary
 from flcore.training import TrainSettings, predict, train
 from rounds.stage import ServerContext
 from server_app import app as server_app
@@ -246,7 +246,7 @@ def test_fedprox_with_alignment_runs_through_the_server_app(tmp_path, monkeypatc
     assert isinstance(built, ServerStages) and isinstance(built.inner.inner, FedProx)
     summary = server_app.run(grid, cfg, "fedprox")
     assert all(c["proximal-mu"] == 0.01 for c in grid.configs) and len(grid.configs) == 4
-    rows = [json.loads(line) for line in (tmp_path / "fedprox" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "fedprox")
     assert all("pre-align-accuracy" in r and r["align-steps"] == 1 for r in rows[1:])
     assert summary["alignment"]["alignment-step"]["round"] == 2
     assert (tmp_path / "fedprox" / "alignment-step.png").is_file()
@@ -306,10 +306,10 @@ def test_full_simulation_with_alignment_through_flwr_run(tmp_path, capfd):
     out = capfd.readouterr().out  # the ServerApp's log comes from the SuperLink's processes
     assert "finished:completed" in out and "RANDOM weights" in out
     run_dir = next(p for p in tmp_path.iterdir() if (p / "metrics.jsonl").is_file())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["replies"] == 3 and r["align-steps"] == 2 and "pre-align-few-accuracy" in r for r in rows[1:])
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     assert summary["alignment"]["beta-effective"] == 0.0 and summary["alignment"]["teacher-random-weights"]
     assert summary["alignment"]["alignment-step"]["after"]["accuracy"] == summary["final"]["accuracy"]
     assert (run_dir / "alignment-step.png").is_file() and len(list((tmp_path / "teacher-cache").glob("*.pt"))) == 2
@@ -346,7 +346,7 @@ def test_a_round_reports_where_its_time_went_and_the_last_model_is_evaluated_onc
     overrides = {"num-clients": 2, "fraction-train": 1.0, "num-server-rounds": 2, "local-epochs": 1}
     cfg = config(tmp_path, **overrides, **{"dirichlet-alpha": 100.0, "align-steps": 1, "align-eval-every": 0})
     server_app.run(ClientAppGrid(cfg), cfg, "timed")
-    rows = [json.loads(line) for line in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "timed")
     # rounds 0, 1 and 2 once each, plus round 2's model before its alignment step; the aligned model that
     # the step's figure needs is the one Flower's evaluation scores next, so it is not scored twice
     assert len(passes) == 4

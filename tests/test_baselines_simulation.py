@@ -2,13 +2,12 @@
 
 Tiny random-weight ResNet-8 runs on digits at 8 px (2 clients, 1 round): CCVR with focal loss and
 tau-norm in one run, CReFF in another. fedprox/fedavgm/fednova change no payload; they are covered
-in-process (tests/test_baselines.py) and run through the apps in `bench/compare.py --quick`.
+in-process (tests/test_baselines.py) and run through the apps in `python -m bench.compare --quick`.
 """
-
-import json
 
 import pytest
 
+from flcore.reports import read_metrics, read_summary
 from server_app import launch
 
 TINY = (
@@ -21,8 +20,8 @@ def run_one(tmp_path, name: str, overrides: str) -> tuple[dict, dict]:
     out = tmp_path / name
     assert launch.main(["--run-config", f"{TINY} {overrides} output-dir={out}"]) == 0
     (run_dir,) = list(out.iterdir())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return rows[-1], json.loads((run_dir / "summary.json").read_text())
+    rows = read_metrics(run_dir)
+    return rows[-1], read_summary(run_dir)
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ def test_a_cell_whose_clients_diverged_is_marked_in_the_table_not_left_as_not_ru
             fake_cell(tmp_path / "cells", "ratioloss", 10.0, 8, 0.6)
         reason = "metrics ['train-loss'] are NaN or Inf" if cell.method == "ratioloss" else "Traceback"
         (cell.dir / "launch.log").write_text(f"client 3: {reason}\n")
-        return cell.summary_path() is not None
+        return cell.finished_run() is not None
 
     monkeypatch.setattr(compare, "run_cell", run_cell)
     args = ["--methods", "ratioloss,fedavg", "--ifs", "10", "--seeds", "7,8", "--out", str(tmp_path)]

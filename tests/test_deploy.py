@@ -9,6 +9,7 @@ import time
 import pytest
 
 from deploy.local_cluster import LocalCluster
+from flcore.reports import read_metrics, read_summary
 from server_app import launch
 
 
@@ -109,8 +110,8 @@ def test_tls_cluster_with_node_auth_runs_two_rounds_above_chance(tmp_path):
         status = cluster.run(sent, timeout=600)
     assert status["status"] == "finished:completed", status
     (run_dir,) = (tmp_path / "out").iterdir()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = read_summary(run_dir)
+    rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["replies"] == 3
     assert summary["final"]["accuracy"] > 0.2, summary["final"]  # chance is 0.1 on ten digit classes
     assert not still_running([cluster.link, *cluster.procs])
@@ -157,8 +158,8 @@ def test_tls_cluster_of_nodes_with_their_own_folders_reports_counts_only(tmp_pat
     wall = time.perf_counter() - started
     assert status["status"] == "finished:completed", status
     (run_dir,) = (tmp_path / "out").iterdir()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = read_summary(run_dir)
+    rows = read_metrics(run_dir)
     assert [r["replies"] for r in rows[1:]] == [3, 3]
     sizes = {f"node{i}": sum(layout.values()) for i, layout in enumerate(layouts)}
     assert {k: v["num-examples"] for k, v in summary["node-data"].items()} == sizes  # each trained on its own

@@ -11,7 +11,6 @@ path in float32 on both sides rather than TF32's 10-bit mantissa.
 """
 
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from flcore.data import Batches
 from flcore.device import CPU, Compute, compute_of
 from flcore.experiment import client_batches, prepare, server_data, to_record
 from flcore.models import build_model
+from flcore.reports import read_metrics
 from server_app import app as server_app
 from server_app import launch
 from strategies.registry import STRATEGIES
@@ -173,5 +173,5 @@ def test_client_actors_under_ray_train_on_the_gpu_share_they_are_given(tmp_path,
     assert launch.main(["--run-config", run, "--federation-config", share]) == 0
     assert "finished:completed" in capsys.readouterr().out
     (run_dir,) = list(tmp_path.iterdir())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     assert [r["replies"] for r in rows[1:]] == [4, 4]

@@ -14,6 +14,7 @@ from flcore import data
 from flcore.config import ConfigError, validate
 from flcore.local_data import CLASS_COUNTS_KEY, CLASSES_KEY, LocalDataError, read_local
 from flcore.models import build_model
+from flcore.reports import read_metrics
 from rounds.polling import PromptGrid
 from rounds.sampling import NodeOrder, OrderedGrid
 from server_app import app as server_app
@@ -251,7 +252,7 @@ def test_a_federation_of_own_folders_survives_joins_departures_restarts_and_chan
     grid = Federation(cfg, folders, names, joins=[1, 1, 1, 2], leaves={2: 2}, returns={2: 4}, changes=grow)
     summary = server_app.run(grid, cfg, "local")
     run_dir = tmp_path / "out" / "local"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     # delta joins in round 2, gamma leaves during round 2 and is back (restarted) for round 4
     assert [(r["replies"], r["failed"]) for r in rows[1:]] == [(3, 0), (3, 1), (3, 0), (4, 0)]
     assert set(rows[4]["node-data"]) == {"alpha", "beta", "gamma", "delta"}

@@ -4,7 +4,6 @@ client and server halves in-process, and all five through the real ServerApp and
 Models are tiny random-weight ResNet-8 configurations on the offline digits data.
 """
 
-import json
 import math
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ from flcore.config import ConfigError, validate
 from flcore.experiment import prepare, server_data, to_record
 from flcore.losses import LOSS_KEY, RATIO_WEIGHTS_KEY, LossInputs, build_loss, kd_loss, ratio_loss
 from flcore.models import build_model
+from flcore.reports import read_metrics
 from server_app import app as server_app
 from server_app.preflight import preflight
 from strategies import ensemble_distillation
@@ -328,7 +328,7 @@ def run_app(tmp_path, name, **overrides):
     cfg = validate({**base, **overrides}, choices={"strategy": STRATEGIES})
     grid = ClientAppGrid(cfg)
     summary = server_app.run(grid, cfg, name)
-    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / name)
     return summary, rows, grid.configs
 
 

@@ -1,12 +1,13 @@
 """bench/paper_cost.py and bench/limits.py: projection arithmetic, the two data copies, FLOP counts, the CLI."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from bench import limits, paper_cost
+from bench import limits, paper_cost, runs
 from bench.paper_cost import RoundCost
 from flcore.data import load as load_dataset
 from flcore.data import open_image
@@ -153,7 +154,7 @@ def test_a_finished_run_with_the_same_settings_is_reported_again_not_rerun(tmp_p
     (run / "summary.json").write_text("{}")
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows((5.0, 4.0, 1.0, 1.0))))
     launched = []
-    monkeypatch.setattr(paper_cost.subprocess, "run", lambda *a, **k: launched.append(a) or 1 / 0)
+    monkeypatch.setattr(runs.subprocess, "Popen", lambda *a, **k: launched.append(a) or 1 / 0)
     assert len(paper_cost.run_path("memory", "/d", 2, "local-epochs=1", tmp_path)) == 2 and not launched
     with pytest.raises(ZeroDivisionError):  # other settings: a new run is launched
         paper_cost.run_path("memory", "/d", 2, "local-epochs=2", tmp_path)
@@ -162,11 +163,14 @@ def test_a_finished_run_with_the_same_settings_is_reported_again_not_rerun(tmp_p
 
 def test_the_federation_config_reaches_the_launch_so_clients_can_take_a_gpu_share(tmp_path, monkeypatch):
     commands = []
-    monkeypatch.setattr(paper_cost.subprocess, "run", lambda cmd, **k: commands.append(cmd) or 1 / 0)
+    monkeypatch.setattr(runs.subprocess, "Popen", lambda cmd, **k: commands.append(cmd) or 1 / 0)
     share = "client-resources-num-gpus=0.125"
     for federation in ("", share):
         with pytest.raises(ZeroDivisionError):
             paper_cost.run_path("memory", "/d", 2, "device=cuda", tmp_path, federation)
     without, with_share = commands
-    assert "--federation-config" not in without and without[-2:] == ["--run-config", "device=cuda"]
-    assert with_share[-4:] == ["--run-config", "device=cuda", "--federation-config", share]
+    output_dir = ["--run-config", f'output-dir="{tmp_path / "memory"}"']
+    assert "--federation-config" not in without and without[-4:] == ["--run-config", "device=cuda", *output_dir]
+    assert with_share[-4:] == [*output_dir, "--federation-config", share]
+    assert without[:4] == [sys.executable, "-m", "server_app.launch", "--run-config"]
+    assert without[4] == str(paper_cost.PRESET)  # the preset first: the bench's settings and --run-config win

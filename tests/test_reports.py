@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from flcore.reports import RunReport
+from flcore.reports import RunReport, read_metrics, read_summary
 
 
 def eval_row(acc):
@@ -39,12 +39,10 @@ def test_report_writes_every_file(tmp_path, capsys):
         "model.pt",
     ):
         assert (out / name).is_file(), name
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["train-loss"] == 1.5
     assert rows[1]["medium-accuracy"] is None  # NaN becomes null: valid JSON
-    assert (
-        summary["best-accuracy"] == 0.5 and json.loads((out / "summary.json").read_text())["final"]["accuracy"] == 0.5
-    )
+    assert summary["best-accuracy"] == 0.5 and read_summary(out)["final"]["accuracy"] == 0.5
     assert torch.equal(torch.load(out / "model.pt")["w"], torch.ones(2))
     assert "[round   1/2] loss 1.500 | acc 0.500" in capsys.readouterr().out
 

@@ -1,6 +1,5 @@
 """Resume: checkpoints are complete and pickle-free, and a run killed with -9 continues to the same weights."""
 
-import json
 import random
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from client_app.faults import fails
 from flcore.config import ConfigError, validate
 from flcore.experiment import prepare, to_record
 from flcore.models import build_model
+from flcore.reports import read_metrics
 from rounds import checkpoint
 from rounds.sampling import seeded_random
 from server_app import launch
@@ -200,8 +200,8 @@ def test_kill_9_mid_run_then_resume_ends_with_the_uninterrupted_weights(tmp_path
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    rows = [json.loads(line) for line in (next((tmp_path / "straight").iterdir()) / "metrics.jsonl").open()]
-    resumed_rows = (next((tmp_path / "resumed").iterdir()) / "metrics.jsonl").read_text().splitlines()
+    rows = read_metrics(next((tmp_path / "straight").iterdir()))
+    resumed_rows = read_metrics(next((tmp_path / "resumed").iterdir()))
     assert len(resumed_rows) == 4  # rounds 0..3: the killed run's rows carried over, the rest trained after resuming
     assert [r["round"] for r in rows] == [0, 1, 2, 3] and all(r["replies"] + r["failed"] == 2 for r in rows[1:])
     lost = sum(r["failed"] for r in rows[1:])

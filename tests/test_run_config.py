@@ -148,18 +148,11 @@ def test_make_run_hands_run_config_to_the_launcher_verbatim():
     assert argv[len(argv) - 1 - argv[::-1].index("--run-config") + 1] == value
 
 
-def test_compare_hands_the_launcher_values_with_spaces_intact(tmp_path, monkeypatch):
-    commands = []
-    monkeypatch.setattr(
-        compare.subprocess, "run", lambda cmd, **k: commands.append(cmd) or subprocess.CompletedProcess(cmd, 0)
-    )
+def test_compare_hands_the_launcher_values_with_spaces_intact(tmp_path):
+    from bench.runs import launch_command
+
     cell = compare.Cell("clip2fl", 10.0, 7, tmp_path / "a cell")
-    compare.run_cell(cell, {"strategy": "clip2fl", "clip2fl-prompt": "a photo of a {}"})
-    (command,) = commands
-    assert parse_overrides([command[command.index("--run-config") + 1]]) == {
-        "strategy": "clip2fl",
-        "clip2fl-prompt": "a photo of a {}",
-        "imbalance-factor": 10.0,
-        "seed": 7,
-        "output-dir": str(tmp_path / "a cell"),
-    }
+    overrides = {"strategy": "clip2fl", "clip2fl-prompt": "a photo of a {}", "imbalance-factor": 10.0, "seed": 7}
+    command = launch_command(cell.dir, overrides)
+    texts = [command[i + 1] for i, arg in enumerate(command) if arg == "--run-config"]
+    assert parse_overrides(texts) == {**overrides, "output-dir": str(tmp_path / "a cell")}

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from flcore.reports import read_metrics, read_summary
 from server_app import launch
 
 
@@ -16,10 +17,10 @@ def test_full_simulation_learns_and_writes_reports(tmp_path, capsys):
     assert launch.main(["--run-config", overrides]) == 0
     assert "finished:completed" in capsys.readouterr().out
     (run_dir,) = list(tmp_path.iterdir())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [0, 2, 3]  # round 0, every 2nd, and always the last
     assert all(r["replies"] == 4 for r in rows[1:])
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     assert summary["final"]["accuracy"] > 0.3  # chance is 0.1 on ten digit classes
     assert summary["final"]["accuracy"] > rows[0]["accuracy"]
     partition = json.loads((run_dir / "partition.json").read_text())

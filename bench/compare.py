@@ -61,7 +61,7 @@ METHODS: dict[str, str] = {
     "fedavgm": "strategy=fedavgm",
     "fednova": "strategy=fednova",
     "focal": "loss=focal",
-    "ratioloss": "strategy=ratioloss",
+    "ratioloss": "strategy=ratioloss lr=0.001 momentum=0.9 weight-decay=0.0005",  # see OWN_TRAINING
     "feddf": "strategy=feddf",
     "fedbe": "strategy=fedbe",
     "tau-norm": "tau-norm=1.0",
@@ -78,6 +78,12 @@ METHODS: dict[str, str] = {
     "align-holdout": "align=true align-teacher=holdout",
     "ours-holdout": "pretrain=true align=true align-teacher=holdout",
     "clip2fl-holdout": "strategy=clip2fl align-teacher=holdout",
+}
+# The clients' training: every row uses the grid's unless its method sets its own, which the table marks.
+TRAINING_KEYS = ("local-epochs", "batch-size", "lr", "momentum", "weight-decay", "augment")
+OWN_TRAINING = {  # why a built-in method trains its clients its own way, for the table's footnote
+    "ratioloss": "its authors' optimiser (utils/options.py, models/Update.py); at the protocol's lr 0.1 the Ratio "
+    "Loss's clients diverge",
 }
 CURVE = "curve"  # a cell's per-round [round, accuracy] pairs, a JSON list in the CSV
 FIGURE4 = ("ours-no-align", "ours")  # the paper's Figure 4: the run trained without alignment, then with it
@@ -178,17 +184,34 @@ def _finite_mean(values: Iterable[float]) -> float:
     return statistics.fmean(finite) if finite else float("nan")
 
 
+def training_notes(methods_cfg: Mapping[str, str], methods: Sequence[str]) -> dict[str, str]:
+    """Method -> a footnote for each row whose clients train with settings of their own (`TRAINING_KEYS`),
+    so that a row run at other settings than the rest of the table says so."""
+    notes = {}
+    for m in methods:
+        own = {k: v for k, v in parse_overrides([methods_cfg[m]]).items() if k in TRAINING_KEYS}
+        if own:
+            why = f": {OWN_TRAINING[m]}" if m in OWN_TRAINING else ""
+            settings = " ".join(f"{k}={v}" for k, v in own.items())
+            notes[m] = f"{m} trains its clients with {settings}, not the grid's settings{why}."
+    return notes
+
+
 def table(
     results: list[dict],
     methods: Sequence[str],
     ifs: Sequence[float],
     failures: Mapping[tuple[str, float], Sequence[str]] | None = None,
+    notes: Mapping[str, str] | None = None,
 ) -> str:
     """Markdown in the shape of the paper's Table 2, with cost columns; best mean per IF in bold.
 
     `failures` lists, per (method, IF), why launched seeds did not finish; such a cell says how many
-    (`diverged` alone when no seed finished), so a method that blew up is not mistaken for one not run."""
-    failures = failures or {}
+    (`diverged` alone when no seed finished), so a method that blew up is not mistaken for one not run.
+    `notes` (from `training_notes`) mark their rows with a number and follow the table as footnotes."""
+    failures, notes = failures or {}, notes or {}
+    rows = [m for m in methods if any(r["method"] == m for r in results) or any(failures.get((m, i)) for i in ifs)]
+    noted_rows = [m for m in rows if m in notes]
     means = {
         (m, i): _mean_std([100 * r["accuracy"] for r in results if r["method"] == m and r["imbalance-factor"] == i])
         for m in methods
@@ -198,10 +221,8 @@ def table(
     best = {i: max((means[m, i][0] for m in methods if (m, i) in means), default=None) for i in ifs}
     head = ["method", *[f"IF {i:g}" for i in ifs], "round s", "upload / client / round", "client peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in methods:
+    for m in rows:
         mine = [r for r in results if r["method"] == m]
-        if not mine and not any(failures.get((m, i)) for i in ifs):
-            continue
         cells = []
         for i in ifs:
             why = failures.get((m, i), [])
@@ -213,16 +234,18 @@ def table(
             text = f"{mean:.2f} ± {std:.2f}"
             text = f"**{text}**" if mean == best[i] else text
             cells.append(f"{text} ({noted})" if why else text)
+        label = f"{m} [{noted_rows.index(m) + 1}]" if m in notes else m
         if not mine:
-            lines.append("| " + " | ".join([m, *cells, "–", "–", "–"]) + " |")
+            lines.append("| " + " | ".join([label, *cells, "–", "–", "–"]) + " |")
             continue
         cost = [
             f"{_finite_mean(r['round-seconds'] for r in mine):.2f}",
             f"{_finite_mean(r['upload-bytes'] for r in mine) / 2**20:.2f} MiB",
             f"{max(r['peak-rss-mb'] for r in mine):.0f}",
         ]
-        lines.append("| " + " | ".join([m, *cells, *cost]) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append("| " + " | ".join([label, *cells, *cost]) + " |")
+    footnotes = [f"[{n}] {notes[m]}" for n, m in enumerate(noted_rows, 1)]
+    return "\n".join(lines + ([""] + footnotes if footnotes else [])) + "\n"
 
 
 def write_csv(results: list[dict], path: Path) -> None:
@@ -387,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cell in cells:
         if cell.key not in borrowed and (why := cell_failure(cell)):
             failures.setdefault((cell.method, cell.imbalance), []).append(why)
-    text = table(results, methods, ifs, failures)
+    text = table(results, methods, ifs, failures, training_notes(methods_cfg, methods))
     out.mkdir(parents=True, exist_ok=True)  # a report of borrowed rows alone has no cell folder here
     (out / "table.md").write_text(text)
     write_csv(results, out / "results.csv")

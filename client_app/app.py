@@ -21,6 +21,7 @@ use for the partitions this process serves, and only for those (`flcore.experime
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
@@ -37,7 +38,7 @@ from flcore.costs import cost_metrics
 from flcore.device import Compute, compute_of
 from flcore.experiment import load_state, seeded_generator, to_record
 from flcore.local_data import CLASS_COUNTS_KEY
-from flcore.losses import LossInputs, build_loss
+from flcore.losses import LossInputs, build_loss, max_grad_norm
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
 from flcore.training import ExtraLoss, TrainSettings, predict, train
@@ -71,9 +72,11 @@ def message_limit(cfg: Mapping, node_config: Mapping) -> float:
 
 
 def _settings(cfg: Mapping, server_config: Mapping) -> TrainSettings:
-    """Run config overlaid with the server's round config; the proximal term only when the server sends it."""
+    """Run config overlaid with the server's round config; the proximal term only when the server sends it,
+    gradient clipping only when the loss comes with it."""
     local = {k: v for k, v in cfg.items() if k != "proximal-mu"}
-    return TrainSettings.from_config({**local, **server_config})
+    settings = TrainSettings.from_config({**local, **server_config})
+    return replace(settings, max_grad_norm=max_grad_norm(cfg, server_config))
 
 
 def _kd(cfg: Mapping, server_config: Mapping, data: Shard) -> ExtraLoss | None:
@@ -94,7 +97,8 @@ def train_fn(msg: Message, context: Context) -> Message:
     extra = {}
     if UPLOAD_KEY in server_config:  # CReFF: computed on the received global model, before training
         extra[UPLOADS_RECORD] = client_upload(server_config, model, batches, classes)
-    loss = build_loss(LossInputs(cfg, np.bincount(batches.data.labels, minlength=classes), server_config))
+    counts = np.bincount(batches.data.labels, minlength=classes)
+    loss = build_loss(LossInputs(cfg, counts, server_config, model.classifier.bias))
     settings, kd = _settings(cfg, server_config), _kd(cfg, server_config, data)
     metrics = train(model, batches, settings, gen, loss, kd, compute_of(cfg))
     arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})

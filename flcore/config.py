@@ -24,6 +24,7 @@ MODELS = ("resnet8", "resnet50")
 ALIGN_WHEN = ("every-round", "last-round")
 ALIGN_LOSSES = ("ce+kl", "ce", "kl")
 LOSSES = ("ce", "focal", "fedlc", "fedrs")
+FEDRS_VARIANTS = ("authors", "paper")
 DISTILL_ON_ALIGN = "align"  # distill-data: D_align's images, labels dropped
 PARTITIONER_NAMES = ("creff", "dirichlet")
 ALIGN_SOURCES = ("auto", "train", "val")
@@ -476,8 +477,16 @@ SECTIONS: dict[str, dict[str, Option]] = {
         ),
         "fedrs-alpha": _opt(
             0.5,
-            "FedRS scale of the logits of classes a client lacks (loss=fedrs; the paper's alpha 0.5; 1 = ce).",
+            "FedRS scale of the logits of classes a client lacks (loss=fedrs; the paper's alpha 0.5; with "
+            "fedrs-variant=paper, 1 = ce).",
             _number(0, 1),
+        ),
+        "fedrs-variant": _choice(
+            "authors",
+            "FedRS form (loss=fedrs): authors (FedRepo's code: every class's logit w_c.h, without the bias, scaled "
+            "by alpha + (1 - alpha) * n_c / max n, gradient norm clipped at 100) or paper (the logits of absent "
+            "classes times alpha).",
+            FEDRS_VARIANTS,
         ),
     },
     "CLIP2FL (CReFF + client-side distillation from the align-teacher CLIP + a server-side text contrast)": {

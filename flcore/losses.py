@@ -6,8 +6,11 @@ long-tailed client weigh more: FL = -(1 - p_t)^gamma * log p_t. With gamma = 0 i
 
 FedLC (Zhang et al., ICML 2022) and FedRS (Li and Zhan, KDD 2021) change the softmax with the client's
 own label counts, which never leave the client: FedLC subtracts tau * n_c^(-1/4) from the logit of each
-class c before the cross-entropy (a larger margin for the client's rare classes), FedRS multiplies the
-logits of the classes the client lacks by alpha, so the client pushes them down less.
+class c before the cross-entropy (a larger margin for the client's rare classes), FedRS scales down the
+logits of the classes the client lacks, so the client pushes them down less. FedRS comes in two forms
+(`fedrs-variant`): the paper's, which multiplies the logits of absent classes by alpha, and its authors'
+code's (FedRepo), which scales every class by alpha + (1 - alpha) * n_c / max n, leaves the classifier's
+bias out of the logits and clips the gradient.
 
 The Ratio Loss (Wang et al., AAAI 2021) weights each example's cross-entropy by a per-class weight the
 server estimates every round (`strategies.ratio_loss`) and sends in the round config; a strategy that
@@ -34,16 +37,19 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOSS_KEY = "loss"  # round-config key through which a strategy names its clients' loss
 RATIO_WEIGHTS_KEY = "ratio-weights"  # round-config key: the Ratio Loss's per-class weights, .npy bytes
 FEDLC_MIN_COUNT = 1e-8  # a class the client lacks counts as 1e-8 images: its logit drops by 100 * tau
+FEDRS_MAX_GRAD_NORM = 100.0  # FedRepo's max_grad_norm (its config.py, every dataset)
 
 
 @dataclass(frozen=True)
 class LossInputs:
-    """What a client knows when it builds its loss: the run config, its own images per class, and the round
-    config the server sent."""
+    """What a client knows when it builds its loss: the run config, its own images per class, the round
+    config the server sent, and its model's classifier bias (the live parameter: FedRS's authors' logits
+    leave it out)."""
 
     cfg: Mapping
     label_counts: np.ndarray
     server_config: Mapping = field(default_factory=dict)
+    classifier_bias: torch.Tensor | None = None
 
 
 def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -69,14 +75,25 @@ def fedlc_loss(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor
     return F.cross_entropy(logits - offsets.to(logits), labels)
 
 
-def fedrs_scale(label_counts: np.ndarray, alpha: float) -> torch.Tensor:
-    """FedRS's restriction per class: 1 for the classes the client holds, alpha for the ones it lacks."""
-    held = torch.as_tensor(np.asarray(label_counts) > 0)
-    return torch.where(held, 1.0, float(alpha))
+def fedrs_scale(label_counts: np.ndarray, alpha: float, variant: str = "authors") -> torch.Tensor:
+    """FedRS's scale per class. The paper's: 1 for the classes the client holds, alpha for the ones it lacks.
+    Its authors' code: alpha + (1 - alpha) * n_c / max n, so only the client's largest class keeps its whole
+    logit and a held class is restricted the less the more images of it the client has."""
+    counts = np.asarray(label_counts, np.float64)
+    if variant == "paper":
+        return torch.where(torch.as_tensor(counts > 0), 1.0, float(alpha))
+    share = counts / counts.max() if counts.max() > 0 else np.zeros_like(counts)
+    return torch.as_tensor(alpha + (1.0 - alpha) * share).float()
 
 
-def fedrs_loss(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the restricted softmax: the logits of absent classes scaled by alpha."""
+def fedrs_loss(
+    logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy of the restricted softmax scale_c * f_c. With `bias` (the authors' form) f_c is the
+    logit without the classifier's bias, w_c . h, as FedRepo computes it: the loss then gives the bias no
+    gradient."""
+    if bias is not None:
+        logits = logits - bias
     return F.cross_entropy(logits * scale.to(logits), labels)
 
 
@@ -107,24 +124,41 @@ def _ratio(inputs: LossInputs) -> LossFn:
     return partial(ratio_loss, weights=torch.from_numpy(weights.astype(np.float32)))
 
 
+def _fedrs(inputs: LossInputs) -> LossFn:
+    """FedRS in the form `fedrs-variant` names: the authors' leaves the bias out of the logits."""
+    variant = str(inputs.cfg["fedrs-variant"])
+    scale = fedrs_scale(inputs.label_counts, float(inputs.cfg["fedrs-alpha"]), variant)
+    return partial(fedrs_loss, scale=scale, bias=inputs.classifier_bias if variant == "authors" else None)
+
+
 LOSSES: dict[str, Callable[[LossInputs], LossFn]] = {
     "ce": lambda inputs: F.cross_entropy,
     "focal": lambda inputs: partial(focal_loss, gamma=float(inputs.cfg["focal-gamma"])),
     "fedlc": lambda inputs: partial(
         fedlc_loss, offsets=fedlc_offsets(inputs.label_counts, float(inputs.cfg["fedlc-tau"]))
     ),
-    "fedrs": lambda inputs: partial(
-        fedrs_loss, scale=fedrs_scale(inputs.label_counts, float(inputs.cfg["fedrs-alpha"]))
-    ),
+    "fedrs": _fedrs,
 }
 
 # Losses only a strategy selects, through `LOSS_KEY` in its round config.
 SERVER_LOSSES: dict[str, Callable[[LossInputs], LossFn]] = {"ratio": _ratio}
 
 
-def build_loss(inputs: LossInputs) -> LossFn:
+def loss_name(cfg: Mapping, server_config: Mapping) -> str:
     """The loss the round config names (`LOSS_KEY`), else the run config's `loss`."""
-    name = str(inputs.server_config.get(LOSS_KEY, inputs.cfg["loss"]))
+    return str(server_config.get(LOSS_KEY, cfg["loss"]))
+
+
+def max_grad_norm(cfg: Mapping, server_config: Mapping) -> float:
+    """The gradient clipping that comes with the client's loss: FedRS's authors clip, the others do not (0)."""
+    if loss_name(cfg, server_config) == "fedrs" and cfg["fedrs-variant"] == "authors":
+        return FEDRS_MAX_GRAD_NORM
+    return 0.0
+
+
+def build_loss(inputs: LossInputs) -> LossFn:
+    """The loss `loss_name` picks, for this client's inputs."""
+    name = loss_name(inputs.cfg, inputs.server_config)
     known = {**LOSSES, **SERVER_LOSSES}
     if name not in known:
         raise ValueError(f"the server asked for loss {name!r}; this client knows {', '.join(known)}")

@@ -33,6 +33,7 @@ class TrainSettings:
     weight_decay: float
     augment: bool = True
     proximal_mu: float = 0.0
+    max_grad_norm: float = 0.0  # clip the gradient's global norm to this before each step; 0 = no clipping
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> TrainSettings:
@@ -64,7 +65,8 @@ def train(
     extra_loss: ExtraLoss | None = None,
     compute: Compute = CPU,
 ) -> dict[str, float]:
-    """Plain SGD over the client's data; with proximal_mu > 0 adds FedProx's (mu/2)||w - w_global||^2.
+    """Plain SGD over the client's data; with proximal_mu > 0 adds FedProx's (mu/2)||w - w_global||^2, and
+    with max_grad_norm > 0 clips each step's gradient (FedRS's authors' client does).
 
     `extra_loss` gets the logits and the batch's positions in the data, so a per-example term (CLIP2FL's
     distillation from cached teacher logits) is added without changing the loss signature of other callers.
@@ -94,6 +96,9 @@ def train(
                     )
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if settings.max_grad_norm > 0:
+                scaler.unscale_(opt)  # clip the true gradient, not fp16's scaled one
+                nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             scaler.step(opt)
             scaler.update()
             total_loss += loss.detach().double() * len(y)

@@ -1,114 +1,169 @@
 """Ratio Loss (Wang et al., AAAI 2021, "Addressing Class Imbalance in Federated Learning"), around FedAvg.
 
 The server holds a small class-balanced auxiliary set, D_align. Every round, before sending the global
-model, it computes on D_align, under that model, the gradient G_q of the cross-entropy with respect to the
-classifier ([C, D+1]: weights and bias) for each class q separately. From them:
+model, it trains a copy of that model on the D_align images of each class q alone, as a client trains (the
+round's local epochs, learning rate, momentum and weight decay, the run's batch size, plain cross-entropy;
+no augmentation), and keeps the change U_q of the classifier's weights ([C, D], no bias). From the C
+updates, as the authors' code does (`models/Fed.py` of balanced-fl/Addressing-Class-Imbalance-FL):
 
-- the Ratio Loss's class weights (the authors' code): for class p, Ra_p = ||G_p[p]|| / ||mean_{q != p} G_q[p]||
-  compares how hard class p's own images pull on its output neuron with how hard the other classes' push
-  on it; a class the global model neglects (a minority class) pulls harder, so Ra_p is large. The weights
-  `ratio-alpha` + `ratio-beta` * Ra_p (Ra_p capped at 5000, as the authors' code) go to the clients in the
-  round config, and each client trains with the Ratio Loss -w_y log p_y (`flcore.losses.ratio_loss`).
+- each classifier weight belongs to the class whose update of it is the largest, unless another class's
+  update reaches 80 % of that one in magnitude (then to none): `owners`;
+- Ra_p = |sum of U_p over class p's weights| / |sum over them of the mean of the other classes' updates|
+  compares how far class p's own images move the weights it dominates with how far the other classes'
+  images move them on average. The others push a class's weights by about the probability the model gives
+  it on their images, so a class the global model neglects (a minority class) gets a large Ra_p. Where the
+  others' updates sum to zero (a class that dominates no weight) Ra_p is 10, the authors' value.
+- the class weights `ratio-alpha` + `ratio-beta` * min(Ra_p, 5000) go to the clients in the round config,
+  and each client trains with the Ratio Loss -w_y log p_y (`flcore.losses.ratio_loss`).
 - the monitor (the paper's estimate of the round's class composition): after aggregation, the change of
-  the classifier is, to first order, -lr_eff * sum_q n_q G_q, so a least-squares fit of the change on the C
-  class gradients gives the n_q up to scale; normalised, it is reported as `ratio-composition` in
-  metrics.jsonl.
+  the classifier's weights is, to first order, proportional to sum_q n_q U_q, so a least-squares fit of the
+  change on the C class updates gives the n_q up to scale; normalised, it is reported as
+  `ratio-composition` in metrics.jsonl.
 
-Departures: the authors compare one-step SGD updates of the whole model on each class's auxiliary data,
-restricted to the classifier weights where one class's update dominates (an 80 % threshold); the exact
-gradient of the classifier is what a one-step update of it is proportional to, and the norm of neuron p's
-gradient row replaces the sum over dominated weights, which needs no threshold. Their monitor solves for
-n_p weight by weight, assuming the other classes push alike and knowing the clients' batch sizes; the
-joint least-squares fit needs neither. The weights of round t come from the model sent in round t; the
-authors' come from the previous round's model, with plain cross-entropy in round 1.
+Departures: the authors' monitor solves for n_p weight by weight, assuming the other classes push alike and
+knowing the clients' batch size; the joint least-squares fit needs neither. The weights of round t come
+from the model sent in round t; the authors' come from the previous round's model, with plain cross-entropy
+in round 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO
 
 import numpy as np
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
+from torch import nn
 
-from flcore.class_statistics import class_gradients, npy_bytes
+from flcore.class_statistics import npy_bytes
 from flcore.config import ConfigError
 from flcore.data import Batches
-from flcore.experiment import Prepared, align_set, batches, model_from, prepare
+from flcore.device import CPU, Compute, compute_of
+from flcore.experiment import Prepared, align_set, batches, model_from, prepare, seeded_generator
 from flcore.losses import LOSS_KEY, RATIO_WEIGHTS_KEY
+from flcore.training import TrainSettings, train
 from rounds.delegate import Delegating
-from strategies.calibration import BIAS, WEIGHT
+from strategies.calibration import WEIGHT
 from strategies.fedavg import sampling
 
 RATIO_CAP = 5000.0  # the authors' upper bound on Ra_p
+DEGENERATE_RATIO = 10.0  # the authors' Ra_p where the other classes' updates of class p's weights sum to 0
+DOMINANCE = 0.8  # another class's update above 80 % of the largest one (in magnitude) leaves the weight ownerless
 
 
-def classifier_matrix(arrays: ArrayRecord) -> np.ndarray:
-    """The classifier as one [C, D+1] matrix: weights, then the bias as the last column."""
-    return np.concatenate([arrays[WEIGHT].numpy(), arrays[BIAS].numpy()[:, None]], axis=1).astype(np.float64)
+def auxiliary_settings(config: Mapping) -> TrainSettings:
+    """How the server trains on one class's auxiliary images: as the round's clients do, without
+    augmentation (the authors run their clients' `LocalUpdate` on it)."""
+    return TrainSettings(
+        int(config["local-epochs"]),
+        float(config["lr"]),
+        float(config["momentum"]),
+        float(config["weight-decay"]),
+        augment=False,
+    )
 
 
-def auxiliary_gradients(model, batches: Batches, num_classes: int) -> np.ndarray:
-    """G [C, C, D+1]: G[q] is the mean-CE gradient of the classifier on the auxiliary images of class q."""
-    grads = class_gradients(model, batches, num_classes)
-    return np.concatenate([grads["grad-weight"], grads["grad-bias"][..., None]], axis=2).astype(np.float64)
+def class_updates(
+    model: nn.Module, per_class: Sequence[Batches], settings: TrainSettings, gen, compute: Compute = CPU
+) -> np.ndarray:
+    """U [C, C, D] (float32, as the model): U[q] is the change of the classifier's weights when the model
+    trains on class q's auxiliary images alone; the model is left as it came."""
+    sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start = sent[WEIGHT].cpu().numpy()
+    updates = []
+    for class_batches in per_class:
+        model.load_state_dict(sent)
+        train(model, class_batches, settings, gen, F.cross_entropy, compute=compute)
+        updates.append(model.state_dict()[WEIGHT].detach().cpu().numpy() - start)
+    model.load_state_dict(sent)
+    model.zero_grad(set_to_none=True)
+    return np.stack(updates)
 
 
-def ratio_estimates(grads: np.ndarray) -> np.ndarray:
-    """Ra_p = ||G_p[p]|| / ||mean_{q != p} G_q[p]|| for every class p (0 where class p pulls nothing)."""
-    num_classes = grads.shape[0]
-    own = grads[np.arange(num_classes), np.arange(num_classes)]  # row p of class p's gradient
-    others = (grads.sum(axis=0) - own) / max(num_classes - 1, 1)  # row p, averaged over the other classes
-    pull, push = np.linalg.norm(own, axis=1), np.linalg.norm(others, axis=1)
-    return np.where(push > 0, pull / np.where(push > 0, push, 1.0), np.where(pull > 0, RATIO_CAP, 0.0))
+def owners(updates: np.ndarray) -> np.ndarray:
+    """[C, D]: the class each classifier weight belongs to, -1 for none. A weight belongs to the class whose
+    update of it is the largest (the first of a tie) when no other class's update exceeds `DOMINANCE` of
+    that one in magnitude; when the largest update is 0, when no other update is 0 as well."""
+    top = updates.argmax(axis=0)
+    peak = np.take_along_axis(updates, top[None], axis=0)[0].astype(np.float64)
+    magnitude = np.abs(peak)
+    safe = np.where(magnitude > 0, magnitude, 1.0)
+    close = np.zeros(peak.shape, np.int64)  # updates as large as the peak's share, the peak's own included
+    for update in updates.astype(np.float64):
+        close += np.where(magnitude > 0, np.abs(update) / safe > DOMINANCE, update == 0)
+    return np.where(close < 2, top, -1)
 
 
-def class_weights(grads: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+def ratio_estimates(updates: np.ndarray) -> np.ndarray:
+    """Ra_p for every class p: |sum of U_p over p's weights| / |sum over them of mean_{q != p} U_q|, or
+    `DEGENERATE_RATIO` where that denominator is 0."""
+    num_classes = updates.shape[0]
+    owner = owners(updates)
+    peak = updates.max(axis=0).astype(np.float64)  # the owner's own update, where a weight has one
+    others = (updates.sum(axis=0, dtype=np.float64) - peak) / max(num_classes - 1, 1)
+    held = owner >= 0
+    own = np.bincount(owner[held], weights=peak[held], minlength=num_classes)
+    push = np.bincount(owner[held], weights=others[held], minlength=num_classes)
+    return np.where(push != 0, np.abs(own) / np.where(push != 0, np.abs(push), 1.0), DEGENERATE_RATIO)
+
+
+def class_weights(updates: np.ndarray, alpha: float, beta: float) -> np.ndarray:
     """The Ratio Loss's per-class weights alpha + beta * min(Ra_p, cap)."""
-    return alpha + beta * np.minimum(ratio_estimates(grads), RATIO_CAP)
+    return alpha + beta * np.minimum(ratio_estimates(updates), RATIO_CAP)
 
 
-def composition(grads: np.ndarray, change: np.ndarray) -> np.ndarray:
+def composition(updates: np.ndarray, change: np.ndarray) -> np.ndarray:
     """The monitor: shares n_q / sum n of the round's training images per class, from the classifier change.
 
-    Least squares of change ~= sum_q c_q G_q; SGD moves against the gradient, so n_q is proportional to
-    -c_q (negative fits, noise, are clipped to 0). Uniform when nothing could be fitted.
+    Least squares of change ~= sum_q c_q U_q; the clients' images of class q move the classifier as the
+    server's did, so n_q is proportional to c_q (negative fits, noise, are clipped to 0). Uniform when
+    nothing could be fitted.
     """
-    num_classes = grads.shape[0]
-    coef, *_ = np.linalg.lstsq(grads.reshape(num_classes, -1).T, change.ravel(), rcond=None)
-    share = np.maximum(-coef, 0.0)
+    num_classes = updates.shape[0]
+    basis = updates.reshape(num_classes, -1).T.astype(np.float64)
+    coef, *_ = np.linalg.lstsq(basis, np.asarray(change, np.float64).ravel(), rcond=None)
+    share = np.maximum(coef, 0.0)
     total = share.sum()
     return share / total if total > 0 else np.full(num_classes, 1.0 / num_classes)
 
 
 class RatioLoss(Delegating):
     """Any strategy whose clients train with the Ratio Loss, with class weights and a composition estimate
-    from the server's auxiliary gradients."""
+    from the server's per-class updates on D_align."""
 
     def __init__(self, inner: Strategy, cfg: Mapping) -> None:
         super().__init__(inner)
         self.cfg = cfg
-        self.monitor: dict[str, np.ndarray] = {}  # this round's gradients, classifier sent and class weights
+        self.monitor: dict[str, np.ndarray] = {}  # this round's class updates, classifier sent and class weights
+        self._per_class: list[Batches] = []
 
     def summary(self) -> None:
-        log(INFO, "\t├──> Ratio Loss: class weights from D_align's classifier gradients, sent every round")
+        log(INFO, "\t├──> Ratio Loss: class weights from per-class updates on D_align, sent every round")
         self.inner.summary()
 
-    def _auxiliary(self) -> Batches:
-        """D_align in evaluation batches, on the run's device."""
-        return batches(self.cfg, align_set(self.cfg), int(self.cfg["eval-batch-size"]))
+    def _auxiliary(self) -> list[Batches]:
+        """D_align split by class, in the clients' batch size, on the run's device (built once)."""
+        if not self._per_class:
+            aux, size = align_set(self.cfg), int(self.cfg["batch-size"])
+            num_classes = prepare(self.cfg).dataset.num_classes
+            self._per_class = [
+                batches(self.cfg, aux.subset(np.flatnonzero(aux.labels == q)), size) for q in range(num_classes)
+            ]
+        return self._per_class
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         cfg = self.cfg
-        num_classes = prepare(cfg).dataset.num_classes
-        grads = auxiliary_gradients(model_from(cfg, arrays), self._auxiliary(), num_classes)
-        weights = class_weights(grads, float(cfg["ratio-alpha"]), float(cfg["ratio-beta"]))
-        self.monitor = {"grads": grads, "classifier": classifier_matrix(arrays), "weights": weights}
+        settings = auxiliary_settings({**cfg, **config})
+        gen = seeded_generator(int(cfg["seed"]), server_round)
+        updates = class_updates(model_from(cfg, arrays), self._auxiliary(), settings, gen, compute_of(cfg))
+        weights = class_weights(updates, float(cfg["ratio-alpha"]), float(cfg["ratio-beta"]))
+        self.monitor = {"updates": updates, "classifier": arrays[WEIGHT].numpy(), "weights": weights}
         entries = {LOSS_KEY: "ratio", RATIO_WEIGHTS_KEY: npy_bytes(weights.astype(np.float32))}
         return self.inner.configure_train(server_round, arrays, ConfigRecord({**config, **entries}), grid)
 
@@ -119,8 +174,8 @@ class RatioLoss(Delegating):
         if arrays is None or not self.monitor:
             return arrays, metrics
         metrics = MetricRecord() if metrics is None else metrics
-        change = classifier_matrix(arrays) - self.monitor["classifier"]
-        metrics["ratio-composition"] = composition(self.monitor["grads"], change).tolist()
+        change = arrays[WEIGHT].numpy().astype(np.float64) - self.monitor["classifier"]
+        metrics["ratio-composition"] = composition(self.monitor["updates"], change).tolist()
         metrics["ratio-weights"] = self.monitor["weights"].tolist()
         return arrays, metrics
 

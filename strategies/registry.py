@@ -129,6 +129,10 @@ def build_server_strategy(
     return ServerStages(policy, build_stages(cfg, ctx), report, round_offset=round_offset, on_round_end=on_round_end)
 
 
+FEDRS_FORMS = {
+    "authors": "the authors' code: logits without bias x alpha + (1 - alpha) n_c / max n, gradient clipped",
+    "paper": "the paper's: logits of classes it lacks x alpha",
+}
 LOSS_RUNS: dict[str, Callable[[Mapping], str]] = {
     "ce": lambda cfg: "ce loss",
     "focal": lambda cfg: f"focal loss (gamma {cfg['focal-gamma']})",
@@ -136,8 +140,8 @@ LOSS_RUNS: dict[str, Callable[[Mapping], str]] = {
         f"FedLC's logit-calibrated CE (tau {cfg['fedlc-tau']}) from its own label counts, which it keeps"
     ),
     "fedrs": lambda cfg: (
-        f"FedRS's restricted softmax (logits of classes it lacks x {cfg['fedrs-alpha']}) from its own label "
-        "counts, which it keeps"
+        f"FedRS's restricted softmax (alpha {cfg['fedrs-alpha']}, {FEDRS_FORMS[str(cfg['fedrs-variant'])]}) from "
+        "its own label counts, which it keeps"
     ),
 }
 

@@ -58,9 +58,25 @@ def test_a_cell_whose_clients_diverged_is_marked_in_the_table_not_left_as_not_ru
     args = ["--methods", "ratioloss,fedavg", "--ifs", "10", "--seeds", "7,8", "--out", str(tmp_path)]
     assert compare.main(args) == 1
     lines = (tmp_path / "table.md").read_text().splitlines()
-    assert lines[2].startswith("| ratioloss | **60.00 ± 0.00** (1 diverged) | ")
+    assert lines[2].startswith("| ratioloss [1] | **60.00 ± 0.00** (1 diverged) | ")
     assert lines[3] == "| fedavg | 2 failed | – | – | – |"
+    assert lines[5].startswith("[1] ratioloss trains its clients with lr=0.001 momentum=0.9 weight-decay=0.0005,")
     assert compare.cell_failure(compare.Cell("fedavg", 10.0, 9, tmp_path / "never")) is None
+
+
+def test_a_row_trained_with_its_own_client_settings_is_marked_with_a_footnote(tmp_path):
+    methods = {**compare.METHODS, "fedavg-slow": "strategy=fedavg lr=0.01 local-epochs=2", "mine": "loss=focal"}
+    notes = compare.training_notes(methods, ["fedavg", "fedavg-slow", "mine", "ratioloss"])
+    assert (
+        notes["fedavg-slow"] == "fedavg-slow trains its clients with lr=0.01 local-epochs=2, not the grid's settings."
+    )
+    assert "at the protocol's lr 0.1" in notes["ratioloss"] and set(notes) == {"fedavg-slow", "ratioloss"}
+    results = [
+        compare.cell_result(fake_cell(tmp_path, m, 10.0, 7, 0.5)) for m in ("fedavg", "ratioloss", "fedavg-slow")
+    ]
+    lines = compare.table(results, ["fedavg", "ratioloss", "fedavg-slow"], [10.0], notes=notes).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:5]] == ["| fedavg", "| ratioloss [1]", "| fedavg-slow [2]"]
+    assert lines[5:] == ["", f"[1] {notes['ratioloss']}", f"[2] {notes['fedavg-slow']}"]
 
 
 def test_finished_cells_are_not_rerun(tmp_path, monkeypatch):

@@ -20,9 +20,19 @@ from client_app import app as client
 from flcore.class_statistics import npy_bytes
 from flcore.config import ConfigError, validate
 from flcore.experiment import prepare, server_data, to_record
-from flcore.losses import LOSS_KEY, RATIO_WEIGHTS_KEY, LossInputs, build_loss, kd_loss, ratio_loss
+from flcore.losses import (
+    FEDRS_MAX_GRAD_NORM,
+    LOSS_KEY,
+    RATIO_WEIGHTS_KEY,
+    LossInputs,
+    build_loss,
+    kd_loss,
+    max_grad_norm,
+    ratio_loss,
+)
 from flcore.models import build_model
 from flcore.reports import read_metrics
+from flcore.training import TrainSettings
 from server_app import app as server_app
 from server_app.preflight import preflight
 from strategies import ensemble_distillation
@@ -65,22 +75,46 @@ def test_fedlc_calibrated_logits_match_the_hand_computed_case():
     assert float(no_calibration(logits, label)) == pytest.approx(float(F.cross_entropy(logits, label)))
 
 
-def test_fedrs_restricted_softmax_scales_only_the_missing_classes():
+def fedrs_cfg(alpha: float, variant: str):
+    return cfg_of(loss="fedrs", **{"fedrs-alpha": alpha, "fedrs-variant": variant})
+
+
+def test_fedrs_paper_form_scales_only_the_missing_classes():
     counts = np.array([5, 0, 3])
-    loss = build_loss(LossInputs(cfg_of(loss="fedrs", **{"fedrs-alpha": 0.5}), counts))
+    loss = build_loss(LossInputs(fedrs_cfg(0.5, "paper"), counts))
     logits, label = torch.tensor([[2.0, 4.0, 0.0]]), torch.tensor([0])
     # class 1 is missing: its logit 4 becomes 2, the others stay -> p_0 = e^2 / (e^2 + e^2 + e^0)
     expected = -math.log(math.exp(2) / (2 * math.exp(2) + 1))
     assert float(loss(logits, label)) == pytest.approx(expected, rel=1e-6)
-    unrestricted = build_loss(LossInputs(cfg_of(loss="fedrs", **{"fedrs-alpha": 1.0}), counts))
+    unrestricted = build_loss(LossInputs(fedrs_cfg(1.0, "paper"), counts))
     assert float(unrestricted(logits, label)) == pytest.approx(float(F.cross_entropy(logits, label)))
 
 
-# Ratio Loss: class weights and the monitor from the auxiliary gradients
+def test_fedrs_authors_form_scales_by_the_count_share_and_leaves_the_bias_out():
+    counts, bias = np.array([5, 0, 3]), torch.tensor([1.0, -1.0, 0.5])
+    loss = build_loss(LossInputs(fedrs_cfg(0.5, "authors"), counts, classifier_bias=bias))
+    logits, label = torch.tensor([[3.0, 3.0, 0.5]]), torch.tensor([0])
+    # w.h = logits - bias = [2, 4, 0]; scale 0.5 + 0.5 * n / 5 = [1, 0.5, 0.8] -> [2, 2, 0]
+    expected = -math.log(math.exp(2) / (2 * math.exp(2) + 1))
+    assert float(loss(logits, label)) == pytest.approx(expected, rel=1e-6)
+    # alpha 1: every scale is 1, so it is the CE of the logits without their bias, not plain CE
+    bias_free = build_loss(LossInputs(fedrs_cfg(1.0, "authors"), counts, classifier_bias=bias))
+    assert float(bias_free(logits, label)) == pytest.approx(float(F.cross_entropy(logits - bias, label)))
+
+
+def test_only_the_authors_fedrs_clips_the_clients_gradient():
+    assert max_grad_norm(fedrs_cfg(0.5, "authors"), {}) == FEDRS_MAX_GRAD_NORM == 100.0
+    assert max_grad_norm(fedrs_cfg(0.5, "paper"), {}) == 0.0
+    assert max_grad_norm(cfg_of(), {}) == 0.0
+    assert client._settings(fedrs_cfg(0.5, "authors"), {}).max_grad_norm == 100.0
+    assert client._settings(cfg_of(), {}).max_grad_norm == 0.0
+
+
+# Ratio Loss: class weights and the monitor from the per-class updates on the auxiliary set
 
 
 class LinearHead(nn.Module):
-    """A model whose classifier input is the image itself: the gradients of the classifier are exact by hand."""
+    """A model whose classifier input is the image itself: the classifier's updates are exact by hand."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -102,40 +136,49 @@ class FeatureBatches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = x, y
 
-    def iterate(self):
+    def iterate(self, **_):
         yield self.x, self.y
 
 
+def one_step(lr: float) -> TrainSettings:
+    return TrainSettings(1, lr, 0.0, 0.0, augment=False)
+
+
 def test_ratio_weights_match_the_hand_computed_case():
-    # Two classes, one auxiliary image each with feature 1; logits [ln 3, 0] -> softmax [0.75, 0.25].
-    # Row 0's gradient from class 0 is (0.75 - 1) * [1, 1], from class 1 0.75 * [1, 1]: Ra_0 = 0.25 / 0.75.
+    # Two classes, one auxiliary image each with feature 1; logits [ln 3, 0] -> softmax [0.75, 0.25]. One SGD
+    # step (lr 1) on class 0's image moves the weights by [0.25, -0.25], on class 1's by [-0.75, 0.75].
     head = LinearHead(torch.tensor([[math.log(3.0)], [0.0]]))
-    grads = ratio_method.auxiliary_gradients(head, FeatureBatches(torch.ones(2, 1), torch.tensor([0, 1])), 2)
-    assert np.allclose(grads[0], [[-0.25, -0.25], [0.25, 0.25]]) and np.allclose(
-        grads[1], [[0.75, 0.75], [-0.75, -0.75]]
-    )
-    assert np.allclose(ratio_method.ratio_estimates(grads), [1 / 3, 3.0])
-    assert np.allclose(ratio_method.class_weights(grads, 1.0, 0.1), [1 + 0.1 / 3, 1.3])
+    per_class = [FeatureBatches(torch.ones(1, 1), torch.tensor([q])) for q in (0, 1)]
+    updates = ratio_method.class_updates(head, per_class, one_step(1.0), torch.Generator())
+    assert np.allclose(updates, [[[0.25], [-0.25]], [[-0.75], [0.75]]])
+    assert torch.allclose(head.classifier.weight, torch.tensor([[math.log(3.0)], [0.0]]))  # left as it came
+    # weight 0: class 0's 0.25 is the largest but class 1's -0.75 exceeds 80 % of it: no owner.
+    # weight 1: class 1's 0.75 against 0.25: class 1 owns it, Ra_1 = 0.75 / 0.25. Class 0 owns nothing: Ra_0 = 10.
+    assert ratio_method.owners(updates).tolist() == [[-1], [1]]
+    assert np.allclose(ratio_method.ratio_estimates(updates), [10.0, 3.0])
+    assert np.allclose(ratio_method.class_weights(updates, 1.0, 0.1), [2.0, 1.3])
 
 
 def test_ratio_monitor_recovers_the_composition_of_a_constructed_imbalance():
-    """One full-batch SGD step on n_q copies of each class's auxiliary images moves the classifier by exactly
-    -lr * sum_q (n_q / N) G_q, so the monitor must return n / N."""
+    """One full-batch SGD step on n_q copies of each class's auxiliary image moves the classifier by
+    lr * sum_q (n_q / N) U_q / lr_aux, with U_q one step on class q's image alone, so the monitor must
+    return n / N."""
     gen = torch.Generator().manual_seed(0)
     aux_x, aux_y = torch.randn(4, 6, generator=gen), torch.arange(4)
     head = LinearHead(torch.randn(4, 6, generator=gen) * 0.5)
-    grads = ratio_method.auxiliary_gradients(head, FeatureBatches(aux_x, aux_y), 4)
+    per_class = [FeatureBatches(aux_x[q : q + 1], aux_y[q : q + 1]) for q in range(4)]
+    updates = ratio_method.class_updates(head, per_class, one_step(0.1), gen)
     counts = np.array([50, 25, 15, 10])
     train_x, train_y = (
         aux_x.repeat_interleave(torch.from_numpy(counts), 0),
         aux_y.repeat_interleave(torch.from_numpy(counts)),
     )
-    before = ratio_method.classifier_matrix(ArrayRecord(head.state_dict()))
+    before = head.classifier.weight.detach().clone()
     opt = torch.optim.SGD(head.parameters(), lr=0.3)
     F.cross_entropy(head(train_x), train_y).backward()
     opt.step()
-    after = ratio_method.classifier_matrix(ArrayRecord(head.state_dict()))
-    assert np.allclose(ratio_method.composition(grads, after - before), counts / counts.sum(), atol=1e-4)
+    change = (head.classifier.weight.detach() - before).numpy()
+    assert np.allclose(ratio_method.composition(updates, change), counts / counts.sum(), atol=1e-4)
 
 
 def test_ratio_loss_weights_each_example_by_its_class_and_the_client_checks_the_weights():
@@ -168,13 +211,17 @@ def test_client_losses_reduce_to_cross_entropy_at_their_neutral_settings_and_cha
     ce = client_train({}, {})
     same = [
         client_train({"loss": "fedlc", "fedlc-tau": 0.0}, {}),
-        client_train({"loss": "fedrs", "fedrs-alpha": 1.0}, {}),
+        client_train({"loss": "fedrs", "fedrs-alpha": 1.0, "fedrs-variant": "paper"}, {}),
         client_train({}, {LOSS_KEY: "ratio", RATIO_WEIGHTS_KEY: npy_bytes(np.ones(10, np.float32))}),
     ]
     for state in same:
         assert all(torch.allclose(ce[k], state[k], atol=1e-6) for k in ce)
     fedlc = client_train({"loss": "fedlc"}, {})
     assert not torch.allclose(ce["classifier.bias"], fedlc["classifier.bias"])
+    start = build_model("resnet8", 16, 10, seed=0).state_dict()["classifier.bias"]
+    fedrs = client_train({"loss": "fedrs"}, {})  # the authors' form: the bias is not in the loss
+    assert torch.allclose(fedrs["classifier.bias"], start, atol=1e-7)
+    assert not torch.allclose(ce["classifier.bias"], start, atol=1e-4)
 
 
 # FedBE: the Gaussian over the client weights and the ensemble's pseudo-labels
@@ -263,6 +310,7 @@ def test_client_models_hand_the_fuse_the_round_clients_and_their_sample_counts()
         ({"strategy": "ratioloss", "loss": "focal"}, "the Ratio Loss is that method's client loss"),
         ({"distill-data": "/no/such/folder"}, "align or an existing folder"),
         ({"fedrs-alpha": 1.5}, "<= 1"),
+        ({"fedrs-variant": "code"}, "authors, paper"),
         ({"fedlc-tau": -1.0}, ">= 0"),
         ({"feddf-steps": 0}, ">= 1"),
         ({"fedbe-epochs": 0}, ">= 1"),
@@ -300,7 +348,7 @@ def test_ratio_loss_preflight_needs_every_class_in_the_auxiliary_set():
 def test_the_comparison_lists_the_papers_twelve_baselines_and_the_new_long_tail_methods():
     paper = ("fedavg", "fedprox", "fedavgm", "fednova", "focal", "ratioloss", "feddf", "fedbe", "tau-norm", "ccvr")
     assert set(paper + ("creff", "clip2fl", "fedlc", "fedrs", "ours", "ours-no-align")) <= set(compare.METHODS)
-    assert compare.METHODS["fedlc"] == "loss=fedlc" and compare.METHODS["ratioloss"] == "strategy=ratioloss"
+    assert compare.METHODS["fedlc"] == "loss=fedlc" and compare.METHODS["ratioloss"].startswith("strategy=ratioloss ")
 
 
 # All five through the real apps

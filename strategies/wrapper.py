@@ -5,7 +5,7 @@ every call to it unchanged. It adds the two hooks the paper needs: stages that t
 global model before round 1 (stage 1, pretraining) and stages that run on the aggregated model right
 after each aggregation (stage 3, alignment; tau-norm). What the last stage returns becomes the next
 global model for every strategy: Flower sends it to the next round's clients, and `adopt` hands it down
-the strategy chain as the base of the strategy's own update (FedAvgM's momentum reference, for one).
+the strategy chain as the base of the strategy's own update (Flower's FedAvgM `current_arrays`, for one).
 What a stage measured goes to the run report, with each round's client metrics.
 Every stage's weights pass one check here: a model with NaN or Inf stops the run with the stage's name
 (`StageError`) instead of becoming the global model. Finite weights can still give NaN logits (a negative

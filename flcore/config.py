@@ -375,12 +375,18 @@ SECTIONS: dict[str, dict[str, Option]] = {
     "Strategies and long-tail baselines": {
         "proximal-mu": _opt(0.01, "FedProx proximal weight mu (strategy=fedprox; CReFF's baseline 0.01).", _number(0)),
         "server-momentum": _opt(
-            0.97, "FedAvgM server momentum (strategy=fedavgm; CReFF's baseline 0.97).", _number(0, 0.999)
+            0.9,
+            "FedAvgM server momentum beta over the trained parameters (strategy=fedavgm; FL-bench's default 0.9).",
+            _number(0, 0.999),
         ),
         "server-lr": _opt(
-            0.03,
-            "FedAvgM server learning rate (strategy=fedavgm); 1 - momentum keeps FedAvg's effective step (Hsu et al.).",
+            1.0,
+            "FedAvgM server learning rate (strategy=fedavgm; FL-bench's default 1.0, Hsu et al.).",
             _number(0, 10, low_open=True),
+        ),
+        "server-nesterov": _opt(
+            True,
+            "FedAvgM: Nesterov momentum (FL-bench's default); false gives plain heavy-ball momentum (Hsu et al.).",
         ),
         "trim-fraction": _opt(
             0.2,

@@ -16,11 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flcore.arrays import NON_FINITE
 from flcore.data import Batches
 from flcore.device import CPU, Compute
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, batch positions in the data) -> term
+
+
+class NonFiniteLogits(FloatingPointError):
+    """The model gave NaN or Inf logits: there is no prediction to score (argmax of an all-NaN row is 0,
+    so such a model would otherwise be scored as if it predicted class 0)."""
 
 
 @dataclass(frozen=True)
@@ -117,11 +123,19 @@ def train(
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Batches, compute: Compute = CPU) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted and true labels over a whole set, in order."""
+    """Predicted and true labels over a whole set, in order; `NonFiniteLogits` if any logit is NaN or Inf.
+
+    The count of such rows stays on the device and is read once, with the predictions.
+    """
     model.eval()
-    preds, labels = [], []
+    preds, labels, broken = [], [], 0
     for x, y in batches.iterate():
         with compute.autocast():
-            preds.append(model(x).argmax(1))
+            logits = model(x)
+        broken = broken + (~torch.isfinite(logits)).any(1).sum()
+        preds.append(logits.argmax(1))
         labels.append(y)
-    return torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
+    predicted, truth = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
+    if int(broken):
+        raise NonFiniteLogits(f"{NON_FINITE} logits for {int(broken)} of {len(truth)} images")
+    return predicted, truth

@@ -9,8 +9,9 @@ reports see the original round numbers and the run ends with the same weights as
 
 Strategy state: a strategy may define `state_dict() -> dict[str, Tensor-like]` and
 `load_state_dict(dict)`. Without them, its attributes are saved and restored generically, recursing
-into wrapped strategies: array-valued ones (an `ArrayRecord`, a list or a dict of NumPy arrays, e.g.
-Flower's FedAvgM `current_arrays`/`momentum_vector` or FedOpt's `m_t`/`v_t`) as arrays, and any other
+into wrapped strategies: array-valued ones (an `ArrayRecord`, a list or a dict of NumPy arrays or NumPy
+scalars, e.g. Flower's FedAvgM `current_arrays`/`momentum_vector`, whose 0-d entries are scalars, or
+FedOpt's `m_t`/`v_t`) as arrays, 0-d entries as 0-d arrays, and any other
 object with `state_dict()`/`load_state_dict()` (CReFF's server: its federated features) through those.
 
 The file is the server's own and is read with `torch.load(weights_only=True)`: tensors and plain
@@ -31,6 +32,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from flcore.arrays import NON_FINITE, non_finite
 from flcore.config import ConfigError
 from flcore.files import atomic_write
 
@@ -52,17 +54,23 @@ FREE_KEYS = {
 }
 
 
-def _tensor(value: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(value).copy())
+def _tensor(value: np.ndarray | np.number) -> torch.Tensor:
+    """A tensor of the same shape; a NumPy scalar (what arithmetic on a 0-d array returns) becomes a 0-d one."""
+    return torch.from_numpy(np.array(value, copy=True))
+
+
+def _numeric(value: Any) -> bool:
+    """A NumPy array or NumPy number: Flower's FedAvgM keeps scalars for 0-d arrays (`num_batches_tracked`)."""
+    return isinstance(value, np.ndarray | np.number | np.bool_)
 
 
 def _pack(value: Any) -> tuple[str, Any] | None:
     """A pickle-free form of one array-valued attribute, or None when it is not array state."""
     if isinstance(value, ArrayRecord):
         return "arrays", {k: _tensor(a.numpy()) for k, a in value.items()}
-    if isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
+    if isinstance(value, list) and value and all(_numeric(v) for v in value):
         return "list", [_tensor(v) for v in value]
-    if isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
+    if isinstance(value, dict) and value and all(_numeric(v) for v in value.values()):
         return "dict", {str(k): _tensor(v) for k, v in value.items()}
     return None
 
@@ -183,6 +191,8 @@ def load(cfg: Mapping) -> Checkpoint:
         raise ConfigError(
             f"run-config key 'resume': {path} is a damaged checkpoint ({type(err).__name__}: {err})."
         ) from err
+    if bad := non_finite(arrays):
+        raise ConfigError(f"run-config key 'resume': {path} holds a model with {NON_FINITE} in {bad[:3]}.")
     differ = sorted(k for k in saved.keys() & cfg.keys() if k not in FREE_KEYS and saved[k] != cfg[k])
     if differ:
         shown = ", ".join(f"{k} = {saved[k]!r} there, {cfg[k]!r} here" for k in differ[:5])

@@ -17,12 +17,22 @@ from typing import Any
 from flwr.app import ArrayRecord, MetricRecord
 
 
+class NonFiniteModel(FloatingPointError):
+    """Evaluation met a model with NaN or Inf weights or logits, which must stop the run instead of being
+    scored; `arrays` is the model, so the wrapper can name the step that made it."""
+
+    def __init__(self, arrays: ArrayRecord, problem: str) -> None:
+        super().__init__(problem)
+        self.arrays, self.problem = arrays, problem
+
+
 @dataclass
 class ServerContext:
     """What a stage may use: the config, the server's data and a model factory.
 
     `data` is `flcore.experiment.ServerData` (test split, D_align, class groups), `new_model()` builds a
-    fresh `FLModel` for this run and `evaluate(arrays)` returns the centralized test metrics of any weights.
+    fresh `FLModel` for this run and `evaluate(arrays)` returns the centralized test metrics of any weights
+    (`NonFiniteModel` for weights or logits with NaN or Inf).
     """
 
     cfg: Mapping[str, Any]

@@ -16,15 +16,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from flcore.arrays import NON_FINITE, non_finite
 from flcore.config import LOCAL
 from flcore.device import Compute, compute_of
 from flcore.experiment import ServerData, client_classes, load_record, new_model, server_data, to_record
 from flcore.metrics import summarize
 from flcore.models import FLModel
 from flcore.reports import RunReport
-from flcore.training import predict
+from flcore.training import NonFiniteLogits, predict
 from rounds import checkpoint
-from rounds.stage import ServerContext
+from rounds.stage import NonFiniteModel, ServerContext
 from server_app.preflight import preflight, validated
 from strategies.registry import build_server_strategy, client_workload
 
@@ -39,7 +40,8 @@ class Evaluator:
     The last weights it evaluated and their metrics are kept: a server stage that evaluates the model it
     hands on (alignment's last step) and Flower's evaluation right after it then cost one pass over the test
     split, not two. Stages and strategies return new ArrayRecords rather than changing one in place, so the
-    same object means the same weights.
+    same object means the same weights. Weights or logits with NaN or Inf raise `NonFiniteModel` before
+    anything is recorded; `strategies.wrapper.ServerStages` names the round and the step that made them.
     """
 
     def __init__(
@@ -51,9 +53,19 @@ class Evaluator:
 
     def metrics(self, arrays: ArrayRecord) -> dict:
         if self._last is None or self._last[0] is not arrays:
-            preds, labels = predict(load_record(self.model, arrays), self.data.test, self.compute)
-            self._last = (arrays, summarize(preds, labels, self.data.dataset.num_classes, self.data.groups))
+            self._last = (arrays, self._score(arrays))
         return dict(self._last[1])
+
+    def _score(self, arrays: ArrayRecord) -> dict:
+        """The test metrics, or `NonFiniteModel`: NaN weights or logits are never scored (as class 0)."""
+        bad = non_finite(arrays)
+        if bad:
+            raise NonFiniteModel(arrays, f"its weights hold {NON_FINITE} in {bad[:3]} ({len(bad)} arrays)")
+        try:
+            preds, labels = predict(load_record(self.model, arrays), self.data.test, self.compute)
+        except NonFiniteLogits as err:
+            raise NonFiniteModel(arrays, f"it gives {err}") from err
+        return summarize(preds, labels, self.data.dataset.num_classes, self.data.groups)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round % self.every and server_round != self.last_round:

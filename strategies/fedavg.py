@@ -1,4 +1,4 @@
-"""Flower's own strategies as the registry builds them: FedAvg, FedProx, FedAvgM.
+"""Flower's own strategies as the registry builds them: FedAvg, FedProx (FedAvgM is `strategies.fedavgm`).
 
 Every strategy here and in the other method modules samples the same way (`sampling`): a fraction of
 all clients per round, evaluation on the server only, and round 1 waits for the whole federation.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, Strategy
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 
 def sampling(cfg: Mapping) -> dict:
@@ -29,10 +29,3 @@ def fedavg(cfg: Mapping) -> Strategy:
 def fedprox(cfg: Mapping) -> Strategy:
     """Flower's FedProx: sends `proximal-mu` each round; the client adds (mu/2)||w - w_global||^2."""
     return FedProx(**sampling(cfg), proximal_mu=float(cfg["proximal-mu"]))
-
-
-def fedavgm(cfg: Mapping) -> Strategy:
-    """Flower's FedAvgM: server SGD with momentum on the averaged pseudo-gradient."""
-    return FedAvgM(
-        **sampling(cfg), server_learning_rate=float(cfg["server-lr"]), server_momentum=float(cfg["server-momentum"])
-    )

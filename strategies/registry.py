@@ -1,7 +1,7 @@
 """Registries: run-config name -> factory of a Flower Message-API strategy, and the server stages.
 
 Every strategy factory takes the validated run config; the method modules define them (`fedavg`,
-`fednova`, `ccvr`, `creff`, `clip2fl`, `feddf`, `fedbe`, `ratio_loss`). `build_server_strategy` wraps
+`fedavgm`, `fednova`, `ccvr`, `creff`, `clip2fl`, `feddf`, `fedbe`, `ratio_loss`). `build_server_strategy` wraps
 whatever comes out in `rounds.policy.RoundPolicy` (sampling, reply screening) and
 `strategies.wrapper.ServerStages` together with the stages every entry of `SERVER_STAGES` contributes
 (each factory reads its own switches from the config and returns no stages when it is off), so adding a
@@ -29,7 +29,8 @@ from strategies import clip2fl as clip2fl_method
 from strategies import ensemble_distillation, ratio_loss
 from strategies.ccvr import ccvr
 from strategies.creff import creff
-from strategies.fedavg import fedavg, fedavgm, fedprox
+from strategies.fedavg import fedavg, fedprox
+from strategies.fedavgm import fedavgm
 from strategies.fedbe import fedbe
 from strategies.feddf import feddf
 from strategies.fednova import fednova
@@ -126,7 +127,14 @@ def build_server_strategy(
         max_upload_mb=float(cfg["max-upload-mb"]),
         on_node_data=report.record_nodes,
     )
-    return ServerStages(policy, build_stages(cfg, ctx), report, round_offset=round_offset, on_round_end=on_round_end)
+    return ServerStages(
+        policy,
+        build_stages(cfg, ctx),
+        report,
+        round_offset=round_offset,
+        on_round_end=on_round_end,
+        method=str(cfg["strategy"]),
+    )
 
 
 FEDRS_FORMS = {

@@ -7,11 +7,15 @@ after each aggregation (stage 3, alignment). Then the method's own step on the m
 (`rounds.delegate.after_stages`: CCVR's class statistics, which must come from the model the clients
 end with, aligned or not, and its calibration), then the post-hoc stages (tau-norm). What the last of
 them returns becomes the next global model for every strategy: Flower sends it to the next round's
-clients, and `adopt` hands it down the strategy chain as the base of the strategy's own update (FedAvgM's
-momentum reference, for one).
+clients, and `adopt` hands it down the strategy chain as the base of the strategy's own update.
 What a stage measured goes to the run report, with each round's client metrics.
 Every stage's weights, and the method's own step's, pass one check here: a model with NaN or Inf stops
-the run with the step's name (`StageError`) instead of becoming the global model.
+the run with the step's name (`StageError`) instead of becoming the global model. Finite weights can
+still give NaN logits (a negative BatchNorm running variance, say); the evaluation refuses those
+(`rounds.stage.NonFiniteModel`), and the wrapper, which knows which step made the current global model
+(the initial model, a stage before round 1, the resumed checkpoint, the strategy's aggregation, a stage
+or the method's step after it), stops the run with the round and that step (`BrokenModel`): such a model
+is never scored, written to metrics.jsonl or checkpointed.
 
 Each round's metrics also say where its time went, measured here because only the outermost strategy
 sees the whole round: `train-wait-seconds` (from handing the train messages to Flower until the replies
@@ -37,13 +41,18 @@ from flwr.serverapp.strategy import Result, Strategy
 from flcore.arrays import non_finite
 from rounds.delegate import Delegating, adopt, after_stages
 from rounds.polling import PromptGrid
-from rounds.stage import Outcome, Stages
+from rounds.stage import NonFiniteModel, Outcome, Stages
 
 RoundEnd = Callable[[int, ArrayRecord], None]
 
 
 class StageError(RuntimeError):
     """A server stage produced weights the server must not adopt."""
+
+
+class BrokenModel(RuntimeError):
+    """Evaluation met a global model with NaN or Inf weights or logits; the message names the round and the
+    step that made it."""
 
 
 def stage_name(stage: Callable) -> str:
@@ -73,10 +82,13 @@ class ServerStages(Delegating):
         *,
         round_offset: int = 0,
         on_round_end: RoundEnd | None = None,
+        method: str = "the strategy",
     ) -> None:
         super().__init__(inner)
         self.stages, self.report = stages, report
         self.round_offset, self.on_round_end = round_offset, on_round_end
+        self.method = method
+        self.made_by = "the initial model"  # the step that made the current global model, for BrokenModel
         self._sent = time.perf_counter()
 
     def configure_train(
@@ -95,19 +107,42 @@ class ServerStages(Delegating):
         aggregated = time.perf_counter()
         metrics = MetricRecord() if metrics is None else metrics
         if arrays is not None:
+            self.made_by = f"aggregation by {self.method}"
             for stage in self.stages.after_aggregation:
-                arrays = self._take(stage, stage(server_round, arrays, metrics))
+                arrays = self._run(server_round, stage, arrays, metrics)
             stepped = after_stages(self.inner, server_round, arrays, metrics)
             if stepped is not arrays:
+                self.made_by = f"{self.method}'s step after the stages"
                 arrays = self._take(after_stages, Outcome(stepped))
             for stage in self.stages.post_hoc:
-                arrays = self._take(stage, stage(server_round, arrays, metrics))
+                arrays = self._run(server_round, stage, arrays, metrics)
             adopt(self.inner, arrays)
         metrics["train-wait-seconds"] = received - self._sent
         metrics["aggregate-seconds"] = aggregated - received
         metrics["stage-seconds"] = time.perf_counter() - aggregated
         self.report.record_train(server_round, metrics)
         return arrays, metrics
+
+    def _run(
+        self, server_round: int, stage: Callable, arrays: ArrayRecord, metrics: MetricRecord | None = None
+    ) -> ArrayRecord:
+        """One stage on the global model (a stage before round 1 without `metrics`); a model it evaluates and
+        finds broken stops the run, with the step that made that model."""
+        try:
+            outcome = stage(arrays) if metrics is None else stage(server_round, arrays, metrics)
+        except NonFiniteModel as err:  # its input, or a model the stage made
+            made_by = self.made_by if err.arrays is arrays else f"stage {stage_name(stage)}"
+            raise self._broken(server_round, made_by, err) from err
+        if outcome.arrays is not arrays:
+            self.made_by = f"stage {stage_name(stage)}"
+        return self._take(stage, outcome)
+
+    @staticmethod
+    def _broken(server_round: int, made_by: str, err: NonFiniteModel) -> BrokenModel:
+        return BrokenModel(
+            f"round {server_round}: the global model made by {made_by} cannot be scored: {err.problem}; the "
+            "run stops without recording an accuracy for it"
+        )
 
     def _take(self, stage: Callable, outcome: Outcome) -> ArrayRecord:
         """The stage's weights, once they are known to be finite: a NaN model is never adopted or sent out."""
@@ -138,9 +173,11 @@ class ServerStages(Delegating):
     ) -> Result:
         """Run the remaining rounds; a resumed run (round_offset > 0) skips the initial stages and evaluation."""
         self.report.take(Outcome(initial_arrays, self.stages.sections))
-        if not self.round_offset:
+        if self.round_offset:
+            self.made_by = f"the resumed checkpoint (round {self.round_offset})"
+        else:
             for stage in self.stages.before_training:
-                initial_arrays = self._take(stage, stage(initial_arrays))
+                initial_arrays = self._run(0, stage, initial_arrays)
         return super().start(
             PromptGrid(grid), initial_arrays, *args, evaluate_fn=self._round_end(evaluate_fn), **kwargs
         )
@@ -151,7 +188,10 @@ class ServerStages(Delegating):
         def end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0 and self.round_offset:
                 return None
-            result = evaluate_fn(server_round + self.round_offset, arrays) if evaluate_fn else None
+            try:
+                result = evaluate_fn(server_round + self.round_offset, arrays) if evaluate_fn else None
+            except NonFiniteModel as err:
+                raise self._broken(server_round + self.round_offset, self.made_by, err) from err
             if server_round and self.on_round_end is not None:
                 self.on_round_end(server_round + self.round_offset, arrays)
             return result

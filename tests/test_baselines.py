@@ -15,6 +15,7 @@ from client_app import app as client
 from flcore import config as config_module
 from flcore.config import ConfigError, validate
 from flcore.losses import LOSSES, LossInputs, build_loss, focal_loss
+from strategies.fedavgm import FedAvgM, ServerSGD
 from strategies.fednova import FedNova
 from strategies.registry import STRATEGIES, build_strategy
 from strategies.tau_norm import tau_norm_stage, tau_normalize
@@ -112,11 +113,45 @@ def test_fedavgm_without_momentum_and_unit_lr_equals_fedavg_but_momentum_differs
     outs = {}
     for name, strategy in (("plain", plain), ("ref", ref), ("moving", moving)):
         g = glob
-        for _ in range(2):  # two rounds, so momentum would have kicked in
-            g = run_round(strategy, g, clients, [3, 1, 2], [5, 5, 5])
+        for rnd in range(2):  # two rounds, so momentum would have kicked in; clients move on in round 2
+            moved = [{k: v + rnd for k, v in c.items()} for c in clients]
+            g = run_round(strategy, g, moved, [3, 1, 2], [5, 5, 5])
         outs[name] = g
     assert all(torch.allclose(outs["plain"][k], outs["ref"][k], atol=1e-6) for k in glob)
     assert not torch.allclose(outs["moving"]["w"], outs["ref"]["w"], atol=1e-3)
+
+
+def test_fedavgm_moves_parameters_with_momentum_but_sets_buffers_to_their_mean():
+    """Momentum on a BatchNorm running variance carries it past every client's value: with the clients'
+    variances falling 0.5 -> 0.1, Flower's FedAvgM (momentum on every array) sends it below zero in round 2,
+    which makes the logits NaN. Here the buffers are the clients' weighted mean, in their own dtype."""
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.serverapp.strategy import FedAvgM as FlowerFedAvgM
+
+    buffers = {"bn.running_var", "bn.num_batches_tracked"}
+    glob = {"w": torch.ones(3), "bn.running_var": torch.ones(3), "bn.num_batches_tracked": torch.tensor(0)}
+    ours = FedAvgM(FedAvg(fraction_evaluate=0.0), ServerSGD(lr=1.0, momentum=0.9, nesterov=False), buffers)
+    flower = FlowerFedAvgM(server_learning_rate=1.0, server_momentum=0.9, fraction_evaluate=0.0)
+    got = {}
+    for name, strategy in (("ours", ours), ("flower", flower)):
+        g = glob
+        for var, batches in ((0.5, 7), (0.1, 14)):
+            clients = [
+                {
+                    "w": torch.zeros(3),
+                    "bn.running_var": torch.full((3,), var),
+                    "bn.num_batches_tracked": torch.tensor(batches),
+                }
+            ] * 2
+            g = run_round(strategy, g, clients, [1, 3], [5, 5])
+        got[name] = g
+    assert (got["flower"]["bn.running_var"] < 0).all()
+    assert torch.allclose(got["ours"]["bn.running_var"], torch.full((3,), 0.1))
+    assert (
+        got["ours"]["bn.num_batches_tracked"].dtype == torch.int64 and int(got["ours"]["bn.num_batches_tracked"]) == 14
+    )
+    assert torch.allclose(got["ours"]["w"], got["flower"]["w"])  # parameters: the same plain-momentum step
+    assert torch.allclose(got["ours"]["w"], torch.full((3,), -0.9))  # 1 - 1 = 0, then 0 - (0.9 * 1 + 0)
 
 
 def test_fedprox_sends_mu_and_aggregates_like_fedavg():

@@ -1,6 +1,9 @@
 """No run reports a success it did not earn: NaN models are never adopted, a run that aggregated nothing
 fails, and reports never land in the working directory."""
 
+import json
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -9,11 +12,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from alignment.stage import check_inputs
 from flcore.config import ConfigError, validate
 from flcore.experiment import prepare
-from rounds.stage import Outcome, Stages
+from flcore.training import NonFiniteLogits, predict
+from rounds import checkpoint
+from rounds.policy import RoundPolicy
+from rounds.stage import NonFiniteModel, Outcome, Stages
 from server_app import app as server_app
 from server_app import launch
 from strategies.registry import STRATEGIES, build_strategy
-from strategies.wrapper import ServerStages, StageError
+from strategies.wrapper import BrokenModel, ServerStages, StageError
 from tests.conftest import InProcessGrid, RecordingReport, served
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -131,3 +137,84 @@ def test_output_dir_naming_a_file_is_refused(tmp_path):
     file.write_text("x")
     with pytest.raises(ConfigError, match="'output-dir' = .* is an existing file"):
         check({"output-dir": str(file)})
+
+
+class NegativeVarianceGrid(FailingGrid):
+    """Every node sends back the model it got with its BatchNorm running variances at -1: finite weights
+    (the reply screening accepts them) whose logits are NaN, as Flower's FedAvgM made them."""
+
+    def answer(self, msg: Message) -> Message:
+        if msg.metadata.message_type == "query":
+            return super().answer(msg)
+        state = msg.content["arrays"].to_torch_state_dict()
+        broken = {k: torch.full_like(v, -1.0) if k.endswith("running_var") else v for k, v in state.items()}
+        metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0})
+        return Message(RecordDict({"arrays": ArrayRecord(broken), "metrics": metrics}), reply_to=msg)
+
+
+def test_a_model_with_nan_logits_stops_the_run_naming_round_and_step_and_is_never_scored(tmp_path):
+    """argmax of an all-NaN row is 0: without the check, this model was scored as if it predicted class 0."""
+    cfg = check({**TINY, "output-dir": str(tmp_path)})
+    with pytest.raises(
+        BrokenModel, match=r"round 1: the global model made by aggregation by fedavg .*NaN or Inf logits"
+    ):
+        server_app.run(NegativeVarianceGrid(4), cfg, "nan")
+    rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0]  # the initial model's line only
+    assert not (tmp_path / "nan" / checkpoint.CHECKPOINT).exists()
+
+
+def test_predict_refuses_nan_logits_instead_of_predicting_class_0():
+    model = torch.nn.Linear(3, 4)
+    torch.nn.init.constant_(model.bias, float("nan"))
+    batches = SimpleNamespace(iterate=lambda: iter([(torch.ones(5, 3), torch.zeros(5, dtype=torch.long))]))
+    with pytest.raises(NonFiniteLogits, match="NaN or Inf logits for 5 of 5 images"):
+        predict(model, batches)
+
+
+def evaluate_after_round_0(server_round: int, arrays: ArrayRecord) -> None:
+    """Stands in for the server's evaluation meeting a model whose logits are NaN, from round 1 on."""
+    if server_round:
+        raise NonFiniteModel(arrays, "it gives NaN or Inf logits for 1 of 1 images")
+
+
+def shift_stage(server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> Outcome:
+    return Outcome(ArrayRecord({k: v + 1 for k, v in arrays.to_torch_state_dict().items()}))
+
+
+def scoring_stage(server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> Outcome:
+    """Evaluates the model it is given first, as alignment does."""
+    evaluate_after_round_0(server_round, arrays)
+    return Outcome(arrays)
+
+
+class EchoGrid(FailingGrid):
+    """Every node sends back the model it got."""
+
+    def answer(self, msg: Message) -> Message:
+        if msg.metadata.message_type == "query":
+            return super().answer(msg)
+        metrics = MetricRecord({"num-examples": 10})
+        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": metrics}), reply_to=msg)
+
+
+@pytest.mark.parametrize(
+    ("stages", "offset", "grid", "made_by"),
+    [
+        ([], 0, EchoGrid, "round 1: the global model made by aggregation by fedavgm"),
+        ([shift_stage], 0, EchoGrid, "round 1: the global model made by stage shift_stage"),
+        ([scoring_stage], 0, EchoGrid, "round 1: the global model made by aggregation by fedavgm"),
+        ([shift_stage], 4, FailingGrid, r"round 5: the global model made by the resumed checkpoint \(round 4\)"),
+    ],
+    ids=["aggregation", "stage", "stage-input", "resumed"],
+)
+def test_a_broken_model_stops_the_run_naming_the_step_that_made_it(stages, offset, grid, made_by):
+    strategy = ServerStages(
+        RoundPolicy(build_strategy(check({"strategy": "fedavgm", "num-clients": 4}))),
+        Stages(after_aggregation=stages),
+        RecordingReport(),
+        round_offset=offset,
+        method="fedavgm",
+    )
+    with pytest.raises(BrokenModel, match=made_by):
+        strategy.start(grid(4), ArrayRecord(GLOBAL), num_rounds=1, evaluate_fn=evaluate_after_round_0)

@@ -29,13 +29,16 @@ pytestmark = pytest.mark.usefixtures("flower_identity")
 
 
 def test_generic_strategy_state_round_trips_fedavgm_momentum():
+    """Flower's FedAvgM keeps a NumPy scalar for a 0-d array (BatchNorm's `num_batches_tracked`): one such
+    entry must not make the whole momentum vector unsaveable."""
     strategy = FedAvgM(server_momentum=0.9)
     strategy.current_arrays = ArrayRecord(GLOBAL)
-    strategy.momentum_vector = [np.ones(3), np.full(2, 2.0)]
+    strategy.momentum_vector = [np.ones(3), np.full(2, 2.0), np.array(5) - np.array(2)]
+    assert isinstance(strategy.momentum_vector[2], np.integer)
     state = checkpoint.strategy_state(served(strategy))
     fresh = served(FedAvgM(server_momentum=0.9))
     checkpoint.load_strategy_state(fresh, state)
-    assert [v.tolist() for v in fresh.inner.inner.momentum_vector] == [[1.0, 1.0, 1.0], [2.0, 2.0]]
+    assert [v.tolist() for v in fresh.inner.inner.momentum_vector] == [[1.0, 1.0, 1.0], [2.0, 2.0], 3]
     assert fresh.inner.inner.current_arrays["w"].numpy().tolist() == [0.0, 0.0, 0.0]
 
 
@@ -96,8 +99,9 @@ CREFF = {
 }
 
 
-def run_creff(cfg: dict, path: Path, stop_after: int | None = None) -> ArrayRecord:
-    """CReFF in-process through the real ClientApp, checkpointing every round as the ServerApp does."""
+def run_method(cfg: dict, path: Path, stop_after: int | None = None) -> ArrayRecord:
+    """The configured strategy in-process through the real ClientApp, checkpointing every round as the
+    ServerApp does."""
     resumed = checkpoint.load(cfg) if cfg["resume"] else None
     done = resumed.round if resumed else 0
     method = build_strategy(cfg)
@@ -114,13 +118,36 @@ def run_creff(cfg: dict, path: Path, stop_after: int | None = None) -> ArrayReco
 
 def test_creff_resumed_after_round_2_ends_with_the_uninterrupted_weights(tmp_path):
     """CReFF's server state (federated features, the plain aggregate's classifier) must survive a restart."""
-    straight = run_creff(cfg_for(tmp_path, **CREFF), tmp_path / "a.pt")
-    run_creff(cfg_for(tmp_path, **CREFF), tmp_path / "b.pt", stop_after=2)
+    straight = run_method(cfg_for(tmp_path, **CREFF), tmp_path / "a.pt")
+    run_method(cfg_for(tmp_path, **CREFF), tmp_path / "b.pt", stop_after=2)
     saved = torch.load(tmp_path / "b.pt", weights_only=True)["strategy"]
     kind, server = saved["calibrate"]
     assert kind == "state" and server["retrained"] and server["features"].shape == (10 * 5, 16)
     assert saved["trained_classifier"][0] == "arrays"
-    resumed = run_creff(cfg_for(tmp_path, **CREFF, resume=str(tmp_path / "b.pt")), tmp_path / "c.pt")
+    resumed = run_method(cfg_for(tmp_path, **CREFF, resume=str(tmp_path / "b.pt")), tmp_path / "c.pt")
+    assert straight.keys() == resumed.keys()
+    assert all(np.array_equal(resumed[k].numpy(), straight[k].numpy()) for k in straight)
+
+
+FEDAVGM = {
+    "strategy": "fedavgm",
+    "num-clients": 4,
+    "fraction-train": 0.5,
+    "num-server-rounds": 3,
+    "image-size": 8,
+    "projection-dim": 16,
+    "local-epochs": 1,
+}
+
+
+def test_fedavgm_on_resnet8_resumed_after_round_2_ends_with_the_uninterrupted_weights(tmp_path):
+    """FedAvgM's momentum must survive a restart whole, 0-d entries included: ResNet-8's BatchNorm layers
+    have 0-d `num_batches_tracked` arrays, with which Flower's FedAvgM momentum could not be saved at all."""
+    straight = run_method(cfg_for(tmp_path, **FEDAVGM), tmp_path / "a.pt")
+    run_method(cfg_for(tmp_path, **FEDAVGM), tmp_path / "b.pt", stop_after=2)
+    momentum = torch.load(tmp_path / "b.pt", weights_only=True)["strategy"]["custom"]["momentum"]
+    assert momentum and any(v.abs().sum() > 0 for v in momentum.values())
+    resumed = run_method(cfg_for(tmp_path, **FEDAVGM, resume=str(tmp_path / "b.pt")), tmp_path / "c.pt")
     assert straight.keys() == resumed.keys()
     assert all(np.array_equal(resumed[k].numpy(), straight[k].numpy()) for k in straight)
 

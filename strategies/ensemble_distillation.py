@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from flcore.config import DISTILL_ON_ALIGN, DISTILL_ON_UNHELD, LOCAL, ConfigError
+from flcore.config import DISTILL_ON_ALIGN, DISTILL_ON_UNHELD, DISTILL_SOURCES, LOCAL, ConfigError
 from flcore.data import IMAGE_SUFFIXES, Batches, ImageSet
 from flcore.device import CPU, Compute
 from flcore.experiment import Prepared, align_set, batches, load_record, model_from, prepare
@@ -136,7 +136,8 @@ def check(cfg: Mapping, prepared: Prepared) -> None:
         )
     if source == DISTILL_ON_UNHELD:
         unheld = unheld_train(prepared)
-        found, where = len(unheld), "the training split outside D_align and the clients' long-tailed pool"
+        found = len(unheld)
+        where = "the training split outside D_align and the clients' pool (at imbalance-factor 1 the pool is all of it)"
         files = prepared.dataset.train.files
         if files is not None and found:
             check_images([files[i] for i in unheld], "distill-data", int(cfg["seed"]))
@@ -147,8 +148,8 @@ def check(cfg: Mapping, prepared: Prepared) -> None:
     if found < MIN_IMAGES:
         raise ConfigError(
             f"run-config key 'distill-data' = {source!r}: {where} holds {found} image(s); strategy "
-            f"{cfg['strategy']} distils the clients' ensemble on the server on unlabeled images (imbalance-factor 1 "
-            f"leaves no training image unheld); expected {DISTILL_ON_ALIGN} or a folder of "
+            f"{cfg['strategy']} distils the clients' ensemble on the server on unlabeled images; expected "
+            f"{' or '.join(s for s in DISTILL_SOURCES if s != source)} or a folder of "
             f"{', '.join(sorted(IMAGE_SUFFIXES))} files."
         )
 

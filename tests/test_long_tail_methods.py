@@ -329,7 +329,9 @@ def test_preflight_stops_a_distillation_run_without_server_images(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
     preflight(cfg_of(strategy="fedbe", **{"distill-data": str(tmp_path)}))
-    with pytest.raises(ConfigError, match="holds 0 image.*imbalance-factor 1"):
+    with pytest.raises(
+        ConfigError, match="imbalance-factor 1 the pool is all of it. holds 0 image.*expected align or a folder"
+    ):
         preflight(cfg_of(strategy="feddf", **{"imbalance-factor": 1}))  # every training image is held
     preflight(cfg_of(strategy="feddf", **{"imbalance-factor": 1, "distill-data": "align"}))
 

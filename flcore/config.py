@@ -26,6 +26,8 @@ ALIGN_LOSSES = ("ce+kl", "ce", "kl")
 LOSSES = ("ce", "focal", "fedlc", "fedrs")
 FEDRS_VARIANTS = ("authors", "paper")
 DISTILL_ON_ALIGN = "align"  # distill-data: D_align's images, labels dropped
+DISTILL_ON_UNHELD = "unused-train"  # distill-data: the training images neither D_align nor any client holds
+DISTILL_SOURCES = (DISTILL_ON_UNHELD, DISTILL_ON_ALIGN)
 PARTITIONER_NAMES = ("creff", "dirichlet")
 ALIGN_SOURCES = ("auto", "train", "val")
 CLIENT_DATA = ("partition", "local")
@@ -430,9 +432,11 @@ SECTIONS: dict[str, dict[str, Option]] = {
     },
     "FedDF and FedBE (server-side ensemble distillation on unlabeled server images)": {
         "distill-data": _opt(
-            DISTILL_ON_ALIGN,
-            "Unlabeled images the server distils the clients' ensemble on (strategy=feddf/fedbe): align (D_align's "
-            "images, labels dropped) or a folder of images (searched recursively).",
+            DISTILL_ON_UNHELD,
+            "Unlabeled images the server distils the clients' ensemble on (strategy=feddf/fedbe): unused-train (the "
+            "training images the recipe gives neither D_align nor any client: those the long tail cuts away; FedDF "
+            "and FedBE distil on a large unlabeled set), align (D_align's images, labels dropped) or a folder of "
+            "images (searched recursively).",
         ),
         "distill-lr": _opt(
             0.001,
@@ -441,22 +445,35 @@ SECTIONS: dict[str, dict[str, Option]] = {
             _number(0, 10, low_open=True),
         ),
         "distill-batch-size": _opt(
-            128, "Batch size of the server distillation (FedBE's server batch size 128).", _number(1, integer=True)
+            128, "Batch size of the server distillation (FedDF's and FedBE's 128).", _number(1, integer=True)
         ),
         "feddf-steps": _opt(
             10000,
-            "Most distillation steps per round (strategy=feddf; FedDF's 10^4).",
+            "Most distillation steps per round, also the cosine schedule's length (strategy=feddf; FedDF's 10^4).",
+            _number(1, integer=True),
+        ),
+        "feddf-eval-every": _opt(
+            100,
+            "Steps between two measurements of the student's accuracy on D_align, FedDF's labelled validation set "
+            "(strategy=feddf; FedDF's 100).",
             _number(1, integer=True),
         ),
         "feddf-patience": _opt(
             1000,
-            "Steps without a lower epoch-mean distillation loss after which FedDF stops distilling (FedDF's 10^3).",
+            "Steps without a higher D_align accuracy after which FedDF stops distilling (strategy=feddf; FedDF's "
+            "10^3).",
             _number(1, integer=True),
         ),
         "fedbe-samples": _opt(
             10,
             "Models sampled from the Gaussian over the client weights per round (strategy=fedbe; FedBE's M 10).",
             _number(0, 1000, integer=True),
+        ),
+        "fedbe-var-scale": _opt(
+            0.1,
+            "Factor on the standard deviation of FedBE's Gaussian over the normalised client updates (strategy=fedbe; "
+            "FedBE's var_scale 0.1).",
+            _number(0),
         ),
         "fedbe-epochs": _opt(
             20,
@@ -598,10 +615,10 @@ def _check_paths(cfg: Mapping[str, Any]) -> None:
             "of images or a LLaVA chat.json/.jsonl file that exists."
         )
     distill = str(cfg["distill-data"])
-    if distill != DISTILL_ON_ALIGN and not Path(distill).expanduser().is_dir():
+    if distill not in DISTILL_SOURCES and not Path(distill).expanduser().is_dir():
         raise ConfigError(
-            f"run-config key 'distill-data' = {distill!r} is not allowed: expected {DISTILL_ON_ALIGN} or an "
-            "existing folder of images."
+            f"run-config key 'distill-data' = {distill!r} is not allowed: expected {', '.join(DISTILL_SOURCES)} or "
+            "an existing folder of images."
         )
 
 

@@ -3,39 +3,59 @@ into the global model on unlabeled server images.
 
 Both methods keep FedAvg's clients as they are (clients upload their weights, nothing else) and change
 what the server does with the weights after averaging (`strategies.feddf`, `strategies.fedbe`).
-`ClientModels` wraps any strategy and keeps, from the replies it aggregates, each client's weights and
-sample count; after the inner aggregation it hands them, with the averaged model, to the method's `Fuse`,
-whose result becomes the next global model.
+`ClientModels` wraps any strategy and keeps the model it sent this round and, from the replies it
+aggregates, each client's weights; after the inner aggregation it hands them, with the averaged model, to
+the method's `Fuse`, whose result becomes the next global model.
 
-The unlabeled images are `distill-data`: D_align's images with their labels dropped (`align`), or every
-image in a folder. The ensemble's soft labels are computed once per round on the images as they are
-(no augmentation), and the student learns them with KL(targets || student) at temperature 1 (`kd_loss`).
-All of it runs on the run's device and precision (`flcore.device`); the targets stay there.
+The unlabeled images are `distill-data`. Both papers distil on a large unlabeled set (FedDF: CIFAR-100 or
+ImageNet for CIFAR-10; FedBE's code: the training images no client holds), so the default `unused-train`
+is the training images the recipe gives neither D_align nor any client: on a long-tailed pool, the bulk of
+the training split (863 of the 1,258 digits images at IF 100; about 37,500 of CIFAR-10's 50,000). `align`
+is D_align's images with their labels dropped; a folder is every image in it. The ensemble's soft labels
+are computed once per round on the images as they are (no augmentation), and the student learns them
+with KL(targets || student) at temperature 1 (`kd_loss`). All of it runs on the run's device and
+precision (`flcore.device`); the targets stay there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from flcore.config import DISTILL_ON_ALIGN, ConfigError
+from flcore.config import DISTILL_ON_ALIGN, DISTILL_ON_UNHELD, DISTILL_SOURCES, LOCAL, ConfigError
 from flcore.data import IMAGE_SUFFIXES, Batches, ImageSet
 from flcore.device import CPU, Compute
-from flcore.experiment import Prepared, align_set, batches, load_record, model_from
+from flcore.experiment import Prepared, align_set, batches, load_record, model_from, prepare
+from flcore.images import check_images
 from flcore.losses import kd_loss
 from rounds.delegate import Delegating
 
-MIN_IMAGES = 2  # FedDF distils on some and holds at least one out for early stopping
-# (round, averaged model, client models, their sample counts, the round's metrics) -> next global model
-Fuse = Callable[[int, ArrayRecord, list[ArrayRecord], list[float], MetricRecord], ArrayRecord]
+MIN_IMAGES = 1  # FedDF and FedBE need images to distil on; FedDF validates on D_align, not on these
+
+
+@dataclass(frozen=True)
+class RoundModels:
+    """One round's models: the one the server sent (`start`), the clients' replies and their average."""
+
+    server_round: int
+    start: ArrayRecord
+    averaged: ArrayRecord
+    clients: list[ArrayRecord]
+
+
+# (the round's models, the round's metrics to add to) -> next global model
+Fuse = Callable[[RoundModels, MetricRecord], ArrayRecord]
 
 
 class ClientModels(Delegating):
@@ -44,10 +64,18 @@ class ClientModels(Delegating):
     def __init__(self, inner: Strategy, fuse: Fuse, name: str) -> None:
         super().__init__(inner)
         self.fuse, self.name = fuse, name
+        self.sent: ArrayRecord | None = None
 
     def summary(self) -> None:
         log(INFO, "\t├──> %s: the server distils the round's client models into the average", self.name)
         self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Keep the model the clients start from: FedBE's Gaussian is over the updates from it."""
+        self.sent = arrays
+        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -56,12 +84,10 @@ class ClientModels(Delegating):
         averaged, metrics = self.inner.aggregate_train(server_round, replies)
         if averaged is None:
             return None, metrics
-        valid = [r.content for r in replies if not r.has_error()]
-        key = getattr(self.inner, "weighted_by_key", "num-examples")
-        clients = [next(iter(c.array_records.values())) for c in valid]
-        examples = [float(next(iter(c.metric_records.values()))[key]) for c in valid]
+        clients = [next(iter(r.content.array_records.values())) for r in replies if not r.has_error()]
+        start = averaged if self.sent is None else self.sent
         metrics = MetricRecord() if metrics is None else metrics
-        return self.fuse(server_round, averaged, clients, examples, metrics), metrics
+        return self.fuse(RoundModels(server_round, start, averaged, clients), metrics), metrics
 
 
 def folder_images(root: Path) -> tuple[str, ...]:
@@ -69,11 +95,27 @@ def folder_images(root: Path) -> tuple[str, ...]:
     return tuple(str(p) for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def unheld_train(prepared: Prepared) -> np.ndarray:
+    """Positions in the training split of the images the recipe gives neither D_align nor the clients' pool:
+    those the long tail cuts away (none at imbalance-factor 1)."""
+    split = prepared.split
+    held = [split.pool, split.align] if split.align_from_train else [split.pool]
+    return np.setdiff1d(np.arange(len(prepared.dataset.train)), np.concatenate(held))
+
+
+def without_labels(images: ImageSet) -> ImageSet:
+    """`images` with every label 0: nothing downstream can read a label the method must not use."""
+    return dataclasses.replace(images, labels=np.zeros(len(images), dtype=np.int64))
+
+
 def unlabeled_images(cfg: Mapping) -> ImageSet:
-    """The images the server distils on: D_align's (labels kept only as placeholders) or a folder's."""
+    """The images the server distils on (`distill-data`), labels replaced by placeholders."""
     source = str(cfg["distill-data"])
+    if source == DISTILL_ON_UNHELD:
+        prepared = prepare(cfg)
+        return without_labels(prepared.dataset.train.subset(unheld_train(prepared)))
     if source == DISTILL_ON_ALIGN:
-        return align_set(cfg)
+        return without_labels(align_set(cfg))
     files = folder_images(Path(source).expanduser())
     return ImageSet(np.zeros(len(files), dtype=np.int64), files=files)
 
@@ -84,16 +126,31 @@ def batches_of(cfg: Mapping, images: ImageSet) -> Batches:
 
 
 def check(cfg: Mapping, prepared: Prepared) -> None:
-    """The preflight's check for FedDF and FedBE: the server holds unlabeled images to distil on (FedDF holds
-    some of them out, so at least `MIN_IMAGES`)."""
+    """The preflight's check for FedDF and FedBE: the server holds unlabeled images to distil on, and the image
+    files among the unheld training images decode."""
     source = str(cfg["distill-data"])
-    found = len(prepared.split.align) if source == DISTILL_ON_ALIGN else len(folder_images(Path(source).expanduser()))
+    if source == DISTILL_ON_UNHELD and cfg["client-data"] == LOCAL:
+        raise ConfigError(
+            f"run-config key 'distill-data' = {source!r} is not allowed with client-data=local: the server does not "
+            f"know which training images the nodes hold; expected {DISTILL_ON_ALIGN} or a folder of unlabeled images."
+        )
+    if source == DISTILL_ON_UNHELD:
+        unheld = unheld_train(prepared)
+        found = len(unheld)
+        where = "the training split outside D_align and the clients' pool (at imbalance-factor 1 the pool is all of it)"
+        files = prepared.dataset.train.files
+        if files is not None and found:
+            check_images([files[i] for i in unheld], "distill-data", int(cfg["seed"]))
+    elif source == DISTILL_ON_ALIGN:
+        found, where = len(prepared.split.align), "D_align"
+    else:
+        found, where = len(folder_images(Path(source).expanduser())), f"the folder {source!r}"
     if found < MIN_IMAGES:
-        where = "D_align" if source == DISTILL_ON_ALIGN else f"the folder {source!r}"
         raise ConfigError(
             f"run-config key 'distill-data' = {source!r}: {where} holds {found} image(s); strategy "
-            f"{cfg['strategy']} distils the clients' ensemble on the server on at least {MIN_IMAGES} unlabeled "
-            f"images ({', '.join(sorted(IMAGE_SUFFIXES))} files for a folder)."
+            f"{cfg['strategy']} distils the clients' ensemble on the server on unlabeled images; expected "
+            f"{' or '.join(s for s in DISTILL_SOURCES if s != source)} or a folder of "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))} files."
         )
 
 
@@ -120,10 +177,13 @@ def shuffled(data: Batches, targets: torch.Tensor, gen: torch.Generator) -> Iter
 
 
 class Distiller:
-    """Optimiser steps on KL(target || student), targets given as log-probabilities, in the run's precision."""
+    """Optimiser steps on KL(target || student), targets given as log-probabilities, in the run's precision;
+    with `max_norm` the gradients' total norm is clipped to it before each step (FedDF's 5)."""
 
-    def __init__(self, student: nn.Module, opt: torch.optim.Optimizer, compute: Compute) -> None:
-        self.student, self.opt, self.compute = student, opt, compute
+    def __init__(
+        self, student: nn.Module, opt: torch.optim.Optimizer, compute: Compute, max_norm: float | None = None
+    ) -> None:
+        self.student, self.opt, self.compute, self.max_norm = student, opt, compute, max_norm
         self.scaler = compute.scaler()
 
     def step(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -132,6 +192,9 @@ class Distiller:
             loss = kd_loss(self.student(x).float(), target, 1.0)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.max_norm is not None:
+            self.scaler.unscale_(self.opt)  # clip the true gradients, not fp16's scaled ones
+            nn.utils.clip_grad_norm_(self.student.parameters(), self.max_norm)
         self.scaler.step(self.opt)
         self.scaler.update()
         return loss.detach()

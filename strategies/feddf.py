@@ -1,25 +1,26 @@
 """FedDF (Lin et al., NeurIPS 2020, "Ensemble Distillation for Robust Model Fusion in Federated
 Learning"): FedAvg, then the server distils the ensemble of the round's client models into the average.
 
-After averaging, the server starts from the averaged model and trains it on unlabeled server images
-(`distill-data`) towards the softmax of the clients' averaged logits, with KL at temperature 1 and Adam at
-`distill-lr` with cosine annealing over at most `feddf-steps` steps, as the paper. Like the paper, it holds
-out 10 % of the images for early stopping: after every pass over the rest it measures the distillation
-loss on them, stops once that has not improved for `feddf-patience` steps, and keeps the weights with the
-lowest held-out loss (the averaged model itself when distillation never improved on it). Clients run plain
-FedAvg and upload their weights only.
+The server follows the authors' code (`epfml/federated-learning-public-code`,
+`pcode/aggregation/noise_knowledge_transfer.py`, run with `update_student_scheme=avg_logits`): starting from
+the averaged model, it trains on the unlabeled server images (`distill-data`, by default the training images
+no client holds) towards the softmax of the clients' averaged logits, with KL at temperature 1, Adam at
+`distill-lr` (1e-3) with cosine annealing over `feddf-steps` (10^4) steps of `distill-batch-size` (128)
+images, and every gradient clipped to a total norm of 5. Every `feddf-eval-every` (100) steps it measures
+the student's accuracy on a labelled validation set, stops once that has not risen for `feddf-patience`
+(10^3) steps, and keeps the weights of the best measurement.
 
-Departure from the paper: its held-out 10 % are labelled and the criterion is their accuracy. The server's
-only labelled images are D_align, whose labels FedDF must not use, so the criterion is the held-out
-distillation loss, which needs no labels.
+The validation set is D_align with its labels: the authors' is 10 % of the training split, labelled and held
+by the server; here the server's labelled images are D_align, which no client holds either. Clients run
+plain FedAvg and upload their weights only.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, MetricRecord
@@ -28,11 +29,11 @@ from torch import nn
 
 from flcore.data import Batches
 from flcore.device import CPU, Compute, compute_of
-from flcore.experiment import model_from, to_record
-from flcore.losses import kd_loss
+from flcore.experiment import align_set, model_from, to_record
 from strategies.ensemble_distillation import (
     ClientModels,
     Distiller,
+    RoundModels,
     batches_of,
     ensemble_logits,
     logits_of,
@@ -41,7 +42,17 @@ from strategies.ensemble_distillation import (
 )
 from strategies.fedavg import sampling
 
-HELD_OUT = 0.1  # FedDF's validation share of the data
+CLIP_NORM = 5.0  # FedDF's clip_grad_norm_ on the student's gradients, every step
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long FedDF distils: at most `steps` steps, measured every `eval_every`, stopped after `patience`
+    steps without a higher validation accuracy."""
+
+    steps: int
+    eval_every: int
+    patience: int
 
 
 def ensemble_targets(client_logits: list[torch.Tensor]) -> torch.Tensor:
@@ -49,50 +60,53 @@ def ensemble_targets(client_logits: list[torch.Tensor]) -> torch.Tensor:
     return F.log_softmax(torch.stack(client_logits).mean(0), dim=1)
 
 
-def held_out_split(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of the images to distil on and of the `HELD_OUT` share (at least one image) kept for stopping."""
-    order = rng.permutation(count)
-    held = max(1, round(HELD_OUT * count))
-    return np.sort(order[held:]), np.sort(order[:held])
-
-
 @torch.no_grad()
-def held_out_loss(student: nn.Module, data: Batches, targets: torch.Tensor, compute: Compute = CPU) -> float:
-    """The distillation loss on the held-out images (eval mode)."""
-    return float(kd_loss(logits_of(student, data, compute), targets, 1.0))
+def accuracy(model: nn.Module, data: Batches, compute: Compute = CPU) -> float:
+    """Top-1 accuracy in % on the labelled `data` (eval mode)."""
+    predicted = logits_of(model, data, compute).argmax(1)
+    return 100.0 * float((predicted == data.labels).float().mean())
 
 
-def distill_until_plateau(
+def endless(data: Batches, targets: torch.Tensor, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Batches with their targets, pass after pass, each pass in a new seeded order (the authors' loader,
+    restarted when exhausted)."""
+    while True:
+        yield from shuffled(data, targets, gen)
+
+
+def distill_with_early_stopping(
     student: nn.Module,
     train: tuple[Batches, torch.Tensor],
-    held: tuple[Batches, torch.Tensor],
-    max_steps: int,
-    patience: int,
+    val: Batches,
+    schedule: Schedule,
     lr: float,
     gen: torch.Generator,
     compute: Compute = CPU,
-) -> tuple[int, float]:
-    """Adam with cosine annealing on KL(targets || student) over `train` until `max_steps`, or until the loss on
-    `held` has not improved for `patience` steps; leaves the student at its best held-out loss and returns
-    the steps taken and that loss."""
+) -> tuple[int, float, int]:
+    """FedDF's server loop: Adam with cosine annealing on KL(targets || student) over `train`, gradients clipped
+    to `CLIP_NORM`; the accuracy on `val` is measured every `eval_every` steps and after the last one. Leaves
+    the student at its best measurement (the first of equal ones) and returns the steps taken, that accuracy
+    and its step. As in the authors' code the averaged model itself is not a candidate: the student kept is
+    one that distilled for at least one measurement interval."""
     opt = torch.optim.Adam(student.parameters(), lr=lr)
-    distiller = Distiller(student, opt, compute)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_steps)
-    best, best_step, best_state = held_out_loss(student, *held, compute), 0, copy.deepcopy(student.state_dict())
+    distiller = Distiller(student, opt, compute, max_norm=CLIP_NORM)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule.steps)
+    best, best_step, best_state = -1.0, 0, student.state_dict()
     step = 0
-    while step < max_steps and step - best_step < patience:
+    for x, target in endless(*train, gen):
         student.train()
-        for x, target in shuffled(*train, gen):
-            distiller.step(x, target)
-            schedule.step()
-            step += 1
-            if step >= max_steps:
-                break
-        loss = held_out_loss(student, *held, compute)
-        if loss < best:
-            best, best_step, best_state = loss, step, copy.deepcopy(student.state_dict())
+        distiller.step(x, target)
+        cosine.step()
+        step += 1
+        if step % schedule.eval_every and step < schedule.steps:
+            continue
+        measured = accuracy(student, val, compute)
+        if measured > best:
+            best, best_step, best_state = measured, step, copy.deepcopy(student.state_dict())
+        if step - best_step >= schedule.patience or step >= schedule.steps:
+            break
     student.load_state_dict(best_state)
-    return step, best
+    return step, best, best_step
 
 
 class FedDFFusion:
@@ -100,27 +114,26 @@ class FedDFFusion:
 
     def __init__(self, cfg: Mapping) -> None:
         self.cfg = cfg
+        self.data: tuple[Batches, Batches] | None = None  # the unlabeled and validation batches, made once
 
-    def __call__(
-        self, rnd: int, averaged: ArrayRecord, clients: list[ArrayRecord], examples: list[float], metrics: MetricRecord
-    ) -> ArrayRecord:
-        cfg, seed, compute = self.cfg, int(self.cfg["seed"]) + rnd, compute_of(self.cfg)
-        images = unlabeled_images(cfg)
-        train_idx, held_idx = held_out_split(len(images), np.random.default_rng(seed))
-        train, held = batches_of(cfg, images.subset(train_idx)), batches_of(cfg, images.subset(held_idx))
-        student = model_from(cfg, averaged)
-        steps, loss = distill_until_plateau(
-            student,
-            (train, ensemble_targets(ensemble_logits(cfg, clients, train, compute))),
-            (held, ensemble_targets(ensemble_logits(cfg, clients, held, compute))),
-            int(cfg["feddf-steps"]),
-            int(cfg["feddf-patience"]),
-            float(cfg["distill-lr"]),
-            torch.Generator().manual_seed(seed),
-            compute,
+    def server_sets(self) -> tuple[Batches, Batches]:
+        """The unlabeled images to distil on and D_align with its labels, on the device from the first round on."""
+        if self.data is None:
+            self.data = batches_of(self.cfg, unlabeled_images(self.cfg)), batches_of(self.cfg, align_set(self.cfg))
+        return self.data
+
+    def __call__(self, models: RoundModels, metrics: MetricRecord) -> ArrayRecord:
+        cfg, seed, compute = self.cfg, int(self.cfg["seed"]) + models.server_round, compute_of(self.cfg)
+        unlabeled, val = self.server_sets()
+        targets = ensemble_targets(ensemble_logits(cfg, models.clients, unlabeled, compute))
+        student = model_from(cfg, models.averaged)
+        schedule = Schedule(int(cfg["feddf-steps"]), int(cfg["feddf-eval-every"]), int(cfg["feddf-patience"]))
+        gen = torch.Generator().manual_seed(seed)
+        steps, best, best_step = distill_with_early_stopping(
+            student, (unlabeled, targets), val, schedule, float(cfg["distill-lr"]), gen, compute
         )
-        metrics["distill-steps"], metrics["distill-held-out-loss"] = float(steps), loss
-        metrics["ensemble-size"] = float(len(clients))
+        metrics["distill-steps"], metrics["distill-best-step"] = float(steps), float(best_step)
+        metrics["distill-val-accuracy"], metrics["ensemble-size"] = best, float(len(models.clients))
         return to_record(student)
 
 

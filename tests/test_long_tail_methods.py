@@ -36,11 +36,12 @@ from flcore.training import TrainSettings
 from server_app import app as server_app
 from server_app.preflight import preflight
 from strategies import ensemble_distillation
+from strategies import feddf as feddf_method
 from strategies import ratio_loss as ratio_method
-from strategies.ensemble_distillation import ClientModels, batches_of, logits_of
+from strategies.ensemble_distillation import ClientModels, RoundModels, batches_of, logits_of, unlabeled_images
 from strategies.fedavg import fedavg
-from strategies.fedbe import gaussian, pseudo_labels, sample_models
-from strategies.feddf import distill_until_plateau, ensemble_targets
+from strategies.fedbe import layer_gaussian, pseudo_labels
+from strategies.feddf import Schedule, distill_with_early_stopping, ensemble_targets
 from strategies.registry import STRATEGIES, client_workload
 from tests.conftest import ClientAppGrid
 
@@ -227,16 +228,16 @@ def test_client_losses_reduce_to_cross_entropy_at_their_neutral_settings_and_cha
 # FedBE: the Gaussian over the client weights and the ensemble's pseudo-labels
 
 
-def test_fedbe_gaussian_mean_and_variance_from_given_client_weights():
-    clients = [{"w": np.array([1.0, 10.0])}, {"w": np.array([3.0, 20.0])}]
-    mean, var = gaussian(clients, [1, 3], ["w"])
-    # p = [0.25, 0.75]: mean = [2.5, 17.5]; var = 0.25 * [1.5, 7.5]^2 + 0.75 * [0.5, 2.5]^2 = [0.75, 18.75]
-    assert np.allclose(mean["w"], [2.5, 17.5]) and np.allclose(var["w"], [0.75, 18.75])
-    averaged = ArrayRecord({"w": torch.tensor([2.5, 17.5]), "count": torch.tensor([7])})
-    drawn = sample_models(averaged, mean, var, 4000, np.random.default_rng(0))
-    values = np.stack([m["w"].numpy() for m in drawn])
-    assert np.allclose(values.mean(0), [2.5, 17.5], atol=0.1) and np.allclose(values.var(0), [0.75, 18.75], rtol=0.1)
-    assert all(m["count"].numpy()[0] == 7 and m["w"].numpy().dtype == np.float32 for m in drawn[:3])
+def test_fedbe_gaussian_is_over_the_normalised_client_updates():
+    start = np.array([1.0, 1.0])
+    clients = [np.array([4.0, 5.0]), np.array([1.0, 3.0])]  # updates [3, 4] (norm 5) and [0, 2] (norm 2)
+    mean, std = layer_gaussian(start, clients, var_scale=0.1)
+    # unit updates [.6, .8] and [0, 1]: mu = [.3, .9], var = [.09, .01]; mean norm 3.5
+    assert np.allclose(mean, start + 3.5 * np.array([0.3, 0.9])) and np.allclose(std, 3.5 * 0.1 * np.array([0.3, 0.1]))
+    same = layer_gaussian(start, [start + 1, start + 2], var_scale=0.1)  # equal directions: the variance floor
+    assert np.allclose(same[1], 1.5 * math.sqrt(2) * 0.1 * math.sqrt(1e-5))  # mean norm 1.5 sqrt(2)
+    unchanged = layer_gaussian(start, [start, start], var_scale=0.1)  # no update: no division by zero
+    assert np.allclose(unchanged[0], start) and np.allclose(unchanged[1], 0.0)
 
 
 def test_fedbe_pseudo_labels_average_the_members_probabilities():
@@ -252,42 +253,89 @@ def test_feddf_student_moves_towards_the_ensembles_averaged_soft_labels():
     assert torch.allclose(averaged.exp(), torch.softmax(torch.tensor([[2.0, 1.0]]), 1))  # mean logits [2, 1]
     cfg = cfg_of(**{"distill-batch-size": 32})
     images = server_data(cfg).align
-    train, held = batches_of(cfg, images.subset(np.arange(80))), batches_of(cfg, images.subset(np.arange(80, 100)))
+    train, val = batches_of(cfg, images.subset(np.arange(80))), batches_of(cfg, images.subset(np.arange(80, 100)))
     teachers = [build_model("resnet8", 16, 10, seed=s) for s in (1, 2)]
     train_targets = ensemble_targets([logits_of(t, train) for t in teachers])
-    held_targets = ensemble_targets([logits_of(t, held) for t in teachers])
     student = build_model("resnet8", 16, 10, seed=3)
     before = float(kd_loss(logits_of(student, train), train_targets, 1.0))
-    steps, best = distill_until_plateau(
-        student, (train, train_targets), (held, held_targets), 60, 60, 1e-2, torch.Generator().manual_seed(0)
+    steps, best, best_step = distill_with_early_stopping(
+        student, (train, train_targets), val, Schedule(60, 60, 60), 1e-2, torch.Generator().manual_seed(0)
     )
-    assert steps == 60 and float(kd_loss(logits_of(student, train), train_targets, 1.0)) < 0.5 * before
-    assert best == pytest.approx(float(kd_loss(logits_of(student, held), held_targets, 1.0)), rel=1e-5)
+    assert steps == best_step == 60 and float(kd_loss(logits_of(student, train), train_targets, 1.0)) < 0.5 * before
+    assert best == pytest.approx(feddf_method.accuracy(student, val))
 
 
-def test_feddf_keeps_the_averaged_model_when_distillation_never_improves_the_held_out_loss():
-    cfg = cfg_of(**{"distill-batch-size": 32})
-    images = server_data(cfg).align
-    train, held = batches_of(cfg, images.subset(np.arange(80))), batches_of(cfg, images.subset(np.arange(80, 100)))
-    student = build_model("resnet8", 16, 10, seed=3)
-    start = {k: v.clone() for k, v in student.state_dict().items()}
-    own = (logits_of(student, train).log_softmax(1), logits_of(student, held).log_softmax(1))  # loss 0: nothing to gain
-    steps, best = distill_until_plateau(
-        student, (train, own[0]), (held, own[1]), 1000, 6, 1e-2, torch.Generator().manual_seed(0)
+class TensorBatches:
+    """Given inputs and labels in `Batches`' interface, for a model without images (a linear layer)."""
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, batch_size: int) -> None:
+        self.x, self.labels, self.batch_size = x, labels, batch_size
+
+    def iterate_indexed(self, shuffle=False, augment=False, gen=None):
+        order = torch.randperm(len(self.x), generator=gen) if shuffle else torch.arange(len(self.x))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield idx, self.x[idx], self.labels[idx]
+
+    def iterate(self, shuffle=False, augment=False, gen=None):
+        for _, x, y in self.iterate_indexed(shuffle, augment, gen):
+            yield x, y
+
+
+def linear_case(scale: float = 1.0):
+    gen = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(16, 4, generator=gen) * scale, torch.randint(0, 3, (16,), generator=gen)
+    targets = torch.randn(16, 3, generator=gen).mul(5).log_softmax(1)
+    return nn.Linear(4, 3), TensorBatches(x, labels, 8), targets
+
+
+def test_feddf_clips_a_huge_gradient_to_norm_5():
+    student, data, targets = linear_case(scale=1e4)  # inputs of 10^4: the KL's gradient norm is in the thousands
+    distill_with_early_stopping(student, (data, targets), data, Schedule(1, 1, 1), 1e-3, torch.Generator())
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student.parameters()]))
+    assert float(norm) == pytest.approx(5.0, rel=1e-5)
+
+
+def test_feddf_stops_on_validation_accuracy_and_keeps_the_best_measured_student(monkeypatch):
+    student, data, targets = linear_case()
+    measured, states = iter([10.0, 30.0, 20.0, 30.0, 25.0, 90.0]), []
+
+    def scripted_accuracy(model, val, compute=None):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(measured)
+
+    monkeypatch.setattr(feddf_method, "accuracy", scripted_accuracy)
+    steps, best, best_step = distill_with_early_stopping(
+        student, (data, targets), data, Schedule(100, 2, 6), 1e-2, torch.Generator().manual_seed(0)
     )
-    assert steps == 6 and best == pytest.approx(0.0, abs=1e-6)  # stopped after `patience` steps, three passes
-    assert all(torch.equal(start[k], v) for k, v in student.state_dict().items())
+    # measured at steps 2, 4, 6, 8, 10: the best (30 %) at step 4, not beaten by the equal 30 % at step 8; at
+    # step 10 six steps have passed without a higher accuracy, so the 90 % that would come at step 12 never does
+    assert (steps, best, best_step, len(states)) == (10, 30.0, 4, 5)
+    assert all(torch.equal(v, states[1][k]) for k, v in student.state_dict().items())
+
+
+def test_feddf_and_fedbe_distil_by_default_on_the_training_images_no_one_holds():
+    cfg = cfg_of(strategy="feddf")
+    prepared, images = prepare(cfg), unlabeled_images(cfg)
+    held = np.union1d(prepared.split.align, prepared.split.pool)
+    assert len(images) == len(prepared.dataset.train) - len(held) > 5 * len(prepared.split.align)
+    assert not np.any(images.labels)  # placeholders: the method sees no label
+    positions = {bytes(img.numpy()) for img in images.images}
+    assert not positions & {bytes(img.numpy()) for img in prepared.dataset.train.images[torch.from_numpy(held)]}
 
 
 def test_client_models_hand_the_fuse_the_round_clients_and_their_sample_counts():
     seen = {}
 
-    def fuse(rnd, averaged, clients, examples, metrics):
-        seen.update(rnd=rnd, clients=[c["w"].numpy().tolist() for c in clients], examples=examples)
+    def fuse(models: RoundModels, metrics):
+        clients = [c["w"].numpy().tolist() for c in models.clients]
+        seen.update(rnd=models.server_round, clients=clients, start=models.start["w"].numpy().tolist())
         metrics["fused"] = 1.0
         return ArrayRecord({"w": torch.tensor([9.0])})
 
     strategy = ClientModels(fedavg(cfg_of(**{"num-clients": 2})), fuse, "test")
+    strategy.inner.configure_train = lambda *args: []  # no grid to sample from: the model sent is what counts
+    strategy.configure_train(3, ArrayRecord({"w": torch.tensor([0.5])}), ConfigRecord(), SimpleNamespace())
     request = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1, message_type="train")
     replies = [
         Message(
@@ -297,7 +345,7 @@ def test_client_models_hand_the_fuse_the_round_clients_and_their_sample_counts()
         for w, n in ((1.0, 1), (4.0, 3))
     ]
     arrays, metrics = strategy.aggregate_train(3, replies)
-    assert seen == {"rnd": 3, "clients": [[1.0], [4.0]], "examples": [1.0, 3.0]}
+    assert seen == {"rnd": 3, "clients": [[1.0], [4.0]], "start": [0.5]}
     assert arrays["w"].numpy().tolist() == [9.0] and metrics["fused"] == 1.0
 
 
@@ -329,6 +377,16 @@ def test_preflight_stops_a_distillation_run_without_server_images(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
     preflight(cfg_of(strategy="fedbe", **{"distill-data": str(tmp_path)}))
+    with pytest.raises(
+        ConfigError, match="imbalance-factor 1 the pool is all of it. holds 0 image.*expected align or a folder"
+    ):
+        preflight(cfg_of(strategy="feddf", **{"imbalance-factor": 1}))  # every training image is held
+    preflight(cfg_of(strategy="feddf", **{"imbalance-factor": 1, "distill-data": "align"}))
+
+
+def test_distilling_on_unheld_training_images_needs_a_known_split():
+    with pytest.raises(ConfigError, match="not allowed with client-data=local"):
+        ensemble_distillation.check(cfg_of(strategy="fedbe", **{"client-data": "local"}), None)
 
 
 def test_ratio_loss_preflight_needs_every_class_in_the_auxiliary_set():
@@ -342,13 +400,16 @@ def test_ratio_loss_preflight_needs_every_class_in_the_auxiliary_set():
     )
     with pytest.raises(ConfigError, match="no images of \\['three'\\]"):
         ratio_method.check({}, stub)
-    assert ensemble_distillation.MIN_IMAGES == 2
 
 
 def test_the_comparison_lists_the_papers_twelve_baselines_and_the_new_long_tail_methods():
     paper = ("fedavg", "fedprox", "fedavgm", "fednova", "focal", "ratioloss", "feddf", "fedbe", "tau-norm", "ccvr")
     assert set(paper + ("creff", "clip2fl", "fedlc", "fedrs", "ours", "ours-no-align")) <= set(compare.METHODS)
     assert compare.METHODS["fedlc"] == "loss=fedlc" and compare.METHODS["ratioloss"].startswith("strategy=ratioloss ")
+    assert compare.METHODS["feddf"] == "strategy=feddf"  # FedDF's own step counts: the defaults below
+    defaults = cfg_of()
+    assert (defaults["feddf-steps"], defaults["feddf-eval-every"], defaults["feddf-patience"]) == (10000, 100, 1000)
+    assert defaults["distill-data"] == "unused-train" and defaults["fedbe-var-scale"] == 0.1
 
 
 # All five through the real apps

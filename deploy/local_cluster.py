@@ -41,6 +41,7 @@ from cryptography.x509.oid import NameOID
 
 from flcore.run_config import parse_overrides
 from server_app import launch
+from server_app.preflight import InputError
 
 CONNECTION = "mllm-cluster"
 HOST = "127.0.0.1"
@@ -254,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     defaults, _ = launch.project_settings()
     nodes = len(args.node_data) or args.nodes
+    if nodes < 1:
+        print(f"error: --nodes {nodes}: expected at least 1 SuperNode (or one --node-data per node).", file=sys.stderr)
+        return 2
     local = {"client-data": "local"} if args.node_data else {}
     try:
         # real nodes serve the partition of their own node config (the server asks each one for it)
@@ -264,8 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             **local,
         }
         cfg, sent = launch.resolve(overrides, defaults)
-        launch.check_before_start(cfg)
-    except (launch.ConfigError, launch.DataNotFound) as err:
+        launch.check_before_start(cfg)  # the preflight, before any process starts
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     secure = not args.insecure

@@ -15,10 +15,11 @@ from functools import partial
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from flcore.arrays import NON_FINITE, non_finite
 from flcore.config import LOCAL
-from flcore.device import Compute, compute_of
+from flcore.device import Compute
 from flcore.experiment import ServerData, client_classes, load_record, new_model, server_data, to_record
 from flcore.metrics import summarize
 from flcore.models import FLModel
@@ -102,7 +103,8 @@ def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
 def serve(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
     """Checks, data, report, the wrapped strategy's rounds, and the summary."""
     t0 = time.perf_counter()
-    resumed = preflight(cfg).resumed
+    checked = preflight(cfg)
+    resumed = checked.resumed
     check_seconds = time.perf_counter() - t0
     random.seed(int(cfg["seed"]))  # Flower samples nodes with the global `random` module
     torch.manual_seed(int(cfg["seed"]))
@@ -117,26 +119,25 @@ def serve(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
 
     make_model = partial(new_model, cfg)
     model = make_model(seed=int(cfg["seed"]))
-    evaluator = Evaluator(make_model(), data, report, int(cfg["eval-every"]), rounds, compute_of(cfg))
+    evaluator = Evaluator(make_model(), data, report, int(cfg["eval-every"]), rounds, checked.compute)
     ctx = ServerContext(cfg, data, make_model, evaluator.metrics)
     done = resumed.round if resumed is not None else 0
 
-    def save_state(server_round: int, arrays: ArrayRecord) -> None:
+    def save_state(method: Strategy, server_round: int, arrays: ArrayRecord) -> None:
         checkpoint.save(report.dir / checkpoint.CHECKPOINT, server_round, arrays, method, report.rows, cfg)
 
-    strategy = build_server_strategy(cfg, ctx, report, round_offset=done, on_round_end=save_state)
-    method = strategy.inner.inner  # the training method's strategy, under the round policy
+    server = build_server_strategy(cfg, ctx, report, round_offset=done, on_round_end=save_state)
     initial = to_record(model)
     if resumed is not None:
         initial = resumed.arrays
         load_record(model, initial)
-        resumed.restore(method)
+        resumed.restore(server.method)
         print(
             f"Resumed {cfg['resume']} after round {done} of {rounds} (server state restored in "
             f"{time.perf_counter() - t0:.2f} s, checks and checkpoint read in {check_seconds:.3f} s)",
             flush=True,
         )
-    result = strategy.start(
+    result = server.strategy.start(
         grid,
         initial,
         num_rounds=rounds - done,
@@ -144,7 +145,7 @@ def serve(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
         train_config=ConfigRecord({**{k: cfg[k] for k in TRAIN_KEYS}, **client_classes(cfg)}),
         evaluate_fn=evaluator,
     )
-    strategy.inner.require_an_update()  # the round policy: a run that aggregated nothing has failed
+    server.policy.require_an_update()  # a run that aggregated nothing has failed
     final = load_record(model, result.arrays if len(result.arrays) else to_record(model))
     return report.finish(
         final.state_dict(),

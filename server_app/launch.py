@@ -4,13 +4,14 @@ Flower 1.42's `flwr run .` always goes through a SuperLink, prints logs only wit
 when the ServerApp raised, and its auto-started local SuperLink re-installs the project's
 dependencies at run time. This launcher hides none of that; it handles it:
 
-1. validates the run config (pyproject defaults + overrides) and loads the data split, so bad input
-   fails before Ray starts;
+1. runs every check (`server_app.preflight`, with this launch's simulation: client resources, GPUs, the
+   Ray cluster to join) on the run config (pyproject defaults + overrides), so bad input fails before Ray
+   starts;
 2. starts `flower-superlink --simulation --disable-runtime-dependency-installation` on a free
    loopback port with its own FLWR_HOME (the user's ~/.flwr is left alone);
 3. runs `flwr run . <connection> --stream` with the overrides and the simulation federation from
    `[tool.mllm-llava-fl.simulation]` (num-supernodes = num-clients), whose client resources
-   `--federation-config` may override (checked against the GPUs this machine has and the `device` asked for);
+   `--federation-config` may override;
 4. reads the run's final status with `flwr list --format json` and exits non-zero unless it completed;
 5. stops everything it started before it returns, and a watchdog (`server_app.watchdog`) stops it all
    too when the launcher itself is killed, even with kill -9.
@@ -36,9 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from flcore.config import LOCAL, ConfigError, align_source
-from flcore.device import compute_of, visible_gpus
 from flcore.run_config import format_overrides, parse_overrides, toml_document
-from server_app.preflight import InputError, preflight, validated
+from server_app.preflight import Checked, InputError, Simulation, preflight, validated
 from server_app.watchdog import Watchdog, stop
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -46,7 +46,6 @@ BIN = Path(sys.executable).parent  # flwr and flower-superlink of this environme
 CONNECTION = "mllm-sim"
 SIMULATION_ARGS = ("--insecure", "--simulation")
 PATH_KEYS = ("data-dir", "output-dir", "resume")
-CLIENT_RESOURCES = ("client-resources-num-cpus", "client-resources-num-gpus")  # what --federation-config may set
 
 
 def project_settings(project: Path = PROJECT) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -69,11 +68,13 @@ def resolve(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[
     return cfg, sent
 
 
-def check_before_start(cfg: Mapping[str, Any]) -> None:
+def check_before_start(cfg: Mapping[str, Any], simulation: Simulation | None = None) -> Checked:
     """Every check of the run (`server_app.preflight`) here, so bad input fails before Ray; say what runs."""
-    checked = preflight(cfg)
+    checked = preflight(cfg, simulation)
     if checked.resumed is not None:
         print(f"resume: continuing after round {checked.resumed.round} from {cfg['resume']}", flush=True)
+    if simulation is not None and simulation.ray_address:
+        print(f"ray: the simulation joins the cluster at {simulation.ray_address}", flush=True)
     prep = checked.prepared
     if cfg["client-data"] == LOCAL:
         print(
@@ -82,7 +83,7 @@ def check_before_start(cfg: Mapping[str, Any]) -> None:
             + (f" | {checked.images}" if checked.images else ""),
             flush=True,
         )
-        return
+        return checked
     sizes = [len(c) for c in prep.split.clients]
     print(
         f"data: {cfg['dataset']} | pool {len(prep.split.pool)} images (IF {cfg['imbalance-factor']}) | "
@@ -91,17 +92,7 @@ def check_before_start(cfg: Mapping[str, Any]) -> None:
         f"test {len(prep.dataset.test)}" + (f" | {checked.images}" if checked.images else ""),
         flush=True,
     )
-
-
-def refuse_local_data(cfg: Mapping[str, Any]) -> None:
-    """The simulation's virtual clients have no data of their own: client-data=local needs real SuperNodes."""
-    if cfg["client-data"] == LOCAL:
-        raise ConfigError(
-            "run-config key 'client-data' = 'local' is not allowed in the simulation (make run): its virtual "
-            "clients hold no images of their own. Start real SuperNodes, each with --node-config "
-            "\"data-dir='/path/to/images'\" (docs/deployment.md; on one machine: python -m deploy.local_cluster "
-            "--node-data DIR --node-data DIR ...), or use client-data = partition."
-        )
+    return checked
 
 
 def free_port() -> int:
@@ -152,56 +143,6 @@ def start_superlink(
     proc = start_process([*cmd, "--host", "127.0.0.1", "--port", str(port)], log_path, env)
     wait_for_port(proc, port, log_path)
     return proc
-
-
-def client_resources(simulation: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The simulation federation with `--federation-config` overrides, each checked (Ray takes whole CPUs, and
-    a GPU share below 1 or whole GPUs)."""
-    unknown = sorted(set(overrides) - set(CLIENT_RESOURCES))
-    if unknown:
-        raise ConfigError(
-            f"--federation-config: unknown option(s) {', '.join(unknown)}; expected {' and '.join(CLIENT_RESOURCES)} "
-            "(num-supernodes follows num-clients)."
-        )
-    options = {**simulation, **overrides}
-    cpus, gpus = options["client-resources-num-cpus"], options["client-resources-num-gpus"]
-    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
-        raise ConfigError(f"federation option 'client-resources-num-cpus' = {cpus!r}: expected an integer >= 1.")
-    if isinstance(gpus, bool) or not isinstance(gpus, int | float) or gpus < 0 or (gpus > 1 and gpus % 1):
-        raise ConfigError(
-            f"federation option 'client-resources-num-gpus' = {gpus!r}: expected a number >= 0, a fraction below 1 "
-            "(0.25: four clients share a GPU) or a whole number of GPUs."
-        )
-    return options
-
-
-def check_client_devices(cfg: Mapping[str, Any], options: Mapping[str, Any], ray_address: str) -> None:
-    """Client actors see only the GPUs Ray gives them (numbered from cuda:0), and none without a GPU share: a
-    setting that would leave them waiting for a GPU forever, or make them refuse `device`/`amp`, fails here."""
-    gpus = float(options["client-resources-num-gpus"])
-    device, amp = str(cfg["device"]), str(cfg["amp"])
-    if gpus > 0 and not ray_address and visible_gpus() == 0:
-        raise ConfigError(
-            f"federation option 'client-resources-num-gpus' = {gpus:g} needs a GPU, and this machine has none: Ray "
-            "would never start a client; expected 0 (or --ray-address of a cluster with GPUs)."
-        )
-    if gpus == 0 and device.startswith("cuda"):
-        raise ConfigError(
-            f"run-config key 'device' = {device!r} is not allowed with client-resources-num-gpus = 0: the clients' "
-            "Ray actors see no GPU; give them a share (--federation-config client-resources-num-gpus=0.25) or use "
-            "device=auto (clients on the CPU, the server on its GPU)."
-        )
-    if gpus == 0 and amp != "off":
-        raise ConfigError(
-            f"run-config key 'amp' = {amp!r} is not allowed with client-resources-num-gpus = 0: the clients would "
-            "train on the CPU, where there is no mixed precision; expected off, or give clients a GPU share."
-        )
-    index = int(device.partition(":")[2] or 0)
-    if gpus > 0 and index >= max(1, int(gpus)):
-        raise ConfigError(
-            f"run-config key 'device' = {device!r} is not allowed in the simulation: each client actor sees only the "
-            f"{max(1, int(gpus))} GPU(s) Ray gives it, numbered from cuda:0; expected auto or cuda."
-        )
 
 
 def federation_config(simulation: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
@@ -267,33 +208,13 @@ def report_status(status: Mapping[str, Any], logs: str) -> int:
     return 0
 
 
-def check_ray_cluster(address: str) -> None:
-    """The head node of the cluster the run will join must answer at `address` (host:port of its GCS), so a
-    wrong address fails before start instead of Ray retrying for minutes inside the simulation."""
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"--ray-address {address!r}: no Ray cluster answers there ({err}); expected host:port of a head node "
-            "started with `ray start --head`."
-        ) from err
-    print(f"ray: the simulation joins the cluster at {address}", flush=True)
-
-
 def run(overrides: Mapping[str, Any], ray_address: str = "", federation: Mapping[str, Any] | None = None) -> int:
     """One run on a private SuperLink; with `ray_address` the simulation joins that Ray cluster (RAY_ADDRESS);
     `federation` overrides the client resources of the simulation."""
     defaults, declared = project_settings()
     try:
         cfg, sent = resolve(overrides, defaults)
-        refuse_local_data(cfg)
-        simulation = client_resources(declared, federation or {})
-        compute_of(cfg)  # this machine's GPUs before the clients' share: the plainest message comes first
-        check_client_devices(cfg, simulation, ray_address)
-        check_before_start(cfg)
-        if ray_address:
-            check_ray_cluster(ray_address)
+        checked = check_before_start(cfg, Simulation(declared, federation or {}, ray_address))
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -306,7 +227,7 @@ def run(overrides: Mapping[str, Any], ray_address: str = "", federation: Mapping
     link = start_superlink(home, port, env)
     watchdog = Watchdog.start([link.pid])  # ends all of it if this process dies, and Ray's stragglers at the end
     try:
-        status = flwr_run(CONNECTION, env, sent, ["--federation-config", federation_config(simulation, cfg)])
+        status = flwr_run(CONNECTION, env, sent, ["--federation-config", federation_config(checked.federation, cfg)])
     finally:
         stop(link)
         watchdog.close()

@@ -1,9 +1,12 @@
 """Every check that can fail before round 1, in one place, run before any Flower process starts.
 
-The launcher calls `preflight` before it starts the SuperLink and Ray; the ServerApp calls it again
-first thing (a run started with `flwr run` on a real SuperLink has no launcher). It validates the
-config, resolves `device` and `amp` in this process (a GPU it does not see names the key), reads the
-checkpoint to resume from, loads the dataset and draws the split (a split the settings cannot produce
+The launcher (`server_app.launch`) and `deploy.local_cluster` call `preflight` before they start the
+SuperLink; the ServerApp calls it again first thing (a run started with `flwr run` on a real SuperLink has
+no launcher). It resolves `device` and `amp` once in this process (a GPU it does not see names the key; the
+result comes back in `Checked.compute` for the caller to use), checks the launcher's simulation when there
+is one (`Simulation`: no client-data=local, the client resources of `--federation-config` against this
+machine's GPUs and the `device`/`amp` asked for, the Ray cluster to join), reads the checkpoint to resume
+from, loads the dataset and draws the split (a split the settings cannot produce
 names the key to change), decodes the image files (`flcore.images`), estimates
 the memory a training process needs (`flcore.memory`) and the size of the clients' uploads, and runs
 the strategy's and every server stage's own checks (teachers' weights on disk, class names, logits files, pretraining
@@ -13,8 +16,9 @@ on one line.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ from flcore import data as datasets
 from flcore.class_statistics import upload_bytes
 from flcore.config import LOCAL, ConfigError, validate
 from flcore.data import DataNotFound
-from flcore.device import compute_of
+from flcore.device import Compute, compute_of, visible_gpus
 from flcore.experiment import Prepared, prepare
 from flcore.images import check_images
 from flcore.memory import check_memory
@@ -34,6 +38,7 @@ from strategies.calibration import ClientUploads, UploadsAfterAggregation
 from strategies.registry import SERVER_STAGES, STRATEGIES, build_strategy, check_strategy
 
 InputError = (ConfigError, DataNotFound)
+CLIENT_RESOURCES = ("client-resources-num-cpus", "client-resources-num-gpus")  # what --federation-config may set
 UPLOADERS = (ClientUploads, UploadsAfterAggregation)  # strategies whose clients upload class statistics
 
 
@@ -43,17 +48,32 @@ def validated(run_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class Simulation:
+    """The launcher's simulation: the federation pyproject declares, the `--federation-config` overrides of
+    its client resources, and the Ray cluster to join ('' starts one)."""
+
+    declared: Mapping[str, Any]
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    ray_address: str = ""
+
+
+@dataclass(frozen=True)
 class Checked:
-    """What the checks read on the way: the data and split, and the checkpoint to resume from (or None)."""
+    """What the checks read on the way: the data and split, the checkpoint to resume from (or None), this
+    process's compute settings, and the simulation's checked federation options (None without a simulation)."""
 
     prepared: Prepared
     resumed: checkpoint.Checkpoint | None
+    compute: Compute
     images: str = ""
+    federation: dict[str, Any] | None = None
 
 
-def preflight(cfg: Mapping[str, Any]) -> Checked:
-    """Raise `ConfigError` / `DataNotFound` on the first problem, before anything trains."""
-    compute_of(cfg)
+def preflight(cfg: Mapping[str, Any], simulation: Simulation | None = None) -> Checked:
+    """Raise `ConfigError` / `DataNotFound` on the first problem, before anything trains; `simulation`: the
+    launcher's, whose own inputs are checked too."""
+    compute = compute_of(cfg)  # this machine's GPUs before the clients' share: the plainest message comes first
+    federation = check_simulation(cfg, simulation) if simulation is not None else None
     resumed = checkpoint.load(cfg) if cfg["resume"] else None
     prepared = prepared_data(cfg)
     images = check_image_files(cfg, prepared)
@@ -62,7 +82,91 @@ def preflight(cfg: Mapping[str, Any]) -> Checked:
     check_strategy(cfg, prepared)
     for entry in SERVER_STAGES.values():
         entry.check(cfg, prepared)
-    return Checked(prepared, resumed, images)
+    if simulation is not None and simulation.ray_address:
+        check_ray_cluster(simulation.ray_address)
+    return Checked(prepared, resumed, compute, images, federation)
+
+
+def check_simulation(cfg: Mapping[str, Any], simulation: Simulation) -> dict[str, Any]:
+    """The simulation's own inputs; returns its federation options, checked."""
+    refuse_local_data(cfg)
+    options = client_resources(simulation.declared, simulation.overrides)
+    check_client_devices(cfg, options, simulation.ray_address)
+    return options
+
+
+def refuse_local_data(cfg: Mapping[str, Any]) -> None:
+    """The simulation's virtual clients have no data of their own: client-data=local needs real SuperNodes."""
+    if cfg["client-data"] == LOCAL:
+        raise ConfigError(
+            "run-config key 'client-data' = 'local' is not allowed in the simulation (make run): its virtual "
+            "clients hold no images of their own. Start real SuperNodes, each with --node-config "
+            "\"data-dir='/path/to/images'\" (docs/deployment.md; on one machine: python -m deploy.local_cluster "
+            "--node-data DIR --node-data DIR ...), or use client-data = partition."
+        )
+
+
+def client_resources(simulation: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The simulation federation with `--federation-config` overrides, each checked (Ray takes whole CPUs, and
+    a GPU share below 1 or whole GPUs)."""
+    unknown = sorted(set(overrides) - set(CLIENT_RESOURCES))
+    if unknown:
+        raise ConfigError(
+            f"--federation-config: unknown option(s) {', '.join(unknown)}; expected {' and '.join(CLIENT_RESOURCES)} "
+            "(num-supernodes follows num-clients)."
+        )
+    options = {**simulation, **overrides}
+    cpus, gpus = options["client-resources-num-cpus"], options["client-resources-num-gpus"]
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+        raise ConfigError(f"federation option 'client-resources-num-cpus' = {cpus!r}: expected an integer >= 1.")
+    if isinstance(gpus, bool) or not isinstance(gpus, int | float) or gpus < 0 or (gpus > 1 and gpus % 1):
+        raise ConfigError(
+            f"federation option 'client-resources-num-gpus' = {gpus!r}: expected a number >= 0, a fraction below 1 "
+            "(0.25: four clients share a GPU) or a whole number of GPUs."
+        )
+    return options
+
+
+def check_client_devices(cfg: Mapping[str, Any], options: Mapping[str, Any], ray_address: str) -> None:
+    """Client actors see only the GPUs Ray gives them (numbered from cuda:0), and none without a GPU share: a
+    setting that would leave them waiting for a GPU forever, or make them refuse `device`/`amp`, fails here."""
+    gpus = float(options["client-resources-num-gpus"])
+    device, amp = str(cfg["device"]), str(cfg["amp"])
+    if gpus > 0 and not ray_address and visible_gpus() == 0:
+        raise ConfigError(
+            f"federation option 'client-resources-num-gpus' = {gpus:g} needs a GPU, and this machine has none: Ray "
+            "would never start a client; expected 0 (or --ray-address of a cluster with GPUs)."
+        )
+    if gpus == 0 and device.startswith("cuda"):
+        raise ConfigError(
+            f"run-config key 'device' = {device!r} is not allowed with client-resources-num-gpus = 0: the clients' "
+            "Ray actors see no GPU; give them a share (--federation-config client-resources-num-gpus=0.25) or use "
+            "device=auto (clients on the CPU, the server on its GPU)."
+        )
+    if gpus == 0 and amp != "off":
+        raise ConfigError(
+            f"run-config key 'amp' = {amp!r} is not allowed with client-resources-num-gpus = 0: the clients would "
+            "train on the CPU, where there is no mixed precision; expected off, or give clients a GPU share."
+        )
+    index = int(device.partition(":")[2] or 0)
+    if gpus > 0 and index >= max(1, int(gpus)):
+        raise ConfigError(
+            f"run-config key 'device' = {device!r} is not allowed in the simulation: each client actor sees only the "
+            f"{max(1, int(gpus))} GPU(s) Ray gives it, numbered from cuda:0; expected auto or cuda."
+        )
+
+
+def check_ray_cluster(address: str) -> None:
+    """The head node of the cluster the run will join must answer at `address` (host:port of its GCS), so a
+    wrong address fails before start instead of Ray retrying for minutes inside the simulation."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"--ray-address {address!r}: no Ray cluster answers there ({err}); expected host:port of a head node "
+            "started with `ray start --head`."
+        ) from err
 
 
 def prepared_data(cfg: Mapping[str, Any]) -> Prepared:

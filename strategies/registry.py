@@ -5,7 +5,8 @@ Every strategy factory takes the validated run config; the method modules define
 whatever comes out in `rounds.policy.RoundPolicy` (sampling, reply screening) and
 `strategies.wrapper.ServerStages` together with the stages every entry of `SERVER_STAGES` contributes
 (each factory reads its own switches from the config and returns no stages when it is off), so adding a
-strategy or a server stage needs no change in the apps. Each stage entry also names its input checks, and
+strategy or a server stage needs no change in the apps. It returns the layers the ServerApp uses by name
+(`ServerStrategy`), so the app never reaches through the wrappers. Each stage entry also names its input checks, and
 a strategy with inputs of its own (CLIP2FL's teacher, the unlabeled images FedDF and FedBE distil on, the
 Ratio Loss's auxiliary set) has an entry in `STRATEGY_CHECKS`; the preflight runs both before any process.
 Client losses are registered in `flcore.losses` (`LOSSES`), because clients must not import this package.
@@ -14,8 +15,11 @@ Client losses are registered in `flcore.losses` (`LOSSES`), because clients must
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from alignment import holdout
@@ -36,9 +40,10 @@ from strategies.feddf import feddf
 from strategies.fednova import fednova
 from strategies.robust import fedmedian, fedtrimmedavg
 from strategies.tau_norm import tau_norm_stage
-from strategies.wrapper import Report, RoundEnd, ServerStages
+from strategies.wrapper import Report, ServerStages
 
 StrategyFactory = Callable[[Mapping], Strategy]
+MethodRoundEnd = Callable[[Strategy, int, ArrayRecord], None]  # (the method, the round just ended, its model)
 
 STRATEGIES: dict[str, StrategyFactory] = {
     "fedavg": fedavg,
@@ -113,12 +118,28 @@ def server_partitions(cfg: Mapping) -> int | None:
     return int(cfg["num-clients"])
 
 
+@dataclass(frozen=True)
+class ServerStrategy:
+    """The ServerApp's strategy stack, each layer the app uses named: it starts `strategy`, checkpoints and
+    restores the state of `method`, and asks `policy` at the end whether any round aggregated an update."""
+
+    strategy: ServerStages  # the whole stack: the server stages around the round policy around the method
+    method: Strategy  # the training method's own strategy (`strategy` in the config): the state a run carries
+    policy: RoundPolicy  # sampling and reply screening around the method
+
+
 def build_server_strategy(
-    cfg: Mapping, ctx: ServerContext, report: Report, round_offset: int = 0, on_round_end: RoundEnd | None = None
-) -> ServerStages:
-    """The configured strategy under the round policy, wrapped with every enabled server stage."""
+    cfg: Mapping,
+    ctx: ServerContext,
+    report: Report,
+    round_offset: int = 0,
+    on_round_end: MethodRoundEnd | None = None,
+) -> ServerStrategy:
+    """The configured strategy under the round policy, wrapped with every enabled server stage; `on_round_end`
+    is called after each round's evaluation with the method, whose state a checkpoint saves."""
+    method = build_strategy(cfg)
     policy = RoundPolicy(
-        build_strategy(cfg),
+        method,
         min_replies=int(cfg["min-replies"]),
         max_empty_rounds=int(cfg["max-empty-rounds"]),
         seed=int(cfg["seed"]),
@@ -127,14 +148,16 @@ def build_server_strategy(
         max_upload_mb=float(cfg["max-upload-mb"]),
         on_node_data=report.record_nodes,
     )
-    return ServerStages(
+    round_end = partial(on_round_end, method) if on_round_end is not None else None
+    stages = ServerStages(
         policy,
         build_stages(cfg, ctx),
         report,
         round_offset=round_offset,
-        on_round_end=on_round_end,
+        on_round_end=round_end,
         method=str(cfg["strategy"]),
     )
+    return ServerStrategy(stages, method, policy)
 
 
 FEDRS_FORMS = {

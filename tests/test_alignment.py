@@ -243,7 +243,7 @@ def test_fedprox_with_alignment_runs_through_the_server_app(tmp_path, monkeypatc
     cfg = config(tmp_path, **overrides, **{"dirichlet-alpha": 100.0, "align-steps": 1, "align-eval-every": 1})
     grid = ClientAppGrid(cfg)
     built = registry.build_server_strategy(cfg, context(cfg), RunReport(tmp_path, 2, []))
-    assert isinstance(built, ServerStages) and isinstance(built.inner.inner, FedProx)
+    assert isinstance(built.strategy, ServerStages) and isinstance(built.method, FedProx)
     summary = server_app.run(grid, cfg, "fedprox")
     assert all(c["proximal-mu"] == 0.01 for c in grid.configs) and len(grid.configs) == 4
     rows = read_metrics(tmp_path / "fedprox")

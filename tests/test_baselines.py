@@ -692,7 +692,7 @@ def test_ccvr_under_alignment_takes_statistics_of_the_aligned_model_and_tau_norm
     def evaluate(arrays):
         return summarize(*predict(load_record(new_model(), arrays), data.test), classes, data.groups)
 
-    strategy = build_server_strategy(cfg, ServerContext(cfg, data, new_model, evaluate), RecordingReport())
+    strategy = build_server_strategy(cfg, ServerContext(cfg, data, new_model, evaluate), RecordingReport()).strategy
     align = strategy.stages.after_aggregation[0]  # stage 3, the first after-aggregation stage
     seen = {}
 

@@ -17,7 +17,8 @@ from flcore.losses import kd_loss
 from flcore.models import build_model
 from flcore.training import TrainSettings, predict, train
 from server_app import launch
-from server_app.preflight import preflight
+from server_app import preflight as preflight_checks
+from server_app.preflight import check_client_devices, client_resources, preflight
 from strategies.registry import STRATEGIES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +31,7 @@ def check(overrides):
 def _seeing(monkeypatch, gpus: int):
     """This process sees `gpus` GPUs, whatever the machine has; resolutions are not cached across tests."""
     monkeypatch.setattr(devices, "visible_gpus", lambda: gpus)
-    monkeypatch.setattr(launch, "visible_gpus", lambda: gpus)
+    monkeypatch.setattr(preflight_checks, "visible_gpus", lambda: gpus)
     devices._compute.cache_clear()
     yield
     devices._compute.cache_clear()
@@ -126,15 +127,15 @@ def test_client_resources_are_checked_before_start(two_gpus):
     ]
     for overrides, hint in bad:
         with pytest.raises(ConfigError, match=hint.replace("(", r"\(").replace(")", r"\)")):
-            launch.client_resources(simulation, overrides)
-    options = launch.client_resources(simulation, {"client-resources-num-gpus": 0.25})
+            client_resources(simulation, overrides)
+    options = client_resources(simulation, {"client-resources-num-gpus": 0.25})
     assert "client-resources-num-gpus=0.25" in launch.federation_config(options, check({"num-clients": 4}))
-    launch.check_client_devices(check({"device": "cuda", "amp": "bf16"}), options, "")
+    check_client_devices(check({"device": "cuda", "amp": "bf16"}), options, "")
     with pytest.raises(ConfigError, match=r"'device' = 'cuda:1' is not allowed in the simulation"):
-        launch.check_client_devices(check({"device": "cuda:1"}), options, "")
-    on_cpu = launch.client_resources(simulation, {})
+        check_client_devices(check({"device": "cuda:1"}), options, "")
+    on_cpu = client_resources(simulation, {})
     with pytest.raises(ConfigError, match=r"'amp' = 'fp16' is not allowed with client-resources-num-gpus = 0"):
-        launch.check_client_devices(check({"amp": "fp16"}), on_cpu, "")
+        check_client_devices(check({"amp": "fp16"}), on_cpu, "")
 
 
 def test_make_run_passes_the_federation_config():

@@ -2,6 +2,7 @@
 naming the key or file, before any Flower process starts; inputs read later never crash a run."""
 
 import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from deploy import local_cluster
 from flcore.config import ConfigError, validate
 from flcore.data import DataNotFound, load
 from flcore.images import check_images
@@ -161,6 +163,30 @@ def test_broken_cifar_copies_say_so_without_download_advice(no_superlink, capsys
         (tmp_path / "dataset_dict.json").write_text("{broken")
     err = launch_error(capsys, f"dataset=cifar10 data-dir={tmp_path}")
     assert "incomplete or corrupt" in err and "download=True" not in err
+
+
+def cluster_error(monkeypatch, capsys, *args: str) -> str:
+    """`python -m deploy.local_cluster`'s one-line error for `args` (exit code 2, no process started)."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("no SuperLink or SuperNode may start on bad input")
+
+    monkeypatch.setattr(local_cluster, "LocalCluster", forbidden)
+    assert local_cluster.main(list(args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_the_local_cluster_refuses_bad_input_with_the_launchers_preflight(no_superlink, monkeypatch, capsys, tmp_path):
+    """deploy.local_cluster runs the preflight the launcher runs; a bad input ended in an AttributeError."""
+    assert "--nodes 0: expected at least 1 SuperNode" in cluster_error(monkeypatch, capsys, "--nodes", "0")
+    server = folder_dataset(tmp_path / "server")
+    shutil.rmtree(server / "train")  # the server holds the test split only, and D_align would come from train/
+    nodes = [arg for i in range(2) for arg in ("--node-data", str(tmp_path / f"node{i}"))]
+    overrides = f"strategy=ratioloss dataset=folder data-dir={server} output-dir={tmp_path / 'out'}"
+    err = cluster_error(monkeypatch, capsys, *nodes, "--run-config", overrides)
+    assert f"folder dataset needs '{server / 'train'}'" in err
 
 
 # --- 6, 7, 10: pretraining data and its cache ------------------------------------------------------------

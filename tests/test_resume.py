@@ -18,10 +18,12 @@ from flcore.experiment import prepare, to_record
 from flcore.models import build_model
 from flcore.reports import read_metrics
 from rounds import checkpoint
+from rounds.policy import RoundPolicy
 from rounds.sampling import seeded_random
 from server_app import launch
+from strategies import registry
 from strategies.registry import STRATEGIES, build_strategy
-from tests.conftest import ClientAppGrid, served
+from tests.conftest import ClientAppGrid, RecordingReport, served
 from tests.procs import kill_tree
 from tests.test_faults import GLOBAL, FlakyGrid
 
@@ -239,3 +241,33 @@ def test_kill_9_mid_run_then_resume_ends_with_the_uninterrupted_weights(tmp_path
         f"{method}, fail-rate 0.3: 3/3 rounds completed, {lost} of 6 client replies lost; killed after round "
         f"{stopped_at}; resumed run (launch + remaining rounds) took {seconds:.1f} s; {restored}"
     )
+
+
+def test_the_server_bundle_checkpoints_and_restores_its_method(tmp_path, monkeypatch):
+    """The ServerApp checkpoints, and restores on resume, the state of `ServerStrategy.method`: the registry
+    hands that strategy to the round-end callback, and a fresh bundle takes the saved state back."""
+
+    def momentum(cfg):
+        return FedAvgM(server_momentum=0.9, fraction_train=0.5, min_available_nodes=6, fraction_evaluate=0.0)
+
+    monkeypatch.setitem(registry.STRATEGIES, "fedavgm", momentum)
+    cfg = cfg_for(tmp_path, strategy="fedavgm")
+    saved_with = []
+
+    def save(method, rnd, arrays):
+        saved_with.append(method)
+        checkpoint.save(tmp_path / checkpoint.CHECKPOINT, rnd, arrays, method, [{"round": rnd}], cfg)
+
+    first = registry.build_server_strategy(cfg, None, RecordingReport(), on_round_end=save)
+    assert isinstance(first.method, FedAvgM) and isinstance(first.policy, RoundPolicy)
+    first.strategy.start(FlakyGrid({100 + i: i for i in range(6)}, seed=1, rate=0.0), ArrayRecord(GLOBAL), num_rounds=2)
+    assert saved_with == [first.method, first.method] and first.method.momentum_vector is not None
+
+    resumed = checkpoint.load(cfg_for(tmp_path, strategy="fedavgm", resume=str(tmp_path)))
+    fresh = registry.build_server_strategy(cfg, None, RecordingReport(), round_offset=resumed.round)
+    assert resumed.round == 2 and fresh.method.momentum_vector is None
+    resumed.restore(fresh.method)
+    assert all(
+        np.array_equal(a, b) for a, b in zip(fresh.method.momentum_vector, first.method.momentum_vector, strict=True)
+    )
+    assert fresh.method.current_arrays["w"].numpy().tolist() == first.method.current_arrays["w"].numpy().tolist()

@@ -12,6 +12,7 @@ from bench import compare
 from flcore.config import ConfigError
 from flcore.run_config import format_overrides, parse_overrides, parse_pairs, toml_document
 from server_app import launch
+from server_app.preflight import client_resources
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = 'clip2fl-prompt="a photo of a {}"'  # the syntax docs/stage2-methods.md shows
@@ -105,6 +106,9 @@ def fake_flower(monkeypatch):
         seen["run-config"] = parse_config_args([cmd[cmd.index("--run-config") + 1]])
         seen["federation-config"] = parse_config_args([cmd[cmd.index("--federation-config") + 1]])
 
+    def federation_only(cfg, simulation):  # the checks without the data: not what is tested here
+        return SimpleNamespace(federation=client_resources(simulation.declared, simulation.overrides))
+
     class NoWatchdog:
         @staticmethod
         def start(pids):
@@ -115,7 +119,7 @@ def fake_flower(monkeypatch):
 
     monkeypatch.setattr(launch, "start_superlink", lambda home, port, env: SimpleNamespace(pid=0))
     monkeypatch.setattr(launch, "Watchdog", NoWatchdog)
-    monkeypatch.setattr(launch, "check_before_start", lambda cfg: None)  # the data: not what is tested here
+    monkeypatch.setattr(launch, "check_before_start", federation_only)
     monkeypatch.setattr(launch, "stop", lambda proc: None)
     monkeypatch.setattr(launch.subprocess, "run", flwr)
     monkeypatch.setattr(launch, "last_run", lambda env, connection: {"run-id": 1, "status": "finished:completed"})

@@ -82,9 +82,10 @@ def test_server_stage_registry_wires_hooks_and_start_applies_initial_stages(monk
     monkeypatch.setitem(registry.SERVER_STAGES, "test", entry)
     cfg = validate({}, choices={"strategy": STRATEGIES})
     report = RunReport(tmp_path, 1, ["a"])
-    wrapped = registry.build_server_strategy(cfg, ctx=None, report=report)
+    built = registry.build_server_strategy(cfg, ctx=None, report=report)
+    wrapped = built.strategy
     assert wrapped.stages.before_training == [bump] and wrapped.stages.after_aggregation == [noop]
-    assert isinstance(wrapped.inner, RoundPolicy)
+    assert isinstance(built.policy, RoundPolicy)
     seen = {}
 
     def evaluate(rnd, arrays):

@@ -121,10 +121,3 @@ def annotate(
     if summary.failed:
         log.warning("%d image(s) could not be decoded and were skipped", len(summary.failed))
     return summary
-
-
-def export_json(jsonl: Path, out: Path) -> int:
-    """Write the JSONL as one LLaVA JSON array (the layout of LLaVA's own `chat.json`); returns the count."""
-    records = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
-    out.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-    return len(records)

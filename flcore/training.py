@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flcore.data import Batches
+from flcore.batches import Batches
 from flcore.device import CPU, Compute
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

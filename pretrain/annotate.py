@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from flcore.data import IMAGE_SUFFIXES
+from flcore.images import image_files
 from pretrain.prompts import KINDS, generation_prompt, human_turn, question
 from pretrain.teacher import LlavaTeacher
 
@@ -42,7 +42,7 @@ class AnnotationSummary:
 
 def list_images(root: Path) -> list[str]:
     """Image files under `root`, as sorted paths relative to it (LLaVA's `image` field)."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [str(path.relative_to(root)) for path in image_files(root)]
 
 
 def record_id(image: str, kind: str) -> str:

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 
 from alignment.stage import check_inputs
 from flcore.config import ConfigError, validate
-from flcore.experiment import prepare
+from flcore.run_data import prepare
 from rounds.stage import Outcome, Stages
 from server_app import app as server_app
 from server_app import launch

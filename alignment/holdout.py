@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from flcore.config import ConfigError, data_key
-from flcore.data import Dataset, ImageSet
+from flcore.datasets import Dataset, ImageSet
 from flcore.device import compute_of
-from flcore.experiment import Prepared, batches, prepare, seeded_generator
 from flcore.files import atomic_write
 from flcore.models import build_model
+from flcore.run_data import Prepared, batches, prepare
+from flcore.seeding import seeded_generator
 from flcore.training import TrainSettings, train
 from rounds.stage import ServerContext, Stages
 

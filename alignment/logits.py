@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from flcore.config import ConfigError, align_source
-from flcore.data import Dataset, ImageSet
+from flcore.datasets import Dataset, ImageSet
 from flcore.device import compute_of
 from flcore.files import atomic_write
 

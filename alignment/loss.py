@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flcore.data import Batches, Dataset, ImageSet
+from flcore.batches import Batches
+from flcore.datasets import Dataset, ImageSet
 from flcore.device import CPU, Compute
 from flcore.losses import kd_loss
 from flcore.training import TrainSettings, train

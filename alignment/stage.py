@@ -36,9 +36,11 @@ from alignment.logits import (
     load_logits_file,
 )
 from alignment.loss import AlignSettings, fine_tune
-from flcore.data import Dataset
+from flcore.arrays import load_record, to_record
+from flcore.datasets import Dataset
 from flcore.device import compute_of
-from flcore.experiment import Prepared, load_record, prepare, seeded_generator, to_record
+from flcore.run_data import Prepared, prepare
+from flcore.seeding import seeded_generator
 from rounds.stage import Outcome, ServerContext, Stages
 
 GROUP_KEYS = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")

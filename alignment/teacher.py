@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from flcore.config import ConfigError, WeightsNotFound
-from flcore.data import ImageSet
+from flcore.datasets import ImageSet
 
 TINY = "tiny"
 REAL_DEFAULT = ("ViT-L-14-336", "openai")  # the CLIP vision tower of LLaVA-1.5

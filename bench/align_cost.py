@@ -45,11 +45,15 @@ from alignment.loss import AlignSettings, StepBatches, fine_tune
 from alignment.stage import ALIGN_STREAM, alignment_stages
 from bench.limits import flops_per_image, matmul_flops_per_second
 from bench.runs import LOG, failure, launch_run, run_dirs
-from flcore.data import Batches, ImageSet
-from flcore.experiment import load_record, prepare, seeded_generator, server_data, to_record
+from flcore.arrays import load_record, to_record
+from flcore.batches import Batches
+from flcore.datasets import ImageSet
 from flcore.models import build_model
 from flcore.reports import read_metrics
 from flcore.run_config import parse_overrides
+from flcore.run_data import prepare
+from flcore.seeding import seeded_generator
+from flcore.server_data import server_data
 from rounds.stage import ServerContext
 from server_app import launch
 from server_app.app import Evaluator, torch_threads

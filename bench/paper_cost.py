@@ -49,9 +49,10 @@ import torch
 from bench.compare import METHODS
 from bench.limits import device_and_dtype, flops_per_image, limit_ratio, matmul_flops_per_second
 from bench.runs import LOG, ROOT, failure, launch_run, run_dirs
+from flcore.batches import Batches
 from flcore.config import ConfigError
-from flcore.data import Batches, DataNotFound
-from flcore.data import load as load_dataset
+from flcore.datasets import DataNotFound
+from flcore.datasets import load as load_dataset
 from flcore.partition import make_split
 from flcore.reports import read_metrics
 from flcore.run_config import parse_overrides, read_toml

@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 
 from bench.runs import failure, launch_run, run_dirs
-from flcore.experiment import client_batches, load_state, seeded_generator, server_data
+from flcore.arrays import load_state
 from flcore.metrics import summarize
 from flcore.models import build_model
 from flcore.reports import read_metrics
 from flcore.run_config import parse_overrides
+from flcore.run_data import client_batches
+from flcore.seeding import seeded_generator
+from flcore.server_data import server_data
 from flcore.training import TrainSettings, predict, train
 from server_app.launch import project_settings, resolve
 

@@ -23,13 +23,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from flcore import data as datasets
+from flcore import datasets
+from flcore.batches import Batches
 from flcore.config import validate
-from flcore.data import Batches
-from flcore.experiment import seeded_generator
 from flcore.metrics import summarize
 from flcore.models import build_model
 from flcore.run_config import parse_overrides
+from flcore.seeding import seeded_generator
 from flcore.training import TrainSettings, predict, train
 from pretrain.stage import pretrained_weights
 from pretrain.teacher import TINY, TINY_NOTE

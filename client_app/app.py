@@ -15,7 +15,7 @@ It trains on the device `device` resolves to in this process (under Ray, the GPU
 
 The partition it trains is the one the server's message names (`partition-assignment=server`: simulated
 nodes are virtual clients), else its node config's own (`client_app.shard`). Its data is built on first
-use for the partitions this process serves, and only for those (`flcore.experiment.client_batches`).
+use for the partitions this process serves, and only for those (`flcore.run_data.client_batches`).
 """
 
 from __future__ import annotations
@@ -31,16 +31,17 @@ from flwr.clientapp import ClientApp
 from client_app.faults import identity_reply, inject_failure
 from client_app.limits import check_global
 from client_app.shard import Shard, shard
+from flcore.arrays import load_state, to_record
 from flcore.class_statistics import RECORD as UPLOADS_RECORD
 from flcore.class_statistics import UPLOAD_ACTION, UPLOAD_KEY, client_upload
 from flcore.config import validate
 from flcore.costs import cost_metrics
 from flcore.device import Compute, compute_of
-from flcore.experiment import load_state, seeded_generator, to_record
 from flcore.local_data import CLASS_COUNTS_KEY
 from flcore.losses import LossInputs, build_loss, max_grad_norm
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model
+from flcore.seeding import seeded_generator
 from flcore.training import ExtraLoss, TrainSettings, predict, train
 
 app = ClientApp()

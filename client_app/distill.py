@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from flcore.config import data_key
-from flcore.data import ImageSet
+from flcore.datasets import ImageSet
 from flcore.device import compute_of
 from flcore.losses import kd_loss
 from flcore.training import ExtraLoss
@@ -28,7 +28,7 @@ WEIGHT_KEY, TEMPERATURE_KEY = "kd-weight", "kd-temperature"  # train-config keys
 
 
 _CACHE: dict[tuple, torch.Tensor] = {}  # (data split, partition, images, teacher) -> logits, least recently used first
-CACHED_PARTITIONS = 64  # as many as a process keeps client data for (`flcore.experiment`): with 1,000 clients an
+CACHED_PARTITIONS = 64  # as many as a process keeps client data for (`flcore.run_data`): with 1,000 clients an
 # actor serves many partitions, each rarely, and keeping all would grow with the clients it ever served
 
 

@@ -13,7 +13,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client_app.shard import DATA_DIR_KEY, NAME_KEY
-from flcore.experiment import seeded_generator
+from flcore.seeding import seeded_generator
 
 FAULT_STREAM = 104729  # a fourth seed part, so failures do not reuse the training generator's stream
 

@@ -2,7 +2,7 @@
 
 - `client-data=partition` (the simulation, or SuperNodes sharing one copy of the dataset): the node config's
   `partition-id` picks one client of the split that every party draws alike from the run config
-  (`flcore.experiment`).
+  (`flcore.run_data`).
 - `client-data=local` (a real federation): the node config's `data-dir` is this node's own data
   (`flcore.local_data`), labelled with the class names the server sends in every request; the folder is
   read anew on each request, so a folder that changed between rounds is used as it is now.
@@ -21,11 +21,12 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.common.logger import log
 
+from flcore.batches import Batches
 from flcore.config import LOCAL
-from flcore.data import INPUT_STATS, Batches, Dataset, ImageSet
+from flcore.datasets import INPUT_STATS, Dataset, ImageSet
 from flcore.device import compute_of
-from flcore.experiment import PARTITION_KEY, client_batches, prepare
 from flcore.local_data import CLASSES_KEY, LocalDataError, class_counts, read_local
+from flcore.run_data import PARTITION_KEY, client_batches, prepare
 
 DATA_DIR_KEY = "data-dir"  # node config: this node's own images
 NAME_KEY = "node-name"  # node config: a stable name, for node order and the run summary

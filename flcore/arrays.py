@@ -1,4 +1,4 @@
-"""Reading model arrays that came over the network, on either side.
+"""Model arrays on the network: reading them on either side, and a model's weights to and from a record.
 
 Both the client (the server's global model) and the server (each client's update) must refuse arrays
 that do not fit the model before using them: wrong keys or shapes, payloads that are not plain numeric
@@ -13,7 +13,9 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from torch import nn
 
 NUMPY_STYPE = "numpy.ndarray"  # Flower's serialisation type of NumPy arrays
 NON_FINITE = "NaN or Inf"  # the words of every refusal of non-finite numbers, which diverged runs are told by
@@ -22,6 +24,20 @@ HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.fo
 
 class ArrayProblem(ValueError):
     """The arrays do not fit the expected model; the message says how."""
+
+
+def reply_arrays(content: RecordDict) -> ArrayRecord:
+    """The one ArrayRecord of a client's reply, whatever its name (Flower's strategies read it by position too).
+
+    Callers check first that there is exactly one (`rounds.guard.screen`); a reply without one raises
+    StopIteration here.
+    """
+    return next(iter(content.array_records.values()))
+
+
+def reply_metrics(content: RecordDict) -> MetricRecord:
+    """The one MetricRecord of a client's reply, whatever its name; the same caveat as `reply_arrays`."""
+    return next(iter(content.metric_records.values()))
 
 
 def read_numeric(arrays: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -46,6 +62,24 @@ def read_numeric(arrays: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> 
             raise ArrayProblem(f"array '{key}' holds {value.shape}, not the model's shape")
         out[key] = value
     return out
+
+
+def to_record(model: nn.Module) -> ArrayRecord:
+    return ArrayRecord(model.state_dict())
+
+
+def load_state(model: nn.Module, received: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Load weights, casting each to the model's own dtype (FedAvg returns float64 counters)."""
+    state = model.state_dict()
+    missing = sorted(set(state) - set(received))
+    if missing:
+        raise KeyError(f"received weights lack {len(missing)} of the model's entries, e.g. {missing[:3]}")
+    model.load_state_dict({k: received[k].to(state[k].dtype) for k in state})
+    return model
+
+
+def load_record(model: nn.Module, arrays: ArrayRecord) -> nn.Module:
+    return load_state(model, arrays.to_torch_state_dict())
 
 
 def npy_layout(key: str, data: bytes) -> tuple[tuple[int, ...], np.dtype]:

@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord
 from torch import nn
 
 from flcore.arrays import read_npy
-from flcore.data import Batches
+from flcore.batches import Batches
 
 UPLOAD_KEY = "upload"  # train-config key naming the requested upload
 HEAD_KEYS = {"weight": "upload-head-weight", "bias": "upload-head-bias"}  # classifier the upload is computed with

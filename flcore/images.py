@@ -1,16 +1,18 @@
-"""Image files are checked before a run starts: each must decode, within a pixel budget.
+"""Image files: which files under a folder are images (`image_files`), and the check before a run starts
+that each decodes, within a pixel budget.
 
 A corrupt, empty or decompression-bomb file would otherwise surface mid-run: in `train/` the client
 that holds it fails every round (its data is never used, and the run still succeeds), in `test/` the
 ServerApp dies at round 0. Sets of up to `DECODE_ALL` files are decoded in full; larger ones (ImageNet-LT)
 have a seeded sample of `SAMPLE` files decoded, and every other file is checked when it is read
-(`flcore.data.open_image` names the file that fails).
+(`flcore.batches.open_image` names the file that fails).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -20,6 +22,12 @@ from flcore.config import ConfigError
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
 DECODE_ALL = 10_000
 SAMPLE = 1_000
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def image_files(root: Path) -> list[Path]:
+    """The image files under `root` at any depth (by suffix, any case), sorted; other files are not images."""
+    return [path for path in sorted(root.rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def image_problem(path: str) -> str | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flcore.data import DataNotFound, ImageSet, class_subfolders, resize, scan_folder
+from flcore.datasets import DataNotFound, ImageSet, class_subfolders, resize, scan_folder
 
 CLASSES_KEY = "classes"  # request config to a node holding its own data: the server's class names, in order
 CLASS_COUNTS_KEY = "class-counts"  # train metric of a node holding its own data: its images per server class

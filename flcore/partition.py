@@ -8,20 +8,17 @@ The pool's head gives those images up; `Split.pool_cut` says how many per class.
 Everything is a pure function of the labels and the seed, so the server and every client derive the
 same split independently and no index lists travel over the network. Clients are split by a
 flwr-datasets `Partitioner` chosen by name (`flcore.partitioners.PARTITIONERS`): CReFF's re-balanced
-Dirichlet split (the paper's protocol, `creff_split` here) or flwr-datasets' own `DirichletPartitioner`.
+Dirichlet split (the paper's protocol, `flcore.partitioners.creff_split`) or flwr-datasets' own `DirichletPartitioner`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from flcore.config import ConfigError
 
-CREFF_GROUP = 10  # CReFF draws its Dirichlet split for groups of 10 clients at a time
-CREFF_MAX_DRAWS = 1000
 AUTO = "auto"  # holdout-per-class: a tenth of the smallest class of the training split
 AUTO_SHARE = 10
 
@@ -98,70 +95,6 @@ def pool_cut(left: np.ndarray, held: np.ndarray, n_max: int, imbalance_factor: f
     """Images per class the pool gives up to the reserve: its sizes from `left + held` images per class minus
     those from `left` (the head's, and more classes' when IF is small)."""
     return pool_sizes(left + held, n_max, imbalance_factor) - pool_sizes(left, n_max, imbalance_factor)
-
-
-def _dirichlet_group(
-    chunk: np.ndarray, n_clients: int, num_classes: int, alpha: float, rs: np.random.RandomState
-) -> list[np.ndarray]:
-    """One group of CReFF's split: (position, label) rows dealt to `n_clients` clients, class by class.
-
-    Each class is cut by a Dirichlet(alpha) draw whose shares of clients already holding their even
-    share of the chunk are zeroed ("balance"); the whole draw is repeated until the smallest client holds
-    at least half the even share. It is drawn at least once, also for chunks of fewer than two rows per
-    client (the reference skips those, losing their rows).
-    """
-    even = len(chunk) / n_clients
-    needed = int(0.5 * len(chunk) / n_clients)
-    by_class = [chunk[chunk[:, 1] == c, 0] for c in range(num_classes)]
-    for _ in range(CREFF_MAX_DRAWS):
-        parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
-        sizes = np.zeros(n_clients, dtype=np.int64)
-        for members in by_class:
-            shares = rs.dirichlet(np.repeat(alpha, n_clients)) * (sizes < even)
-            total = shares.sum()
-            if total == 0:  # every client is full only once all rows are dealt: `members` is empty
-                continue
-            cuts = (np.cumsum(shares / total) * len(members)).astype(np.int64)[:-1]
-            for j, piece in enumerate(np.split(members, cuts)):
-                parts[j].append(piece)
-                sizes[j] += len(piece)
-        if sizes.min() >= needed:
-            return [np.concatenate(p) if p else np.zeros(0, dtype=np.int64) for p in parts]
-    raise ValueError(
-        f"CReFF's split found no draw in {CREFF_MAX_DRAWS} that gives each of {n_clients} clients at least "
-        f"{needed} of {len(chunk)} images; raise dirichlet-alpha or lower num-clients."
-    )
-
-
-def creff_split(labels: np.ndarray, num_clients: int, alpha: float, seed: int, num_classes: int) -> list[np.ndarray]:
-    """Positions into `labels` per client, by CReFF's `clients_indices` (Dataset/sample_dirichlet.py).
-
-    A `RandomState(seed)` shuffles the class-major (position, label) list and cuts it into one chunk per
-    group of 10 clients (the last group takes the remainder); each chunk is dealt by `_dirichlet_group`;
-    the clients' lists are joined in order and cut into `num_clients` consecutive parts of equal size (the
-    first `len % num_clients` one larger). So every client holds pool / num_clients images, while the
-    class mix stays Dirichlet-skewed. Fewer than 10 clients form one group (the reference asserts >= 10).
-    """
-    rs = np.random.RandomState(seed)
-    order = np.argsort(labels, kind="stable")
-    rows = np.stack([order, labels[order]], axis=1).astype(np.int64)
-    rs.shuffle(rows)
-    groups = math.ceil(num_clients / CREFF_GROUP)
-    step = int(CREFF_GROUP / num_clients * len(rows))
-    joined = []
-    for g in range(groups):
-        last = g == groups - 1
-        chunk = rows[g * step : len(rows) if last else (g + 1) * step]
-        n = num_clients - CREFF_GROUP * g if last else CREFF_GROUP
-        joined.extend(_dirichlet_group(chunk, n, num_classes, alpha, rs))
-    return equal_parts(np.concatenate(joined), num_clients)
-
-
-def equal_parts(positions: np.ndarray, num_parts: int) -> list[np.ndarray]:
-    """Consecutive parts of sizes differing by at most one, the larger ones first (CReFF's partition_balance)."""
-    size, extra = divmod(len(positions), num_parts)
-    ends = np.cumsum([size + (i < extra) for i in range(num_parts)])
-    return np.split(positions, ends[:-1])
 
 
 def client_split(

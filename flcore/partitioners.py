@@ -1,22 +1,89 @@
-"""flwr-datasets partitioners for the client split, by the name the `partitioner` run-config key gives.
+"""flwr-datasets partitioners for the client split, by the name the `partitioner` run-config key gives, and
+CReFF's split itself (`creff_split`), which `CReFFPartitioner` wraps.
 
 Imported only when a split is drawn, so that importing the client app stays free of `datasets`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import datasets
 import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, Partitioner
 
-from flcore.partition import creff_split
+CREFF_GROUP = 10  # CReFF draws its Dirichlet split for groups of 10 clients at a time
+CREFF_MAX_DRAWS = 1000
 
 
 def column(table: datasets.Dataset, name: str) -> np.ndarray:
     """One integer column as an array, read in one go (iterating a `datasets` column goes row by row)."""
     return np.asarray(table.with_format("arrow")[:].column(name).to_numpy(), dtype=np.int64)
+
+
+def _dirichlet_group(
+    chunk: np.ndarray, n_clients: int, num_classes: int, alpha: float, rs: np.random.RandomState
+) -> list[np.ndarray]:
+    """One group of CReFF's split: (position, label) rows dealt to `n_clients` clients, class by class.
+
+    Each class is cut by a Dirichlet(alpha) draw whose shares of clients already holding their even
+    share of the chunk are zeroed ("balance"); the whole draw is repeated until the smallest client holds
+    at least half the even share. It is drawn at least once, also for chunks of fewer than two rows per
+    client (the reference skips those, losing their rows).
+    """
+    even = len(chunk) / n_clients
+    needed = int(0.5 * len(chunk) / n_clients)
+    by_class = [chunk[chunk[:, 1] == c, 0] for c in range(num_classes)]
+    for _ in range(CREFF_MAX_DRAWS):
+        parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+        sizes = np.zeros(n_clients, dtype=np.int64)
+        for members in by_class:
+            shares = rs.dirichlet(np.repeat(alpha, n_clients)) * (sizes < even)
+            total = shares.sum()
+            if total == 0:  # every client is full only once all rows are dealt: `members` is empty
+                continue
+            cuts = (np.cumsum(shares / total) * len(members)).astype(np.int64)[:-1]
+            for j, piece in enumerate(np.split(members, cuts)):
+                parts[j].append(piece)
+                sizes[j] += len(piece)
+        if sizes.min() >= needed:
+            return [np.concatenate(p) if p else np.zeros(0, dtype=np.int64) for p in parts]
+    raise ValueError(
+        f"CReFF's split found no draw in {CREFF_MAX_DRAWS} that gives each of {n_clients} clients at least "
+        f"{needed} of {len(chunk)} images; raise dirichlet-alpha or lower num-clients."
+    )
+
+
+def creff_split(labels: np.ndarray, num_clients: int, alpha: float, seed: int, num_classes: int) -> list[np.ndarray]:
+    """Positions into `labels` per client, by CReFF's `clients_indices` (Dataset/sample_dirichlet.py).
+
+    A `RandomState(seed)` shuffles the class-major (position, label) list and cuts it into one chunk per
+    group of 10 clients (the last group takes the remainder); each chunk is dealt by `_dirichlet_group`;
+    the clients' lists are joined in order and cut into `num_clients` consecutive parts of equal size (the
+    first `len % num_clients` one larger). So every client holds pool / num_clients images, while the
+    class mix stays Dirichlet-skewed. Fewer than 10 clients form one group (the reference asserts >= 10).
+    """
+    rs = np.random.RandomState(seed)
+    order = np.argsort(labels, kind="stable")
+    rows = np.stack([order, labels[order]], axis=1).astype(np.int64)
+    rs.shuffle(rows)
+    groups = math.ceil(num_clients / CREFF_GROUP)
+    step = int(CREFF_GROUP / num_clients * len(rows))
+    joined = []
+    for g in range(groups):
+        last = g == groups - 1
+        chunk = rows[g * step : len(rows) if last else (g + 1) * step]
+        n = num_clients - CREFF_GROUP * g if last else CREFF_GROUP
+        joined.extend(_dirichlet_group(chunk, n, num_classes, alpha, rs))
+    return equal_parts(np.concatenate(joined), num_clients)
+
+
+def equal_parts(positions: np.ndarray, num_parts: int) -> list[np.ndarray]:
+    """Consecutive parts of sizes differing by at most one, the larger ones first (CReFF's partition_balance)."""
+    size, extra = divmod(len(positions), num_parts)
+    ends = np.cumsum([size + (i < extra) for i in range(num_parts)])
+    return np.split(positions, ends[:-1])
 
 
 class CReFFPartitioner(Partitioner):

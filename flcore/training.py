@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flcore.arrays import NON_FINITE
-from flcore.data import Batches
+from flcore.batches import Batches
 from flcore.device import CPU, Compute
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from flcore.data import IMAGE_SUFFIXES
+from flcore.images import image_files
 from pretrain.prompts import KINDS, generation_prompt, human_turn, question
 from pretrain.teacher import LlavaTeacher
 
@@ -42,7 +42,7 @@ class AnnotationSummary:
 
 def list_images(root: Path) -> list[str]:
     """Image files under `root`, as sorted paths relative to it (LLaVA's `image` field)."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [str(path.relative_to(root)) for path in image_files(root)]
 
 
 def record_id(image: str, kind: str) -> str:
@@ -121,10 +121,3 @@ def annotate(
     if summary.failed:
         log.warning("%d image(s) could not be decoded and were skipped", len(summary.failed))
     return summary
-
-
-def export_json(jsonl: Path, out: Path) -> int:
-    """Write the JSONL as one LLaVA JSON array (the layout of LLaVA's own `chat.json`); returns the count."""
-    records = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
-    out.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-    return len(records)

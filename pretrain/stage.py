@@ -24,11 +24,11 @@ from flwr.app import ArrayRecord
 from PIL import Image
 
 from flcore.config import ConfigError
-from flcore.data import digits_pixels, digits_split
+from flcore.datasets import digits_pixels, digits_split
 from flcore.device import AMP_DTYPES, compute_of
-from flcore.experiment import Prepared, prepare
 from flcore.images import image_problem
 from flcore.models import build_model
+from flcore.run_data import Prepared, prepare
 from pretrain.checkpoints import Checkpoints, cache_key, file_digest
 from rounds.stage import Outcome, ServerContext, Stages
 

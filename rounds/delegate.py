@@ -1,4 +1,4 @@
-"""A strategy that forwards every call to the strategy it holds, and how a strategy adopts a new global model.
+"""A strategy (and a Grid) that forwards every call to the one it holds, and how a strategy adopts a new global model.
 
 Wrappers (server stages, FedNova's normalisation, extra client uploads) change one or two steps of a
 Flower strategy by composition: they subclass this and override only those steps.
@@ -12,15 +12,20 @@ every aggregation, and each link makes it the base of its next update.
 aggregate, not the bare aggregate: CCVR computes its class statistics with the model the clients end
 with, so under stage 3 (alignment) that is the aligned model. `ServerStages` calls it down the chain after
 the round stages and before the post-hoc ones (`rounds.stage.Stages`).
+
+`DelegatingGrid` is the same idea for the Grid a strategy is handed: the Grid adapters (`rounds.polling`'s
+prompt reply collection, `rounds.sampling`'s partition order) subclass it and override only the calls
+they change.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import Run
 
 
 class Delegating(Strategy):
@@ -57,6 +62,37 @@ class Delegating(Strategy):
     def after_stages(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> ArrayRecord:
         """The method's own step on the model the round stages returned; a wrapper with one overrides this."""
         return after_stages(self.inner, server_round, arrays, metrics)
+
+
+class DelegatingGrid(Grid):
+    """Forwards every Grid call to `grid`, unchanged."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
 
 
 def adopt(strategy: Strategy, arrays: ArrayRecord) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.common.logger import log
 
-from flcore.arrays import NON_FINITE, ArrayProblem, read_npy, read_numeric
+from flcore.arrays import NON_FINITE, ArrayProblem, read_npy, read_numeric, reply_arrays, reply_metrics
 
 WEIGHT_KEY = "num-examples"
 
@@ -45,7 +45,7 @@ def _reply_problem(reply: Message, reference: dict | None, with_model: bool) -> 
             f"expected {models} ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
             f"{len(content.metric_records)}"
         )
-    metrics = next(iter(content.metric_records.values()))
+    metrics = reply_metrics(content)
     weight = metrics.get(WEIGHT_KEY)
     if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
         return f"metric '{WEIGHT_KEY}' is {weight!r}; expected a positive number"
@@ -55,14 +55,14 @@ def _reply_problem(reply: Message, reference: dict | None, with_model: bool) -> 
     if reference is None or not with_model:
         return None
     try:
-        read_numeric(next(iter(content.array_records.values())), reference)
+        read_numeric(reply_arrays(content), reference)
     except ArrayProblem as err:
         return f"{err} (global model)"
     return None
 
 
 def _metric_keys(reply: Message) -> tuple[str, ...]:
-    return tuple(sorted(next(iter(reply.content.metric_records.values())).keys()))
+    return tuple(sorted(reply_metrics(reply.content).keys()))
 
 
 def _upload_layout(reply: Message, max_bytes: float) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
@@ -130,7 +130,7 @@ def screen(
         if problem is None:
             candidates.append(candidate)
         if problem is None and signature is None and with_model:
-            signature = _signature(next(iter(reply.content.array_records.values())))
+            signature = _signature(reply_arrays(reply.content))
         if problem is not None:
             out.rejected.append((node, problem))
     for what, index in (("metric keys", 1), ("upload arrays", 2)):

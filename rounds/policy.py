@@ -27,7 +27,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from flcore.arrays import NON_FINITE, non_finite
+from flcore.arrays import NON_FINITE, non_finite, reply_metrics
 from flcore.local_data import CLASS_COUNTS_KEY
 from rounds.delegate import Delegating
 from rounds.guard import WEIGHT_KEY, Screened, screen
@@ -171,7 +171,7 @@ def take_node_data(replies: Iterable[Message], label: Callable[[int], str]) -> N
     which the strategy then averages as usual (a mean histogram would mean nothing)."""
     out: NodeData = {}
     for reply in replies:
-        metrics = next(iter(reply.content.metric_records.values()))
+        metrics = reply_metrics(reply.content)
         if CLASS_COUNTS_KEY not in metrics:
             continue
         counts = [max(0, int(c)) for c in metrics[CLASS_COUNTS_KEY]]

@@ -36,7 +36,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from flcore.experiment import PARTITION_KEY
+from flcore.run_data import PARTITION_KEY
+from rounds.delegate import DelegatingGrid
 
 NAME_KEY = "node-name"
 QUERY = "query"
@@ -131,26 +132,24 @@ def span(partitions: list[int | None]) -> str:
     return text + (f", {missing} node(s) without one" if missing else "")
 
 
-class OrderedGrid:
+class OrderedGrid(DelegatingGrid):
     """A view of a Grid whose `get_node_ids` lists nodes in partition order (learning new nodes' partitions
     first), and whose messages name their node's partition where the server gives partitions out."""
 
     def __init__(self, grid: Grid, order: NodeOrder) -> None:
-        self._grid, self._order = grid, order
+        super().__init__(grid)
+        self.order = order
 
     def get_node_ids(self) -> list[int]:
-        ids = list(self._grid.get_node_ids())
-        self._order.learn(self._grid, ids)
-        return sorted(ids, key=self._order.key)
+        ids = list(self.grid.get_node_ids())
+        self.order.learn(self.grid, ids)
+        return sorted(ids, key=self.order.key)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(self._order.address(messages))
+        return self.grid.push_messages(self.order.address(messages))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self._grid.send_and_receive(self._order.address(messages), timeout=timeout)
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
+        return self.grid.send_and_receive(self.order.address(messages), timeout=timeout)
 
 
 @contextmanager

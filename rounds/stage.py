@@ -30,7 +30,7 @@ class NonFiniteModel(FloatingPointError):
 class ServerContext:
     """What a stage may use: the config, the server's data and a model factory.
 
-    `data` is `flcore.experiment.ServerData` (test split, D_align, class groups), `new_model()` builds a
+    `data` is `flcore.server_data.ServerData` (test split, D_align, class groups), `new_model()` builds a
     fresh `FLModel` for this run and `evaluate(arrays)` returns the centralized test metrics of any weights
     (`NonFiniteModel` for weights or logits with NaN or Inf).
     """

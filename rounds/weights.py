@@ -4,7 +4,7 @@ FedAvg weights each update by the `num-examples` its client reports. A client cl
 would otherwise become the whole global model. The server caps each claim before the strategy sees it:
 
 - a node that serves partition p of the server's own split (the server draws the same split as every
-  client, `flcore.experiment.prepare`) weighs at most that partition's size;
+  client, `flcore.run_data.prepare`) weighs at most that partition's size;
 - a node the server knows no size for (no partition id, or a partition outside its split) weighs at most
   `max-weight-ratio` times the round's lower median claim, so fewer than half of the replies cannot lift
   the cap;
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import Message
 
+from flcore.arrays import reply_metrics
 from rounds.guard import WEIGHT_KEY
 
 
@@ -48,7 +49,7 @@ def bound_weights(
 ) -> list[tuple[int, float, float]]:
     """Lower each reply's `num-examples` to its cap, in place; returns (node, claimed, capped) of those lowered."""
     replies = list(replies)
-    records = {r.metadata.src_node_id: next(iter(r.content.metric_records.values())) for r in replies}
+    records = {r.metadata.src_node_id: reply_metrics(r.content) for r in replies}
     claims = {node: float(record[WEIGHT_KEY]) for node, record in records.items()}
     lowered = []
     for node, cap in caps.caps(claims, partition_of).items():

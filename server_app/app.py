@@ -17,13 +17,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from flcore.arrays import NON_FINITE, non_finite
+from flcore.arrays import NON_FINITE, load_record, non_finite, to_record
 from flcore.config import LOCAL
 from flcore.device import Compute
-from flcore.experiment import ServerData, client_classes, load_record, new_model, server_data, to_record
 from flcore.metrics import summarize
 from flcore.models import FLModel
 from flcore.reports import RunReport
+from flcore.run_model import new_model
+from flcore.server_data import ServerData, client_classes, server_data
 from flcore.training import NonFiniteLogits, predict
 from rounds import checkpoint
 from rounds.stage import NonFiniteModel, ServerContext

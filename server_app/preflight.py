@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from flcore import data as datasets
+from flcore import datasets
 from flcore.class_statistics import upload_bytes
 from flcore.config import LOCAL, ConfigError, validate
-from flcore.data import DataNotFound
+from flcore.datasets import DataNotFound
 from flcore.device import Compute, compute_of, visible_gpus
-from flcore.experiment import Prepared, prepare
 from flcore.images import check_images
 from flcore.memory import check_memory
+from flcore.run_data import Prepared, prepare
 from rounds import checkpoint
 from rounds.delegate import Delegating
 from strategies.calibration import ClientUploads, UploadsAfterAggregation

@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
+from flcore.arrays import reply_metrics
 from flcore.class_statistics import HEAD_KEYS, RECORD, UPLOAD_ACTION, UPLOAD_KEY, Uploads, decode, npy_bytes
 from rounds.delegate import Delegating
 from rounds.guard import screen
@@ -147,7 +148,7 @@ class UploadsAfterAggregation(Delegating):
         """Every connected client's upload computed on `arrays`, screened, in node order; counts in `metrics`."""
         replies, asked = self._ask(server_round, arrays)
         checked = screen(replies, None, self.max_upload_mb, with_model=False)
-        sizes = [next(iter(r.content.metric_records.values())).get("upload-bytes", 0.0) for r in checked.accepted]
+        sizes = [reply_metrics(r.content).get("upload-bytes", 0.0) for r in checked.accepted]
         metrics[f"{self.upload}-replies"] = len(checked.accepted)
         metrics[f"{self.upload}-failed"] = len(checked.failed) + asked - len(replies)
         metrics[f"{self.upload}-rejected"] = len(checked.rejected)

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.class_statistics import Uploads
 from flcore.device import compute_of
-from flcore.experiment import client_classes
+from flcore.server_data import client_classes
 from strategies.calibration import (
     Calibrate,
     UploadsAfterAggregation,

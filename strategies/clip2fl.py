@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flcore.device import compute_of
-from flcore.experiment import Prepared, prepare
+from flcore.run_data import Prepared, prepare
 from rounds.delegate import Delegating
 from strategies.creff import CReFFServer, with_server
 

@@ -33,12 +33,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
+from flcore.arrays import load_record
+from flcore.batches import Batches
 from flcore.config import DISTILL_ON_ALIGN, DISTILL_ON_UNHELD, DISTILL_SOURCES, LOCAL, ConfigError
-from flcore.data import IMAGE_SUFFIXES, Batches, ImageSet
+from flcore.datasets import ImageSet
 from flcore.device import CPU, Compute
-from flcore.experiment import Prepared, align_set, batches, load_record, model_from, prepare
-from flcore.images import check_images
+from flcore.images import IMAGE_SUFFIXES, check_images, image_files
 from flcore.losses import kd_loss
+from flcore.run_data import Prepared, batches, prepare
+from flcore.run_model import model_from
+from flcore.server_data import align_set
 from rounds.delegate import Delegating
 
 MIN_IMAGES = 1  # FedDF and FedBE need images to distil on; FedDF validates on D_align, not on these
@@ -92,7 +96,7 @@ class ClientModels(Delegating):
 
 def folder_images(root: Path) -> tuple[str, ...]:
     """Every image file under `root`, searched recursively, in a stable order."""
-    return tuple(str(p) for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
+    return tuple(str(p) for p in image_files(root))
 
 
 def unheld_train(prepared: Prepared) -> np.ndarray:

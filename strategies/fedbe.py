@@ -36,9 +36,10 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from flcore.data import Batches
+from flcore.arrays import to_record
+from flcore.batches import Batches
 from flcore.device import CPU, Compute, compute_of
-from flcore.experiment import model_from, to_record
+from flcore.run_model import model_from
 from strategies.ensemble_distillation import (
     ClientModels,
     Distiller,

@@ -27,9 +27,11 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 from torch import nn
 
-from flcore.data import Batches
+from flcore.arrays import to_record
+from flcore.batches import Batches
 from flcore.device import CPU, Compute, compute_of
-from flcore.experiment import align_set, model_from, to_record
+from flcore.run_model import model_from
+from flcore.server_data import align_set
 from strategies.ensemble_distillation import (
     ClientModels,
     Distiller,

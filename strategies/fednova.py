@@ -26,6 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from flcore.arrays import reply_arrays, reply_metrics
 from flcore.models import buffer_names
 from rounds.delegate import Delegating
 from strategies.fedavg import sampling
@@ -91,12 +92,12 @@ class FedNova(Delegating):
             raise RuntimeError("FedNova.aggregate_train ran before configure_train: no global model to update")
         valid = [r.content for r in replies if not r.has_error()]
         key = self.inner.weighted_by_key
-        records = [next(iter(c.metric_records.values())) for c in valid]
+        records = [reply_metrics(c) for c in valid]
         if any(STEPS_KEY not in m for m in records):
             raise KeyError(f"FedNova needs '{STEPS_KEY}' in every client's train metrics")
         arrays, tau_eff = normalized_average(
             self.current,
-            [next(iter(c.array_records.values())) for c in valid],
+            [reply_arrays(c) for c in valid],
             [float(m[key]) for m in records],
             [float(m[STEPS_KEY]) for m in records],
             self.buffers,

@@ -39,12 +39,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from torch import nn
 
+from flcore.batches import Batches
 from flcore.class_statistics import npy_bytes
 from flcore.config import ConfigError
-from flcore.data import Batches
 from flcore.device import CPU, Compute, compute_of
-from flcore.experiment import Prepared, align_set, batches, model_from, prepare, seeded_generator
 from flcore.losses import LOSS_KEY, RATIO_WEIGHTS_KEY
+from flcore.run_data import Prepared, batches, prepare
+from flcore.run_model import model_from
+from flcore.seeding import seeded_generator
+from flcore.server_data import align_set
 from flcore.training import TrainSettings, train
 from rounds.delegate import Delegating
 from strategies.calibration import WEIGHT

@@ -5,9 +5,10 @@ import pytest
 from PIL import Image
 
 from flcore.config import ConfigError, align_source, validate
-from flcore.data import DataNotFound
-from flcore.experiment import prepare, server_data
+from flcore.datasets import DataNotFound
 from flcore.partition import class_groups
+from flcore.run_data import prepare
+from flcore.server_data import server_data
 
 # A miniature ImageNet-LT: published training counts from head to tail, 5 val images per class.
 TRAIN_COUNTS = [40, 25, 12, 6, 3, 2]

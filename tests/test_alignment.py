@@ -19,12 +19,14 @@ from alignment import teacher as clip_teacher
 from alignment.logits import check_class_names
 from alignment.loss import AlignSettings, fine_tune
 from alignment.stage import alignment_stages
+from flcore.arrays import load_record, to_record
+from flcore.batches import Batches
 from flcore.config import ConfigError, WeightsNotFound, validate
-from flcore.data import Batches
-from flcore.experiment import load_record, prepare, server_data, to_record
 from flcore.metrics import summarize
 from flcore.models import build_model
 from flcore.reports import RunReport, read_metrics, read_summary
+from flcore.run_data import prepare
+from flcore.server_data import server_data
 from flcore.training import TrainSettings, predict, train
 from rounds.stage import ServerContext
 from server_app import app as server_app

@@ -168,8 +168,9 @@ TINY = {"num-clients": 10, "image-size": 8, "projection-dim": 16, "local-epochs"
 
 
 def client_train(run_config: dict, server_config: dict, model_seed: int = 0) -> Message:
-    from flcore.experiment import prepare, to_record
+    from flcore.arrays import to_record
     from flcore.models import build_model
+    from flcore.run_data import prepare
 
     cfg = cfg_of(**{k.replace("-", "_"): v for k, v in {**TINY, **run_config}.items()})
     classes = prepare(cfg).dataset.num_classes
@@ -618,9 +619,10 @@ def test_ccvr_calibrates_on_statistics_of_the_final_aggregate_and_keeps_its_back
     """Luo et al.: statistics under the final aggregated model, from every client, after the last aggregation."""
     from flwr.serverapp.strategy import FedAvg
 
+    from flcore.arrays import load_record, to_record
     from flcore.class_statistics import decode, feature_statistics
-    from flcore.experiment import client_batches, load_record, prepare, to_record
     from flcore.models import build_model
+    from flcore.run_data import client_batches, prepare
     from tests.conftest import ClientAppGrid, served
 
     class KeepingReplies(ClientAppGrid):
@@ -673,9 +675,11 @@ def test_ccvr_calibrates_on_statistics_of_the_final_aggregate_and_keeps_its_back
 @pytest.mark.usefixtures("one_thread")
 def test_ccvr_under_alignment_takes_statistics_of_the_aligned_model_and_tau_norm_stays_last(tmp_path):
     """The clients' class statistics describe the model they end with: the last aggregate after stage 3."""
-    from flcore.experiment import load_record, prepare, server_data, to_record
+    from flcore.arrays import load_record, to_record
     from flcore.metrics import summarize
     from flcore.models import build_model
+    from flcore.run_data import prepare
+    from flcore.server_data import server_data
     from flcore.training import predict
     from rounds.stage import ServerContext
     from strategies.registry import build_server_strategy

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from flcore import device as devices
+from flcore.batches import Batches
 from flcore.config import ConfigError, validate
-from flcore.data import Batches, Dataset, ImageSet, load
+from flcore.datasets import Dataset, ImageSet, load
 from flcore.device import CPU, Compute, compute_of
 from flcore.losses import kd_loss
 from flcore.models import build_model

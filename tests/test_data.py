@@ -3,8 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from flcore import data
-from flcore.data import Batches, DataNotFound, ImageSet
+from flcore import datasets as data
+from flcore.batches import Batches, eval_resize
+from flcore.datasets import DataNotFound, ImageSet
 
 
 def write_tree(root, splits=("train", "test"), classes=("cat", "dog"), per_class=3, size=10):
@@ -112,5 +113,15 @@ def test_file_test_transform_crops_the_centre_instead_of_squashing(tmp_path):
     images = ImageSet(np.zeros(1, dtype=np.int64), files=(str(tmp_path / "wide.png"),))
     dataset = data.Dataset(images, images, ("a",), (0.0,) * 3, (1 / 255,) * 3, natural=True)
     x, _ = next(Batches(images, dataset, 8, 1).iterate())
-    assert x.shape == (1, 3, 8, 8) and data.eval_resize(224) == 256
+    assert x.shape == (1, 3, 8, 8) and eval_resize(224) == 256
     assert float(x[0, 1].min()) > 250  # green is full everywhere: no red pixel was kept
+
+
+def test_image_files_lists_images_at_any_depth_by_suffix_in_any_case(tmp_path):
+    from flcore.images import image_files
+
+    for name in ("b/deep/x.PNG", "a.jpg", "notes.txt", "b/y.jpeg", ".hidden/z.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    listed = [p.relative_to(tmp_path).as_posix() for p in image_files(tmp_path)]
+    assert listed == [".hidden/z.png", "a.jpg", "b/deep/x.PNG", "b/y.jpeg"]

@@ -34,7 +34,7 @@ for name in ("_run_id", "_node_id", "_task_id"):
     setattr(TaskIdentity, name, 1)
 from client_app.app import train_fn
 from flcore.config import validate
-from flcore.data import DIGIT_NAMES
+from flcore.datasets import DIGIT_NAMES
 from flcore.models import build_model
 root = Path(sys.argv[1])
 for c in ("zero", "seven"):

@@ -20,12 +20,14 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from alignment.loss import AlignSettings, fine_tune
 from client_app import app as client
+from flcore.arrays import to_record
+from flcore.batches import Batches
 from flcore.config import validate
-from flcore.data import Batches
 from flcore.device import CPU, Compute, compute_of
-from flcore.experiment import client_batches, prepare, server_data, to_record
 from flcore.models import build_model
 from flcore.reports import read_metrics
+from flcore.run_data import client_batches, prepare
+from flcore.server_data import server_data
 from server_app import app as server_app
 from server_app import launch
 from strategies.registry import STRATEGIES

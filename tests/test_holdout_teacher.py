@@ -10,11 +10,13 @@ from flwr.app import MetricRecord
 
 from alignment import holdout
 from alignment.stage import alignment_stages
+from flcore.arrays import to_record
+from flcore.batches import Batches
 from flcore.config import ConfigError, data_key, validate
-from flcore.data import Batches
-from flcore.experiment import prepare, server_data, to_record
 from flcore.models import build_model
 from flcore.partition import make_split
+from flcore.run_data import prepare
+from flcore.server_data import server_data
 from rounds.stage import ServerContext
 from server_app.preflight import preflight
 from strategies.registry import STRATEGIES
@@ -174,7 +176,7 @@ def test_with_the_stand_in_beta_one_pulls_predictions_toward_q_more_than_beta_ze
 
 def test_clip2fl_clients_distil_from_the_same_stand_in(tmp_path):
     from client_app import distill
-    from flcore.experiment import client_batches
+    from flcore.run_data import client_batches
 
     cfg = config(tmp_path, strategy="clip2fl", align=False)
     part = client_batches(cfg, 1).data

@@ -14,7 +14,7 @@ from PIL import Image
 
 from deploy import local_cluster
 from flcore.config import ConfigError, validate
-from flcore.data import DataNotFound, load
+from flcore.datasets import DataNotFound, load
 from flcore.images import check_images
 from flcore.memory import check_memory
 from flcore.models import build_model
@@ -142,7 +142,8 @@ def test_large_image_sets_are_checked_by_a_seeded_sample(tmp_path, monkeypatch):
 
 
 def test_an_unsampled_bad_image_is_named_when_it_is_read(tmp_path):
-    from flcore.data import Batches, Dataset, ImageSet
+    from flcore.batches import Batches
+    from flcore.datasets import Dataset, ImageSet
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"junk")

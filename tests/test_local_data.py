@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from PIL import Image
 
 from client_app.app import query_fn, train_fn
-from flcore import data
+from flcore import datasets as data
 from flcore.config import ConfigError, validate
 from flcore.local_data import CLASS_COUNTS_KEY, CLASSES_KEY, LocalDataError, read_local
 from flcore.models import build_model
@@ -274,7 +274,8 @@ def test_a_federation_of_own_folders_survives_joins_departures_restarts_and_chan
 
 
 def test_the_server_of_nodes_with_own_data_reads_only_its_test_split_and_align_folder(tmp_path, capsys):
-    from flcore.experiment import prepare, server_data
+    from flcore.run_data import prepare
+    from flcore.server_data import server_data
 
     names = ("zero", "one", "two")
     write_images(tmp_path / "server" / "test", dict.fromkeys(names, 4))

@@ -17,9 +17,9 @@ from torch import nn
 
 from bench import compare
 from client_app import app as client
+from flcore.arrays import to_record
 from flcore.class_statistics import npy_bytes
 from flcore.config import ConfigError, validate
-from flcore.experiment import prepare, server_data, to_record
 from flcore.losses import (
     FEDRS_MAX_GRAD_NORM,
     LOSS_KEY,
@@ -32,6 +32,8 @@ from flcore.losses import (
 )
 from flcore.models import build_model
 from flcore.reports import read_metrics
+from flcore.run_data import prepare
+from flcore.server_data import server_data
 from flcore.training import TrainSettings
 from server_app import app as server_app
 from server_app.preflight import preflight

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 
 from alignment.stage import check_inputs
 from flcore.config import ConfigError, validate
-from flcore.experiment import prepare
+from flcore.run_data import prepare
 from flcore.training import NonFiniteLogits, predict
 from rounds import checkpoint
 from rounds.policy import RoundPolicy

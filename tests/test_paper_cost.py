@@ -9,8 +9,8 @@ import torch
 
 from bench import limits, paper_cost, runs
 from bench.paper_cost import RoundCost
-from flcore.data import load as load_dataset
-from flcore.data import open_image
+from flcore.batches import open_image
+from flcore.datasets import load as load_dataset
 from flcore.partition import make_split
 from server_app import launch
 

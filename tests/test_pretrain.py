@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from flcore.arrays import to_record
 from flcore.config import ConfigError, WeightsNotFound, validate
-from flcore.experiment import server_data, to_record
 from flcore.models import build_model
 from flcore.reports import RunReport
+from flcore.server_data import server_data
 from pretrain.annotate import annotate, done_ids
 from pretrain.checkpoints import Checkpoints
 from pretrain.dwp import DWPConfig, alpha_at, build_gfl, clip_features, lm_loss, mixed_features, train_dwp

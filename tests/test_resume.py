@@ -13,10 +13,11 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvgM
 
 from client_app.faults import fails
+from flcore.arrays import to_record
 from flcore.config import ConfigError, validate
-from flcore.experiment import prepare, to_record
 from flcore.models import build_model
 from flcore.reports import read_metrics
+from flcore.run_data import prepare
 from rounds import checkpoint
 from rounds.policy import RoundPolicy
 from rounds.sampling import seeded_random

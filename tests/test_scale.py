@@ -9,10 +9,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp.strategy import FedAvg
 from PIL import Image
 
-import flcore.experiment as experiment
+import flcore.run_data as run_data
 from client_app.app import app as client_app
 from flcore.config import validate
-from flcore.data import ImageSet
+from flcore.datasets import ImageSet
 from flcore.models import build_model
 from flcore.reports import RunReport
 from rounds.sampling import seeded_random
@@ -117,15 +117,15 @@ def test_a_client_trains_the_partition_named_and_builds_data_for_the_partitions_
 ):
     cfg = client_cfg(tmp_path, "server")
     built = []
-    real = experiment._client_batches
+    real = run_data._client_batches
 
     def recording(key, batch_size, partition_id, compute):
         built.append(partition_id)
         return real(key, batch_size, partition_id, compute)
 
-    monkeypatch.setattr(experiment, "_client_batches", recording)
+    monkeypatch.setattr(run_data, "_client_batches", recording)
     real.cache_clear()
-    split = experiment.prepare(cfg).split
+    split = run_data.prepare(cfg).split
     for partition in (3, 998, 3):
         reply = client_app(train_message(cfg, partition), node_context(cfg, own=0))
         assert reply.content["metrics"]["num-examples"] == len(split.clients[partition])
@@ -137,7 +137,7 @@ def test_with_partition_assignment_node_a_client_refuses_another_partition(tmp_p
     with pytest.raises(ValueError, match="serves partition 0.*partition-assignment=node"):
         client_app(train_message(cfg, 3), node_context(cfg, own=0))
     reply = client_app(train_message(cfg, 0), node_context(cfg, own=0))
-    assert reply.content["metrics"]["num-examples"] == len(experiment.prepare(cfg).split.clients[0])
+    assert reply.content["metrics"]["num-examples"] == len(run_data.prepare(cfg).split.clients[0])
 
 
 def test_the_partition_figure_of_1000_clients_stays_a_few_inches_high(tmp_path):
@@ -156,7 +156,7 @@ def test_bench_scale_dataset_gives_every_client_its_images_and_the_table_compare
     for clients in (20, 40):  # every client holds as many images in the smaller run as in the larger
         settings = {**parse_overrides([scale.SETTINGS]), "data-dir": str(tmp_path), "num-clients": clients}
         settings["align-per-class"] = scale.align_per_class(clients, max_clients=40)
-        split = experiment.prepare(validate(settings, choices={"strategy": STRATEGIES})).split
+        split = run_data.prepare(validate(settings, choices={"strategy": STRATEGIES})).split
         assert [len(c) for c in split.clients] == [scale.IMAGES_PER_CLIENT] * clients
     runs = [{"clients": 100, "actors": 2, **dict.fromkeys(scale.FIGURES, v)} for v in (2.0, 1.0)]
     small = scale.best(runs)

@@ -5,10 +5,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from flcore.arrays import read_npy
+from flcore.arrays import load_record, read_npy
 from flcore.class_statistics import encode
 from flcore.config import validate
-from flcore.experiment import load_record
 from flcore.models import build_model
 from flcore.reports import RunReport
 from rounds.stage import Outcome, ServerStage, Stages

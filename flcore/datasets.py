@@ -1,4 +1,4 @@
-"""Local datasets as decoded uint8 tensors or image files, with one loader per dataset name, and their batches.
+"""Local datasets as decoded uint8 tensors or image files, with one loader per dataset name.
 
 Nothing is downloaded: `digits` ships with scikit-learn, every other dataset is read from `data-dir`,
 and a missing copy raises `DataNotFound` saying what to put where.
@@ -6,23 +6,19 @@ and a missing copy raises `DataNotFound` saying what to put where.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
 
 from flcore.config import ConfigError
-from flcore.device import CPU, Compute
+from flcore.images import image_files
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGITS_TEST_FRACTION = 0.3
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 Stats = tuple[tuple[float, float, float], tuple[float, float, float], bool]
 # Per dataset: the input mean and std (of 0..1 pixels) and whether its images may be flipped (natural photos:
 # yes; digits: no). A node holding its own images normalises them like the server's dataset of that name.
@@ -237,10 +233,9 @@ def scan_folder(split_dir: Path, classes: tuple[str, ...]) -> ImageSet:
     """Image files under split_dir/<class name>/ (recursively), labelled by the class's position in `classes`."""
     files, labels = [], []
     for c, name in enumerate(classes):
-        for path in sorted((split_dir / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(str(path))
-                labels.append(c)
+        found = image_files(split_dir / name)
+        files.extend(str(path) for path in found)
+        labels.extend([c] * len(found))
     return ImageSet(np.asarray(labels, dtype=np.int64), files=tuple(files))
 
 
@@ -335,132 +330,3 @@ def load(name: str, data_dir: str, image_size: int, with_train: bool = True) -> 
     """The named dataset; with `with_train=False` its training split may be left unread (then it is empty)."""
     loader = LOADERS[name] if with_train else TEST_ONLY_LOADERS.get(name, LOADERS[name])
     return loader(Path(data_dir).expanduser(), image_size)
-
-
-def open_image(path: str) -> Image.Image:
-    """An image file as an RGB PIL image; a file that fails is named (the run checks only a sample of a large set
-    beforehand)."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except Exception as err:
-        raise DataNotFound(f"image '{path}' cannot be decoded ({type(err).__name__}: {err})") from err
-
-
-def eval_resize(image_size: int) -> int:
-    """The shorter side the test transform resizes to before its centre crop: ImageNet's 256 for 224."""
-    return round(image_size * 256 / 224)
-
-
-class FileImages(TorchDataset):
-    """Image files decoded one at a time (in loader processes) with the standard ImageNet transforms.
-
-    An item is (position, seed): with a seed, the train transform (RandomResizedCrop to `image_size`, and a
-    horizontal flip for natural images) draws its randomness from that seed alone, so a batch is the same
-    whichever process decodes it; with None, the test transform (resize the shorter side, centre crop).
-    Items are uint8 CHW tensors; normalising happens on the training device.
-    """
-
-    def __init__(self, files: tuple[str, ...], image_size: int, flip: bool) -> None:
-        from torchvision.transforms import v2
-
-        self.files = files
-        train = [v2.RandomResizedCrop(image_size, antialias=True), *([v2.RandomHorizontalFlip()] if flip else [])]
-        self.train = v2.Compose([*train, v2.PILToTensor()])
-        self.test = v2.Compose([v2.Resize(eval_resize(image_size)), v2.CenterCrop(image_size), v2.PILToTensor()])
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, item: tuple[int, int | None]) -> torch.Tensor:
-        position, seed = item
-        image = open_image(self.files[position])
-        if seed is None:
-            return self.test(image)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.train(image)
-
-
-class Batches:
-    """Normalised, optionally augmented float batches in channels_last layout, on the compute device.
-
-    In-memory sets (digits, CIFAR) move to the device once, when the batches are made, and are indexed,
-    augmented (random crop from a padded copy, flip for natural images) and normalised there: no per-batch
-    copy of images, no DataLoader. The shuffle order and augmentation are drawn from the CPU generator `gen`,
-    so they are the same on every device. File sets (ImageNet-LT, `folder`) go through a DataLoader with
-    `compute.workers` loader processes and pinned memory (`FileImages`), in the same shuffled order.
-    """
-
-    def __init__(self, data: ImageSet, dataset: Dataset, image_size: int, batch_size: int, compute: Compute = CPU):
-        self.data, self.image_size, self.batch_size = data, image_size, batch_size
-        self.device, self.workers = compute.device, compute.workers
-        self.images = None if data.images is None else data.images.to(self.device)
-        self.files = None if data.files is None else FileImages(data.files, image_size, dataset.natural)
-        self.labels = torch.from_numpy(data.labels).to(self.device)
-        self.mean = (torch.tensor(dataset.mean).view(1, 3, 1, 1) * 255.0).to(self.device)
-        self.std = (torch.tensor(dataset.std).view(1, 3, 1, 1) * 255.0).to(self.device)
-        self.flip = dataset.natural
-
-    def __len__(self) -> int:
-        return -(-len(self.data) // self.batch_size)
-
-    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """A random crop of the zero-padded images and a random flip; offsets drawn on the CPU, in this order."""
-        pad = max(1, self.image_size // 8)
-        n, size = x.shape[0], self.image_size
-        padded = F.pad(x, (pad, pad, pad, pad))
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(self.device)
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(self.device)
-        steps = torch.arange(size, device=self.device)
-        rows = (dy[:, None] + steps)[:, None, :, None].expand(n, 3, size, size + 2 * pad)
-        x = padded.gather(2, rows)
-        cols = (dx[:, None] + steps)[:, None, None, :].expand(n, 3, size, size)
-        x = x.gather(3, cols)
-        if self.flip:
-            mask = (torch.rand(n, generator=gen) < 0.5).to(self.device)
-            x = torch.where(mask[:, None, None, None], x.flip(3), x)
-        return x
-
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-
-    def iterate(
-        self, shuffle: bool = False, augment: bool = False, gen: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for _, x, y in self.iterate_indexed(shuffle, augment, gen):
-            yield x, y
-
-    def iterate_indexed(
-        self, shuffle: bool = False, augment: bool = False, gen: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Like `iterate`, with each batch's positions in `data` first (per-example extras such as teacher logits),
-        on the device like the batch."""
-        n = len(self.data)
-        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-        if self.files is not None:
-            yield from self._from_files(order, augment, gen)
-            return
-        order = order.to(self.device)
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            x = self.images[idx]
-            if augment:
-                x = self._augment(x, gen)
-            yield idx, self._normalise(x), self.labels[idx]
-
-    def _from_files(
-        self, order: torch.Tensor, augment: bool, gen: torch.Generator | None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Batches of `order` decoded by a DataLoader; every image's augmentation seed is drawn up front, so the
-        batches do not depend on the number of loader processes or on how far they read ahead."""
-        seeds = torch.randint(2**62, (len(order),), generator=gen).tolist() if augment else [None] * len(order)
-        plan = [
-            list(zip(order[s : s + self.batch_size].tolist(), seeds[s : s + self.batch_size], strict=True))
-            for s in range(0, len(order), self.batch_size)
-        ]
-        workers, pin = min(self.workers, len(plan)), self.device.type == "cuda"
-        loader = DataLoader(self.files, batch_sampler=plan, num_workers=workers, pin_memory=pin)
-        for items, x in zip(plan, loader, strict=True):
-            idx = torch.tensor([position for position, _ in items]).to(self.device)
-            yield idx, self._normalise(x.to(self.device, non_blocking=True)), self.labels[idx]

@@ -1,31 +1,28 @@
-"""What a run's configuration determines on each side: the dataset, its split, and the model weights.
+"""What a run's configuration determines on each side: the dataset, its split, and each client's batches.
 
 With `client-data=partition` the server and each client call these with the same config and get the same
 split; results are cached per process, so a simulated client (a Ray actor serving many partitions) decodes
 the dataset once and never reloads data between rounds. With `client-data=local` the clients hold their own
 images (`flcore.local_data`): the server reads only its test split and D_align, and there is no split.
-Batches and models are made on the process's device (`flcore.device.compute_of`): a client's partition
-moves there once, when its batches are first made.
+Batches are made on the process's device (`flcore.device.compute_of`): a client's partition moves there
+once, when its batches are first made. What the server holds is `flcore.server_data`; the run's model,
+`flcore.run_model`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord
-from torch import nn
 
-from flcore import data as datasets
+from flcore import datasets
+from flcore.batches import Batches
 from flcore.config import LOCAL, align_source, data_key
-from flcore.data import Batches, Dataset, ImageSet
+from flcore.datasets import Dataset, ImageSet
 from flcore.device import Compute, compute_of
-from flcore.local_data import CLASSES_KEY
-from flcore.models import FLModel, build_model
-from flcore.partition import Split, balanced_subset, class_groups, holdout_reserve, make_split
+from flcore.partition import Split, balanced_subset, holdout_reserve, make_split
 
 
 @dataclass(frozen=True)
@@ -92,12 +89,6 @@ def prepare(cfg: Mapping) -> Prepared:
 PARTITION_KEY = "partition-id"  # Flower's node-config key; a server message names the partition it is for by it
 
 
-def client_classes(cfg: Mapping) -> dict[str, list[str]]:
-    """What every request to a node must carry for it to label its own images: the class names, in the
-    server's order, when the nodes hold their own data (client-data=local); nothing otherwise."""
-    return {CLASSES_KEY: list(prepare(cfg).dataset.classes)} if cfg["client-data"] == LOCAL else {}
-
-
 @lru_cache(maxsize=64)
 def _client_batches(key: tuple, batch_size: int, partition_id: int, compute: Compute) -> Batches:
     prep = _prepare(key)
@@ -116,71 +107,3 @@ def client_batches(cfg: Mapping, partition_id: int) -> Batches:
 def batches(cfg: Mapping, images: ImageSet, batch_size: int) -> Batches:
     """Any image set of the run's dataset in batches on this process's device (server sets, teachers)."""
     return Batches(images, prepare(cfg).dataset, int(cfg["image-size"]), batch_size, compute_of(cfg))
-
-
-@dataclass(frozen=True)
-class ServerData:
-    """What the server holds: the balanced test split, D_align, and the long-tail bookkeeping (with
-    client-data=local the server knows no pool: zero counts, no clients, empty class groups), with the
-    holdout teacher's reserve (`Split.reserve`; empty for other teachers)."""
-
-    dataset: Dataset
-    test: Batches
-    align: ImageSet
-    pool_counts: np.ndarray
-    client_histogram: np.ndarray
-    groups: dict[str, list[int]]
-    reserve: dict = field(default_factory=dict)
-
-
-def align_set(cfg: Mapping) -> ImageSet:
-    """D_align: the server's class-balanced images, from the training split or `align-data`'s source."""
-    prep = prepare(cfg)
-    return prep.align_source.subset(prep.split.align)
-
-
-def server_data(cfg: Mapping) -> ServerData:
-    """What the ServerApp holds; the test split moves to the device here, once per run."""
-    prep = prepare(cfg)
-    labels = prep.dataset.train.labels
-    counts = prep.split.pool_counts(labels)
-    groups = class_groups(counts, cfg["many-threshold"], cfg["few-threshold"])
-    if cfg["client-data"] == LOCAL:  # no pool is known before training, so no class can be put in a group
-        groups = {name: [] for name in groups}
-    test = batches(cfg, prep.dataset.test, int(cfg["eval-batch-size"]))
-    histogram, reserve = prep.split.client_histogram(labels), prep.split.reserve(labels)
-    return ServerData(prep.dataset, test, align_set(cfg), counts, histogram, groups, reserve)
-
-
-def to_record(model: nn.Module) -> ArrayRecord:
-    return ArrayRecord(model.state_dict())
-
-
-def load_state(model: nn.Module, received: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Load weights, casting each to the model's own dtype (FedAvg returns float64 counters)."""
-    state = model.state_dict()
-    missing = sorted(set(state) - set(received))
-    if missing:
-        raise KeyError(f"received weights lack {len(missing)} of the model's entries, e.g. {missing[:3]}")
-    model.load_state_dict({k: received[k].to(state[k].dtype) for k in state})
-    return model
-
-
-def load_record(model: nn.Module, arrays: ArrayRecord) -> nn.Module:
-    return load_state(model, arrays.to_torch_state_dict())
-
-
-def new_model(cfg: Mapping, seed: int | None = None) -> FLModel:
-    """A model of the run's architecture on this process's device (initialised on the CPU from `seed`)."""
-    name, dim = str(cfg["model"]), int(cfg["projection-dim"])
-    return build_model(name, dim, prepare(cfg).dataset.num_classes, seed=seed, device=compute_of(cfg).device)
-
-
-def model_from(cfg: Mapping, arrays: ArrayRecord) -> FLModel:
-    """A fresh model of the run's architecture holding `arrays`, for server-side methods that run the model."""
-    return load_record(new_model(cfg), arrays)
-
-
-def seeded_generator(*parts: int) -> torch.Generator:
-    """A generator seeded from several integers (seed, round, partition), stable across processes."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]))

@@ -51,7 +51,7 @@ from alignment.stage import ALIGN_STREAM, alignment_stages  # noqa: E402
 from bench.limits import flops_per_image, matmul_flops_per_second  # noqa: E402
 from flcore.data import Batches, ImageSet  # noqa: E402
 from flcore.experiment import load_record, prepare, seeded_generator, server_data, to_record  # noqa: E402
-from flcore.models import build_model  # noqa: E402
+from flcore.models import run_model  # noqa: E402
 from rounds.stage import ServerContext  # noqa: E402
 from server_app import launch  # noqa: E402
 from server_app.app import Evaluator, torch_threads  # noqa: E402
@@ -100,7 +100,7 @@ def stage_parts(cfg: Mapping, repeat: int, profile: bool) -> dict[str, float]:
     classes = data.dataset.num_classes
 
     def new_model(seed: int | None = None):  # the ServerApp's factory (server_app.app.run)
-        return build_model(str(cfg["model"]), int(cfg["projection-dim"]), classes, seed=seed)
+        return run_model(cfg, classes, seed=seed)
 
     evaluator = Evaluator(new_model(), data, None, int(cfg["eval-every"]), int(cfg["num-server-rounds"]))
     ctx = ServerContext(cfg, data, new_model, evaluator.metrics)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from flcore.experiment import client_batches, load_state, seeded_generator, server_data  # noqa: E402
 from flcore.metrics import summarize  # noqa: E402
-from flcore.models import build_model  # noqa: E402
+from flcore.models import run_model  # noqa: E402
 from flcore.training import TrainSettings, predict, train  # noqa: E402
 from server_app.launch import parse_overrides, project_settings, resolve  # noqa: E402
 
@@ -36,8 +36,8 @@ def plain_fedavg(cfg: dict) -> tuple[float, float]:
     start = time.perf_counter()
     data = server_data(cfg)
     classes = data.dataset.num_classes
-    model = build_model(cfg["model"], cfg["projection-dim"], classes, seed=cfg["seed"])
-    local = build_model(cfg["model"], cfg["projection-dim"], classes)
+    model = run_model(cfg, classes, seed=cfg["seed"])
+    local = run_model(cfg, classes)
     settings = TrainSettings.from_config(cfg)
 
     def evaluate() -> float:

@@ -36,7 +36,7 @@ from flcore.config import validate  # noqa: E402
 from flcore.data import Batches  # noqa: E402
 from flcore.experiment import seeded_generator  # noqa: E402
 from flcore.metrics import summarize  # noqa: E402
-from flcore.models import build_model  # noqa: E402
+from flcore.models import run_model  # noqa: E402
 from flcore.training import TrainSettings, predict, train  # noqa: E402
 from pretrain.stage import pretrained_weights  # noqa: E402
 from pretrain.teacher import TINY, TINY_NOTE  # noqa: E402
@@ -68,7 +68,7 @@ def few_shot(labels: np.ndarray, percent: float, seed: int) -> np.ndarray:
 def curve(cfg: dict, dataset, subset, pretrained: dict | None, epochs: int) -> list[float]:
     """Test accuracy after each epoch of central training on `subset`, from random init or `pretrained`
     (FL model entries: `backbone.*`, maybe `projection.*`)."""
-    model = build_model(str(cfg["model"]), int(cfg["projection-dim"]), dataset.num_classes, seed=int(cfg["seed"]))
+    model = run_model(cfg, dataset.num_classes, seed=int(cfg["seed"]))
     if pretrained is not None:
         model.load_state_dict({**model.state_dict(), **pretrained})
     size = int(cfg["image-size"])

@@ -24,7 +24,7 @@ from flcore.config import LOCAL, align_source, data_key
 from flcore.data import Batches, Dataset, ImageSet
 from flcore.device import Compute, compute_of
 from flcore.local_data import CLASSES_KEY
-from flcore.models import FLModel, build_model
+from flcore.models import FLModel, run_model
 from flcore.partition import Split, balanced_subset, class_groups, make_split
 
 
@@ -162,8 +162,7 @@ def load_record(model: nn.Module, arrays: ArrayRecord) -> nn.Module:
 
 def new_model(cfg: Mapping, seed: int | None = None) -> FLModel:
     """A model of the run's architecture on this process's device (initialised on the CPU from `seed`)."""
-    name, dim = str(cfg["model"]), int(cfg["projection-dim"])
-    return build_model(name, dim, prepare(cfg).dataset.num_classes, seed=seed, device=compute_of(cfg).device)
+    return run_model(cfg, prepare(cfg).dataset.num_classes, seed=seed, device=compute_of(cfg).device)
 
 
 def model_from(cfg: Mapping, arrays: ArrayRecord) -> FLModel:

@@ -26,7 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from flcore.models import buffer_names
+from flcore.models import buffer_names, model_head
 from rounds.delegate import Delegating
 from strategies.fedavg import sampling
 
@@ -108,4 +108,6 @@ class FedNova(Delegating):
 
 def fednova(cfg: Mapping) -> Strategy:
     """FedNova around a FedAvg that samples like every other strategy; the configured model's buffers averaged."""
-    return FedNova(FedAvg(**sampling(cfg)), buffer_names(str(cfg["model"]), int(cfg["projection-dim"])))
+    return FedNova(
+        FedAvg(**sampling(cfg)), buffer_names(str(cfg["model"]), int(cfg["projection-dim"]), model_head(cfg))
+    )

@@ -22,7 +22,7 @@ from flcore.class_statistics import npy_bytes
 from flcore.config import ConfigError, validate
 from flcore.experiment import prepare, server_data, to_record
 from flcore.losses import LOSS_KEY, RATIO_WEIGHTS_KEY, LossInputs, build_loss, kd_loss, ratio_loss
-from flcore.models import build_model
+from flcore.models import build_model, run_model
 from server_app import app as server_app
 from server_app.preflight import preflight
 from strategies import ensemble_distillation
@@ -156,7 +156,7 @@ def test_ratio_loss_weights_each_example_by_its_class_and_the_client_checks_the_
 
 def client_train(run_config: dict, server_config: dict) -> dict:
     cfg = cfg_of(**run_config)
-    arrays = to_record(build_model("resnet8", 16, prepare(cfg).dataset.num_classes, seed=0))
+    arrays = to_record(run_model(cfg, prepare(cfg).dataset.num_classes, seed=0))
     config = ConfigRecord({"server-round": 1, "local-epochs": 1, "lr": 0.1, "momentum": 0.0, "weight-decay": 0.0})
     config.update({"augment": False, **server_config})
     request = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type="train")

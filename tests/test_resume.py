@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvgM
 from client_app.faults import fails
 from flcore.config import ConfigError, validate
 from flcore.experiment import prepare, to_record
-from flcore.models import build_model
+from flcore.models import run_model
 from rounds import checkpoint
 from rounds.sampling import seeded_random
 from server_app import launch
@@ -107,7 +107,7 @@ def run_creff(cfg: dict, path: Path, stop_after: int | None = None) -> ArrayReco
     if resumed:
         resumed.restore(method)
     classes = prepare(cfg).dataset.num_classes
-    initial = resumed.arrays if resumed else to_record(build_model("resnet8", 16, classes, seed=0))
+    initial = resumed.arrays if resumed else to_record(run_model(cfg, classes, seed=0))
     total = (stop_after or int(cfg["num-server-rounds"])) - done
     return strategy.start(ClientAppGrid(cfg), initial, num_rounds=total).arrays
 

@@ -118,7 +118,7 @@ def test_creff_resumed_after_round_2_ends_with_the_uninterrupted_weights(tmp_pat
     run_creff(cfg_for(tmp_path, **CREFF), tmp_path / "b.pt", stop_after=2)
     saved = torch.load(tmp_path / "b.pt", weights_only=True)["strategy"]
     kind, server = saved["calibrate"]
-    assert kind == "state" and server["retrained"] and server["features"].shape == (10 * 5, 16)
+    assert kind == "state" and server["retrained"] and server["features"].shape == (10 * 5, 256)  # CReFF's model: 256-d
     assert saved["trained_classifier"][0] == "arrays"
     resumed = run_creff(cfg_for(tmp_path, **CREFF, resume=str(tmp_path / "b.pt")), tmp_path / "c.pt")
     assert straight.keys() == resumed.keys()

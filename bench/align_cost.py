@@ -48,7 +48,7 @@ from bench.runs import LOG, failure, launch_run, run_dirs
 from flcore.arrays import load_record, to_record
 from flcore.batches import Batches
 from flcore.datasets import ImageSet
-from flcore.models import build_model
+from flcore.models import run_model
 from flcore.reports import read_metrics
 from flcore.run_config import parse_overrides
 from flcore.run_data import prepare
@@ -102,7 +102,7 @@ def stage_parts(cfg: Mapping, repeat: int, profile: bool) -> dict[str, float]:
     classes = data.dataset.num_classes
 
     def new_model(seed: int | None = None):  # the ServerApp's factory (server_app.app.run)
-        return build_model(str(cfg["model"]), int(cfg["projection-dim"]), classes, seed=seed)
+        return run_model(cfg, classes, seed=seed)
 
     evaluator = Evaluator(new_model(), data, None, int(cfg["eval-every"]), int(cfg["num-server-rounds"]))
     ctx = ServerContext(cfg, data, new_model, evaluator.metrics)

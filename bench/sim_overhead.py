@@ -21,7 +21,7 @@ import torch
 from bench.runs import failure, launch_run, run_dirs
 from flcore.arrays import load_state
 from flcore.metrics import summarize
-from flcore.models import build_model
+from flcore.models import run_model
 from flcore.reports import read_metrics
 from flcore.run_config import parse_overrides
 from flcore.run_data import client_batches
@@ -36,8 +36,8 @@ def plain_fedavg(cfg: dict) -> tuple[float, float]:
     start = time.perf_counter()
     data = server_data(cfg)
     classes = data.dataset.num_classes
-    model = build_model(cfg["model"], cfg["projection-dim"], classes, seed=cfg["seed"])
-    local = build_model(cfg["model"], cfg["projection-dim"], classes)
+    model = run_model(cfg, classes, seed=cfg["seed"])
+    local = run_model(cfg, classes)
     settings = TrainSettings.from_config(cfg)
 
     def evaluate() -> float:

@@ -27,7 +27,6 @@ from flcore import datasets
 from flcore.batches import Batches
 from flcore.config import validate
 from flcore.metrics import summarize
-from flcore.models import build_model
 from flcore.run_config import parse_overrides
 from flcore.seeding import seeded_generator
 from flcore.training import TrainSettings, predict, train
@@ -36,6 +35,7 @@ from pretrain.teacher import TINY, TINY_NOTE
 from strategies.registry import STRATEGIES
 
 matplotlib.use("Agg")  # files only, never a window; pyplot takes its backend at the first figure, not at import
+from flcore.models import run_model
 
 
 def few_shot(labels: np.ndarray, percent: float, seed: int) -> np.ndarray:
@@ -51,7 +51,7 @@ def few_shot(labels: np.ndarray, percent: float, seed: int) -> np.ndarray:
 def curve(cfg: dict, dataset, subset, pretrained: dict | None, epochs: int) -> list[float]:
     """Test accuracy after each epoch of central training on `subset`, from random init or `pretrained`
     (FL model entries: `backbone.*`, maybe `projection.*`)."""
-    model = build_model(str(cfg["model"]), int(cfg["projection-dim"]), dataset.num_classes, seed=int(cfg["seed"]))
+    model = run_model(cfg, dataset.num_classes, seed=int(cfg["seed"]))
     if pretrained is not None:
         model.load_state_dict({**model.state_dict(), **pretrained})
     size = int(cfg["image-size"])

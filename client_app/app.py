@@ -40,17 +40,18 @@ from flcore.device import Compute, compute_of
 from flcore.local_data import CLASS_COUNTS_KEY
 from flcore.losses import LossInputs, build_loss, max_grad_norm
 from flcore.metrics import summarize
-from flcore.models import FLModel, build_model
+from flcore.models import FLModel, build_model, model_head
 from flcore.seeding import seeded_generator
 from flcore.training import ExtraLoss, TrainSettings, predict, train
 
 app = ClientApp()
+UPLOAD_STREAM = 1  # generator stream of a client's upload draws (CReFF's DSA), apart from its training stream
 
 
 @lru_cache(maxsize=2)
-def _model(name: str, projection_dim: int, num_classes: int, compute: Compute) -> FLModel:
+def _model(name: str, projection_dim: int, num_classes: int, compute: Compute, head: str) -> FLModel:
     """One model object per process, on its device, refilled with the global weights every round."""
-    return build_model(name, projection_dim, num_classes, device=compute.device)
+    return build_model(name, projection_dim, num_classes, device=compute.device, head=head)
 
 
 def _setup(msg: Message, context: Context) -> tuple[dict, dict, Shard, FLModel]:
@@ -59,7 +60,8 @@ def _setup(msg: Message, context: Context) -> tuple[dict, dict, Shard, FLModel]:
     cfg = validate(context.run_config, paths=False)
     server_config = dict(msg.content["config"]) if "config" in msg.content else {}
     data = shard(cfg, context, server_config)
-    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), data.num_classes, compute_of(cfg))
+    head = model_head(cfg)
+    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), data.num_classes, compute_of(cfg), head)
     load_state(model, check_global(msg, model.state_dict(), message_limit(cfg, context.node_config)))
     return cfg, server_config, data, model
 
@@ -89,15 +91,23 @@ def _kd(cfg: Mapping, server_config: Mapping, data: Shard) -> ExtraLoss | None:
     return distillation(cfg, server_config, data.stream, data.classes, data.batches.data)
 
 
+def _uploads(cfg: Mapping, server_config: Mapping, data: Shard, model: FLModel) -> dict:
+    """The `uploads` record the round config asks for (CReFF's class gradients), with this client's draws seeded
+    by (seed, round, partition) apart from its training."""
+    if UPLOAD_KEY not in server_config:
+        return {}
+    draws = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), data.stream, UPLOAD_STREAM)
+    upload = client_upload(server_config, model, data.batches, data.num_classes, draws, bool(cfg["creff-dsa"]))
+    return {UPLOADS_RECORD: upload}
+
+
 @app.train()
 def train_fn(msg: Message, context: Context) -> Message:
     cfg, server_config, data, model = _setup(msg, context)
     batches, classes = data.batches, data.num_classes
     gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), data.stream)
     inject_failure(cfg, int(server_config.get("server-round", 0)), data.stream)
-    extra = {}
-    if UPLOAD_KEY in server_config:  # CReFF: computed on the received global model, before training
-        extra[UPLOADS_RECORD] = client_upload(server_config, model, batches, classes)
+    extra = _uploads(cfg, server_config, data, model)  # CReFF: of the received global model, before training
     counts = np.bincount(batches.data.labels, minlength=classes)
     loss = build_loss(LossInputs(cfg, counts, server_config, model.classifier.bias))
     settings, kd = _settings(cfg, server_config), _kd(cfg, server_config, data)

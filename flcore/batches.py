@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -106,6 +107,16 @@ class Batches:
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+    def take(self, positions: np.ndarray) -> torch.Tensor:
+        """The images at `positions` of `data`, normalised and not augmented, on the device (the test transform for
+        files): CReFF's per-class draws."""
+        idx = torch.as_tensor(np.asarray(positions), dtype=torch.long)
+        if self.files is not None:
+            x = torch.stack([self.files[(int(i), None)] for i in idx]).to(self.device)
+        else:
+            x = self.images[idx.to(self.device)]
+        return self._normalise(x)
 
     def iterate(
         self, shuffle: bool = False, augment: bool = False, gen: torch.Generator | None = None

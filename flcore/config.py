@@ -21,6 +21,7 @@ Scalar = bool | int | float | str
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet-lt", "folder")
 DATASETS_WITH_FILES = ("cifar10", "cifar100", "imagenet-lt", "folder")
 MODELS = ("resnet8", "resnet50")
+HEAD_NAMES = ("auto", "mlp", "linear", "none")  # flcore.models.HEADS, and auto
 ALIGN_WHEN = ("every-round", "last-round")
 ALIGN_LOSSES = ("ce+kl", "ce", "kl")
 LOSSES = ("ce", "focal", "fedlc", "fedrs")
@@ -174,9 +175,19 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "model": _choice("resnet8", "Client model backbone: resnet8 (32x32 inputs) or resnet50.", MODELS),
         "projection-dim": _opt(
             512,
-            "Width of the MLP projection after the backbone (teacher feature size: 512 ViT-B/32, 768 ViT-L/14; "
-            "equal to LLaVA's vision width, 1024 or tiny's 32, stage 1 pretrains the projection too).",
+            "Width of the projection after the backbone, head mlp or linear (teacher feature size: 512 ViT-B/32, "
+            "768 ViT-L/14; equal to LLaVA's vision width, 1024 or tiny's 32, stage 1 pretrains the projection "
+            "too); unused with head none.",
             _number(1, integer=True),
+        ),
+        "head": _choice(
+            "auto",
+            "What maps the backbone's pooled features to the classifier: mlp (Linear-GELU-Linear to projection-dim, "
+            "the paper's model), linear (one Linear to projection-dim, CLIP2FL's 256 -> 512), none (the classifier "
+            "reads the 256-d ResNet-8 / 2048-d ResNet-50 features, CReFF's model and its baselines'), or auto: mlp "
+            "when pretrain or align is on, else the strategy's reference model (linear for clip2fl, none for every "
+            "other; flcore.models.METHOD_HEADS).",
+            HEAD_NAMES,
         ),
     },
     "Federation": {
@@ -428,6 +439,13 @@ SECTIONS: dict[str, dict[str, Option]] = {
         ),
         "feature-lr": _opt(
             0.1, "Learning rate of the federated features (strategy=creff; CReFF 0.1).", _number(0, low_open=True)
+        ),
+        "creff-dsa": _opt(
+            True,
+            "Differentiable siamese augmentation (Zhao and Bilen, ICML 2021) of the images behind the clients' class "
+            "gradients (strategy=creff/clip2fl): each of 10 draws of up to 32 images per class gets one of color, "
+            "crop, cutout, flip, scale, rotate, shared by the draw, as CReFF's and CLIP2FL's code do; seeded by "
+            "seed, round and client.",
         ),
     },
     "FedDF and FedBE (server-side ensemble distillation on unlabeled server images)": {

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from flcore.config import ConfigError
-from flcore.models import build_model
+from flcore.models import PAPER_HEAD, build_model, model_head
 
 FLOAT_BYTES = 4
 # Weights, gradients, the SGD momentum buffer and the received global copy (FedProx, CReFF) per parameter.
@@ -36,10 +36,12 @@ class MemoryEstimate:
         return self.parameters * FLOAT_BYTES * PARAMETER_COPIES + self.activations * FLOAT_BYTES
 
 
-def estimate(model_name: str, projection_dim: int, num_classes: int, image_size: int, batch: int) -> MemoryEstimate:
+def estimate(
+    model_name: str, projection_dim: int, num_classes: int, image_size: int, batch: int, head: str = PAPER_HEAD
+) -> MemoryEstimate:
     """Parameters and saved activations (both counted in floats) of one training step, from a meta-device model."""
     with torch.device("meta"):
-        model = build_model(model_name, projection_dim, num_classes)
+        model = build_model(model_name, projection_dim, num_classes, head=head)
     saved = 0
 
     def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -65,14 +67,15 @@ def physical_memory() -> int:
 def check_memory(cfg: Mapping, num_classes: int, available: int | None = None) -> MemoryEstimate:
     """Refuse a setting one training process could not hold in this machine's memory, naming the key to change."""
     batch = max(int(cfg["batch-size"]), int(cfg.get("align-batch-size", 1)))
-    need = estimate(str(cfg["model"]), int(cfg["projection-dim"]), num_classes, int(cfg["image-size"]), batch)
+    head = model_head(cfg)
+    need = estimate(str(cfg["model"]), int(cfg["projection-dim"]), num_classes, int(cfg["image-size"]), batch, head)
     available = physical_memory() if available is None else available
     if need.total <= available:
         return need
     weights = need.parameters * FLOAT_BYTES * PARAMETER_COPIES
-    key = "projection-dim" if weights > need.activations * FLOAT_BYTES else "image-size"
+    key = "projection-dim" if weights > need.activations * FLOAT_BYTES and head != "none" else "image-size"
     raise ConfigError(
-        f"run-config key '{key}' = {cfg[key]!r} is not allowed here: model={cfg['model']}, image-size="
+        f"run-config key '{key}' = {cfg[key]!r} is not allowed here: model={cfg['model']}, head={head}, image-size="
         f"{cfg['image-size']}, projection-dim={cfg['projection-dim']} and batch {batch} need about "
         f"{need.total / 2**30:,.1f} GiB per training process ({need.parameters:,} parameters: "
         f"{weights / 2**30:,.1f} GiB with gradients and optimizer state; {need.activations * FLOAT_BYTES / 2**30:,.1f}"

@@ -1,16 +1,54 @@
-"""Client models: backbone -> MLP projection to the teacher's feature size -> linear classifier.
+"""Client models: a backbone -> a head from its pooled features to the classifier's input -> a linear classifier.
 
-The backbone's pooled features (`features`) and the projected features (`embed`) are separate methods
-because the server stages need them: pretraining maps the backbone into CLIP's feature space and
-alignment distils into the classifier.
+One factory, `build_model`, builds every model from data: a backbone by name (`BACKBONES`, run-config key
+`model`) and a head by name (`HEADS`, key `head`). The heads are the ones the compared methods' reference
+code trains, so each row of a comparison trains its own model:
+
+- `mlp`: Linear-GELU-Linear to `projection-dim` (LLaVA's mlp2x_gelu shape), the paper's model: stage 1 maps
+  backbone and projection into LLaVA's feature space (`pretrain.dwp`).
+- `linear`: one Linear to `projection-dim`, CLIP2FL's `add_mlp` (256 -> 512 in its `Model/Resnet8_256.py`).
+- `none`: the classifier reads the backbone's pooled features (256-d ResNet-8, 2048-d ResNet-50): CReFF's
+  ResNet-8 and every baseline in CReFF's code base.
+
+`head = auto` (`model_head`) is `mlp` when stage 1 or stage 3 is on (the paper's method), else the model of
+the strategy's reference code, `METHOD_HEADS`. The backbone's pooled features (`features`) and the classifier's
+input (`embed`: the head's output, the features themselves with `none`) are separate methods because the server
+stages and the class statistics of CCVR and CReFF read them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
+
+from flcore.config import ConfigError
+
+PAPER_HEAD = "mlp"  # the paper's model: what stage 1 pretrains and stage 3 aligns
+
+# The model each method's reference code trains (what `head = auto` picks without stage 1 or 3), by `strategy`:
+# CReFF's code base (github:shangxinyi/CReFF-FL) trains ResNet-8 with a linear classifier on its 256-d features
+# for CReFF and for its baselines (FedAvg, FedProx, FedAvgM, FedNova, Fed-Focal, tau-norm, CCVR; the Ratio Loss,
+# FedLC, FedRS, FedDF and FedBE are compared on the same model); CLIP2FL (github:shijiangming1/CLIP2FL) adds one
+# Linear 256 -> 512 before its classifier. A loss (`loss=focal/fedlc/fedrs`) or tau-norm rides on its strategy's
+# model. Every strategy of the registry has an entry (a test checks).
+METHOD_HEADS: dict[str, str] = {
+    "fedavg": "none",
+    "fedprox": "none",
+    "fedavgm": "none",
+    "fednova": "none",
+    "ccvr": "none",
+    "creff": "none",
+    "clip2fl": "linear",
+    "fedmedian": "none",
+    "fedtrimmedavg": "none",
+    "feddf": "none",
+    "fedbe": "none",
+    "ratioloss": "none",
+}
 
 
 class BasicBlock(nn.Module):
@@ -52,11 +90,14 @@ class ResNet8(nn.Module):
 
 
 def resnet8() -> nn.Module:
+    """ResNet-8 (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016) as CReFF (Shang et al.,
+    IJCAI 2022) and CLIP2FL (Shi et al., AAAI 2024) train it on CIFAR: `ResNet_cifar(resnet_size=8, scaling=4)`."""
     return ResNet8()
 
 
 def resnet50() -> nn.Module:
-    """torchvision's ResNet-50 without pretrained weights; its 2048-d pooled output is the feature."""
+    """ResNet-50 (He et al., CVPR 2016), torchvision's, without pretrained weights; its 2048-d pooled output is the
+    feature (CReFF's ImageNet-LT backbone)."""
     from torchvision.models import resnet50 as tv_resnet50
 
     net = tv_resnet50(weights=None)
@@ -68,24 +109,49 @@ def resnet50() -> nn.Module:
 BACKBONES: dict[str, Callable[[], nn.Module]] = {"resnet8": resnet8, "resnet50": resnet50}
 
 
-class FLModel(nn.Module):
-    """backbone -> projection (Linear-GELU-Linear, LLaVA's mlp2x_gelu shape) -> classifier."""
+def mlp_head(in_dim: int, dim: int) -> nn.Module:
+    """Linear-GELU-Linear to `dim`: LLaVA-1.5's mlp2x_gelu projector (Liu et al., "Improved Baselines with Visual
+    Instruction Tuning", CVPR 2024), the paper's projection of the FL model into the teacher's feature space."""
+    return nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim))
 
-    def __init__(self, backbone: nn.Module, projection_dim: int, num_classes: int) -> None:
+
+def linear_head(in_dim: int, dim: int) -> nn.Module:
+    """One Linear to `dim`: CLIP2FL's `add_mlp` (Shi et al., "CLIP-Guided Federated Learning on Heterogeneous and
+    Long-Tailed Data", AAAI 2024), 256 -> 512, CLIP ViT-B/32's width."""
+    return nn.Sequential(nn.Linear(in_dim, dim))
+
+
+def no_head(in_dim: int, dim: int) -> nn.Module:
+    """Nothing: the classifier reads the backbone's features, as in CReFF's ResNet-8 (Shang et al., IJCAI 2022)."""
+    return nn.Identity()
+
+
+# head name -> fn(backbone width, projection-dim) -> module; `HEAD_WIDTHS` says how wide its output is.
+HEADS: dict[str, Callable[[int, int], nn.Module]] = {"mlp": mlp_head, "linear": linear_head, "none": no_head}
+HEAD_WIDTHS: dict[str, Callable[[int, int], int]] = {
+    "mlp": lambda feat, dim: dim,
+    "linear": lambda feat, dim: dim,
+    "none": lambda feat, dim: feat,
+}
+
+
+class FLModel(nn.Module):
+    """backbone -> projection (a head of `HEADS`, nothing for `none`) -> linear classifier."""
+
+    def __init__(self, backbone: nn.Module, projection_dim: int, num_classes: int, head: str = PAPER_HEAD) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.head = backbone, head
         feat = backbone.out_dim
-        self.projection = nn.Sequential(
-            nn.Linear(feat, projection_dim), nn.GELU(), nn.Linear(projection_dim, projection_dim)
-        )
-        self.classifier = nn.Linear(projection_dim, num_classes)
+        self.projection = HEADS[head](feat, projection_dim)
+        self.embed_dim = HEAD_WIDTHS[head](feat, projection_dim)  # the classifier's input width
+        self.classifier = nn.Linear(self.embed_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (256-d ResNet-8, 2048-d ResNet-50)."""
         return self.backbone(x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Features in the teacher's width (`projection-dim`)."""
+        """The classifier's input (`embed_dim` wide): the projection's output, the backbone features without one."""
         return self.projection(self.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,20 +159,63 @@ class FLModel(nn.Module):
 
 
 def build_model(
-    name: str, projection_dim: int, num_classes: int, seed: int | None = None, device: torch.device | None = None
+    name: str,
+    projection_dim: int,
+    num_classes: int,
+    seed: int | None = None,
+    device: torch.device | None = None,
+    head: str = PAPER_HEAD,
 ) -> FLModel:
-    """One factory for every client model; `seed` makes the initial weights reproducible. They are drawn on the
-    CPU and then moved to `device`, so every device starts from the same weights."""
+    """One factory for every client model: backbone `name`, head `head` (`HEADS`); `seed` makes the initial
+    weights reproducible. They are drawn on the CPU and then moved to `device`, so every device starts from the
+    same weights."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = FLModel(BACKBONES[name](), projection_dim, num_classes)
+    model = FLModel(BACKBONES[name](), projection_dim, num_classes, head)
     return model.to(device=device, memory_format=torch.channels_last)
 
 
-def buffer_names(name: str, projection_dim: int) -> frozenset[str]:
+def buffer_names(name: str, projection_dim: int, head: str = PAPER_HEAD) -> frozenset[str]:
     """State-dict entries of the model that SGD does not train: its buffers (BatchNorm's running mean and
     variance and batch count). Asked of the model itself, built on the meta device (no memory, no weights),
-    so it holds for any backbone and any normalisation layer."""
+    so it holds for any backbone, head and normalisation layer."""
     with torch.device("meta"):
-        model = FLModel(BACKBONES[name](), projection_dim, num_classes=1)
+        model = FLModel(BACKBONES[name](), projection_dim, num_classes=1, head=head)
     return frozenset(key for key, _ in model.named_buffers())
+
+
+def model_head(cfg: Mapping[str, Any]) -> str:
+    """The run's head: `head`, with `auto` resolved to the paper's MLP when stage 1 or stage 3 is on (stage 1
+    pretrains the projection into LLaVA's width, and the 'ours' rows are the paper's model), else to the model of
+    the strategy's reference code (`METHOD_HEADS`)."""
+    head = str(cfg["head"])
+    if head != "auto":
+        return head
+    if cfg["pretrain"] or cfg["align"]:
+        return PAPER_HEAD
+    strategy = str(cfg["strategy"])
+    if strategy not in METHOD_HEADS:
+        raise ConfigError(
+            f"run-config key 'head' = 'auto' is not allowed with strategy {strategy!r}: flcore.models.METHOD_HEADS "
+            f"names no reference model for it; set head to one of {', '.join(HEADS)}."
+        )
+    return METHOD_HEADS[strategy]
+
+
+@lru_cache(maxsize=8)
+def feature_width(name: str) -> int:
+    """The pooled feature size of backbone `name`, from a meta-device copy (no memory, no weights)."""
+    with torch.device("meta"):
+        return int(BACKBONES[name]().out_dim)
+
+
+def classifier_width(cfg: Mapping[str, Any]) -> int:
+    """The width of the classifier's input under the run's model (`embed`): CCVR's and CReFF's feature size."""
+    return HEAD_WIDTHS[model_head(cfg)](feature_width(str(cfg["model"])), int(cfg["projection-dim"]))
+
+
+def run_model(
+    cfg: Mapping[str, Any], num_classes: int, seed: int | None = None, device: torch.device | None = None
+) -> FLModel:
+    """The run's model (`model`, `head` resolved, `projection-dim`) for `num_classes` classes."""
+    return build_model(str(cfg["model"]), int(cfg["projection-dim"]), num_classes, seed, device, model_head(cfg))

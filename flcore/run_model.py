@@ -8,14 +8,13 @@ from flwr.app import ArrayRecord
 
 from flcore.arrays import load_record
 from flcore.device import compute_of
-from flcore.models import FLModel, build_model
+from flcore.models import FLModel, run_model
 from flcore.run_data import prepare
 
 
 def new_model(cfg: Mapping, seed: int | None = None) -> FLModel:
     """A model of the run's architecture on this process's device (initialised on the CPU from `seed`)."""
-    name, dim = str(cfg["model"]), int(cfg["projection-dim"])
-    return build_model(name, dim, prepare(cfg).dataset.num_classes, seed=seed, device=compute_of(cfg).device)
+    return run_model(cfg, prepare(cfg).dataset.num_classes, seed=seed, device=compute_of(cfg).device)
 
 
 def model_from(cfg: Mapping, arrays: ArrayRecord) -> FLModel:

@@ -11,14 +11,15 @@ pool: 256 x 4 x 4 for ResNet-8 at 16 px, 2048 x 7 x 7 for ResNet-50 at 224 px) i
 CLIP's patch grid (24 x 24), each grid cell becomes a token, and an MLP (Linear-GELU-Linear) maps each
 token's channels to CLIP's hidden size; under the `full` strategy the pooled feature is prepended as the
 CLS token. That MLP has the shape of the FL model's projection (`FLModel.projection`, backbone features ->
-`projection-dim`), so when `projection-dim` equals LLaVA's vision width the FL model's own projection is
-the one trained, and backbone and projection go to round 1 together ("ResNet + an MLP to CLIP's feature
-size"); otherwise a separate MLP to LLaVA's width is trained and only the backbone goes over
-(`build_gfl`). The loss is LLaVA's language-model loss on the answer tokens. Only g_fl trains:
-CLIP, projector and LLM have requires_grad False (no gradient buffers) and gradients flow through them to
-Z. alpha follows a cosine from 0 to 1 over the first half of the optimizer steps, then stays 1; from
-then on the CLIP forward (and CLIP's image preprocessing) is skipped entirely. Training runs on the teacher's
-device under the run's mixed precision (`flcore.device.Compute`: bf16, or fp16 with a gradient scaler).
+`projection-dim`), so when `projection-dim` equals LLaVA's vision width the FL model's own projection is the
+one trained, and backbone and projection go to round 1 together ("ResNet + an MLP to CLIP's feature size");
+otherwise, or when the FL model has no projection (`head=none`), a separate MLP to LLaVA's width is trained
+and only the backbone goes over (`build_gfl`). The loss is LLaVA's language-model loss on the answer tokens.
+Only g_fl trains: CLIP, projector and LLM have requires_grad False (no gradient buffers) and gradients flow
+through them to Z. alpha follows a cosine from 0 to 1 over the first half of the optimizer steps, then stays
+1; from then on the CLIP forward (and CLIP's image preprocessing) is skipped entirely. Training runs on the
+teacher's device under the run's mixed precision (`flcore.device.Compute`: bf16, or fp16 with a gradient
+scaler).
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ def token_width(teacher: LlavaTeacher) -> int:
 
 
 def shares_projection(model: FLModel, teacher: LlavaTeacher) -> bool:
-    """Whether the FL model's projection outputs LLaVA's vision width, so DWP can train it as g_fl's."""
-    return model.projection[-1].out_features == token_width(teacher)
+    """Whether the FL model has a projection (`head` mlp or linear) that outputs LLaVA's vision width, so DWP can
+    train it as g_fl's; a model without one (`head=none`) never shares."""
+    return model.head != "none" and model.embed_dim == token_width(teacher)
 
 
 def build_gfl(model: FLModel, teacher: LlavaTeacher) -> GFL:

@@ -8,7 +8,9 @@ ArrayRecord with the pretrained ones and hands what it measured (`pretrain.json`
 What is handed over depends on the widths (`pretrain.dwp.build_gfl`): with `projection-dim` equal to
 LLaVA's vision width DWP trains the FL model's own projection, and `backbone.*` and `projection.*` go
 over together; otherwise DWP trains a separate MLP to LLaVA's width, which does not fit the FL model,
-and only `backbone.*` goes over (projection fresh). The classifier always starts fresh: DWP has none.
+and only `backbone.*` goes over (projection fresh). A model without a projection (`head=none`, set
+explicitly: `head=auto` is the paper's MLP with `pretrain` on) takes the backbone only, the same way. The
+classifier always starts fresh: DWP has none.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from flcore.config import ConfigError
 from flcore.datasets import digits_pixels, digits_split
 from flcore.device import AMP_DTYPES, compute_of
 from flcore.images import image_problem
-from flcore.models import build_model
+from flcore.models import PAPER_HEAD, model_head, run_model
 from flcore.run_data import Prepared, prepare
 from pretrain.checkpoints import Checkpoints, cache_key, file_digest
 from rounds.stage import Outcome, ServerContext, Stages
@@ -137,19 +139,28 @@ def annotations_for(cfg: Mapping, teacher, cache: Path) -> tuple[Path, Path, dic
 
 def dwp_settings(cfg: Mapping) -> dict:
     """The config keys that change what DWP trains. `projection-dim` is one even when the projection is not
-    handed over: it decides whether the FL projection is trained at all, and the separate MLP's seeded
-    initialisation comes after the FL model's in the same random stream. `amp` is one when it is on (bf16 or
-    fp16 training is not float32's); the device is not, since float32 on a GPU differs from the CPU only by
-    rounding, and a float32 run keeps the key it had before `amp` existed."""
+        handed over: it decides whether the FL projection is trained at all, and the separate MLP's seeded
+        initialisation comes after the FL model's in the same random stream. `amp` is one when it is on (bf16 or
+        fp16 training is not float32's); the device is not, since float32 on a GPU differs from the CPU only by
+        rounding, and a float32 run keeps the key it had before `amp` existed. The head is one when it is not the
+    paper's MLP (it decides whether the FL projection exists, and moves the separate MLP's initialisation)."""
     keys = ("model", "image-size", "seed", "projection-dim") + tuple(
         k for k in cfg if k.startswith("pretrain-") and k != "pretrain-cache-dir"
     )
     amp = {"amp": cfg["amp"]} if cfg.get("amp", "off") != "off" else {}
-    return {**{k: cfg[k] for k in keys}, **amp}
+    head = model_head(cfg)
+    other_head = {"head": head} if head != PAPER_HEAD else {}  # the paper's MLP keeps the key it had before `head`
+    return {**{k: cfg[k] for k in keys}, **amp, **other_head}
 
 
-def handover(shared: bool, width: int, projection_dim: int) -> dict:
+def handover(shared: bool, width: int, projection_dim: int, head: str = PAPER_HEAD) -> dict:
     """For pretrain.json: which parts of g_fl reach round 1, and why."""
+    if head == "none":
+        return {
+            "handed-over": ["backbone"],
+            "handover-note": f"head=none: the FL model has no projection, so DWP trained a separate MLP to LLaVA's "
+            f"vision width {width} and only the backbone starts round 1",
+        }
     if shared:
         return {
             "handed-over": ["backbone", "projection"],
@@ -177,9 +188,9 @@ def pretrained_weights(cfg: Mapping, mean, std) -> tuple[dict[str, torch.Tensor]
     teacher = load_teacher(str(cfg["pretrain-teacher"]), dtype=weights, seed=int(cfg["seed"]))
     teacher.model.to(compute.device)
     ann, root, ann_summary = annotations_for(cfg, teacher, cache)
-    model = build_model(str(cfg["model"]), int(cfg["projection-dim"]), 2, seed=int(cfg["seed"]))
+    model = run_model(cfg, 2, seed=int(cfg["seed"]))
     shared = shares_projection(model, teacher)
-    parts = handover(shared, token_width(teacher), int(cfg["projection-dim"]))
+    parts = handover(shared, token_width(teacher), int(cfg["projection-dim"]), model.head)
     settings = {**dwp_settings(cfg), "mean": list(mean), "std": list(std)}
     ckpt = Checkpoints(cache / "dwp" / cache_key(teacher.name, file_digest(ann) + str(root.resolve()), settings))
     final = ckpt.final()

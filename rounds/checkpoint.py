@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import Strategy
 from flcore.arrays import NON_FINITE, non_finite
 from flcore.config import ConfigError
 from flcore.files import atomic_write
+from flcore.models import PAPER_HEAD, model_head
 
 CHECKPOINT = "checkpoint.pt"
 VERSION = 1
@@ -197,6 +198,12 @@ def load(cfg: Mapping) -> Checkpoint:
     if differ:
         shown = ", ".join(f"{k} = {saved[k]!r} there, {cfg[k]!r} here" for k in differ[:5])
         raise ConfigError(f"run-config key 'resume': the checkpoint's run used different settings: {shown}.")
+    if "head" not in saved and model_head(cfg) != PAPER_HEAD:  # written before `head`: every model had the MLP
+        raise ConfigError(
+            f"run-config key 'head' = {cfg['head']!r} is not allowed for resuming {path}: it was written before "
+            f"'head' existed, when every run trained the paper's MLP head, and this run's model has {model_head(cfg)}"
+            "; set head=mlp."
+        )
     if done > int(cfg["num-server-rounds"]):
         raise ConfigError(
             f"run-config key 'num-server-rounds' = {cfg['num-server-rounds']} is not allowed: the checkpoint "

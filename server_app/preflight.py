@@ -31,6 +31,7 @@ from flcore.datasets import DataNotFound
 from flcore.device import Compute, compute_of, visible_gpus
 from flcore.images import check_images
 from flcore.memory import check_memory
+from flcore.models import classifier_width, model_head
 from flcore.run_data import Prepared, prepare
 from rounds import checkpoint
 from rounds.delegate import Delegating
@@ -239,10 +240,11 @@ def check_upload_size(cfg: Mapping[str, Any], num_classes: int) -> None:
         strategy = strategy.inner
     if not isinstance(strategy, UPLOADERS):
         return
-    need = upload_bytes(strategy.upload, num_classes, int(cfg["projection-dim"]))
+    dim = classifier_width(cfg)
+    need = upload_bytes(strategy.upload, num_classes, dim)
     if need > float(cfg["max-upload-mb"]) * 2**20:
         raise ConfigError(
             f"run-config key 'max-upload-mb' = {cfg['max-upload-mb']} is not allowed for strategy={cfg['strategy']}: "
-            f"each client's '{strategy.upload}' upload is {need / 2**20:.1f} MB ({num_classes} classes, projection-dim "
-            f"{cfg['projection-dim']}); expected >= {need / 2**20:.1f}."
+            f"each client's '{strategy.upload}' upload is {need / 2**20:.1f} MB ({num_classes} classes, {dim}-d "
+            f"classifier input, head={model_head(cfg)}); expected >= {need / 2**20:.1f}."
         )

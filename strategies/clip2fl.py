@@ -7,8 +7,9 @@ classifier re-trained on them) with one term added to the feature matching, as C
 each federated feature towards the CLIP text feature of its class ("a photo of a {}", `clip2fl-prompt`)
 and away from the others' (`text_contrast_loss`, CLIP2FL's `SupConLoss_text`). The text features come
 from the `align-teacher` CLIP, computed once on the server at the first matching; they live in the
-teacher's embedding space, so `projection-dim` (the federated features' width) must equal it: the
-preflight checks that (`check`). `contrast-weight` 0 is CReFF's server, bit for bit.
+teacher's embedding space, so the federated features' width (the classifier's input: `projection-dim` under
+CLIP2FL's Linear head, `head=linear`, which `head=auto` picks) must equal it: the preflight checks that
+(`check`). `contrast-weight` 0 is CReFF's server, bit for bit.
 
 `RoundConfig` adds `kd-weight` and `kd-temperature` to every round's train config; their presence is
 what makes a client run its CLIP teacher (`client_app.distill`).
@@ -26,7 +27,9 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flcore.config import ConfigError
 from flcore.device import compute_of
+from flcore.models import classifier_width
 from flcore.run_data import Prepared, prepare
 from rounds.delegate import Delegating
 from strategies.creff import CReFFServer, with_server
@@ -135,6 +138,14 @@ def check(cfg: Mapping, prepared: Prepared) -> None:
     from alignment import holdout
     from alignment.logits import check_class_names, check_teacher
 
+    width = classifier_width(cfg)
+    if float(cfg["contrast-weight"]) > 0 and width != int(cfg["projection-dim"]):
+        raise ConfigError(
+            f"run-config key 'head' = {cfg['head']!r} is not allowed with strategy clip2fl: its classifier reads "
+            f"{width}-d features, but CLIP2FL's server contrasts the federated features with the teacher's "
+            f"{cfg['projection-dim']}-d (projection-dim) class features; expected auto or linear (CLIP2FL's model), "
+            "mlp, or contrast-weight=0."
+        )
     if cfg["align-teacher"] == holdout.HOLDOUT:  # no prompts; its feature space is projection-dim wide
         holdout.check(cfg, prepared)
         return

@@ -2,10 +2,12 @@
 Classifier Re-Training with Federated Features"), around Flower's FedAvg.
 
 Every round clients send, per class, the gradient of the CE loss w.r.t. the server's re-trained
-classifier on their real features (`flcore.class_statistics.class_gradients`); the server learns
+classifier on their real features, averaged over 10 DSA-augmented draws of up to 32 images as CReFF's
+clients do (`flcore.class_statistics.drawn_class_gradients`); the server learns
 `virtual-per-class` "federated features" per class whose classifier gradients match the aggregated real
 ones (cosine distance per output row, as in dataset condensation), then re-trains a fresh classifier on
-them. Classifier-input features are `FLModel.embed` (the projection output).
+them. Classifier-input features are `FLModel.embed`: ResNet-8's 256-d features under CReFF's model
+(`head=auto`).
 
 The global model is the evaluated one, the FedAvg backbone with the re-trained classifier; server stages
 run on it and their output replaces it. As in CReFF's reference code, the re-trained classifier never
@@ -21,7 +23,6 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
@@ -35,11 +36,15 @@ FeatureTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def match_distance(syn: tuple[torch.Tensor, ...], real: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Dataset-condensation gradient distance: sum over output rows of 1 - cosine similarity."""
+    """Dataset-condensation gradient distance, CReFF's `match_loss` ('ours', `distance_wb`): summed over the
+    parameters and their output rows, 1 - <s, r> / (|s| |r| + 1e-6); a bias gradient is one row. The 1e-6 is
+    added to the product of the norms, as the authors do (not a floor on it, as `F.cosine_similarity` has):
+    small client gradients are where the two differ."""
     total = syn[0].new_zeros(())
     for s, r in zip(syn, real, strict=True):
-        rows = s.shape[0] if s.dim() > 1 else 1  # a bias gradient is one row
-        total = total + (1 - F.cosine_similarity(s.reshape(rows, -1), r.reshape(rows, -1), dim=1, eps=1e-6)).sum()
+        rows = s.shape[0] if s.dim() > 1 else 1
+        s, r = s.reshape(rows, -1), r.reshape(rows, -1)
+        total = total + (1 - (s * r).sum(1) / (s.norm(dim=1) * r.norm(dim=1) + 1e-6)).sum()
     return total
 
 

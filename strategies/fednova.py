@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.arrays import reply_arrays, reply_metrics
-from flcore.models import buffer_names
+from flcore.models import buffer_names, model_head
 from rounds.delegate import Delegating
 from strategies.fedavg import sampling
 
@@ -109,4 +109,6 @@ class FedNova(Delegating):
 
 def fednova(cfg: Mapping) -> Strategy:
     """FedNova around a FedAvg that samples like every other strategy; the configured model's buffers averaged."""
-    return FedNova(FedAvg(**sampling(cfg)), buffer_names(str(cfg["model"]), int(cfg["projection-dim"])))
+    return FedNova(
+        FedAvg(**sampling(cfg)), buffer_names(str(cfg["model"]), int(cfg["projection-dim"]), model_head(cfg))
+    )

@@ -206,7 +206,11 @@ def client_workload(cfg: Mapping) -> dict[str, str]:
         runs += "; after the last round a feature pass over its data with the final global model (no training)"
     if strategy in ("creff", "clip2fl"):
         per_round += "; every round also: per-class classifier gradients [C, C, D] + [C, C] and class counts"
-        runs += "; every round also a feature pass and per-class CE gradients of the global classifier"
+        runs += (
+            "; every round also 10 draws of up to 32 images per class"
+            + (" (each DSA-augmented)" if cfg["creff-dsa"] else "")
+            + ", their features and per-class CE gradients of the global classifier"
+        )
     if strategy == "clip2fl":
         runs += (
             f"; CLIP teacher {cfg['align-teacher']} ({cfg['align-pretrained']}) ON THE CLIENT: one zero-shot forward "

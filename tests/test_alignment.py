@@ -262,9 +262,9 @@ for name in ("_run_id", "_node_id", "_task_id"):
     setattr(TaskIdentity, name, 1)
 from client_app.app import train_fn
 from flcore.config import validate
-from flcore.models import build_model
+from flcore.models import run_model
 cfg = validate(json.loads(sys.argv[1]))
-model = build_model("resnet8", cfg["projection-dim"], 10, seed=0)
+model = run_model(cfg, 10, seed=0)
 msg = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": 1})}),
               dst_node_id=1, message_type="train")
 ctx = Context(1, 1, {"partition-id": 0, "num-partitions": cfg["num-clients"]}, RecordDict(), dict(cfg))

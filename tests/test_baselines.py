@@ -169,12 +169,12 @@ TINY = {"num-clients": 10, "image-size": 8, "projection-dim": 16, "local-epochs"
 
 def client_train(run_config: dict, server_config: dict, model_seed: int = 0) -> Message:
     from flcore.arrays import to_record
-    from flcore.models import build_model
+    from flcore.models import run_model
     from flcore.run_data import prepare
 
     cfg = cfg_of(**{k.replace("-", "_"): v for k, v in {**TINY, **run_config}.items()})
     classes = prepare(cfg).dataset.num_classes
-    arrays = to_record(build_model("resnet8", 16, classes, seed=model_seed))
+    arrays = to_record(run_model(cfg, classes, seed=model_seed))
     config = ConfigRecord({"server-round": 1, **{k: cfg[k] for k in ("local-epochs", "lr", "momentum")}})
     config.update({"weight-decay": 0.0, "augment": False, **server_config})
     request = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type="train")
@@ -380,12 +380,16 @@ def test_creff_server_sends_its_head_and_replaces_the_classifier_after_matching(
     assert {"upload", "upload-head-weight", "upload-head-bias"} <= set(config)
 
     class Backbone(torch.nn.Module):
-        classifier = torch.nn.Linear(5, 3)
+        def __init__(self):
+            super().__init__()
+            self.classifier = torch.nn.Linear(5, 3)
 
         def embed(self, x):
             return x
 
-    batches = type("B", (), {"iterate": lambda self: iter([(torch.randn(6, 5), torch.tensor([0, 0, 1, 1, 2, 2]))])})()
+    feats, labels = torch.randn(6, 5), np.array([0, 0, 1, 1, 2, 2])
+    data = type("D", (), {"labels": labels})()
+    batches = type("B", (), {"data": data, "take": lambda self, rows: feats[torch.as_tensor(rows)]})()
     upload = decode(client_upload(config, Backbone(), batches, 3))
     head_w = torch.from_numpy(server.head(ArrayRecord(glob))["weight"])
     assert upload["grad-weight"].shape == (3, 3, 5) and not np.allclose(upload["grad-weight"], 0)
@@ -416,7 +420,7 @@ def counted_teacher(monkeypatch, teacher_calls):
 
 
 def test_clip2fl_with_zero_kd_weight_trains_exactly_like_creff(counted_teacher):
-    creff = client_train({"strategy": "creff"}, {"upload": "class-gradients"})
+    creff = client_train({"strategy": "creff", "head": "linear"}, {"upload": "class-gradients"})  # CLIP2FL's model
     zero = client_train(
         {"strategy": "clip2fl", "kd-weight": 0.0}, {"upload": "class-gradients", **KD, "kd-weight": 0.0}
     )
@@ -609,6 +613,15 @@ def test_clip2fl_preflight_needs_projection_dim_equal_to_the_teachers_embedding(
     preflight(validated({"strategy": "clip2fl", "align-teacher": "ViT-B-32", **no_contrast}))
 
 
+def test_clip2fl_refuses_a_model_whose_features_are_not_the_teachers_width():
+    """Without a head the federated features are ResNet-8's 256-d, which the 512-d text features cannot contrast."""
+    from server_app.preflight import preflight, validated
+
+    with pytest.raises(ConfigError, match=r"'head' = 'none' .*clip2fl.*256-d .*512-d"):
+        preflight(validated({"strategy": "clip2fl", "head": "none"}))
+    preflight(validated({"strategy": "clip2fl", "head": "none", "contrast-weight": 0.0}))
+
+
 def test_clip2fl_prompt_setting_is_checked():
     with pytest.raises(ConfigError, match="clip2fl-prompt.*exactly one"):
         validate({"clip2fl-prompt": "a photo"}, choices={"strategy": STRATEGIES})
@@ -621,7 +634,7 @@ def test_ccvr_calibrates_on_statistics_of_the_final_aggregate_and_keeps_its_back
 
     from flcore.arrays import load_record, to_record
     from flcore.class_statistics import decode, feature_statistics
-    from flcore.models import build_model
+    from flcore.models import run_model
     from flcore.run_data import client_batches, prepare
     from tests.conftest import ClientAppGrid, served
 
@@ -645,7 +658,7 @@ def test_ccvr_calibrates_on_statistics_of_the_final_aggregate_and_keeps_its_back
 
     strategy.calibrate = recording
     classes = prepare(cfg).dataset.num_classes
-    result = served(strategy, seed=7).start(grid, to_record(build_model("resnet8", 16, classes, seed=0)), num_rounds=2)
+    result = served(strategy, seed=7).start(grid, to_record(run_model(cfg, classes, seed=0)), num_rounds=2)
 
     trained = [(m, r) for m, r in grid.pairs if m.metadata.message_type == "train"]
     assert len(trained) == 4 and [c["server-round"] for c in grid.configs] == [1, 1, 2, 2]
@@ -659,7 +672,7 @@ def test_ccvr_calibrates_on_statistics_of_the_final_aggregate_and_keeps_its_back
     queries = [(m, r) for m, r in grid.pairs if m.metadata.message_type == "query.upload"]
     assert [m.metadata.dst_node_id for m, _ in queries] == [0, 1, 2, 3]  # every client, trained last round or not
     assert all(len(r.content.array_records) == 0 for _, r in queries)  # statistics only, no training
-    model = build_model("resnet8", 16, classes)
+    model = run_model(cfg, classes)
     for pid, upload in enumerate(seen["uploads"]):
         local = feature_statistics(load_record(model, ArrayRecord(final)), client_batches(cfg, pid), classes)
         assert np.array_equal(upload["counts"], local["counts"])
@@ -670,6 +683,69 @@ def test_ccvr_calibrates_on_statistics_of_the_final_aggregate_and_keeps_its_back
     backbone = [k for k in final if not k.startswith("classifier.")]
     assert all(torch.allclose(out[k].float(), final[k].float(), atol=1e-6) for k in backbone)
     assert not torch.allclose(out["classifier.weight"], final["classifier.weight"])
+    # CCVR's own model: statistics and classifier on ResNet-8's 256-d features, no projection
+    assert seen["uploads"][0]["covs"].shape == (classes, 256, 256) and out["classifier.weight"].shape == (classes, 256)
+    assert not any(k.startswith("projection.") for k in out)
+
+
+def test_creff_client_gradients_are_drawn_as_the_authors_with_seeded_dsa():
+    """CReFF's `compute_gradient`: 10 draws of up to 32 images per class, each with one siamese DSA transform
+    (`creff-dsa`), from the client's seeded generator; off, a class of at most 32 images gives its full mean."""
+    from flcore.class_statistics import REAL_DRAWS, UploadRequest, class_gradients, drawn_class_gradients
+    from flcore.dsa import augment
+    from flcore.models import run_model
+    from flcore.run_data import client_batches
+
+    cfg = cfg_of(**{k.replace("-", "_"): v for k, v in {**TINY, "strategy": "creff"}.items()})
+    model, batches = run_model(cfg, 10, seed=0), client_batches(cfg, 0)
+
+    def upload(dsa, seed=3):
+        return drawn_class_gradients(model, batches, 10, UploadRequest(None, torch.Generator().manual_seed(seed), dsa))
+
+    on, again, other, off = upload(True), upload(True), upload(True, seed=4), upload(False)
+    assert np.array_equal(on["grad-weight"], again["grad-weight"])  # seeded
+    assert not np.allclose(on["grad-weight"], other["grad-weight"]) and not np.allclose(
+        on["grad-weight"], off["grad-weight"]
+    )
+    assert on["grad-weight"].shape == (10, 10, 256)
+    counts = np.bincount(batches.data.labels, minlength=10)
+    assert np.array_equal(on["counts"], counts)
+    full = class_gradients(model, batches, 10)
+    small = (counts > 0) & (counts <= 32)
+    assert small.any() and np.allclose(off["grad-weight"][small], full["grad-weight"][small], atol=1e-6)
+    assert REAL_DRAWS == 10
+    x = torch.randn(4, 3, 8, 8)
+    y = augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and torch.equal(y, augment(x, torch.Generator().manual_seed(0)))
+
+
+def test_creff_runs_through_the_client_app_on_its_own_model():
+    """CReFF's model (ResNet-8 -> Linear(256, C)) in-process: class gradients of the 256-d classifier from
+    every client, DSA-augmented and seeded, federated features of that width, a re-trained classifier."""
+    from flcore.arrays import to_record
+    from flcore.models import run_model
+    from flcore.run_data import prepare
+    from tests.conftest import ClientAppGrid, RecordingReport, served
+
+    run = {**TINY, "num-clients": 4, "fraction-train": 0.5, "strategy": "creff", "num-server-rounds": 2}
+    small = {"match-epochs": 2, "calibration-epochs": 2, "virtual-per-class": 4}
+    cfg = cfg_of(**{k.replace("-", "_"): v for k, v in {**run, **small}.items()})
+    classes = prepare(cfg).dataset.num_classes
+    start = to_record(run_model(cfg, classes, seed=0))
+
+    def one_run():
+        report = RecordingReport()
+        strategy = build_strategy(cfg)
+        result = served(strategy, report=report, seed=7).start(ClientAppGrid(cfg), start, num_rounds=2)
+        return result.arrays.to_torch_state_dict(), report.train, strategy.calibrate.features
+
+    out, metrics, features = one_run()
+    assert out["classifier.weight"].shape == (classes, 256) and not any(k.startswith("projection.") for k in out)
+    assert features.features.shape == (classes * 4, 256)
+    assert all(np.isfinite(metrics[r]["match-loss"]) for r in (1, 2))
+    again, _, features_again = one_run()
+    assert all(torch.equal(out[k], again[k]) for k in out)  # the clients' DSA draws are seeded
+    assert torch.equal(features.features, features_again.features)
 
 
 @pytest.mark.usefixtures("one_thread")

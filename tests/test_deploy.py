@@ -36,13 +36,14 @@ from client_app.app import train_fn
 from flcore.config import validate
 from flcore.datasets import DIGIT_NAMES
 from flcore.models import build_model
+from flcore.models import run_model
 root = Path(sys.argv[1])
 for c in ("zero", "seven"):
     (root / c).mkdir(parents=True)
     for i in range(3):
         Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
 cfg = validate({"client-data": "local", "local-epochs": 1}, paths=False)
-model = build_model("resnet8", cfg["projection-dim"], 10, seed=0)
+model = run_model(cfg, 10, seed=0)
 config = ConfigRecord({"server-round": 1, "classes": list(DIGIT_NAMES)})
 msg = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}), 1, "train")
 reply = train_fn(msg, Context(1, 1, {"data-dir": str(root)}, RecordDict(), dict(cfg)))

@@ -24,7 +24,7 @@ from flcore.arrays import to_record
 from flcore.batches import Batches
 from flcore.config import validate
 from flcore.device import CPU, Compute, compute_of
-from flcore.models import build_model
+from flcore.models import build_model, run_model
 from flcore.reports import read_metrics
 from flcore.run_data import client_batches, prepare
 from flcore.server_data import server_data
@@ -55,7 +55,7 @@ def config(**overrides):
 
 def client_round(cfg: dict, epochs: int = 1):
     """One ClientApp train call on partition 0 from the same seeded global model; the reply's weights and metrics."""
-    arrays = to_record(build_model("resnet8", 16, 10, seed=0))
+    arrays = to_record(run_model(cfg, 10, seed=0))
     train = {"server-round": 1, "local-epochs": epochs, "lr": 0.1, "momentum": 0.0, "weight-decay": 0.0}
     request = Message(
         RecordDict({"arrays": arrays, "config": ConfigRecord({**train, "augment": True})}),
@@ -115,7 +115,7 @@ def test_an_alignment_step_on_cuda_matches_the_cpu_step():
 def partition_loss(state: dict) -> float:
     """Mean cross-entropy of `state` on partition 0, in float32 on the CPU."""
     cfg = config(device="cpu")
-    model = build_model("resnet8", 16, 10)
+    model = run_model(cfg, 10)
     model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
     model.eval()
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_a_round_with_mixed_precision_trains(amp):
         pytest.skip("this GPU has no bfloat16")
     cfg = config(device="cuda", amp=amp)
     assert compute_of(cfg).amp == amp
-    before = {k: v.clone() for k, v in build_model("resnet8", 16, 10, seed=0).state_dict().items()}
+    before = {k: v.clone() for k, v in run_model(cfg, 10, seed=0).state_dict().items()}
     after, metrics = client_round(cfg, epochs=5)
     assert all(torch.isfinite(v.double()).all() for v in after.values())
     assert not torch.equal(after["classifier.weight"], before["classifier.weight"])

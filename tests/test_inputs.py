@@ -88,7 +88,7 @@ def test_a_split_the_data_cannot_give_names_the_key(no_superlink, capsys, overri
 
 
 def test_settings_beyond_the_machines_memory_are_refused_with_the_estimate(no_superlink, capsys):
-    err = launch_error(capsys, "projection-dim=100000000")
+    err = launch_error(capsys, "head=mlp projection-dim=100000000")
     assert "'projection-dim' = 100000000" in err and "GiB per training process" in err
     cfg = validate({"model": "resnet50", "image-size": 1024}, choices={"strategy": STRATEGIES})
     with pytest.raises(ConfigError, match=r"'image-size' = 1024.*need about 8\d\.\d GiB.*this machine's 64\.0 GiB"):

@@ -13,7 +13,7 @@ from client_app.app import query_fn, train_fn
 from flcore import datasets as data
 from flcore.config import ConfigError, validate
 from flcore.local_data import CLASS_COUNTS_KEY, CLASSES_KEY, LocalDataError, read_local
-from flcore.models import build_model
+from flcore.models import run_model
 from flcore.reports import read_metrics
 from rounds.polling import PromptGrid
 from rounds.sampling import NodeOrder, OrderedGrid
@@ -60,7 +60,7 @@ def local_cfg(tmp_path, **overrides):
 
 
 def request(cfg, server_round: int = 1, **config) -> Message:
-    model = build_model(str(cfg["model"]), int(cfg["projection-dim"]), len(CLASSES), seed=0)
+    model = run_model(cfg, len(CLASSES), seed=0)
     record = ConfigRecord({"server-round": server_round, CLASSES_KEY: list(CLASSES), **config})
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": record}), 1, "train")
 

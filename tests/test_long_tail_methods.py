@@ -30,7 +30,7 @@ from flcore.losses import (
     max_grad_norm,
     ratio_loss,
 )
-from flcore.models import build_model
+from flcore.models import build_model, run_model
 from flcore.reports import read_metrics
 from flcore.run_data import prepare
 from flcore.server_data import server_data
@@ -202,7 +202,7 @@ def test_ratio_loss_weights_each_example_by_its_class_and_the_client_checks_the_
 
 def client_train(run_config: dict, server_config: dict) -> dict:
     cfg = cfg_of(**run_config)
-    arrays = to_record(build_model("resnet8", 16, prepare(cfg).dataset.num_classes, seed=0))
+    arrays = to_record(run_model(cfg, prepare(cfg).dataset.num_classes, seed=0))
     config = ConfigRecord({"server-round": 1, "local-epochs": 1, "lr": 0.1, "momentum": 0.0, "weight-decay": 0.0})
     config.update({"augment": False, **server_config})
     request = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type="train")

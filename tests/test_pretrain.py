@@ -335,3 +335,13 @@ def test_the_dwp_cache_key_tells_mixed_precision_from_float32_and_keeps_float32s
     assert "amp" not in off  # the key float32 runs had before `amp` existed: their caches stay valid
     assert dwp_settings({**cfg, "amp": "bf16"}) == {**off, "amp": "bf16"}
     assert dwp_settings({**cfg, "device": "cuda"}) == off
+    assert dwp_settings({**cfg, "head": "mlp"}) == off  # the paper's MLP (auto with pretrain on) keeps its key
+
+
+def test_a_model_without_a_projection_takes_only_the_pretrained_backbone():
+    from pretrain.stage import handover
+
+    cfg = validate({"pretrain": True, "head": "none"})
+    assert dwp_settings(cfg)["head"] == "none"  # no FL projection: the separate MLP is what DWP trains
+    parts = handover(False, 32, int(cfg["projection-dim"]), "none")
+    assert parts["handed-over"] == ["backbone"] and "head=none" in parts["handover-note"]

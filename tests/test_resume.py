@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedAvgM
 from client_app.faults import fails
 from flcore.arrays import to_record
 from flcore.config import ConfigError, validate
-from flcore.models import build_model
+from flcore.models import run_model
 from flcore.reports import read_metrics
 from flcore.run_data import prepare
 from rounds import checkpoint
@@ -114,7 +114,7 @@ def run_method(cfg: dict, path: Path, stop_after: int | None = None) -> ArrayRec
     if resumed:
         resumed.restore(method)
     classes = prepare(cfg).dataset.num_classes
-    initial = resumed.arrays if resumed else to_record(build_model("resnet8", 16, classes, seed=0))
+    initial = resumed.arrays if resumed else to_record(run_model(cfg, classes, seed=0))
     total = (stop_after or int(cfg["num-server-rounds"])) - done
     return strategy.start(ClientAppGrid(cfg), initial, num_rounds=total).arrays
 
@@ -125,7 +125,7 @@ def test_creff_resumed_after_round_2_ends_with_the_uninterrupted_weights(tmp_pat
     run_method(cfg_for(tmp_path, **CREFF), tmp_path / "b.pt", stop_after=2)
     saved = torch.load(tmp_path / "b.pt", weights_only=True)["strategy"]
     kind, server = saved["calibrate"]
-    assert kind == "state" and server["retrained"] and server["features"].shape == (10 * 5, 16)
+    assert kind == "state" and server["retrained"] and server["features"].shape == (10 * 5, 256)  # CReFF's model: 256-d
     assert saved["trained_classifier"][0] == "arrays"
     resumed = run_method(cfg_for(tmp_path, **CREFF, resume=str(tmp_path / "b.pt")), tmp_path / "c.pt")
     assert straight.keys() == resumed.keys()
@@ -165,6 +165,16 @@ def test_resume_refuses_a_missing_file_and_changed_settings(tmp_path):
     with pytest.raises(ConfigError, match="num-server-rounds"):
         checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path), **{"num-server-rounds": 1}))
     assert checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path))).round == 2
+    with pytest.raises(ConfigError, match="head = 'auto' there, 'mlp' here"):
+        checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path), head="mlp"))
+
+
+def test_a_checkpoint_from_before_head_resumes_only_with_the_mlp_it_trained(tmp_path):
+    old = {k: v for k, v in cfg_for(tmp_path).items() if k != "head"}  # what runs saved before `head` existed
+    checkpoint.save(tmp_path / checkpoint.CHECKPOINT, 2, ArrayRecord(GLOBAL), build_strategy(old), [], old)
+    with pytest.raises(ConfigError, match="'head' = 'auto'.*before 'head' existed.*has none; set head=mlp"):
+        checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path)))
+    assert checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path), head="mlp")).round == 2
 
 
 def saved_round(out: Path) -> int:

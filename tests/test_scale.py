@@ -13,7 +13,7 @@ import flcore.run_data as run_data
 from client_app.app import app as client_app
 from flcore.config import validate
 from flcore.datasets import ImageSet
-from flcore.models import build_model
+from flcore.models import run_model
 from flcore.reports import RunReport
 from rounds.sampling import seeded_random
 from strategies.registry import STRATEGIES
@@ -102,7 +102,7 @@ def client_cfg(tmp_path, assignment: str) -> dict:
 
 
 def train_message(cfg: dict, partition: int) -> Message:
-    model = build_model("resnet8", 16, 10, seed=0)
+    model = run_model(cfg, 10, seed=0)
     config = ConfigRecord({"server-round": 1, "partition-id": partition})
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
     return Message(content, dst_node_id=5, message_type="train")

@@ -193,7 +193,7 @@ def test_the_last_stage_output_is_the_next_global_model_and_the_base_of_the_stra
 def test_strategies_that_run_the_model_on_server_data_send_the_last_stage_output(name):
     """FedDF, FedBE and the Ratio Loss run the real model on D_align: with its weights, round 2 must send what
     round 1's last stage made (their own update is FedAvg of what clients send back, then server work)."""
-    from flcore.models import build_model
+    from flcore.models import run_model
     from rounds.stage import Outcome
 
     cfg = validate(
@@ -201,7 +201,7 @@ def test_strategies_that_run_the_model_on_server_data_send_the_last_stage_output
         | {"feddf-steps": 2, "feddf-patience": 1, "fedbe-samples": 1, "fedbe-epochs": 1, "distill-data": "align"},
         choices={"strategy": STRATEGIES},
     )
-    initial = build_model("resnet8", 8, 10, seed=0).state_dict()
+    initial = run_model(cfg, 10, seed=0).state_dict()
 
     def constant_in_round_1(rnd, arrays, metrics):
         if rnd != 1:

@@ -277,7 +277,9 @@ def test_a_max_upload_mb_too_small_for_the_strategy_is_refused_before_the_run():
     from server_app.preflight import check_upload_size
 
     cfg = validate({"strategy": "ccvr", "max-upload-mb": 1.0}, choices={"strategy": STRATEGIES})
-    with pytest.raises(ConfigError, match=r"'max-upload-mb' = 1.0 .*strategy=ccvr.*10\.0 MB"):
-        check_upload_size(cfg, 10)
-    check_upload_size({**cfg, "max-upload-mb": 11.0}, 10)
+    with pytest.raises(ConfigError, match=r"'max-upload-mb' = 1.0 .*strategy=ccvr.*2\.5 MB.*256-d.*head=none"):
+        check_upload_size(cfg, 10)  # CCVR's model: the classifier reads ResNet-8's 256-d features
+    check_upload_size({**cfg, "max-upload-mb": 3.0}, 10)
+    with pytest.raises(ConfigError, match=r"10\.0 MB.*512-d"):  # the paper's MLP to projection-dim 512
+        check_upload_size({**cfg, "head": "mlp", "max-upload-mb": 3.0}, 10)
     check_upload_size({**cfg, "strategy": "fedavg"}, 10)

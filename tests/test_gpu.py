@@ -11,6 +11,7 @@ path in float32 on both sides rather than TF32's 10-bit mantissa.
 """
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -158,7 +159,9 @@ def test_every_server_method_runs_on_cuda(tmp_path, overrides):
     calibration = {"virtual-per-class": 5, "match-epochs": 3, "calibration-epochs": 3}
     cfg = config(**small, **calibration, **overrides, device="cuda", **{"output-dir": str(tmp_path)})
     summary = server_app.run(ClientAppGrid(cfg), cfg, "gpu")
-    assert 0.0 <= summary["final"]["accuracy"] <= 1.0
+    rows = read_metrics(tmp_path / "gpu")
+    assert [row["round"] for row in rows] == [0, 1, 2]  # every round scored on the GPU, none refused as NaN
+    assert summary["final"]["accuracy"] == rows[-1]["accuracy"] and math.isfinite(rows[-1]["accuracy"])
     weights = torch.load(tmp_path / "gpu" / "model.pt", weights_only=True)
     assert all(v.device.type == "cpu" and torch.isfinite(v.double()).all() for v in weights.values())
 

@@ -13,6 +13,9 @@ aggregate, not the bare aggregate: CCVR computes its class statistics with the m
 with, so under stage 3 (alignment) that is the aligned model. `ServerStages` calls it down the chain after
 the round stages and before the post-hoc ones (`rounds.stage.Stages`).
 
+`FromSentModel` is a `Delegating` that keeps the model each round's clients start from, for methods whose
+server step is an update from it.
+
 `DelegatingGrid` is the same idea for the Grid a strategy is handed: the Grid adapters (`rounds.polling`'s
 prompt reply collection, `rounds.sampling`'s partition order) subclass it and override only the calls
 they change.
@@ -62,6 +65,27 @@ class Delegating(Strategy):
     def after_stages(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> ArrayRecord:
         """The method's own step on the model the round stages returned; a wrapper with one overrides this."""
         return after_stages(self.inner, server_round, arrays, metrics)
+
+
+class FromSentModel(Delegating):
+    """A wrapper whose aggregation needs the model this round's clients started from (FedAvgM's and FedNova's
+    server step, FedBE's Gaussian over the updates): `configure_train` keeps it as `sent`."""
+
+    def __init__(self, inner: Strategy) -> None:
+        super().__init__(inner)
+        self.sent: ArrayRecord | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.sent = arrays
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def sent_model(self) -> ArrayRecord:
+        """The model the replies being aggregated started from; aggregating before any was sent is a bug."""
+        if self.sent is None:
+            raise RuntimeError(f"{type(self).__name__}.aggregate_train ran before configure_train: no model was sent")
+        return self.sent
 
 
 class DelegatingGrid(Grid):

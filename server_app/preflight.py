@@ -35,7 +35,7 @@ from flcore.models import classifier_width, model_head
 from flcore.run_data import Prepared, prepare
 from rounds import checkpoint
 from rounds.delegate import Delegating
-from strategies.calibration import ClientUploads, UploadsAfterAggregation
+from strategies.class_uploads import ClientUploads, UploadsAfterAggregation
 from strategies.registry import SERVER_STAGES, STRATEGIES, build_strategy, check_strategy
 
 InputError = (ConfigError, DataNotFound)

@@ -2,7 +2,7 @@
 Learning with Non-IID Data"): FedAvg, then classifier calibration with virtual representations.
 
 As Luo et al. define it, calibration is post hoc: after the last round the server sends the final
-global model to every connected client (`strategies.calibration.UploadsAfterAggregation`, one
+global model to every connected client (`strategies.class_uploads.UploadsAfterAggregation`, one
 `query.upload` round trip, no training), and each client returns per-class count, mean and covariance of
 the classifier's input features under that model (`flcore.class_statistics.feature_statistics`). The
 final model is the one the clients end with: the last aggregate after the server's round stages, so
@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flcore.class_statistics import Uploads
 from flcore.device import compute_of
 from flcore.server_data import client_classes
-from strategies.calibration import (
+from strategies.class_uploads import (
     Calibrate,
     UploadsAfterAggregation,
     classifier,

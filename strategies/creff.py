@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.class_statistics import Uploads, classifier_grad
 from flcore.device import compute_of
-from strategies.calibration import WEIGHT, ClientUploads, classifier, retrain_classifier, with_classifier
+from strategies.class_uploads import WEIGHT, ClientUploads, classifier, retrain_classifier, with_classifier
 from strategies.fedavg import sampling
 
 # An extra loss on the federated features (features [N, D], labels [N]) added to every matching step.

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from flcore.arrays import load_record
+from flcore.arrays import load_record, reply_arrays
 from flcore.batches import Batches
 from flcore.config import DISTILL_ON_ALIGN, DISTILL_ON_UNHELD, DISTILL_SOURCES, LOCAL, ConfigError
 from flcore.datasets import ImageSet
@@ -43,7 +42,7 @@ from flcore.losses import kd_loss
 from flcore.run_data import Prepared, batches, prepare
 from flcore.run_model import model_from
 from flcore.server_data import align_set
-from rounds.delegate import Delegating
+from rounds.delegate import FromSentModel
 
 MIN_IMAGES = 1  # FedDF and FedBE need images to distil on; FedDF validates on D_align, not on these
 
@@ -62,24 +61,16 @@ class RoundModels:
 Fuse = Callable[[RoundModels, MetricRecord], ArrayRecord]
 
 
-class ClientModels(Delegating):
+class ClientModels(FromSentModel):
     """Any strategy, whose aggregated model is then fused with the round's client models by `fuse`."""
 
     def __init__(self, inner: Strategy, fuse: Fuse, name: str) -> None:
         super().__init__(inner)
         self.fuse, self.name = fuse, name
-        self.sent: ArrayRecord | None = None
 
     def summary(self) -> None:
         log(INFO, "\t├──> %s: the server distils the round's client models into the average", self.name)
         self.inner.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Keep the model the clients start from: FedBE's Gaussian is over the updates from it."""
-        self.sent = arrays
-        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -88,7 +79,7 @@ class ClientModels(Delegating):
         averaged, metrics = self.inner.aggregate_train(server_round, replies)
         if averaged is None:
             return None, metrics
-        clients = [next(iter(r.content.array_records.values())) for r in replies if not r.has_error()]
+        clients = [reply_arrays(r.content) for r in replies if not r.has_error()]
         start = averaged if self.sent is None else self.sent
         metrics = MetricRecord() if metrics is None else metrics
         return self.fuse(RoundModels(server_round, start, averaged, clients), metrics), metrics

@@ -30,13 +30,12 @@ from logging import INFO
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.models import buffer_names
-from rounds.delegate import Delegating
+from rounds.delegate import FromSentModel
 from strategies.fedavg import sampling
 
 Arrays = Mapping[str, np.ndarray]
@@ -83,13 +82,12 @@ def server_step(
     return new, moved
 
 
-class FedAvgM(Delegating):
+class FedAvgM(FromSentModel):
     """Server momentum over the trained parameters, around a `FedAvg` that samples and averages."""
 
     def __init__(self, base: FedAvg, sgd: ServerSGD, buffers: Collection[str] = ()) -> None:
         super().__init__(base)
         self.sgd, self.buffers = sgd, frozenset(buffers)
-        self.current: ArrayRecord | None = None
         self.momentum: dict[str, np.ndarray] = {}
 
     def summary(self) -> None:
@@ -97,21 +95,15 @@ class FedAvgM(Delegating):
         log(INFO, "\t├──> FedAvgM: server lr %s, %s momentum %s", self.sgd.lr, kind, self.sgd.momentum)
         self.inner.summary()
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.current = arrays
-        return self.inner.configure_train(server_round, arrays, config, grid)
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         averaged, metrics = self.inner.aggregate_train(server_round, replies)
         if averaged is None:
             return None, metrics
-        if self.current is None:
-            raise RuntimeError("FedAvgM.aggregate_train ran before configure_train: no global model to update")
-        new, self.momentum = server_step(_numpy(self.current), _numpy(averaged), self.momentum, self.sgd, self.buffers)
+        new, self.momentum = server_step(
+            _numpy(self.sent_model()), _numpy(averaged), self.momentum, self.sgd, self.buffers
+        )
         return ArrayRecord({key: torch.from_numpy(value) for key, value in new.items()}), metrics
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -21,14 +21,13 @@ from collections.abc import Collection, Iterable, Mapping
 from logging import INFO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.arrays import reply_arrays, reply_metrics
 from flcore.models import buffer_names, model_head
-from rounds.delegate import Delegating
+from rounds.delegate import FromSentModel
 from strategies.fedavg import sampling
 
 STEPS_KEY = "local-steps"
@@ -63,23 +62,16 @@ def normalized_average(
     return ArrayRecord(out), tau_eff
 
 
-class FedNova(Delegating):
+class FedNova(FromSentModel):
     """Normalised averaging around a `FedAvg` that samples clients and aggregates their metrics."""
 
     def __init__(self, base: FedAvg, buffers: Collection[str] = ()) -> None:
         super().__init__(base)
         self.buffers = frozenset(buffers)
-        self.current: ArrayRecord | None = None
 
     def summary(self) -> None:
         log(INFO, "\t├──> FedNova: updates normalised by each client's '%s'", STEPS_KEY)
         self.inner.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.current = arrays
-        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -88,15 +80,13 @@ class FedNova(Delegating):
         averaged, metrics = self.inner.aggregate_train(server_round, replies)  # checks replies, averages metrics
         if averaged is None:
             return None, metrics
-        if self.current is None:
-            raise RuntimeError("FedNova.aggregate_train ran before configure_train: no global model to update")
         valid = [r.content for r in replies if not r.has_error()]
         key = self.inner.weighted_by_key
         records = [reply_metrics(c) for c in valid]
         if any(STEPS_KEY not in m for m in records):
             raise KeyError(f"FedNova needs '{STEPS_KEY}' in every client's train metrics")
         arrays, tau_eff = normalized_average(
-            self.current,
+            self.sent_model(),
             [reply_arrays(c) for c in valid],
             [float(m[key]) for m in records],
             [float(m[STEPS_KEY]) for m in records],

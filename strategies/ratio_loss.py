@@ -50,7 +50,7 @@ from flcore.seeding import seeded_generator
 from flcore.server_data import align_set
 from flcore.training import TrainSettings, train
 from rounds.delegate import Delegating
-from strategies.calibration import WEIGHT
+from strategies.class_uploads import WEIGHT
 from strategies.fedavg import sampling
 
 RATIO_CAP = 5000.0  # the authors' upper bound on Ra_p

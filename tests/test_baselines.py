@@ -301,7 +301,7 @@ def test_creff_gradient_matching_reduces_the_distance():
 
 def test_client_uploads_ask_in_chosen_rounds_and_calibrate_after_fedavg():
     from flcore.class_statistics import encode
-    from strategies.calibration import ClientUploads
+    from strategies.class_uploads import ClientUploads
 
     calls = []
 
@@ -327,7 +327,7 @@ def test_client_uploads_ask_in_chosen_rounds_and_calibrate_after_fedavg():
 def test_a_reply_with_a_bad_or_misshapen_upload_is_dropped_whole_and_the_round_goes_on():
     from flcore.class_statistics import encode
     from rounds.guard import screen
-    from strategies.calibration import ClientUploads
+    from strategies.class_uploads import ClientUploads
 
     seen = []
 
@@ -368,7 +368,7 @@ def test_client_sends_requested_upload_computed_on_the_received_model(upload, ke
 
 def test_creff_server_sends_its_head_and_replaces_the_classifier_after_matching():
     from flcore.class_statistics import client_upload, decode, encode
-    from strategies.calibration import ClientUploads
+    from strategies.class_uploads import ClientUploads
     from strategies.creff import CReFFServer
 
     cfg = cfg_of(strategy="creff", calibration_epochs=3, match_epochs=3, virtual_per_class=4)

@@ -21,7 +21,7 @@ import torch
 from flcore.class_statistics import classifier_grad
 from flcore.dsa import TRANSFORMS
 from flcore.partitioners import creff_split
-from strategies.calibration import retrain_classifier
+from strategies.class_uploads import retrain_classifier
 from strategies.creff import FederatedFeatures, match_distance
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "parity" / "creff.json").read_text())

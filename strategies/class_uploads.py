@@ -1,4 +1,4 @@
-"""What CCVR and CReFF share on the server: collecting client uploads and re-training the classifier.
+"""Class-statistics uploads, what CCVR and CReFF share on the server: collecting them and re-training the classifier.
 
 Both keep the federated backbone and re-train only the linear classifier on the server, on features
 that never were client images (`strategies.ccvr`, `strategies.creff`). Clients compute the uploads
@@ -43,7 +43,22 @@ WEIGHT, BIAS = "classifier.weight", "classifier.bias"
 Calibrate = Callable[[int, ArrayRecord, list[Uploads], MetricRecord], ArrayRecord]
 
 
-class ClientUploads(Delegating):
+class ClassUploads(Delegating):
+    """What both upload wrappers hold: the upload's name, the rounds that carry it and the calibration the
+    server runs on what comes back."""
+
+    summary_text = "client uploads '%s' + server classifier calibration"
+
+    def __init__(self, inner: Strategy, upload: str, in_round: Callable[[int], bool], calibrate: Calibrate) -> None:
+        super().__init__(inner)
+        self.upload, self.in_round, self.calibrate = upload, in_round, calibrate
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> " + self.summary_text, self.upload)
+        self.inner.summary()
+
+
+class ClientUploads(ClassUploads):
     """Any strategy, plus uploads with the training request of chosen rounds and a classifier calibration.
 
     With `train_on_calibrated=False` (CReFF) the calibrated classifier stays on the server: clients train
@@ -61,14 +76,9 @@ class ClientUploads(Delegating):
         train_on_calibrated: bool = True,
         head: Callable[[ArrayRecord], Mapping[str, np.ndarray]] | None = None,
     ) -> None:
-        super().__init__(inner)
-        self.upload, self.in_round, self.calibrate = upload, in_round, calibrate
+        super().__init__(inner, upload, in_round, calibrate)
         self.train_on_calibrated, self.head = train_on_calibrated, head
         self.trained_classifier: ArrayRecord | None = None  # the last plain aggregate's (train_on_calibrated=False)
-
-    def summary(self) -> None:
-        log(INFO, "\t├──> client uploads '%s' + server classifier calibration", self.upload)
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -100,7 +110,7 @@ class ClientUploads(Delegating):
         return self.calibrate(server_round, arrays, uploads, metrics), metrics
 
 
-class UploadsAfterAggregation(Delegating):
+class UploadsAfterAggregation(ClassUploads):
     """Any strategy, plus, after the aggregation of chosen rounds, an upload-only round trip and a calibration.
 
     Both run in `after_stages`, on the model the server stages made of the aggregate (the aligned one under
@@ -122,15 +132,13 @@ class UploadsAfterAggregation(Delegating):
         max_upload_mb: float,
         request_config: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(inner)
-        self.upload, self.in_round, self.calibrate, self.timeout = upload, in_round, calibrate, timeout
+        super().__init__(inner, upload, in_round, calibrate)
+        self.timeout = timeout
         self.max_upload_mb = max_upload_mb
         self.request_config = dict(request_config or {})  # what every request carries (nodes' own data: classes)
         self.grid: Grid | None = None
 
-    def summary(self) -> None:
-        log(INFO, "\t├──> '%s' of the final model from every client + server classifier calibration", self.upload)
-        self.inner.summary()
+    summary_text = "'%s' of the final model from every client + server classifier calibration"
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -28,17 +28,23 @@ def run_one(tmp_path, name: str, overrides: str) -> tuple[dict, dict]:
 def test_baselines_run_one_round_through_the_real_apps(tmp_path):
     from flcore.models import build_model
 
-    model_bytes = sum(v.numel() * v.element_size() for v in build_model("resnet8", 32, 10).state_dict().values())
+    # CCVR and CReFF train their reference model: ResNet-8 -> Linear(256, C), features of width D = 256
+    model_bytes = sum(
+        v.numel() * v.element_size() for v in build_model("resnet8", 32, 10, head="none").state_dict().values()
+    )
+    dim = 256
 
     row, summary = run_one(tmp_path, "ccvr", "strategy=ccvr loss=focal tau-norm=1.0")
     assert row["round"] == 1 and row["replies"] == 2
     assert row["calibrated-classes"] == 10 and row["tau-norm"] == 1.0
     assert row["feature-stats-replies"] == 2 and row["feature-stats-failed"] == 0
-    assert row["feature-stats-bytes"] > 10 * 32 * 32 * 4  # per-class 32x32 float32 covariances, sent after training
-    assert model_bytes < row["upload-bytes"] < model_bytes + 10 * 32 * 32 * 4  # the train replies carry the model only
+    assert row["feature-stats-bytes"] > 10 * dim * dim * 4  # per-class DxD float32 covariances, sent after training
+    assert (
+        model_bytes < row["upload-bytes"] < model_bytes + 10 * dim * dim * 4
+    )  # the train replies carry the model only
     assert "covariance" in summary["client-uploads"] and "focal" in summary["client-runs"]
     assert row["peak-rss-mb"] > 0
 
     row, summary = run_one(tmp_path, "creff", "strategy=creff")
-    assert row["match-loss"] >= 0 and row["upload-bytes"] > model_bytes + 10 * 10 * 32 * 4
+    assert row["match-loss"] >= 0 and row["upload-bytes"] > model_bytes + 10 * 10 * dim * 4
     assert "gradients" in summary["client-uploads"]

@@ -644,7 +644,14 @@ def test_ccvr_calibrates_on_statistics_of_the_final_aggregate_and_keeps_its_back
             self.pairs.append((msg, reply))
             return reply
 
-    run = {**TINY, "num-clients": 4, "fraction-train": 0.5, "strategy": "ccvr", "num-server-rounds": 2}
+    run = {
+        **TINY,
+        "num-clients": 4,
+        "fraction-train": 0.5,
+        "strategy": "ccvr",
+        "num-server-rounds": 2,
+        "calibration-epochs": 5,
+    }
     cfg = cfg_of(**{k.replace("-", "_"): v for k, v in run.items()})
     grid = KeepingReplies(cfg)
     grid.pairs = []

@@ -88,13 +88,10 @@ def test_resume_with_new_node_ids_and_momentum_matches_uninterrupted(tmp_path, p
     assert not np.array_equal(straight["w"].numpy(), GLOBAL["w"].numpy())
 
 
+SMALL = {"num-clients": 4, "fraction-train": 0.5, "num-server-rounds": 3, "image-size": 8, "projection-dim": 16}
 CREFF = {
+    **SMALL,
     "strategy": "creff",
-    "num-clients": 4,
-    "fraction-train": 0.5,
-    "num-server-rounds": 3,
-    "image-size": 8,
-    "projection-dim": 16,
     "local-epochs": 1,
     "virtual-per-class": 5,
     "match-epochs": 3,
@@ -132,15 +129,7 @@ def test_creff_resumed_after_round_2_ends_with_the_uninterrupted_weights(tmp_pat
     assert all(np.array_equal(resumed[k].numpy(), straight[k].numpy()) for k in straight)
 
 
-FEDAVGM = {
-    "strategy": "fedavgm",
-    "num-clients": 4,
-    "fraction-train": 0.5,
-    "num-server-rounds": 3,
-    "image-size": 8,
-    "projection-dim": 16,
-    "local-epochs": 1,
-}
+FEDAVGM = {**SMALL, "strategy": "fedavgm", "local-epochs": 1}
 
 
 def test_fedavgm_on_resnet8_resumed_after_round_2_ends_with_the_uninterrupted_weights(tmp_path):

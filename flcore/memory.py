@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flcore.config import ConfigError
+from flcore.config import SCHEMA, ConfigError
 from flcore.models import PAPER_HEAD, build_model, model_head
 
 FLOAT_BYTES = 4
@@ -64,16 +64,29 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def estimate_at(cfg: Mapping, num_classes: int, batch: int, head: str) -> MemoryEstimate:
+    """`estimate` for the run's model and image size at `batch` images."""
+    return estimate(str(cfg["model"]), int(cfg["projection-dim"]), num_classes, int(cfg["image-size"]), batch, head)
+
+
+def batch_key(cfg: Mapping) -> str:
+    """The key whose batch the memory check sizes a step by: the larger of local training's and alignment's."""
+    return "align-batch-size" if int(cfg.get("align-batch-size", 1)) > int(cfg["batch-size"]) else "batch-size"
+
+
 def check_memory(cfg: Mapping, num_classes: int, available: int | None = None) -> MemoryEstimate:
     """Refuse a setting one training process could not hold in this machine's memory, naming the key to change."""
-    batch = max(int(cfg["batch-size"]), int(cfg.get("align-batch-size", 1)))
+    batch = int(cfg[batch_key(cfg)])
     head = model_head(cfg)
-    need = estimate(str(cfg["model"]), int(cfg["projection-dim"]), num_classes, int(cfg["image-size"]), batch, head)
+    need = estimate_at(cfg, num_classes, batch, head)
     available = physical_memory() if available is None else available
     if need.total <= available:
         return need
     weights = need.parameters * FLOAT_BYTES * PARAMETER_COPIES
     key = "projection-dim" if weights > need.activations * FLOAT_BYTES and head != "none" else "image-size"
+    usual = min(batch, int(SCHEMA["batch-size"].default))
+    if key == "image-size" and batch > usual and estimate_at(cfg, num_classes, usual, head).total <= available:
+        key = batch_key(cfg)  # the default batch fits at this image size: the batch is what does not
     raise ConfigError(
         f"run-config key '{key}' = {cfg[key]!r} is not allowed here: model={cfg['model']}, head={head}, image-size="
         f"{cfg['image-size']}, projection-dim={cfg['projection-dim']} and batch {batch} need about "

@@ -94,6 +94,9 @@ def test_settings_beyond_the_machines_memory_are_refused_with_the_estimate(no_su
     with pytest.raises(ConfigError, match=r"'image-size' = 1024.*need about 8\d\.\d GiB.*this machine's 64\.0 GiB"):
         check_memory(cfg, 1000, available=64 * 2**30)
     assert check_memory(validate({}, choices={"strategy": STRATEGIES}), 10, available=2**30).total < 2**30
+    huge_batch = validate({"batch-size": 10_000_000, "image-size": 8}, choices={"strategy": STRATEGIES})
+    with pytest.raises(ConfigError, match=r"'batch-size' = 10000000 is not allowed here"):  # not 'image-size'
+        check_memory(huge_batch, 10, available=2**30)
 
 
 def test_resume_from_a_model_file_names_the_file(tmp_path):

@@ -38,7 +38,7 @@ from strategies.fedavgm import fedavgm
 from strategies.fedbe import fedbe
 from strategies.feddf import feddf
 from strategies.fednova import fednova
-from strategies.robust import fedmedian, fedtrimmedavg
+from strategies.robust import check_trimming, fedmedian, fedtrimmedavg
 from strategies.tau_norm import tau_norm_stage
 from strategies.wrapper import Report, ServerStages
 
@@ -66,6 +66,7 @@ STRATEGY_CHECKS: dict[str, Callable[[Mapping, Any], None]] = {
     "feddf": ensemble_distillation.check,
     "fedbe": ensemble_distillation.check,
     "ratioloss": ratio_loss.check,
+    "fedtrimmedavg": check_trimming,
 }
 
 # Server stages in the order they run: stage 1 (pretraining) before round 1, stage 3 (alignment) after

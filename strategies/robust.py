@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Strategy
 
+from flcore.config import ConfigError
 from strategies.fedavg import sampling
 
 
@@ -23,3 +24,21 @@ def fedmedian(cfg: Mapping) -> Strategy:
 def fedtrimmedavg(cfg: Mapping) -> Strategy:
     """Flower's FedTrimmedAvg: the coordinate-wise mean after cutting `trim-fraction` from each tail."""
     return FedTrimmedAvg(**sampling(cfg), beta=float(cfg["trim-fraction"]))
+
+
+def clients_per_round(cfg: Mapping) -> int:
+    """How many clients Flower's sampling takes each round: int(num-clients x fraction-train), at least one."""
+    return max(int(int(cfg["num-clients"]) * float(cfg["fraction-train"])), 1)
+
+
+def check_trimming(cfg: Mapping, prepared: object = None) -> None:
+    """Refuse a trimmed mean that trims nothing: Flower cuts int(trim-fraction x replies) values from each tail,
+    so with fewer than 1 / trim-fraction replies one hostile update goes into the mean untouched."""
+    k, trim = clients_per_round(cfg), float(cfg["trim-fraction"])
+    if int(trim * k) < 1:
+        raise ConfigError(
+            f"run-config key 'trim-fraction' = {trim!r} is not allowed with {k} clients per round (num-clients "
+            f"{cfg['num-clients']} x fraction-train {cfg['fraction-train']}): int({trim} x {k}) = 0 values would be "
+            f"trimmed from each tail, so fedtrimmedavg would average every update; use trim-fraction >= {1 / k:.3g} "
+            "(and < 0.5) or more clients per round"
+        )

@@ -122,6 +122,17 @@ def test_robust_strategies_ignore_one_far_away_update(name, expected):
     assert np.allclose(arrays["w"].numpy(), expected)
 
 
+def test_a_trimmed_mean_that_would_trim_nothing_is_refused_before_start():
+    """Flower cuts int(trim-fraction x replies) per tail: 0.2 x 4 clients per round trims nothing."""
+    from strategies.registry import check_strategy
+
+    small = {"strategy": "fedtrimmedavg", "num-clients": 8, "fraction-train": 0.5, "trim-fraction": 0.2}
+    with pytest.raises(ConfigError, match=r"'trim-fraction' = 0.2 is not allowed with 4 clients per round.*>= 0.25"):
+        check_strategy(validate(small, choices={"strategy": STRATEGIES}), None)
+    check_strategy(validate({**small, "trim-fraction": 0.25}, choices={"strategy": STRATEGIES}), None)
+    check_strategy(validate({"strategy": "fedtrimmedavg"}, choices={"strategy": STRATEGIES}), None)  # 0.2 x 8
+
+
 def test_uploads_above_max_upload_mb_are_refused_before_they_are_decoded(monkeypatch):
     def never(key, data):
         raise AssertionError("an oversized upload was decoded")

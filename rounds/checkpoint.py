@@ -209,4 +209,9 @@ def load(cfg: Mapping) -> Checkpoint:
             f"run-config key 'num-server-rounds' = {cfg['num-server-rounds']} is not allowed: the checkpoint "
             f"already finished round {done}."
         )
+    if done == int(cfg["num-server-rounds"]):
+        raise ConfigError(
+            f"run-config key 'resume': that run finished all {done} rounds ({path}); nothing is left to train. Set "
+            f"num-server-rounds above {done} to train it further."
+        )
     return Checkpoint(done, arrays, rows, payload)

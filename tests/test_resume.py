@@ -154,6 +154,8 @@ def test_resume_refuses_a_missing_file_and_changed_settings(tmp_path):
     with pytest.raises(ConfigError, match="num-server-rounds"):
         checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path), **{"num-server-rounds": 1}))
     assert checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path))).round == 2
+    with pytest.raises(ConfigError, match="that run finished all 2 rounds"):  # before any process starts
+        checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path), **{"num-server-rounds": 2}))
     with pytest.raises(ConfigError, match="head = 'auto' there, 'mlp' here"):
         checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path), head="mlp"))
 

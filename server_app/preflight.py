@@ -17,6 +17,7 @@ on one line.
 from __future__ import annotations
 
 import socket
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ def preflight(cfg: Mapping[str, Any], simulation: Simulation | None = None) -> C
     launcher's, whose own inputs are checked too."""
     compute = compute_of(cfg)  # this machine's GPUs before the clients' share: the plainest message comes first
     federation = check_simulation(cfg, simulation) if simulation is not None else None
+    check_output_dir(cfg)
     resumed = checkpoint.load(cfg) if cfg["resume"] else None
     prepared = prepared_data(cfg)
     images = check_image_files(cfg, prepared)
@@ -86,6 +88,21 @@ def preflight(cfg: Mapping[str, Any], simulation: Simulation | None = None) -> C
     if simulation is not None and simulation.ray_address:
         check_ray_cluster(simulation.ray_address)
     return Checked(prepared, resumed, compute, images, federation)
+
+
+def check_output_dir(cfg: Mapping[str, Any]) -> None:
+    """`output-dir` must take files before anything starts: a run that cannot write its reports (a path under
+    /proc, a read-only mount) would otherwise fail after the SuperLink and Ray are up, with a traceback."""
+    out = Path(str(cfg["output-dir"])).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"run-config key 'output-dir' = {str(cfg['output-dir'])!r} is not allowed: the run cannot write there "
+            f"({err.strerror or type(err).__name__}); give a writable folder."
+        ) from err
 
 
 def check_simulation(cfg: Mapping[str, Any], simulation: Simulation) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 naming the key or file, before any Flower process starts; inputs read later never crash a run."""
 
 import json
+import os
 import shutil
 import struct
 import zlib
@@ -97,6 +98,17 @@ def test_settings_beyond_the_machines_memory_are_refused_with_the_estimate(no_su
     huge_batch = validate({"batch-size": 10_000_000, "image-size": 8}, choices={"strategy": STRATEGIES})
     with pytest.raises(ConfigError, match=r"'batch-size' = 10000000 is not allowed here"):  # not 'image-size'
         check_memory(huge_batch, 10, available=2**30)
+
+
+def test_an_output_dir_that_cannot_take_files_is_refused_before_start(no_superlink, capsys, tmp_path):
+    err = launch_error(capsys, "output-dir=/proc/x")
+    assert "'output-dir' = '/proc/x' is not allowed: the run cannot write there" in err
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.access(read_only, os.W_OK):  # root writes anywhere a mode allows: only /proc speaks for it then
+        return
+    assert "cannot write there" in launch_error(capsys, f"output-dir={read_only}")
 
 
 def test_resume_from_a_model_file_names_the_file(tmp_path):

@@ -214,6 +214,12 @@ def classifier_width(cfg: Mapping[str, Any]) -> int:
     return HEAD_WIDTHS[model_head(cfg)](feature_width(str(cfg["model"])), int(cfg["projection-dim"]))
 
 
+def run_buffer_names(cfg: Mapping[str, Any]) -> frozenset[str]:
+    """`buffer_names` of the run's model (`model`, `head` resolved, `projection-dim`): what server steps that
+    move trained parameters (FedAvgM, FedNova) average plainly instead."""
+    return buffer_names(str(cfg["model"]), int(cfg["projection-dim"]), model_head(cfg))
+
+
 def run_model(
     cfg: Mapping[str, Any], num_classes: int, seed: int | None = None, device: torch.device | None = None
 ) -> FLModel:

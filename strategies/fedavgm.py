@@ -34,7 +34,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from flcore.models import buffer_names
+from flcore.models import run_buffer_names
 from rounds.delegate import FromSentModel
 from strategies.fedavg import sampling
 
@@ -121,4 +121,4 @@ def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 def fedavgm(cfg: Mapping) -> Strategy:
     """FedAvgM with the configured server optimiser; the configured model's buffers averaged plainly."""
     sgd = ServerSGD(float(cfg["server-lr"]), float(cfg["server-momentum"]), bool(cfg["server-nesterov"]))
-    return FedAvgM(FedAvg(**sampling(cfg)), sgd, buffer_names(str(cfg["model"]), int(cfg["projection-dim"])))
+    return FedAvgM(FedAvg(**sampling(cfg)), sgd, run_buffer_names(cfg))

@@ -26,7 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.arrays import reply_arrays, reply_metrics
-from flcore.models import buffer_names, model_head
+from flcore.models import run_buffer_names
 from rounds.delegate import FromSentModel
 from strategies.fedavg import sampling
 
@@ -99,6 +99,4 @@ class FedNova(FromSentModel):
 
 def fednova(cfg: Mapping) -> Strategy:
     """FedNova around a FedAvg that samples like every other strategy; the configured model's buffers averaged."""
-    return FedNova(
-        FedAvg(**sampling(cfg)), buffer_names(str(cfg["model"]), int(cfg["projection-dim"]), model_head(cfg))
-    )
+    return FedNova(FedAvg(**sampling(cfg)), run_buffer_names(cfg))

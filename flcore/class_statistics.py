@@ -95,26 +95,6 @@ def feature_statistics(
     return {"counts": counts, "means": means, "covs": covs}
 
 
-def class_gradients(
-    model: nn.Module, batches: Batches, num_classes: int, head: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, np.ndarray]:
-    """Per class, the mean-CE gradient of a classifier on all of that class's features, computed once (the Ratio
-    Loss's server, on D_align); the classifier is `head`, else the model's own."""
-    feats, labels = class_features(model, batches)
-    source = head if head is not None else {"weight": model.classifier.weight, "bias": model.classifier.bias}
-    weight, bias = (source[k].detach().to(feats.device, torch.float64) for k in ("weight", "bias"))
-    counts = np.zeros(num_classes)
-    grad_w = np.zeros((num_classes, *weight.shape), np.float32)
-    grad_b = np.zeros((num_classes, *bias.shape), np.float32)
-    for c in range(num_classes):
-        fc = feats[labels == c]
-        counts[c] = len(fc)
-        if len(fc):
-            gw, gb = classifier_grad(fc, c, weight, bias, create_graph=False)
-            grad_w[c], grad_b[c] = gw.cpu().numpy(), gb.cpu().numpy()
-    return {"counts": counts, "grad-weight": grad_w, "grad-bias": grad_b}
-
-
 def drawn_class_gradients(
     model: nn.Module, batches: Batches, num_classes: int, request: UploadRequest | None = None
 ) -> dict[str, np.ndarray]:

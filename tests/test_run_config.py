@@ -137,17 +137,24 @@ def test_a_prompt_with_spaces_reaches_the_validated_config_and_flower(fake_flowe
     assert fake_flower["federation-config"]["num-supernodes"] == cfg["num-clients"]
 
 
-def test_make_run_hands_run_config_to_the_launcher_verbatim():
-    """Quotes of either kind inside RUN_CONFIG survive the recipe's shell line."""
+def test_make_run_hands_run_config_to_the_launcher_verbatim(tmp_path):
+    """Quotes of either kind inside RUN_CONFIG survive the recipe's shell line.
+
+    The stamp is a fresh file, newer than pyproject.toml, so `make -n` plans no install and no rebuild of a
+    tracked file (STAMP=Makefile made make remake the Makefile itself on CI's clone).
+    """
     value = f"{PROMPT} data-dir='/my data' note=\"it's\""
+    stamp = tmp_path / "installed-stamp"
+    stamp.touch()
     dry = subprocess.run(
-        ["make", "-n", "run", f"RUN_CONFIG={value}", "PRESET=cifar10-lt", "STAMP=Makefile"],
+        ["make", "-n", "run", f"RUN_CONFIG={value}", "PRESET=cifar10-lt", f"STAMP={stamp}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    argv = shlex.split(dry.strip().splitlines()[-1])
+    (line,) = [line for line in dry.splitlines() if "server_app.launch" in line]
+    argv = shlex.split(line)
     assert argv[argv.index("--run-config") + 1] == "conf/cifar10-lt.toml"
     assert argv[len(argv) - 1 - argv[::-1].index("--run-config") + 1] == value
 

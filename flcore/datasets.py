@@ -254,7 +254,20 @@ def load_folder(data_dir: Path, image_size: int) -> Dataset:
     train, test = scan_folder(train_dir, classes), scan_folder(test_dir, classes)
     if len(train) == 0 or len(test) == 0:
         raise DataNotFound(f"folder dataset under '{data_dir}' has no images in train/ or test/.")
+    refuse_empty_classes(train, classes, train_dir)
     return Dataset(train, test, classes, *INPUT_STATS["folder"])
+
+
+def refuse_empty_classes(train: ImageSet, classes: tuple[str, ...], train_dir: Path) -> None:
+    """A class folder without a training image would still be a class of the model, evaluated on its test
+    images and missing from D_align, and the run would say nothing: refuse it, naming the folder."""
+    counts = np.bincount(train.labels, minlength=len(classes))
+    empty = [classes[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DataNotFound(
+            f"folder dataset: class folder(s) {empty[:5]} in '{train_dir}' hold no images ({len(empty)} such); "
+            "every class needs training images. Add images to them or remove the class from train/ and test/."
+        )
 
 
 def load_folder_test(data_dir: Path, image_size: int) -> Dataset:

@@ -130,6 +130,15 @@ def test_a_test_class_without_a_train_twin_is_refused(tmp_path):
         load("folder", str(root), 8)
 
 
+def test_an_empty_class_folder_in_train_is_refused_naming_the_class(no_superlink, capsys, tmp_path):
+    """Issue 28 item 9: a train/ class folder without images (its test/ twin has some) ran to the end silently."""
+    root = folder_dataset(tmp_path / "data", classes=("bird", "cat", "dog"))
+    for image in (root / "train" / "bird").iterdir():
+        image.unlink()
+    err = launch_error(capsys, f"{FOLDER} data-dir={root}")
+    assert "['bird']" in err and "hold no images" in err and str(root / "train") in err
+
+
 @pytest.mark.parametrize("split", ["train", "test"])
 @pytest.mark.parametrize("kind", ["corrupt", "empty", "bomb"])
 def test_unusable_images_stop_the_launcher_naming_the_file(no_superlink, capsys, tmp_path, split, kind):

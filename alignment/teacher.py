@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ TEMPLATES: tuple[Callable[[str], str], ...] = open_clip.OPENAI_IMAGENET_TEMPLATE
 TINY_SEED = 0
 IMAGE_BATCH = 64
 ENSEMBLE = "ensemble"  # a prompt setting that means TEMPLATES
+PICKLE_PROTO = b"\x80"  # the opcode a pickle of protocol 2 or later starts with (torch's legacy format)
 
 
 @dataclass
@@ -97,10 +99,36 @@ def _cached_weights(name: str, tag: str) -> str | None:
     return None
 
 
+def checkpoint_format(path: Path) -> str | None:
+    """What open_clip can load from `path`: a safetensors file (an 8-byte header length, then its JSON header),
+    a torch zip archive (torch.save, TorchScript) or a legacy pickle; None for anything else."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if path.suffix == ".safetensors" and len(head) == 8:
+            try:
+                json.loads(f.read(int.from_bytes(head, "little")))
+                return "safetensors"
+            except (ValueError, MemoryError, OverflowError):
+                return None
+    if zipfile.is_zipfile(path):
+        return "zip"
+    return "pickle" if head[:1] == PICKLE_PROTO else None
+
+
+def check_checkpoint_file(path: Path) -> str:
+    """`path`, refused unless it can be a checkpoint: a text file there failed deep in torch's unpickler."""
+    if checkpoint_format(path) is None:
+        raise ConfigError(
+            f"run-config key 'align-pretrained' = {str(path)!r} is not a checkpoint: expected a .safetensors file, "
+            "a file saved with torch.save (a zip archive or a pickle), or an open_clip tag."
+        )
+    return str(path)
+
+
 def resolve_weights(name: str, pretrained: str) -> tuple[str, dict]:
     """A local checkpoint for `pretrained` (a file path or a tag) and the tag's preprocessing settings."""
     if Path(pretrained).expanduser().is_file():
-        return str(Path(pretrained).expanduser()), {}
+        return check_checkpoint_file(Path(pretrained).expanduser()), {}
     if name not in open_clip.list_models():
         raise ConfigError(
             f"run-config key 'align-teacher' = {name!r} is not an open_clip model name; "

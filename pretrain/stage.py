@@ -85,6 +85,19 @@ def check(cfg: Mapping, prepared: Prepared | None = None) -> None:
         raise ConfigError(f"run-config key 'pretrain-data' = {data!r}: no such file or folder.")
     if data != DIGITS and path.is_file():
         check_records(cfg, path)
+    if data != DIGITS and path.is_dir():
+        check_folder(path)
+
+
+def check_folder(path: Path) -> None:
+    """A folder to annotate must hold images: an empty one would only fail after the teacher has loaded."""
+    from pretrain.annotate import list_images
+
+    if not list_images(path):
+        raise ConfigError(
+            f"run-config key 'pretrain-data' = {str(path)!r} is a folder with no image files "
+            "(.png, .jpg, ... at any depth); expected a folder of images, a LLaVA .json/.jsonl file or 'digits'."
+        )
 
 
 def check_records(cfg: Mapping, path: Path) -> None:

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flcore.config import WeightsNotFound
+from flcore.config import ConfigError, WeightsNotFound
 
 DEFAULT_TEACHER = "llava-hf/llava-1.5-7b-hf"
 TINY = "tiny"
+TEACHER_FORMS = "expected tiny, a folder saved with save_pretrained, or a model id (org/name) in the local HF cache"
 TINY_NOTE = "tiny random teacher (random weights, for offline runs and tests; not a trained LLaVA)"
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>", IMAGE_TOKEN)
@@ -162,12 +163,22 @@ def not_found_message(name: str) -> str:
 
 
 def check_available(name: str) -> None:
-    """Fail fast (before training) when a real teacher has neither a local folder nor a cached config."""
+    """Fail fast (before training) when a real teacher has neither a local folder nor a cached config; a path
+    that is no folder, or a name that cannot be a hub id, names the key (the hub's own error would not)."""
     if name == TINY or Path(name).expanduser().is_dir():
         return
+    if name.startswith(("/", ".", "~")):
+        raise ConfigError(f"run-config key 'pretrain-teacher' = {name!r}: no such folder; {TEACHER_FORMS}.")
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except HFValidationError as err:
+        raise ConfigError(
+            f"run-config key 'pretrain-teacher' = {name!r} is neither a folder nor a model id ({err}); {TEACHER_FORMS}."
+        ) from err
+    if not isinstance(cached, str):
         raise WeightsNotFound(not_found_message(name))
 
 

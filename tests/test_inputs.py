@@ -228,6 +228,34 @@ def pretrain_cfg(tmp_path: Path, data: Path, **extra) -> dict:
     return validate(raw, choices={"strategy": STRATEGIES})
 
 
+def test_stage_inputs_that_cannot_work_are_refused_before_start_naming_the_key(no_superlink, capsys, tmp_path):
+    """Issue 28 item 4: a pretrain-data folder without images failed late ("no records"), a teacher path that
+    does not exist raised the hub's HFValidationError (exit 1), and a text file as align-pretrained failed late
+    in torch's unpickler."""
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    err = launch_error(capsys, f"pretrain=true pretrain-data={tmp_path / 'empty'}")
+    assert "'pretrain-data'" in err and "no image files" in err
+    err = launch_error(capsys, "pretrain=true pretrain-teacher=/nonexistent/llava")
+    assert "'pretrain-teacher' = '/nonexistent/llava': no such folder" in err
+    err = launch_error(capsys, "align=true align-teacher=RN50 projection-dim=1024 align-pretrained=/etc/passwd")
+    assert "'align-pretrained' = '/etc/passwd' is not a checkpoint" in err
+
+
+def test_checkpoint_files_open_clip_can_load_pass_the_format_check(tmp_path):
+    from safetensors.torch import save_file
+
+    from alignment.teacher import checkpoint_format
+
+    weights = {"w": torch.zeros(2)}
+    torch.save(weights, tmp_path / "new.pt")
+    torch.save(weights, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 8 + b"{")
+    found = [checkpoint_format(tmp_path / n) for n in ("new.pt", "old.pt", "w.safetensors", "bad.safetensors")]
+    assert found == ["zip", "pickle", "safetensors", None]
+
+
 def test_pretraining_records_outside_the_image_folder_are_refused(tmp_path):
     (tmp_path / "images").mkdir()
     data = chat_file(tmp_path / "chat.json", ["../../../../etc/passwd"])

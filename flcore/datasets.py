@@ -31,6 +31,12 @@ INPUT_STATS: dict[str, Stats] = {
 }
 
 
+# Datasets decoded into memory at the model's input size when loaded, with their image counts (train and test):
+# the preflight sizes them before decoding anything. The others are decoded on demand from files.
+IN_MEMORY_IMAGES: dict[str, int] = {"digits": 1797, "cifar10": 60_000, "cifar100": 60_000}
+RESIZE_CHUNK_BYTES = 2**28
+
+
 class DataNotFound(FileNotFoundError):
     """A dataset's local copy is missing; the message says where to put it."""
 
@@ -75,11 +81,17 @@ class Dataset:
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a uint8 NCHW batch once at load time, so training never resizes."""
+    """Resize a uint8 NCHW batch once at load time, so training never resizes. A chunk of images at a time goes
+    through float32 (at most RESIZE_CHUNK_BYTES): the whole set at once would hold eight times the result."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images.contiguous()
-    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out.round().clamp(0, 255).to(torch.uint8)
+    out = torch.empty((len(images), images.shape[1], size, size), dtype=torch.uint8)
+    step = max(1, RESIZE_CHUNK_BYTES // (images.shape[1] * size * size * 4))
+    for start in range(0, len(images), step):
+        chunk = images[start : start + step].float()
+        chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out[start : start + step] = chunk.round_().clamp_(0, 255)
+    return out
 
 
 def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

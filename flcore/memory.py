@@ -1,10 +1,12 @@
 """The memory one training process needs for a setting, estimated before anything is allocated.
 
 A setting such as `projection-dim=100000000` (a d x d projection: 10**16 weights) or `image-size=1024
-model=resnet50` (about 2.5 GB of activations per image) would otherwise fail deep inside a ServerApp or a
-Ray worker with a MemoryError, or take the machine down. The model is built on PyTorch's `meta` device
-(shapes only, no storage) and run forward once there to count its parameters and the activations a
-training batch keeps for backward; the estimate is checked against the machine's physical memory.
+model=resnet50` (about 2.5 GB of activations per image, and 11 GB of digits decoded at that size) would
+otherwise fail deep inside a ServerApp or a Ray worker with a MemoryError, or take the machine down. The model
+is built on PyTorch's `meta` device (shapes only, no storage) and run forward once there to count its
+parameters and the activations a training batch keeps for backward; the dataset a process decodes is sized
+from its image count (`data_bytes`), before it is decoded. Both together are checked against the machine's
+physical memory.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import torch
 from torch import nn
 
 from flcore.config import SCHEMA, ConfigError
+from flcore.datasets import IN_MEMORY_IMAGES, RESIZE_CHUNK_BYTES
 from flcore.models import PAPER_HEAD, build_model, model_head
 
 FLOAT_BYTES = 4
 # Weights, gradients, the SGD momentum buffer and the received global copy (FedProx, CReFF) per parameter.
 PARAMETER_COPIES = 4
+DECODED_COPIES = 2  # the decoded dataset and the train/test sets cut from it
 
 
 @dataclass(frozen=True)
@@ -74,23 +78,36 @@ def batch_key(cfg: Mapping) -> str:
     return "align-batch-size" if int(cfg.get("align-batch-size", 1)) > int(cfg["batch-size"]) else "batch-size"
 
 
-def check_memory(cfg: Mapping, num_classes: int, available: int | None = None) -> MemoryEstimate:
-    """Refuse a setting one training process could not hold in this machine's memory, naming the key to change."""
+def data_bytes(cfg: Mapping) -> int:
+    """Bytes a process holds once it has decoded the run's dataset at `image-size` (uint8, 3 channels): the
+    decoded set and the train/test sets cut from it (DECODED_COPIES), plus the one chunk `resize` works on.
+    Known from the dataset's name alone, so it is checked before anything is decoded; 0 for datasets read
+    from files on demand."""
+    images = IN_MEMORY_IMAGES.get(str(cfg["dataset"]), 0)
+    per_image = 3 * int(cfg["image-size"]) ** 2
+    return images * per_image * DECODED_COPIES + (RESIZE_CHUNK_BYTES if images else 0)
+
+
+def check_memory(cfg: Mapping, num_classes: int, available: int | None = None, held: int = 0) -> MemoryEstimate:
+    """Refuse a setting one training process could not hold in this machine's memory beside the `held` bytes of
+    decoded data (`data_bytes`), naming the key to change."""
     batch = int(cfg[batch_key(cfg)])
     head = model_head(cfg)
     need = estimate_at(cfg, num_classes, batch, head)
     available = physical_memory() if available is None else available
-    if need.total <= available:
+    if held + need.total <= available:
         return need
     weights = need.parameters * FLOAT_BYTES * PARAMETER_COPIES
     key = "projection-dim" if weights > need.activations * FLOAT_BYTES and head != "none" else "image-size"
     usual = min(batch, int(SCHEMA["batch-size"].default))
-    if key == "image-size" and batch > usual and estimate_at(cfg, num_classes, usual, head).total <= available:
+    fits = held + estimate_at(cfg, num_classes, usual, head).total <= available
+    if key == "image-size" and batch > usual and fits:
         key = batch_key(cfg)  # the default batch fits at this image size: the batch is what does not
+    data = f"; the {cfg['dataset']} images decoded at this size hold {held / 2**30:,.1f} GiB besides" if held else ""
     raise ConfigError(
         f"run-config key '{key}' = {cfg[key]!r} is not allowed here: model={cfg['model']}, head={head}, image-size="
         f"{cfg['image-size']}, projection-dim={cfg['projection-dim']} and batch {batch} need about "
         f"{need.total / 2**30:,.1f} GiB per training process ({need.parameters:,} parameters: "
         f"{weights / 2**30:,.1f} GiB with gradients and optimizer state; {need.activations * FLOAT_BYTES / 2**30:,.1f}"
-        f" GiB of activations), more than this machine's {available / 2**30:,.1f} GiB."
+        f" GiB of activations){data}, more than this machine's {available / 2**30:,.1f} GiB."
     )

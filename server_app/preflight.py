@@ -6,12 +6,12 @@ no launcher). It resolves `device` and `amp` once in this process (a GPU it does
 result comes back in `Checked.compute` for the caller to use), checks the launcher's simulation when there
 is one (`Simulation`: no client-data=local, the client resources of `--federation-config` against this
 machine's GPUs and the `device`/`amp` asked for, the Ray cluster to join), reads the checkpoint to resume
-from, loads the dataset and draws the split (a split the settings cannot produce
-names the key to change), decodes the image files (`flcore.images`), estimates
-the memory a training process needs (`flcore.memory`) and the size of the clients' uploads, and runs
-the strategy's and every server stage's own checks (teachers' weights on disk, class names, logits files, pretraining
-data). Each problem is a `ConfigError` or `DataNotFound` naming the key or file; the launcher prints it
-on one line.
+from, estimates the memory a training process needs beside the decoded dataset (`flcore.memory`) before
+decoding anything, loads the dataset and draws the split (a split the settings cannot produce names the key to
+change), decodes the image files (`flcore.images`), estimates the memory again with the dataset's classes
+and the size of the clients' uploads, and runs the strategy's and every server stage's own checks (teachers'
+weights on disk, class names, logits files, pretraining data). Each problem is a `ConfigError` or
+`DataNotFound` naming the key or file; the launcher prints it on one line.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from flcore.config import LOCAL, ConfigError, validate
 from flcore.datasets import DataNotFound
 from flcore.device import Compute, compute_of, visible_gpus
 from flcore.images import check_images
-from flcore.memory import check_memory
+from flcore.memory import check_memory, data_bytes
 from flcore.models import classifier_width, model_head
 from flcore.run_data import Prepared, prepare
 from rounds import checkpoint
@@ -78,9 +78,11 @@ def preflight(cfg: Mapping[str, Any], simulation: Simulation | None = None) -> C
     federation = check_simulation(cfg, simulation) if simulation is not None else None
     check_output_dir(cfg)
     resumed = checkpoint.load(cfg) if cfg["resume"] else None
+    held = data_bytes(cfg)
+    check_memory(cfg, 1, held=held)  # before decoding the data: one class is the smallest classifier there is
     prepared = prepared_data(cfg)
     images = check_image_files(cfg, prepared)
-    check_memory(cfg, prepared.dataset.num_classes)
+    check_memory(cfg, prepared.dataset.num_classes, held=held)
     check_upload_size(cfg, prepared.dataset.num_classes)
     check_strategy(cfg, prepared)
     for entry in SERVER_STAGES.values():

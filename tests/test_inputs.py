@@ -100,6 +100,31 @@ def test_settings_beyond_the_machines_memory_are_refused_with_the_estimate(no_su
         check_memory(huge_batch, 10, available=2**30)
 
 
+def test_a_dataset_too_large_at_the_image_size_is_refused_before_it_is_decoded(no_superlink, capsys, monkeypatch):
+    """Issue 28 item 1: image-size=1024 model=resnet50 decoded and upsampled the digits (20 GB) before the memory
+    check ran, and the kernel killed the launcher. The data is now sized from its image count first."""
+    from flcore import datasets, memory
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the dataset was decoded before the memory check")
+
+    monkeypatch.setattr(datasets, "LOADERS", {name: forbidden for name in datasets.LOADERS})
+    err = launch_error(capsys, "image-size=1024 model=resnet50")
+    assert "'image-size' = 1024" in err and "digits images decoded at this size hold 10.8 GiB" in err
+    monkeypatch.setattr(memory, "physical_memory", lambda: 2**30)  # the model fits, the data does not
+    err = launch_error(capsys, "image-size=224 model=resnet50 batch-size=1")
+    assert "'image-size' = 224" in err and "hold 0.8 GiB besides, more than this machine's 1.0 GiB" in err
+
+
+def test_resizing_in_chunks_gives_the_images_resizing_at_once_gives(monkeypatch):
+    from flcore import datasets
+
+    images = torch.randint(0, 256, (7, 3, 8, 8), dtype=torch.uint8)
+    whole = datasets.resize(images, 20)
+    monkeypatch.setattr(datasets, "RESIZE_CHUNK_BYTES", 3 * 20 * 20 * 4 * 2)  # two images a chunk
+    assert torch.equal(datasets.resize(images, 20), whole)
+
+
 def test_an_output_dir_that_cannot_take_files_is_refused_before_start(no_superlink, capsys, tmp_path):
     err = launch_error(capsys, "output-dir=/proc/x")
     assert "'output-dir' = '/proc/x' is not allowed: the run cannot write there" in err

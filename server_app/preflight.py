@@ -4,8 +4,9 @@ The launcher (`server_app.launch`) and `deploy.local_cluster` call `preflight` b
 SuperLink; the ServerApp calls it again first thing (a run started with `flwr run` on a real SuperLink has
 no launcher). It resolves `device` and `amp` once in this process (a GPU it does not see names the key; the
 result comes back in `Checked.compute` for the caller to use), checks the launcher's simulation when there
-is one (`Simulation`: no client-data=local, the client resources of `--federation-config` against this
-machine's GPUs and the `device`/`amp` asked for, the Ray cluster to join), reads the checkpoint to resume
+is one (`Simulation`: no client-data=local, the client resources of `--federation-config` against the
+`device`/`amp` asked for and the CPUs and GPUs of this machine or of the Ray cluster to join, which must answer
+as one within a timeout), reads the checkpoint to resume
 from, estimates the memory a training process needs beside the decoded dataset (`flcore.memory`) before
 decoding anything, loads the dataset and draws the split (a split the settings cannot produce names the key to
 change), decodes the image files (`flcore.images`), estimates the memory again with the dataset's classes
@@ -16,7 +17,7 @@ weights on disk, class names, logits files, pretraining data). Each problem is a
 
 from __future__ import annotations
 
-import socket
+import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from strategies.registry import SERVER_STAGES, STRATEGIES, build_strategy, check
 
 InputError = (ConfigError, DataNotFound)
 CLIENT_RESOURCES = ("client-resources-num-cpus", "client-resources-num-gpus")  # what --federation-config may set
+RAY_TIMEOUT_S = 10.0  # how long the Ray cluster to join has to answer
 UPLOADERS = (ClientUploads, UploadsAfterAggregation)  # strategies whose clients upload class statistics
 
 
@@ -87,8 +89,6 @@ def preflight(cfg: Mapping[str, Any], simulation: Simulation | None = None) -> C
     check_strategy(cfg, prepared)
     for entry in SERVER_STAGES.values():
         entry.check(cfg, prepared)
-    if simulation is not None and simulation.ray_address:
-        check_ray_cluster(simulation.ray_address)
     return Checked(prepared, resumed, compute, images, federation)
 
 
@@ -112,6 +112,8 @@ def check_simulation(cfg: Mapping[str, Any], simulation: Simulation) -> dict[str
     refuse_local_data(cfg)
     options = client_resources(simulation.declared, simulation.overrides)
     check_client_devices(cfg, options, simulation.ray_address)
+    address = simulation.ray_address
+    check_client_fits(options, ray_cluster_nodes(address) if address else [this_machine()], address)
     return options
 
 
@@ -176,17 +178,78 @@ def check_client_devices(cfg: Mapping[str, Any], options: Mapping[str, Any], ray
         )
 
 
-def check_ray_cluster(address: str) -> None:
-    """The head node of the cluster the run will join must answer at `address` (host:port of its GCS), so a
-    wrong address fails before start instead of Ray retrying for minutes inside the simulation."""
+@dataclass(frozen=True)
+class NodeResources:
+    """What one Ray node offers client actors."""
+
+    cpus: float
+    gpus: float
+
+    def __str__(self) -> str:
+        return f"{self.cpus:g} CPU(s), {self.gpus:g} GPU(s)"
+
+
+def machine_cpus() -> int:
+    """CPUs Ray would find here: those this process may run on, capped by a cgroup CPU quota (containers)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cpus
+    return cpus if quota == "max" else max(1, min(cpus, int(quota) // int(period)))
+
+
+def this_machine() -> NodeResources:
+    """The one node of the Ray instance the simulation starts here."""
+    return NodeResources(machine_cpus(), visible_gpus())
+
+
+def ray_cluster_nodes(address: str) -> list[NodeResources]:
+    """The nodes of the Ray cluster at `address`, as its GCS reports them within RAY_TIMEOUT_S seconds. Something
+    else listening there (any server, or a port that accepts and stays silent) fails here: an open port alone
+    let the simulation hang at round 1."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
     host, _, port = address.rpartition(":")
     try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-    except (OSError, ValueError) as err:
+        with grpc.insecure_channel(f"{host or '127.0.0.1'}:{int(port)}") as channel:
+            stub = gcs_service_pb2_grpc.NodeResourceInfoGcsServiceStub(channel)
+            reply = stub.GetAllTotalResources(gcs_service_pb2.GetAllTotalResourcesRequest(), timeout=RAY_TIMEOUT_S)
+    except grpc.RpcError as err:
+        reason = f"{err.code().name}: {' '.join(str(err.details()).split())}"
         raise ConfigError(
-            f"--ray-address {address!r}: no Ray cluster answers there ({err}); expected host:port of a head node "
-            "started with `ray start --head`."
+            f"--ray-address {address!r}: no Ray cluster answers there within {RAY_TIMEOUT_S:g} s ({reason}); expected "
+            "host:port of the GCS of a head node started with `ray start --head`."
         ) from err
+    except ValueError as err:
+        raise ConfigError(f"--ray-address {address!r}: expected host:port, e.g. 10.0.0.1:6379.") from err
+    nodes = [
+        NodeResources(n.resources_total.get("CPU", 0.0), n.resources_total.get("GPU", 0.0))
+        for n in reply.resources_list
+    ]
+    if not nodes:
+        raise ConfigError(f"--ray-address {address!r}: the Ray cluster there has no nodes.")
+    return nodes
+
+
+def check_client_fits(options: Mapping[str, Any], nodes: list[NodeResources], ray_address: str) -> None:
+    """One client actor must fit on one node, or Ray starts none and Flower fails after the SuperLink is up
+    ("ActorPool is empty")."""
+    cpus, gpus = options["client-resources-num-cpus"], float(options["client-resources-num-gpus"])
+    where = f"the Ray cluster at {ray_address} has" if ray_address else "this machine has"
+    largest = max(nodes, key=lambda n: (n.cpus, n.gpus))
+    if cpus > max(n.cpus for n in nodes):
+        raise ConfigError(
+            f"federation option 'client-resources-num-cpus' = {cpus} is more than {where} ({largest} on its largest "
+            f"node): Ray would start no client; expected <= {max(n.cpus for n in nodes):g}."
+        )
+    if gpus > 0 and not any(n.cpus >= cpus and n.gpus >= gpus for n in nodes):
+        most = max(n.gpus for n in nodes if n.cpus >= cpus)
+        raise ConfigError(
+            f"federation option 'client-resources-num-gpus' = {gpus:g} is more than {where} ({most:g} GPU(s) on a "
+            f"node with {cpus} CPU(s)): Ray would start no client; expected a share below 1, or <= {most:g}."
+        )
 
 
 def prepared_data(cfg: Mapping[str, Any]) -> Prepared:

@@ -139,6 +139,18 @@ def test_client_resources_are_checked_before_start(two_gpus):
         check_client_devices(check({"amp": "fp16"}), on_cpu, "")
 
 
+def test_client_resources_beyond_the_machine_are_refused_before_start(two_gpus, no_superlink, capsys, monkeypatch):
+    """Issue 28 item 6: client-resources-num-cpus=100 failed 36 s after start inside Flower ("ActorPool is
+    empty"); one client actor must fit on this machine, in CPUs and in GPUs."""
+    monkeypatch.setattr(preflight_checks, "machine_cpus", lambda: 4)
+    assert launch.main(["--federation-config", "client-resources-num-cpus=100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'client-resources-num-cpus' = 100 is more than this machine has (4 CPU(s), 2 GPU(s)" in err
+    assert "expected <= 4" in err and "\n" not in err
+    assert launch.main(["--federation-config", "client-resources-num-gpus=3"]) == 2
+    assert "'client-resources-num-gpus' = 3 is more than this machine has (2 GPU(s)" in capsys.readouterr().err
+
+
 def test_make_run_passes_the_federation_config():
     dry = subprocess.run(
         ["make", "-n", "run", "FEDERATION_CONFIG=client-resources-num-gpus=0.25", "STAMP=Makefile"],

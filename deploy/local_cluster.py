@@ -28,6 +28,7 @@ import ipaddress
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from flcore.config import ConfigError
 from flcore.run_config import parse_overrides
 from server_app import launch
 from server_app.preflight import InputError
@@ -239,8 +241,8 @@ class LocalCluster:
                 proc.wait(timeout=30)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    parser = launch.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=3, help="SuperNodes to start (= num-clients)")
     parser.add_argument(
         "--node-data",
@@ -252,14 +254,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--insecure", action="store_true", help="plain HTTP and no node authentication")
     parser.add_argument("--workdir", type=Path, default=launch.PROJECT / ".flwr-cluster")
     parser.add_argument("--run-config", "-c", action="append", default=[], help="overrides: 'k=v ...' or a TOML file")
-    args = parser.parse_args(argv)
-    defaults, _ = launch.project_settings()
+    return parser
+
+
+def check_cluster_args(args: argparse.Namespace) -> int:
+    """The cluster's own inputs, before the run's preflight: the number of nodes, each node's folder and the
+    work folder the certificates, keys and logs go to. Returns the number of nodes."""
     nodes = len(args.node_data) or args.nodes
     if nodes < 1:
-        print(f"error: --nodes {nodes}: expected at least 1 SuperNode (or one --node-data per node).", file=sys.stderr)
-        return 2
-    local = {"client-data": "local"} if args.node_data else {}
+        raise ConfigError(f"--nodes {nodes}: expected at least 1 SuperNode (or one --node-data per node).")
+    for folder in args.node_data:
+        if not folder.expanduser().is_dir():
+            raise ConfigError(f"--node-data '{folder}': no such folder; each node trains on a folder of its images.")
+    workdir = args.workdir.expanduser()
     try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"--workdir '{args.workdir}': the cluster cannot write its certificates, keys and logs there "
+            f"({err.strerror or type(err).__name__}); give a writable folder."
+        ) from err
+    return nodes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Check everything (the cluster's arguments, then the launcher's preflight), then start the cluster and run."""
+    defaults, _ = launch.project_settings()
+    try:
+        args = parser().parse_args(argv)
+        nodes = check_cluster_args(args)
+        local = {"client-data": "local"} if args.node_data else {}
         # real nodes serve the partition of their own node config (the server asks each one for it)
         overrides = {
             "partition-assignment": "node",
@@ -268,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **local,
         }
         cfg, sent = launch.resolve(overrides, defaults)
-        launch.check_before_start(cfg)  # the preflight, before any process starts
+        launch.check_before_start(cfg)  # the launcher's preflight, before any process starts
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -34,7 +34,7 @@ import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from flcore.config import LOCAL, ConfigError, align_source
 from flcore.run_config import format_overrides, parse_overrides, toml_document
@@ -237,6 +237,14 @@ def run(overrides: Mapping[str, Any], ray_address: str = "", federation: Mapping
     return code
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are a `ConfigError` (printed as the launchers' one `error:` line, exit code 2)
+    instead of a usage block on stderr and `SystemExit`."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message}; see --help.")
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -246,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # stops the SuperLink and everything it started; the default action would leave them running.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_on_signal)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--run-config",
         "-c",
@@ -266,8 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("RAY_ADDRESS", ""),
         help="join this running Ray cluster (e.g. 10.0.0.1:6379) instead of starting one; default: $RAY_ADDRESS",
     )
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         overrides, federation = parse_overrides(args.run_config), parse_overrides(args.federation_config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

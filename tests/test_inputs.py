@@ -233,10 +233,61 @@ def test_the_local_cluster_refuses_bad_input_with_the_launchers_preflight(no_sup
     assert "--nodes 0: expected at least 1 SuperNode" in cluster_error(monkeypatch, capsys, "--nodes", "0")
     server = folder_dataset(tmp_path / "server")
     shutil.rmtree(server / "train")  # the server holds the test split only, and D_align would come from train/
-    nodes = [arg for i in range(2) for arg in ("--node-data", str(tmp_path / f"node{i}"))]
-    overrides = f"strategy=ratioloss dataset=folder data-dir={server} output-dir={tmp_path / 'out'}"
-    err = cluster_error(monkeypatch, capsys, *nodes, "--run-config", overrides)
+    nodes = [arg for i in range(2) for arg in ("--node-data", str(folder_dataset(tmp_path / f"node{i}")))]
+    where = f"dataset=folder data-dir={server} output-dir={tmp_path / 'out'}"
+    err = cluster_error(monkeypatch, capsys, *nodes, "--run-config", f"strategy=ratioloss {where}")
     assert f"folder dataset needs '{server / 'train'}'" in err
+    err = cluster_error(monkeypatch, capsys, *nodes, "--run-config", f"strategy=clip2fl align-teacher=holdout {where}")
+    assert "'align-teacher' = 'holdout' is not allowed with strategy 'clip2fl' and client-data 'local'" in err
+
+
+def bad_cluster_input(rng: np.random.Generator, tmp_path: Path) -> list[str]:
+    """One bad input to deploy.local_cluster, drawn from the kinds of mistakes a user makes."""
+    word = "x" + "".join(rng.choice(list("abcdefghij"), 5))  # never a TOML number or bool
+    key = str(rng.choice(["seed", "batch-size", "local-epochs", "image-size", "lr", "dirichlet-alpha"]))
+    kinds = [
+        ["--nodes", str(int(rng.integers(-5, 1)))],
+        ["--nodes", str(rng.choice(["two", "1.5", "", "3e2", "0x"]))],
+        ["--nodes"],
+        [f"--{word}"],
+        ["--node-data", str(tmp_path / word)],
+        ["--node-data", "/etc/passwd"],
+        ["--workdir", f"/proc/{word}"],
+        ["--workdir", "/etc/passwd"],
+        ["--run-config", f"{word}=1"],
+        ["--run-config", f"{key}={word}"],
+        ["--run-config", f'{key}="{word}'],
+        ["--run-config", word],
+        ["--run-config", str(tmp_path / f"{word}.toml")],
+        ["--run-config", f"{key}=-{int(rng.integers(1, 10**6))}"],
+    ]
+    return kinds[int(rng.integers(len(kinds)))]
+
+
+def test_a_fuzz_of_the_local_clusters_inputs_exits_2_with_one_line_each(no_superlink, monkeypatch, capsys, tmp_path):
+    """Issue 28 item 2: each bad input to deploy.local_cluster, alone or among good ones, is one line and exit 2,
+    no traceback, no process started (argparse's own errors printed a usage block and raised SystemExit)."""
+    rng = np.random.default_rng(28)
+    good = [["--insecure"], ["--workdir", str(tmp_path / "work")], ["--run-config", "num-server-rounds=2"]]
+    kinds = set()
+    for _ in range(60):
+        args = [*bad_cluster_input(rng, tmp_path)]
+        for extra in rng.permutation(len(good))[: int(rng.integers(0, 3))]:
+            args = [*good[extra], *args] if rng.random() < 0.5 else [*args, *good[extra]]
+        kinds.add(cluster_error(monkeypatch, capsys, *args).split(":")[1])
+    assert len(kinds) >= 5  # the draws reached several of the checks
+
+
+def test_the_launchers_own_argument_errors_are_one_line_too(no_superlink, capsys):
+    assert "unrecognized arguments: --bogus" in launch_error_args(capsys, "--bogus")
+    assert "expected one argument" in launch_error_args(capsys, "--run-config")
+
+
+def launch_error_args(capsys, *args: str) -> str:
+    assert launch.main(list(args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
 
 
 # --- 6, 7, 10: pretraining data and its cache ------------------------------------------------------------

@@ -210,16 +210,28 @@ def _finite_mean(values: Iterable[float]) -> float:
 
 
 def training_notes(methods_cfg: Mapping[str, str], methods: Sequence[str]) -> dict[str, str]:
-    """Method -> a footnote for each row whose clients train with settings of their own (`TRAINING_KEYS`),
-    so that a row run at other settings than the rest of the table says so."""
+    """Method -> a footnote for each row whose clients train with settings of their own (`TRAINING_KEYS`), and for
+    each built-in row that `--method` redefined, so that a row run at other settings than the rest of the table,
+    or than its built-in definition, says so."""
     notes = {}
     for m in methods:
-        own = {k: v for k, v in parse_overrides([methods_cfg[m]]).items() if k in TRAINING_KEYS}
+        overrides = parse_overrides([methods_cfg[m]])
+        own = {k: v for k, v in overrides.items() if k in TRAINING_KEYS}
+        parts = []
         if own:
             why = f": {OWN_TRAINING[m]}" if m in OWN_TRAINING else ""
-            settings = " ".join(f"{k}={v}" for k, v in own.items())
-            notes[m] = f"{m} trains its clients with {settings}, not the grid's settings{why}."
+            parts.append(f"{m} trains its clients with {pairs_text(own)}, not the grid's settings{why}.")
+        if m in METHODS and overrides != parse_overrides([METHODS[m]]):
+            builtin = parse_overrides([METHODS[m]])
+            changed = {k: v for k, v in overrides.items() if builtin.get(k) != v}
+            parts.append(f"{m} runs here with {pairs_text(changed)} (redefined by --method; built in: {METHODS[m]}).")
+        if parts:
+            notes[m] = " ".join(parts)
     return notes
+
+
+def pairs_text(pairs: Mapping[str, object]) -> str:
+    return " ".join(f"{k}={v}" for k, v in pairs.items())
 
 
 def table(

@@ -222,3 +222,10 @@ def test_more_jobs_than_cores_is_refused_before_any_cell_runs(tmp_path, monkeypa
     monkeypatch.setattr(compare, "run_cell", lambda cell, overrides, slot=None: pytest.fail(f"ran {cell}"))
     assert compare.main(["--methods", "fedavg", "--out", str(tmp_path), "--jobs", "999"]) == 2
     assert "--jobs 999: expected 1.." in capsys.readouterr().err
+
+
+def test_a_built_in_row_redefined_by_method_says_what_changed():
+    methods = {**compare.METHODS, "feddf": "strategy=feddf feddf-steps=40 feddf-patience=20"}
+    notes = compare.training_notes(methods, ["fedavg", "feddf"])
+    note = "feddf runs here with feddf-steps=40 feddf-patience=20 (redefined by --method; built in: strategy=feddf)."
+    assert notes == {"feddf": note}

@@ -23,6 +23,7 @@ from flcore.config import ConfigError, align_source
 from flcore.datasets import Dataset, ImageSet
 from flcore.device import compute_of
 from flcore.files import atomic_write
+from flcore.memory import check_teacher_fits
 
 PLACEHOLDER_NAME = re.compile(r"^(class[ _-]?)?\d+$", re.IGNORECASE)
 
@@ -132,9 +133,11 @@ def check_teacher(cfg: Mapping, use: str) -> None:
             f"{cfg['align-teacher']}'s embedding size {dim}: {use}; set projection-dim={dim}."
         )
     if cfg["align-teacher"] != "tiny":
-        from alignment.teacher import resolve_weights
+        from alignment.teacher import clip_parameters, resolve_weights
 
-        resolve_weights(str(cfg["align-teacher"]), str(cfg["align-pretrained"]))
+        name = str(cfg["align-teacher"])
+        resolve_weights(name, str(cfg["align-pretrained"]))
+        check_teacher_fits("align-teacher", name, clip_parameters(name), torch.float32, compute_of(cfg).device)
 
 
 def _cache_key(cfg: Mapping, align_idx: np.ndarray, split: str) -> str:

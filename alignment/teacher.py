@@ -125,6 +125,27 @@ def check_checkpoint_file(path: Path) -> str:
     return str(path)
 
 
+def _tower_parameters(width: int, layers: int, mlp_ratio: float) -> int:
+    """One open_clip transformer: per block two LayerNorms, fused qkv and output projections, and the MLP."""
+    hidden = int(width * mlp_ratio)
+    block = 4 * width + 3 * width * width + 3 * width + width * width + width
+    return layers * (block + width * hidden + hidden + hidden * width + width)
+
+
+def clip_parameters(name: str) -> int:
+    """Parameters of open_clip's ViT CLIP `name` from its config alone (towers, embeddings, projections, the
+    logit scale), for the preflight's memory check of a real teacher before its weights load."""
+    model_cfg = open_clip.get_model_config(name)
+    embed, v, t = int(model_cfg["embed_dim"]), model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    vw, tw, patch = int(v["width"]), int(t["width"]), int(v["patch_size"])
+    grid = int(v["image_size"]) // patch
+    vision = 3 * patch * patch * vw + vw + (grid * grid + 1) * vw + 4 * vw + vw * embed
+    vision += _tower_parameters(vw, int(v["layers"]), float(v.get("mlp_ratio", 4.0)))
+    text = int(t["vocab_size"]) * tw + int(t["context_length"]) * tw + 2 * tw + tw * embed
+    text += _tower_parameters(tw, int(t["layers"]), float(t.get("mlp_ratio", 4.0)))
+    return vision + text + 1
+
+
 def resolve_weights(name: str, pretrained: str) -> tuple[str, dict]:
     """A local checkpoint for `pretrained` (a file path or a tag) and the tag's preprocessing settings."""
     if Path(pretrained).expanduser().is_file():

@@ -1,7 +1,8 @@
 """Compare methods on one dataset and config: a grid of methods x imbalance factors x seeds.
 
 Every cell is one real run, `python -m server_app.launch` with its own `output-dir`
-(<out>/cells/<method>/if<IF>/seed<seed>/), run one after another. A cell whose run already wrote a
+(<out>/cells/<method>/if<IF>/seed<seed>/), run one after another, or `--jobs N` at once, each on its own
+share of the cores (and its own GPU, or a share of them, on a GPU machine). A cell whose run already wrote a
 summary.json is not rerun, so an interrupted grid resumes where it stopped. From the finished cells it
 writes, into <out>/:
 
@@ -22,7 +23,7 @@ written before the curve column are not).
 
 Usage:
     python -m bench.compare --quick
-    python -m bench.compare --ifs 100,50,10 --seeds 7,8,9 --run-config "num-server-rounds=20"
+    python -m bench.compare --ifs 100,50,10 --seeds 7,8,9 --run-config "num-server-rounds=20" --jobs 2
     python -m bench.compare --ifs 10 --include bench/results/compare-full/results.csv --report-only
     python -m bench.compare --methods fedavg,ours --method "ours=pretrain=true align=true align-steps=4"
 """
@@ -33,10 +34,12 @@ import argparse
 import csv
 import json
 import math
+import queue
 import statistics
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +49,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from alignment.figure import plot_pair
-from bench.runs import LOG, ROOT, launch_run, run_dirs
+from bench.runs import LOG, ROOT, Slot, launch_run, run_dirs, slots
 from flcore.arrays import NON_FINITE
+from flcore.device import visible_gpus
 from flcore.reports import read_metrics, read_summary
 from flcore.run_config import parse_overrides
 
@@ -112,9 +116,30 @@ class Cell:
         return found[-1] if found else None
 
 
-def run_cell(cell: Cell, overrides: Mapping[str, object]) -> bool:
+def run_cell(cell: Cell, overrides: Mapping[str, object], slot: Slot | None = None) -> bool:
     """One launch of the real app into the cell's folder; its output goes to the cell's launch.log."""
-    return launch_run(cell.dir, {**overrides, "imbalance-factor": cell.imbalance, "seed": cell.seed})
+    return launch_run(cell.dir, {**overrides, "imbalance-factor": cell.imbalance, "seed": cell.seed}, slot=slot)
+
+
+def run_cells(todo: Sequence[tuple[str, Cell, Mapping[str, object]]], places: Sequence[Slot | None]) -> None:
+    """Launch the cells, as many at once as there are `places` (each run in its own slot), in grid order; a line
+    per cell as it ends. Each cell is a separate run, so the grid's numbers do not depend on how many run at once."""
+    free: queue.SimpleQueue[Slot | None] = queue.SimpleQueue()
+    for place in places:
+        free.put(place)
+
+    def one(label: str, cell: Cell, overrides: Mapping[str, object]) -> None:
+        place, start = free.get(), time.perf_counter()
+        try:
+            ok = run_cell(cell, overrides, slot=place)
+        finally:
+            free.put(place)
+        status = "ok" if ok else f"FAILED (see {cell.dir / LOG})"
+        print(f"{label}: {status} in {time.perf_counter() - start:.0f} s", flush=True)
+
+    with ThreadPoolExecutor(max_workers=len(places)) as pool:
+        for done in [pool.submit(one, *job) for job in todo]:
+            done.result()
 
 
 def cell_failure(cell: Cell) -> str | None:
@@ -185,16 +210,28 @@ def _finite_mean(values: Iterable[float]) -> float:
 
 
 def training_notes(methods_cfg: Mapping[str, str], methods: Sequence[str]) -> dict[str, str]:
-    """Method -> a footnote for each row whose clients train with settings of their own (`TRAINING_KEYS`),
-    so that a row run at other settings than the rest of the table says so."""
+    """Method -> a footnote for each row whose clients train with settings of their own (`TRAINING_KEYS`), and for
+    each built-in row that `--method` redefined, so that a row run at other settings than the rest of the table,
+    or than its built-in definition, says so."""
     notes = {}
     for m in methods:
-        own = {k: v for k, v in parse_overrides([methods_cfg[m]]).items() if k in TRAINING_KEYS}
+        overrides = parse_overrides([methods_cfg[m]])
+        own = {k: v for k, v in overrides.items() if k in TRAINING_KEYS}
+        parts = []
         if own:
             why = f": {OWN_TRAINING[m]}" if m in OWN_TRAINING else ""
-            settings = " ".join(f"{k}={v}" for k, v in own.items())
-            notes[m] = f"{m} trains its clients with {settings}, not the grid's settings{why}."
+            parts.append(f"{m} trains its clients with {pairs_text(own)}, not the grid's settings{why}.")
+        if m in METHODS and overrides != parse_overrides([METHODS[m]]):
+            builtin = parse_overrides([METHODS[m]])
+            changed = {k: v for k, v in overrides.items() if builtin.get(k) != v}
+            parts.append(f"{m} runs here with {pairs_text(changed)} (redefined by --method; built in: {METHODS[m]}).")
+        if parts:
+            notes[m] = " ".join(parts)
     return notes
+
+
+def pairs_text(pairs: Mapping[str, object]) -> str:
+    return " ".join(f"{k}={v}" for k, v in pairs.items())
 
 
 def table(
@@ -338,6 +375,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ifs", default="100,50,10", help="comma-separated imbalance factors")
     parser.add_argument("--seeds", default="7,8,9", help="comma-separated seeds")
     parser.add_argument("--run-config", default="", help="overrides shared by every cell: 'k=v k2=v2'")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="cells run at once, each on its own share of the cores and GPUs (default 1)"
+    )
     parser.add_argument("--out", default=str(ROOT / "outputs" / "compare"), help="output folder")
     parser.add_argument(
         "--include", action="append", default=[], type=Path, help="earlier results.csv filling cells not run here"
@@ -382,6 +422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"error: --include: no such file(s) {missing}", file=sys.stderr)
         return 2
+    try:
+        places = slots(args.jobs, gpus=visible_gpus()) if args.jobs != 1 else [None]
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     ifs = [float(x) for x in args.ifs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     base = parse_overrides([args.run_config]) if args.run_config else {}
@@ -390,17 +435,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = [Cell(m, i, s, out / "cells" / m / f"if{i:g}" / f"seed{s}") for s in seeds for i in ifs for m in methods]
     borrowed = included(args.include, cells)  # a cell finished here still wins over its borrowed row
     t0 = time.perf_counter()
+    todo = []
     for n, cell in enumerate(cells, 1):
         label = f"[{n}/{len(cells)}] {cell.method} IF {cell.imbalance:g} seed {cell.seed}"
         done = cell.finished_run() is not None
         if done or args.report_only or cell.key in borrowed:
             how = "done before" if done else "from --include" if cell.key in borrowed else "not run"
             print(f"{label}: {how}, skipped", flush=True)
-            continue
-        start = time.perf_counter()
-        ok = run_cell(cell, {**base, **parse_overrides([methods_cfg[cell.method]])})
-        status = "ok" if ok else f"FAILED (see {cell.dir / LOG})"
-        print(f"{label}: {status} in {time.perf_counter() - start:.0f} s", flush=True)
+        else:
+            todo.append((label, cell, {**base, **parse_overrides([methods_cfg[cell.method]])}))
+    run_cells(todo, places)
     results = [cell_result(c) or borrowed.get(c.key) for c in cells]
     results = [r for r in results if r is not None]
     if not results:

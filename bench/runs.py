@@ -9,10 +9,12 @@ writer that the tests use too.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from flcore.reports import METRICS, SUMMARY
@@ -34,6 +36,36 @@ def run_config_text(config: RunConfig) -> str:
     return str(config)
 
 
+@dataclass(frozen=True)
+class Slot:
+    """Where one of several concurrent runs computes: its own CPU cores and, on a GPU machine, the GPU(s) it sees.
+
+    Children inherit the cores (Ray's workers included), and `flcore.device.cpu_share` reads them, so each run
+    sizes its threads to its slot instead of every run taking every core."""
+
+    cores: frozenset[int]
+    gpus: str | None = None  # CUDA_VISIBLE_DEVICES for the run; None leaves the environment's as it is
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **({"CUDA_VISIBLE_DEVICES": self.gpus} if self.gpus is not None else {})}
+
+    def enter(self) -> None:
+        """Pin the calling (child) process to the slot's cores; runs between fork and exec."""
+        os.sched_setaffinity(0, self.cores)
+
+
+def slots(jobs: int, cores: Sequence[int] | None = None, gpus: int = 0) -> list[Slot]:
+    """`jobs` disjoint shares of this process's cores (as even as they split), each with one GPU when there are at
+    least as many GPUs as jobs, else GPUs dealt round-robin (runs sharing a GPU, each with its own cores)."""
+    owned = sorted(os.sched_getaffinity(0) if cores is None else cores)
+    if not 1 <= jobs <= len(owned):
+        raise ValueError(
+            f"--jobs {jobs}: expected 1..{len(owned)}, one core or more per job (this process has {len(owned)})"
+        )
+    shares = [frozenset(owned[i::jobs]) for i in range(jobs)]
+    return [Slot(share, str(i % gpus) if gpus else None) for i, share in enumerate(shares)]
+
+
 def launch_command(out_dir: Path, *configs: RunConfig, federation: str = "") -> list[str]:
     """The launcher's argv: each non-empty config as a `--run-config` (later ones win), `output-dir` last so
     the run writes where the bench looks, then the client resources (`--federation-config`) when given."""
@@ -46,17 +78,27 @@ def launch_command(out_dir: Path, *configs: RunConfig, federation: str = "") -> 
 
 
 def launch_run(
-    out_dir: Path, *configs: RunConfig, federation: str = "", watch: Callable[[int], None] | None = None
+    out_dir: Path,
+    *configs: RunConfig,
+    federation: str = "",
+    watch: Callable[[int], None] | None = None,
+    slot: Slot | None = None,
 ) -> bool:
     """One real run into `out_dir` (created if missing), its console output in `out_dir/launch.log`; True when
     the launcher says the run completed.
 
     `watch(pid)`, when given, is called with the launcher's pid every `POLL_S` seconds while the run goes:
-    memory sampling over its process tree, or noting when metrics rows appear."""
+    memory sampling over its process tree, or noting when metrics rows appear. A `slot` confines the run to its
+    cores and GPUs, so runs launched side by side do not compete for the same ones."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / LOG).open("w") as log:
         proc = subprocess.Popen(
-            launch_command(out_dir, *configs, federation=federation), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            launch_command(out_dir, *configs, federation=federation),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=None if slot is None else slot.env(),
+            preexec_fn=None if slot is None else slot.enter,
         )
         try:
             while watch is not None and proc.poll() is None:

@@ -26,6 +26,7 @@ FLOAT_BYTES = 4
 # Weights, gradients, the SGD momentum buffer and the received global copy (FedProx, CReFF) per parameter.
 PARAMETER_COPIES = 4
 DECODED_COPIES = 2  # the decoded dataset and the train/test sets cut from it
+TEACHER_OVERHEAD = 0.05  # a frozen teacher's share beyond its weights (activations of one batch, device context)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,33 @@ def estimate(
 def physical_memory() -> int:
     """Bytes of RAM on this machine."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes the run's device has: a GPU's total memory, or this machine's RAM for the CPU."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else physical_memory()
+
+
+def teacher_bytes(parameters: int, dtype: torch.dtype) -> int:
+    """Bytes a frozen teacher of `parameters` holds in `dtype`: its weights, and `TEACHER_OVERHEAD` on top for the
+    batch's activations through it (no gradients, no optimizer state) and the device's own context."""
+    return round(parameters * dtype.itemsize * (1 + TEACHER_OVERHEAD))
+
+
+def check_teacher_fits(
+    key: str, value: object, parameters: int, dtype: torch.dtype, device: torch.device, available: int | None = None
+) -> int:
+    """Refuse a frozen teacher that the run's device cannot hold, naming its key; returns the bytes it needs."""
+    need = teacher_bytes(parameters, dtype)
+    available = device_memory(device) if available is None else available
+    if need > available:
+        precision = str(dtype).removeprefix("torch.")
+        raise ConfigError(
+            f"run-config key '{key}' = {value!r} is not allowed here: its {parameters:,} parameters in {precision} "
+            f"need about {need / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB of {device}; run "
+            "this stage on a device that holds it (a GPU; amp=bf16 halves float32's need where the stage uses amp)."
+        )
+    return need
 
 
 def estimate_at(cfg: Mapping, num_classes: int, batch: int, head: str) -> MemoryEstimate:

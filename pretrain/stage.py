@@ -74,11 +74,14 @@ def digits_images(root: Path, held_out: np.ndarray) -> Path:
 
 def check(cfg: Mapping, prepared: Prepared | None = None) -> None:
     """Fail before training when the teacher or the pretraining data is missing (the preflight's check)."""
-    from pretrain.teacher import check_available
+    from pretrain.footprint import check_teacher_memory
+    from pretrain.teacher import TINY, check_available
 
     if not cfg.get("pretrain", False):
         return
     check_available(str(cfg["pretrain-teacher"]))
+    if str(cfg["pretrain-teacher"]) != TINY:
+        check_teacher_memory(cfg)
     data = str(cfg["pretrain-data"])
     path = Path(data).expanduser()
     if data != DIGITS and not path.exists():

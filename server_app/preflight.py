@@ -6,9 +6,8 @@ no launcher). It resolves `device` and `amp` once in this process (a GPU it does
 result comes back in `Checked.compute` for the caller to use), checks the launcher's simulation when there
 is one (`Simulation`: no client-data=local, the client resources of `--federation-config` against the
 `device`/`amp` asked for and the CPUs and GPUs of this machine or of the Ray cluster to join, which must answer
-as one within a timeout), reads the checkpoint to resume
-from, estimates the memory a training process needs beside the decoded dataset (`flcore.memory`) before
-decoding anything, loads the dataset and draws the split (a split the settings cannot produce names the key to
+as one within a timeout), reads the checkpoint to resume from, estimates the memory a training process needs
+beside the decoded dataset (`flcore.memory`) before decoding anything, loads the dataset and draws the split (a split the settings cannot produce names the key to
 change), decodes the image files (`flcore.images`), estimates the memory again with the dataset's classes
 and the size of the clients' uploads, and runs the strategy's and every server stage's own checks (teachers'
 weights on disk, class names, logits files, pretraining data). Each problem is a `ConfigError` or

@@ -1,6 +1,9 @@
 """bench/runs.py, the one launch of a real run the benchmarks share, and the metrics reader beside the writer."""
 
+import os
 import sys
+
+import pytest
 
 from bench import runs
 from flcore.reports import RunReport, read_metrics, read_summary
@@ -62,3 +65,21 @@ def test_read_metrics_gives_back_what_the_report_wrote_and_skips_blank_lines(tmp
         fh.write("\n")
     rows = read_metrics(tmp_path)
     assert [(r["round"], r["accuracy"]) for r in rows] == [(0, 0.0), (1, 0.5)]
+
+
+def test_slots_split_the_cores_into_disjoint_shares_and_deal_the_gpus():
+    two = runs.slots(2, cores=[0, 1, 2, 3])
+    assert [s.cores for s in two] == [frozenset({0, 2}), frozenset({1, 3})]
+    assert [s.gpus for s in two] == [None, None]  # no GPU: the environment's CUDA_VISIBLE_DEVICES is left alone
+    assert [s.gpus for s in runs.slots(3, cores=range(6), gpus=2)] == ["0", "1", "0"]  # more jobs than GPUs: shared
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match=f"--jobs {bad}: expected 1..4"):
+            runs.slots(bad, cores=[0, 1, 2, 3])
+
+
+def test_a_run_in_a_slot_sees_only_its_cores_and_gpus(tmp_path, monkeypatch):
+    script = "import os; print(sorted(os.sched_getaffinity(0)), os.environ.get('CUDA_VISIBLE_DEVICES'))"
+    monkeypatch.setattr(runs, "launch_command", lambda out_dir, *c, federation="": [sys.executable, "-c", script])
+    core = min(os.sched_getaffinity(0))
+    assert runs.launch_run(tmp_path, slot=runs.Slot(frozenset({core}), "3")) is True
+    assert (tmp_path / runs.LOG).read_text().strip() == f"[{core}] 3"

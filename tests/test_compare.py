@@ -1,6 +1,8 @@
 """bench/compare.py without running the apps: reading finished cells, the table, the CSV, resuming."""
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -46,7 +48,7 @@ def test_cell_results_table_and_csv(tmp_path):
 
 
 def test_a_cell_whose_clients_diverged_is_marked_in_the_table_not_left_as_not_run(tmp_path, monkeypatch):
-    def run_cell(cell, overrides):  # ratioloss seed 7 diverges, seed 8 finishes; fedavg crashes
+    def run_cell(cell, overrides, slot=None):  # ratioloss seed 7 diverges, seed 8 finishes; fedavg crashes
         cell.dir.mkdir(parents=True)
         if (cell.method, cell.seed) == ("ratioloss", 8):
             fake_cell(tmp_path / "cells", "ratioloss", 10.0, 8, 0.6)
@@ -83,7 +85,7 @@ def test_finished_cells_are_not_rerun(tmp_path, monkeypatch):
     fake_cell(tmp_path / "cells", "fedavg", 10.0, 7, 0.5)
     ran = []
 
-    def run_cell(cell, overrides):
+    def run_cell(cell, overrides, slot=None):
         ran.append((cell.method, cell.imbalance, overrides))
         fake_cell(tmp_path / "cells", cell.method, cell.imbalance, cell.seed, 0.6)
         return True
@@ -192,3 +194,38 @@ def test_a_grid_with_both_cells_draws_figure4(tmp_path, monkeypatch):
     args = ["--methods", "ours,ours-no-align", "--ifs", "10", "--seeds", "7", "--out", str(tmp_path)]
     assert compare.main(args) == 0
     assert (tmp_path / "figure4_if10_seed7.png").is_file() and (tmp_path / "figure4_if10_seed7.json").is_file()
+
+
+def test_jobs_run_cells_side_by_side_each_in_its_own_slot(tmp_path, monkeypatch):
+    running, most, slots_seen, lock = set(), [0], [], threading.Lock()
+
+    def run_cell(cell, overrides, slot=None):
+        with lock:
+            running.add(cell.key)
+            most[0] = max(most[0], len(running))
+            slots_seen.append(slot)
+        time.sleep(0.3)
+        fake_cell(tmp_path / "cells", cell.method, cell.imbalance, cell.seed, 0.5)
+        with lock:
+            running.discard(cell.key)
+        return True
+
+    monkeypatch.setattr(compare, "run_cell", run_cell)
+    monkeypatch.setattr(compare, "slots", lambda jobs, gpus: [f"slot{i}" for i in range(jobs)])
+    args = ["--methods", "fedavg,fednova", "--ifs", "10,50", "--seeds", "7", "--out", str(tmp_path), "--jobs", "2"]
+    assert compare.main(args) == 0
+    assert most[0] == 2 and sorted(slots_seen) == ["slot0", "slot0", "slot1", "slot1"]
+    assert "| fednova | **50.00 ± 0.00** | **50.00 ± 0.00** |" in (tmp_path / "table.md").read_text()
+
+
+def test_more_jobs_than_cores_is_refused_before_any_cell_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "run_cell", lambda cell, overrides, slot=None: pytest.fail(f"ran {cell}"))
+    assert compare.main(["--methods", "fedavg", "--out", str(tmp_path), "--jobs", "999"]) == 2
+    assert "--jobs 999: expected 1.." in capsys.readouterr().err
+
+
+def test_a_built_in_row_redefined_by_method_says_what_changed():
+    methods = {**compare.METHODS, "feddf": "strategy=feddf feddf-steps=40 feddf-patience=20"}
+    notes = compare.training_notes(methods, ["fedavg", "feddf"])
+    note = "feddf runs here with feddf-steps=40 feddf-patience=20 (redefined by --method; built in: strategy=feddf)."
+    assert notes == {"feddf": note}

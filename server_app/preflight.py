@@ -7,10 +7,11 @@ result comes back in `Checked.compute` for the caller to use), checks the launch
 is one (`Simulation`: no client-data=local, the client resources of `--federation-config` against the
 `device`/`amp` asked for and the CPUs and GPUs of this machine or of the Ray cluster to join, which must answer
 as one within a timeout), reads the checkpoint to resume from, estimates the memory a training process needs
-beside the decoded dataset (`flcore.memory`) before decoding anything, loads the dataset and draws the split (a split the settings cannot produce names the key to
-change), decodes the image files (`flcore.images`), estimates the memory again with the dataset's classes
-and the size of the clients' uploads, and runs the strategy's and every server stage's own checks (teachers'
-weights on disk, class names, logits files, pretraining data). Each problem is a `ConfigError` or
+beside the decoded dataset (`flcore.memory`) before decoding anything, loads the dataset and draws the split
+(a split the settings cannot produce names the key to change), decodes the image files (`flcore.images`),
+estimates the memory again with the dataset's classes and the size of the clients' uploads, and runs the
+strategy's and every server stage's own checks (teachers' weights on disk, class names, logits files,
+pretraining data). Each problem is a `ConfigError` or
 `DataNotFound` naming the key or file; the launcher prints it on one line.
 """
 
@@ -236,18 +237,22 @@ def check_client_fits(options: Mapping[str, Any], nodes: list[NodeResources], ra
     """One client actor must fit on one node, or Ray starts none and Flower fails after the SuperLink is up
     ("ActorPool is empty")."""
     cpus, gpus = options["client-resources-num-cpus"], float(options["client-resources-num-gpus"])
-    where = f"the Ray cluster at {ray_address} has" if ray_address else "this machine has"
-    largest = max(nodes, key=lambda n: (n.cpus, n.gpus))
-    if cpus > max(n.cpus for n in nodes):
+    most_cpus = max(n.cpus for n in nodes)
+    if ray_address:
+        largest = max(nodes, key=lambda n: (n.cpus, n.gpus))
+        where = f"the Ray cluster at {ray_address} has ({largest} on its largest node)"
+    else:
+        where = f"this machine has ({nodes[0]})"
+    if cpus > most_cpus:
         raise ConfigError(
-            f"federation option 'client-resources-num-cpus' = {cpus} is more than {where} ({largest} on its largest "
-            f"node): Ray would start no client; expected <= {max(n.cpus for n in nodes):g}."
+            f"federation option 'client-resources-num-cpus' = {cpus} is more than {where}: Ray would start no "
+            f"client; expected <= {most_cpus:g}."
         )
     if gpus > 0 and not any(n.cpus >= cpus and n.gpus >= gpus for n in nodes):
         most = max(n.gpus for n in nodes if n.cpus >= cpus)
         raise ConfigError(
-            f"federation option 'client-resources-num-gpus' = {gpus:g} is more than {where} ({most:g} GPU(s) on a "
-            f"node with {cpus} CPU(s)): Ray would start no client; expected a share below 1, or <= {most:g}."
+            f"federation option 'client-resources-num-gpus' = {gpus:g} is more than {where}: Ray would start no "
+            f"client; expected a share below 1, or <= {most:g} GPU(s) beside {cpus} CPU(s)."
         )
 
 

@@ -148,7 +148,9 @@ def test_client_resources_beyond_the_machine_are_refused_before_start(two_gpus, 
     assert "'client-resources-num-cpus' = 100 is more than this machine has (4 CPU(s), 2 GPU(s)" in err
     assert "expected <= 4" in err and "\n" not in err
     assert launch.main(["--federation-config", "client-resources-num-gpus=3"]) == 2
-    assert "'client-resources-num-gpus' = 3 is more than this machine has (2 GPU(s)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'client-resources-num-gpus' = 3 is more than this machine has (4 CPU(s), 2 GPU(s))" in err
+    assert "<= 2 GPU(s)" in err
 
 
 def test_make_run_passes_the_federation_config():

@@ -25,7 +25,6 @@ from flcore.models import PAPER_HEAD, build_model, model_head
 FLOAT_BYTES = 4
 # Weights, gradients, the SGD momentum buffer and the received global copy (FedProx, CReFF) per parameter.
 PARAMETER_COPIES = 4
-DECODED_COPIES = 2  # the decoded dataset and the train/test sets cut from it
 TEACHER_OVERHEAD = 0.05  # a frozen teacher's share beyond its weights (activations of one batch, device context)
 
 
@@ -107,13 +106,11 @@ def batch_key(cfg: Mapping) -> str:
 
 
 def data_bytes(cfg: Mapping) -> int:
-    """Bytes a process holds once it has decoded the run's dataset at `image-size` (uint8, 3 channels): the
-    decoded set and the train/test sets cut from it (DECODED_COPIES), plus the one chunk `resize` works on.
-    Known from the dataset's name alone, so it is checked before anything is decoded; 0 for datasets read
-    from files on demand."""
+    """Bytes a process holds while it decodes the run's dataset at `image-size` (uint8, 3 channels: the images of
+    `IN_MEMORY_IMAGES`), plus the one chunk `resize` works on. Known from the dataset's name alone, so it is
+    checked before anything is decoded; 0 for datasets read from files on demand."""
     images = IN_MEMORY_IMAGES.get(str(cfg["dataset"]), 0)
-    per_image = 3 * int(cfg["image-size"]) ** 2
-    return images * per_image * DECODED_COPIES + (RESIZE_CHUNK_BYTES if images else 0)
+    return images * 3 * int(cfg["image-size"]) ** 2 + (RESIZE_CHUNK_BYTES if images else 0)
 
 
 def check_memory(cfg: Mapping, num_classes: int, available: int | None = None, held: int = 0) -> MemoryEstimate:

@@ -40,7 +40,7 @@ from flcore.device import Compute, compute_of
 from flcore.local_data import CLASS_COUNTS_KEY
 from flcore.losses import LossInputs, build_loss, max_grad_norm
 from flcore.metrics import summarize
-from flcore.models import FLModel, build_model, model_head
+from flcore.models import FLModel, build_model, model_classifier, model_head
 from flcore.seeding import seeded_generator
 from flcore.training import ExtraLoss, TrainSettings, predict, train
 
@@ -49,9 +49,9 @@ UPLOAD_STREAM = 1  # generator stream of a client's upload draws (CReFF's DSA), 
 
 
 @lru_cache(maxsize=2)
-def _model(name: str, projection_dim: int, num_classes: int, compute: Compute, head: str) -> FLModel:
+def _model(name: str, projection_dim: int, num_classes: int, compute: Compute, head: str, classifier: str) -> FLModel:
     """One model object per process, on its device, refilled with the global weights every round."""
-    return build_model(name, projection_dim, num_classes, device=compute.device, head=head)
+    return build_model(name, projection_dim, num_classes, device=compute.device, head=head, classifier=classifier)
 
 
 def _setup(msg: Message, context: Context) -> tuple[dict, dict, Shard, FLModel]:
@@ -60,8 +60,8 @@ def _setup(msg: Message, context: Context) -> tuple[dict, dict, Shard, FLModel]:
     cfg = validate(context.run_config, paths=False)
     server_config = dict(msg.content["config"]) if "config" in msg.content else {}
     data = shard(cfg, context, server_config)
-    head = model_head(cfg)
-    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), data.num_classes, compute_of(cfg), head)
+    head, classifier = model_head(cfg), model_classifier(cfg)
+    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), data.num_classes, compute_of(cfg), head, classifier)
     load_state(model, check_global(msg, model.state_dict(), message_limit(cfg, context.node_config)))
     return cfg, server_config, data, model
 
@@ -109,7 +109,8 @@ def train_fn(msg: Message, context: Context) -> Message:
     inject_failure(cfg, int(server_config.get("server-round", 0)), data.stream)
     extra = _uploads(cfg, server_config, data, model)  # CReFF: of the received global model, before training
     counts = np.bincount(batches.data.labels, minlength=classes)
-    loss = build_loss(LossInputs(cfg, counts, server_config, model.classifier.bias))
+    bias = getattr(model.classifier, "bias", None)  # FedRS's authors' logits leave it out; FedETF's ETF has none
+    loss = build_loss(LossInputs(cfg, counts, server_config, bias))
     settings, kd = _settings(cfg, server_config), _kd(cfg, server_config, data)
     metrics = train(model, batches, settings, gen, loss, kd, compute_of(cfg))
     arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})

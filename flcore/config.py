@@ -409,7 +409,7 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "loss": _choice(
             "ce",
             "Client loss: ce (cross-entropy), focal (Fed-Focal; focal with gamma 0 is ce), fedlc (FedLC's logit "
-            "calibration) or fedrs (FedRS's restricted softmax); strategy=ratioloss sets its own.",
+            "calibration) or fedrs (FedRS's restricted softmax); strategy=ratioloss and fedetf set their own.",
             LOSSES,
         ),
         "focal-gamma": _opt(2.0, "Focusing parameter gamma of the focal loss (loss=focal).", _number(0, 10)),
@@ -675,6 +675,7 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
             f"run-config key 'loss' = {cfg['loss']!r} is not allowed with strategy 'ratioloss': the Ratio Loss is "
             "that method's client loss; expected ce (the default)."
         )
+    _check_own_classifier(cfg)
     per_round = max(1, int(cfg["num-clients"] * cfg["fraction-train"]))
     if cfg["min-replies"] > per_round:
         raise ConfigError(
@@ -695,6 +696,23 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
             "run-config key 'align-teacher' = 'holdout' is not allowed with strategy 'clip2fl' and client-data "
             "'local': CLIP2FL's clients would train the stand-in teacher from the run's dataset, which nodes holding "
             "their own data do not have; expected an open_clip teacher, or client-data = partition."
+        )
+
+
+def _check_own_classifier(cfg: Mapping[str, Any]) -> None:
+    """FedETF brings its own client loss and classifier: another loss would be ignored, and tau-norm has no linear
+    classifier weights to normalise."""
+    if cfg["strategy"] != "fedetf":
+        return
+    if cfg["loss"] != "ce":
+        raise ConfigError(
+            f"run-config key 'loss' = {cfg['loss']!r} is not allowed with strategy 'fedetf': its balanced softmax is "
+            "that method's client loss; expected ce (the default)."
+        )
+    if cfg["tau-norm"] != 0:
+        raise ConfigError(
+            f"run-config key 'tau-norm' = {cfg['tau-norm']!r} is not allowed with strategy 'fedetf': its classifier "
+            "is a fixed ETF, with no class weights to normalise; expected 0."
         )
 
 

@@ -8,7 +8,9 @@ asks (`upload`, CReFF) it adds
 class statistics of the received model in an `uploads` record. Its loss is the run config's `loss`
 (FedLC and FedRS read the client's own label counts, which stay here) unless the round config names
 one (`loss`, the Ratio Loss with the server's class weights). A `query.upload` message (CCVR, after
-the last aggregation) asks for such statistics of the model it carries alone, with no training. It never
+the last aggregation) asks for such statistics of the model it carries alone, with no training; a
+`query.personalize` message (FedETF, after the last aggregation) asks it to fine-tune the model it carries the
+method's own way (`flcore.personalize`) and send the result back, with its images per class, for scoring. It never
 loads the LLM, and loads CLIP only when the round config asks for CLIP2FL's distillation (`kd-weight`).
 It trains on the device `device` resolves to in this process (under Ray, the GPU share of
 `client-resources-num-gpus`, if any): its model and partition stay there across rounds.
@@ -41,11 +43,13 @@ from flcore.local_data import CLASS_COUNTS_KEY
 from flcore.losses import LossInputs, build_loss, max_grad_norm
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model, model_classifier, model_head
+from flcore.personalize import PERSONALIZE_ACTION, PERSONALIZERS
 from flcore.seeding import seeded_generator
 from flcore.training import ExtraLoss, TrainSettings, predict, train
 
 app = ClientApp()
 UPLOAD_STREAM = 1  # generator stream of a client's upload draws (CReFF's DSA), apart from its training stream
+PERSONALIZE_STREAM = 2  # generator stream of its personalisation after the last round (FedETF)
 
 
 @lru_cache(maxsize=2)
@@ -145,3 +149,18 @@ def upload_fn(msg: Message, context: Context) -> Message:
     record = MetricRecord({"num-examples": len(batches.data)})
     record.update(cost_metrics(ArrayRecord(), record, upload))
     return Message(RecordDict({"metrics": record, UPLOADS_RECORD: upload}), reply_to=msg)
+
+
+@app.query(PERSONALIZE_ACTION)
+def personalize_fn(msg: Message, context: Context) -> Message:
+    """The method's local fine-tuning of the model the message carries, sent back with this client's images per
+    class, which the server weighs the test classes by to score it."""
+    cfg, server_config, data, model = _setup(msg, context)
+    gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), data.stream, PERSONALIZE_STREAM)
+    counts = np.bincount(data.batches.data.labels, minlength=data.num_classes)
+    personalize = PERSONALIZERS[str(cfg["strategy"])]
+    local = personalize(model, data.batches, cfg, counts, gen, compute_of(cfg))
+    arrays = to_record(local)
+    record = MetricRecord({"num-examples": int(counts.sum()), CLASS_COUNTS_KEY: counts.astype(float).tolist()})
+    record.update(cost_metrics(arrays, record))
+    return Message(RecordDict({"arrays": arrays, "metrics": record}), reply_to=msg)

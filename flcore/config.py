@@ -530,6 +530,30 @@ SECTIONS: dict[str, dict[str, Option]] = {
             FEDRS_VARIANTS,
         ),
     },
+    "FedETF (fixed simplex-ETF classifier; its clients' personalisation after the last round)": {
+        "fedetf-finetune-rounds": _opt(
+            20,
+            "Alternations of ETF and projection fine-tuning in each client's personalisation after the last round "
+            "(strategy=fedetf; FedETF's 20; 0 = no personalisation, no personalized-accuracy).",
+            _number(0, 1000, integer=True),
+        ),
+        "fedetf-finetune-epochs": _opt(
+            3,
+            "Epochs of each half of one alternation, the ETF's and the projection's (strategy=fedetf; FedETF's 3).",
+            _number(1, 1000, integer=True),
+        ),
+        "fedetf-etf-lr": _opt(
+            0.1,
+            "Learning rate of plain SGD on the ETF during personalisation (strategy=fedetf; FedETF's 0.1).",
+            _number(0, 10, low_open=True),
+        ),
+        "fedetf-projection-lr": _opt(
+            0.05,
+            "Learning rate of SGD on the ETF classifier's projection during personalisation, with the run's "
+            "momentum and weight decay (strategy=fedetf; FedETF's 0.05).",
+            _number(0, 10, low_open=True),
+        ),
+    },
     "CLIP2FL (CReFF + client-side distillation from the align-teacher CLIP + a server-side text contrast)": {
         "kd-weight": _opt(
             1.0,

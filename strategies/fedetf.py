@@ -10,6 +10,11 @@ every round's train config (`loss = balanced-softmax`). The server averages as F
 every reply, stays fixed. Under `align` and `pretrain` the server stages act on that same model: stage 1 hands
 over the backbone (and projection), stage 3 fine-tunes the backbone, head, the ETF classifier's projection and
 its scale against the teacher, never the ETF itself.
+
+After the last round every client fine-tunes the final model as FedETF's `Client_personalization` does
+(`flcore.personalize.fedetf_personalize`: a local update, then `fedetf-finetune-rounds` alternations of the ETF
+and the projection) and the server scores each personalised model (`strategies.personalization`):
+`personalized-accuracy` in the last round's metrics; `fedetf-finetune-rounds=0` skips it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flcore.losses import LOSS_KEY
 from rounds.delegate import Delegating
 from strategies.fedavg import sampling
+from strategies.personalization import Personalization
 
 BALANCED_SOFTMAX = "balanced-softmax"  # flcore.losses.SERVER_LOSSES
 
@@ -49,5 +55,6 @@ class ClientLoss(Delegating):
 
 def fedetf(cfg: Mapping) -> Strategy:
     """FedAvg whose clients train the ETF-classifier model (`flcore.models.METHOD_CLASSIFIERS`) with the balanced
-    softmax."""
-    return ClientLoss(FedAvg(**sampling(cfg)), BALANCED_SOFTMAX)
+    softmax, and personalise the final model."""
+    enabled = int(cfg["fedetf-finetune-rounds"]) > 0
+    return Personalization(ClientLoss(FedAvg(**sampling(cfg)), BALANCED_SOFTMAX), cfg, enabled)

@@ -199,6 +199,13 @@ def client_workload(cfg: Mapping) -> dict[str, str]:
             "local SGD on its partition through FedETF's fixed ETF classifier with the balanced softmax (logits + "
             "log n_c from its own label counts, which it keeps)"
         )
+        if int(cfg["fedetf-finetune-rounds"]) > 0:
+            per_round += "; after the last round, every client once: its fine-tuned model and its images per class"
+            runs += (
+                f"; after the last round FedETF's personalisation: one local update, then "
+                f"{cfg['fedetf-finetune-rounds']} x ({cfg['fedetf-finetune-epochs']} epochs of the ETF, as many of its "
+                "projection) on its partition"
+            )
     if strategy in ("feddf", "fedbe"):
         runs += (
             f"; nothing else: the server distils the round's client models ({strategy}) on its own unlabeled "

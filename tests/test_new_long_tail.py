@@ -13,7 +13,9 @@ import torch
 from flcore.config import ConfigError, validate
 from flcore.losses import LOSS_KEY, LossInputs, build_loss
 from flcore.models import ETFClassifier, model_classifier, model_head, run_buffer_names, run_model
+from flcore.personalize import fedetf_personalize, fit
 from flcore.training import TrainSettings, train
+from strategies.personalization import personal_accuracy
 from strategies.registry import STRATEGIES, client_workload
 from tests.test_long_tail_methods import run_app
 
@@ -89,11 +91,42 @@ def test_fedetf_refuses_a_second_loss_and_tau_norm(overrides, hint):
         cfg_of(strategy="fedetf", **overrides)
 
 
+def test_fedetf_personalisation_fine_tunes_a_copy_the_etf_then_the_projection():
+    cfg = cfg_of(strategy="fedetf", **{"fedetf-finetune-rounds": 2, "fedetf-finetune-epochs": 1})
+    model = run_model(cfg, 10, seed=1)
+    x, y = digits_batch()
+    sent = {k: v.clone() for k, v in model.state_dict().items()}
+    head = model.classifier
+    head.etf = torch.nn.Parameter(head.etf.clone())  # as the personalisation does: the ETF trains alone first
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, [head.etf], OneBatch(x, y), torch.optim.SGD([head.etf], lr=0.1), 1, False, torch.Generator())
+    changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert changed == {"classifier.etf"} and all(p.requires_grad for p in model.parameters())
+    model = run_model(cfg, 10, seed=1)
+    local = fedetf_personalize(model, OneBatch(x, y), cfg, np.bincount(y.numpy(), minlength=10), torch.Generator())
+    assert all(torch.equal(v, sent[k]) for k, v in model.state_dict().items())  # the global model is left alone
+    assert isinstance(local.classifier.etf, torch.nn.Parameter) and set(local.state_dict()) == set(sent)
+    assert not torch.equal(local.classifier.etf, sent["classifier.etf"])
+    assert "etf" in dict(model.classifier.named_buffers())
+
+
+def test_personal_accuracy_weights_each_test_class_by_the_clients_share():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    preds = np.array([0, 0, 1, 0, 0, 0])  # recall 1, 0.5, 0
+    assert personal_accuracy(preds, labels, np.array([3, 1, 0])) == pytest.approx((3 * 1 + 1 * 0.5) / 4)
+    assert personal_accuracy(preds, labels, np.array([0, 0, 5])) == 0.0
+
+
 def test_fedetf_runs_through_the_apps_under_align_and_pretrain(tmp_path):
-    summary, rows, configs = run_app(tmp_path, "fedetf-align", strategy="fedetf", align=True)
+    personal = {"fedetf-finetune-rounds": 1, "fedetf-finetune-epochs": 1}
+    summary, rows, configs = run_app(tmp_path, "fedetf-align", strategy="fedetf", align=True, **personal)
     assert [r["round"] for r in rows] == [0, 1, 2] and all("pre-align-accuracy" in r for r in rows[1:])
     assert all(c[LOSS_KEY] == "balanced-softmax" for c in configs) and "ETF" in summary["client-runs"]
-    summary, rows, configs = run_app(tmp_path, "fedetf-pretrain", strategy="fedetf", pretrain=True)
+    assert rows[-1]["personalized-replies"] == 2 and len(rows[-1]["personalized-accuracies"]) == 2
+    assert 0.0 <= rows[-1]["personalized-accuracy"] <= 1.0 and "personalized-accuracy" not in rows[1]
+    summary, rows, configs = run_app(
+        tmp_path, "fedetf-pretrain", strategy="fedetf", pretrain=True, **{"fedetf-finetune-rounds": 0}
+    )
     assert summary["pretrain"]["teacher"] and [r["round"] for r in rows] == [0, 1, 2]
-    assert all(c[LOSS_KEY] == "balanced-softmax" for c in configs)
+    assert all(c[LOSS_KEY] == "balanced-softmax" for c in configs) and "personalized-replies" not in rows[-1]
     assert "balanced softmax" in client_workload(cfg_of(strategy="fedetf"))["client-runs"]

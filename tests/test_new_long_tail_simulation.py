@@ -18,6 +18,7 @@ def run_one(tmp_path, name: str, overrides: str) -> tuple[list[dict], dict]:
 
 @pytest.mark.slow
 def test_fedetf_runs_through_flwr_run(tmp_path):
-    rows, summary = run_one(tmp_path, "fedetf", "strategy=fedetf")
+    rows, summary = run_one(tmp_path, "fedetf", "strategy=fedetf fedetf-finetune-rounds=1 fedetf-finetune-epochs=1")
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["replies"] == 4
+    assert rows[-1]["personalized-replies"] == 4 and 0.0 <= rows[-1]["personalized-accuracy"] <= 1.0
     assert 0.0 <= rows[-1]["accuracy"] <= 1.0 and "balanced softmax" in summary["client-runs"]

@@ -8,7 +8,9 @@ asks (`upload`, CReFF) it adds
 class statistics of the received model in an `uploads` record. Its loss is the run config's `loss`
 (FedLC and FedRS read the client's own label counts, which stay here) unless the round config names
 one (`loss`, the Ratio Loss with the server's class weights). A `query.upload` message (CCVR, after
-the last aggregation) asks for such statistics of the model it carries alone, with no training. It never
+the last aggregation) asks for such statistics of the model it carries alone, with no training; a
+`query.personalize` message (FedETF, after the last aggregation) asks it to fine-tune the model it carries the
+method's own way (`flcore.personalize`) and send the result back, with its images per class, for scoring. It never
 loads the LLM, and loads CLIP only when the round config asks for CLIP2FL's distillation (`kd-weight`).
 It trains on the device `device` resolves to in this process (under Ray, the GPU share of
 `client-resources-num-gpus`, if any): its model and partition stay there across rounds.
@@ -40,18 +42,20 @@ from flcore.device import Compute, compute_of
 from flcore.local_data import CLASS_COUNTS_KEY
 from flcore.losses import LossInputs, build_loss, max_grad_norm
 from flcore.metrics import summarize
-from flcore.models import FLModel, build_model, model_head
+from flcore.models import FLModel, build_model, model_classifier, model_head
+from flcore.personalize import PERSONALIZE_ACTION, PERSONALIZERS
 from flcore.seeding import seeded_generator
 from flcore.training import ExtraLoss, TrainSettings, predict, train
 
 app = ClientApp()
 UPLOAD_STREAM = 1  # generator stream of a client's upload draws (CReFF's DSA), apart from its training stream
+PERSONALIZE_STREAM = 2  # generator stream of its personalisation after the last round (FedETF)
 
 
 @lru_cache(maxsize=2)
-def _model(name: str, projection_dim: int, num_classes: int, compute: Compute, head: str) -> FLModel:
+def _model(name: str, projection_dim: int, num_classes: int, compute: Compute, head: str, classifier: str) -> FLModel:
     """One model object per process, on its device, refilled with the global weights every round."""
-    return build_model(name, projection_dim, num_classes, device=compute.device, head=head)
+    return build_model(name, projection_dim, num_classes, device=compute.device, head=head, classifier=classifier)
 
 
 def _setup(msg: Message, context: Context) -> tuple[dict, dict, Shard, FLModel]:
@@ -60,8 +64,8 @@ def _setup(msg: Message, context: Context) -> tuple[dict, dict, Shard, FLModel]:
     cfg = validate(context.run_config, paths=False)
     server_config = dict(msg.content["config"]) if "config" in msg.content else {}
     data = shard(cfg, context, server_config)
-    head = model_head(cfg)
-    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), data.num_classes, compute_of(cfg), head)
+    head, classifier = model_head(cfg), model_classifier(cfg)
+    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), data.num_classes, compute_of(cfg), head, classifier)
     load_state(model, check_global(msg, model.state_dict(), message_limit(cfg, context.node_config)))
     return cfg, server_config, data, model
 
@@ -109,7 +113,8 @@ def train_fn(msg: Message, context: Context) -> Message:
     inject_failure(cfg, int(server_config.get("server-round", 0)), data.stream)
     extra = _uploads(cfg, server_config, data, model)  # CReFF: of the received global model, before training
     counts = np.bincount(batches.data.labels, minlength=classes)
-    loss = build_loss(LossInputs(cfg, counts, server_config, model.classifier.bias))
+    bias = getattr(model.classifier, "bias", None)  # FedRS's authors' logits leave it out; FedETF's ETF has none
+    loss = build_loss(LossInputs(cfg, counts, server_config, bias))
     settings, kd = _settings(cfg, server_config), _kd(cfg, server_config, data)
     metrics = train(model, batches, settings, gen, loss, kd, compute_of(cfg))
     arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})
@@ -144,3 +149,18 @@ def upload_fn(msg: Message, context: Context) -> Message:
     record = MetricRecord({"num-examples": len(batches.data)})
     record.update(cost_metrics(ArrayRecord(), record, upload))
     return Message(RecordDict({"metrics": record, UPLOADS_RECORD: upload}), reply_to=msg)
+
+
+@app.query(PERSONALIZE_ACTION)
+def personalize_fn(msg: Message, context: Context) -> Message:
+    """The method's local fine-tuning of the model the message carries, sent back with this client's images per
+    class, which the server weighs the test classes by to score it."""
+    cfg, server_config, data, model = _setup(msg, context)
+    gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), data.stream, PERSONALIZE_STREAM)
+    counts = np.bincount(data.batches.data.labels, minlength=data.num_classes)
+    personalize = PERSONALIZERS[str(cfg["strategy"])]
+    local = personalize(model, data.batches, cfg, counts, gen, compute_of(cfg))
+    arrays = to_record(local)
+    record = MetricRecord({"num-examples": int(counts.sum()), CLASS_COUNTS_KEY: counts.astype(float).tolist()})
+    record.update(cost_metrics(arrays, record))
+    return Message(RecordDict({"arrays": arrays, "metrics": record}), reply_to=msg)

@@ -409,7 +409,7 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "loss": _choice(
             "ce",
             "Client loss: ce (cross-entropy), focal (Fed-Focal; focal with gamma 0 is ce), fedlc (FedLC's logit "
-            "calibration) or fedrs (FedRS's restricted softmax); strategy=ratioloss sets its own.",
+            "calibration) or fedrs (FedRS's restricted softmax); strategy=ratioloss and fedetf set their own.",
             LOSSES,
         ),
         "focal-gamma": _opt(2.0, "Focusing parameter gamma of the focal loss (loss=focal).", _number(0, 10)),
@@ -528,6 +528,30 @@ SECTIONS: dict[str, dict[str, Option]] = {
             "by alpha + (1 - alpha) * n_c / max n, gradient norm clipped at 100) or paper (the logits of absent "
             "classes times alpha).",
             FEDRS_VARIANTS,
+        ),
+    },
+    "FedETF (fixed simplex-ETF classifier; its clients' personalisation after the last round)": {
+        "fedetf-finetune-rounds": _opt(
+            20,
+            "Alternations of ETF and projection fine-tuning in each client's personalisation after the last round "
+            "(strategy=fedetf; FedETF's 20; 0 = no personalisation, no personalized-accuracy).",
+            _number(0, 1000, integer=True),
+        ),
+        "fedetf-finetune-epochs": _opt(
+            3,
+            "Epochs of each half of one alternation, the ETF's and the projection's (strategy=fedetf; FedETF's 3).",
+            _number(1, 1000, integer=True),
+        ),
+        "fedetf-etf-lr": _opt(
+            0.1,
+            "Learning rate of plain SGD on the ETF during personalisation (strategy=fedetf; FedETF's 0.1).",
+            _number(0, 10, low_open=True),
+        ),
+        "fedetf-projection-lr": _opt(
+            0.05,
+            "Learning rate of SGD on the ETF classifier's projection during personalisation, with the run's "
+            "momentum and weight decay (strategy=fedetf; FedETF's 0.05).",
+            _number(0, 10, low_open=True),
         ),
     },
     "CLIP2FL (CReFF + client-side distillation from the align-teacher CLIP + a server-side text contrast)": {
@@ -675,6 +699,7 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
             f"run-config key 'loss' = {cfg['loss']!r} is not allowed with strategy 'ratioloss': the Ratio Loss is "
             "that method's client loss; expected ce (the default)."
         )
+    _check_own_classifier(cfg)
     per_round = max(1, int(cfg["num-clients"] * cfg["fraction-train"]))
     if cfg["min-replies"] > per_round:
         raise ConfigError(
@@ -695,6 +720,23 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
             "run-config key 'align-teacher' = 'holdout' is not allowed with strategy 'clip2fl' and client-data "
             "'local': CLIP2FL's clients would train the stand-in teacher from the run's dataset, which nodes holding "
             "their own data do not have; expected an open_clip teacher, or client-data = partition."
+        )
+
+
+def _check_own_classifier(cfg: Mapping[str, Any]) -> None:
+    """FedETF brings its own client loss and classifier: another loss would be ignored, and tau-norm has no linear
+    classifier weights to normalise."""
+    if cfg["strategy"] != "fedetf":
+        return
+    if cfg["loss"] != "ce":
+        raise ConfigError(
+            f"run-config key 'loss' = {cfg['loss']!r} is not allowed with strategy 'fedetf': its balanced softmax is "
+            "that method's client loss; expected ce (the default)."
+        )
+    if cfg["tau-norm"] != 0:
+        raise ConfigError(
+            f"run-config key 'tau-norm' = {cfg['tau-norm']!r} is not allowed with strategy 'fedetf': its classifier "
+            "is a fixed ETF, with no class weights to normalise; expected 0."
         )
 
 

@@ -16,6 +16,11 @@ The Ratio Loss (Wang et al., AAAI 2021) weights each example's cross-entropy by 
 server estimates every round (`strategies.ratio_loss`) and sends in the round config; a strategy that
 defines its clients' loss names it under `LOSS_KEY`, so it lives in `SERVER_LOSSES`, not in `LOSSES`.
 
+FedETF (Li et al., ICCV 2023) trains its clients with the balanced softmax (Ren et al., NeurIPS 2020) through
+its fixed ETF classifier: the cross-entropy of f_c + log n_c, n_c the client's own images of class c (an absent
+class counts as one), so a client's head classes need a larger margin and its tail classes are not pushed down.
+Its strategy names it in the round config, so it lives in `SERVER_LOSSES`.
+
 `kd_loss` is the one distillation loss of the project: CLIP2FL's clients (`client_app.distill`), the
 server's global alignment (`alignment.loss`) and FedDF/FedBE's server distillation use it.
 """
@@ -103,6 +108,17 @@ def ratio_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
     return (weights.to(logits)[labels] * per_example).mean()
 
 
+def balanced_log_prior(label_counts: np.ndarray) -> torch.Tensor:
+    """log n_c per class, with absent classes counted as one image (FedETF's `generate_sample_per_class`)."""
+    counts = np.maximum(np.asarray(label_counts, np.float64), 1.0)
+    return torch.as_tensor(np.log(counts)).float()
+
+
+def balanced_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    """Balanced softmax: cross-entropy of f_c + log n_c (FedETF's `balanced_softmax_loss`)."""
+    return F.cross_entropy(logits + log_prior.to(logits), labels)
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(teacher/T) || softmax(student/T)) * T^2, averaged over the batch (Hinton et al.)."""
     log_p = F.log_softmax(student / temperature, dim=1)
@@ -141,7 +157,12 @@ LOSSES: dict[str, Callable[[LossInputs], LossFn]] = {
 }
 
 # Losses only a strategy selects, through `LOSS_KEY` in its round config.
-SERVER_LOSSES: dict[str, Callable[[LossInputs], LossFn]] = {"ratio": _ratio}
+SERVER_LOSSES: dict[str, Callable[[LossInputs], LossFn]] = {
+    "ratio": _ratio,
+    "balanced-softmax": lambda inputs: partial(
+        balanced_softmax_loss, log_prior=balanced_log_prior(inputs.label_counts)
+    ),
+}
 
 
 def loss_name(cfg: Mapping, server_config: Mapping) -> str:

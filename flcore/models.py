@@ -11,18 +11,22 @@ code trains, so each row of a comparison trains its own model:
   ResNet-8 and every baseline in CReFF's code base.
 
 `head = auto` (`model_head`) is `mlp` when stage 1 or stage 3 is on (the paper's method), else the model of
-the strategy's reference code, `METHOD_HEADS`. The backbone's pooled features (`features`) and the classifier's
-input (`embed`: the head's output, the features themselves with `none`) are separate methods because the server
-stages and the class statistics of CCVR and CReFF read them.
+the strategy's reference code, `METHOD_HEADS`. The classifier is a linear layer, except for the methods whose
+classifier is part of the method (`METHOD_CLASSIFIERS`: FedETF's fixed simplex ETF, `ETFClassifier`), which
+read the same classifier input, so every head and both server stages compose with them. The backbone's pooled
+features (`features`) and the classifier's input (`embed`: the head's output, the features themselves with
+`none`) are separate methods because the server stages and the class statistics of CCVR and CReFF read them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flcore.config import ConfigError
@@ -48,6 +52,7 @@ METHOD_HEADS: dict[str, str] = {
     "feddf": "none",
     "fedbe": "none",
     "ratioloss": "none",
+    "fedetf": "none",  # its authors' linear_proto reads the pooled features: here the ETF classifier's projection
 }
 
 
@@ -135,16 +140,62 @@ HEAD_WIDTHS: dict[str, Callable[[int, int], int]] = {
 }
 
 
-class FLModel(nn.Module):
-    """backbone -> projection (a head of `HEADS`, nothing for `none`) -> linear classifier."""
+def orthonormal_basis(draw: torch.Tensor) -> torch.Tensor:
+    """The Q of the QR decomposition of `draw` [d, C] (d >= C): C orthonormal columns, computed in float64 and
+    returned in float32, as FedETF's `generate_random_orthogonal_matrix` does with NumPy."""
+    return torch.linalg.qr(draw.double())[0].float()
 
-    def __init__(self, backbone: nn.Module, projection_dim: int, num_classes: int, head: str = PAPER_HEAD) -> None:
+
+def simplex_etf(basis: torch.Tensor) -> torch.Tensor:
+    """The simplex equiangular tight frame [d, C] on `basis`'s C orthonormal columns: sqrt(C/(C-1)) P (I - 11^T/C),
+    C unit columns with pairwise cosine -1/(C-1) (Papyan et al., 2020; FedETF's `Proto_Classifier`)."""
+    classes = basis.shape[1]
+    if classes < 2:
+        raise ValueError(f"a simplex ETF needs at least 2 classes, got {classes}")
+    centring = torch.eye(classes, dtype=basis.dtype, device=basis.device) - 1.0 / classes
+    return math.sqrt(classes / (classes - 1)) * basis @ centring
+
+
+class ETFClassifier(nn.Module):
+    """FedETF's classifier (Li et al., "No Fear of Classifier Biases: Neural Collapse Inspired Federated Learning
+    with Synthetic and Fixed Classifier", ICCV 2023): a learnable linear projection of the classifier's input to C
+    dimensions, L2-normalised, times a fixed simplex ETF [C, C] and a learnable scale (init 1). The ETF is a buffer:
+    SGD and the server stages never move it, it travels with the model so every client holds the server's, and
+    FedAvg's mean of identical copies leaves it where it is. Drawn from torch's generator when the model is built
+    (the run's seed on the server), as FedETF draws it from NumPy's seeded one."""
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.projection = nn.Linear(in_dim, num_classes)  # FedETF's `linear_proto`
+        self.scale = nn.Parameter(torch.tensor(1.0))  # FedETF's `scaling_train`
+        self.register_buffer("etf", simplex_etf(orthonormal_basis(torch.rand(num_classes, num_classes))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * (F.normalize(self.projection(x), dim=1, eps=1e-12) @ self.etf)
+
+
+# classifier name -> fn(input width, classes) -> module; every strategy not in `METHOD_CLASSIFIERS` uses `linear`.
+CLASSIFIERS: dict[str, Callable[[int, int], nn.Module]] = {"linear": nn.Linear, "etf": ETFClassifier}
+METHOD_CLASSIFIERS: dict[str, str] = {"fedetf": "etf"}
+
+
+class FLModel(nn.Module):
+    """backbone -> projection (a head of `HEADS`, nothing for `none`) -> classifier (linear, or a method's own)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        projection_dim: int,
+        num_classes: int,
+        head: str = PAPER_HEAD,
+        classifier: str = "linear",
+    ) -> None:
         super().__init__()
         self.backbone, self.head = backbone, head
         feat = backbone.out_dim
         self.projection = HEADS[head](feat, projection_dim)
         self.embed_dim = HEAD_WIDTHS[head](feat, projection_dim)  # the classifier's input width
-        self.classifier = nn.Linear(self.embed_dim, num_classes)
+        self.classifier = CLASSIFIERS[classifier](self.embed_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (256-d ResNet-8, 2048-d ResNet-50)."""
@@ -165,22 +216,23 @@ def build_model(
     seed: int | None = None,
     device: torch.device | None = None,
     head: str = PAPER_HEAD,
+    classifier: str = "linear",
 ) -> FLModel:
-    """One factory for every client model: backbone `name`, head `head` (`HEADS`); `seed` makes the initial
-    weights reproducible. They are drawn on the CPU and then moved to `device`, so every device starts from the
-    same weights."""
+    """One factory for every client model: backbone `name`, head `head` (`HEADS`), classifier `classifier`
+    (`CLASSIFIERS`); `seed` makes the initial weights reproducible. They are drawn on the CPU and then moved to
+    `device`, so every device starts from the same weights."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = FLModel(BACKBONES[name](), projection_dim, num_classes, head)
+    model = FLModel(BACKBONES[name](), projection_dim, num_classes, head, classifier)
     return model.to(device=device, memory_format=torch.channels_last)
 
 
-def buffer_names(name: str, projection_dim: int, head: str = PAPER_HEAD) -> frozenset[str]:
+def buffer_names(name: str, projection_dim: int, head: str = PAPER_HEAD, classifier: str = "linear") -> frozenset[str]:
     """State-dict entries of the model that SGD does not train: its buffers (BatchNorm's running mean and
     variance and batch count). Asked of the model itself, built on the meta device (no memory, no weights),
-    so it holds for any backbone, head and normalisation layer."""
+    so it holds for any backbone, head, classifier (FedETF's fixed ETF) and normalisation layer."""
     with torch.device("meta"):
-        model = FLModel(BACKBONES[name](), projection_dim, num_classes=1, head=head)
+        model = FLModel(BACKBONES[name](), projection_dim, num_classes=2, head=head, classifier=classifier)
     return frozenset(key for key, _ in model.named_buffers())
 
 
@@ -202,6 +254,11 @@ def model_head(cfg: Mapping[str, Any]) -> str:
     return METHOD_HEADS[strategy]
 
 
+def model_classifier(cfg: Mapping[str, Any]) -> str:
+    """The run's classifier: the strategy's own (`METHOD_CLASSIFIERS`), else linear."""
+    return METHOD_CLASSIFIERS.get(str(cfg["strategy"]), "linear")
+
+
 @lru_cache(maxsize=8)
 def feature_width(name: str) -> int:
     """The pooled feature size of backbone `name`, from a meta-device copy (no memory, no weights)."""
@@ -217,11 +274,13 @@ def classifier_width(cfg: Mapping[str, Any]) -> int:
 def run_buffer_names(cfg: Mapping[str, Any]) -> frozenset[str]:
     """`buffer_names` of the run's model (`model`, `head` resolved, `projection-dim`): what server steps that
     move trained parameters (FedAvgM, FedNova) average plainly instead."""
-    return buffer_names(str(cfg["model"]), int(cfg["projection-dim"]), model_head(cfg))
+    return buffer_names(str(cfg["model"]), int(cfg["projection-dim"]), model_head(cfg), model_classifier(cfg))
 
 
 def run_model(
     cfg: Mapping[str, Any], num_classes: int, seed: int | None = None, device: torch.device | None = None
 ) -> FLModel:
-    """The run's model (`model`, `head` resolved, `projection-dim`) for `num_classes` classes."""
-    return build_model(str(cfg["model"]), int(cfg["projection-dim"]), num_classes, seed, device, model_head(cfg))
+    """The run's model (`model`, `head` resolved, `projection-dim`, the strategy's classifier) for `num_classes`
+    classes."""
+    model, dim = str(cfg["model"]), int(cfg["projection-dim"])
+    return build_model(model, dim, num_classes, seed, device, model_head(cfg), model_classifier(cfg))

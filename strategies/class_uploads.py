@@ -176,14 +176,19 @@ class UploadsAfterAggregation(ClassUploads):
         many nodes were asked. The global `random` is left as it was, so sampling does not depend on it."""
         if self.grid is None:
             raise RuntimeError("UploadsAfterAggregation.after_stages ran before configure_train: no grid to ask")
-        nodes = list(self.grid.get_node_ids())
         config = ConfigRecord({**self.request_config, UPLOAD_KEY: self.upload, "server-round": server_round})
-        content = RecordDict({"arrays": arrays, "config": config})
-        messages = [Message(content, dst_node_id=n, message_type=f"query.{UPLOAD_ACTION}") for n in nodes]
-        with kept_random():
-            replies = self.grid.send_and_receive(messages, timeout=self.timeout)
-        rank = {node: i for i, node in enumerate(nodes)}
-        return sorted(replies, key=lambda r: rank.get(r.metadata.src_node_id, len(rank))), len(nodes)
+        return ask_every_node(self.grid, RecordDict({"arrays": arrays, "config": config}), UPLOAD_ACTION, self.timeout)
+
+
+def ask_every_node(grid: Grid, content: RecordDict, action: str, timeout: float) -> tuple[list[Message], int]:
+    """Send `content` as a `query.<action>` message to every connected node; the replies in node order, and how
+    many nodes were asked. The global `random` is left as it was, so sampling does not depend on it."""
+    nodes = list(grid.get_node_ids())
+    messages = [Message(content, dst_node_id=n, message_type=f"query.{action}") for n in nodes]
+    with kept_random():
+        replies = grid.send_and_receive(messages, timeout=timeout)
+    rank = {node: i for i, node in enumerate(nodes)}
+    return sorted(replies, key=lambda r: rank.get(r.metadata.src_node_id, len(rank))), len(nodes)
 
 
 def with_classifier(arrays: ArrayRecord, weight: torch.Tensor, bias: torch.Tensor) -> ArrayRecord:

@@ -1,8 +1,8 @@
 """Registries: run-config name -> factory of a Flower Message-API strategy, and the server stages.
 
 Every strategy factory takes the validated run config; the method modules define them (`fedavg`,
-`fedavgm`, `fednova`, `ccvr`, `creff`, `clip2fl`, `feddf`, `fedbe`, `ratio_loss`). `build_server_strategy` wraps
-whatever comes out in `rounds.policy.RoundPolicy` (sampling, reply screening) and
+`fedavgm`, `fednova`, `ccvr`, `creff`, `clip2fl`, `feddf`, `fedbe`, `ratio_loss`, `fedetf`).
+`build_server_strategy` wraps whatever comes out in `rounds.policy.RoundPolicy` (sampling, reply screening) and
 `strategies.wrapper.ServerStages` together with the stages every entry of `SERVER_STAGES` contributes
 (each factory reads its own switches from the config and returns no stages when it is off), so adding a
 strategy or a server stage needs no change in the apps. It returns the layers the ServerApp uses by name
@@ -37,6 +37,7 @@ from strategies.fedavg import fedavg, fedprox
 from strategies.fedavgm import fedavgm
 from strategies.fedbe import fedbe
 from strategies.feddf import feddf
+from strategies.fedetf import fedetf
 from strategies.fednova import fednova
 from strategies.robust import check_trimming, fedmedian, fedtrimmedavg
 from strategies.tau_norm import tau_norm_stage
@@ -58,6 +59,7 @@ STRATEGIES: dict[str, StrategyFactory] = {
     "feddf": feddf,
     "fedbe": fedbe,
     "ratioloss": ratio_loss.ratioloss,
+    "fedetf": fedetf,
 }
 
 # Input checks of strategies that read more than the config schema checks, run by the preflight.
@@ -192,6 +194,18 @@ def client_workload(cfg: Mapping) -> dict[str, str]:
             "(alpha {a}, beta {b}); it receives the C class weights with the model every round and uploads "
             "nothing extra".format(a=cfg["ratio-alpha"], b=cfg["ratio-beta"])
         )
+    if strategy == "fedetf":
+        runs = (
+            "local SGD on its partition through FedETF's fixed ETF classifier with the balanced softmax (logits + "
+            "log n_c from its own label counts, which it keeps)"
+        )
+        if int(cfg["fedetf-finetune-rounds"]) > 0:
+            per_round += "; after the last round, every client once: its fine-tuned model and its images per class"
+            runs += (
+                f"; after the last round FedETF's personalisation: one local update, then "
+                f"{cfg['fedetf-finetune-rounds']} x ({cfg['fedetf-finetune-epochs']} epochs of the ETF, as many of its "
+                "projection) on its partition"
+            )
     if strategy in ("feddf", "fedbe"):
         runs += (
             f"; nothing else: the server distils the round's client models ({strategy}) on its own unlabeled "

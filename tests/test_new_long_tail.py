@@ -1,0 +1,132 @@
+"""The long-tailed federated methods published after the paper (FedETF): each method's model, loss and
+checks, and its runs through the real ServerApp and ClientApp in-process under stage 1 (`pretrain`) and stage 3
+(`align`). Parity with the authors' code is in tests/test_parity_<method>.py; one `flwr run` simulation per method
+is in tests/test_new_long_tail_simulation.py.
+
+Models are tiny random-weight ResNet-8 configurations on the offline digits data.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from flcore.config import ConfigError, validate
+from flcore.losses import LOSS_KEY, LossInputs, build_loss
+from flcore.models import ETFClassifier, model_classifier, model_head, run_buffer_names, run_model
+from flcore.personalize import fedetf_personalize, fit
+from flcore.training import TrainSettings, train
+from strategies.personalization import personal_accuracy
+from strategies.registry import STRATEGIES, client_workload
+from tests.test_long_tail_methods import run_app
+
+pytestmark = pytest.mark.usefixtures("flower_identity", "one_thread")
+
+TINY = {"num-clients": 4, "image-size": 8, "projection-dim": 16, "local-epochs": 1, "augment": False}
+
+
+def cfg_of(**overrides):
+    return validate({**TINY, **overrides}, choices={"strategy": STRATEGIES})
+
+
+def digits_batch(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(n, 3, 8, 8, generator=gen), torch.arange(n) % 3  # a client holding classes 0-2 only
+
+
+class OneBatch:
+    """The one batch a test trains on, with the `iterate` that `flcore.training.train` reads."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def iterate(self, **kwargs):
+        yield self.x, self.y
+
+
+# FedETF
+
+
+def test_fedetf_model_has_the_fixed_etf_classifier_under_every_head():
+    for flags in ({}, {"align": True}, {"pretrain": True}):
+        cfg = cfg_of(strategy="fedetf", **flags)
+        model = run_model(cfg, 10, seed=1)
+        assert model_classifier(cfg) == "etf" and isinstance(model.classifier, ETFClassifier)
+        assert model.head == ("mlp" if flags else "none")  # the paper's head under stage 1 or 3, FedETF's own without
+        etf = model.classifier.etf
+        assert etf.shape == (10, 10) and "classifier.etf" in model.state_dict()
+        gram = etf.T @ etf
+        torch.testing.assert_close(torch.diag(gram), torch.ones(10))
+        assert "classifier.etf" in run_buffer_names(cfg)  # FedAvgM/FedNova average it plainly: it never moves
+    assert torch.equal(run_model(cfg, 10, seed=1).classifier.etf, run_model(cfg, 10, seed=1).classifier.etf)
+    assert model_classifier(cfg_of()) == "linear" and model_head(cfg_of(strategy="fedetf")) == "none"
+
+
+def test_fedetf_client_trains_projection_and_scale_with_the_balanced_softmax_and_never_the_etf():
+    cfg = cfg_of(strategy="fedetf")
+    model = run_model(cfg, 10, seed=1)
+    x, y = digits_batch()
+    counts = np.bincount(y.numpy(), minlength=10)
+    loss = build_loss(LossInputs(cfg, counts, {LOSS_KEY: "balanced-softmax"}, None))
+    logits = torch.randn(4, 10)
+    labels = torch.tensor([0, 1, 2, 9])
+    log_n = torch.log(torch.tensor([4.0, 4.0, 4.0] + [1.0] * 7))
+    expected = torch.nn.functional.cross_entropy(logits + log_n, labels)
+    torch.testing.assert_close(loss(logits, labels), expected)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(
+        model, OneBatch(x, y), TrainSettings(1, 0.1, 0.9, 5e-4, augment=False), torch.Generator().manual_seed(0), loss
+    )
+    after = model.state_dict()
+    assert torch.equal(after["classifier.etf"], before["classifier.etf"])
+    assert not torch.equal(after["classifier.projection.weight"], before["classifier.projection.weight"])
+    assert not torch.equal(after["classifier.scale"], before["classifier.scale"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hint"),
+    [({"loss": "focal"}, "balanced softmax is that method's client loss"), ({"tau-norm": 1.0}, "fixed ETF")],
+)
+def test_fedetf_refuses_a_second_loss_and_tau_norm(overrides, hint):
+    with pytest.raises(ConfigError, match=hint):
+        cfg_of(strategy="fedetf", **overrides)
+
+
+def test_fedetf_personalisation_fine_tunes_a_copy_the_etf_then_the_projection():
+    cfg = cfg_of(strategy="fedetf", **{"fedetf-finetune-rounds": 2, "fedetf-finetune-epochs": 1})
+    model = run_model(cfg, 10, seed=1)
+    x, y = digits_batch()
+    sent = {k: v.clone() for k, v in model.state_dict().items()}
+    head = model.classifier
+    head.etf = torch.nn.Parameter(head.etf.clone())  # as the personalisation does: the ETF trains alone first
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, [head.etf], OneBatch(x, y), torch.optim.SGD([head.etf], lr=0.1), 1, False, torch.Generator())
+    changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert changed == {"classifier.etf"} and all(p.requires_grad for p in model.parameters())
+    model = run_model(cfg, 10, seed=1)
+    local = fedetf_personalize(model, OneBatch(x, y), cfg, np.bincount(y.numpy(), minlength=10), torch.Generator())
+    assert all(torch.equal(v, sent[k]) for k, v in model.state_dict().items())  # the global model is left alone
+    assert isinstance(local.classifier.etf, torch.nn.Parameter) and set(local.state_dict()) == set(sent)
+    assert not torch.equal(local.classifier.etf, sent["classifier.etf"])
+    assert "etf" in dict(model.classifier.named_buffers())
+
+
+def test_personal_accuracy_weights_each_test_class_by_the_clients_share():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    preds = np.array([0, 0, 1, 0, 0, 0])  # recall 1, 0.5, 0
+    assert personal_accuracy(preds, labels, np.array([3, 1, 0])) == pytest.approx((3 * 1 + 1 * 0.5) / 4)
+    assert personal_accuracy(preds, labels, np.array([0, 0, 5])) == 0.0
+
+
+def test_fedetf_runs_through_the_apps_under_align_and_pretrain(tmp_path):
+    personal = {"fedetf-finetune-rounds": 1, "fedetf-finetune-epochs": 1}
+    summary, rows, configs = run_app(tmp_path, "fedetf-align", strategy="fedetf", align=True, **personal)
+    assert [r["round"] for r in rows] == [0, 1, 2] and all("pre-align-accuracy" in r for r in rows[1:])
+    assert all(c[LOSS_KEY] == "balanced-softmax" for c in configs) and "ETF" in summary["client-runs"]
+    assert rows[-1]["personalized-replies"] == 2 and len(rows[-1]["personalized-accuracies"]) == 2
+    assert 0.0 <= rows[-1]["personalized-accuracy"] <= 1.0 and "personalized-accuracy" not in rows[1]
+    summary, rows, configs = run_app(
+        tmp_path, "fedetf-pretrain", strategy="fedetf", pretrain=True, **{"fedetf-finetune-rounds": 0}
+    )
+    assert summary["pretrain"]["teacher"] and [r["round"] for r in rows] == [0, 1, 2]
+    assert all(c[LOSS_KEY] == "balanced-softmax" for c in configs) and "personalized-replies" not in rows[-1]
+    assert "balanced softmax" in client_workload(cfg_of(strategy="fedetf"))["client-runs"]

@@ -117,6 +117,7 @@ def test_personal_accuracy_weights_each_test_class_by_the_clients_share():
     assert personal_accuracy(preds, labels, np.array([0, 0, 5])) == 0.0
 
 
+@pytest.mark.slow  # three in-process runs with stages (minutes on 2 cores); the unit tests above stay fast
 def test_fedetf_runs_through_the_apps_under_align_and_pretrain(tmp_path):
     personal = {"fedetf-finetune-rounds": 1, "fedetf-finetune-epochs": 1}
     summary, rows, configs = run_app(tmp_path, "fedetf-align", strategy="fedetf", align=True, **personal)

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from flcore.files import atomic_write, json_safe, write_json
 from flcore.metrics import row_normalised
+from flcore.progress import pace
 
 matplotlib.use("Agg")  # files only, never a window; pyplot takes its backend at the first figure, not at import
 
@@ -74,6 +75,7 @@ class RunReport:
         self._pending: dict[int, dict] = {}
         self._drawn: dict[str, dict] = {}
         self._t0 = self._last = time.perf_counter()
+        self._clock: tuple[int, float] | None = None  # the first round timed in this process, and when it ended
 
     @classmethod
     def create(cls, cfg: Mapping, run_id: int | str, classes: Sequence[str]) -> RunReport:
@@ -177,7 +179,22 @@ class RunReport:
         self.rows.append(row)
         with (self.dir / METRICS).open("a") as fh:
             fh.write(json.dumps(json_safe(row)) + "\n")
-        print(self.progress_line(row), flush=True)
+        left = self.time_left(server_round, now)
+        print(self.progress_line(row) + (f" | {left}" if left else ""), flush=True)
+
+    def round_ended(self, server_round: int) -> None:
+        """A round without an evaluation (eval-every > 1) still prints how far the run is and the time left."""
+        if not self.rows or self.rows[-1]["round"] != server_round:
+            print(f"[round {server_round:>3}/{self.num_rounds}] {self.time_left(server_round) or 'done'}", flush=True)
+
+    def time_left(self, server_round: int, now: float | None = None) -> str:
+        """`s/round, ~time left`, timed from the first round this process saw end (the set-up before it, and a
+        resumed run's earlier rounds, are not rounds' time); empty for that first round."""
+        now = time.perf_counter() if now is None else now
+        if self._clock is None:
+            self._clock = (server_round, now)
+        first, since = self._clock
+        return pace(server_round, self.num_rounds, now - since, "round", initial=first)
 
     def progress_line(self, row: Mapping[str, Any]) -> str:
         loss = row.get("train-loss")

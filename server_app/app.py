@@ -126,6 +126,7 @@ def serve(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
 
     def save_state(method: Strategy, server_round: int, arrays: ArrayRecord) -> None:
         checkpoint.save(report.dir / checkpoint.CHECKPOINT, server_round, arrays, method, report.rows, cfg)
+        report.round_ended(server_round)
 
     server = build_server_strategy(cfg, ctx, report, round_offset=done, on_round_end=save_state)
     initial = to_record(model)

@@ -7,6 +7,10 @@ the server stages measured (`take`): a `<name>.json` per summary section (pretra
 alignment.json) and their figures (alignment-step.png). Every file but the metrics log is written atomically
 (`flcore.files`); the checkpoint for resume is written beside them by `rounds.checkpoint`.
 
+Every metrics row and figure also goes to the loggers `log-to` names (`flcore.loggers`), given with
+`log_to`; `finish` ends them (a run that fails leaves them to end at exit: TensorBoard's files are flushed
+after every write, W&B ends its run itself).
+
 When the nodes hold their own data (client-data=local) the server knows no split: partition.json/.png
 then show what each node reported (its image count and images per class; each node's latest report),
 kept per round in metrics.jsonl (`node-data`) and in the summary.
@@ -28,6 +32,7 @@ import torch
 from matplotlib.figure import Figure
 
 from flcore.files import atomic_write, json_safe, write_json
+from flcore.loggers import scalars
 from flcore.metrics import row_normalised
 from flcore.progress import pace
 
@@ -76,6 +81,7 @@ class RunReport:
         self._drawn: dict[str, dict] = {}
         self._t0 = self._last = time.perf_counter()
         self._clock: tuple[int, float] | None = None  # the first round timed in this process, and when it ended
+        self.loggers: list[Any] = []  # flcore.loggers.RunLogger
 
     @classmethod
     def create(cls, cfg: Mapping, run_id: int | str, classes: Sequence[str]) -> RunReport:
@@ -83,6 +89,23 @@ class RunReport:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", dict(cfg))
         return cls(out, int(cfg["num-server-rounds"]), classes)
+
+    def log_to(self, loggers: Sequence[Any]) -> None:
+        """Mirror every row and figure from now on to `loggers` (TensorBoard, W&B)."""
+        self.loggers = list(loggers)
+
+    def close_loggers(self) -> None:
+        """End the loggers (once; a later call does nothing)."""
+        loggers, self.loggers = self.loggers, []
+        for logger in loggers:
+            logger.close()
+
+    def _figure(self, fig: Figure, name: str) -> None:
+        """Save a figure of the run folder and hand it to the loggers at the latest round."""
+        save_figure(fig, self.dir / name)
+        step = self.rows[-1]["round"] if self.rows else 0
+        for logger in self.loggers:
+            logger.image(Path(name).stem, self.dir / name, step)
 
     def write_partition(
         self,
@@ -120,7 +143,7 @@ class RunReport:
             ax.set_yticks(range(len(histogram)), nodes)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        save_figure(fig, self.dir / "partition.png")
+        self._figure(fig, "partition.png")
 
     def take(self, outcome: Any) -> None:
         """What a server stage measured (`rounds.stage.Outcome`): summary sections, each also written as
@@ -129,7 +152,7 @@ class RunReport:
             self.sections[name] = dict(section)
             write_json(self.dir / f"{name}.json", section)
         for name, fig in outcome.figures.items():
-            save_figure(fig, self.dir / name)
+            self._figure(fig, name)
 
     def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Take over the rows of a resumed run, so metrics.jsonl and the summary cover the whole run."""
@@ -179,6 +202,10 @@ class RunReport:
         self.rows.append(row)
         with (self.dir / METRICS).open("a") as fh:
             fh.write(json.dumps(json_safe(row)) + "\n")
+        if self.loggers:
+            values = scalars(row)
+            for logger in self.loggers:
+                logger.metrics(server_round, values)
         left = self.time_left(server_round, now)
         print(self.progress_line(row) + (f" | {left}" if left else ""), flush=True)
 
@@ -228,6 +255,9 @@ class RunReport:
             self.dir / "confusion.png",
             f"Round {last['round']}: accuracy {last['accuracy']:.3f}",
         )
+        for logger in self.loggers:
+            logger.image("confusion", self.dir / "confusion.png", last["round"])
+        self.close_loggers()
         return summary
 
     def _plot_curves(self) -> None:
@@ -240,7 +270,7 @@ class RunReport:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        save_figure(fig, self.dir / "curves.png")
+        self._figure(fig, "curves.png")
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:

@@ -212,12 +212,11 @@ def retrain_classifier(
     momentum: float = 0.0,
     fresh: bool = False,
     device: torch.device | None = None,
-    desc: str = "calibration",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SGD with CE on (virtual or federated) features: from the given classifier, or a fresh one (CReFF).
 
     The fresh classifier and the order of every epoch are drawn on the CPU from `gen`, then the training runs
-    on `device` (the features' own by default); a long one shows its epochs and time left under `desc`."""
+    on `device` (the features' own by default); a long one shows its epochs and time left."""
     device = feats.device if device is None else device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
@@ -229,7 +228,7 @@ def retrain_classifier(
             head.bias.copy_(bias)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
     feats, labels = feats.detach().to(device, torch.float32), labels.to(device, torch.long)
-    for _ in progress(range(epochs), desc=desc, unit="epoch"):
+    for _ in progress(range(epochs), desc="classifier calibration", unit="epoch"):
         order = torch.randperm(len(labels), generator=gen).to(device)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]

@@ -32,6 +32,7 @@ from flcore.datasets import Dataset, ImageSet
 from flcore.device import compute_of
 from flcore.files import atomic_write
 from flcore.models import build_model
+from flcore.progress import progress
 from flcore.run_data import Prepared, batches, prepare
 from flcore.seeding import seeded_generator
 from flcore.training import TrainSettings, train
@@ -94,7 +95,7 @@ def _train(cfg: Mapping, prepared: Prepared, held: np.ndarray) -> nn.Module:
         int(cfg["holdout-epochs"]), float(cfg["holdout-lr"]), MOMENTUM, WEIGHT_DECAY, bool(cfg["augment"])
     )
     print(f"[teacher] training the {label(len(held), str(cfg['holdout-model']))}", flush=True)
-    train(model, data, settings, seeded_generator(seed, STREAM), compute=compute_of(cfg))
+    train(model, data, settings, seeded_generator(seed, STREAM), compute=compute_of(cfg), progress="teacher")
     return model
 
 
@@ -149,4 +150,6 @@ def logits(cfg: Mapping, model: nn.Module, images: ImageSet) -> torch.Tensor:
     """The teacher's logits [N, C] over `images`, in order, computed on the run's device in float32 and returned
     on the CPU (they are cached like CLIP's)."""
     model.eval()
-    return torch.cat([model(x) for x, _ in batches(cfg, images, 256).iterate()]).float().cpu()
+    data = batches(cfg, images, 256)
+    chunks = progress(data.iterate(), total=len(data), desc="teacher logits", unit="batch")
+    return torch.cat([model(x) for x, _ in chunks]).float().cpu()

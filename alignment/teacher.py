@@ -26,6 +26,7 @@ from torch import nn
 
 from flcore.config import ConfigError, WeightsNotFound
 from flcore.datasets import ImageSet
+from flcore.progress import progress
 
 TINY = "tiny"
 REAL_DEFAULT = ("ViT-L-14-336", "openai")  # the CLIP vision tower of LLaVA-1.5
@@ -239,7 +240,7 @@ def zero_shot_logits(
     text = text_features(teacher, classes, templates).T
     scale = teacher.model.logit_scale.exp()
     out = []
-    for start in range(0, len(images), IMAGE_BATCH):
+    for start in progress(range(0, len(images), IMAGE_BATCH), desc="teacher logits", unit="batch"):
         idx = range(start, min(start + IMAGE_BATCH, len(images)))
         batch = torch.stack([teacher.preprocess(img) for img in _pil_images(images, idx)]).to(teacher.device)
         feats = teacher.model.encode_image(batch, normalize=True)

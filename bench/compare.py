@@ -16,6 +16,11 @@ writes, into <out>/:
   `ours-no-align` cells finished here: the final confusion matrices of the run trained without alignment
   and of the run trained with it, side by side, with overall and many/medium/few accuracy.
 
+With `--run-config "log-to=tensorboard,wandb"` every cell also logs to TensorBoard and W&B, named so the
+grid's rows sit side by side in their UIs: each cell's run is named `<method>-if<IF>-seed<seed>` and the
+grid's are one W&B group, the grid folder's name (`log-name`, `log-group`; a --run-config value wins), and
+their event files are all under one folder, `tensorboard --logdir <out>/cells`.
+
 `--include results.csv` fills cells of this grid that have no finished run here with the rows of an
 earlier grid's CSV (another session or machine), so a grid can be finished where its cell folders are
 gone; the CSV keeps each cell's per-round curve, so included rows are plotted too (rows from CSVs
@@ -111,6 +116,11 @@ class Cell:
     @property
     def key(self) -> tuple[str, float, int]:
         return self.method, self.imbalance, self.seed
+
+    @property
+    def name(self) -> str:
+        """The cell's run name in TensorBoard and W&B."""
+        return f"{self.method}-if{self.imbalance:g}-seed{self.seed}"
 
     def finished_run(self) -> Path | None:
         """The cell's latest run that completed, if any."""
@@ -445,7 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             how = "done before" if done else "from --include" if cell.key in borrowed else "not run"
             print(f"{label}: {how}, skipped", flush=True)
         else:
-            todo.append((label, cell, {**base, **parse_overrides([methods_cfg[cell.method]])}))
+            names = {"log-group": out.name, "log-name": cell.name}  # the grid's group, the cell's row
+            todo.append((label, cell, {**names, **base, **parse_overrides([methods_cfg[cell.method]])}))
     run_cells(todo, places)
     results = [cell_result(c) or borrowed.get(c.key) for c in cells]
     results = [r for r in results if r is not None]
@@ -466,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if figures:
         print(f"Figure 4 (with vs without alignment): {', '.join(p.name for p in figures)}")
     print(f"{len(results)}/{len(cells)} cells finished; grid wall time {time.perf_counter() - t0:.0f} s; see {out}")
+    if "tensorboard" in str(base.get("log-to", "")):
+        print(f"TensorBoard, every cell of the grid: tensorboard --logdir {out / 'cells'}")
     return 0 if len(results) == len(cells) or args.report_only else 1
 
 

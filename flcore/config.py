@@ -36,6 +36,7 @@ LOCAL = "local"  # client-data: every SuperNode trains on its own folder (node c
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 PARTITION_ASSIGNMENTS = ("server", "node")
+LOG_TARGETS = ("none", "tensorboard", "wandb")  # log-to: flcore.loggers.LOGGERS, and none
 
 
 MAX_SEED = 2**31 - 1  # every seed consumer accepts it (torch, NumPy, Flower), also as seed * 1000 + epoch
@@ -105,6 +106,20 @@ def _per_class_ok(value: Any) -> bool:
     if isinstance(value, str):
         return value == "auto"
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def log_targets(value: str) -> list[str]:
+    """`log-to` as the loggers it names, in order, without repeats; `none` names none."""
+    names = [name.strip() for name in value.split(",")]
+    return [name for i, name in enumerate(names) if name != "none" and name not in names[:i]]
+
+
+def _log_to_ok(value: Any) -> bool:
+    """`none`, or one or more of the loggers, comma-separated (`tensorboard,wandb`)."""
+    if not isinstance(value, str):
+        return False
+    names = [name.strip() for name in value.split(",")]
+    return all(name in LOG_TARGETS for name in names) and (names == ["none"] or "none" not in names)
 
 
 def _workers_ok(value: Any) -> bool:
@@ -255,6 +270,22 @@ SECTIONS: dict[str, dict[str, Option]] = {
         ),
         "eval-batch-size": _opt(500, "Batch size of centralized evaluation.", _number(1, integer=True)),
         "output-dir": _opt("outputs", "Folder that receives outputs/<run-id>/ reports."),
+    },
+    "Logging to TensorBoard and Weights & Biases": {
+        "log-to": Option(
+            "none",
+            "Where the server also logs every metrics.jsonl row (per-class lists as one scalar per class), the run "
+            "config as hyperparameters and the figures: none, tensorboard (event files in <run>/tensorboard/), "
+            "wandb (files in <run>/wandb/; offline unless you ran `wandb login` or set WANDB_MODE), or both, "
+            "comma-separated (tensorboard,wandb). Needs `pip install .[logging]`.",
+            "none, or tensorboard and/or wandb comma-separated",
+            _log_to_ok,
+        ),
+        "log-group": _opt(
+            "", "Name that groups runs in the loggers: the W&B group (bench.compare sets the grid's); empty = none."
+        ),
+        "log-name": _opt("", "Name of the run in the loggers (bench.compare sets the cell's); empty = the run id."),
+        "wandb-project": _opt("mllm-llava-fl", "W&B project the runs are logged to (log-to=wandb)."),
     },
     "Stage 3: CLIP-supervised global alignment after aggregation": {
         "align": _opt(False, "Stage 3: fine-tune the aggregated model on D_align with CE + beta*KL(q||p) each round."),

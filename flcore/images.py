@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from flcore.config import ConfigError
+from flcore.progress import progress
 
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
 DECODE_ALL = 10_000
@@ -56,7 +57,7 @@ def files_to_check(files: Sequence[str], seed: int) -> tuple[list[str], str]:
 def check_images(files: Sequence[str], key: str, seed: int = 0) -> str:
     """ConfigError naming `key` and the first unusable file; otherwise what was checked."""
     chosen, which = files_to_check(files, seed)
-    for path in chosen:
+    for path in progress(chosen, desc=f"checking {key} images", unit="image"):
         problem = image_problem(path)
         if problem is not None:
             raise ConfigError(f"run-config key '{key}': image '{path}' {problem}; remove or replace it.")

@@ -13,6 +13,8 @@ import datasets
 import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, Partitioner
 
+from flcore.progress import progress
+
 CREFF_GROUP = 10  # CReFF draws its Dirichlet split for groups of 10 clients at a time
 CREFF_MAX_DRAWS = 1000
 
@@ -71,7 +73,7 @@ def creff_split(labels: np.ndarray, num_clients: int, alpha: float, seed: int, n
     groups = math.ceil(num_clients / CREFF_GROUP)
     step = int(CREFF_GROUP / num_clients * len(rows))
     joined = []
-    for g in range(groups):
+    for g in progress(range(groups), desc="client split", unit="group"):
         last = g == groups - 1
         chunk = rows[g * step : len(rows) if last else (g + 1) * step]
         n = num_clients - CREFF_GROUP * g if last else CREFF_GROUP
@@ -127,7 +129,8 @@ def partition_positions(partitioner: Partitioner) -> list[np.ndarray]:
     if isinstance(partitioner, CReFFPartitioner):
         pos = column(partitioner.dataset, "pos")
         return [pos[p] for p in partitioner.partition_positions()]
-    return [column(partitioner.load_partition(i), "pos") for i in range(partitioner.num_partitions)]
+    parts = progress(range(partitioner.num_partitions), desc="client split", unit="client")
+    return [column(partitioner.load_partition(i), "pos") for i in parts]
 
 
 def _creff(num_clients: int, alpha: float, seed: int, min_size: int, num_classes: int) -> Partitioner:

@@ -7,6 +7,10 @@ the server stages measured (`take`): a `<name>.json` per summary section (pretra
 alignment.json) and their figures (alignment-step.png). Every file but the metrics log is written atomically
 (`flcore.files`); the checkpoint for resume is written beside them by `rounds.checkpoint`.
 
+Every metrics row and figure also goes to the loggers `log-to` names (`flcore.loggers`), given with
+`log_to`; `finish` ends them (a run that fails leaves them to end at exit: TensorBoard's files are flushed
+after every write, W&B ends its run itself).
+
 When the nodes hold their own data (client-data=local) the server knows no split: partition.json/.png
 then show what each node reported (its image count and images per class; each node's latest report),
 kept per round in metrics.jsonl (`node-data`) and in the summary.
@@ -28,7 +32,9 @@ import torch
 from matplotlib.figure import Figure
 
 from flcore.files import atomic_write, json_safe, write_json
+from flcore.loggers import scalars
 from flcore.metrics import row_normalised
+from flcore.progress import pace
 
 matplotlib.use("Agg")  # files only, never a window; pyplot takes its backend at the first figure, not at import
 
@@ -74,6 +80,8 @@ class RunReport:
         self._pending: dict[int, dict] = {}
         self._drawn: dict[str, dict] = {}
         self._t0 = self._last = time.perf_counter()
+        self._clock: tuple[int, float] | None = None  # the first round timed in this process, and when it ended
+        self.loggers: list[Any] = []  # flcore.loggers.RunLogger
 
     @classmethod
     def create(cls, cfg: Mapping, run_id: int | str, classes: Sequence[str]) -> RunReport:
@@ -81,6 +89,23 @@ class RunReport:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", dict(cfg))
         return cls(out, int(cfg["num-server-rounds"]), classes)
+
+    def log_to(self, loggers: Sequence[Any]) -> None:
+        """Mirror every row and figure from now on to `loggers` (TensorBoard, W&B)."""
+        self.loggers = list(loggers)
+
+    def close_loggers(self) -> None:
+        """End the loggers (once; a later call does nothing)."""
+        loggers, self.loggers = self.loggers, []
+        for logger in loggers:
+            logger.close()
+
+    def _figure(self, fig: Figure, name: str) -> None:
+        """Save a figure of the run folder and hand it to the loggers at the latest round."""
+        save_figure(fig, self.dir / name)
+        step = self.rows[-1]["round"] if self.rows else 0
+        for logger in self.loggers:
+            logger.image(Path(name).stem, self.dir / name, step)
 
     def write_partition(
         self,
@@ -118,7 +143,7 @@ class RunReport:
             ax.set_yticks(range(len(histogram)), nodes)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        save_figure(fig, self.dir / "partition.png")
+        self._figure(fig, "partition.png")
 
     def take(self, outcome: Any) -> None:
         """What a server stage measured (`rounds.stage.Outcome`): summary sections, each also written as
@@ -127,7 +152,7 @@ class RunReport:
             self.sections[name] = dict(section)
             write_json(self.dir / f"{name}.json", section)
         for name, fig in outcome.figures.items():
-            save_figure(fig, self.dir / name)
+            self._figure(fig, name)
 
     def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Take over the rows of a resumed run, so metrics.jsonl and the summary cover the whole run."""
@@ -177,7 +202,26 @@ class RunReport:
         self.rows.append(row)
         with (self.dir / METRICS).open("a") as fh:
             fh.write(json.dumps(json_safe(row)) + "\n")
-        print(self.progress_line(row), flush=True)
+        if self.loggers:
+            values = scalars(row)
+            for logger in self.loggers:
+                logger.metrics(server_round, values)
+        left = self.time_left(server_round, now)
+        print(self.progress_line(row) + (f" | {left}" if left else ""), flush=True)
+
+    def round_ended(self, server_round: int) -> None:
+        """A round without an evaluation (eval-every > 1) still prints how far the run is and the time left."""
+        if not self.rows or self.rows[-1]["round"] != server_round:
+            print(f"[round {server_round:>3}/{self.num_rounds}] {self.time_left(server_round) or 'done'}", flush=True)
+
+    def time_left(self, server_round: int, now: float | None = None) -> str:
+        """`s/round, ~time left`, timed from the first round this process saw end (the set-up before it, and a
+        resumed run's earlier rounds, are not rounds' time); empty for that first round."""
+        now = time.perf_counter() if now is None else now
+        if self._clock is None:
+            self._clock = (server_round, now)
+        first, since = self._clock
+        return pace(server_round, self.num_rounds, now - since, "round", initial=first)
 
     def progress_line(self, row: Mapping[str, Any]) -> str:
         loss = row.get("train-loss")
@@ -211,6 +255,9 @@ class RunReport:
             self.dir / "confusion.png",
             f"Round {last['round']}: accuracy {last['accuracy']:.3f}",
         )
+        for logger in self.loggers:
+            logger.image("confusion", self.dir / "confusion.png", last["round"])
+        self.close_loggers()
         return summary
 
     def _plot_curves(self) -> None:
@@ -223,7 +270,7 @@ class RunReport:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        save_figure(fig, self.dir / "curves.png")
+        self._figure(fig, "curves.png")
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from flcore.arrays import NON_FINITE
 from flcore.batches import Batches
 from flcore.device import CPU, Compute
+from flcore.progress import progress as progress_of
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, batch positions in the data) -> term
@@ -70,6 +71,7 @@ def train(
     loss_fn: LossFn = F.cross_entropy,
     extra_loss: ExtraLoss | None = None,
     compute: Compute = CPU,
+    progress: str = "",
 ) -> dict[str, float]:
     """Plain SGD over the client's data; with proximal_mu > 0 adds FedProx's (mu/2)||w - w_global||^2, and
     with max_grad_norm > 0 clips each step's gradient (FedRS's authors' client does).
@@ -77,7 +79,8 @@ def train(
     `extra_loss` gets the logits and the batch's positions in the data, so a per-example term (CLIP2FL's
     distillation from cached teacher logits) is added without changing the loss signature of other callers.
     `train-seconds` and `train-images-per-second` are the loop's own wall time and throughput, so a run can
-    tell client compute from what surrounds it (messaging, set-up, the server's work).
+    tell client compute from what surrounds it (messaging, set-up, the server's work). A `progress` name shows
+    the steps done and the time left under it (a long server-side training; clients' rounds pass none).
     """
     start = time.perf_counter()
     model.train()
@@ -89,6 +92,7 @@ def train(
     total_loss = torch.zeros((), dtype=torch.float64, device=compute.device)
     correct = torch.zeros((), dtype=torch.int64, device=compute.device)
     seen, steps = 0, 0
+    bar = progress_of(total=settings.epochs * len(batches), desc=progress, unit="step") if progress else None
     for _ in range(settings.epochs):
         for idx, x, y in _batches(batches, settings.augment, gen, indexed=extra_loss is not None):
             with compute.autocast():
@@ -111,6 +115,10 @@ def train(
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             steps += 1
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
     seconds = time.perf_counter() - start
     return {
         "train-loss": float(total_loss) / max(seen, 1),

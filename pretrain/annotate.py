@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from flcore.images import image_files
+from flcore.progress import progress
 from pretrain.prompts import KINDS, generation_prompt, human_turn, question
 from pretrain.teacher import LlavaTeacher
 
@@ -91,7 +91,7 @@ def annotate(
     done = done_ids(out)
     summary = AnnotationSummary(images=len(images), annotator=teacher.note)
     with out.open("a", encoding="utf-8") as sink:
-        for image in tqdm(images, desc="annotate", unit="img", dynamic_ncols=True):
+        for image in progress(images, desc="annotate", unit="image"):
             todo = [k for k in kinds if record_id(image, k) not in done]
             summary.skipped_done += len(kinds) - len(todo)
             if not todo:

@@ -35,6 +35,7 @@ from torch import nn
 
 from flcore.device import CPU, Compute
 from flcore.models import FLModel
+from flcore.progress import progress
 from pretrain.checkpoints import Checkpoints
 from pretrain.llava_data import Batch, LlavaSamples
 from pretrain.teacher import LlavaTeacher, projector, vision_tower
@@ -254,6 +255,7 @@ def train_dwp(
         start, clock.step, result.epoch_loss = state["epoch"], state["step"], list(state["losses"])
         result.resumed_from = start
     handle = _count_calls(vision_tower(teacher), result)
+    bar = progress(total=total, initial=clock.step, desc="dwp", unit="step")
     try:
         for epoch in range(start, cfg.epochs):
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -265,9 +267,11 @@ def train_dwp(
                     continue
                 total_loss += _step(teacher, gfl, micro, clock.alpha, opt, sched, scaler, compute)
                 seen, micro, clock.step = seen + 1, [], clock.step + 1
+                bar.update()
             if micro:
                 total_loss += _step(teacher, gfl, micro, clock.alpha, opt, sched, scaler, compute)
                 seen, clock.step = seen + 1, clock.step + 1
+                bar.update()
             if not seen:  # every image failed: nothing trained, so nothing may be checkpointed or cached
                 raise DWPError(
                     f"DWP epoch {epoch + 1} trained zero steps: none of the {len(samples)} records' images could be "
@@ -288,6 +292,7 @@ def train_dwp(
             if on_epoch:
                 on_epoch(epoch + 1, result.epoch_loss[-1], clock.alpha)
     finally:
+        bar.close()
         handle.remove()
         if cfg.gradient_checkpointing:
             _checkpointing(teacher.model, False)

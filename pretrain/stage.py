@@ -30,6 +30,7 @@ from flcore.datasets import digits_pixels, digits_split
 from flcore.device import AMP_DTYPES, compute_of
 from flcore.images import image_problem
 from flcore.models import PAPER_HEAD, model_head, run_model
+from flcore.progress import progress
 from flcore.run_data import Prepared, prepare
 from pretrain.checkpoints import Checkpoints, cache_key, file_digest
 from rounds.stage import Outcome, ServerContext, Stages
@@ -121,7 +122,8 @@ def check_records(cfg: Mapping, path: Path) -> None:
     if not used:
         raise ConfigError(f"run-config key 'pretrain-data' = {str(path)!r} holds no records.")
     picked = np.random.default_rng(int(cfg["seed"])).choice(len(used), min(IMAGE_SAMPLE, len(used)), replace=False)
-    problems = {used[i]: image_problem(used[i]) for i in sorted(picked)}
+    checked = progress(sorted(picked), desc="checking pretrain-data images", unit="image")
+    problems = {used[i]: image_problem(used[i]) for i in checked}
     bad = {p: why for p, why in problems.items() if why is not None}
     if len(bad) == len(problems):
         first, why = next(iter(bad.items()))

@@ -52,6 +52,10 @@ FREE_KEYS = {
     "max-message-mb",
     "fail-rate",
     "partition-assignment",  # both rules sample the same partitions in the same order
+    "log-to",
+    "log-group",
+    "log-name",
+    "wandb-project",
 }
 
 

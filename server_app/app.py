@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from flcore.arrays import NON_FINITE, load_record, non_finite, to_record
 from flcore.config import LOCAL
 from flcore.device import Compute
+from flcore.loggers import open_loggers
 from flcore.metrics import summarize
 from flcore.models import FLModel
 from flcore.reports import RunReport
@@ -113,6 +114,7 @@ def serve(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
     report = RunReport.create(cfg, run_id, data.dataset.classes)
     if resumed is not None:
         report.restore(resumed.rows)
+    report.log_to(open_loggers(cfg, report.dir, run_id))  # TensorBoard, W&B: ended by report.finish, or at exit
     local = cfg["client-data"] == LOCAL
     if not local:  # nodes holding their own data report it with their updates (RunReport.record_nodes)
         report.write_partition(data.client_histogram, data.pool_counts, data.groups, reserve=data.reserve)
@@ -126,6 +128,7 @@ def serve(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
 
     def save_state(method: Strategy, server_round: int, arrays: ArrayRecord) -> None:
         checkpoint.save(report.dir / checkpoint.CHECKPOINT, server_round, arrays, method, report.rows, cfg)
+        report.round_ended(server_round)
 
     server = build_server_strategy(cfg, ctx, report, round_offset=done, on_round_end=save_state)
     initial = to_record(model)

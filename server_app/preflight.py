@@ -32,6 +32,7 @@ from flcore.config import LOCAL, ConfigError, validate
 from flcore.datasets import DataNotFound
 from flcore.device import Compute, compute_of, visible_gpus
 from flcore.images import check_images
+from flcore.loggers import check_loggers
 from flcore.memory import check_memory, data_bytes
 from flcore.models import classifier_width, model_head
 from flcore.run_data import Prepared, prepare
@@ -79,6 +80,7 @@ def preflight(cfg: Mapping[str, Any], simulation: Simulation | None = None) -> C
     compute = compute_of(cfg)  # this machine's GPUs before the clients' share: the plainest message comes first
     federation = check_simulation(cfg, simulation) if simulation is not None else None
     check_output_dir(cfg)
+    check_loggers(cfg)
     resumed = checkpoint.load(cfg) if cfg["resume"] else None
     held = data_bytes(cfg)
     check_memory(cfg, 1, held=held)  # before decoding the data: one class is the smallest classifier there is

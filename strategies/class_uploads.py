@@ -35,6 +35,7 @@ from torch import nn
 
 from flcore.arrays import reply_metrics
 from flcore.class_statistics import HEAD_KEYS, RECORD, UPLOAD_ACTION, UPLOAD_KEY, Uploads, decode, npy_bytes
+from flcore.progress import progress
 from rounds.delegate import Delegating
 from rounds.guard import screen
 from rounds.sampling import kept_random
@@ -220,7 +221,7 @@ def retrain_classifier(
     """SGD with CE on (virtual or federated) features: from the given classifier, or a fresh one (CReFF).
 
     The fresh classifier and the order of every epoch are drawn on the CPU from `gen`, then the training runs
-    on `device` (the features' own by default)."""
+    on `device` (the features' own by default); a long one shows its epochs and time left."""
     device = feats.device if device is None else device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
@@ -232,7 +233,7 @@ def retrain_classifier(
             head.bias.copy_(bias)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
     feats, labels = feats.detach().to(device, torch.float32), labels.to(device, torch.long)
-    for _ in range(epochs):
+    for _ in progress(range(epochs), desc="classifier calibration", unit="epoch"):
         order = torch.randperm(len(labels), generator=gen).to(device)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]

@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.class_statistics import Uploads, classifier_grad
 from flcore.device import compute_of
+from flcore.progress import progress
 from strategies.class_uploads import WEIGHT, ClientUploads, classifier, retrain_classifier, with_classifier
 from strategies.fedavg import sampling
 
@@ -88,7 +89,7 @@ class FederatedFeatures:
         opt = torch.optim.SGD([feats], lr=lr)
         seen = [int(c) for c in np.flatnonzero(holders > 0)]
         distance = torch.zeros((), device=device)
-        for _ in range(epochs):
+        for _ in progress(range(epochs), desc="creff matching", unit="epoch"):
             distance = torch.zeros((), dtype=torch.float64, device=device)
             for c in seen:
                 rows = slice(c * self.per_class, (c + 1) * self.per_class)

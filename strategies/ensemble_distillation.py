@@ -39,6 +39,7 @@ from flcore.datasets import ImageSet
 from flcore.device import CPU, Compute
 from flcore.images import IMAGE_SUFFIXES, check_images, image_files
 from flcore.losses import kd_loss
+from flcore.progress import progress
 from flcore.run_data import Prepared, batches, prepare
 from flcore.run_model import model_from
 from flcore.server_data import align_set
@@ -162,7 +163,10 @@ def ensemble_logits(
 ) -> list[torch.Tensor]:
     """Each member model's logits on the unlabeled images, computed with one model object refilled per member."""
     model = model_from(cfg, members[0])
-    return [logits_of(load_record(model, arrays), data, compute) for arrays in members]
+    return [
+        logits_of(load_record(model, arrays), data, compute)
+        for arrays in progress(members, desc="ensemble logits", unit="model")
+    ]
 
 
 def shuffled(data: Batches, targets: torch.Tensor, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:

@@ -39,6 +39,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from flcore.arrays import to_record
 from flcore.batches import Batches
 from flcore.device import CPU, Compute, compute_of
+from flcore.progress import progress
 from flcore.run_model import model_from
 from strategies.ensemble_distillation import (
     ClientModels,
@@ -122,7 +123,7 @@ def distill_with_swa(
     swa = AveragedModel(student)
     first = min(int(SWA_START * epochs), epochs - 1)
     losses = [torch.zeros(())]
-    for epoch in range(epochs):
+    for epoch in progress(range(epochs), desc="fedbe distillation", unit="epoch"):
         losses = [distiller.step(x, target) for x, target in shuffled(data, targets, gen)]
         if epoch >= first:
             swa.update_parameters(student)

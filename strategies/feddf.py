@@ -30,6 +30,7 @@ from torch import nn
 from flcore.arrays import to_record
 from flcore.batches import Batches
 from flcore.device import CPU, Compute, compute_of
+from flcore.progress import progress
 from flcore.run_model import model_from
 from flcore.server_data import align_set
 from strategies.ensemble_distillation import (
@@ -95,11 +96,13 @@ def distill_with_early_stopping(
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule.steps)
     best, best_step, best_state = -1.0, 0, student.state_dict()
     step = 0
+    bar = progress(total=schedule.steps, desc="feddf distillation", unit="step")
     for x, target in endless(*train, gen):
         student.train()
         distiller.step(x, target)
         cosine.step()
         step += 1
+        bar.update()
         if step % schedule.eval_every and step < schedule.steps:
             continue
         measured = accuracy(student, val, compute)
@@ -107,6 +110,7 @@ def distill_with_early_stopping(
             best, best_step, best_state = measured, step, copy.deepcopy(student.state_dict())
         if step - best_step >= schedule.patience or step >= schedule.steps:
             break
+    bar.close()
     student.load_state_dict(best_state)
     return step, best, best_step
 

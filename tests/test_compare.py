@@ -93,9 +93,31 @@ def test_finished_cells_are_not_rerun(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "run_cell", run_cell)
     args = ["--methods", "fedavg,fednova", "--ifs", "10", "--seeds", "7", "--out", str(tmp_path)]
     assert compare.main(args) == 0
-    assert ran == [("fednova", 10.0, {"strategy": "fednova"})]
+    names = {"log-group": tmp_path.name, "log-name": "fednova-if10-seed7"}  # the grid's group, the cell's row
+    assert ran == [("fednova", 10.0, {**names, "strategy": "fednova"})]
     assert "| fednova | **60.00 ± 0.00** |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "curves_if10.png").is_file()
+
+
+def test_a_grid_logs_its_cells_as_one_group_unless_told_another(tmp_path, monkeypatch, capsys):
+    sent = []
+
+    def run_cell(cell, overrides):
+        sent.append(overrides)
+        fake_cell(cell.dir.parents[2], cell.method, cell.imbalance, cell.seed, 0.6)
+        return True
+
+    monkeypatch.setattr(compare, "run_cell", run_cell)
+    grid = ["--methods", "fedavg", "--ifs", "10,50", "--seeds", "7"]
+    assert compare.main([*grid, "--out", str(tmp_path / "a"), "--run-config", "log-to='tensorboard,wandb'"]) == 0
+    assert [(s["log-group"], s["log-name"], s["log-to"]) for s in sent] == [
+        ("a", "fedavg-if10-seed7", "tensorboard,wandb"),
+        ("a", "fedavg-if50-seed7", "tensorboard,wandb"),
+    ]
+    assert f"tensorboard --logdir {tmp_path / 'a' / 'cells'}" in capsys.readouterr().out
+    sent.clear()
+    assert compare.main([*grid, "--out", str(tmp_path / "b"), "--run-config", "log-group='ablation'"]) == 0
+    assert {s["log-group"] for s in sent} == {"ablation"}
 
 
 def test_report_only_tables_a_partial_grid_without_running(tmp_path, monkeypatch):

@@ -102,7 +102,7 @@ def test_finished_cells_are_not_rerun(tmp_path, monkeypatch):
 def test_a_grid_logs_its_cells_as_one_group_unless_told_another(tmp_path, monkeypatch, capsys):
     sent = []
 
-    def run_cell(cell, overrides):
+    def run_cell(cell, overrides, slot=None):
         sent.append(overrides)
         fake_cell(cell.dir.parents[2], cell.method, cell.imbalance, cell.seed, 0.6)
         return True

@@ -384,6 +384,12 @@ SECTIONS: dict[str, dict[str, Option]] = {
             "median num-examples.",
             _number(1),
         ),
+        "max-update-ratio": _opt(
+            10.0,
+            "An update (its weights minus the global model's) whose L2 norm exceeds this times the round's lower "
+            "median update norm is clipped to that norm, under every strategy.",
+            _number(1),
+        ),
     },
     "Strategies and long-tail baselines": {
         "proximal-mu": _opt(0.01, "FedProx proximal weight mu (strategy=fedprox; CReFF's baseline 0.01).", _number(0)),

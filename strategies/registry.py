@@ -147,6 +147,7 @@ def build_server_strategy(
         partitions=server_partitions(cfg),
         weight_caps=weight_caps(cfg, ctx),
         max_upload_mb=float(cfg["max-upload-mb"]),
+        max_update_ratio=float(cfg["max-update-ratio"]),
         on_node_data=report.record_nodes,
     )
     round_end = partial(on_round_end, method) if on_round_end is not None else None

@@ -384,6 +384,13 @@ SECTIONS: dict[str, dict[str, Option]] = {
             "median num-examples.",
             _number(1),
         ),
+        "weighting": _choice(
+            "examples",
+            "What a client's update weighs in the average: its reported num-examples under the caps above "
+            "(examples), that capped at the round's lower median claim (capped-median), or 1 whatever it "
+            "reports (uniform); see docs/deployment.md.",
+            ("examples", "capped-median", "uniform"),
+        ),
         "max-update-ratio": _opt(
             10.0,
             "An update (its weights minus the global model's) whose L2 norm exceeds this times the round's lower "

@@ -86,3 +86,50 @@ def test_max_update_ratio_is_a_checked_key():
     assert validate({}, choices={"strategy": STRATEGIES})["max-update-ratio"] == 10.0
     with pytest.raises(ConfigError, match="'max-update-ratio' = 0.5"):
         validate({"max-update-ratio": 0.5}, choices={"strategy": STRATEGIES})
+
+
+# --- item 15: what a self-reported num-examples can buy -------------------------------------------------
+
+
+def liar_share(weighting: str, honest: int) -> float:
+    """The liar's share of the average: `honest` nodes with 100 examples send w = 0, one node claims as many
+    examples as the caps allow (`max-examples`) and sends w = 1; nothing is known of any node's size. All
+    move b by 1, so the liar's update is not clipped as far larger than the others'."""
+    cfg = validate({"client-data": "local", "weighting": weighting}, choices={"strategy": STRATEGIES})
+    policy = build_server_strategy(cfg, None, RecordingReport()).policy
+    policy._global = ArrayRecord(arrays_of(GLOBAL))
+    b = np.ones(2, np.float32)
+    replies = [reply(i, {"w": np.zeros(3, np.float32), "b": b}, n=100) for i in range(1, honest + 1)]
+    replies.append(reply(99, {"w": np.ones(3, np.float32), "b": b}, n=cfg["max-examples"]))
+    arrays, _ = policy.aggregate_train(1, replies)
+    return float(arrays["w"].numpy()[0])
+
+
+@pytest.mark.parametrize(
+    ("weighting", "honest", "share"),
+    [
+        ("examples", 1, 10 / 11),  # the documented bound r / (r + k), r = max-weight-ratio = 10
+        ("examples", 7, 10 / 17),
+        ("capped-median", 1, 1 / 2),
+        ("capped-median", 7, 1 / 8),
+        ("uniform", 1, 1 / 2),
+        ("uniform", 7, 1 / 8),
+    ],
+)
+def test_a_node_claiming_the_most_examples_takes_the_documented_share(weighting, honest, share):
+    assert liar_share(weighting, honest) == pytest.approx(share, rel=1e-5)
+
+
+def test_uniform_weighting_ignores_claims_below_the_median_too():
+    cfg = validate({"weighting": "uniform"}, choices={"strategy": STRATEGIES})
+    policy = build_server_strategy(cfg, None, RecordingReport()).policy
+    policy._global = ArrayRecord(arrays_of(GLOBAL))
+    arrays, _ = policy.aggregate_train(1, [good(1, 1.0, n=1000), good(2, 1.0, n=1000), good(3, 4.0, n=1)])
+    assert np.allclose(arrays["w"].numpy(), 2.0)
+
+
+def test_the_weighting_choices_are_the_registry():
+    from flcore.config import SCHEMA
+    from rounds.weights import WEIGHTINGS
+
+    assert SCHEMA["weighting"].choices == tuple(WEIGHTINGS)

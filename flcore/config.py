@@ -364,6 +364,12 @@ SECTIONS: dict[str, dict[str, Option]] = {
             "Fault injection for tests: probability that a client's train call raises (seeded by seed, round, client).",
             _number(0, 1),
         ),
+        "fail-mode": _choice(
+            "raise",
+            "How an injected failure (fail-rate) ends a client's train call: it raises (raise), or its process "
+            "ends at once (exit), as when the OOM killer ends a Ray actor.",
+            ("raise", "exit"),
+        ),
         "max-message-mb": _opt(
             1024.0, "Largest global model (MB of arrays) a client accepts from the server.", _number(0, low_open=True)
         ),

@@ -17,7 +17,9 @@ Modes:
 
 Usage: python -m deploy.local_cluster --nodes 3 [--insecure] [--run-config "k=v ..."] [--workdir DIR]
        python -m deploy.local_cluster --node-data DIR1 --node-data DIR2 ... [--insecure] [--run-config "k=v ..."]
-Every process is stopped on exit (also on errors and Ctrl-C); every wait has a timeout.
+Every process is stopped on exit (also on errors, Ctrl-C and SIGTERM); every wait has a timeout. Nothing
+it started outlives it, not even after `kill -9` of its process group: the SuperLink and every SuperNode
+run in sessions of their own, under the launcher's watchdog (`server_app.watchdog`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from cryptography.x509.oid import NameOID
 from flcore.run_config import parse_overrides
 from server_app import launch
 from server_app.preflight import InputError
+from server_app.watchdog import Watchdog, exit_on_signals
 
 CONNECTION = "mllm-cluster"
 HOST = "127.0.0.1"
@@ -123,6 +126,7 @@ class LocalCluster:
     node_data: Sequence[Path] = ()  # node i's own image folder (client-data=local); empty: partitions
     procs: list[subprocess.Popen] = field(default_factory=list)
     link: subprocess.Popen | None = None
+    watchdog: Watchdog | None = None  # ends every process started here if this process dies, even by kill -9
 
     def __post_init__(self) -> None:
         self.workdir = self.workdir.resolve()
@@ -158,6 +162,7 @@ class LocalCluster:
         launch.write_connection(self.home, self.port, CONNECTION, self.certs.ca if self.certs else None)
         args = self.security_args() + (["--enable-supernode-auth"] if self.auth else [])
         self.link = launch.start_superlink(self.home, self.port, self.env, args)
+        self.watchdog = Watchdog.start([self.link.pid])
 
     def node_config(self, pid: int, data_dir: Path | None = None) -> str:
         """Node `pid`'s --node-config: its own folder and a name when it has one, else its partition."""
@@ -203,6 +208,8 @@ class LocalCluster:
         log = home / "supernode.log"
         proc = launch.start_process(self.node_args(pid, key, data_dir), log, launch.run_env(home), append=True)
         self.procs.append(proc)
+        if self.watchdog is not None:
+            self.watchdog.add(proc.pid)
         return proc
 
     def online_nodes(self) -> int:
@@ -237,9 +244,12 @@ class LocalCluster:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
+        if self.watchdog is not None:
+            self.watchdog.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    exit_on_signals()  # SIGTERM unwinds the `with LocalCluster`, which stops every process
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=3, help="SuperNodes to start (= num-clients)")
     parser.add_argument(

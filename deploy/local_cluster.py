@@ -174,7 +174,9 @@ class LocalCluster:
     def node_args(self, pid: int, key: Path | None, data_dir: Path | None = None) -> list[str]:
         trust = ["--root-certificates", str(self.certs.ca)] if self.certs else ["--insecure"]
         args = [
-            str(launch.BIN / "flower-supernode"),
+            sys.executable,
+            "-m",
+            "client_app.supernode",  # checks the node's own data-dir, then becomes flower-supernode
             *trust,
             "--superlink",
             f"{HOST}:{self.port}",

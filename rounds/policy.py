@@ -12,9 +12,10 @@ an aggregate with NaN or Inf (finite updates can still overflow).
 with the initial model, and a run in which no round aggregated anything fails at its end
 (`require_an_update`), however short. Every aggregation reports its reply counts.
 
-Nodes holding their own data report their images per class (`class-counts`) with each update; the
-policy takes those counts out of the metrics before the strategy averages them and hands them, per node,
-to `on_node_data` (the run report), so a real federation's data is reported without being seen.
+Nodes holding their own data report their images per class (`class-counts`) and how many image files
+they left out as unusable (`skipped-images`) with each update; the policy takes those counts out of the
+metrics before the strategy averages them and hands them, per node, to `on_node_data` (the run report),
+so a real federation's data is reported without being seen.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flcore.arrays import NON_FINITE, non_finite, reply_metrics
-from flcore.local_data import CLASS_COUNTS_KEY
+from flcore.local_data import CLASS_COUNTS_KEY, SKIPPED_KEY
 from rounds.delegate import Delegating
 from rounds.guard import WEIGHT_KEY, Screened, screen
 from rounds.norms import bound_updates
 from rounds.sampling import NodeOrder, OrderedGrid, seeded_random
 from rounds.weights import WeightCaps, bound_weights
 
-NodeData = dict[str, dict[str, int | list[int]]]  # node label -> its num-examples and class-counts
+NodeData = dict[str, dict[str, int | list[int]]]  # node label -> its num-examples, class-counts, skipped-images
 NodeDataSink = Callable[[int, NodeData], None]
 
 
@@ -198,5 +199,8 @@ def take_node_data(replies: Iterable[Message], label: Callable[[int], str]) -> N
             continue
         counts = [max(0, int(c)) for c in metrics[CLASS_COUNTS_KEY]]
         del metrics[CLASS_COUNTS_KEY]
-        out[label(reply.metadata.src_node_id)] = {"num-examples": int(metrics[WEIGHT_KEY]), CLASS_COUNTS_KEY: counts}
+        report = {"num-examples": int(metrics[WEIGHT_KEY]), CLASS_COUNTS_KEY: counts}
+        if SKIPPED_KEY in metrics:
+            report[SKIPPED_KEY] = max(0, int(metrics.pop(SKIPPED_KEY)))
+        out[label(reply.metadata.src_node_id)] = report
     return out

@@ -3,8 +3,9 @@
 A node's data is its partition of the run's pool or, with client-data=local, its own folder (`client_app.shard`).
 A client uploads its model arrays and scalar metrics (with `num-examples` for weighting, and its
 `upload-bytes` and `peak-rss-mb`; a node holding its own data adds its `class-counts`, images per class,
-so the server can report the federation's data without seeing it); only when the server's round config
-asks (`upload`, CReFF) it adds
+so the server can report the federation's data without seeing it, and `skipped-images`, how many image
+files it left out as unusable; its errors reach the server as one line naming no file,
+`client_app.private_errors`); only when the server's round config asks (`upload`, CReFF) it adds
 class statistics of the received model in an `uploads` record. Its loss is the run config's `loss`
 (FedLC and FedRS read the client's own label counts, which stay here) unless the round config names
 one (`loss`, the Ratio Loss with the server's class weights). A `query.upload` message (CCVR, after
@@ -32,6 +33,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.faults import identity_reply, inject_failure
 from client_app.limits import check_global
+from client_app.private_errors import private_errors
 from client_app.shard import Shard, shard
 from flcore.arrays import load_state, to_record
 from flcore.class_statistics import RECORD as UPLOADS_RECORD
@@ -39,7 +41,7 @@ from flcore.class_statistics import UPLOAD_ACTION, UPLOAD_KEY, client_upload
 from flcore.config import validate
 from flcore.costs import cost_metrics
 from flcore.device import Compute, compute_of
-from flcore.local_data import CLASS_COUNTS_KEY
+from flcore.local_data import CLASS_COUNTS_KEY, SKIPPED_KEY
 from flcore.losses import LossInputs, build_loss, max_grad_norm
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model, model_classifier, model_head
@@ -106,6 +108,7 @@ def _uploads(cfg: Mapping, server_config: Mapping, data: Shard, model: FLModel) 
 
 
 @app.train()
+@private_errors
 def train_fn(msg: Message, context: Context) -> Message:
     cfg, server_config, data, model = _setup(msg, context)
     batches, classes = data.batches, data.num_classes
@@ -120,12 +123,14 @@ def train_fn(msg: Message, context: Context) -> Message:
     arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})
     if data.local:
         record[CLASS_COUNTS_KEY] = data.class_counts()
+        record[SKIPPED_KEY] = data.skipped
     record.update(cost_metrics(arrays, record, *extra.values()))
     reply = RecordDict({"arrays": arrays, "metrics": record, **extra})
     return Message(reply, reply_to=msg)
 
 
 @app.evaluate()
+@private_errors
 def evaluate_fn(msg: Message, context: Context) -> Message:
     cfg, _, data, model = _setup(msg, context)
     preds, labels = predict(model, data.batches, compute_of(cfg))
@@ -141,6 +146,7 @@ def query_fn(msg: Message, context: Context) -> Message:
 
 
 @app.query(UPLOAD_ACTION)
+@private_errors
 def upload_fn(msg: Message, context: Context) -> Message:
     """CCVR: the class statistics the config asks for, of the model the message carries; no training."""
     cfg, server_config, data, model = _setup(msg, context)

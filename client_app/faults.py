@@ -2,11 +2,13 @@
 
 `fail-rate` makes a client's train call raise with that probability, drawn from (seed, round, partition)
 so a test knows exactly which replies fail; Flower turns the exception into an error reply, which the
-server counts as `failed` and leaves out of the average.
+server counts as `failed` and leaves out of the average. With `fail-mode=exit` the client's process ends
+instead (`os._exit`), as when Ray's OOM killer ends a ClientApp actor mid-round.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
@@ -29,9 +31,15 @@ def fails(seed: int, server_round: int, partition_id: int, rate: float) -> bool:
     return bool(draw < rate)
 
 
+EXIT_CODE = 137  # what a process killed with SIGKILL (the OOM killer) reports
+
+
 def inject_failure(cfg: Mapping, server_round: int, partition_id: int) -> None:
-    if fails(int(cfg["seed"]), server_round, partition_id, float(cfg["fail-rate"])):
-        raise InjectedFailure(f"injected failure (fail-rate {cfg['fail-rate']}) in round {server_round}")
+    if not fails(int(cfg["seed"]), server_round, partition_id, float(cfg["fail-rate"])):
+        return
+    if cfg["fail-mode"] == "exit":
+        os._exit(EXIT_CODE)
+    raise InjectedFailure(f"injected failure (fail-rate {cfg['fail-rate']}) in round {server_round}")
 
 
 def identity_reply(msg: Message, context: Context) -> Message:

@@ -25,7 +25,7 @@ from flcore.batches import Batches
 from flcore.config import LOCAL
 from flcore.datasets import INPUT_STATS, Dataset, ImageSet
 from flcore.device import compute_of
-from flcore.local_data import CLASSES_KEY, LocalDataError, class_counts, read_local
+from flcore.local_data import CLASSES_KEY, LocalDataError, class_counts, read_counted
 from flcore.run_data import PARTITION_KEY, client_batches, prepare
 
 DATA_DIR_KEY = "data-dir"  # node config: this node's own images
@@ -40,6 +40,7 @@ class Shard:
     classes: tuple[str, ...]
     stream: int  # the partition id, or (own data) the node id the SuperLink gave this node
     local: bool
+    skipped: int = 0  # (own data) image files left out because they cannot be used
 
     @property
     def num_classes(self) -> int:
@@ -108,18 +109,19 @@ def _own_data(cfg: Mapping, context: Context, server_config: Mapping) -> Shard:
     if not classes:
         raise LocalDataError(f"the server's request carries no class list ('{CLASSES_KEY}') to label this node's data.")
     classes = tuple(str(c) for c in classes)
-    images = read_local(Path(str(root)), classes, int(cfg["image-size"]))
+    images, skipped = read_counted(Path(str(root)), classes, int(cfg["image-size"]))
     dataset = Dataset(images, ImageSet.empty(), classes, *INPUT_STATS[str(cfg["dataset"])])
     batches = Batches(images, dataset, int(cfg["image-size"]), int(cfg["batch-size"]), compute_of(cfg))
-    found = Shard(batches, classes, int(context.node_id), local=True)
+    found = Shard(batches, classes, int(context.node_id), local=True, skipped=skipped)
     counts = found.class_counts()
     log(
         INFO,
-        "local data %s: %d images of %d of the server's %d classes %s",
+        "local data %s: %d images of %d of the server's %d classes %s; %d image files left out (unusable)",
         root,
         len(images),
         sum(c > 0 for c in counts),
         len(classes),
         {classes[c]: n for c, n in enumerate(counts) if n},
+        skipped,
     )
     return found

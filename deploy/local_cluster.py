@@ -17,7 +17,9 @@ Modes:
 
 Usage: python -m deploy.local_cluster --nodes 3 [--insecure] [--run-config "k=v ..."] [--workdir DIR]
        python -m deploy.local_cluster --node-data DIR1 --node-data DIR2 ... [--insecure] [--run-config "k=v ..."]
-Every process is stopped on exit (also on errors and Ctrl-C); every wait has a timeout.
+Every process is stopped on exit (also on errors, Ctrl-C and SIGTERM); every wait has a timeout. Nothing
+it started outlives it, not even after `kill -9` of its process group: the SuperLink and every SuperNode
+run in sessions of their own, under the launcher's watchdog (`server_app.watchdog`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from flcore.config import ConfigError
 from flcore.run_config import parse_overrides
 from server_app import launch
 from server_app.preflight import InputError
+from server_app.watchdog import Watchdog, exit_on_signals
 
 CONNECTION = "mllm-cluster"
 HOST = "127.0.0.1"
@@ -125,6 +128,7 @@ class LocalCluster:
     node_data: Sequence[Path] = ()  # node i's own image folder (client-data=local); empty: partitions
     procs: list[subprocess.Popen] = field(default_factory=list)
     link: subprocess.Popen | None = None
+    watchdog: Watchdog | None = None  # ends every process started here if this process dies, even by kill -9
 
     def __post_init__(self) -> None:
         self.workdir = self.workdir.resolve()
@@ -160,6 +164,7 @@ class LocalCluster:
         launch.write_connection(self.home, self.port, CONNECTION, self.certs.ca if self.certs else None)
         args = self.security_args() + (["--enable-supernode-auth"] if self.auth else [])
         self.link = launch.start_superlink(self.home, self.port, self.env, args)
+        self.watchdog = Watchdog.start([self.link.pid])
 
     def node_config(self, pid: int, data_dir: Path | None = None) -> str:
         """Node `pid`'s --node-config: its own folder and a name when it has one, else its partition."""
@@ -171,7 +176,9 @@ class LocalCluster:
     def node_args(self, pid: int, key: Path | None, data_dir: Path | None = None) -> list[str]:
         trust = ["--root-certificates", str(self.certs.ca)] if self.certs else ["--insecure"]
         args = [
-            str(launch.BIN / "flower-supernode"),
+            sys.executable,
+            "-m",
+            "client_app.supernode",  # checks the node's own data-dir, then becomes flower-supernode
             *trust,
             "--superlink",
             f"{HOST}:{self.port}",
@@ -205,6 +212,8 @@ class LocalCluster:
         log = home / "supernode.log"
         proc = launch.start_process(self.node_args(pid, key, data_dir), log, launch.run_env(home), append=True)
         self.procs.append(proc)
+        if self.watchdog is not None:
+            self.watchdog.add(proc.pid)
         return proc
 
     def online_nodes(self) -> int:
@@ -239,6 +248,8 @@ class LocalCluster:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
+        if self.watchdog is not None:
+            self.watchdog.close()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -281,6 +292,7 @@ def check_cluster_args(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Check everything (the cluster's arguments, then the launcher's preflight), then start the cluster and run."""
+    exit_on_signals()  # SIGTERM unwinds the `with LocalCluster`, which stops every process
     defaults, _ = launch.project_settings()
     try:
         args = parser().parse_args(argv)

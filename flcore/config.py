@@ -395,6 +395,12 @@ SECTIONS: dict[str, dict[str, Option]] = {
             "Fault injection for tests: probability that a client's train call raises (seeded by seed, round, client).",
             _number(0, 1),
         ),
+        "fail-mode": _choice(
+            "raise",
+            "How an injected failure (fail-rate) ends a client's train call: it raises (raise), or its process "
+            "ends at once (exit), as when the OOM killer ends a Ray actor.",
+            ("raise", "exit"),
+        ),
         "max-message-mb": _opt(
             1024.0, "Largest global model (MB of arrays) a client accepts from the server.", _number(0, low_open=True)
         ),
@@ -413,6 +419,19 @@ SECTIONS: dict[str, dict[str, Option]] = {
             10.0,
             "A client whose data size the server does not know weighs at most this times the round's lower "
             "median num-examples.",
+            _number(1),
+        ),
+        "weighting": _choice(
+            "examples",
+            "What a client's update weighs in the average: its reported num-examples under the caps above "
+            "(examples), that capped at the round's lower median claim (capped-median), or 1 whatever it "
+            "reports (uniform); see docs/deployment.md.",
+            ("examples", "capped-median", "uniform"),
+        ),
+        "max-update-ratio": _opt(
+            10.0,
+            "An update (its weights minus the global model's) whose L2 norm exceeds this times the round's lower "
+            "median update norm is clipped to that norm, under every strategy.",
             _number(1),
         ),
     },

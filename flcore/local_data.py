@@ -8,7 +8,12 @@ server does not know, or a folder with none of the server's classes, is refused 
 folder; classes the folder lacks are fine (that is the heterogeneity federated learning is about).
 
 The folder is read afresh on every request (a directory listing for an image folder), so images added
-or removed between rounds are trained on as they are now. Three layouts are read:
+or removed between rounds are trained on as they are now. An image file that cannot be used (it does not
+decode, has more pixels than the budget, is a directory or a link to something that is no image) is
+left out, and only how many were left out is reported (`SKIPPED_KEY`), never which. Each file is decoded
+once to check it: when the node starts (`client_app.supernode`) and when the file is new or changed (its size
+or modification time), with the verdicts kept per folder in the node's temporary directory
+(`ImageChecks`), since every request runs in a new ClientApp process. Three layouts are read:
 
 - an ImageFolder tree: `<data-dir>/<class>/**/*.png` (or `<data-dir>/train/<class>/...`);
 - torchvision's CIFAR folder (`cifar-10-batches-py` or `cifar-100-python` in data-dir): its train split;
@@ -18,6 +23,10 @@ or removed between rounds are trained on as they are now. Three layouts are read
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,9 +34,12 @@ import numpy as np
 import torch
 
 from flcore.datasets import DataNotFound, ImageSet, class_subfolders, resize, scan_folder
+from flcore.files import write_json
+from flcore.images import image_problem
 
 CLASSES_KEY = "classes"  # request config to a node holding its own data: the server's class names, in order
 CLASS_COUNTS_KEY = "class-counts"  # train metric of a node holding its own data: its images per server class
+SKIPPED_KEY = "skipped-images"  # train metric of a node holding its own data: image files it could not use
 CIFAR_FOLDERS = ("cifar-10-batches-py", "cifar-100-python")
 HF_MARKERS = ("dataset_dict.json", "dataset_info.json")
 Named = tuple[ImageSet, tuple[str, ...]]  # images labelled by position in the copy's own class names
@@ -35,6 +47,55 @@ Named = tuple[ImageSet, tuple[str, ...]]  # images labelled by position in the c
 
 class LocalDataError(DataNotFound):
     """A node's own data folder is missing, unreadable or labelled with classes the server does not know."""
+
+
+class ImageChecks:
+    """Which image files of one folder decode (`flcore.images.image_problem`), each checked once per version.
+
+    A file's verdict is kept with its size and modification time, in a JSON file named after the folder
+    under the node's temporary directory; a file that changed is checked again. Nothing is written into
+    the data folder, which may be read-only.
+    """
+
+    def __init__(self, root: Path, store: Path | None = None) -> None:
+        digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+        self.path = (store or Path(tempfile.gettempdir()) / "mllm-fl-image-checks") / f"{digest}.json"
+        try:
+            self.known: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+
+    @staticmethod
+    def _version(path: str) -> list[int]:
+        try:
+            stat = Path(path).stat()
+        except OSError:  # a dangling link: no version, checked (and refused) every time
+            return [-1, -1]
+        return [stat.st_size, stat.st_mtime_ns]
+
+    def usable(self, files: tuple[str, ...]) -> np.ndarray:
+        """A mask over `files`: True where the file decodes. New or changed files are decoded now."""
+        mask, changed = np.zeros(len(files), dtype=bool), False
+        for i, path in enumerate(files):
+            version = self._version(path)
+            entry = self.known.get(path)
+            if entry is None or entry[:2] != version:
+                entry, changed = [*version, image_problem(path) is None], True
+                self.known[path] = entry
+            mask[i] = entry[2]
+        if changed:
+            with contextlib.suppress(OSError):  # a cache that cannot be written only costs a check next time
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_json(self.path, {path: self.known[path] for path in files})
+        return mask
+
+
+def _usable_only(found: ImageSet, root: Path) -> tuple[ImageSet, int]:
+    """`found` without the files that cannot be used, and how many those were."""
+    if found.files is None:
+        return found, 0
+    mask = ImageChecks(root).usable(found.files)
+    return found.subset(np.flatnonzero(mask)), int((~mask).sum())
 
 
 def _image_folder(root: Path, classes: tuple[str, ...], image_size: int) -> Named:
@@ -106,7 +167,13 @@ def _to_server_classes(found: ImageSet, names: tuple[str, ...], classes: tuple[s
 
 
 def read_local(root: Path, classes: tuple[str, ...], image_size: int) -> ImageSet:
-    """This node's images as they are now, labelled with the server's class indices (see the module docstring)."""
+    """This node's usable images as they are now, labelled with the server's class indices (see the module
+    docstring)."""
+    return read_counted(root, classes, image_size)[0]
+
+
+def read_counted(root: Path, classes: tuple[str, ...], image_size: int) -> tuple[ImageSet, int]:
+    """`read_local`'s images, and how many image files were left out because they cannot be used."""
     root = root.expanduser()
     if not root.is_dir():
         raise LocalDataError(f"node config data-dir '{root}' is not an existing folder on this node.")
@@ -117,7 +184,8 @@ def read_local(root: Path, classes: tuple[str, ...], image_size: int) -> ImageSe
         raise
     except Exception as err:  # a truncated CIFAR batch, a broken saved dataset: name the folder, not a traceback
         raise LocalDataError(f"node data-dir '{root}' cannot be read ({type(err).__name__}: {err}).") from err
-    return _to_server_classes(found, names, classes, root)
+    usable, skipped = _usable_only(found, root)
+    return _to_server_classes(usable, names, classes, root), skipped
 
 
 def class_counts(images: ImageSet, num_classes: int) -> list[int]:

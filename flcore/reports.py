@@ -2,10 +2,11 @@
 
 `RunReport` is the one writer of a run's artifacts. Layout of `<output-dir>/<run-id>/`: config.json,
 partition.json + partition.png, metrics.jsonl (one line per evaluated round, appended and flushed as the
-run goes, so a crash keeps what was done), summary.json, curves.png, confusion.png, model.pt, and what
-the server stages measured (`take`): a `<name>.json` per summary section (pretrain.json,
-alignment.json) and their figures (alignment-step.png). Every file but the metrics log is written atomically
-(`flcore.files`); the checkpoint for resume is written beside them by `rounds.checkpoint`.
+run goes, so a crash keeps what was done, and cut back to whole lines if an append fails), summary.json,
+curves.png, confusion.png, model.pt, and what the server stages measured (`take`): a `<name>.json` per
+summary section (pretrain.json, alignment.json) and their figures (alignment-step.png). Every file but the
+metrics log is written atomically (`flcore.files`); the checkpoint for resume is written beside them by
+`rounds.checkpoint`.
 
 Every metrics row and figure also goes to the loggers `log-to` names (`flcore.loggers`), given with
 `log_to`; `finish` ends them (a run that fails leaves them to end at exit: TensorBoard's files are flushed
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from flcore.files import atomic_write, json_safe, write_json
+from flcore.files import append_text, atomic_write, json_safe, write_json
 from flcore.loggers import scalars
 from flcore.metrics import row_normalised
 from flcore.progress import pace
@@ -59,9 +60,11 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def save_figure(fig: Figure, path: Path) -> None:
-    """Save a figure atomically as PNG and free it."""
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    """Save a figure atomically as PNG and free it, also when the write fails."""
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _fmt(value: float | None) -> str:
@@ -200,8 +203,7 @@ class RunReport:
         }
         self._last = now
         self.rows.append(row)
-        with (self.dir / METRICS).open("a") as fh:
-            fh.write(json.dumps(json_safe(row)) + "\n")
+        append_text(self.dir / METRICS, json.dumps(json_safe(row)) + "\n")
         if self.loggers:
             values = scalars(row)
             for logger in self.loggers:

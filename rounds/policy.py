@@ -4,16 +4,18 @@
 listed in partition order and sampled with a `random` seeded by (seed, round) (`rounds.sampling`), so a
 resumed run repeats the original; with `partitions` set, the server gives nodes their partitions and
 names one in each message instead of asking every node for its own. Aggregation: replies are screened
-(`rounds.guard`) so failed, non-finite or malformed updates are never averaged, and each client's
-claimed weight is bounded (`rounds.weights`); a round needs `min_replies` good ones, or the global model
-stays as it was, and so does an aggregate with NaN or Inf (finite updates can still overflow).
+(`rounds.guard`) so failed, non-finite or malformed updates are never averaged, each client's
+claimed weight is bounded (`rounds.weights`), and so is how far its update moves the model
+(`rounds.norms`); a round needs `min_replies` good ones, or the global model stays as it was, and so does
+an aggregate with NaN or Inf (finite updates can still overflow).
 `max_empty_rounds` rounds in a row without one valid update stop the run instead of letting it finish
 with the initial model, and a run in which no round aggregated anything fails at its end
 (`require_an_update`), however short. Every aggregation reports its reply counts.
 
-Nodes holding their own data report their images per class (`class-counts`) with each update; the
-policy takes those counts out of the metrics before the strategy averages them and hands them, per node,
-to `on_node_data` (the run report), so a real federation's data is reported without being seen.
+Nodes holding their own data report their images per class (`class-counts`) and how many image files
+they left out as unusable (`skipped-images`) with each update; the policy takes those counts out of the
+metrics before the strategy averages them and hands them, per node, to `on_node_data` (the run report),
+so a real federation's data is reported without being seen.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flcore.arrays import NON_FINITE, non_finite, reply_metrics
-from flcore.local_data import CLASS_COUNTS_KEY
+from flcore.local_data import CLASS_COUNTS_KEY, SKIPPED_KEY
 from rounds.delegate import Delegating
 from rounds.guard import WEIGHT_KEY, Screened, screen
+from rounds.norms import bound_updates
 from rounds.sampling import NodeOrder, OrderedGrid, seeded_random
 from rounds.weights import WeightCaps, bound_weights
 
-NodeData = dict[str, dict[str, int | list[int]]]  # node label -> its num-examples and class-counts
+NodeData = dict[str, dict[str, int | list[int]]]  # node label -> its num-examples, class-counts, skipped-images
 NodeDataSink = Callable[[int, NodeData], None]
 
 
@@ -52,12 +55,14 @@ class RoundPolicy(Delegating):
         partitions: int | None = None,
         weight_caps: WeightCaps | None = None,
         max_upload_mb: float = math.inf,
+        max_update_ratio: float = math.inf,
         on_node_data: NodeDataSink | None = None,
     ) -> None:
         super().__init__(inner)
         self.on_node_data = on_node_data
         self.min_replies, self.seed = min_replies, seed
         self.weight_caps, self.max_upload_mb = weight_caps or WeightCaps(), max_upload_mb
+        self.max_update_ratio = max_update_ratio
         self.max_empty_rounds, self._empty_rounds = max_empty_rounds, 0
         self.updated_rounds, self._last_problem = 0, "no round ran"
         self.nodes = NodeOrder(partitions, query_timeout)
@@ -97,11 +102,13 @@ class RoundPolicy(Delegating):
             self.on_node_data(server_round, reported)
         for node, claimed, cap in bound_weights(checked.accepted, self.weight_caps, self.nodes.partition.get):
             log(WARNING, "round %s: node %s claims %g examples; weighted as %g", server_round, node, claimed, cap)
+        clipped = self._bound_updates(server_round, checked.accepted)
         missing = max(0, (self._sent or len(replies)) - len(replies))  # timed out or dropped: no reply at all
         counts = {
             "replies": len(checked.accepted),
             "rejected": len(checked.rejected),
             "failed": len(checked.failed) + missing,
+            "clipped": clipped,
         }
         reasons = [reason for _, reason in checked.failed + checked.rejected]
         if missing:
@@ -133,6 +140,22 @@ class RoundPolicy(Delegating):
             return None, metrics
         self.updated_rounds += arrays is not None
         return arrays, metrics
+
+    def _bound_updates(self, server_round: int, replies: list[Message]) -> int:
+        """Clip updates far larger than the round's median (`max-update-ratio`); how many were clipped."""
+        if self._global is None:
+            return 0
+        clipped = bound_updates(replies, self._global, self.max_update_ratio)
+        for node, norm, bound in clipped:
+            log(
+                WARNING,
+                "round %s: node %s's update has norm %.3g, above max-update-ratio x the median; clipped to %.3g",
+                server_round,
+                node,
+                norm,
+                bound,
+            )
+        return len(clipped)
 
     def require_an_update(self) -> None:
         """At the end of a run: a run in which no round aggregated one client update has failed, however short.
@@ -176,5 +199,8 @@ def take_node_data(replies: Iterable[Message], label: Callable[[int], str]) -> N
             continue
         counts = [max(0, int(c)) for c in metrics[CLASS_COUNTS_KEY]]
         del metrics[CLASS_COUNTS_KEY]
-        out[label(reply.metadata.src_node_id)] = {"num-examples": int(metrics[WEIGHT_KEY]), CLASS_COUNTS_KEY: counts}
+        report = {"num-examples": int(metrics[WEIGHT_KEY]), CLASS_COUNTS_KEY: counts}
+        if SKIPPED_KEY in metrics:
+            report[SKIPPED_KEY] = max(0, int(metrics.pop(SKIPPED_KEY)))
+        out[label(reply.metadata.src_node_id)] = report
     return out

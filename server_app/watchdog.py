@@ -12,7 +12,12 @@ read end of a pipe whose write end only the launcher holds, and records every pr
 re-parented descendants. When the pipe closes, because the launcher closed it at the end of the run or
 because the launcher died (the kernel closes a dead process's files, kill -9 included), it sends SIGTERM
 to every recorded process still alive, SIGKILL to what remains after a grace period, and exits; the
-launcher waits for it, so the command returns only once everything is gone.
+launcher waits for it, so the command returns only once everything is gone. A launcher that starts more
+processes later (`deploy.local_cluster`'s SuperNodes) hands each to the watchdog as a further root
+(`Watchdog.add`: its pid, one line on the same pipe).
+
+`exit_on_signals` makes SIGTERM and SIGINT unwind the launcher's `finally` blocks and context managers,
+which stop what it started at once; the default action would only leave that to the watchdog.
 """
 
 from __future__ import annotations
@@ -107,7 +112,8 @@ def record(roots: Iterable[int], recorded: dict[int, int]) -> None:
 
 
 def watch(roots: Sequence[int], until: threading.Event) -> dict[int, int]:
-    """Record the trees under `roots` until `until` is set; then end every recorded process."""
+    """Record the trees under `roots` until `until` is set; then end every recorded process. `roots` may grow
+    meanwhile (pids the launcher sends later)."""
     recorded: dict[int, int] = {}
     record(roots, recorded)
     while not until.wait(POLL):
@@ -123,6 +129,11 @@ class Watchdog:
 
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
+
+    def add(self, pid: int) -> None:
+        """Watch `pid`'s tree too (a process the launcher started after the watchdog)."""
+        self.proc.stdin.write(f"{pid}\n".encode())
+        self.proc.stdin.flush()
 
     @classmethod
     def start(cls, roots: Sequence[int]) -> Watchdog:
@@ -141,16 +152,28 @@ class Watchdog:
             self.proc.kill()
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def exit_on_signals() -> None:
+    """SIGTERM, and SIGINT even where a background shell ignores it, raise SystemExit in the main thread."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
+
+
 def main(argv: Sequence[str]) -> int:
     closed = threading.Event()
+    roots = [int(pid) for pid in argv]
 
-    def wait_for_eof() -> None:
-        while sys.stdin.buffer.read(4096):
-            pass
+    def read_roots_until_eof() -> None:
+        for line in sys.stdin.buffer:
+            if line.strip().isdigit():
+                roots.append(int(line))
         closed.set()
 
-    threading.Thread(target=wait_for_eof, daemon=True).start()
-    watch([int(pid) for pid in argv], closed)
+    threading.Thread(target=read_roots_until_eof, daemon=True).start()
+    watch(roots, closed)
     return 0
 
 

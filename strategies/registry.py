@@ -107,10 +107,11 @@ def build_stages(cfg: Mapping, ctx: ServerContext) -> Stages:
 
 
 def weight_caps(cfg: Mapping, ctx: ServerContext) -> WeightCaps:
-    """Each partition of the server's split weighs at most its size; others by `max-examples`, `max-weight-ratio`."""
+    """Each partition of the server's split weighs at most its size; others by `max-examples`, `max-weight-ratio`;
+    under them, the `weighting`."""
     sizes = ctx.data.client_histogram.sum(axis=1) if ctx is not None and ctx.data is not None else []
     known = {pid: int(n) for pid, n in enumerate(sizes)}
-    return WeightCaps(float(cfg["max-examples"]), float(cfg["max-weight-ratio"]), known)
+    return WeightCaps(float(cfg["max-examples"]), float(cfg["max-weight-ratio"]), known, str(cfg["weighting"]))
 
 
 def server_partitions(cfg: Mapping) -> int | None:
@@ -149,6 +150,7 @@ def build_server_strategy(
         partitions=server_partitions(cfg),
         weight_caps=weight_caps(cfg, ctx),
         max_upload_mb=float(cfg["max-upload-mb"]),
+        max_update_ratio=float(cfg["max-update-ratio"]),
         on_node_data=report.record_nodes,
     )
     round_end = partial(on_round_end, method) if on_round_end is not None else None

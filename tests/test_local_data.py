@@ -10,9 +10,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from PIL import Image
 
 from client_app.app import query_fn, train_fn
+from client_app.private_errors import NodeFailure
 from flcore import datasets as data
 from flcore.config import ConfigError, validate
-from flcore.local_data import CLASS_COUNTS_KEY, CLASSES_KEY, LocalDataError, read_local
+from flcore.local_data import CLASS_COUNTS_KEY, CLASSES_KEY, SKIPPED_KEY, LocalDataError, read_local
 from flcore.models import run_model
 from flcore.reports import read_metrics
 from rounds.polling import PromptGrid
@@ -116,11 +117,11 @@ def test_an_hf_save_to_disk_copy_is_relabelled_with_the_servers_classes(tmp_path
 @pytest.mark.parametrize(
     ("layout", "node_config", "match"),
     [
-        ({"three": 2, "eleven": 1}, {}, r"'.*mine' has class\(es\) \['eleven'\] that the server does not know"),
-        ({"cats": 2, "dogs": 1}, {}, r"'.*mine' has class\(es\) \['cats', 'dogs'\]"),
-        ({}, {}, r"'.*mine' holds no images of the server's classes"),
-        ({"four": 0}, {}, r"'.*mine' holds no images of the server's classes"),
-        (None, {}, r"data-dir '.*mine' is not an existing folder"),
+        ({"three": 2, "eleven": 1}, {}, r"'<data-dir>' has class\(es\) \['eleven'\] that the server does not know"),
+        ({"cats": 2, "dogs": 1}, {}, r"'<data-dir>' has class\(es\) \['cats', 'dogs'\]"),
+        ({}, {}, r"'<data-dir>' holds no images of the server's classes"),
+        ({"four": 0}, {}, r"'<data-dir>' holds no images of the server's classes"),
+        (None, {}, r"data-dir '<data-dir>' is not an existing folder"),
         ({"four": 2}, {"data-dir": None}, r"client-data = local.*start it with --node-config \"data-dir="),
     ],
     ids=["unknown-class", "no-server-class-names", "empty", "empty-class-folder", "missing-folder", "no-data-dir"],
@@ -134,8 +135,9 @@ def test_a_node_whose_folder_does_not_fit_the_servers_classes_is_refused_naming_
         write_images(root, layout)
     cfg = local_cfg(tmp_path)
     config = {"data-dir": str(root), **node_config}
-    with pytest.raises(LocalDataError, match=match):
+    with pytest.raises((NodeFailure, LocalDataError), match=match) as refused:  # the server's copy: no folder named
         train_fn(request(cfg), node(cfg, {k: v for k, v in config.items() if v is not None}))
+    assert str(tmp_path) not in str(refused.value)
 
 
 def test_a_corrupt_cifar_copy_is_named(tmp_path):
@@ -148,7 +150,7 @@ def test_a_node_with_its_own_folder_is_refused_by_a_partitioned_run(tmp_path):
     write_images(tmp_path / "mine", {"zero": 2})
     cfg = validate({"num-clients": 2, "output-dir": str(tmp_path / "out")})
     own = {"data-dir": str(tmp_path / "mine"), "partition-id": 0, "num-partitions": 2}
-    with pytest.raises(LocalDataError, match="client-data = partition.*start the run with client-data = local"):
+    with pytest.raises(NodeFailure, match="data-dir = '<data-dir>'.*start the run with client-data = local"):
         train_fn(request(cfg), node(cfg, own))
 
 
@@ -157,7 +159,7 @@ def test_a_request_without_the_class_list_is_refused(tmp_path):
     cfg = local_cfg(tmp_path)
     msg = request(cfg)
     del msg.content["config"][CLASSES_KEY]
-    with pytest.raises(LocalDataError, match="carries no class list"):
+    with pytest.raises(NodeFailure, match="carries no class list"):
         train_fn(msg, node(cfg, {"data-dir": str(tmp_path / "mine")}))
 
 
@@ -256,7 +258,7 @@ def test_a_federation_of_own_folders_survives_joins_departures_restarts_and_chan
     # delta joins in round 2, gamma leaves during round 2 and is back (restarted) for round 4
     assert [(r["replies"], r["failed"]) for r in rows[1:]] == [(3, 0), (3, 1), (3, 0), (4, 0)]
     assert set(rows[4]["node-data"]) == {"alpha", "beta", "gamma", "delta"}
-    assert rows[1]["node-data"]["alpha"] == {"num-examples": 10, CLASS_COUNTS_KEY: [6, 4] + [0] * 8}
+    assert rows[1]["node-data"]["alpha"] == {"num-examples": 10, CLASS_COUNTS_KEY: [6, 4] + [0] * 8, SKIPPED_KEY: 0}
     assert CLASS_COUNTS_KEY not in rows[1]  # taken out of the metrics before averaging
     assert rows[2]["node-data"]["alpha"]["num-examples"] == 15 and set(rows[2]["node-data"]) == {
         "alpha",
@@ -300,3 +302,106 @@ def test_the_server_of_nodes_with_own_data_reads_only_its_test_split_and_align_f
 def test_client_data_takes_partition_or_local():
     with pytest.raises(ConfigError, match="'client-data' = 'remote' is not allowed: choose one of partition, local"):
         validate({"client-data": "remote"})
+
+
+# --- images a node cannot use, and what its errors tell the server ----------------------------------------
+
+
+def unusable_images(root) -> None:
+    """In root/zero/: a PNG beyond the (lowered) pixel budget, as a 14k x 14k one is beyond PIL's, a link to
+    /etc/passwd and a directory, each named like an image."""
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "zero" / "huge.png")
+    (root / "zero" / "passwd.png").symlink_to("/etc/passwd")
+    (root / "zero" / "folder.png").mkdir()
+
+
+@pytest.fixture
+def checks_store(tmp_path, monkeypatch):
+    """The image-check verdicts under this test's folder, and a pixel budget of 16 x 16 (the digits' size)."""
+    import tempfile
+
+    from flcore import images
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))
+    monkeypatch.setattr(images, "MAX_PIXELS", SIZE * SIZE)
+    (tmp_path / "node-tmp").mkdir()
+
+
+@pytest.mark.usefixtures("checks_store")
+def test_a_node_trains_on_the_images_it_can_read_and_reports_how_many_it_left_out(tmp_path):
+    root = tmp_path / "mine"
+    write_images(root, {"zero": 3, "one": 2})
+    unusable_images(root)
+    cfg = local_cfg(tmp_path)
+    reply = train_fn(request(cfg), node(cfg, {"data-dir": str(root)}))
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 5 and metrics[SKIPPED_KEY] == 3
+    assert metrics[CLASS_COUNTS_KEY][:2] == [3, 2]
+
+
+@pytest.mark.usefixtures("checks_store")
+def test_each_image_is_decoded_once_until_it_changes(tmp_path, monkeypatch):
+    from flcore import local_data
+
+    root = tmp_path / "mine"
+    write_images(root, {"zero": 3})
+    decoded = []
+    real = local_data.image_problem
+    monkeypatch.setattr(local_data, "image_problem", lambda path: decoded.append(path) or real(path))
+    assert len(read_local(root, CLASSES, SIZE)) == 3 and len(decoded) == 3
+    assert len(read_local(root, CLASSES, SIZE)) == 3 and len(decoded) == 3  # a new process reads the verdicts
+    (root / "zero" / "img001.png").write_bytes(b"not a png any more")
+    assert len(read_local(root, CLASSES, SIZE)) == 2 and decoded[3:] == [str(root / "zero" / "img001.png")]
+
+
+def test_an_error_reply_names_no_path_and_carries_no_traceback(tmp_path, monkeypatch):
+    from client_app import app
+
+    root = tmp_path / "mine"
+    write_images(root, {"zero": 2})
+    cfg = local_cfg(tmp_path)
+    loader_error = (
+        "Caught UnidentifiedImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        f'  File "/usr/lib/python3/site-packages/PIL/Image.py", line 3280, in open\n'
+        f"PIL.UnidentifiedImageError: cannot identify image file '{root}/zero/img000.png'"
+    )
+
+    def crash(*args, **kwargs):
+        raise RuntimeError(loader_error)
+
+    monkeypatch.setattr(app, "train", crash)
+    with pytest.raises(NodeFailure) as failed:
+        train_fn(request(cfg), node(cfg, {"data-dir": str(root)}))
+    text = str(failed.value)
+    assert text == "RuntimeError on this node while handling the request; the node's log has the details"
+    assert not failed.value.__cause__ and not failed.value.__context__ or failed.value.__suppress_context__
+
+
+def test_public_reasons_replace_every_path():
+    from client_app.private_errors import public_reason
+
+    err = LocalDataError("node data-dir '/srv/x' cannot be read (OSError: /srv/x/a/b.png and /etc/y broke).\nmore")
+    expected = "node data-dir '<data-dir>' cannot be read (OSError: <data-dir> and <path> broke)."
+    assert public_reason(err, "/srv/x") == expected
+
+
+def test_a_supernode_with_a_missing_or_imageless_data_dir_is_refused_when_it_starts(tmp_path, monkeypatch, capsys):
+    from client_app import supernode
+
+    started = []
+    monkeypatch.setattr(supernode.os, "execv", lambda binary, args: started.append(args))
+    assert supernode.main(["--insecure", "--node-config", "data-dir='/nonexistent'"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "error: node config data-dir '/nonexistent' is not an existing folder on this node.\n"
+    )
+    (tmp_path / "empty" / "zero").mkdir(parents=True)
+    assert supernode.main(["--node-config", f"data-dir='{tmp_path / 'empty'}'"]) == 2
+    assert "holds no usable image" in capsys.readouterr().err and started == []
+    write_images(tmp_path / "mine", {"zero": 2})
+    args = ["--insecure", "--node-config", f"data-dir='{tmp_path / 'mine'}' node-name='a'"]
+    supernode.main(args)
+    assert started[0][1:] == args and started[0][0].endswith("flower-supernode")
+    assert "2 usable images, 0 image files left out" in capsys.readouterr().out
+    supernode.main(["--insecure", "--node-config", "partition-id=0 num-partitions=2"])  # no data-dir: no check
+    assert len(started) == 2

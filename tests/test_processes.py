@@ -1,5 +1,6 @@
 """Nothing a run starts outlives the launcher: not after kill -9 of its process group, not after a normal end."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -136,6 +137,89 @@ def test_nothing_the_run_started_is_left_when_the_launcher_returns(tmp_path):
         recorder.join()
         assert len(recorder.recorded) >= 4  # SuperLink, SuperExec, simulation, Ray, watchdog, ...
         assert still_running(recorder.recorded, within=0.5) == [], recorder.names()
+    finally:
+        recorder.done.set()
+        watchdog.end_processes(recorder.recorded, grace=2)
+
+
+# A stand-in `deploy.local_cluster`: the real LocalCluster, whose SuperLink and SuperNodes are processes in
+# sessions of their own that leave an orphan each (as Flower's ClientApps and Ray's workers can).
+FAKE_CLUSTER = """
+import subprocess, time
+from pathlib import Path
+from deploy import local_cluster
+from server_app import launch
+from server_app.watchdog import exit_on_signals
+
+def process(*args, **kwargs):
+    script = "(setsid sleep 300 & echo $! >> {pids}; sleep 1) & echo $$ >> {pids}; sleep 300"
+    return subprocess.Popen(["bash", "-c", script], start_new_session=True)
+
+launch.start_superlink = process
+launch.start_process = process
+exit_on_signals()
+cluster = local_cluster.LocalCluster(Path("{workdir}"), 2, tls=False, auth=False)
+cluster.wait_for_nodes = lambda count, timeout=120: None
+with cluster:
+    Path("{pids}.ready").touch()
+    time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("how", ["kill -9 of its group", "SIGTERM"])
+def test_nothing_local_cluster_started_outlives_it(tmp_path, how):
+    pids = tmp_path / "pids"
+    code = FAKE_CLUSTER.format(pids=pids, workdir=tmp_path / "cluster")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cluster = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not Path(f"{pids}.ready").exists() and time.monotonic() < deadline:
+            assert cluster.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.5)  # every orphan is re-parented by now, and the watchdog has recorded it
+        started = identities(int(p) for p in pids.read_text().split())
+        assert len(started) == 6  # SuperLink and 2 SuperNodes, and an orphan of each
+        if how == "SIGTERM":
+            cluster.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(cluster.pid, signal.SIGKILL)
+        cluster.wait(timeout=60)
+        assert still_running(started, within=15) == []
+    finally:
+        watchdog.end_processes(identities([cluster.pid, *map(int, pids.read_text().split())]), grace=1)
+
+
+def running(recorder: Recorder, name: str) -> bool:
+    """Whether a recorded process still alive has `name` in its whole command line."""
+    for pid in list(recorder.recorded):
+        with contextlib.suppress(OSError):
+            if watchdog.alive(pid) and name in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "):
+                return True
+    return False
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_real_local_cluster_at_round_1_leaves_no_flower_process(tmp_path):
+    cmd = [sys.executable, "-m", "deploy.local_cluster", "--insecure", "--nodes", "2", "--workdir", str(tmp_path)]
+    cmd += ["--run-config", f"{TINY} num-clients=2 output-dir={tmp_path / 'out'}"]
+    log = (tmp_path / "cluster.log").open("w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    recorder = Recorder(proc.pid)
+    recorder.start()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not running(recorder, "flwr-clientapp"):  # round 1 is training
+            assert proc.poll() is None, (tmp_path / "cluster.log").read_text()[-2000:]
+            time.sleep(0.5)
+        assert running(recorder, "flwr-clientapp")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        time.sleep(0.5)
+        recorder.done.set()
+        recorder.join()
+        assert still_running(recorder.recorded, within=30) == [], recorder.names()
     finally:
         recorder.done.set()
         watchdog.end_processes(recorder.recorded, grace=2)

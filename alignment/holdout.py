@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flcore.config import ConfigError, data_key
+from flcore.config import ConfigError
 from flcore.datasets import Dataset, ImageSet
 from flcore.device import compute_of
 from flcore.files import atomic_write
@@ -75,7 +75,7 @@ def check_reserve(cfg: Mapping, prepared: Prepared) -> None:
 
 
 def _cache_file(cfg: Mapping) -> Path:
-    body = json.dumps({"data": list(data_key(cfg)), "teacher": {k: cfg[k] for k in KEYS}}, sort_keys=True)
+    body = json.dumps({"data": list(cfg.data_key), "teacher": {k: cfg[k] for k in KEYS}}, sort_keys=True)
     digest = hashlib.sha256(body.encode()).hexdigest()[:20]
     return Path(str(cfg["output-dir"])).expanduser() / "teacher-cache" / f"holdout-{digest}.pt"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flcore.config import ConfigError, align_source
+from flcore.config import ConfigError
 from flcore.datasets import Dataset, ImageSet
 from flcore.device import compute_of
 from flcore.files import atomic_write
@@ -147,7 +147,7 @@ def _cache_key(cfg: Mapping, align_idx: np.ndarray, split: str) -> str:
         if name == "tiny"
         else {"name": name, "pretrained": pretrained, "bytes": weights.stat().st_size if weights.is_file() else None}
     )
-    data = {**{k: cfg[k] for k in ("dataset", "data-dir", "image-size")}, "align-data": align_source(cfg)}
+    data = {**{k: cfg[k] for k in ("dataset", "data-dir", "image-size")}, "align-data": cfg.align_source}
     body = json.dumps({"teacher": teacher, "data": data, "split": split, "templates": len(TEMPLATES)}, sort_keys=True)
     digest = hashlib.sha256(body.encode() + np.ascontiguousarray(align_idx, dtype=np.int64).tobytes())
     return digest.hexdigest()[:20]

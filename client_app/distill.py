@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from flcore.config import data_key
 from flcore.datasets import ImageSet
 from flcore.device import compute_of
 from flcore.losses import kd_loss
@@ -51,7 +50,7 @@ def _fingerprint(images: ImageSet) -> tuple:
 def teacher_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
     """The teacher's logits [N, C] of this client's data, computed once per process and reused while it is
     among the last `CACHED_PARTITIONS` partitions the process served."""
-    key = (data_key(cfg), partition_id, _fingerprint(images), *(cfg[k] for k in TEACHER_KEYS))
+    key = (cfg.data_key, partition_id, _fingerprint(images), *(cfg[k] for k in TEACHER_KEYS))
     if key in _CACHE:
         _CACHE[key] = _CACHE.pop(key)
         return _CACHE[key]

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flcore.config import LOCAL, ConfigError, align_source
+from flcore.config import LOCAL, ConfigError
 from flcore.run_config import format_overrides, parse_overrides, toml_document
 from server_app.preflight import Checked, InputError, Simulation, preflight, validated
 from server_app.watchdog import Watchdog, stop
@@ -79,7 +79,7 @@ def check_before_start(cfg: Mapping[str, Any], simulation: Simulation | None = N
     if cfg["client-data"] == LOCAL:
         print(
             f"data: {cfg['dataset']} | clients hold their own images (client-data=local) | D_align "
-            f"{len(prep.split.align)} from {align_source(cfg)} | test {len(prep.dataset.test)}"
+            f"{len(prep.split.align)} from {cfg.align_source} | test {len(prep.dataset.test)}"
             + (f" | {checked.images}" if checked.images else ""),
             flush=True,
         )
@@ -88,7 +88,7 @@ def check_before_start(cfg: Mapping[str, Any], simulation: Simulation | None = N
     print(
         f"data: {cfg['dataset']} | pool {len(prep.split.pool)} images (IF {cfg['imbalance-factor']}) | "
         f"{len(sizes)} clients ({cfg['partitioner']}), {min(sizes)}-{max(sizes)} images each | "
-        f"D_align {len(prep.split.align)} from {align_source(cfg)} | "
+        f"D_align {len(prep.split.align)} from {cfg.align_source} | "
         f"test {len(prep.dataset.test)}" + (f" | {checked.images}" if checked.images else ""),
         flush=True,
     )

@@ -7,12 +7,11 @@ server counts as `failed` and leaves out of the average.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client_app.shard import DATA_DIR_KEY, NAME_KEY
+from flcore.config import Settings
 from flcore.seeding import seeded_generator
 
 FAULT_STREAM = 104729  # a fourth seed part, so failures do not reuse the training generator's stream
@@ -29,9 +28,9 @@ def fails(seed: int, server_round: int, partition_id: int, rate: float) -> bool:
     return bool(draw < rate)
 
 
-def inject_failure(cfg: Mapping, server_round: int, partition_id: int) -> None:
-    if fails(int(cfg["seed"]), server_round, partition_id, float(cfg["fail-rate"])):
-        raise InjectedFailure(f"injected failure (fail-rate {cfg['fail-rate']}) in round {server_round}")
+def inject_failure(cfg: Settings, server_round: int, partition_id: int) -> None:
+    if fails(cfg.seed, server_round, partition_id, cfg.fail_rate):
+        raise InjectedFailure(f"injected failure (fail-rate {cfg.fail_rate}) in round {server_round}")
 
 
 def identity_reply(msg: Message, context: Context) -> Message:

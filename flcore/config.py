@@ -785,6 +785,11 @@ class SettingsView(Mapping[str, Scalar]):
             typed[name] = _typed(option, value)
         return replace(self, **typed)  # type: ignore[type-var]
 
+    def overlay(self, entries: Mapping[str, Any]) -> Self:
+        """A copy with the run-config keys among `entries` (a round's config from the server) taking their values
+        there, checked like `with_`; entries that are not run-config keys are not settings and are left out."""
+        return self.with_(**{field_name(key): value for key, value in entries.items() if key in SCHEMA})
+
     @property
     def local_data(self) -> bool:
         """Every SuperNode trains on its own folder (client-data = local): no partition, no split keys."""

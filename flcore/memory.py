@@ -10,13 +10,12 @@ training batch keeps for backward; the estimate is checked against the machine's
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from flcore.config import SCHEMA, ConfigError
+from flcore.config import SCHEMA, ConfigError, Settings
 from flcore.models import PAPER_HEAD, build_model, model_head
 
 FLOAT_BYTES = 4
@@ -64,17 +63,17 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def estimate_at(cfg: Mapping, num_classes: int, batch: int, head: str) -> MemoryEstimate:
+def estimate_at(cfg: Settings, num_classes: int, batch: int, head: str) -> MemoryEstimate:
     """`estimate` for the run's model and image size at `batch` images."""
-    return estimate(str(cfg["model"]), int(cfg["projection-dim"]), num_classes, int(cfg["image-size"]), batch, head)
+    return estimate(cfg.model, cfg.projection_dim, num_classes, cfg.image_size, batch, head)
 
 
-def batch_key(cfg: Mapping) -> str:
+def batch_key(cfg: Settings) -> str:
     """The key whose batch the memory check sizes a step by: the larger of local training's and alignment's."""
-    return "align-batch-size" if int(cfg.get("align-batch-size", 1)) > int(cfg["batch-size"]) else "batch-size"
+    return "align-batch-size" if cfg.align_batch_size > cfg.batch_size else "batch-size"
 
 
-def check_memory(cfg: Mapping, num_classes: int, available: int | None = None) -> MemoryEstimate:
+def check_memory(cfg: Settings, num_classes: int, available: int | None = None) -> MemoryEstimate:
     """Refuse a setting one training process could not hold in this machine's memory, naming the key to change."""
     batch = int(cfg[batch_key(cfg)])
     head = model_head(cfg)
@@ -88,8 +87,8 @@ def check_memory(cfg: Mapping, num_classes: int, available: int | None = None) -
     if key == "image-size" and batch > usual and estimate_at(cfg, num_classes, usual, head).total <= available:
         key = batch_key(cfg)  # the default batch fits at this image size: the batch is what does not
     raise ConfigError(
-        f"run-config key '{key}' = {cfg[key]!r} is not allowed here: model={cfg['model']}, head={head}, image-size="
-        f"{cfg['image-size']}, projection-dim={cfg['projection-dim']} and batch {batch} need about "
+        f"run-config key '{key}' = {cfg[key]!r} is not allowed here: model={cfg.model}, head={head}, image-size="
+        f"{cfg.image_size}, projection-dim={cfg.projection_dim} and batch {batch} need about "
         f"{need.total / 2**30:,.1f} GiB per training process ({need.parameters:,} parameters: "
         f"{weights / 2**30:,.1f} GiB with gradients and optimizer state; {need.activations * FLOAT_BYTES / 2**30:,.1f}"
         f" GiB of activations), more than this machine's {available / 2**30:,.1f} GiB."

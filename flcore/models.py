@@ -18,14 +18,13 @@ stages and the class statistics of CCVR and CReFF read them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
 
 import torch
 from torch import nn
 
-from flcore.config import ConfigError
+from flcore.config import ConfigError, Settings
 
 PAPER_HEAD = "mlp"  # the paper's model: what stage 1 pretrains and stage 3 aligns
 
@@ -184,16 +183,16 @@ def buffer_names(name: str, projection_dim: int, head: str = PAPER_HEAD) -> froz
     return frozenset(key for key, _ in model.named_buffers())
 
 
-def model_head(cfg: Mapping[str, Any]) -> str:
+def model_head(cfg: Settings) -> str:
     """The run's head: `head`, with `auto` resolved to the paper's MLP when stage 1 or stage 3 is on (stage 1
     pretrains the projection into LLaVA's width, and the 'ours' rows are the paper's model), else to the model of
     the strategy's reference code (`METHOD_HEADS`)."""
-    head = str(cfg["head"])
+    head = cfg.head
     if head != "auto":
         return head
-    if cfg["pretrain"] or cfg["align"]:
+    if cfg.pretrain or cfg.align:
         return PAPER_HEAD
-    strategy = str(cfg["strategy"])
+    strategy = cfg.strategy
     if strategy not in METHOD_HEADS:
         raise ConfigError(
             f"run-config key 'head' = 'auto' is not allowed with strategy {strategy!r}: flcore.models.METHOD_HEADS "
@@ -209,19 +208,17 @@ def feature_width(name: str) -> int:
         return int(BACKBONES[name]().out_dim)
 
 
-def classifier_width(cfg: Mapping[str, Any]) -> int:
+def classifier_width(cfg: Settings) -> int:
     """The width of the classifier's input under the run's model (`embed`): CCVR's and CReFF's feature size."""
-    return HEAD_WIDTHS[model_head(cfg)](feature_width(str(cfg["model"])), int(cfg["projection-dim"]))
+    return HEAD_WIDTHS[model_head(cfg)](feature_width(cfg.model), cfg.projection_dim)
 
 
-def run_buffer_names(cfg: Mapping[str, Any]) -> frozenset[str]:
+def run_buffer_names(cfg: Settings) -> frozenset[str]:
     """`buffer_names` of the run's model (`model`, `head` resolved, `projection-dim`): what server steps that
     move trained parameters (FedAvgM, FedNova) average plainly instead."""
-    return buffer_names(str(cfg["model"]), int(cfg["projection-dim"]), model_head(cfg))
+    return buffer_names(cfg.model, cfg.projection_dim, model_head(cfg))
 
 
-def run_model(
-    cfg: Mapping[str, Any], num_classes: int, seed: int | None = None, device: torch.device | None = None
-) -> FLModel:
+def run_model(cfg: Settings, num_classes: int, seed: int | None = None, device: torch.device | None = None) -> FLModel:
     """The run's model (`model`, `head` resolved, `projection-dim`) for `num_classes` classes."""
-    return build_model(str(cfg["model"]), int(cfg["projection-dim"]), num_classes, seed, device, model_head(cfg))
+    return build_model(cfg.model, cfg.projection_dim, num_classes, seed, device, model_head(cfg))

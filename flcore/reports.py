@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from flcore.config import Settings
 from flcore.files import atomic_write, json_safe, write_json
 from flcore.metrics import row_normalised
 
@@ -76,11 +77,11 @@ class RunReport:
         self._t0 = self._last = time.perf_counter()
 
     @classmethod
-    def create(cls, cfg: Mapping, run_id: int | str, classes: Sequence[str]) -> RunReport:
-        out = Path(str(cfg["output-dir"])).expanduser() / str(run_id)
+    def create(cls, cfg: Settings, run_id: int | str, classes: Sequence[str]) -> RunReport:
+        out = Path(cfg.output_dir).expanduser() / str(run_id)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", dict(cfg))
-        return cls(out, int(cfg["num-server-rounds"]), classes)
+        return cls(out, cfg.num_server_rounds, classes)
 
     def write_partition(
         self,

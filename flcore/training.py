@@ -8,7 +8,7 @@ once per call, so a GPU never waits for the host between steps.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +18,7 @@ from torch import nn
 
 from flcore.arrays import NON_FINITE
 from flcore.batches import Batches
+from flcore.config import Settings
 from flcore.device import CPU, Compute
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,14 +43,14 @@ class TrainSettings:
     max_grad_norm: float = 0.0  # clip the gradient's global norm to this before each step; 0 = no clipping
 
     @classmethod
-    def from_config(cls, cfg: Mapping) -> TrainSettings:
+    def from_config(cls, cfg: Settings) -> TrainSettings:
         return cls(
-            int(cfg["local-epochs"]),
-            float(cfg["lr"]),
-            float(cfg["momentum"]),
-            float(cfg["weight-decay"]),
-            bool(cfg["augment"]),
-            float(cfg.get("proximal-mu", 0.0)),
+            cfg.local_epochs,
+            cfg.lr,
+            cfg.momentum,
+            cfg.weight_decay,
+            cfg.augment,
+            cfg.proximal_mu,
         )
 
 

@@ -78,3 +78,11 @@ def test_derived_facts() -> None:
 def test_unknown_keys_still_refused_with_the_same_message() -> None:
     with pytest.raises(ConfigError, match=r"unknown run-config key\(s\): bogus; known keys: dataset, data-dir"):
         validate({"bogus": 1})
+
+
+def test_overlay_takes_the_run_config_keys_of_a_round_config() -> None:
+    cfg = validate({})
+    round_config = {"server-round": 3, "proximal-mu": 0.5, "local-epochs": 2}
+    assert cfg.overlay(round_config).proximal_mu == 0.5 and cfg.overlay(round_config).local_epochs == 2
+    with pytest.raises(ConfigError, match="'local-epochs' = 0 is not allowed"):
+        cfg.overlay({"local-epochs": 0})

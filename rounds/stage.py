@@ -16,6 +16,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 
+from flcore.config import Settings
+
 
 class NonFiniteModel(FloatingPointError):
     """Evaluation met a model with NaN or Inf weights or logits, which must stop the run instead of being
@@ -35,7 +37,7 @@ class ServerContext:
     (`NonFiniteModel` for weights or logits with NaN or Inf).
     """
 
-    cfg: Mapping[str, Any]
+    cfg: Settings
     data: Any
     new_model: Callable[[], Any]
     evaluate: Callable[[ArrayRecord], dict]
@@ -68,7 +70,7 @@ class Stages:
     post_hoc: list[RoundStage] = field(default_factory=list)
 
 
-def no_check(cfg: Mapping, prepared: Any) -> None:
+def no_check(cfg: Settings, prepared: Any) -> None:
     """For stages whose inputs the config schema already checks."""
 
 

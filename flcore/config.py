@@ -596,7 +596,7 @@ def _check_folders(cfg: Settings) -> None:
     """Folders the run writes to: never '' (that would be the working directory), never an existing file."""
     keys = ("output-dir", "pretrain-cache-dir") if cfg.pretrain else ("output-dir",)
     for key in keys:
-        value = str(cfg[key])
+        value = cfg[key]
         if not value.strip():
             raise ConfigError(f"run-config key '{key}' is empty: expected a folder to write into, e.g. 'outputs'.")
         path = Path(value).expanduser()

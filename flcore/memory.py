@@ -75,7 +75,7 @@ def batch_key(cfg: Settings) -> str:
 
 def check_memory(cfg: Settings, num_classes: int, available: int | None = None) -> MemoryEstimate:
     """Refuse a setting one training process could not hold in this machine's memory, naming the key to change."""
-    batch = int(cfg[batch_key(cfg)])
+    batch = cfg[batch_key(cfg)]
     head = model_head(cfg)
     need = estimate_at(cfg, num_classes, batch, head)
     available = physical_memory() if available is None else available

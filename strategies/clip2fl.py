@@ -50,7 +50,7 @@ class RoundConfig(Delegating):
 
 def with_distillation(inner: Strategy, cfg: Settings) -> Strategy:
     """`inner` (CReFF) whose clients also distil from CLIP with the configured weight and temperature."""
-    return RoundConfig(inner, {key: float(cfg[key]) for key in KD_KEYS})
+    return RoundConfig(inner, {key: cfg[key] for key in KD_KEYS})
 
 
 def text_contrast_loss(

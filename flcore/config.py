@@ -9,9 +9,10 @@ the value and what is allowed.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any, Self
@@ -20,11 +21,8 @@ Scalar = bool | int | float | str
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet-lt", "folder")
 DATASETS_WITH_FILES = ("cifar10", "cifar100", "imagenet-lt", "folder")
-MODELS = ("resnet8", "resnet50")
-HEAD_NAMES = ("auto", "mlp", "linear", "none")  # flcore.models.HEADS, and auto
 ALIGN_WHEN = ("every-round", "last-round")
 ALIGN_LOSSES = ("ce+kl", "ce", "kl")
-LOSSES = ("ce", "focal", "fedlc", "fedrs")
 FEDRS_VARIANTS = ("authors", "paper")
 DISTILL_ON_ALIGN = "align"  # distill-data: D_align's images, labels dropped
 DISTILL_ON_UNHELD = "unused-train"  # distill-data: the training images neither D_align nor any client holds
@@ -34,7 +32,6 @@ ALIGN_SOURCES = ("auto", "train", "val")
 CLIENT_DATA = ("partition", "local")
 LOCAL = "local"  # client-data: every SuperNode trains on its own folder (node config `data-dir`)
 HOLDOUT = "holdout"  # align-teacher: the offline stand-in for CLIP, trained on held-out server images
-AMP_MODES = ("off", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 PARTITION_ASSIGNMENTS = ("server", "node")
 
@@ -60,7 +57,7 @@ class Option:
     help: str
     allowed: str = ""
     check: Callable[[Any], bool] | None = None
-    choices: tuple[str, ...] = ()
+    choices: Sequence[str] = ()
     kinds: tuple[type, ...] = ()  # the types a value may have, where they are not just the default's
 
 
@@ -93,8 +90,36 @@ def _prompt_ok(value: Any) -> bool:
     return value == "ensemble" or (value.count("{}") == 1 and value.count("{") == value.count("}") == 1)
 
 
-def _choice(default: str, help: str, choices: Iterable[str]) -> Option:
-    return Option(default, help, choices=tuple(choices))
+def _choice(default: str, help: str, choices: Sequence[str]) -> Option:
+    return Option(default, help, choices=choices)
+
+
+class RegistryNames(Sequence[str]):
+    """The names of a registry dict in another module (`flcore.models.BACKBONES`), after `first`: the registry is
+    the one list of names. Read when first needed, so importing this module stays free of torch; only registries of
+    modules every process importing the schema's users loads anyway belong here (not `flcore.partitioners`, whose
+    `datasets` a node holding its own data never imports)."""
+
+    def __init__(self, module: str, registry: str, first: tuple[str, ...] = ()) -> None:
+        self.module, self.registry, self.first = module, registry, first
+
+    def _names(self) -> tuple[str, ...]:
+        return (*self.first, *getattr(importlib.import_module(self.module), self.registry))
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return f"RegistryNames({self.module}.{self.registry}, first={self.first})"
+
+
+MODELS = RegistryNames("flcore.models", "BACKBONES")
+HEAD_NAMES = RegistryNames("flcore.models", "HEADS", first=("auto",))
+LOSSES = RegistryNames("flcore.losses", "LOSSES")
+AMP_MODES = RegistryNames("flcore.device", "AMP_DTYPES", first=("off",))
 
 
 def _device_ok(value: Any) -> bool:
@@ -578,7 +603,7 @@ def _type_ok(option: Option, value: Any) -> bool:
     return isinstance(value, str)
 
 
-def _check_key(key: str, value: Any, option: Option, choices: tuple[str, ...]) -> None:
+def _check_key(key: str, value: Any, option: Option, choices: Sequence[str]) -> None:
     if not _type_ok(option, value):
         kind = " or ".join(t.__name__ for t in option.kinds) or type(option.default).__name__
         raise ConfigError(f"run-config key '{key}' = {value!r} has the wrong type: expected {kind}.")

@@ -86,3 +86,16 @@ def test_overlay_takes_the_run_config_keys_of_a_round_config() -> None:
     assert cfg.overlay(round_config).proximal_mu == 0.5 and cfg.overlay(round_config).local_epochs == 2
     with pytest.raises(ConfigError, match="'local-epochs' = 0 is not allowed"):
         cfg.overlay({"local-epochs": 0})
+
+
+def test_name_choices_are_the_registries_keys(monkeypatch) -> None:
+    from flcore import device, losses, models
+
+    monkeypatch.setitem(models.BACKBONES, "resnet18", models.resnet8)
+    monkeypatch.setitem(losses.LOSSES, "balanced-softmax", losses.LOSSES["ce"])
+    cfg = validate({"model": "resnet18", "holdout-model": "resnet18", "loss": "balanced-softmax"})
+    assert cfg.model == cfg.holdout_model == "resnet18" and cfg.loss == "balanced-softmax"
+    assert list(SCHEMA["head"].choices) == ["auto", *models.HEADS]
+    assert list(SCHEMA["amp"].choices) == ["off", *device.AMP_DTYPES]
+    with pytest.raises(ConfigError, match="'model' = 'vgg' is not allowed: choose one of resnet8, resnet50, resnet18"):
+        validate({"model": "vgg"})

@@ -19,7 +19,6 @@ from typing import Any, Self
 
 Scalar = bool | int | float | str
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet-lt", "folder")
 DATASETS_WITH_FILES = ("cifar10", "cifar100", "imagenet-lt", "folder")
 ALIGN_WHEN = ("every-round", "last-round")
 ALIGN_LOSSES = ("ce+kl", "ce", "kl")
@@ -116,6 +115,7 @@ class RegistryNames(Sequence[str]):
         return f"RegistryNames({self.module}.{self.registry}, first={self.first})"
 
 
+DATASETS = RegistryNames("flcore.datasets", "LOADERS")
 MODELS = RegistryNames("flcore.models", "BACKBONES")
 HEAD_NAMES = RegistryNames("flcore.models", "HEADS", first=("auto",))
 LOSSES = RegistryNames("flcore.losses", "LOSSES")

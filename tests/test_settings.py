@@ -89,7 +89,7 @@ def test_overlay_takes_the_run_config_keys_of_a_round_config() -> None:
 
 
 def test_name_choices_are_the_registries_keys(monkeypatch) -> None:
-    from flcore import device, losses, models
+    from flcore import datasets, device, losses, models
 
     monkeypatch.setitem(models.BACKBONES, "resnet18", models.resnet8)
     monkeypatch.setitem(losses.LOSSES, "balanced-softmax", losses.LOSSES["ce"])
@@ -97,5 +97,6 @@ def test_name_choices_are_the_registries_keys(monkeypatch) -> None:
     assert cfg.model == cfg.holdout_model == "resnet18" and cfg.loss == "balanced-softmax"
     assert list(SCHEMA["head"].choices) == ["auto", *models.HEADS]
     assert list(SCHEMA["amp"].choices) == ["off", *device.AMP_DTYPES]
+    assert list(SCHEMA["dataset"].choices) == list(datasets.LOADERS)
     with pytest.raises(ConfigError, match="'model' = 'vgg' is not allowed: choose one of resnet8, resnet50, resnet18"):
         validate({"model": "vgg"})

@@ -10,7 +10,7 @@ pairs the stage factory with its input checks, which the preflight runs before a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,5 +79,5 @@ class ServerStage:
     """A registry entry: `check(cfg, prepared)` raises on bad input before any process starts (it may
     not train or load large weights); `build(cfg, ctx)` makes the stages in the ServerApp."""
 
-    build: Callable[[Mapping, ServerContext], Stages]
-    check: Callable[[Mapping, Any], None] = no_check
+    build: Callable[[Settings, ServerContext], Stages]
+    check: Callable[[Settings, Any], None] = no_check

@@ -14,7 +14,7 @@ Client losses are registered in `flcore.losses` (`LOSSES`), because clients must
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -42,7 +42,7 @@ from strategies.robust import check_trimming, fedmedian, fedtrimmedavg
 from strategies.tau_norm import tau_norm_stage
 from strategies.wrapper import Report, ServerStages
 
-StrategyFactory = Callable[[Mapping], Strategy]
+StrategyFactory = Callable[[Settings], Strategy]
 MethodRoundEnd = Callable[[Strategy, int, ArrayRecord], None]  # (the method, the round just ended, its model)
 
 STRATEGIES: dict[str, StrategyFactory] = {
@@ -61,7 +61,7 @@ STRATEGIES: dict[str, StrategyFactory] = {
 }
 
 # Input checks of strategies that read more than the config schema checks, run by the preflight.
-STRATEGY_CHECKS: dict[str, Callable[[Mapping, Any], None]] = {
+STRATEGY_CHECKS: dict[str, Callable[[Settings, Any], None]] = {
     "clip2fl": clip2fl_method.check,
     "feddf": ensemble_distillation.check,
     "fedbe": ensemble_distillation.check,
@@ -165,7 +165,7 @@ FEDRS_FORMS = {
     "authors": "the authors' code: logits without bias x alpha + (1 - alpha) n_c / max n, gradient clipped",
     "paper": "the paper's: logits of classes it lacks x alpha",
 }
-LOSS_RUNS: dict[str, Callable[[Mapping], str]] = {
+LOSS_RUNS: dict[str, Callable[[Settings], str]] = {
     "ce": lambda cfg: "ce loss",
     "focal": lambda cfg: f"focal loss (gamma {cfg.focal_gamma})",
     "fedlc": lambda cfg: f"FedLC's logit-calibrated CE (tau {cfg.fedlc_tau}) from its own label counts, which it keeps",

@@ -13,7 +13,7 @@ import importlib
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields, make_dataclass, replace
+from dataclasses import dataclass, make_dataclass, replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -860,7 +860,6 @@ Settings.__doc__ = (
     "A checked run config: one attribute per schema key (`cfg.num_server_rounds`), typed as the key's option, "
     "frozen; also a read-only mapping keyed by run-config key. Built by `validate`."
 )
-SETTINGS_FIELDS = tuple(f.name for f in fields(Settings))
 
 
 def validate(

@@ -38,7 +38,7 @@ from flcore.config import Settings, validate
 from flcore.costs import cost_metrics
 from flcore.device import Compute, compute_of
 from flcore.local_data import CLASS_COUNTS_KEY
-from flcore.losses import LOSS_KEY, LossInputs, build_loss, max_grad_norm
+from flcore.losses import LossInputs, build_loss, max_grad_norm
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model, model_head
 from flcore.seeding import seeded_generator
@@ -76,10 +76,8 @@ def message_limit(cfg: Settings, node_config: Mapping) -> float:
 
 def _settings(cfg: Settings, server_config: Mapping) -> TrainSettings:
     """Run config overlaid with the server's round config; the proximal term only when the server sends it,
-    gradient clipping only when the loss comes with it. The round's `LOSS_KEY` is not overlaid: it may name a loss
-    only a strategy defines (`flcore.losses.SERVER_LOSSES`), and `build_loss` reads it from the round config."""
-    round_settings = {key: value for key, value in server_config.items() if key != LOSS_KEY}
-    settings = TrainSettings.from_config(cfg.with_(proximal_mu=0.0).overlay(round_settings))
+    gradient clipping only when the loss comes with it."""
+    settings = TrainSettings.for_round(cfg, server_config)
     return replace(settings, max_grad_norm=max_grad_norm(cfg, server_config))
 
 

@@ -8,7 +8,7 @@ once per call, so a GPU never waits for the host between steps.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +28,11 @@ ExtraLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, bat
 class NonFiniteLogits(FloatingPointError):
     """The model gave NaN or Inf logits: there is no prediction to score (argmax of an all-NaN row is 0,
     so such a model would otherwise be scored as if it predicted class 0)."""
+
+
+# The run-config keys of local training that the server's round config may set (the server sends all but
+# proximal-mu every round; FedProx adds proximal-mu).
+ROUND_KEYS = ("local-epochs", "lr", "momentum", "weight-decay", "augment", "proximal-mu")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,13 @@ class TrainSettings:
             cfg.augment,
             cfg.proximal_mu,
         )
+
+    @classmethod
+    def for_round(cls, cfg: Settings, round_config: Mapping) -> TrainSettings:
+        """The run's settings overlaid with what the round config sets of them (`ROUND_KEYS`, checked like the run
+        config); the proximal term only when the round config sends it."""
+        own = {key: value for key, value in round_config.items() if key in ROUND_KEYS}
+        return cls.from_config(cfg.with_(proximal_mu=0.0).overlay(own))
 
 
 def _batches(batches: Batches, augment: bool, gen: torch.Generator, indexed: bool) -> Iterator[tuple]:

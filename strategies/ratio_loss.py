@@ -28,7 +28,8 @@ in round 1.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from logging import INFO
 
 import numpy as np
@@ -58,16 +59,10 @@ DEGENERATE_RATIO = 10.0  # the authors' Ra_p where the other classes' updates of
 DOMINANCE = 0.8  # another class's update above 80 % of the largest one (in magnitude) leaves the weight ownerless
 
 
-def auxiliary_settings(cfg: Settings) -> TrainSettings:
+def auxiliary_settings(cfg: Settings, round_config: Mapping) -> TrainSettings:
     """How the server trains on one class's auxiliary images: as the round's clients do, without
     augmentation (the authors run their clients' `LocalUpdate` on it)."""
-    return TrainSettings(
-        cfg.local_epochs,
-        cfg.lr,
-        cfg.momentum,
-        cfg.weight_decay,
-        augment=False,
-    )
+    return replace(TrainSettings.for_round(cfg, round_config), augment=False, proximal_mu=0.0)
 
 
 def class_updates(
@@ -162,7 +157,7 @@ class RatioLoss(Delegating):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         cfg = self.cfg
-        settings = auxiliary_settings(cfg.overlay(config))
+        settings = auxiliary_settings(cfg, config)
         gen = seeded_generator(cfg.seed, server_round)
         updates = class_updates(model_from(cfg, arrays), self._auxiliary(), settings, gen, compute_of(cfg))
         weights = class_weights(updates, cfg.ratio_alpha, cfg.ratio_beta)

@@ -100,3 +100,12 @@ def test_name_choices_are_the_registries_keys(monkeypatch) -> None:
     assert list(SCHEMA["dataset"].choices) == list(datasets.LOADERS)
     with pytest.raises(ConfigError, match="'model' = 'vgg' is not allowed: choose one of resnet8, resnet50, resnet18"):
         validate({"model": "vgg"})
+
+
+def test_a_round_config_sets_only_the_training_keys() -> None:
+    from flcore.training import TrainSettings
+
+    cfg = validate({"proximal-mu": 0.3})
+    plain = TrainSettings.for_round(cfg, {"lr": 0.5, "loss": "ratio", "kd-temperature": 0.0})
+    assert plain.lr == 0.5 and plain.proximal_mu == 0.0  # the proximal term only when the round sends it
+    assert TrainSettings.for_round(cfg, {"proximal-mu": 0.3}).proximal_mu == 0.3

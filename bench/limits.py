@@ -9,12 +9,11 @@ activations, the optimizer) is not counted, so a ratio of 1 is out of reach by t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from flcore.config import Settings
 from flcore.device import AMP_DTYPES
 from flcore.models import build_model
 
@@ -34,13 +33,14 @@ def flops_per_image(model_name: str, projection_dim: int, num_classes: int, imag
     return {"forward": forward, "train": counter.get_total_flops() / batch}
 
 
-def device_and_dtype(cfg: Settings) -> tuple[str, torch.dtype]:
+def device_and_dtype(cfg: Mapping) -> tuple[str, torch.dtype]:
     """The device and compute dtype a run uses: its `device` (`auto` picks CUDA when present) and its `amp`
-    (`off`: float32; `bf16`, `fp16`: the autocast dtype `flcore.device` uses)."""
-    device = cfg.device
+    (`off`: float32; `bf16`, `fp16`: the autocast dtype `flcore.device` uses). Takes any mapping of those keys
+    (a run's Settings, or a partial one), each defaulting to the CPU in float32."""
+    device = str(cfg.get("device", "cpu"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device, AMP_DTYPES.get(cfg.amp, torch.float32)
+    return device, AMP_DTYPES.get(str(cfg.get("amp", "off")), torch.float32)
 
 
 def matmul_flops_per_second(device: str, dtype: torch.dtype, threads: int, n: int, min_seconds: float = 1.0) -> float:

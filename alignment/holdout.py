@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from flcore.config import ConfigError, data_key
+from flcore.config import ConfigError, Settings
 from flcore.datasets import Dataset, ImageSet
 from flcore.device import compute_of
 from flcore.files import atomic_write
@@ -57,49 +56,47 @@ def holdout_indices(prepared: Prepared) -> np.ndarray:
     return prepared.split.holdout
 
 
-def check(cfg: Mapping, prepared: Prepared) -> None:
+def check(cfg: Settings, prepared: Prepared) -> None:
     """Refuse the stand-in when the server holds no reserve: the split refuses a class with too few images
     itself (`flcore.partition.holdout_reserve`), so this is a server that reads no training split."""
     if len(holdout_indices(prepared)) == 0:
         raise ConfigError(
             "run-config key 'align-teacher' = 'holdout' needs training images of the server's own in data-dir that "
-            f"are not in D_align, and the server reads none (client-data = {cfg['client-data']}, align-data = "
-            f"{cfg['align-data']!r}); use align-data = train with a data-dir that has a training split, another "
+            f"are not in D_align, and the server reads none (client-data = {cfg.client_data}, align-data = "
+            f"{cfg.align_data!r}); use align-data = train with a data-dir that has a training split, another "
             "teacher, or align-logits-file."
         )
 
 
-def check_reserve(cfg: Mapping, prepared: Prepared) -> None:
+def check_reserve(cfg: Settings, prepared: Prepared) -> None:
     """The registry's check of the report stage: with the holdout teacher, its reserve must exist."""
-    if cfg["align-teacher"] == HOLDOUT:
+    if cfg.holdout_teacher:
         check(cfg, prepared)
 
 
-def _cache_file(cfg: Mapping) -> Path:
-    body = json.dumps({"data": list(data_key(cfg)), "teacher": {k: cfg[k] for k in KEYS}}, sort_keys=True)
+def _cache_file(cfg: Settings) -> Path:
+    body = json.dumps({"data": list(cfg.data_key), "teacher": {k: cfg[k] for k in KEYS}}, sort_keys=True)
     digest = hashlib.sha256(body.encode()).hexdigest()[:20]
-    return Path(str(cfg["output-dir"])).expanduser() / "teacher-cache" / f"holdout-{digest}.pt"
+    return Path(cfg.output_dir).expanduser() / "teacher-cache" / f"holdout-{digest}.pt"
 
 
-def _model(cfg: Mapping, num_classes: int, seed: int | None = None) -> nn.Module:
+def _model(cfg: Settings, num_classes: int, seed: int | None = None) -> nn.Module:
     """The stand-in's architecture on the run's device."""
-    dim, device = int(cfg["projection-dim"]), compute_of(cfg).device
-    return build_model(str(cfg["holdout-model"]), dim, num_classes, seed=seed, device=device)
+    dim, device = cfg.projection_dim, compute_of(cfg).device
+    return build_model(cfg.holdout_model, dim, num_classes, seed=seed, device=device)
 
 
-def _train(cfg: Mapping, prepared: Prepared, held: np.ndarray) -> nn.Module:
-    dataset, seed = prepared.dataset, int(cfg["seed"])
+def _train(cfg: Settings, prepared: Prepared, held: np.ndarray) -> nn.Module:
+    dataset, seed = prepared.dataset, cfg.seed
     model = _model(cfg, dataset.num_classes, seed=seed)
-    data = batches(cfg, dataset.train.subset(held), int(cfg["batch-size"]))
-    settings = TrainSettings(
-        int(cfg["holdout-epochs"]), float(cfg["holdout-lr"]), MOMENTUM, WEIGHT_DECAY, bool(cfg["augment"])
-    )
-    print(f"[teacher] training the {label(len(held), str(cfg['holdout-model']))}", flush=True)
+    data = batches(cfg, dataset.train.subset(held), cfg.batch_size)
+    settings = TrainSettings(cfg.holdout_epochs, cfg.holdout_lr, MOMENTUM, WEIGHT_DECAY, cfg.augment)
+    print(f"[teacher] training the {label(len(held), cfg.holdout_model)}", flush=True)
     train(model, data, settings, seeded_generator(seed, STREAM), compute=compute_of(cfg), progress="teacher")
     return model
 
 
-def load_or_train(cfg: Mapping) -> tuple[nn.Module, str]:
+def load_or_train(cfg: Settings) -> tuple[nn.Module, str]:
     """The stand-in teacher (from the cache, or trained once and cached) and its label."""
     prepared = prepare(cfg)
     check(cfg, prepared)
@@ -113,10 +110,10 @@ def load_or_train(cfg: Mapping) -> tuple[nn.Module, str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
-    return model.eval(), label(len(held), str(cfg["holdout-model"]))
+    return model.eval(), label(len(held), cfg.holdout_model)
 
 
-def accuracy_on_test_split(cfg: Mapping, model: nn.Module, dataset: Dataset) -> tuple[float, list[float]]:
+def accuracy_on_test_split(cfg: Settings, model: nn.Module, dataset: Dataset) -> tuple[float, list[float]]:
     """The stand-in's accuracy on the test split, overall and per class (recall)."""
     predicted = logits(cfg, model, dataset.test).argmax(1).numpy()
     labels = dataset.test.labels
@@ -124,19 +121,19 @@ def accuracy_on_test_split(cfg: Mapping, model: nn.Module, dataset: Dataset) -> 
     return float((predicted == labels).mean()), per_class
 
 
-def report_stage(cfg: Mapping, ctx: ServerContext) -> Stages:
+def report_stage(cfg: Settings, ctx: ServerContext) -> Stages:
     """The registry factory: with the holdout teacher, the summary's `holdout-teacher` section (no stage).
 
     Every such run reports it, also one that sets the teacher only to share the pool of runs using it; the
     teacher is trained once per data settings (cached), so that costs a load and one pass over the test split.
     """
-    if cfg["align-teacher"] != HOLDOUT:
+    if not cfg.holdout_teacher:
         return Stages()
     model, source = load_or_train(cfg)
     accuracy, per_class = accuracy_on_test_split(cfg, model, ctx.data.dataset)
     info = {
         "teacher": source,
-        "holdout-per-class": cfg["holdout-per-class"],
+        "holdout-per-class": cfg.holdout_per_class,
         **ctx.data.reserve,
         "test-accuracy": accuracy,
         "per-class-test-accuracy": per_class,
@@ -146,7 +143,7 @@ def report_stage(cfg: Mapping, ctx: ServerContext) -> Stages:
 
 
 @torch.no_grad()
-def logits(cfg: Mapping, model: nn.Module, images: ImageSet) -> torch.Tensor:
+def logits(cfg: Settings, model: nn.Module, images: ImageSet) -> torch.Tensor:
     """The teacher's logits [N, C] over `images`, in order, computed on the run's device in float32 and returned
     on the CPU (they are cached like CLIP's)."""
     model.eval()

@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from flcore.config import ConfigError, align_source
+from flcore.config import ConfigError, Settings
 from flcore.datasets import Dataset, ImageSet
 from flcore.device import compute_of
 from flcore.files import atomic_write
@@ -107,13 +107,13 @@ def load_logits_file(
     return TeacherLogits(logits, f"file {file}", False, acc)
 
 
-def teacher_embed_dim(cfg: Mapping) -> int:
+def teacher_embed_dim(cfg: Settings) -> int:
     """The teacher's feature size without loading it (tiny is built at projection-dim)."""
     import open_clip
 
-    name = str(cfg["align-teacher"])
+    name = cfg.align_teacher
     if name == "tiny":
-        return int(cfg["projection-dim"])
+        return cfg.projection_dim
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         raise ConfigError(
@@ -123,40 +123,40 @@ def teacher_embed_dim(cfg: Mapping) -> int:
     return int(model_cfg["embed_dim"])
 
 
-def check_teacher(cfg: Mapping, use: str) -> None:
+def check_teacher(cfg: Settings, use: str) -> None:
     """The align-teacher's embedding size must be `projection-dim` (`use` says why), and a real teacher's
     weights must be on this machine; the tiny teacher is built at projection-dim."""
     dim = teacher_embed_dim(cfg)
-    if dim != int(cfg["projection-dim"]):
+    if dim != cfg.projection_dim:
         raise ConfigError(
-            f"run-config key 'projection-dim' = {cfg['projection-dim']} does not match the align-teacher "
-            f"{cfg['align-teacher']}'s embedding size {dim}: {use}; set projection-dim={dim}."
+            f"run-config key 'projection-dim' = {cfg.projection_dim} does not match the align-teacher "
+            f"{cfg.align_teacher}'s embedding size {dim}: {use}; set projection-dim={dim}."
         )
-    if cfg["align-teacher"] != "tiny":
+    if cfg.align_teacher != "tiny":
         from alignment.teacher import clip_parameters, resolve_weights
 
-        name = str(cfg["align-teacher"])
-        resolve_weights(name, str(cfg["align-pretrained"]))
+        name = cfg.align_teacher
+        resolve_weights(name, cfg.align_pretrained)
         check_teacher_fits("align-teacher", name, clip_parameters(name), torch.float32, compute_of(cfg).device)
 
 
-def _cache_key(cfg: Mapping, align_idx: np.ndarray, split: str) -> str:
+def _cache_key(cfg: Settings, align_idx: np.ndarray, split: str) -> str:
     from alignment.teacher import TEMPLATES, TINY_SEED, tiny_config
 
-    name, pretrained = str(cfg["align-teacher"]), str(cfg["align-pretrained"])
+    name, pretrained = cfg.align_teacher, cfg.align_pretrained
     weights = Path(pretrained).expanduser()
     teacher = (
-        {"tiny": tiny_config(int(cfg["projection-dim"])), "seed": TINY_SEED}
+        {"tiny": tiny_config(cfg.projection_dim), "seed": TINY_SEED}
         if name == "tiny"
         else {"name": name, "pretrained": pretrained, "bytes": weights.stat().st_size if weights.is_file() else None}
     )
-    data = {**{k: cfg[k] for k in ("dataset", "data-dir", "image-size")}, "align-data": align_source(cfg)}
+    data = {**{k: cfg[k] for k in ("dataset", "data-dir", "image-size")}, "align-data": cfg.align_source}
     body = json.dumps({"teacher": teacher, "data": data, "split": split, "templates": len(TEMPLATES)}, sort_keys=True)
     digest = hashlib.sha256(body.encode() + np.ascontiguousarray(align_idx, dtype=np.int64).tobytes())
     return digest.hexdigest()[:20]
 
 
-def holdout_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet) -> TeacherLogits:
+def holdout_teacher_logits(cfg: Settings, dataset: Dataset, align: ImageSet) -> TeacherLogits:
     """q from the offline stand-in: its logits on D_align, and its own accuracy on the test split."""
     from alignment import holdout
 
@@ -165,23 +165,23 @@ def holdout_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet) -> T
     return TeacherLogits(holdout.logits(cfg, model, align), source, False, accuracy)
 
 
-def compute_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet, align_idx: np.ndarray) -> TeacherLogits:
+def compute_teacher_logits(cfg: Settings, dataset: Dataset, align: ImageSet, align_idx: np.ndarray) -> TeacherLogits:
     """q for D_align and test logits, from the disk cache or by one teacher forward over each set."""
     from alignment import teacher as clip
 
-    if cfg["align-teacher"] == "holdout":
+    if cfg.holdout_teacher:
         return holdout_teacher_logits(cfg, dataset, align)
 
-    cache = Path(str(cfg["output-dir"])).expanduser() / "teacher-cache"
+    cache = Path(cfg.output_dir).expanduser() / "teacher-cache"
     files = {split: cache / f"{_cache_key(cfg, align_idx, split)}.pt" for split in ("align", "test")}
-    random_teacher = cfg["align-teacher"] == "tiny"
+    random_teacher = cfg.align_teacher == "tiny"
     source = (
         "tiny open_clip config with RANDOM weights (no knowledge)"
         if random_teacher
-        else f"{cfg['align-teacher']} / {cfg['align-pretrained']}"
+        else f"{cfg.align_teacher} / {cfg.align_pretrained}"
     )
     if not all(f.is_file() for f in files.values()):
-        name, pretrained, dim = str(cfg["align-teacher"]), str(cfg["align-pretrained"]), int(cfg["projection-dim"])
+        name, pretrained, dim = cfg.align_teacher, cfg.align_pretrained, cfg.projection_dim
         model = clip.load_teacher(name, pretrained, dim, cache / "configs", compute_of(cfg).device)
         print(f"[align] computing teacher logits once with {model.label}", flush=True)
         cache.mkdir(parents=True, exist_ok=True)
@@ -194,9 +194,9 @@ def compute_teacher_logits(cfg: Mapping, dataset: Dataset, align: ImageSet, alig
     return TeacherLogits(q, source, random_teacher, acc)
 
 
-def effective_beta(cfg: Mapping, random_teacher: bool) -> tuple[float, str]:
+def effective_beta(cfg: Settings, random_teacher: bool) -> tuple[float, str]:
     """The beta the loss uses, and why it differs from `align-beta` (empty when it does not)."""
-    beta, loss = float(cfg["align-beta"]), str(cfg["align-loss"])
+    beta, loss = cfg.align_beta, cfg.align_loss
     if loss == "kl" and (random_teacher or beta == 0):
         raise ConfigError(
             f"run-config key 'align-loss' = 'kl' has nothing to learn from: align-beta = {beta} and the teacher is "

@@ -11,7 +11,7 @@ run's device and precision (`flcore.device`), where D_align, its labels and q mo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flcore.batches import Batches
+from flcore.config import Settings
 from flcore.datasets import Dataset, ImageSet
 from flcore.device import CPU, Compute
 from flcore.losses import kd_loss
@@ -40,16 +41,16 @@ class AlignSettings:
     augment: bool
 
     @classmethod
-    def from_config(cls, cfg: Mapping, beta: float) -> AlignSettings:
+    def from_config(cls, cfg: Settings, beta: float) -> AlignSettings:
         return cls(
-            int(cfg["align-steps"]),
-            float(cfg["align-lr"]),
-            int(cfg["align-batch-size"]),
+            cfg.align_steps,
+            cfg.align_lr,
+            cfg.align_batch_size,
             beta,
-            float(cfg["align-temperature"]),
-            str(cfg["align-loss"]),
-            str(cfg["align-when"]),
-            bool(cfg["augment"]),
+            cfg.align_temperature,
+            cfg.align_loss,
+            cfg.align_when,
+            cfg.augment,
         )
 
 

@@ -20,13 +20,11 @@ that ask for it (`bench/align_cost.py` measures the stage's share of a round).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from alignment.holdout import HOLDOUT
 from alignment.logits import (
     TeacherLogits,
     check_class_names,
@@ -37,6 +35,7 @@ from alignment.logits import (
 )
 from alignment.loss import AlignSettings, fine_tune
 from flcore.arrays import load_record, to_record
+from flcore.config import Settings
 from flcore.datasets import Dataset
 from flcore.device import compute_of
 from flcore.run_data import Prepared, prepare
@@ -53,9 +52,9 @@ class AlignmentStage:
     def __init__(self, ctx: ServerContext, settings: AlignSettings, q: torch.Tensor, info: dict) -> None:
         cfg = ctx.cfg
         self.ctx, self.s, self.q, self.info = ctx, settings, q, info
-        self.last = int(cfg["num-server-rounds"])
-        self.eval_every = int(cfg["align-eval-every"])  # 0 or a multiple of eval-every (the config checks)
-        self.seed, self.image_size = int(cfg["seed"]), int(cfg["image-size"])
+        self.last = cfg.num_server_rounds
+        self.eval_every = cfg.align_eval_every  # 0 or a multiple of eval-every (the config checks)
+        self.seed, self.image_size = cfg.seed, cfg.image_size
         self.compute = compute_of(cfg)
         self.model = ctx.new_model()  # refilled with the aggregated weights every round
 
@@ -109,32 +108,32 @@ class AlignmentStage:
         return Outcome(aligned, {"alignment": info}, {"alignment-step.png": figure})
 
 
-def check_inputs(cfg: Mapping, dataset: Dataset, align_idx: np.ndarray) -> TeacherLogits | None:
+def check_inputs(cfg: Settings, dataset: Dataset, align_idx: np.ndarray) -> TeacherLogits | None:
     """Every alignment input check that needs no teacher forward, so bad input stops before round 1.
 
     Returns the logits when they come from `align-logits-file` (reading the file is the check).
     """
-    if not cfg["align"]:
+    if not cfg.align:
         return None
-    if cfg["align-logits-file"]:
-        return load_logits_file(str(cfg["align-logits-file"]), align_idx, dataset.classes, dataset.test.labels)
-    effective_beta(cfg, cfg["align-teacher"] == "tiny")
-    if cfg["align-teacher"] == HOLDOUT:
+    if cfg.align_logits_file:
+        return load_logits_file(cfg.align_logits_file, align_idx, dataset.classes, dataset.test.labels)
+    effective_beta(cfg, cfg.align_teacher == "tiny")
+    if cfg.holdout_teacher:
         return None  # logits only: no prompts, no feature space to match (its own check runs in `check`)
     check_teacher(cfg, "the model's projection is the teacher's feature space")
     check_class_names(dataset.classes)
     return None
 
 
-def check(cfg: Mapping, prepared: Prepared) -> None:
+def check(cfg: Settings, prepared: Prepared) -> None:
     """The preflight's alignment checks (the registry's `ServerStage.check`; the holdout teacher's reserve has
     its own entry, `holdout.check_reserve`)."""
     check_inputs(cfg, prepared.dataset, prepared.split.align)
 
 
-def alignment_stages(cfg: Mapping, ctx: ServerContext) -> Stages:
+def alignment_stages(cfg: Settings, ctx: ServerContext) -> Stages:
     """The registry factory: no stages when `align` is off; else get q once and build the stage."""
-    if not cfg["align"]:
+    if not cfg.align:
         return Stages()
     data = ctx.data
     align_idx = prepare(cfg).split.align
@@ -146,11 +145,11 @@ def alignment_stages(cfg: Mapping, ctx: ServerContext) -> Stages:
         "teacher": logits.source,
         "teacher-random-weights": logits.random,
         "teacher-test-accuracy": logits.test_accuracy,
-        "align-beta": float(cfg["align-beta"]),
+        "align-beta": cfg.align_beta,
         "beta-effective": beta,
         "beta-note": why,
-        "align-loss": str(cfg["align-loss"]),
-        "align-when": str(cfg["align-when"]),
+        "align-loss": cfg.align_loss,
+        "align-when": cfg.align_when,
     }
     acc = "n/a" if logits.test_accuracy is None else f"{logits.test_accuracy:.3f}"
     note = f" ({why})" if why else ""

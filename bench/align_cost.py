@@ -47,6 +47,7 @@ from bench.limits import flops_per_image, matmul_flops_per_second
 from bench.runs import LOG, failure, launch_run, run_dirs
 from flcore.arrays import load_record, to_record
 from flcore.batches import Batches
+from flcore.config import Settings
 from flcore.datasets import ImageSet
 from flcore.models import run_model
 from flcore.reports import read_metrics
@@ -59,7 +60,7 @@ from server_app import launch
 from server_app.app import Evaluator, torch_threads
 
 
-def teacher_cost(cfg: Mapping) -> tuple[float, float]:
+def teacher_cost(cfg: Settings) -> tuple[float, float]:
     """Seconds for the teacher's logits with an empty cache, then with the cache filled."""
     data = server_data(cfg)
     idx = prepare(cfg).split.align
@@ -71,7 +72,7 @@ def teacher_cost(cfg: Mapping) -> tuple[float, float]:
     return times[0], times[1]
 
 
-def real_architecture_cost(cfg: Mapping) -> float:
+def real_architecture_cost(cfg: Settings) -> float:
     """Seconds for ViT-L-14-336 (random weights, real compute) to produce q for D_align."""
     import open_clip
 
@@ -96,7 +97,7 @@ def median_seconds(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
-def stage_parts(cfg: Mapping, repeat: int, profile: bool) -> dict[str, float]:
+def stage_parts(cfg: Settings, repeat: int, profile: bool) -> dict[str, float]:
     """Each part of one alignment round timed alone here, on the run's data, model and settings."""
     data = server_data(cfg)
     classes = data.dataset.num_classes
@@ -104,14 +105,14 @@ def stage_parts(cfg: Mapping, repeat: int, profile: bool) -> dict[str, float]:
     def new_model(seed: int | None = None):  # the ServerApp's factory (server_app.app.run)
         return run_model(cfg, classes, seed=seed)
 
-    evaluator = Evaluator(new_model(), data, None, int(cfg["eval-every"]), int(cfg["num-server-rounds"]))
+    evaluator = Evaluator(new_model(), data, None, cfg.eval_every, cfg.num_server_rounds)
     ctx = ServerContext(cfg, data, new_model, evaluator.metrics)
     (stage,) = alignment_stages(cfg, ctx).after_aggregation
     arrays, model = to_record(new_model(seed=1)), new_model()
     settings = AlignSettings.from_config(cfg, 0.0)
     indexed = ImageSet(np.arange(len(data.align)), data.align.images, data.align.files)
-    batches = StepBatches(Batches(indexed, data.dataset, int(cfg["image-size"]), settings.batch_size), settings.steps)
-    gen = seeded_generator(int(cfg["seed"]), 1, ALIGN_STREAM)
+    batches = StepBatches(Batches(indexed, data.dataset, cfg.image_size, settings.batch_size), settings.steps)
+    gen = seeded_generator(cfg.seed, 1, ALIGN_STREAM)
     q = torch.zeros(len(data.align), classes)
     parts = {
         "build a model": lambda: new_model(),
@@ -119,9 +120,7 @@ def stage_parts(cfg: Mapping, repeat: int, profile: bool) -> dict[str, float]:
         "weights back to an ArrayRecord": lambda: to_record(model),
         "one test-set evaluation (+ load)": lambda: evaluator.metrics(to_record(model)),
         "batch D_align alone": lambda: list(batches.iterate(True, settings.augment, gen)),
-        "fine-tune on D_align": lambda: fine_tune(
-            model, data.align, data.dataset, int(cfg["image-size"]), q, settings, gen
-        ),
+        "fine-tune on D_align": lambda: fine_tune(model, data.align, data.dataset, cfg.image_size, q, settings, gen),
         "whole stage call, round 1": lambda: stage(1, arrays, MetricRecord()),
     }
     times = {name: median_seconds(fn, repeat) for name, fn in parts.items()}
@@ -132,11 +131,11 @@ def stage_parts(cfg: Mapping, repeat: int, profile: bool) -> dict[str, float]:
     return times
 
 
-def arithmetic(cfg: Mapping, times: Mapping) -> None:
+def arithmetic(cfg: Settings, times: Mapping) -> None:
     """How close the fine-tuning and the evaluation run to this process's matmul rate (their FLOPs per second)."""
     data, settings = server_data(cfg), AlignSettings.from_config(cfg, 0.0)
     classes, test_size = data.dataset.num_classes, len(data.test.data)
-    flops = flops_per_image(str(cfg["model"]), int(cfg["projection-dim"]), classes, int(cfg["image-size"]), 32)
+    flops = flops_per_image(cfg.model, cfg.projection_dim, classes, cfg.image_size, 32)
     peak = matmul_flops_per_second("cpu", torch.float32, torch.get_num_threads(), 1024)
     work = {
         "fine-tune on D_align": settings.steps * settings.batch_size * flops["train"],
@@ -206,9 +205,9 @@ def main() -> None:
     print(f"torch threads here: {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}", flush=True)
 
     cold, warm = teacher_cost(cfg)
-    print(f"teacher logits ({cfg['align-teacher']}): cold {cold:.3f} s, cached {warm:.4f} s", flush=True)
+    print(f"teacher logits ({cfg.align_teacher}): cold {cold:.3f} s, cached {warm:.4f} s", flush=True)
     print(f"\nthe stage's parts in this process (median of {args.repeat}):")
-    with torch_threads(int(cfg["server-threads"])):  # the ServerApp's threads
+    with torch_threads(cfg.server_threads):  # the ServerApp's threads
         times = stage_parts(cfg, args.repeat, args.cprofile)
         for name, seconds in times.items():
             print(f"  {name:<32} {seconds:8.4f} s")
@@ -222,7 +221,7 @@ def main() -> None:
     if not launch_run(out, overrides):
         raise SystemExit(failure(out, "the simulation"))
     rows = read_rounds(run_dirs(out, finished=True)[-1])
-    print(f"\nalignment cost on the default config + align=true, {len(rows)} rounds ({cfg['align-teacher']} teacher)")
+    print(f"\nalignment cost on the default config + align=true, {len(rows)} rounds ({cfg.align_teacher} teacher)")
     print_run(rows, (load_start, os.getloadavg()[0]))
     steady = shares(rows[1:-1] or rows)
     print(f"  teacher logits, one time (cold) {cold:8.3f} s = {cold / steady['seconds']:5.2f} steady rounds")

@@ -35,7 +35,8 @@ def flops_per_image(model_name: str, projection_dim: int, num_classes: int, imag
 
 def device_and_dtype(cfg: Mapping) -> tuple[str, torch.dtype]:
     """The device and compute dtype a run uses: its `device` (`auto` picks CUDA when present) and its `amp`
-    (`off`: float32; `bf16`, `fp16`: the autocast dtype `flcore.device` uses)."""
+    (`off`: float32; `bf16`, `fp16`: the autocast dtype `flcore.device` uses). Takes any mapping of those keys
+    (a run's Settings, or a partial one), each defaulting to the CPU in float32."""
     device = str(cfg.get("device", "cpu"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

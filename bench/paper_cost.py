@@ -50,7 +50,7 @@ from bench.compare import METHODS
 from bench.limits import device_and_dtype, flops_per_image, limit_ratio, matmul_flops_per_second
 from bench.runs import LOG, ROOT, failure, launch_run, run_dirs
 from flcore.batches import Batches
-from flcore.config import ConfigError
+from flcore.config import ConfigError, Settings, validate
 from flcore.datasets import DataNotFound
 from flcore.datasets import load as load_dataset
 from flcore.partition import make_split
@@ -102,11 +102,6 @@ def round_cost(rows: Sequence[Mapping], images_per_round: float) -> RoundCost:
 def images_per_round(client_sizes: Sequence[int], sampled: int, epochs: int) -> float:
     """Images the sampled clients train in one round: equal-sized clients (CReFF's split), so the mean size."""
     return float(np.mean(client_sizes)) * sampled * epochs
-
-
-def sampled_per_round(num_clients: int, fraction: float) -> int:
-    """Clients sampled per round, as Flower's FedAvg counts them (at least one)."""
-    return max(1, int(num_clients * fraction))
 
 
 def projected_round_seconds(measured: RoundCost, images: float) -> float:
@@ -232,31 +227,30 @@ def run_path(path: str, data_dir: str, rounds: int, extra: str, out: Path, feder
     return finished_rows(cell, pairs) or []
 
 
-def split_images(settings: Mapping, labels: np.ndarray, num_classes: int) -> float:
-    """Images trained per round under `settings` (a config or preset) on a training split with `labels`."""
+def split_images(cfg: Settings, labels: np.ndarray, num_classes: int) -> float:
+    """Images trained per round under `cfg` (a run's or a preset's settings) on a training split with `labels`."""
     split = make_split(
         labels,
         num_classes,
-        float(settings["imbalance-factor"]),
-        int(settings["align-per-class"]),
-        int(settings["num-clients"]),
-        float(settings["dirichlet-alpha"]),
-        int(settings["min-partition-size"]),
-        int(settings["seed"]),
-        partitioner=str(settings["partitioner"]),
+        cfg.imbalance_factor,
+        cfg.align_per_class,
+        cfg.num_clients,
+        cfg.dirichlet_alpha,
+        cfg.min_partition_size,
+        cfg.seed,
+        partitioner=cfg.partitioner,
     )
-    sampled = sampled_per_round(int(settings["num-clients"]), float(settings["fraction-train"]))
-    return images_per_round([len(c) for c in split.clients], sampled, int(settings["local-epochs"]))
+    return images_per_round([len(c) for c in split.clients], cfg.clients_per_round, cfg.local_epochs)
 
 
 def table2_cells(defaults: Mapping) -> dict[tuple[str, float], float]:
     """Images trained per round in each Table 2 cell: each dataset's preset, its IFs, labels alone."""
     cells = {}
     for name, (preset, classes, per_class) in TABLE2_DATASETS.items():
-        settings = {**defaults, **read_toml(ROOT / "conf" / preset)}
+        preset_cfg = validate({**defaults, **read_toml(ROOT / "conf" / preset)}, paths=False)
         labels = np.repeat(np.arange(classes), per_class)
         for factor in TABLE2_IFS:
-            cells[name, factor] = split_images({**settings, "imbalance-factor": factor}, labels, classes)
+            cells[name, factor] = split_images(preset_cfg.with_(imbalance_factor=factor), labels, classes)
     return cells
 
 
@@ -365,7 +359,7 @@ def matmul_rates(device: str, dtype: torch.dtype, per_client: int, threads: int)
     return one, (max(every, one * threads / per_client) if device == "cpu" else every)
 
 
-def checked_settings(run_config: str, defaults: Mapping) -> dict:
+def checked_settings(run_config: str, defaults: Mapping) -> Settings:
     """The preset with the overrides, validated before any data is written (on digits: the copy the runs
     read does not exist yet, and the dataset's own checks run in each launch)."""
     overrides = parse_overrides([str(PRESET), run_config])
@@ -415,9 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_class = 5000 if args.data_dir else args.train_per_class
     measured_images = split_images(cfg, np.repeat(np.arange(10), per_class), 10)
     cells = table2_cells(defaults)
-    flops = flops_per_image(
-        str(cfg["model"]), int(cfg["projection-dim"]), 10, int(cfg["image-size"]), int(cfg["batch-size"])
-    )
+    flops = flops_per_image(cfg.model, cfg.projection_dim, 10, cfg.image_size, cfg.batch_size)
     threads = len(os.sched_getaffinity(0))
     per_client = max(1, int(simulation["client-resources-num-cpus"])) if device == "cpu" else threads
     before = matmul_rates(device, dtype, per_client, threads)
@@ -430,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits = Limits(flops["train"], peaks["client"], peaks["device"])
     results = {path: path_figures(rows, measured_images, limits, cells, args.seeds) for path, rows in runs.items()}
     batching = batching_seconds_per_image(
-        {p: data_dirs[p] for p in paths}, int(cfg["image-size"]), int(cfg["batch-size"]), args.batching_images
+        {p: data_dirs[p] for p in paths}, cfg.image_size, cfg.batch_size, args.batching_images
     )
     for path, figures in results.items():
         figures["batching-seconds-per-image"] = batching[path]

@@ -20,6 +20,7 @@ import torch
 
 from bench.runs import failure, launch_run, run_dirs
 from flcore.arrays import load_state
+from flcore.config import Settings
 from flcore.metrics import summarize
 from flcore.models import run_model
 from flcore.reports import read_metrics
@@ -31,12 +32,12 @@ from flcore.training import TrainSettings, predict, train
 from server_app.launch import project_settings, resolve
 
 
-def plain_fedavg(cfg: dict) -> tuple[float, float]:
+def plain_fedavg(cfg: Settings) -> tuple[float, float]:
     """The same rounds as the ServerApp/ClientApp, in one process, no Flower. Returns (seconds, accuracy)."""
     start = time.perf_counter()
     data = server_data(cfg)
     classes = data.dataset.num_classes
-    model = run_model(cfg, classes, seed=cfg["seed"])
+    model = run_model(cfg, classes, seed=cfg.seed)
     local = run_model(cfg, classes)
     settings = TrainSettings.from_config(cfg)
 
@@ -45,12 +46,12 @@ def plain_fedavg(cfg: dict) -> tuple[float, float]:
         return summarize(preds, labels, classes, data.groups)["accuracy"]
 
     acc = evaluate()
-    for rnd in range(1, cfg["num-server-rounds"] + 1):
+    for rnd in range(1, cfg.num_server_rounds + 1):
         total, summed = 0, None
-        for pid in range(cfg["num-clients"]):
+        for pid in range(cfg.num_clients):
             local.load_state_dict(model.state_dict())
             batches = client_batches(cfg, pid)
-            train(local, batches, settings, seeded_generator(cfg["seed"], rnd, pid))
+            train(local, batches, settings, seeded_generator(cfg.seed, rnd, pid))
             n = len(batches.data)
             total += n
             update = {k: v.double() * n for k, v in local.state_dict().items()}
@@ -85,13 +86,13 @@ def main() -> None:
     }
     defaults, simulation = project_settings()
     cfg, _ = resolve(overrides, defaults)
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg.seed)
     plain, plain_acc = plain_fedavg(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         wall, loop, fl_acc = flower_run(overrides, Path(tmp))
     print(
-        f"settings: {cfg['dataset']} {cfg['num-clients']} clients x {cfg['num-server-rounds']} rounds, "
-        f"{cfg['local-epochs']} local epochs, image {cfg['image-size']}px; plain loop: 1 process, "
+        f"settings: {cfg.dataset} {cfg.num_clients} clients x {cfg.num_server_rounds} rounds, "
+        f"{cfg.local_epochs} local epochs, image {cfg.image_size}px; plain loop: 1 process, "
         f"{torch.get_num_threads()} torch threads; Flower: Ray actors of {simulation['client-resources-num-cpus']} CPU"
     )
     print(f"plain PyTorch FedAvg loop : {plain:7.1f} s  (accuracy {plain_acc:.3f})")

@@ -25,7 +25,7 @@ import torch
 
 from flcore import datasets
 from flcore.batches import Batches
-from flcore.config import validate
+from flcore.config import Settings, validate
 from flcore.metrics import summarize
 from flcore.run_config import parse_overrides
 from flcore.seeding import seeded_generator
@@ -48,19 +48,17 @@ def few_shot(labels: np.ndarray, percent: float, seed: int) -> np.ndarray:
     return np.sort(np.asarray(picked))
 
 
-def curve(cfg: dict, dataset, subset, pretrained: dict | None, epochs: int) -> list[float]:
+def curve(cfg: Settings, dataset, subset, pretrained: dict | None, epochs: int) -> list[float]:
     """Test accuracy after each epoch of central training on `subset`, from random init or `pretrained`
     (FL model entries: `backbone.*`, maybe `projection.*`)."""
-    model = run_model(cfg, dataset.num_classes, seed=int(cfg["seed"]))
+    model = run_model(cfg, dataset.num_classes, seed=cfg.seed)
     if pretrained is not None:
         model.load_state_dict({**model.state_dict(), **pretrained})
-    size = int(cfg["image-size"])
-    batches = Batches(subset, dataset, size, int(cfg["batch-size"]))
-    test = Batches(dataset.test, dataset, size, int(cfg["eval-batch-size"]))
-    settings = TrainSettings(
-        1, float(cfg["lr"]), float(cfg["momentum"]), float(cfg["weight-decay"]), bool(cfg["augment"])
-    )
-    gen = seeded_generator(int(cfg["seed"]), len(subset))
+    size = cfg.image_size
+    batches = Batches(subset, dataset, size, cfg.batch_size)
+    test = Batches(dataset.test, dataset, size, cfg.eval_batch_size)
+    settings = TrainSettings(1, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.augment)
+    gen = seeded_generator(cfg.seed, len(subset))
     accs = []
     for _ in range(epochs):
         train(model, batches, settings, gen)
@@ -83,12 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg = validate({**parse_overrides([args.run_config]), "pretrain": True}, choices={"strategy": STRATEGIES})
-    dataset = datasets.load(str(cfg["dataset"]), str(cfg["data-dir"]), int(cfg["image-size"]))
+    dataset = datasets.load(cfg.dataset, cfg.data_dir, cfg.image_size)
     pretrained, meta = pretrained_weights(cfg, dataset.mean, dataset.std)
-    note = TINY_NOTE if cfg["pretrain-teacher"] == TINY else f"teacher {cfg['pretrain-teacher']}"
+    note = TINY_NOTE if cfg.pretrain_teacher == TINY else f"teacher {cfg.pretrain_teacher}"
     rows, curves = [], {}
     for pct in args.fractions:
-        subset = dataset.train.subset(few_shot(dataset.train.labels, pct, int(cfg["seed"])))
+        subset = dataset.train.subset(few_shot(dataset.train.labels, pct, cfg.seed))
         for init, weights in (("scratch", None), ("pretrained", pretrained)):
             accs = curve(cfg, dataset, subset, weights, args.epochs)
             curves[(pct, init)] = accs
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     write(args.out, rows, curves, cfg, note, meta, args)
 
 
-def write(out: Path, rows: list[dict], curves: dict, cfg: dict, note: str, meta: dict, args) -> None:
+def write(out: Path, rows: list[dict], curves: dict, cfg: Settings, note: str, meta: dict, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "table4.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -114,12 +112,12 @@ def write(out: Path, rows: list[dict], curves: dict, cfg: dict, note: str, meta:
         writer.writerows(rows)
     head = list(rows[0])
     lines = [
-        f"# Table 4: few-shot training, pretrained vs from scratch ({cfg['dataset']}, {cfg['model']})",
+        f"# Table 4: few-shot training, pretrained vs from scratch ({cfg.dataset}, {cfg.model})",
         "",
-        f"Pretraining: {note}; DWP {cfg['pretrain-epochs']} epochs on {meta.get('records', '?')} records "
+        f"Pretraining: {note}; DWP {cfg.pretrain_epochs} epochs on {meta.get('records', '?')} records "
         f"(final LM loss {meta['epoch-loss'][-1]:.4f}); handed over: {' + '.join(meta['handed-over'])}. "
-        f"{args.epochs} epochs of central SGD (lr {cfg['lr']}, "
-        f"batch {cfg['batch-size']}) per run, test accuracy after every epoch.",
+        f"{args.epochs} epochs of central SGD (lr {cfg.lr}, "
+        f"batch {cfg.batch_size}) per run, test accuracy after every epoch.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

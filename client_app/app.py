@@ -38,7 +38,7 @@ from client_app.shard import Shard, shard
 from flcore.arrays import load_state, to_record
 from flcore.class_statistics import RECORD as UPLOADS_RECORD
 from flcore.class_statistics import UPLOAD_ACTION, UPLOAD_KEY, client_upload
-from flcore.config import validate
+from flcore.config import Settings, validate
 from flcore.costs import cost_metrics
 from flcore.device import Compute, compute_of
 from flcore.local_data import CLASS_COUNTS_KEY, SKIPPED_KEY
@@ -67,28 +67,27 @@ def _setup(msg: Message, context: Context) -> tuple[dict, dict, Shard, FLModel]:
     server_config = dict(msg.content["config"]) if "config" in msg.content else {}
     data = shard(cfg, context, server_config)
     head, classifier = model_head(cfg), model_classifier(cfg)
-    model = _model(str(cfg["model"]), int(cfg["projection-dim"]), data.num_classes, compute_of(cfg), head, classifier)
+    model = _model(cfg.model, cfg.projection_dim, data.num_classes, compute_of(cfg), head, classifier)
     load_state(model, check_global(msg, model.state_dict(), message_limit(cfg, context.node_config)))
     return cfg, server_config, data, model
 
 
-def message_limit(cfg: Mapping, node_config: Mapping) -> float:
+def message_limit(cfg: Settings, node_config: Mapping) -> float:
     """The largest server message this node reads: the run's `max-message-mb`, lowered by the node operator's own
     `--node-config "max-message-mb=..."` (the run config is the server's to set, so it cannot protect from it)."""
     own = node_config.get("max-message-mb")
-    run = float(cfg["max-message-mb"])
+    run = cfg.max_message_mb
     return run if own is None else min(run, float(own))
 
 
-def _settings(cfg: Mapping, server_config: Mapping) -> TrainSettings:
+def _settings(cfg: Settings, server_config: Mapping) -> TrainSettings:
     """Run config overlaid with the server's round config; the proximal term only when the server sends it,
     gradient clipping only when the loss comes with it."""
-    local = {k: v for k, v in cfg.items() if k != "proximal-mu"}
-    settings = TrainSettings.from_config({**local, **server_config})
+    settings = TrainSettings.for_round(cfg, server_config)
     return replace(settings, max_grad_norm=max_grad_norm(cfg, server_config))
 
 
-def _kd(cfg: Mapping, server_config: Mapping, data: Shard) -> ExtraLoss | None:
+def _kd(cfg: Settings, server_config: Mapping, data: Shard) -> ExtraLoss | None:
     """CLIP2FL's distillation term, only when the round config asks; only then is open_clip imported."""
     if "kd-weight" not in server_config:
         return None
@@ -97,13 +96,13 @@ def _kd(cfg: Mapping, server_config: Mapping, data: Shard) -> ExtraLoss | None:
     return distillation(cfg, server_config, data.stream, data.classes, data.batches.data)
 
 
-def _uploads(cfg: Mapping, server_config: Mapping, data: Shard, model: FLModel) -> dict:
+def _uploads(cfg: Settings, server_config: Mapping, data: Shard, model: FLModel) -> dict:
     """The `uploads` record the round config asks for (CReFF's class gradients), with this client's draws seeded
     by (seed, round, partition) apart from its training."""
     if UPLOAD_KEY not in server_config:
         return {}
-    draws = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), data.stream, UPLOAD_STREAM)
-    upload = client_upload(server_config, model, data.batches, data.num_classes, draws, bool(cfg["creff-dsa"]))
+    draws = seeded_generator(cfg.seed, int(server_config.get("server-round", 0)), data.stream, UPLOAD_STREAM)
+    upload = client_upload(server_config, model, data.batches, data.num_classes, draws, cfg.creff_dsa)
     return {UPLOADS_RECORD: upload}
 
 
@@ -112,7 +111,7 @@ def _uploads(cfg: Mapping, server_config: Mapping, data: Shard, model: FLModel) 
 def train_fn(msg: Message, context: Context) -> Message:
     cfg, server_config, data, model = _setup(msg, context)
     batches, classes = data.batches, data.num_classes
-    gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), data.stream)
+    gen = seeded_generator(cfg.seed, int(server_config.get("server-round", 0)), data.stream)
     inject_failure(cfg, int(server_config.get("server-round", 0)), data.stream)
     extra = _uploads(cfg, server_config, data, model)  # CReFF: of the received global model, before training
     counts = np.bincount(batches.data.labels, minlength=classes)
@@ -162,9 +161,9 @@ def personalize_fn(msg: Message, context: Context) -> Message:
     """The method's local fine-tuning of the model the message carries, sent back with this client's images per
     class, which the server weighs the test classes by to score it."""
     cfg, server_config, data, model = _setup(msg, context)
-    gen = seeded_generator(int(cfg["seed"]), int(server_config.get("server-round", 0)), data.stream, PERSONALIZE_STREAM)
+    gen = seeded_generator(cfg.seed, int(server_config.get("server-round", 0)), data.stream, PERSONALIZE_STREAM)
     counts = np.bincount(data.batches.data.labels, minlength=data.num_classes)
-    personalize = PERSONALIZERS[str(cfg["strategy"])]
+    personalize = PERSONALIZERS[cfg.strategy]
     local = personalize(model, data.batches, cfg, counts, gen, compute_of(cfg))
     arrays = to_record(local)
     record = MetricRecord({"num-examples": int(counts.sum()), CLASS_COUNTS_KEY: counts.astype(float).tolist()})

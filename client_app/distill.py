@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from flcore.config import data_key
+from flcore.config import Settings
 from flcore.datasets import ImageSet
 from flcore.device import compute_of
 from flcore.losses import kd_loss
@@ -48,33 +48,33 @@ def _fingerprint(images: ImageSet) -> tuple:
     return (len(images), hash(images.files)) if images.files is not None else (len(images),)
 
 
-def teacher_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
+def teacher_logits(cfg: Settings, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
     """The teacher's logits [N, C] of this client's data, computed once per process and reused while it is
     among the last `CACHED_PARTITIONS` partitions the process served."""
-    key = (data_key(cfg), partition_id, _fingerprint(images), *(cfg[k] for k in TEACHER_KEYS))
+    key = (cfg.data_key, partition_id, _fingerprint(images), *(cfg[k] for k in TEACHER_KEYS))
     if key in _CACHE:
         _CACHE[key] = _CACHE.pop(key)
         return _CACHE[key]
-    compute = _holdout_logits if cfg["align-teacher"] == "holdout" else _clip_logits
+    compute = _holdout_logits if cfg.holdout_teacher else _clip_logits
     _CACHE[key] = compute(cfg, partition_id, classes, images)
     while len(_CACHE) > CACHED_PARTITIONS:
         del _CACHE[next(iter(_CACHE))]
     return _CACHE[key]
 
 
-def _clip_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
+def _clip_logits(cfg: Settings, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
     """CLIP's zero-shot logits, as CLIP2FL's clients compute them."""
     from alignment import teacher as clip
 
     config_dir = Path(tempfile.gettempdir()) / "clip2fl-configs"
-    dim = int(cfg["projection-dim"])
+    dim = cfg.projection_dim
     device = compute_of(cfg).device
-    model = clip.load_teacher(str(cfg["align-teacher"]), str(cfg["align-pretrained"]), dim, config_dir, device)
+    model = clip.load_teacher(cfg.align_teacher, cfg.align_pretrained, dim, config_dir, device)
     print(f"[clip2fl] client {partition_id} computes teacher logits once with {model.label}", flush=True)
-    return clip.zero_shot_logits(model, classes, images, clip.prompt_templates(str(cfg["clip2fl-prompt"])))
+    return clip.zero_shot_logits(model, classes, images, clip.prompt_templates(cfg.clip2fl_prompt))
 
 
-def _holdout_logits(cfg: Mapping, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
+def _holdout_logits(cfg: Settings, partition_id: int, classes: tuple, images: ImageSet) -> torch.Tensor:
     """The offline stand-in for CLIP (`alignment.holdout`), the same one stage 3 uses: loaded from the server's
     cache where it shares a disk with the server (simulation), else trained here with the same seed."""
     from alignment import holdout
@@ -85,7 +85,7 @@ def _holdout_logits(cfg: Mapping, partition_id: int, classes: tuple, images: Ima
 
 
 def distillation(
-    cfg: Mapping, server_config: Mapping, partition_id: int, classes: tuple, images: ImageSet
+    cfg: Settings, server_config: Mapping, partition_id: int, classes: tuple, images: ImageSet
 ) -> ExtraLoss:
     """The extra loss term `train` adds: weighted, temperature-scaled KD towards the cached teacher logits."""
     weight, temperature = float(server_config[WEIGHT_KEY]), float(server_config[TEMPERATURE_KEY])

@@ -9,12 +9,12 @@ instead (`os._exit`), as when Ray's OOM killer ends a ClientApp actor mid-round.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client_app.shard import DATA_DIR_KEY, NAME_KEY
+from flcore.config import Settings
 from flcore.seeding import seeded_generator
 
 FAULT_STREAM = 104729  # a fourth seed part, so failures do not reuse the training generator's stream
@@ -34,12 +34,12 @@ def fails(seed: int, server_round: int, partition_id: int, rate: float) -> bool:
 EXIT_CODE = 137  # what a process killed with SIGKILL (the OOM killer) reports
 
 
-def inject_failure(cfg: Mapping, server_round: int, partition_id: int) -> None:
-    if not fails(int(cfg["seed"]), server_round, partition_id, float(cfg["fail-rate"])):
+def inject_failure(cfg: Settings, server_round: int, partition_id: int) -> None:
+    if not fails(cfg.seed, server_round, partition_id, cfg.fail_rate):
         return
-    if cfg["fail-mode"] == "exit":
+    if cfg.fail_mode == "exit":
         os._exit(EXIT_CODE)
-    raise InjectedFailure(f"injected failure (fail-rate {cfg['fail-rate']}) in round {server_round}")
+    raise InjectedFailure(f"injected failure (fail-rate {cfg.fail_rate}) in round {server_round}")
 
 
 def identity_reply(msg: Message, context: Context) -> Message:

@@ -22,7 +22,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 
 from flcore.batches import Batches
-from flcore.config import LOCAL
+from flcore.config import Settings
 from flcore.datasets import INPUT_STATS, Dataset, ImageSet
 from flcore.device import compute_of
 from flcore.local_data import CLASSES_KEY, LocalDataError, class_counts, read_counted
@@ -50,14 +50,14 @@ class Shard:
         return class_counts(self.batches.data, self.num_classes)
 
 
-def shard(cfg: Mapping, context: Context, server_config: Mapping) -> Shard:
+def shard(cfg: Settings, context: Context, server_config: Mapping) -> Shard:
     """This node's data for a request whose config is `server_config` (see the module docstring)."""
-    if cfg["client-data"] == LOCAL:
+    if cfg.local_data:
         return _own_data(cfg, context, server_config)
     return _partition(cfg, context.node_config, server_config)
 
 
-def _partition(cfg: Mapping, node_config: Mapping, server_config: Mapping) -> Shard:
+def _partition(cfg: Settings, node_config: Mapping, server_config: Mapping) -> Shard:
     if DATA_DIR_KEY in node_config:
         raise LocalDataError(
             f"this node has its own data (node config data-dir = '{node_config[DATA_DIR_KEY]}'), but the run has "
@@ -65,17 +65,17 @@ def _partition(cfg: Mapping, node_config: Mapping, server_config: Mapping) -> Sh
             "start the run with client-data = local, or this node without data-dir."
         )
     partition_id = served_partition(cfg, node_config, server_config)
-    num_partitions = int(node_config.get("num-partitions", cfg["num-clients"]))
-    if num_partitions != cfg["num-clients"]:
+    num_partitions = int(node_config.get("num-partitions", cfg.num_clients))
+    if num_partitions != cfg.num_clients:
         raise ValueError(
             f"this node has num-partitions={num_partitions} but run-config num-clients="
-            f"{cfg['num-clients']}: start the federation with num-supernodes = num-clients."
+            f"{cfg.num_clients}: start the federation with num-supernodes = num-clients."
         )
     classes = prepare(cfg).dataset.classes
     return Shard(client_batches(cfg, partition_id), classes, partition_id, local=False)
 
 
-def served_partition(cfg: Mapping, node_config: Mapping, server_config: Mapping) -> int:
+def served_partition(cfg: Settings, node_config: Mapping, server_config: Mapping) -> int:
     """The partition a request is for: the one the server names (`partition-assignment=server`), else this
     node's own (its node config). With `partition-assignment=node` a node serves its own partition only, so
     another one named is refused."""
@@ -90,7 +90,7 @@ def served_partition(cfg: Mapping, node_config: Mapping, server_config: Mapping)
         return int(own)
     if not isinstance(named, int) or isinstance(named, bool):
         raise ValueError(f"the server's message names partition {named!r}; expected an integer.")
-    if cfg["partition-assignment"] == "node" and named != own:
+    if cfg.partition_assignment == "node" and named != own:
         raise ValueError(
             f"the server's message is for partition {named}, but this node serves partition {own} (its node config) "
             "and the run has partition-assignment=node."
@@ -98,7 +98,7 @@ def served_partition(cfg: Mapping, node_config: Mapping, server_config: Mapping)
     return named
 
 
-def _own_data(cfg: Mapping, context: Context, server_config: Mapping) -> Shard:
+def _own_data(cfg: Settings, context: Context, server_config: Mapping) -> Shard:
     root = context.node_config.get(DATA_DIR_KEY)
     if not root:
         raise LocalDataError(
@@ -109,9 +109,9 @@ def _own_data(cfg: Mapping, context: Context, server_config: Mapping) -> Shard:
     if not classes:
         raise LocalDataError(f"the server's request carries no class list ('{CLASSES_KEY}') to label this node's data.")
     classes = tuple(str(c) for c in classes)
-    images, skipped = read_counted(Path(str(root)), classes, int(cfg["image-size"]))
-    dataset = Dataset(images, ImageSet.empty(), classes, *INPUT_STATS[str(cfg["dataset"])])
-    batches = Batches(images, dataset, int(cfg["image-size"]), int(cfg["batch-size"]), compute_of(cfg))
+    images, skipped = read_counted(Path(str(root)), classes, cfg.image_size)
+    dataset = Dataset(images, ImageSet.empty(), classes, *INPUT_STATS[cfg.dataset])
+    batches = Batches(images, dataset, cfg.image_size, cfg.batch_size, compute_of(cfg))
     found = Shard(batches, classes, int(context.node_id), local=True, skipped=skipped)
     counts = found.class_counts()
     log(

@@ -9,22 +9,19 @@ the value and what is allowed.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, make_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 Scalar = bool | int | float | str
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet-lt", "folder")
 DATASETS_WITH_FILES = ("cifar10", "cifar100", "imagenet-lt", "folder")
-MODELS = ("resnet8", "resnet50")
-HEAD_NAMES = ("auto", "mlp", "linear", "none")  # flcore.models.HEADS, and auto
 ALIGN_WHEN = ("every-round", "last-round")
 ALIGN_LOSSES = ("ce+kl", "ce", "kl")
-LOSSES = ("ce", "focal", "fedlc", "fedrs")
 FEDRS_VARIANTS = ("authors", "paper")
 DISTILL_ON_ALIGN = "align"  # distill-data: D_align's images, labels dropped
 DISTILL_ON_UNHELD = "unused-train"  # distill-data: the training images neither D_align nor any client holds
@@ -33,7 +30,7 @@ PARTITIONER_NAMES = ("creff", "dirichlet")
 ALIGN_SOURCES = ("auto", "train", "val")
 CLIENT_DATA = ("partition", "local")
 LOCAL = "local"  # client-data: every SuperNode trains on its own folder (node config `data-dir`)
-AMP_MODES = ("off", "bf16", "fp16")
+HOLDOUT = "holdout"  # align-teacher: the offline stand-in for CLIP, trained on held-out server images
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 PARTITION_ASSIGNMENTS = ("server", "node")
 LOG_TARGETS = ("none", "tensorboard", "wandb")  # log-to: flcore.loggers.LOGGERS, and none
@@ -60,7 +57,7 @@ class Option:
     help: str
     allowed: str = ""
     check: Callable[[Any], bool] | None = None
-    choices: tuple[str, ...] = ()
+    choices: Sequence[str] = ()
     kinds: tuple[type, ...] = ()  # the types a value may have, where they are not just the default's
 
 
@@ -93,8 +90,37 @@ def _prompt_ok(value: Any) -> bool:
     return value == "ensemble" or (value.count("{}") == 1 and value.count("{") == value.count("}") == 1)
 
 
-def _choice(default: str, help: str, choices: Iterable[str]) -> Option:
-    return Option(default, help, choices=tuple(choices))
+def _choice(default: str, help: str, choices: Sequence[str]) -> Option:
+    return Option(default, help, choices=choices)
+
+
+class RegistryNames(Sequence[str]):
+    """The names of a registry dict in another module (`flcore.models.BACKBONES`), after `first`: the registry is
+    the one list of names. Read when first needed, so importing this module stays free of torch; only registries of
+    modules every process importing the schema's users loads anyway belong here (not `flcore.partitioners`, whose
+    `datasets` a node holding its own data never imports)."""
+
+    def __init__(self, module: str, registry: str, first: tuple[str, ...] = ()) -> None:
+        self.module, self.registry, self.first = module, registry, first
+
+    def _names(self) -> tuple[str, ...]:
+        return (*self.first, *getattr(importlib.import_module(self.module), self.registry))
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return f"RegistryNames({self.module}.{self.registry}, first={self.first})"
+
+
+DATASETS = RegistryNames("flcore.datasets", "LOADERS")
+MODELS = RegistryNames("flcore.models", "BACKBONES")
+HEAD_NAMES = RegistryNames("flcore.models", "HEADS", first=("auto",))
+LOSSES = RegistryNames("flcore.losses", "LOSSES")
+AMP_MODES = RegistryNames("flcore.device", "AMP_DTYPES", first=("off",))
 
 
 def _device_ok(value: Any) -> bool:
@@ -651,7 +677,7 @@ def _type_ok(option: Option, value: Any) -> bool:
     return isinstance(value, str)
 
 
-def _check_key(key: str, value: Any, option: Option, choices: tuple[str, ...]) -> None:
+def _check_key(key: str, value: Any, option: Option, choices: Sequence[str]) -> None:
     if not _type_ok(option, value):
         kind = " or ".join(t.__name__ for t in option.kinds) or type(option.default).__name__
         raise ConfigError(f"run-config key '{key}' = {value!r} has the wrong type: expected {kind}.")
@@ -665,11 +691,11 @@ def _check_key(key: str, value: Any, option: Option, choices: tuple[str, ...]) -
         )
 
 
-def _check_folders(cfg: Mapping[str, Any]) -> None:
+def _check_folders(cfg: Settings) -> None:
     """Folders the run writes to: never '' (that would be the working directory), never an existing file."""
-    keys = ("output-dir", "pretrain-cache-dir") if cfg["pretrain"] else ("output-dir",)
+    keys = ("output-dir", "pretrain-cache-dir") if cfg.pretrain else ("output-dir",)
     for key in keys:
-        value = str(cfg[key])
+        value = cfg[key]
         if not value.strip():
             raise ConfigError(f"run-config key '{key}' is empty: expected a folder to write into, e.g. 'outputs'.")
         path = Path(value).expanduser()
@@ -677,36 +703,30 @@ def _check_folders(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(f"run-config key '{key}' = {value!r} is an existing file: expected a folder.")
 
 
-def _check_paths(cfg: Mapping[str, Any]) -> None:
+def _check_paths(cfg: Settings) -> None:
     """Files and folders the server reads or writes must exist where it runs (a SuperNode holding its own data
     does not have them, so its ClientApp skips these checks)."""
     _check_folders(cfg)
-    if cfg["dataset"] in DATASETS_WITH_FILES:
-        root = str(cfg["data-dir"])
+    if cfg.dataset in DATASETS_WITH_FILES:
+        root = cfg.data_dir
         if not root:
-            raise ConfigError(
-                f"run-config key 'data-dir' is empty: dataset '{cfg['dataset']}' needs a local data root."
-            )
+            raise ConfigError(f"run-config key 'data-dir' is empty: dataset '{cfg.dataset}' needs a local data root.")
         if not Path(root).expanduser().is_dir():
             raise ConfigError(f"run-config key 'data-dir' = {root!r} is not an existing folder.")
-    source = str(cfg["align-data"])
+    source = cfg.align_data
     if source not in ALIGN_SOURCES and not Path(source).expanduser().is_dir():
         raise ConfigError(
             f"run-config key 'align-data' = {source!r} is not allowed: expected {', '.join(ALIGN_SOURCES)} or an "
             "existing folder with one subfolder per class."
         )
-    if cfg["align"] and cfg["align-logits-file"] and not Path(str(cfg["align-logits-file"])).expanduser().is_file():
-        raise ConfigError(f"run-config key 'align-logits-file' = {cfg['align-logits-file']!r} is not an existing file.")
-    if (
-        cfg["pretrain"]
-        and cfg["pretrain-data"] != "digits"
-        and not Path(str(cfg["pretrain-data"])).expanduser().exists()
-    ):
+    if cfg.align and cfg.align_logits_file and not Path(cfg.align_logits_file).expanduser().is_file():
+        raise ConfigError(f"run-config key 'align-logits-file' = {cfg.align_logits_file!r} is not an existing file.")
+    if cfg.pretrain and cfg.pretrain_data != "digits" and not Path(cfg.pretrain_data).expanduser().exists():
         raise ConfigError(
-            f"run-config key 'pretrain-data' = {cfg['pretrain-data']!r} is not allowed: expected 'digits', a folder "
+            f"run-config key 'pretrain-data' = {cfg.pretrain_data!r} is not allowed: expected 'digits', a folder "
             "of images or a LLaVA chat.json/.jsonl file that exists."
         )
-    distill = str(cfg["distill-data"])
+    distill = cfg.distill_data
     if distill not in DISTILL_SOURCES and not Path(distill).expanduser().is_dir():
         raise ConfigError(
             f"run-config key 'distill-data' = {distill!r} is not allowed: expected {', '.join(DISTILL_SOURCES)} or "
@@ -714,14 +734,14 @@ def _check_paths(cfg: Mapping[str, Any]) -> None:
         )
 
 
-def _check_relations(cfg: Mapping[str, Any]) -> None:
+def _check_relations(cfg: Settings) -> None:
     """Rules that tie several keys together."""
-    if cfg["dataset"] == "imagenet-lt" and cfg["imbalance-factor"] != 1:
+    if cfg.dataset == "imagenet-lt" and cfg.imbalance_factor != 1:
         raise ConfigError(
-            f"run-config key 'imbalance-factor' = {cfg['imbalance-factor']!r} is not allowed for imagenet-lt: "
+            f"run-config key 'imbalance-factor' = {cfg.imbalance_factor!r} is not allowed for imagenet-lt: "
             "expected 1 (ImageNet-LT's published index is already long-tailed)."
         )
-    if cfg["align-teacher"] == "holdout" and cfg["dataset"] == "imagenet-lt":
+    if cfg.holdout_teacher and cfg.dataset == "imagenet-lt":
         raise ConfigError(
             "run-config key 'align-teacher' = 'holdout' is not allowed for dataset 'imagenet-lt': the stand-in "
             "teacher's class-balanced reserve comes from the training split, which is already long-tailed, so it "
@@ -729,43 +749,43 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
             "(with q from align-logits-file)."
         )
     _check_align_data(cfg)
-    if cfg["few-threshold"] > cfg["many-threshold"]:
+    if cfg.few_threshold > cfg.many_threshold:
         raise ConfigError(
-            f"run-config key 'few-threshold' = {cfg['few-threshold']!r} is not allowed: expected <= many-threshold "
-            f"({cfg['many-threshold']!r})."
+            f"run-config key 'few-threshold' = {cfg.few_threshold!r} is not allowed: expected <= many-threshold "
+            f"({cfg.many_threshold!r})."
         )
-    if cfg["align"] and cfg["align-eval-every"] % cfg["eval-every"]:
+    if cfg.align and cfg.align_eval_every % cfg.eval_every:
         raise ConfigError(
-            f"run-config key 'align-eval-every' = {cfg['align-eval-every']!r} is not allowed: expected 0 or a multiple "
-            f"of eval-every ({cfg['eval-every']!r}); pre-alignment metrics are kept only on evaluated rounds."
+            f"run-config key 'align-eval-every' = {cfg.align_eval_every!r} is not allowed: expected 0 or a multiple "
+            f"of eval-every ({cfg.eval_every!r}); pre-alignment metrics are kept only on evaluated rounds."
         )
-    if cfg["pretrain-batch-size"] % cfg["pretrain-grad-accum"]:
+    if cfg.pretrain_batch_size % cfg.pretrain_grad_accum:
         raise ConfigError(
-            f"run-config key 'pretrain-grad-accum' = {cfg['pretrain-grad-accum']!r} is not allowed: expected a "
-            f"divisor of pretrain-batch-size ({cfg['pretrain-batch-size']!r})."
+            f"run-config key 'pretrain-grad-accum' = {cfg.pretrain_grad_accum!r} is not allowed: expected a "
+            f"divisor of pretrain-batch-size ({cfg.pretrain_batch_size!r})."
         )
-    if cfg["strategy"] == "ratioloss" and cfg["loss"] != "ce":
+    if cfg.strategy == "ratioloss" and cfg.loss != "ce":
         raise ConfigError(
-            f"run-config key 'loss' = {cfg['loss']!r} is not allowed with strategy 'ratioloss': the Ratio Loss is "
+            f"run-config key 'loss' = {cfg.loss!r} is not allowed with strategy 'ratioloss': the Ratio Loss is "
             "that method's client loss; expected ce (the default)."
         )
     _check_own_classifier(cfg)
-    per_round = max(1, int(cfg["num-clients"] * cfg["fraction-train"]))
-    if cfg["min-replies"] > per_round:
+    per_round = cfg.clients_per_round
+    if cfg.min_replies > per_round:
         raise ConfigError(
-            f"run-config key 'min-replies' = {cfg['min-replies']!r} is not allowed: expected <= the clients sampled "
+            f"run-config key 'min-replies' = {cfg.min_replies!r} is not allowed: expected <= the clients sampled "
             f"per round ({per_round} = num-clients x fraction-train)."
         )
-    if cfg["amp"] != "off" and cfg["device"] == "cpu":
+    if cfg.amp != "off" and cfg.device == "cpu":
         raise ConfigError(
-            f"run-config key 'amp' = {cfg['amp']!r} is not allowed with device = 'cpu': mixed precision runs on a "
+            f"run-config key 'amp' = {cfg.amp!r} is not allowed with device = 'cpu': mixed precision runs on a "
             "CUDA device; expected off, or device auto / cuda."
         )
-    if cfg["model"] == "resnet8" and cfg["image-size"] > 64:
+    if cfg.model == "resnet8" and cfg.image_size > 64:
         raise ConfigError(
-            f"run-config key 'image-size' = {cfg['image-size']!r} is not allowed for resnet8: expected <= 64."
+            f"run-config key 'image-size' = {cfg.image_size!r} is not allowed for resnet8: expected <= 64."
         )
-    if cfg["client-data"] == LOCAL and cfg["strategy"] == "clip2fl" and cfg["align-teacher"] == "holdout":
+    if cfg.local_data and cfg.strategy == "clip2fl" and cfg.holdout_teacher:
         raise ConfigError(
             "run-config key 'align-teacher' = 'holdout' is not allowed with strategy 'clip2fl' and client-data "
             "'local': CLIP2FL's clients would train the stand-in teacher from the run's dataset, which nodes holding "
@@ -773,30 +793,30 @@ def _check_relations(cfg: Mapping[str, Any]) -> None:
         )
 
 
-def _check_own_classifier(cfg: Mapping[str, Any]) -> None:
+def _check_own_classifier(cfg: Settings) -> None:
     """FedETF brings its own client loss and classifier: another loss would be ignored, and tau-norm has no linear
     classifier weights to normalise."""
-    if cfg["strategy"] != "fedetf":
+    if cfg.strategy != "fedetf":
         return
-    if cfg["loss"] != "ce":
+    if cfg.loss != "ce":
         raise ConfigError(
-            f"run-config key 'loss' = {cfg['loss']!r} is not allowed with strategy 'fedetf': its balanced softmax is "
+            f"run-config key 'loss' = {cfg.loss!r} is not allowed with strategy 'fedetf': its balanced softmax is "
             "that method's client loss; expected ce (the default)."
         )
-    if cfg["tau-norm"] != 0:
+    if cfg.tau_norm != 0:
         raise ConfigError(
-            f"run-config key 'tau-norm' = {cfg['tau-norm']!r} is not allowed with strategy 'fedetf': its classifier "
+            f"run-config key 'tau-norm' = {cfg.tau_norm!r} is not allowed with strategy 'fedetf': its classifier "
             "is a fixed ETF, with no class weights to normalise; expected 0."
         )
 
 
-def _check_align_data(cfg: Mapping[str, Any]) -> None:
-    if str(cfg["align-data"]) == "val" and cfg["dataset"] != "imagenet-lt":
+def _check_align_data(cfg: Settings) -> None:
+    if cfg.align_data == "val" and cfg.dataset != "imagenet-lt":
         raise ConfigError(
-            f"run-config key 'align-data' = 'val' is not allowed for dataset '{cfg['dataset']}': only imagenet-lt "
+            f"run-config key 'align-data' = 'val' is not allowed for dataset '{cfg.dataset}': only imagenet-lt "
             "has a published val split; expected auto, train or a folder with one subfolder per class."
         )
-    if str(cfg["align-data"]) == "train" and cfg["dataset"] == "imagenet-lt":
+    if cfg.align_data == "train" and cfg.dataset == "imagenet-lt":
         raise ConfigError(
             "run-config key 'align-data' = 'train' is not allowed for dataset 'imagenet-lt': its training split is "
             "already long-tailed, so a class-balanced D_align carved from it would take the tail classes' few "
@@ -805,59 +825,159 @@ def _check_align_data(cfg: Mapping[str, Any]) -> None:
         )
 
 
-def align_source(cfg: Mapping[str, Any]) -> str:
-    """`align-data` with `auto` resolved: val for imagenet-lt (whose tail classes are too small to give up
-    images), train for every other dataset."""
-    source = str(cfg["align-data"])
-    if source != "auto":
-        return source
-    return "val" if cfg["dataset"] == "imagenet-lt" else "train"
+# The settings that determine the data split: equal values give identical partitions (`SettingsView.data_key`).
+DATA_KEYS = (
+    "dataset",
+    "data-dir",
+    "client-data",
+    "image-size",
+    "imbalance-factor",
+    "partitioner",
+    "dirichlet-alpha",
+    "num-clients",
+    "min-partition-size",
+    "align-per-class",
+    "align-data",
+    "seed",
+)
+
+
+def field_name(key: str) -> str:
+    """The `Settings` attribute of a run-config key: `num-server-rounds` is `cfg.num_server_rounds`."""
+    return key.replace("-", "_")
+
+
+def _typed(option: Option, value: Any) -> Scalar:
+    """A checked value as the option's type: TOML's `10` is 10.0 for a float key, 1.0 is 1 for an integer key."""
+    if option.kinds or isinstance(option.default, bool | str):
+        return value
+    return int(value) if isinstance(option.default, int) else float(value)
+
+
+def _field_type(option: Option) -> Any:
+    if option.kinds:
+        return option.kinds[0] if len(option.kinds) == 1 else option.kinds[0] | option.kinds[1]
+    return type(option.default)
+
+
+class SettingsView(Mapping[str, Scalar]):
+    """What `Settings` adds to its fields: the facts several modules derive from the same keys, and a read-only
+    mapping keyed by run-config key (`cfg["seed"]`, `dict(cfg)`) for Flower's `Context` and the reports.
+
+    A base class, because `Settings` itself is made from the schema (`make_dataclass`): its fields are the schema's
+    keys, so adding a key to the schema adds the attribute.
+    """
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> Scalar:
+        if key not in SCHEMA:
+            raise KeyError(key)
+        return getattr(self, field_name(key))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SCHEMA)
+
+    def __len__(self) -> int:
+        return len(SCHEMA)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.values()))
+
+    def to_dict(self) -> dict[str, Scalar]:
+        """A plain dict keyed by run-config key: what Flower's `Context(run_config=...)` and JSON take."""
+        return dict(self.items())
+
+    def with_(self, **changes: Scalar) -> Self:
+        """A copy with some fields changed (`cfg.with_(proximal_mu=0.0)`), each value checked and typed like its
+        key's; the rules between keys are not re-checked (a changed copy is the caller's own variant)."""
+        by_field = {field_name(key): (key, option) for key, option in SCHEMA.items()}
+        unknown = sorted(set(changes) - set(by_field))
+        if unknown:
+            raise ConfigError(f"unknown Settings field(s): {', '.join(unknown)}.")
+        typed = {}
+        for name, value in changes.items():
+            key, option = by_field[name]
+            _check_key(key, value, option, option.choices)
+            typed[name] = _typed(option, value)
+        return replace(self, **typed)  # type: ignore[type-var]
+
+    def overlay(self, entries: Mapping[str, Any]) -> Self:
+        """A copy with the run-config keys among `entries` (a round's config from the server) taking their values
+        there, checked like `with_`; entries that are not run-config keys are not settings and are left out."""
+        return self.with_(**{field_name(key): value for key, value in entries.items() if key in SCHEMA})
+
+    @property
+    def local_data(self) -> bool:
+        """Every SuperNode trains on its own folder (client-data = local): no partition, no split keys."""
+        return self.client_data == LOCAL
+
+    @property
+    def holdout_teacher(self) -> bool:
+        """The teacher is the offline stand-in for CLIP trained on held-out server images (align-teacher)."""
+        return self.align_teacher == HOLDOUT
+
+    @property
+    def align_source(self) -> str:
+        """`align-data` with `auto` resolved: val for imagenet-lt (whose tail classes are too small to give up
+        images), train for every other dataset."""
+        source = self.align_data
+        if source != "auto":
+            return source
+        return "val" if self.dataset == "imagenet-lt" else "train"
+
+    @property
+    def clients_per_round(self) -> int:
+        """Clients sampled per round: num-clients x fraction-train, at least one (Flower's FedAvg rounds down)."""
+        return max(1, int(self.num_clients * self.fraction_train))
+
+    @property
+    def data_key(self) -> tuple:
+        """The settings that determine the data split: equal keys give identical partitions. `holdout-per-class`
+        counts only with the holdout teacher (0 otherwise: no reserve), so every other run keeps one split."""
+        reserve = self.holdout_per_class if self.holdout_teacher else 0
+        return (*((k, self[k]) for k in DATA_KEYS), ("holdout-per-class", reserve))
+
+
+# One frozen field per schema key, typed as its option; `validate` is the way to build one.
+Settings = make_dataclass(
+    "Settings",
+    [(field_name(key), _field_type(option)) for key, option in SCHEMA.items()],
+    bases=(SettingsView,),
+    frozen=True,
+    eq=False,
+)
+Settings.__module__ = __name__  # pickles by name (Ray, loader workers)
+Settings.__doc__ = (
+    "A checked run config: one attribute per schema key (`cfg.num_server_rounds`), typed as the key's option, "
+    "frozen; also a read-only mapping keyed by run-config key. Built by `validate`."
+)
 
 
 def validate(
     raw: Mapping[str, Any],
     choices: Mapping[str, Iterable[str]] | None = None,
-    schema: Mapping[str, Option] = SCHEMA,
     *,
     paths: bool = True,
-) -> dict[str, Scalar]:
-    """Return a complete, checked config: defaults filled in, every key and relation validated.
+) -> Settings:
+    """Return the complete, checked settings: defaults filled in, every key and relation validated, each
+    value typed as its option.
 
     `choices` supplies allowed values that live in other packages (the strategy registry), so this
     module depends on none of them. `paths=False` skips the checks of the server's files and folders
     (`_check_paths`), for a ClientApp on a machine that does not hold them.
     """
-    unknown = sorted(set(raw) - set(schema))
+    unknown = sorted(set(raw) - set(SCHEMA))
     if unknown:
-        raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}; known keys: {', '.join(schema)}.")
+        raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}; known keys: {', '.join(SCHEMA)}.")
     extra = {k: tuple(v) for k, v in (choices or {}).items()}
-    cfg: dict[str, Scalar] = {}
-    for key, option in schema.items():
+    values: dict[str, Scalar] = {}
+    for key, option in SCHEMA.items():
         value = raw.get(key, option.default)
         _check_key(key, value, option, extra.get(key, option.choices))
-        cfg[key] = int(value) if isinstance(option.default, int) and not isinstance(option.default, bool) else value
+        values[field_name(key)] = _typed(option, value)
+    cfg = Settings(**values)
     if paths:
         _check_paths(cfg)
     _check_relations(cfg)
     return cfg
-
-
-def data_key(cfg: Mapping[str, Any]) -> tuple:
-    """The settings that determine the data split: equal keys give identical partitions. `holdout-per-class`
-    counts only with the holdout teacher (0 otherwise: no reserve), so every other run keeps one split."""
-    keys = (
-        "dataset",
-        "data-dir",
-        "client-data",
-        "image-size",
-        "imbalance-factor",
-        "partitioner",
-        "dirichlet-alpha",
-        "num-clients",
-        "min-partition-size",
-        "align-per-class",
-        "align-data",
-        "seed",
-    )
-    reserve = cfg["holdout-per-class"] if cfg["align-teacher"] == "holdout" else 0
-    return (*((k, cfg[k]) for k in keys), ("holdout-per-class", reserve))

@@ -14,7 +14,6 @@ none). Mixed precision exists only on a CUDA device: anywhere else it is a `Conf
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from flcore.config import ConfigError
+from flcore.config import ConfigError, Settings
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,6 +100,6 @@ def _compute(device: str, amp: str, workers: str) -> Compute:
     return Compute(resolved, amp, loader_workers(workers))
 
 
-def compute_of(cfg: Mapping[str, Any]) -> Compute:
+def compute_of(cfg: Settings) -> Compute:
     """This process's compute settings for a validated config (resolved once per process and setting)."""
-    return _compute(str(cfg["device"]), str(cfg["amp"]), str(cfg["num-workers"]))
+    return _compute(cfg.device, cfg.amp, str(cfg.num_workers))

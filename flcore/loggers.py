@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from flcore.config import ConfigError, log_targets
+from flcore.config import ConfigError, Settings, log_targets
 
 TENSORBOARD = "tensorboard"  # the event files' folder in the run folder
 WANDB_HOST = "api.wandb.ai"  # `wandb login` keeps the key in ~/.netrc under this machine name
@@ -153,21 +153,19 @@ LOGGERS: dict[str, Callable[[LogTarget], RunLogger]] = {
 }
 
 
-def check_loggers(cfg: Mapping[str, Any]) -> None:
+def check_loggers(cfg: Settings) -> None:
     """Before anything starts: every logger `log-to` names has its package on this machine."""
-    for name in log_targets(str(cfg["log-to"])):
+    for name in log_targets(cfg.log_to):
         try:
             __import__(PACKAGES[name])
         except ImportError as err:
             raise ConfigError(
-                f"run-config key 'log-to' = {cfg['log-to']!r} needs the '{PACKAGES[name]}' package, which is not "
+                f"run-config key 'log-to' = {cfg.log_to!r} needs the '{PACKAGES[name]}' package, which is not "
                 f"installed ({err}); pip install '.[logging]' (or {PACKAGES[name]}), or set log-to = none."
             ) from err
 
 
-def open_loggers(cfg: Mapping[str, Any], run_dir: Path, run_id: int | str) -> list[RunLogger]:
+def open_loggers(cfg: Settings, run_dir: Path, run_id: int | str) -> list[RunLogger]:
     """The loggers `log-to` names, each started for this run (the run config already logged)."""
-    target = LogTarget(
-        run_dir, str(cfg["log-name"]) or str(run_id), str(cfg["log-group"]), str(cfg["wandb-project"]), cfg
-    )
-    return [LOGGERS[name](target) for name in log_targets(str(cfg["log-to"]))]
+    target = LogTarget(run_dir, cfg.log_name or str(run_id), cfg.log_group, cfg.wandb_project, cfg)
+    return [LOGGERS[name](target) for name in log_targets(cfg.log_to)]

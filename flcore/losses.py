@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from flcore.arrays import read_npy
+from flcore.config import Settings
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,7 +52,7 @@ class LossInputs:
     config the server sent, and its model's classifier bias (the live parameter: FedRS's authors' logits
     leave it out)."""
 
-    cfg: Mapping
+    cfg: Settings
     label_counts: np.ndarray
     server_config: Mapping = field(default_factory=dict)
     classifier_bias: torch.Tensor | None = None
@@ -142,17 +143,15 @@ def _ratio(inputs: LossInputs) -> LossFn:
 
 def _fedrs(inputs: LossInputs) -> LossFn:
     """FedRS in the form `fedrs-variant` names: the authors' leaves the bias out of the logits."""
-    variant = str(inputs.cfg["fedrs-variant"])
-    scale = fedrs_scale(inputs.label_counts, float(inputs.cfg["fedrs-alpha"]), variant)
+    variant = inputs.cfg.fedrs_variant
+    scale = fedrs_scale(inputs.label_counts, inputs.cfg.fedrs_alpha, variant)
     return partial(fedrs_loss, scale=scale, bias=inputs.classifier_bias if variant == "authors" else None)
 
 
 LOSSES: dict[str, Callable[[LossInputs], LossFn]] = {
     "ce": lambda inputs: F.cross_entropy,
-    "focal": lambda inputs: partial(focal_loss, gamma=float(inputs.cfg["focal-gamma"])),
-    "fedlc": lambda inputs: partial(
-        fedlc_loss, offsets=fedlc_offsets(inputs.label_counts, float(inputs.cfg["fedlc-tau"]))
-    ),
+    "focal": lambda inputs: partial(focal_loss, gamma=inputs.cfg.focal_gamma),
+    "fedlc": lambda inputs: partial(fedlc_loss, offsets=fedlc_offsets(inputs.label_counts, inputs.cfg.fedlc_tau)),
     "fedrs": _fedrs,
 }
 
@@ -165,14 +164,14 @@ SERVER_LOSSES: dict[str, Callable[[LossInputs], LossFn]] = {
 }
 
 
-def loss_name(cfg: Mapping, server_config: Mapping) -> str:
+def loss_name(cfg: Settings, server_config: Mapping) -> str:
     """The loss the round config names (`LOSS_KEY`), else the run config's `loss`."""
-    return str(server_config.get(LOSS_KEY, cfg["loss"]))
+    return str(server_config.get(LOSS_KEY, cfg.loss))
 
 
-def max_grad_norm(cfg: Mapping, server_config: Mapping) -> float:
+def max_grad_norm(cfg: Settings, server_config: Mapping) -> float:
     """The gradient clipping that comes with the client's loss: FedRS's authors clip, the others do not (0)."""
-    if loss_name(cfg, server_config) == "fedrs" and cfg["fedrs-variant"] == "authors":
+    if loss_name(cfg, server_config) == "fedrs" and cfg.fedrs_variant == "authors":
         return FEDRS_MAX_GRAD_NORM
     return 0.0
 

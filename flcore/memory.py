@@ -12,13 +12,12 @@ physical memory.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from flcore.config import SCHEMA, ConfigError
+from flcore.config import SCHEMA, ConfigError, Settings
 from flcore.datasets import IN_MEMORY_IMAGES, RESIZE_CHUNK_BYTES
 from flcore.models import PAPER_HEAD, build_model, model_head
 
@@ -95,28 +94,28 @@ def check_teacher_fits(
     return need
 
 
-def estimate_at(cfg: Mapping, num_classes: int, batch: int, head: str) -> MemoryEstimate:
+def estimate_at(cfg: Settings, num_classes: int, batch: int, head: str) -> MemoryEstimate:
     """`estimate` for the run's model and image size at `batch` images."""
-    return estimate(str(cfg["model"]), int(cfg["projection-dim"]), num_classes, int(cfg["image-size"]), batch, head)
+    return estimate(cfg.model, cfg.projection_dim, num_classes, cfg.image_size, batch, head)
 
 
-def batch_key(cfg: Mapping) -> str:
+def batch_key(cfg: Settings) -> str:
     """The key whose batch the memory check sizes a step by: the larger of local training's and alignment's."""
-    return "align-batch-size" if int(cfg.get("align-batch-size", 1)) > int(cfg["batch-size"]) else "batch-size"
+    return "align-batch-size" if cfg.align_batch_size > cfg.batch_size else "batch-size"
 
 
-def data_bytes(cfg: Mapping) -> int:
+def data_bytes(cfg: Settings) -> int:
     """Bytes a process holds while it decodes the run's dataset at `image-size` (uint8, 3 channels: the images of
     `IN_MEMORY_IMAGES`), plus the one chunk `resize` works on. Known from the dataset's name alone, so it is
     checked before anything is decoded; 0 for datasets read from files on demand."""
-    images = IN_MEMORY_IMAGES.get(str(cfg["dataset"]), 0)
-    return images * 3 * int(cfg["image-size"]) ** 2 + (RESIZE_CHUNK_BYTES if images else 0)
+    images = IN_MEMORY_IMAGES.get(cfg.dataset, 0)
+    return images * 3 * cfg.image_size**2 + (RESIZE_CHUNK_BYTES if images else 0)
 
 
-def check_memory(cfg: Mapping, num_classes: int, available: int | None = None, held: int = 0) -> MemoryEstimate:
+def check_memory(cfg: Settings, num_classes: int, available: int | None = None, held: int = 0) -> MemoryEstimate:
     """Refuse a setting one training process could not hold in this machine's memory beside the `held` bytes of
     decoded data (`data_bytes`), naming the key to change."""
-    batch = int(cfg[batch_key(cfg)])
+    batch = cfg[batch_key(cfg)]
     head = model_head(cfg)
     need = estimate_at(cfg, num_classes, batch, head)
     available = physical_memory() if available is None else available
@@ -130,8 +129,8 @@ def check_memory(cfg: Mapping, num_classes: int, available: int | None = None, h
         key = batch_key(cfg)  # the default batch fits at this image size: the batch is what does not
     data = f"; the {cfg['dataset']} images decoded at this size hold {held / 2**30:,.1f} GiB besides" if held else ""
     raise ConfigError(
-        f"run-config key '{key}' = {cfg[key]!r} is not allowed here: model={cfg['model']}, head={head}, image-size="
-        f"{cfg['image-size']}, projection-dim={cfg['projection-dim']} and batch {batch} need about "
+        f"run-config key '{key}' = {cfg[key]!r} is not allowed here: model={cfg.model}, head={head}, image-size="
+        f"{cfg.image_size}, projection-dim={cfg.projection_dim} and batch {batch} need about "
         f"{need.total / 2**30:,.1f} GiB per training process ({need.parameters:,} parameters: "
         f"{weights / 2**30:,.1f} GiB with gradients and optimizer state; {need.activations * FLOAT_BYTES / 2**30:,.1f}"
         f" GiB of activations){data}, more than this machine's {available / 2**30:,.1f} GiB."

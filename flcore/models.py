@@ -21,15 +21,14 @@ features (`features`) and the classifier's input (`embed`: the head's output, th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flcore.config import ConfigError
+from flcore.config import ConfigError, Settings
 
 PAPER_HEAD = "mlp"  # the paper's model: what stage 1 pretrains and stage 3 aligns
 
@@ -236,16 +235,16 @@ def buffer_names(name: str, projection_dim: int, head: str = PAPER_HEAD, classif
     return frozenset(key for key, _ in model.named_buffers())
 
 
-def model_head(cfg: Mapping[str, Any]) -> str:
+def model_head(cfg: Settings) -> str:
     """The run's head: `head`, with `auto` resolved to the paper's MLP when stage 1 or stage 3 is on (stage 1
     pretrains the projection into LLaVA's width, and the 'ours' rows are the paper's model), else to the model of
     the strategy's reference code (`METHOD_HEADS`)."""
-    head = str(cfg["head"])
+    head = cfg.head
     if head != "auto":
         return head
-    if cfg["pretrain"] or cfg["align"]:
+    if cfg.pretrain or cfg.align:
         return PAPER_HEAD
-    strategy = str(cfg["strategy"])
+    strategy = cfg.strategy
     if strategy not in METHOD_HEADS:
         raise ConfigError(
             f"run-config key 'head' = 'auto' is not allowed with strategy {strategy!r}: flcore.models.METHOD_HEADS "
@@ -254,9 +253,9 @@ def model_head(cfg: Mapping[str, Any]) -> str:
     return METHOD_HEADS[strategy]
 
 
-def model_classifier(cfg: Mapping[str, Any]) -> str:
+def model_classifier(cfg: Settings) -> str:
     """The run's classifier: the strategy's own (`METHOD_CLASSIFIERS`), else linear."""
-    return METHOD_CLASSIFIERS.get(str(cfg["strategy"]), "linear")
+    return METHOD_CLASSIFIERS.get(cfg.strategy, "linear")
 
 
 @lru_cache(maxsize=8)
@@ -266,21 +265,18 @@ def feature_width(name: str) -> int:
         return int(BACKBONES[name]().out_dim)
 
 
-def classifier_width(cfg: Mapping[str, Any]) -> int:
+def classifier_width(cfg: Settings) -> int:
     """The width of the classifier's input under the run's model (`embed`): CCVR's and CReFF's feature size."""
-    return HEAD_WIDTHS[model_head(cfg)](feature_width(str(cfg["model"])), int(cfg["projection-dim"]))
+    return HEAD_WIDTHS[model_head(cfg)](feature_width(cfg.model), cfg.projection_dim)
 
 
-def run_buffer_names(cfg: Mapping[str, Any]) -> frozenset[str]:
+def run_buffer_names(cfg: Settings) -> frozenset[str]:
     """`buffer_names` of the run's model (`model`, `head` resolved, `projection-dim`): what server steps that
     move trained parameters (FedAvgM, FedNova) average plainly instead."""
-    return buffer_names(str(cfg["model"]), int(cfg["projection-dim"]), model_head(cfg), model_classifier(cfg))
+    return buffer_names(cfg.model, cfg.projection_dim, model_head(cfg), model_classifier(cfg))
 
 
-def run_model(
-    cfg: Mapping[str, Any], num_classes: int, seed: int | None = None, device: torch.device | None = None
-) -> FLModel:
+def run_model(cfg: Settings, num_classes: int, seed: int | None = None, device: torch.device | None = None) -> FLModel:
     """The run's model (`model`, `head` resolved, `projection-dim`, the strategy's classifier) for `num_classes`
     classes."""
-    model, dim = str(cfg["model"]), int(cfg["projection-dim"])
-    return build_model(model, dim, num_classes, seed, device, model_head(cfg), model_classifier(cfg))
+    return build_model(cfg.model, cfg.projection_dim, num_classes, seed, device, model_head(cfg), model_classifier(cfg))

@@ -15,7 +15,7 @@ Lives in `flcore` because clients must not import `strategies`; `PERSONALIZERS` 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from functools import partial
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flcore.batches import Batches
+from flcore.config import Settings
 from flcore.device import CPU, Compute
 from flcore.losses import LossFn, balanced_log_prior, balanced_softmax_loss
 from flcore.training import TrainSettings, train
@@ -60,7 +61,7 @@ def fit(
 def fedetf_personalize(
     model: nn.Module,
     batches: Batches,
-    cfg: Mapping,
+    cfg: Settings,
     counts: np.ndarray,
     gen: torch.Generator,
     compute: Compute = CPU,
@@ -72,15 +73,13 @@ def fedetf_personalize(
     balanced = partial(balanced_softmax_loss, log_prior=balanced_log_prior(counts))
     train(local, batches, settings, gen, balanced, compute=compute)
     head.etf = nn.Parameter(head.etf.detach().clone())
-    rounds, epochs = int(cfg["fedetf-finetune-rounds"]), int(cfg["fedetf-finetune-epochs"])
-    momentum, decay = float(cfg["momentum"]), float(cfg["weight-decay"])
+    rounds, epochs = cfg.fedetf_finetune_rounds, cfg.fedetf_finetune_epochs
+    momentum, decay = cfg.momentum, cfg.weight_decay
     for _ in range(rounds):
-        etf_opt = torch.optim.SGD([head.etf], lr=float(cfg["fedetf-etf-lr"]))
+        etf_opt = torch.optim.SGD([head.etf], lr=cfg.fedetf_etf_lr)
         fit(local, [head.etf], batches, etf_opt, epochs, settings.augment, gen)
         projection = list(head.projection.parameters())
-        proj_opt = torch.optim.SGD(
-            projection, lr=float(cfg["fedetf-projection-lr"]), momentum=momentum, weight_decay=decay
-        )
+        proj_opt = torch.optim.SGD(projection, lr=cfg.fedetf_projection_lr, momentum=momentum, weight_decay=decay)
         fit(local, projection, batches, proj_opt, epochs, settings.augment, gen)
     return local
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from flcore.config import Settings
 from flcore.files import append_text, atomic_write, json_safe, write_json
 from flcore.loggers import scalars
 from flcore.metrics import row_normalised
@@ -87,11 +88,11 @@ class RunReport:
         self.loggers: list[Any] = []  # flcore.loggers.RunLogger
 
     @classmethod
-    def create(cls, cfg: Mapping, run_id: int | str, classes: Sequence[str]) -> RunReport:
-        out = Path(str(cfg["output-dir"])).expanduser() / str(run_id)
+    def create(cls, cfg: Settings, run_id: int | str, classes: Sequence[str]) -> RunReport:
+        out = Path(cfg.output_dir).expanduser() / str(run_id)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", dict(cfg))
-        return cls(out, int(cfg["num-server-rounds"]), classes)
+        return cls(out, cfg.num_server_rounds, classes)
 
     def log_to(self, loggers: Sequence[Any]) -> None:
         """Mirror every row and figure from now on to `loggers` (TensorBoard, W&B)."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from flcore.arrays import NON_FINITE
 from flcore.batches import Batches
+from flcore.config import Settings
 from flcore.device import CPU, Compute
 from flcore.progress import progress as progress_of
 
@@ -28,6 +29,11 @@ ExtraLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, bat
 class NonFiniteLogits(FloatingPointError):
     """The model gave NaN or Inf logits: there is no prediction to score (argmax of an all-NaN row is 0,
     so such a model would otherwise be scored as if it predicted class 0)."""
+
+
+# The run-config keys of local training that the server's round config may set (the server sends all but
+# proximal-mu every round; FedProx adds proximal-mu).
+ROUND_KEYS = ("local-epochs", "lr", "momentum", "weight-decay", "augment", "proximal-mu")
 
 
 @dataclass(frozen=True)
@@ -43,15 +49,22 @@ class TrainSettings:
     max_grad_norm: float = 0.0  # clip the gradient's global norm to this before each step; 0 = no clipping
 
     @classmethod
-    def from_config(cls, cfg: Mapping) -> TrainSettings:
+    def from_config(cls, cfg: Settings) -> TrainSettings:
         return cls(
-            int(cfg["local-epochs"]),
-            float(cfg["lr"]),
-            float(cfg["momentum"]),
-            float(cfg["weight-decay"]),
-            bool(cfg["augment"]),
-            float(cfg.get("proximal-mu", 0.0)),
+            cfg.local_epochs,
+            cfg.lr,
+            cfg.momentum,
+            cfg.weight_decay,
+            cfg.augment,
+            cfg.proximal_mu,
         )
+
+    @classmethod
+    def for_round(cls, cfg: Settings, round_config: Mapping) -> TrainSettings:
+        """The run's settings overlaid with what the round config sets of them (`ROUND_KEYS`, checked like the run
+        config); the proximal term only when the round config sends it."""
+        own = {key: value for key, value in round_config.items() if key in ROUND_KEYS}
+        return cls.from_config(cfg.with_(proximal_mu=0.0).overlay(own))
 
 
 def _batches(batches: Batches, augment: bool, gen: torch.Generator, indexed: bool) -> Iterator[tuple]:

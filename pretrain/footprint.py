@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from flcore.config import Settings
 from flcore.device import AMP_DTYPES, compute_of
 from flcore.memory import check_teacher_fits
 
@@ -86,11 +87,11 @@ def llava_parameters(config) -> int:
     return clip_vision_parameters(v) + projector + llama_parameters(t)
 
 
-def check_teacher_memory(cfg: Mapping, available: int | None = None) -> None:
+def check_teacher_memory(cfg: Settings, available: int | None = None) -> None:
     """Refuse a real teacher the run's device cannot hold (the `tiny` one always fits), before anything loads."""
     from transformers import LlavaConfig
 
-    name = str(cfg["pretrain-teacher"])
+    name = cfg.pretrain_teacher
     source = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
     config = LlavaConfig.from_pretrained(source, local_files_only=True)
     compute = compute_of(cfg)

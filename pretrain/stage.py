@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord
 from PIL import Image
 
-from flcore.config import ConfigError
+from flcore.config import ConfigError, Settings
 from flcore.datasets import digits_pixels, digits_split
 from flcore.device import AMP_DTYPES, compute_of
 from flcore.images import image_problem
@@ -47,12 +47,12 @@ def render_digit(scan: np.ndarray) -> Image.Image:
     return Image.fromarray(scan).resize((DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE), Image.BILINEAR).convert("RGB")
 
 
-def held_out_digits(cfg: Mapping) -> np.ndarray:
+def held_out_digits(cfg: Settings) -> np.ndarray:
     """Positions (scikit-learn's order) of the digits that pretraining must not see: the test split, and
     D_align when the run's dataset is digits and D_align is carved from its training split."""
     _, labels = digits_pixels()
     train, test = digits_split(labels)
-    if cfg["dataset"] != DIGITS:
+    if cfg.dataset != DIGITS:
         return test
     split = prepare(cfg).split
     return np.union1d(test, train[split.align]) if split.align_from_train else test
@@ -73,17 +73,17 @@ def digits_images(root: Path, held_out: np.ndarray) -> Path:
     return folder
 
 
-def check(cfg: Mapping, prepared: Prepared | None = None) -> None:
+def check(cfg: Settings, prepared: Prepared | None = None) -> None:
     """Fail before training when the teacher or the pretraining data is missing (the preflight's check)."""
     from pretrain.footprint import check_teacher_memory
     from pretrain.teacher import TINY, check_available
 
-    if not cfg.get("pretrain", False):
+    if not cfg.pretrain:
         return
-    check_available(str(cfg["pretrain-teacher"]))
-    if str(cfg["pretrain-teacher"]) != TINY:
+    check_available(cfg.pretrain_teacher)
+    if cfg.pretrain_teacher != TINY:
         check_teacher_memory(cfg)
-    data = str(cfg["pretrain-data"])
+    data = cfg.pretrain_data
     path = Path(data).expanduser()
     if data != DIGITS and not path.exists():
         raise ConfigError(f"run-config key 'pretrain-data' = {data!r}: no such file or folder.")
@@ -104,12 +104,12 @@ def check_folder(path: Path) -> None:
         )
 
 
-def check_records(cfg: Mapping, path: Path) -> None:
+def check_records(cfg: Settings, path: Path) -> None:
     """A LLaVA file: every record well-formed (`file:line` errors), every image inside the image folder, and a
     sample of the images the run would read decodable (one that fails later is skipped and counted)."""
     from pretrain.llava_data import load_annotations, outside_root
 
-    root = Path(str(cfg["pretrain-image-dir"]) or path.parent).expanduser()
+    root = Path(cfg.pretrain_image_dir or path.parent).expanduser()
     records = load_annotations(path)
     outside = [r for r in records if outside_root(r.image)]
     if outside:
@@ -117,11 +117,11 @@ def check_records(cfg: Mapping, path: Path) -> None:
             f"run-config key 'pretrain-data' = {str(path)!r}: record {outside[0].id!r} names image "
             f"{outside[0].image!r}, outside the image folder {root} ({len(outside)} such records)."
         )
-    limit = int(cfg["pretrain-max-samples"])
+    limit = cfg.pretrain_max_samples
     used = [str(root / r.image) for r in (records[:limit] if limit else records)]
     if not used:
         raise ConfigError(f"run-config key 'pretrain-data' = {str(path)!r} holds no records.")
-    picked = np.random.default_rng(int(cfg["seed"])).choice(len(used), min(IMAGE_SAMPLE, len(used)), replace=False)
+    picked = np.random.default_rng(cfg.seed).choice(len(used), min(IMAGE_SAMPLE, len(used)), replace=False)
     checked = progress(sorted(picked), desc="checking pretrain-data images", unit="image")
     problems = {used[i]: image_problem(used[i]) for i in checked}
     bad = {p: why for p, why in problems.items() if why is not None}
@@ -135,27 +135,27 @@ def check_records(cfg: Mapping, path: Path) -> None:
         log.warning("%d of %d pretraining images checked cannot be read; they will be skipped", len(bad), len(problems))
 
 
-def annotations_for(cfg: Mapping, teacher, cache: Path) -> tuple[Path, Path, dict]:
+def annotations_for(cfg: Settings, teacher, cache: Path) -> tuple[Path, Path, dict]:
     """(annotation file, image root, annotation summary) for `pretrain-data`; annotates folders."""
     from pretrain.annotate import annotate, list_images
 
-    data = str(cfg["pretrain-data"])
+    data = cfg.pretrain_data
     path = Path(data).expanduser()
     if data != DIGITS and path.is_file():
-        root = Path(str(cfg["pretrain-image-dir"]) or path.parent).expanduser()
+        root = Path(cfg.pretrain_image_dir or path.parent).expanduser()
         return path, root, {"source": EXISTING, "file": str(path)}
     root = digits_images(cache, held_out_digits(cfg)) if data == DIGITS else path
     images = list_images(root)
-    limit = int(cfg["pretrain-max-samples"])
+    limit = cfg.pretrain_max_samples
     if limit:
         images = images[:limit]
-    key = cache_key(teacher.name, str(root.resolve()), {"seed": int(cfg["seed"]), "images": len(images)})
+    key = cache_key(teacher.name, str(root.resolve()), {"seed": cfg.seed, "images": len(images)})
     out = cache / "annotations" / f"{key}.jsonl"
-    summary = annotate(teacher, root, out, images, max_new_tokens=int(cfg["pretrain-max-new-tokens"]))
+    summary = annotate(teacher, root, out, images, max_new_tokens=cfg.pretrain_max_new_tokens)
     return out, root, summary.as_dict()
 
 
-def dwp_settings(cfg: Mapping) -> dict:
+def dwp_settings(cfg: Settings) -> dict:
     """The config keys that change what DWP trains. `projection-dim` is one even when the projection is not
         handed over: it decides whether the FL projection is trained at all, and the separate MLP's seeded
         initialisation comes after the FL model's in the same random stream. `amp` is one when it is on (bf16 or
@@ -165,7 +165,7 @@ def dwp_settings(cfg: Mapping) -> dict:
     keys = ("model", "image-size", "seed", "projection-dim") + tuple(
         k for k in cfg if k.startswith("pretrain-") and k != "pretrain-cache-dir"
     )
-    amp = {"amp": cfg["amp"]} if cfg.get("amp", "off") != "off" else {}
+    amp = {"amp": cfg.amp} if cfg.amp != "off" else {}
     head = model_head(cfg)
     other_head = {"head": head} if head != PAPER_HEAD else {}  # the paper's MLP keeps the key it had before `head`
     return {**{k: cfg[k] for k in keys}, **amp, **other_head}
@@ -193,22 +193,22 @@ def handover(shared: bool, width: int, projection_dim: int, head: str = PAPER_HE
     }
 
 
-def pretrained_weights(cfg: Mapping, mean, std) -> tuple[dict[str, torch.Tensor], dict]:
+def pretrained_weights(cfg: Settings, mean, std) -> tuple[dict[str, torch.Tensor], dict]:
     """The FL model's entries pretrained by DWP (`backbone.*`, and `projection.*` when the widths match)
     and a summary; cached per (teacher, data, config)."""
     from pretrain.dwp import DWPConfig, build_gfl, shares_projection, token_width, train_dwp
     from pretrain.llava_data import LlavaSamples, load_annotations
     from pretrain.teacher import load_teacher
 
-    cache = Path(str(cfg["pretrain-cache-dir"])).expanduser()
+    cache = Path(cfg.pretrain_cache_dir).expanduser()
     compute = compute_of(cfg)
     weights = AMP_DTYPES.get(compute.amp)  # the frozen teacher in the amp dtype (halves a 7B LLM's memory), else fp32
-    teacher = load_teacher(str(cfg["pretrain-teacher"]), dtype=weights, seed=int(cfg["seed"]))
+    teacher = load_teacher(cfg.pretrain_teacher, dtype=weights, seed=cfg.seed)
     teacher.model.to(compute.device)
     ann, root, ann_summary = annotations_for(cfg, teacher, cache)
-    model = run_model(cfg, 2, seed=int(cfg["seed"]))
+    model = run_model(cfg, 2, seed=cfg.seed)
     shared = shares_projection(model, teacher)
-    parts = handover(shared, token_width(teacher), int(cfg["projection-dim"]), model.head)
+    parts = handover(shared, token_width(teacher), cfg.projection_dim, model.head)
     settings = {**dwp_settings(cfg), "mean": list(mean), "std": list(std)}
     ckpt = Checkpoints(cache / "dwp" / cache_key(teacher.name, file_digest(ann) + str(root.resolve()), settings))
     final = ckpt.final()
@@ -216,18 +216,18 @@ def pretrained_weights(cfg: Mapping, mean, std) -> tuple[dict[str, torch.Tensor]
         log.info("reusing pretrained g_fl from %s", ckpt.final_path)
         return _handed_over(final["gfl"], parts), {**final["meta"], **parts, "reused": True}
     records = load_annotations(ann)
-    limit = int(cfg["pretrain-max-samples"])
+    limit = cfg.pretrain_max_samples
     if limit and ann_summary.get("source") == EXISTING:
         records = records[:limit]
-    samples = LlavaSamples(records, root, teacher, int(cfg["image-size"]), mean, std, int(cfg["pretrain-max-length"]))
+    samples = LlavaSamples(records, root, teacher, cfg.image_size, mean, std, cfg.pretrain_max_length)
     gfl = build_gfl(model, teacher)
     dwp = DWPConfig(
-        epochs=int(cfg["pretrain-epochs"]),
-        lr=float(cfg["pretrain-lr"]),
-        batch_size=int(cfg["pretrain-batch-size"]),
-        grad_accum=int(cfg["pretrain-grad-accum"]),
-        gradient_checkpointing=bool(cfg["pretrain-grad-checkpointing"]),
-        seed=int(cfg["seed"]),
+        epochs=cfg.pretrain_epochs,
+        lr=cfg.pretrain_lr,
+        batch_size=cfg.pretrain_batch_size,
+        grad_accum=cfg.pretrain_grad_accum,
+        gradient_checkpointing=cfg.pretrain_grad_checkpointing,
+        seed=cfg.seed,
     )
 
     def on_epoch(epoch: int, loss: float, alpha: float) -> None:
@@ -270,9 +270,9 @@ def with_pretrained(arrays: ArrayRecord, pretrained: Mapping[str, torch.Tensor])
     return ArrayRecord(state)
 
 
-def pretrain_stage(cfg: Mapping, ctx: ServerContext) -> Stages:
+def pretrain_stage(cfg: Settings, ctx: ServerContext) -> Stages:
     """Stage 1: with `pretrain` on, round 1 starts from the DWP-pretrained backbone (and projection)."""
-    if not cfg.get("pretrain", False):
+    if not cfg.pretrain:
         return Stages()
 
     def load_pretrained(arrays: ArrayRecord) -> Outcome:

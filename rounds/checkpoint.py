@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from flcore.arrays import NON_FINITE, non_finite
-from flcore.config import ConfigError
+from flcore.config import ConfigError, Settings
 from flcore.files import atomic_write
 from flcore.models import PAPER_HEAD, model_head
 
@@ -124,7 +124,7 @@ def load_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
 
 
 def save(
-    path: Path, server_round: int, arrays: ArrayRecord, strategy: Strategy, rows: list[dict], cfg: Mapping
+    path: Path, server_round: int, arrays: ArrayRecord, strategy: Strategy, rows: list[dict], cfg: Settings
 ) -> None:
     """Write one complete checkpoint atomically: a reader (or a resume after kill -9) sees old or new."""
     np_state = np.random.get_state()
@@ -174,9 +174,9 @@ def locate(resume: str) -> Path:
     return path
 
 
-def load(cfg: Mapping) -> Checkpoint:
+def load(cfg: Settings) -> Checkpoint:
     """The checkpoint named by `resume`, checked against this run's config before anything trains."""
-    path = locate(str(cfg["resume"]))
+    path = locate(cfg.resume)
     try:
         payload = torch.load(path, weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which, do not guess
@@ -204,16 +204,16 @@ def load(cfg: Mapping) -> Checkpoint:
         raise ConfigError(f"run-config key 'resume': the checkpoint's run used different settings: {shown}.")
     if "head" not in saved and model_head(cfg) != PAPER_HEAD:  # written before `head`: every model had the MLP
         raise ConfigError(
-            f"run-config key 'head' = {cfg['head']!r} is not allowed for resuming {path}: it was written before "
+            f"run-config key 'head' = {cfg.head!r} is not allowed for resuming {path}: it was written before "
             f"'head' existed, when every run trained the paper's MLP head, and this run's model has {model_head(cfg)}"
             "; set head=mlp."
         )
-    if done > int(cfg["num-server-rounds"]):
+    if done > cfg.num_server_rounds:
         raise ConfigError(
-            f"run-config key 'num-server-rounds' = {cfg['num-server-rounds']} is not allowed: the checkpoint "
+            f"run-config key 'num-server-rounds' = {cfg.num_server_rounds} is not allowed: the checkpoint "
             f"already finished round {done}."
         )
-    if done == int(cfg["num-server-rounds"]):
+    if done == cfg.num_server_rounds:
         raise ConfigError(
             f"run-config key 'resume': that run finished all {done} rounds ({path}); nothing is left to train. Set "
             f"num-server-rounds above {done} to train it further."

@@ -10,11 +10,13 @@ pairs the stage factory with its input checks, which the preflight runs before a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
+
+from flcore.config import Settings
 
 
 class NonFiniteModel(FloatingPointError):
@@ -35,7 +37,7 @@ class ServerContext:
     (`NonFiniteModel` for weights or logits with NaN or Inf).
     """
 
-    cfg: Mapping[str, Any]
+    cfg: Settings
     data: Any
     new_model: Callable[[], Any]
     evaluate: Callable[[ArrayRecord], dict]
@@ -68,7 +70,7 @@ class Stages:
     post_hoc: list[RoundStage] = field(default_factory=list)
 
 
-def no_check(cfg: Mapping, prepared: Any) -> None:
+def no_check(cfg: Settings, prepared: Any) -> None:
     """For stages whose inputs the config schema already checks."""
 
 
@@ -77,5 +79,5 @@ class ServerStage:
     """A registry entry: `check(cfg, prepared)` raises on bad input before any process starts (it may
     not train or load large weights); `build(cfg, ctx)` makes the stages in the ServerApp."""
 
-    build: Callable[[Mapping, ServerContext], Stages]
-    check: Callable[[Mapping, Any], None] = no_check
+    build: Callable[[Settings, ServerContext], Stages]
+    check: Callable[[Settings, Any], None] = no_check

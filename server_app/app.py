@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from flcore.arrays import NON_FINITE, load_record, non_finite, to_record
-from flcore.config import LOCAL
+from flcore.config import Settings
 from flcore.device import Compute
 from flcore.loggers import open_loggers
 from flcore.metrics import summarize
@@ -96,33 +96,33 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
+def run(grid: Grid, cfg: Settings, run_id: int | str) -> dict:
     """The whole server side of one run, on `server-threads` torch threads; returns the summary."""
-    with torch_threads(int(cfg["server-threads"])):
+    with torch_threads(cfg.server_threads):
         return serve(grid, cfg, run_id)
 
 
-def serve(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
+def serve(grid: Grid, cfg: Settings, run_id: int | str) -> dict:
     """Checks, data, report, the wrapped strategy's rounds, and the summary."""
     t0 = time.perf_counter()
     checked = preflight(cfg)
     resumed = checked.resumed
     check_seconds = time.perf_counter() - t0
-    random.seed(int(cfg["seed"]))  # Flower samples nodes with the global `random` module
-    torch.manual_seed(int(cfg["seed"]))
+    random.seed(cfg.seed)  # Flower samples nodes with the global `random` module
+    torch.manual_seed(cfg.seed)
     data = server_data(cfg)
     report = RunReport.create(cfg, run_id, data.dataset.classes)
     if resumed is not None:
         report.restore(resumed.rows)
     report.log_to(open_loggers(cfg, report.dir, run_id))  # TensorBoard, W&B: ended by report.finish, or at exit
-    local = cfg["client-data"] == LOCAL
+    local = cfg.local_data
     if not local:  # nodes holding their own data report it with their updates (RunReport.record_nodes)
         report.write_partition(data.client_histogram, data.pool_counts, data.groups, reserve=data.reserve)
-    rounds = int(cfg["num-server-rounds"])
+    rounds = cfg.num_server_rounds
 
     make_model = partial(new_model, cfg)
-    model = make_model(seed=int(cfg["seed"]))
-    evaluator = Evaluator(make_model(), data, report, int(cfg["eval-every"]), rounds, checked.compute)
+    model = make_model(seed=cfg.seed)
+    evaluator = Evaluator(make_model(), data, report, cfg.eval_every, rounds, checked.compute)
     ctx = ServerContext(cfg, data, make_model, evaluator.metrics)
     done = resumed.round if resumed is not None else 0
 
@@ -137,7 +137,7 @@ def serve(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
         load_record(model, initial)
         resumed.restore(server.method)
         print(
-            f"Resumed {cfg['resume']} after round {done} of {rounds} (server state restored in "
+            f"Resumed {cfg.resume} after round {done} of {rounds} (server state restored in "
             f"{time.perf_counter() - t0:.2f} s, checks and checkpoint read in {check_seconds:.3f} s)",
             flush=True,
         )
@@ -145,7 +145,7 @@ def serve(grid: Grid, cfg: Mapping, run_id: int | str) -> dict:
         grid,
         initial,
         num_rounds=rounds - done,
-        timeout=float(cfg["round-timeout"]),
+        timeout=cfg.round_timeout,
         train_config=ConfigRecord({**{k: cfg[k] for k in TRAIN_KEYS}, **client_classes(cfg)}),
         evaluate_fn=evaluator,
     )

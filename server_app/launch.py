@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from flcore.config import LOCAL, ConfigError, align_source
+from flcore.config import ConfigError, Settings
 from flcore.run_config import format_overrides, parse_overrides, toml_document
 from server_app.preflight import Checked, InputError, Simulation, preflight, validated
 from server_app.watchdog import Watchdog, stop
@@ -54,7 +54,7 @@ def project_settings(project: Path = PROJECT) -> tuple[dict[str, Any], dict[str,
     return meta["tool"]["flwr"]["app"]["config"], meta["tool"]["mllm-llava-fl"]["simulation"]
 
 
-def resolve(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[dict, dict]:
+def resolve(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[Settings, dict]:
     """Validated full config, and the overrides to send, with paths made absolute.
 
     Paths become absolute because the ServerApp and ClientApps run in the SuperLink's processes, not here.
@@ -68,27 +68,27 @@ def resolve(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[
     return cfg, sent
 
 
-def check_before_start(cfg: Mapping[str, Any], simulation: Simulation | None = None) -> Checked:
+def check_before_start(cfg: Settings, simulation: Simulation | None = None) -> Checked:
     """Every check of the run (`server_app.preflight`) here, so bad input fails before Ray; say what runs."""
     checked = preflight(cfg, simulation)
     if checked.resumed is not None:
-        print(f"resume: continuing after round {checked.resumed.round} from {cfg['resume']}", flush=True)
+        print(f"resume: continuing after round {checked.resumed.round} from {cfg.resume}", flush=True)
     if simulation is not None and simulation.ray_address:
         print(f"ray: the simulation joins the cluster at {simulation.ray_address}", flush=True)
     prep = checked.prepared
-    if cfg["client-data"] == LOCAL:
+    if cfg.local_data:
         print(
-            f"data: {cfg['dataset']} | clients hold their own images (client-data=local) | D_align "
-            f"{len(prep.split.align)} from {align_source(cfg)} | test {len(prep.dataset.test)}"
+            f"data: {cfg.dataset} | clients hold their own images (client-data=local) | D_align "
+            f"{len(prep.split.align)} from {cfg.align_source} | test {len(prep.dataset.test)}"
             + (f" | {checked.images}" if checked.images else ""),
             flush=True,
         )
         return checked
     sizes = [len(c) for c in prep.split.clients]
     print(
-        f"data: {cfg['dataset']} | pool {len(prep.split.pool)} images (IF {cfg['imbalance-factor']}) | "
-        f"{len(sizes)} clients ({cfg['partitioner']}), {min(sizes)}-{max(sizes)} images each | "
-        f"D_align {len(prep.split.align)} from {align_source(cfg)} | "
+        f"data: {cfg.dataset} | pool {len(prep.split.pool)} images (IF {cfg.imbalance_factor}) | "
+        f"{len(sizes)} clients ({cfg.partitioner}), {min(sizes)}-{max(sizes)} images each | "
+        f"D_align {len(prep.split.align)} from {cfg.align_source} | "
         f"test {len(prep.dataset.test)}" + (f" | {checked.images}" if checked.images else ""),
         flush=True,
     )
@@ -145,9 +145,9 @@ def start_superlink(
     return proc
 
 
-def federation_config(simulation: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
+def federation_config(simulation: Mapping[str, Any], cfg: Settings) -> str:
     """num-supernodes follows num-clients, so every partition has exactly one node."""
-    return format_overrides({**simulation, "num-supernodes": int(cfg["num-clients"])})
+    return format_overrides({**simulation, "num-supernodes": cfg.num_clients})
 
 
 def last_run(env: Mapping[str, str], connection: str = CONNECTION) -> dict[str, Any]:

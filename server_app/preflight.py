@@ -28,7 +28,7 @@ import numpy as np
 
 from flcore import datasets
 from flcore.class_statistics import upload_bytes
-from flcore.config import LOCAL, ConfigError, validate
+from flcore.config import ConfigError, Settings, validate
 from flcore.datasets import DataNotFound
 from flcore.device import Compute, compute_of, visible_gpus
 from flcore.images import check_images
@@ -47,7 +47,7 @@ RAY_TIMEOUT_S = 10.0  # how long the Ray cluster to join has to answer
 UPLOADERS = (ClientUploads, UploadsAfterAggregation)  # strategies whose clients upload class statistics
 
 
-def validated(run_config: Mapping[str, Any]) -> dict[str, Any]:
+def validated(run_config: Mapping[str, Any]) -> Settings:
     """The run config checked against the schema, with the registry's strategy names."""
     return validate(run_config, choices={"strategy": STRATEGIES})
 
@@ -74,14 +74,14 @@ class Checked:
     federation: dict[str, Any] | None = None
 
 
-def preflight(cfg: Mapping[str, Any], simulation: Simulation | None = None) -> Checked:
+def preflight(cfg: Settings, simulation: Simulation | None = None) -> Checked:
     """Raise `ConfigError` / `DataNotFound` on the first problem, before anything trains; `simulation`: the
     launcher's, whose own inputs are checked too."""
     compute = compute_of(cfg)  # this machine's GPUs before the clients' share: the plainest message comes first
     federation = check_simulation(cfg, simulation) if simulation is not None else None
     check_output_dir(cfg)
     check_loggers(cfg)
-    resumed = checkpoint.load(cfg) if cfg["resume"] else None
+    resumed = checkpoint.load(cfg) if cfg.resume else None
     held = data_bytes(cfg)
     check_memory(cfg, 1, held=held)  # before decoding the data: one class is the smallest classifier there is
     prepared = prepared_data(cfg)
@@ -94,22 +94,22 @@ def preflight(cfg: Mapping[str, Any], simulation: Simulation | None = None) -> C
     return Checked(prepared, resumed, compute, images, federation)
 
 
-def check_output_dir(cfg: Mapping[str, Any]) -> None:
+def check_output_dir(cfg: Settings) -> None:
     """`output-dir` must take files before anything starts: a run that cannot write its reports (a path under
     /proc, a read-only mount) would otherwise fail after the SuperLink and Ray are up, with a traceback."""
-    out = Path(str(cfg["output-dir"])).expanduser()
+    out = Path(cfg.output_dir).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
             pass
     except OSError as err:
         raise ConfigError(
-            f"run-config key 'output-dir' = {str(cfg['output-dir'])!r} is not allowed: the run cannot write there "
+            f"run-config key 'output-dir' = {cfg.output_dir!r} is not allowed: the run cannot write there "
             f"({err.strerror or type(err).__name__}); give a writable folder."
         ) from err
 
 
-def check_simulation(cfg: Mapping[str, Any], simulation: Simulation) -> dict[str, Any]:
+def check_simulation(cfg: Settings, simulation: Simulation) -> dict[str, Any]:
     """The simulation's own inputs; returns its federation options, checked."""
     refuse_local_data(cfg)
     options = client_resources(simulation.declared, simulation.overrides)
@@ -119,9 +119,9 @@ def check_simulation(cfg: Mapping[str, Any], simulation: Simulation) -> dict[str
     return options
 
 
-def refuse_local_data(cfg: Mapping[str, Any]) -> None:
+def refuse_local_data(cfg: Settings) -> None:
     """The simulation's virtual clients have no data of their own: client-data=local needs real SuperNodes."""
-    if cfg["client-data"] == LOCAL:
+    if cfg.local_data:
         raise ConfigError(
             "run-config key 'client-data' = 'local' is not allowed in the simulation (make run): its virtual "
             "clients hold no images of their own. Start real SuperNodes, each with --node-config "
@@ -151,11 +151,11 @@ def client_resources(simulation: Mapping[str, Any], overrides: Mapping[str, Any]
     return options
 
 
-def check_client_devices(cfg: Mapping[str, Any], options: Mapping[str, Any], ray_address: str) -> None:
+def check_client_devices(cfg: Settings, options: Mapping[str, Any], ray_address: str) -> None:
     """Client actors see only the GPUs Ray gives them (numbered from cuda:0), and none without a GPU share: a
     setting that would leave them waiting for a GPU forever, or make them refuse `device`/`amp`, fails here."""
     gpus = float(options["client-resources-num-gpus"])
-    device, amp = str(cfg["device"]), str(cfg["amp"])
+    device, amp = cfg.device, cfg.amp
     if gpus > 0 and not ray_address and visible_gpus() == 0:
         raise ConfigError(
             f"federation option 'client-resources-num-gpus' = {gpus:g} needs a GPU, and this machine has none: Ray "
@@ -258,56 +258,56 @@ def check_client_fits(options: Mapping[str, Any], nodes: list[NodeResources], ra
         )
 
 
-def prepared_data(cfg: Mapping[str, Any]) -> Prepared:
+def prepared_data(cfg: Settings) -> Prepared:
     """The dataset and split; a failure names the data folder, or the split key the data cannot satisfy."""
     try:
         return prepare(cfg)
     except DataNotFound:
         raise
     except Exception as err:  # a split's refusal, a loader's or flwr-datasets' own error: say which input
-        if cfg["client-data"] != LOCAL:
+        if not cfg.local_data:
             raise explain_failure(cfg, err) from err
         if isinstance(err, ConfigError):  # no split is drawn: D_align's source names its key itself
             raise
         raise unreadable(cfg, err) from err
 
 
-def unreadable(cfg: Mapping[str, Any], err: Exception) -> DataNotFound:
-    where = Path(str(cfg["data-dir"])).expanduser() if cfg["data-dir"] else "scikit-learn"
-    return DataNotFound(f"dataset '{cfg['dataset']}' in '{where}' cannot be read ({type(err).__name__}: {err}).")
+def unreadable(cfg: Settings, err: Exception) -> DataNotFound:
+    where = Path(cfg.data_dir).expanduser() if cfg.data_dir else "scikit-learn"
+    return DataNotFound(f"dataset '{cfg.dataset}' in '{where}' cannot be read ({type(err).__name__}: {err}).")
 
 
-def explain_failure(cfg: Mapping[str, Any], err: Exception) -> Exception:
+def explain_failure(cfg: Settings, err: Exception) -> Exception:
     """Reload the dataset alone: if that fails the data is unreadable, otherwise the split settings are at fault."""
     try:
-        labels = datasets.load(str(cfg["dataset"]), str(cfg["data-dir"]), int(cfg["image-size"])).train.labels
+        labels = datasets.load(cfg.dataset, cfg.data_dir, cfg.image_size).train.labels
     except Exception as load_err:
         return unreadable(cfg, load_err)
     counts = np.bincount(labels)
     smallest = int(counts.min())
-    if cfg["align-per-class"] >= smallest:
+    if cfg.align_per_class >= smallest:
         return ConfigError(
-            f"run-config key 'align-per-class' = {cfg['align-per-class']} is not allowed for this dataset: its "
+            f"run-config key 'align-per-class' = {cfg.align_per_class} is not allowed for this dataset: its "
             f"smallest class has {smallest} training images, and D_align would leave none of them to the clients; "
             f"expected < {smallest}."
         )
-    pool = len(labels) - int(np.minimum(counts, cfg["align-per-class"]).sum())
-    if cfg["num-clients"] * max(1, cfg["min-partition-size"]) > pool:
+    pool = len(labels) - int(np.minimum(counts, cfg.align_per_class).sum())
+    if cfg.num_clients * max(1, cfg.min_partition_size) > pool:
         return ConfigError(
-            f"run-config key 'num-clients' = {cfg['num-clients']} is not allowed for this dataset: at most {pool} "
+            f"run-config key 'num-clients' = {cfg.num_clients} is not allowed for this dataset: at most {pool} "
             f"images are left for the clients, fewer than num-clients x min-partition-size "
-            f"({cfg['min-partition-size']})."
+            f"({cfg.min_partition_size})."
         )
     if isinstance(err, ConfigError):  # already names its key
         return err
     return ConfigError(
-        f"run-config keys num-clients = {cfg['num-clients']}, min-partition-size = {cfg['min-partition-size']}, "
-        f"dirichlet-alpha = {cfg['dirichlet-alpha']}, imbalance-factor = {cfg['imbalance-factor']}: the data split "
+        f"run-config keys num-clients = {cfg.num_clients}, min-partition-size = {cfg.min_partition_size}, "
+        f"dirichlet-alpha = {cfg.dirichlet_alpha}, imbalance-factor = {cfg.imbalance_factor}: the data split "
         f"failed ({type(err).__name__}: {err})."
     )
 
 
-def check_image_files(cfg: Mapping[str, Any], prepared: Prepared) -> str:
+def check_image_files(cfg: Settings, prepared: Prepared) -> str:
     """Decode the image files the run reads from data-dir (train images of D_align and the pool, all test
     images); nodes holding their own data (client-data=local) check theirs when they read them."""
     train, test = prepared.dataset.train, prepared.dataset.test
@@ -315,12 +315,12 @@ def check_image_files(cfg: Mapping[str, Any], prepared: Prepared) -> str:
         return ""
     align = prepared.split.align if prepared.split.align_from_train else np.zeros(0, dtype=np.int64)
     used = np.concatenate([align, prepared.split.pool])
-    which = check_images([train.files[i] for i in used], "data-dir", int(cfg["seed"]))
-    which_test = check_images(list(test.files or ()), "data-dir", int(cfg["seed"]))
+    which = check_images([train.files[i] for i in used], "data-dir", cfg.seed)
+    which_test = check_images(list(test.files or ()), "data-dir", cfg.seed)
     return f"images checked: train {which}, test {which_test}"
 
 
-def check_upload_size(cfg: Mapping[str, Any], num_classes: int) -> None:
+def check_upload_size(cfg: Settings, num_classes: int) -> None:
     """A strategy whose clients upload class statistics (CCVR, CReFF) must fit them in `max-upload-mb`, or the
     server would reject every reply of the rounds that need them."""
     strategy = build_strategy(cfg)
@@ -330,9 +330,9 @@ def check_upload_size(cfg: Mapping[str, Any], num_classes: int) -> None:
         return
     dim = classifier_width(cfg)
     need = upload_bytes(strategy.upload, num_classes, dim)
-    if need > float(cfg["max-upload-mb"]) * 2**20:
+    if need > cfg.max_upload_mb * 2**20:
         raise ConfigError(
-            f"run-config key 'max-upload-mb' = {cfg['max-upload-mb']} is not allowed for strategy={cfg['strategy']}: "
+            f"run-config key 'max-upload-mb' = {cfg.max_upload_mb} is not allowed for strategy={cfg.strategy}: "
             f"each client's '{strategy.upload}' upload is {need / 2**20:.1f} MB ({num_classes} classes, {dim}-d "
             f"classifier input, head={model_head(cfg)}); expected >= {need / 2**20:.1f}."
         )

@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.class_statistics import Uploads
+from flcore.config import Settings
 from flcore.device import compute_of
 from flcore.server_data import client_classes
 from strategies.class_uploads import (
@@ -69,24 +70,22 @@ def sample_virtual_features(
     return torch.tensor(np.concatenate(feats), dtype=torch.float32), torch.tensor(np.concatenate(labels))
 
 
-def ccvr_calibrate(cfg: Mapping) -> Calibrate:
+def ccvr_calibrate(cfg: Settings) -> Calibrate:
     """CCVR: pool the clients' class Gaussians, sample virtual features, re-train the classifier."""
-    seed = int(cfg["seed"])
+    seed = cfg.seed
 
     def calibrate(rnd: int, arrays: ArrayRecord, uploads: list[Uploads], metrics) -> ArrayRecord:
         counts, means, covs = pooled_gaussians(uploads)
         metrics["calibrated-classes"] = float((counts > 1).sum())
         if not (counts > 1).any():
             return arrays  # no class has a covariance: nothing to sample, the classifier stays
-        feats, labels = sample_virtual_features(
-            counts, means, covs, int(cfg["virtual-per-class"]), np.random.default_rng(seed)
-        )
+        feats, labels = sample_virtual_features(counts, means, covs, cfg.virtual_per_class, np.random.default_rng(seed))
         weight, bias = retrain_classifier(
             *classifier(arrays),
             feats,
             labels,
-            int(cfg["calibration-epochs"]),
-            float(cfg["calibration-lr"]),
+            cfg.calibration_epochs,
+            cfg.calibration_lr,
             torch.Generator().manual_seed(seed),
             momentum=0.9,
             device=compute_of(cfg).device,
@@ -96,16 +95,16 @@ def ccvr_calibrate(cfg: Mapping) -> Calibrate:
     return calibrate
 
 
-def ccvr(cfg: Mapping) -> Strategy:
+def ccvr(cfg: Settings) -> Strategy:
     """FedAvg, then CCVR after the last round's aggregation and stages: class feature statistics of the final
     model, a new head."""
-    last = int(cfg["num-server-rounds"])
+    last = cfg.num_server_rounds
     return UploadsAfterAggregation(
         FedAvg(**sampling(cfg)),
         "feature-stats",
         lambda rnd: rnd == last,
         ccvr_calibrate(cfg),
-        timeout=float(cfg["round-timeout"]),
-        max_upload_mb=float(cfg["max-upload-mb"]),
+        timeout=cfg.round_timeout,
+        max_upload_mb=cfg.max_upload_mb,
         request_config=client_classes(cfg),
     )

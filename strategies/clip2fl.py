@@ -27,7 +27,7 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from flcore.config import ConfigError
+from flcore.config import ConfigError, Settings
 from flcore.device import compute_of
 from flcore.models import classifier_width
 from flcore.run_data import Prepared, prepare
@@ -48,9 +48,9 @@ class RoundConfig(Delegating):
         return self.inner.configure_train(server_round, arrays, ConfigRecord({**config, **self.entries}), grid)
 
 
-def with_distillation(inner: Strategy, cfg: Mapping) -> Strategy:
+def with_distillation(inner: Strategy, cfg: Settings) -> Strategy:
     """`inner` (CReFF) whose clients also distil from CLIP with the configured weight and temperature."""
-    return RoundConfig(inner, {key: float(cfg[key]) for key in KD_KEYS})
+    return RoundConfig(inner, {key: cfg[key] for key in KD_KEYS})
 
 
 def text_contrast_loss(
@@ -97,7 +97,7 @@ class TextContrast:
         return self.weight * text_contrast_loss(features, labels, self.text, self.temperature)
 
 
-def class_text_features(cfg: Mapping) -> torch.Tensor:
+def class_text_features(cfg: Settings) -> torch.Tensor:
     """The align-teacher CLIP's unit-norm text features [C, D] of the dataset's classes under `clip2fl-prompt`.
 
     The offline stand-in (`align-teacher=holdout`) has no text tower: its classifier rows, unit-norm, take
@@ -107,50 +107,50 @@ def class_text_features(cfg: Mapping) -> torch.Tensor:
     from alignment import holdout
     from alignment import teacher as clip
 
-    if cfg["align-teacher"] == holdout.HOLDOUT:
+    if cfg.holdout_teacher:
         model, source = holdout.load_or_train(cfg)
         print(f"[clip2fl] server takes class features from the classifier of the {source}", flush=True)
         return F.normalize(model.classifier.weight.detach().float(), dim=1)
     classes = prepare(cfg).dataset.classes
     config_dir = Path(tempfile.gettempdir()) / "clip2fl-configs"
-    name, pretrained, dim = str(cfg["align-teacher"]), str(cfg["align-pretrained"]), int(cfg["projection-dim"])
+    name, pretrained, dim = cfg.align_teacher, cfg.align_pretrained, cfg.projection_dim
     model = clip.load_teacher(name, pretrained, dim, config_dir, compute_of(cfg).device)
     print(f"[clip2fl] server computes class text features once with {model.label}", flush=True)
-    return clip.text_features(model, classes, clip.prompt_templates(str(cfg["clip2fl-prompt"]))).float()
+    return clip.text_features(model, classes, clip.prompt_templates(cfg.clip2fl_prompt)).float()
 
 
-def contrast_term(cfg: Mapping) -> TextContrast | None:
+def contrast_term(cfg: Settings) -> TextContrast | None:
     """The server's text contrast, or None when `contrast-weight` is 0 (CReFF's server)."""
-    weight = float(cfg["contrast-weight"])
+    weight = cfg.contrast_weight
     if weight == 0:
         return None
-    return TextContrast(lambda: class_text_features(cfg), weight, float(cfg["contrast-temperature"]))
+    return TextContrast(lambda: class_text_features(cfg), weight, cfg.contrast_temperature)
 
 
-def clip2fl(cfg: Mapping) -> Strategy:
+def clip2fl(cfg: Settings) -> Strategy:
     """CReFF's server with the text contrast, plus CLIP distillation on the clients (`client_app.distill`)."""
     return with_distillation(with_server(cfg, CReFFServer(cfg, contrast_term(cfg))), cfg)
 
 
-def check(cfg: Mapping, prepared: Prepared) -> None:
+def check(cfg: Settings, prepared: Prepared) -> None:
     """The preflight's CLIP2FL checks: class names to prompt with and, for the server contrast, the
     teacher's embedding size equal to `projection-dim` and its weights on this machine."""
     from alignment import holdout
     from alignment.logits import check_class_names, check_teacher
 
     width = classifier_width(cfg)
-    if float(cfg["contrast-weight"]) > 0 and width != int(cfg["projection-dim"]):
+    if cfg.contrast_weight > 0 and width != cfg.projection_dim:
         raise ConfigError(
-            f"run-config key 'head' = {cfg['head']!r} is not allowed with strategy clip2fl: its classifier reads "
+            f"run-config key 'head' = {cfg.head!r} is not allowed with strategy clip2fl: its classifier reads "
             f"{width}-d features, but CLIP2FL's server contrasts the federated features with the teacher's "
-            f"{cfg['projection-dim']}-d (projection-dim) class features; expected auto or linear (CLIP2FL's model), "
+            f"{cfg.projection_dim}-d (projection-dim) class features; expected auto or linear (CLIP2FL's model), "
             "mlp, or contrast-weight=0."
         )
-    if cfg["align-teacher"] == holdout.HOLDOUT:  # no prompts; its feature space is projection-dim wide
+    if cfg.holdout_teacher:  # no prompts; its feature space is projection-dim wide
         holdout.check(cfg, prepared)
         return
     check_class_names(prepared.dataset.classes, who="strategy = clip2fl", escape="")
-    if float(cfg["contrast-weight"]) == 0:
+    if cfg.contrast_weight == 0:
         return
     check_teacher(
         cfg,

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.class_statistics import Uploads, classifier_grad
+from flcore.config import Settings
 from flcore.device import compute_of
 from flcore.progress import progress
 from strategies.class_uploads import WEIGHT, ClientUploads, classifier, retrain_classifier, with_classifier
@@ -112,8 +113,8 @@ class CReFFServer:
     `extra` is added to the matching loss (CLIP2FL's text contrast); its final value goes to the metrics.
     """
 
-    def __init__(self, cfg: Mapping, extra: FeatureTerm | None = None) -> None:
-        self.cfg, self.seed, self.extra = cfg, int(cfg["seed"]), extra
+    def __init__(self, cfg: Settings, extra: FeatureTerm | None = None) -> None:
+        self.cfg, self.seed, self.extra = cfg, cfg.seed, extra
         self.device = compute_of(cfg).device
         self.features: FederatedFeatures | None = None
         self.retrained = False
@@ -125,7 +126,7 @@ class CReFFServer:
         num_classes, dim = arrays[WEIGHT].shape
         if self.features is None:
             gen = torch.Generator().manual_seed(self.seed)
-            per_class = int(self.cfg["virtual-per-class"])
+            per_class = self.cfg.virtual_per_class
             self.features = FederatedFeatures.random(num_classes, dim, per_class, gen, self.device)
         if self.retrained:
             self.weight, self.bias = classifier(arrays)
@@ -142,7 +143,7 @@ class CReFFServer:
             raise RuntimeError("CReFF calibration ran before any request sent its classifier")
         feats = self.features
         metrics["match-loss"] = feats.match(
-            self.weight, self.bias, uploads, int(cfg["match-epochs"]), float(cfg["feature-lr"]), self.extra
+            self.weight, self.bias, uploads, cfg.match_epochs, cfg.feature_lr, self.extra
         )
         if self.extra is not None:
             with torch.no_grad():
@@ -152,8 +153,8 @@ class CReFFServer:
             self.bias,
             self.features.features,
             self.features.labels,
-            int(cfg["calibration-epochs"]),
-            float(cfg["calibration-lr"]),
+            cfg.calibration_epochs,
+            cfg.calibration_lr,
             torch.Generator().manual_seed(self.seed + rnd),
             fresh=True,
             device=self.device,
@@ -171,10 +172,10 @@ class CReFFServer:
         self.retrained = bool(state["retrained"])
         if "features" in state:
             features = state["features"].to(self.device)
-            self.features = FederatedFeatures(features, int(self.cfg["virtual-per-class"]))
+            self.features = FederatedFeatures(features, self.cfg.virtual_per_class)
 
 
-def with_server(cfg: Mapping, server: CReFFServer) -> Strategy:
+def with_server(cfg: Settings, server: CReFFServer) -> Strategy:
     """FedAvg whose clients upload class gradients every round for `server`, and train the plain aggregate."""
     return ClientUploads(
         FedAvg(**sampling(cfg)),
@@ -186,6 +187,6 @@ def with_server(cfg: Mapping, server: CReFFServer) -> Strategy:
     )
 
 
-def creff(cfg: Mapping) -> Strategy:
+def creff(cfg: Settings) -> Strategy:
     """FedAvg plus CReFF every round: federated features from class gradients; clients train the plain aggregate."""
     return with_server(cfg, CReFFServer(cfg))

@@ -20,7 +20,7 @@ precision (`flcore.device`); the targets stay there.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
@@ -34,7 +34,7 @@ from torch import nn
 
 from flcore.arrays import load_record, reply_arrays
 from flcore.batches import Batches
-from flcore.config import DISTILL_ON_ALIGN, DISTILL_ON_UNHELD, DISTILL_SOURCES, LOCAL, ConfigError
+from flcore.config import DISTILL_ON_ALIGN, DISTILL_ON_UNHELD, DISTILL_SOURCES, ConfigError, Settings
 from flcore.datasets import ImageSet
 from flcore.device import CPU, Compute
 from flcore.images import IMAGE_SUFFIXES, check_images, image_files
@@ -104,9 +104,9 @@ def without_labels(images: ImageSet) -> ImageSet:
     return dataclasses.replace(images, labels=np.zeros(len(images), dtype=np.int64))
 
 
-def unlabeled_images(cfg: Mapping) -> ImageSet:
+def unlabeled_images(cfg: Settings) -> ImageSet:
     """The images the server distils on (`distill-data`), labels replaced by placeholders."""
-    source = str(cfg["distill-data"])
+    source = cfg.distill_data
     if source == DISTILL_ON_UNHELD:
         prepared = prepare(cfg)
         return without_labels(prepared.dataset.train.subset(unheld_train(prepared)))
@@ -116,16 +116,16 @@ def unlabeled_images(cfg: Mapping) -> ImageSet:
     return ImageSet(np.zeros(len(files), dtype=np.int64), files=files)
 
 
-def batches_of(cfg: Mapping, images: ImageSet) -> Batches:
+def batches_of(cfg: Settings, images: ImageSet) -> Batches:
     """`images` in `distill-batch-size` batches, normalised like the dataset, on the run's device."""
-    return batches(cfg, images, int(cfg["distill-batch-size"]))
+    return batches(cfg, images, cfg.distill_batch_size)
 
 
-def check(cfg: Mapping, prepared: Prepared) -> None:
+def check(cfg: Settings, prepared: Prepared) -> None:
     """The preflight's check for FedDF and FedBE: the server holds unlabeled images to distil on, and the image
     files among the unheld training images decode."""
-    source = str(cfg["distill-data"])
-    if source == DISTILL_ON_UNHELD and cfg["client-data"] == LOCAL:
+    source = cfg.distill_data
+    if source == DISTILL_ON_UNHELD and cfg.local_data:
         raise ConfigError(
             f"run-config key 'distill-data' = {source!r} is not allowed with client-data=local: the server does not "
             f"know which training images the nodes hold; expected {DISTILL_ON_ALIGN} or a folder of unlabeled images."
@@ -136,7 +136,7 @@ def check(cfg: Mapping, prepared: Prepared) -> None:
         where = "the training split outside D_align and the clients' pool (at imbalance-factor 1 the pool is all of it)"
         files = prepared.dataset.train.files
         if files is not None and found:
-            check_images([files[i] for i in unheld], "distill-data", int(cfg["seed"]))
+            check_images([files[i] for i in unheld], "distill-data", cfg.seed)
     elif source == DISTILL_ON_ALIGN:
         found, where = len(prepared.split.align), "D_align"
     else:
@@ -144,7 +144,7 @@ def check(cfg: Mapping, prepared: Prepared) -> None:
     if found < MIN_IMAGES:
         raise ConfigError(
             f"run-config key 'distill-data' = {source!r}: {where} holds {found} image(s); strategy "
-            f"{cfg['strategy']} distils the clients' ensemble on the server on unlabeled images; expected "
+            f"{cfg.strategy} distils the clients' ensemble on the server on unlabeled images; expected "
             f"{' or '.join(s for s in DISTILL_SOURCES if s != source)} or a folder of "
             f"{', '.join(sorted(IMAGE_SUFFIXES))} files."
         )
@@ -159,7 +159,7 @@ def logits_of(model: nn.Module, data: Batches, compute: Compute = CPU) -> torch.
 
 
 def ensemble_logits(
-    cfg: Mapping, members: list[ArrayRecord], data: Batches, compute: Compute = CPU
+    cfg: Settings, members: list[ArrayRecord], data: Batches, compute: Compute = CPU
 ) -> list[torch.Tensor]:
     """Each member model's logits on the unlabeled images, computed with one model object refilled per member."""
     model = model_from(cfg, members[0])

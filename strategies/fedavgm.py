@@ -34,6 +34,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from flcore.config import Settings
 from flcore.models import run_buffer_names
 from rounds.delegate import FromSentModel
 from strategies.fedavg import sampling
@@ -118,7 +119,7 @@ def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {key: array.numpy() for key, array in arrays.items()}
 
 
-def fedavgm(cfg: Mapping) -> Strategy:
+def fedavgm(cfg: Settings) -> Strategy:
     """FedAvgM with the configured server optimiser; the configured model's buffers averaged plainly."""
-    sgd = ServerSGD(float(cfg["server-lr"]), float(cfg["server-momentum"]), bool(cfg["server-nesterov"]))
+    sgd = ServerSGD(cfg.server_lr, cfg.server_momentum, cfg.server_nesterov)
     return FedAvgM(FedAvg(**sampling(cfg)), sgd, run_buffer_names(cfg))

@@ -38,6 +38,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 
 from flcore.arrays import to_record
 from flcore.batches import Batches
+from flcore.config import Settings
 from flcore.device import CPU, Compute, compute_of
 from flcore.progress import progress
 from flcore.run_model import model_from
@@ -134,33 +135,31 @@ def distill_with_swa(
 class FedBEFusion:
     """The server half of FedBE: Gaussian over the client updates, ensemble pseudo-labels, SWA distillation."""
 
-    def __init__(self, cfg: Mapping) -> None:
+    def __init__(self, cfg: Settings) -> None:
         self.cfg = cfg
         self.data: Batches | None = None  # the unlabeled images' batches, made once
 
     def __call__(self, models: RoundModels, metrics: MetricRecord) -> ArrayRecord:
-        cfg, seed, compute = self.cfg, int(self.cfg["seed"]) + models.server_round, compute_of(self.cfg)
+        cfg, seed, compute = self.cfg, self.cfg.seed + models.server_round, compute_of(self.cfg)
         averaged, clients = models.averaged, models.clients
         student = model_from(cfg, averaged)
         weights = [name for name, _ in student.named_parameters()]
         start = {k: a.numpy() for k, a in models.start.items()}
         mean, std = update_gaussian(
-            start, [{k: a.numpy() for k, a in c.items()} for c in clients], weights, float(cfg["fedbe-var-scale"])
+            start, [{k: a.numpy() for k, a in c.items()} for c in clients], weights, cfg.fedbe_var_scale
         )
-        sampled = sample_models(averaged, mean, std, int(cfg["fedbe-samples"]), np.random.default_rng(seed))
+        sampled = sample_models(averaged, mean, std, cfg.fedbe_samples, np.random.default_rng(seed))
         members = [averaged, *clients, *sampled]
         if self.data is None:
             self.data = batches_of(cfg, unlabeled_images(cfg))
         data = self.data
         targets = pseudo_labels(ensemble_logits(cfg, members, data, compute))
         gen = torch.Generator().manual_seed(seed)
-        fused, loss = distill_with_swa(
-            student, data, targets, int(cfg["fedbe-epochs"]), float(cfg["distill-lr"]), gen, compute
-        )
+        fused, loss = distill_with_swa(student, data, targets, cfg.fedbe_epochs, cfg.distill_lr, gen, compute)
         metrics["distill-loss"], metrics["ensemble-size"] = loss, float(len(members))
         return to_record(fused)
 
 
-def fedbe(cfg: Mapping) -> Strategy:
+def fedbe(cfg: Settings) -> Strategy:
     """FedAvg whose average is then replaced by the SWA student of FedBE's Bayesian model ensemble."""
     return ClientModels(FedAvg(**sampling(cfg)), FedBEFusion(cfg), "FedBE")

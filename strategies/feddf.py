@@ -18,7 +18,7 @@ plain FedAvg and upload their weights only.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 
 from flcore.arrays import to_record
 from flcore.batches import Batches
+from flcore.config import Settings
 from flcore.device import CPU, Compute, compute_of
 from flcore.progress import progress
 from flcore.run_model import model_from
@@ -118,7 +119,7 @@ def distill_with_early_stopping(
 class FedDFFusion:
     """The server half of FedDF: distil the round's client ensemble into the averaged model."""
 
-    def __init__(self, cfg: Mapping) -> None:
+    def __init__(self, cfg: Settings) -> None:
         self.cfg = cfg
         self.data: tuple[Batches, Batches] | None = None  # the unlabeled and validation batches, made once
 
@@ -129,20 +130,20 @@ class FedDFFusion:
         return self.data
 
     def __call__(self, models: RoundModels, metrics: MetricRecord) -> ArrayRecord:
-        cfg, seed, compute = self.cfg, int(self.cfg["seed"]) + models.server_round, compute_of(self.cfg)
+        cfg, seed, compute = self.cfg, self.cfg.seed + models.server_round, compute_of(self.cfg)
         unlabeled, val = self.server_sets()
         targets = ensemble_targets(ensemble_logits(cfg, models.clients, unlabeled, compute))
         student = model_from(cfg, models.averaged)
-        schedule = Schedule(int(cfg["feddf-steps"]), int(cfg["feddf-eval-every"]), int(cfg["feddf-patience"]))
+        schedule = Schedule(cfg.feddf_steps, cfg.feddf_eval_every, cfg.feddf_patience)
         gen = torch.Generator().manual_seed(seed)
         steps, best, best_step = distill_with_early_stopping(
-            student, (unlabeled, targets), val, schedule, float(cfg["distill-lr"]), gen, compute
+            student, (unlabeled, targets), val, schedule, cfg.distill_lr, gen, compute
         )
         metrics["distill-steps"], metrics["distill-best-step"] = float(steps), float(best_step)
         metrics["distill-val-accuracy"], metrics["ensemble-size"] = best, float(len(models.clients))
         return to_record(student)
 
 
-def feddf(cfg: Mapping) -> Strategy:
+def feddf(cfg: Settings) -> Strategy:
     """FedAvg whose average is then fused with the round's client models by ensemble distillation."""
     return ClientModels(FedAvg(**sampling(cfg)), FedDFFusion(cfg), "FedDF")

@@ -19,7 +19,7 @@ and the projection) and the server scores each personalised model (`strategies.p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -27,6 +27,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from flcore.config import Settings
 from flcore.losses import LOSS_KEY
 from rounds.delegate import Delegating
 from strategies.fedavg import sampling
@@ -53,8 +54,8 @@ class ClientLoss(Delegating):
         return self.inner.configure_train(server_round, arrays, ConfigRecord({**config, LOSS_KEY: self.loss}), grid)
 
 
-def fedetf(cfg: Mapping) -> Strategy:
+def fedetf(cfg: Settings) -> Strategy:
     """FedAvg whose clients train the ETF-classifier model (`flcore.models.METHOD_CLASSIFIERS`) with the balanced
     softmax, and personalise the final model."""
-    enabled = int(cfg["fedetf-finetune-rounds"]) > 0
+    enabled = cfg.fedetf_finetune_rounds > 0
     return Personalization(ClientLoss(FedAvg(**sampling(cfg)), BALANCED_SOFTMAX), cfg, enabled)

@@ -17,7 +17,7 @@ and metric aggregation are delegated to a held `FedAvg` (composition, not subcla
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 from logging import INFO
 
 import numpy as np
@@ -26,6 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flcore.arrays import reply_arrays, reply_metrics
+from flcore.config import Settings
 from flcore.models import run_buffer_names
 from rounds.delegate import FromSentModel
 from strategies.fedavg import sampling
@@ -97,6 +98,6 @@ class FedNova(FromSentModel):
         return arrays, metrics
 
 
-def fednova(cfg: Mapping) -> Strategy:
+def fednova(cfg: Settings) -> Strategy:
     """FedNova around a FedAvg that samples like every other strategy; the configured model's buffers averaged."""
     return FedNova(FedAvg(**sampling(cfg)), run_buffer_names(cfg))

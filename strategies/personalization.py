@@ -15,7 +15,7 @@ global model's accuracy.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flcore.arrays import reply_metrics
 from flcore.batches import Batches
+from flcore.config import Settings
 from flcore.device import compute_of
 from flcore.local_data import CLASS_COUNTS_KEY
 from flcore.metrics import confusion_matrix
@@ -51,10 +52,10 @@ def personal_accuracy(preds: np.ndarray, labels: np.ndarray, counts: np.ndarray)
 class Personalization(Delegating):
     """Any strategy, plus the clients' personalisation of the final model, scored on the server (module doc)."""
 
-    def __init__(self, inner: Strategy, cfg: Mapping, enabled: bool = True) -> None:
+    def __init__(self, inner: Strategy, cfg: Settings, enabled: bool = True) -> None:
         super().__init__(inner)
         self.cfg, self.enabled = cfg, enabled
-        self.last = int(cfg["num-server-rounds"])
+        self.last = cfg.num_server_rounds
         self.grid: Grid | None = None
         self._test: Batches | None = None
 
@@ -79,11 +80,11 @@ class Personalization(Delegating):
         if self.grid is None:
             raise RuntimeError("Personalization.after_stages ran before configure_train: no grid to ask")
         config = ConfigRecord({**client_classes(self.cfg), "server-round": server_round})
-        timeout = float(self.cfg["round-timeout"])
+        timeout = self.cfg.round_timeout
         replies, asked = ask_every_node(
             self.grid, RecordDict({"arrays": arrays, "config": config}), PERSONALIZE_ACTION, timeout
         )
-        checked = screen(replies, arrays, float(self.cfg["max-upload-mb"]))
+        checked = screen(replies, arrays, self.cfg.max_upload_mb)
         scores = [self._accuracy(reply) for reply in checked.accepted]
         metrics["personalized-replies"] = len(scores)
         metrics["personalized-failed"] = asked - len(scores)

@@ -29,6 +29,7 @@ in round 1.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from logging import INFO
 
 import numpy as np
@@ -41,7 +42,7 @@ from torch import nn
 
 from flcore.batches import Batches
 from flcore.class_statistics import npy_bytes
-from flcore.config import ConfigError
+from flcore.config import ConfigError, Settings
 from flcore.device import CPU, Compute, compute_of
 from flcore.losses import LOSS_KEY, RATIO_WEIGHTS_KEY
 from flcore.run_data import Prepared, batches, prepare
@@ -58,16 +59,10 @@ DEGENERATE_RATIO = 10.0  # the authors' Ra_p where the other classes' updates of
 DOMINANCE = 0.8  # another class's update above 80 % of the largest one (in magnitude) leaves the weight ownerless
 
 
-def auxiliary_settings(config: Mapping) -> TrainSettings:
+def auxiliary_settings(cfg: Settings, round_config: Mapping) -> TrainSettings:
     """How the server trains on one class's auxiliary images: as the round's clients do, without
     augmentation (the authors run their clients' `LocalUpdate` on it)."""
-    return TrainSettings(
-        int(config["local-epochs"]),
-        float(config["lr"]),
-        float(config["momentum"]),
-        float(config["weight-decay"]),
-        augment=False,
-    )
+    return replace(TrainSettings.for_round(cfg, round_config), augment=False, proximal_mu=0.0)
 
 
 def class_updates(
@@ -138,7 +133,7 @@ class RatioLoss(Delegating):
     """Any strategy whose clients train with the Ratio Loss, with class weights and a composition estimate
     from the server's per-class updates on D_align."""
 
-    def __init__(self, inner: Strategy, cfg: Mapping) -> None:
+    def __init__(self, inner: Strategy, cfg: Settings) -> None:
         super().__init__(inner)
         self.cfg = cfg
         self.monitor: dict[str, np.ndarray] = {}  # this round's class updates, classifier sent and class weights
@@ -151,7 +146,7 @@ class RatioLoss(Delegating):
     def _auxiliary(self) -> list[Batches]:
         """D_align split by class, in the clients' batch size, on the run's device (built once)."""
         if not self._per_class:
-            aux, size = align_set(self.cfg), int(self.cfg["batch-size"])
+            aux, size = align_set(self.cfg), self.cfg.batch_size
             num_classes = prepare(self.cfg).dataset.num_classes
             self._per_class = [
                 batches(self.cfg, aux.subset(np.flatnonzero(aux.labels == q)), size) for q in range(num_classes)
@@ -162,10 +157,10 @@ class RatioLoss(Delegating):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         cfg = self.cfg
-        settings = auxiliary_settings({**cfg, **config})
-        gen = seeded_generator(int(cfg["seed"]), server_round)
+        settings = auxiliary_settings(cfg, config)
+        gen = seeded_generator(cfg.seed, server_round)
         updates = class_updates(model_from(cfg, arrays), self._auxiliary(), settings, gen, compute_of(cfg))
-        weights = class_weights(updates, float(cfg["ratio-alpha"]), float(cfg["ratio-beta"]))
+        weights = class_weights(updates, cfg.ratio_alpha, cfg.ratio_beta)
         self.monitor = {"updates": updates, "classifier": arrays[WEIGHT].numpy(), "weights": weights}
         entries = {LOSS_KEY: "ratio", RATIO_WEIGHTS_KEY: npy_bytes(weights.astype(np.float32))}
         return self.inner.configure_train(server_round, arrays, ConfigRecord({**config, **entries}), grid)
@@ -183,12 +178,12 @@ class RatioLoss(Delegating):
         return arrays, metrics
 
 
-def ratioloss(cfg: Mapping) -> Strategy:
+def ratioloss(cfg: Settings) -> Strategy:
     """FedAvg whose clients train with the Ratio Loss and whose class composition the server monitors."""
     return RatioLoss(FedAvg(**sampling(cfg)), cfg)
 
 
-def check(cfg: Mapping, prepared: Prepared) -> None:
+def check(cfg: Settings, prepared: Prepared) -> None:
     """The preflight's Ratio Loss check: the server's auxiliary set D_align holds every class."""
     labels = prepared.align_source.labels[prepared.split.align]
     counts = np.bincount(labels, minlength=prepared.dataset.num_classes)

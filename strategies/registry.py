@@ -14,7 +14,7 @@ Client losses are registered in `flcore.losses` (`LOSSES`), because clients must
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 
 from alignment import holdout
 from alignment import stage as alignment
-from flcore.config import LOCAL
+from flcore.config import Settings
 from pretrain import stage as pretrain
 from rounds.policy import RoundPolicy
 from rounds.stage import ServerContext, ServerStage, Stages
@@ -43,7 +43,7 @@ from strategies.robust import check_trimming, fedmedian, fedtrimmedavg
 from strategies.tau_norm import tau_norm_stage
 from strategies.wrapper import Report, ServerStages
 
-StrategyFactory = Callable[[Mapping], Strategy]
+StrategyFactory = Callable[[Settings], Strategy]
 MethodRoundEnd = Callable[[Strategy, int, ArrayRecord], None]  # (the method, the round just ended, its model)
 
 STRATEGIES: dict[str, StrategyFactory] = {
@@ -63,7 +63,7 @@ STRATEGIES: dict[str, StrategyFactory] = {
 }
 
 # Input checks of strategies that read more than the config schema checks, run by the preflight.
-STRATEGY_CHECKS: dict[str, Callable[[Mapping, Any], None]] = {
+STRATEGY_CHECKS: dict[str, Callable[[Settings, Any], None]] = {
     "clip2fl": clip2fl_method.check,
     "feddf": ensemble_distillation.check,
     "fedbe": ensemble_distillation.check,
@@ -82,19 +82,19 @@ SERVER_STAGES: dict[str, ServerStage] = {
 }
 
 
-def check_strategy(cfg: Mapping, prepared: Any) -> None:
+def check_strategy(cfg: Settings, prepared: Any) -> None:
     """The chosen strategy's own input checks (`STRATEGY_CHECKS`), if it has any."""
-    check = STRATEGY_CHECKS.get(str(cfg["strategy"]))
+    check = STRATEGY_CHECKS.get(cfg.strategy)
     if check is not None:
         check(cfg, prepared)
 
 
-def build_strategy(cfg: Mapping) -> Strategy:
+def build_strategy(cfg: Settings) -> Strategy:
     """The bare Flower strategy named by `strategy`."""
-    return STRATEGIES[str(cfg["strategy"])](cfg)
+    return STRATEGIES[cfg.strategy](cfg)
 
 
-def build_stages(cfg: Mapping, ctx: ServerContext) -> Stages:
+def build_stages(cfg: Settings, ctx: ServerContext) -> Stages:
     """Every enabled server stage, in registry order."""
     stages = Stages()
     for entry in SERVER_STAGES.values():
@@ -106,20 +106,20 @@ def build_stages(cfg: Mapping, ctx: ServerContext) -> Stages:
     return stages
 
 
-def weight_caps(cfg: Mapping, ctx: ServerContext) -> WeightCaps:
+def weight_caps(cfg: Settings, ctx: ServerContext) -> WeightCaps:
     """Each partition of the server's split weighs at most its size; others by `max-examples`, `max-weight-ratio`;
     under them, the `weighting`."""
     sizes = ctx.data.client_histogram.sum(axis=1) if ctx is not None and ctx.data is not None else []
     known = {pid: int(n) for pid, n in enumerate(sizes)}
-    return WeightCaps(float(cfg["max-examples"]), float(cfg["max-weight-ratio"]), known, str(cfg["weighting"]))
+    return WeightCaps(float(cfg.max_examples), cfg.max_weight_ratio, known, cfg.weighting)
 
 
-def server_partitions(cfg: Mapping) -> int | None:
+def server_partitions(cfg: Settings) -> int | None:
     """How many partitions the server gives out itself (`partition-assignment=server`); None where nodes say
     what they hold: their own partition (`node`), or their own data, which has none (`client-data=local`)."""
-    if cfg["client-data"] == LOCAL or cfg["partition-assignment"] != "server":
+    if cfg.local_data or cfg.partition_assignment != "server":
         return None
-    return int(cfg["num-clients"])
+    return cfg.num_clients
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class ServerStrategy:
 
 
 def build_server_strategy(
-    cfg: Mapping,
+    cfg: Settings,
     ctx: ServerContext,
     report: Report,
     round_offset: int = 0,
@@ -144,13 +144,13 @@ def build_server_strategy(
     method = build_strategy(cfg)
     policy = RoundPolicy(
         method,
-        min_replies=int(cfg["min-replies"]),
-        max_empty_rounds=int(cfg["max-empty-rounds"]),
-        seed=int(cfg["seed"]),
+        min_replies=cfg.min_replies,
+        max_empty_rounds=cfg.max_empty_rounds,
+        seed=cfg.seed,
         partitions=server_partitions(cfg),
         weight_caps=weight_caps(cfg, ctx),
-        max_upload_mb=float(cfg["max-upload-mb"]),
-        max_update_ratio=float(cfg["max-update-ratio"]),
+        max_upload_mb=cfg.max_upload_mb,
+        max_update_ratio=cfg.max_update_ratio,
         on_node_data=report.record_nodes,
     )
     round_end = partial(on_round_end, method) if on_round_end is not None else None
@@ -160,7 +160,7 @@ def build_server_strategy(
         report,
         round_offset=round_offset,
         on_round_end=round_end,
-        method=str(cfg["strategy"]),
+        method=cfg.strategy,
     )
     return ServerStrategy(stages, method, policy)
 
@@ -169,52 +169,50 @@ FEDRS_FORMS = {
     "authors": "the authors' code: logits without bias x alpha + (1 - alpha) n_c / max n, gradient clipped",
     "paper": "the paper's: logits of classes it lacks x alpha",
 }
-LOSS_RUNS: dict[str, Callable[[Mapping], str]] = {
+LOSS_RUNS: dict[str, Callable[[Settings], str]] = {
     "ce": lambda cfg: "ce loss",
-    "focal": lambda cfg: f"focal loss (gamma {cfg['focal-gamma']})",
-    "fedlc": lambda cfg: (
-        f"FedLC's logit-calibrated CE (tau {cfg['fedlc-tau']}) from its own label counts, which it keeps"
-    ),
+    "focal": lambda cfg: f"focal loss (gamma {cfg.focal_gamma})",
+    "fedlc": lambda cfg: f"FedLC's logit-calibrated CE (tau {cfg.fedlc_tau}) from its own label counts, which it keeps",
     "fedrs": lambda cfg: (
-        f"FedRS's restricted softmax (alpha {cfg['fedrs-alpha']}, {FEDRS_FORMS[str(cfg['fedrs-variant'])]}) from "
+        f"FedRS's restricted softmax (alpha {cfg.fedrs_alpha}, {FEDRS_FORMS[cfg.fedrs_variant]}) from "
         "its own label counts, which it keeps"
     ),
 }
 
 
-def client_workload(cfg: Mapping) -> dict[str, str]:
+def client_workload(cfg: Settings) -> dict[str, str]:
     """For the run summary: what each client uploads per round and what it runs, for an honest comparison."""
     per_round = "model weights (state dict) + scalar train metrics"
-    if cfg["client-data"] == LOCAL:
+    if cfg.local_data:
         per_round += " + its image count per class"
-    data = "its own data (client-data=local)" if cfg["client-data"] == LOCAL else "its partition"
-    runs = f"local SGD on {data} with {LOSS_RUNS[str(cfg['loss'])](cfg)}"
-    strategy = str(cfg["strategy"])
+    data = "its own data (client-data=local)" if cfg.local_data else "its partition"
+    runs = f"local SGD on {data} with {LOSS_RUNS[cfg.loss](cfg)}"
+    strategy = cfg.strategy
     if strategy == "ratioloss":
         runs = (
             "local SGD on its partition with the Ratio Loss: CE weighted per class by ratio-alpha + ratio-beta * Ra "
-            "(alpha {a}, beta {b}); it receives the C class weights with the model every round and uploads "
-            "nothing extra".format(a=cfg["ratio-alpha"], b=cfg["ratio-beta"])
+            f"(alpha {cfg.ratio_alpha}, beta {cfg.ratio_beta}); it receives the C class weights with the model every "
+            "round and uploads nothing extra"
         )
     if strategy == "fedetf":
         runs = (
             "local SGD on its partition through FedETF's fixed ETF classifier with the balanced softmax (logits + "
             "log n_c from its own label counts, which it keeps)"
         )
-        if int(cfg["fedetf-finetune-rounds"]) > 0:
+        if cfg.fedetf_finetune_rounds > 0:
             per_round += "; after the last round, every client once: its fine-tuned model and its images per class"
             runs += (
                 f"; after the last round FedETF's personalisation: one local update, then "
-                f"{cfg['fedetf-finetune-rounds']} x ({cfg['fedetf-finetune-epochs']} epochs of the ETF, as many of its "
+                f"{cfg.fedetf_finetune_rounds} x ({cfg.fedetf_finetune_epochs} epochs of the ETF, as many of its "
                 "projection) on its partition"
             )
     if strategy in ("feddf", "fedbe"):
         runs += (
             f"; nothing else: the server distils the round's client models ({strategy}) on its own unlabeled "
-            f"images (distill-data {cfg['distill-data']})"
+            f"images (distill-data {cfg.distill_data})"
         )
     if strategy == "fedprox":
-        runs += f" + FedProx proximal term (mu {cfg['proximal-mu']})"
+        runs += f" + FedProx proximal term (mu {cfg.proximal_mu})"
     if strategy == "ccvr":
         per_round += (
             "; after the last round, every client once: per-class feature count, mean [C, D] and covariance "
@@ -225,13 +223,13 @@ def client_workload(cfg: Mapping) -> dict[str, str]:
         per_round += "; every round also: per-class classifier gradients [C, C, D] + [C, C] and class counts"
         runs += (
             "; every round also 10 draws of up to 32 images per class"
-            + (" (each DSA-augmented)" if cfg["creff-dsa"] else "")
+            + (" (each DSA-augmented)" if cfg.creff_dsa else "")
             + ", their features and per-class CE gradients of the global classifier"
         )
     if strategy == "clip2fl":
         runs += (
-            f"; CLIP teacher {cfg['align-teacher']} ({cfg['align-pretrained']}) ON THE CLIENT: one zero-shot forward "
-            f"over its partition (cached, prompt {cfg['clip2fl-prompt']!r}), KD term weight {cfg['kd-weight']} at "
-            f"temperature {cfg['kd-temperature']}"
+            f"; CLIP teacher {cfg.align_teacher} ({cfg.align_pretrained}) ON THE CLIENT: one zero-shot forward "
+            f"over its partition (cached, prompt {cfg.clip2fl_prompt!r}), KD term weight {cfg.kd_weight} at "
+            f"temperature {cfg.kd_temperature}"
         )
     return {"client-uploads": per_round, "client-runs": runs}

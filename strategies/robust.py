@@ -8,37 +8,30 @@ of each coordinate and averages the rest. Both are Flower's own strategies, samp
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Strategy
 
-from flcore.config import ConfigError
+from flcore.config import ConfigError, Settings
 from strategies.fedavg import sampling
 
 
-def fedmedian(cfg: Mapping) -> Strategy:
+def fedmedian(cfg: Settings) -> Strategy:
     """Flower's FedMedian: the coordinate-wise median of the round's updates."""
     return FedMedian(**sampling(cfg))
 
 
-def fedtrimmedavg(cfg: Mapping) -> Strategy:
+def fedtrimmedavg(cfg: Settings) -> Strategy:
     """Flower's FedTrimmedAvg: the coordinate-wise mean after cutting `trim-fraction` from each tail."""
-    return FedTrimmedAvg(**sampling(cfg), beta=float(cfg["trim-fraction"]))
+    return FedTrimmedAvg(**sampling(cfg), beta=cfg.trim_fraction)
 
 
-def clients_per_round(cfg: Mapping) -> int:
-    """How many clients Flower's sampling takes each round: int(num-clients x fraction-train), at least one."""
-    return max(int(int(cfg["num-clients"]) * float(cfg["fraction-train"])), 1)
-
-
-def check_trimming(cfg: Mapping, prepared: object = None) -> None:
+def check_trimming(cfg: Settings, prepared: object = None) -> None:
     """Refuse a trimmed mean that trims nothing: Flower cuts int(trim-fraction x replies) values from each tail,
     so with fewer than 1 / trim-fraction replies one hostile update goes into the mean untouched."""
-    k, trim = clients_per_round(cfg), float(cfg["trim-fraction"])
+    k, trim = cfg.clients_per_round, cfg.trim_fraction
     if int(trim * k) < 1:
         raise ConfigError(
             f"run-config key 'trim-fraction' = {trim!r} is not allowed with {k} clients per round (num-clients "
-            f"{cfg['num-clients']} x fraction-train {cfg['fraction-train']}): int({trim} x {k}) = 0 values would be "
+            f"{cfg.num_clients} x fraction-train {cfg.fraction_train}): int({trim} x {k}) = 0 values would be "
             f"trimmed from each tail, so fedtrimmedavg would average every update; use trim-fraction >= {1 / k:.3g} "
             "(and < 0.5) or more clients per round"
         )

@@ -8,11 +8,10 @@ clients, and acts on the final global model only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 
+from flcore.config import Settings
 from rounds.stage import Outcome, ServerContext, Stages
 
 CLASSIFIER_WEIGHT = "classifier.weight"
@@ -29,10 +28,10 @@ def tau_normalize(arrays: ArrayRecord, tau: float, key: str = CLASSIFIER_WEIGHT)
     return ArrayRecord(out)
 
 
-def tau_norm_stage(cfg: Mapping, ctx: ServerContext) -> Stages:
+def tau_norm_stage(cfg: Settings, ctx: ServerContext) -> Stages:
     """tau-normalise the final global model (`tau-norm` > 0), post hoc: after every other step on it (CCVR's
     re-trained classifier included); the rounds before train unchanged."""
-    tau, last = float(cfg["tau-norm"]), int(cfg["num-server-rounds"])
+    tau, last = cfg.tau_norm, cfg.num_server_rounds
     if tau == 0:
         return Stages()
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flcore.config import ConfigError, align_source, validate
+from flcore.config import ConfigError, validate
 from flcore.datasets import DataNotFound
 from flcore.partition import class_groups
 from flcore.run_data import prepare
@@ -54,8 +54,8 @@ def config(root, **overrides):
 
 def test_auto_is_val_for_imagenet_lt_and_train_otherwise(tmp_path):
     cfg = config(imagenet_lt_tree(tmp_path))
-    assert cfg["align-data"] == "auto" and align_source(cfg) == "val"
-    assert align_source(validate({})) == "train"
+    assert cfg["align-data"] == "auto" and cfg.align_source == "val"
+    assert validate({}).align_source == "train"
 
 
 def test_val_keeps_every_training_image_for_the_clients(tmp_path):

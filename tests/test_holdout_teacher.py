@@ -12,7 +12,7 @@ from alignment import holdout
 from alignment.stage import alignment_stages
 from flcore.arrays import to_record
 from flcore.batches import Batches
-from flcore.config import ConfigError, data_key, validate
+from flcore.config import ConfigError, validate
 from flcore.models import build_model
 from flcore.partition import make_split
 from flcore.run_data import prepare
@@ -73,7 +73,7 @@ def test_stand_in_trains_on_as_many_images_of_every_class_also_of_the_head_class
 def test_only_the_stand_in_changes_the_pool():
     """Every other teacher keeps the pool that the recipe drew before the reserve existed."""
     default = validate({})
-    assert data_key(default) == data_key(validate({"holdout-per-class": 40}))  # not used: no reserve
+    assert default.data_key == validate({"holdout-per-class": 40}).data_key  # not used: no reserve
     split = prepare(default).split
     digest = hashlib.sha256(
         b"".join(a.astype(np.int64).tobytes() + b"|" for a in [split.align, split.pool, *split.clients])

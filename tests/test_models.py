@@ -110,7 +110,7 @@ def test_every_registered_strategy_names_its_reference_model():
 
 
 def test_auto_refuses_a_strategy_without_a_reference_model():
-    cfg = {**cfg_of(), "strategy": "mystery"}
+    cfg = cfg_of().with_(strategy="mystery")
     with pytest.raises(ConfigError, match="'head' = 'auto'.*'mystery'.*METHOD_HEADS"):
         model_head(cfg)
 

@@ -48,7 +48,7 @@ def test_nan_logits_file_is_refused_naming_the_key(tmp_path, no_superlink, capsy
     bad = tmp_path / "nan.npy"
     np.save(bad, np.full((len(prep.split.align), prep.dataset.num_classes), np.nan, np.float32))
     with pytest.raises(ConfigError, match="'align-logits-file'.*NaN or Inf"):
-        check_inputs({**cfg, "align-logits-file": str(bad)}, prep.dataset, prep.split.align)
+        check_inputs(cfg.with_(align_logits_file=str(bad)), prep.dataset, prep.split.align)
     words = " ".join(f"{k}={v}" for k, v in TINY.items())
     assert launch.main(["--run-config", f"{words} align=true align-logits-file={bad}"]) == 2
     assert "NaN or Inf" in capsys.readouterr().err

@@ -25,7 +25,6 @@ def test_projection_scales_the_client_wait_by_the_images_a_round_trains():
     # two cells (100 s and 180 s per round), 200 rounds, 13 methods, 3 seeds
     assert paper_cost.grid_hours(measured, [40_000.0, 80_000.0], 200, 13, 3) == pytest.approx(280 * 200 * 39 / 3600)
     assert paper_cost.images_per_round([620, 620, 619], sampled=8, epochs=10) == pytest.approx(619.6667 * 80, 1e-4)
-    assert paper_cost.sampled_per_round(20, 0.4) == 8 and paper_cost.sampled_per_round(3, 0.1) == 1
     assert limits.limit_ratio(100.0, 1e9, 2e11) == 0.5
 
 

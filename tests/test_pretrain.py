@@ -228,7 +228,7 @@ def test_stage_hands_the_pretrained_backbone_to_round_one_and_reuses_the_cache(t
     cfg = validate({**STAGE_RUN, "pretrain-cache-dir": str(tmp_path / "cache")}, choices={"strategy": STRATEGIES})
     data = server_data(cfg)
     ctx = ServerContext(cfg, data, None, None)
-    assert pretrain_stage({**cfg, "pretrain": False}, ctx).before_training == []
+    assert pretrain_stage(cfg.with_(pretrain=False), ctx).before_training == []
     hooks = build_stages(cfg, ctx).before_training  # registered in SERVER_STAGES, no app special case
     assert len(hooks) == 1
     hook = hooks[0]
@@ -333,9 +333,9 @@ def test_the_dwp_cache_key_tells_mixed_precision_from_float32_and_keeps_float32s
     cfg = validate({"pretrain": True})
     off = dwp_settings(cfg)
     assert "amp" not in off  # the key float32 runs had before `amp` existed: their caches stay valid
-    assert dwp_settings({**cfg, "amp": "bf16"}) == {**off, "amp": "bf16"}
-    assert dwp_settings({**cfg, "device": "cuda"}) == off
-    assert dwp_settings({**cfg, "head": "mlp"}) == off  # the paper's MLP (auto with pretrain on) keeps its key
+    assert dwp_settings(cfg.with_(amp="bf16")) == {**off, "amp": "bf16"}
+    assert dwp_settings(cfg.with_(device="cuda")) == off
+    assert dwp_settings(cfg.with_(head="mlp")) == off  # the paper's MLP (auto with pretrain on) keeps its key
 
 
 def test_a_model_without_a_projection_takes_only_the_pretrained_backbone():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from flcore.config import validate
 from flcore.reports import RunReport, read_metrics, read_summary
 
 
@@ -20,7 +21,7 @@ def eval_row(acc):
 
 
 def test_report_writes_every_file(tmp_path, capsys):
-    cfg = {"output-dir": str(tmp_path), "num-server-rounds": 2, "seed": 1}
+    cfg = validate({"output-dir": str(tmp_path), "num-server-rounds": 2, "seed": 1})
     report = RunReport.create(cfg, 42, ["a", "b"])
     report.write_partition(np.array([[3, 0], [1, 2]]), np.array([4, 2]), {"many": [0], "medium": [], "few": [1]})
     report.record_eval(0, eval_row(0.25))

@@ -162,7 +162,9 @@ def test_resume_refuses_a_missing_file_and_changed_settings(tmp_path):
 
 def test_a_checkpoint_from_before_head_resumes_only_with_the_mlp_it_trained(tmp_path):
     old = {k: v for k, v in cfg_for(tmp_path).items() if k != "head"}  # what runs saved before `head` existed
-    checkpoint.save(tmp_path / checkpoint.CHECKPOINT, 2, ArrayRecord(GLOBAL), build_strategy(old), [], old)
+    checkpoint.save(
+        tmp_path / checkpoint.CHECKPOINT, 2, ArrayRecord(GLOBAL), build_strategy(cfg_for(tmp_path)), [], old
+    )
     with pytest.raises(ConfigError, match="'head' = 'auto'.*before 'head' existed.*has none; set head=mlp"):
         checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path)))
     assert checkpoint.load(cfg_for(tmp_path, resume=str(tmp_path), head="mlp")).round == 2

@@ -281,7 +281,7 @@ def test_the_node_operator_can_lower_the_message_limit_the_server_sets():
     cfg = validate({"max-message-mb": 1024.0}, choices={"strategy": STRATEGIES})
     assert message_limit(cfg, {"partition-id": 0}) == 1024.0
     assert message_limit(cfg, {"partition-id": 0, "max-message-mb": 2}) == 2.0
-    assert message_limit({**cfg, "max-message-mb": 1.0}, {"max-message-mb": 64.0}) == 1.0
+    assert message_limit(cfg.with_(max_message_mb=1.0), {"max-message-mb": 64.0}) == 1.0
 
 
 def test_a_max_upload_mb_too_small_for_the_strategy_is_refused_before_the_run():
@@ -290,7 +290,7 @@ def test_a_max_upload_mb_too_small_for_the_strategy_is_refused_before_the_run():
     cfg = validate({"strategy": "ccvr", "max-upload-mb": 1.0}, choices={"strategy": STRATEGIES})
     with pytest.raises(ConfigError, match=r"'max-upload-mb' = 1.0 .*strategy=ccvr.*2\.5 MB.*256-d.*head=none"):
         check_upload_size(cfg, 10)  # CCVR's model: the classifier reads ResNet-8's 256-d features
-    check_upload_size({**cfg, "max-upload-mb": 3.0}, 10)
+    check_upload_size(cfg.with_(max_upload_mb=3.0), 10)
     with pytest.raises(ConfigError, match=r"10\.0 MB.*512-d"):  # the paper's MLP to projection-dim 512
-        check_upload_size({**cfg, "head": "mlp", "max-upload-mb": 3.0}, 10)
-    check_upload_size({**cfg, "strategy": "fedavg"}, 10)
+        check_upload_size(cfg.with_(head="mlp", max_upload_mb=3.0), 10)
+    check_upload_size(cfg.with_(strategy="fedavg"), 10)

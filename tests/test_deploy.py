@@ -98,7 +98,7 @@ def test_tls_cluster_with_node_auth_runs_two_rounds_above_chance(tmp_path):
         "num-server-rounds": 2,
         "fraction-train": 1.0,
         "local-epochs": 2,
-        "image-size": 8,  # the digits' own resolution
+        "image-size": 16,
         "imbalance-factor": 2.0,
         "dirichlet-alpha": 100.0,
         "output-dir": str(tmp_path / "out"),

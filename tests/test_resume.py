@@ -227,7 +227,7 @@ def kill_mid_run(out: Path, values: dict) -> tuple[Path, int]:
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 600  # a bound for a loaded machine, not a wait
         while saved_round(out) < 1 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
     finally:

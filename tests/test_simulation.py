@@ -15,7 +15,6 @@ RUN = {
     "num-server-rounds": 3,
     "fraction-train": 1.0,
     "local-epochs": 2,
-    "image-size": 16,
     "dirichlet-alpha": 100.0,
     "imbalance-factor": 2.0,
     "eval-every": 2,

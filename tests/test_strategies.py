@@ -196,7 +196,14 @@ def test_strategies_that_run_the_model_on_server_data_send_the_last_stage_output
 
     cfg = validated(
         {"strategy": name, "num-clients": 4, "fraction-train": 1.0, "num-server-rounds": 2, "projection-dim": 8}
-        | {"feddf-steps": 2, "feddf-patience": 1, "fedbe-samples": 1, "fedbe-epochs": 1, "distill-data": "align"},
+        | {
+            "image-size": 8,
+            "feddf-steps": 2,
+            "feddf-patience": 1,
+            "fedbe-samples": 1,
+            "fedbe-epochs": 1,
+            "distill-data": "align",
+        },
     )
     initial = run_model(cfg, 10, seed=0).state_dict()
 

@@ -1,5 +1,6 @@
 """What several test modules share, imported by name: the tiny run's settings, a validated config, a client's
-train reply, and a run launched through the real apps or faked on disk.
+train reply and round, in-process Grids (nodes answering in this process, the real ClientApp among them), the
+ServerApp's strategy stack, and a run launched through the real apps or faked on disk. Fixtures stay in conftest.
 
 One tiny run (2 rounds, 4 clients, 8 px images, a 16-d projection) keeps every test that trains cheap; a test
 that needs another value says so where it calls, so what it depends on stays visible.

@@ -33,7 +33,7 @@ from server_app import app as server_app
 from server_app import launch
 from strategies import registry
 from strategies.wrapper import ServerStages
-from tests.conftest import ClientAppGrid
+from tests.helpers import ClientAppGrid
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")

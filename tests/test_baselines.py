@@ -9,28 +9,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client_app import app as client
 from flcore import config as config_module
-from flcore.config import ConfigError, validate
+from flcore.config import ConfigError
 from flcore.losses import LOSSES, LossInputs, build_loss, focal_loss
 from strategies.fedavgm import FedAvgM, ServerSGD
 from strategies.fednova import FedNova
-from strategies.registry import STRATEGIES, build_strategy
+from strategies.registry import build_strategy
 from strategies.tau_norm import tau_norm_stage, tau_normalize
+from tests import helpers
+from tests.helpers import ONE_CLIENT, TINY, train_reply, validated
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
 
-def cfg_of(**overrides):
-    return validate({k.replace("_", "-"): v for k, v in overrides.items()}, choices={"strategy": STRATEGIES})
-
-
 def reply(state: dict, n: int, steps: int = 10) -> Message:
-    request = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1, message_type="train")
-    metrics = MetricRecord({"num-examples": n, "local-steps": steps, "train-loss": 1.0})
-    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=request)
+    return train_reply(state, n, metrics={"local-steps": steps, "train-loss": 1.0})
 
 
 class FakeGrid:
@@ -61,8 +56,8 @@ def fedavg_of(clients, examples):
 
 def test_fednova_with_equal_steps_equals_fedavg():
     glob, clients = states(0)
-    got = run_round(build_strategy(cfg_of(strategy="fednova")), glob, clients, [5, 10, 20], [7, 7, 7])
-    ref = run_round(build_strategy(cfg_of(strategy="fedavg")), glob, clients, [5, 10, 20], [7, 7, 7])
+    got = run_round(build_strategy(validated(strategy="fednova")), glob, clients, [5, 10, 20], [7, 7, 7])
+    ref = run_round(build_strategy(validated(strategy="fedavg")), glob, clients, [5, 10, 20], [7, 7, 7])
     for k in glob:
         assert torch.allclose(got[k], ref[k], atol=1e-6)
         assert torch.allclose(got[k], fedavg_of(clients, [5, 10, 20])[k], atol=1e-6)
@@ -71,7 +66,7 @@ def test_fednova_with_equal_steps_equals_fedavg():
 def test_fednova_normalises_unequal_steps_by_hand():
     glob = {"w": torch.zeros(2)}
     clients = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 4.0])}]
-    got = run_round(build_strategy(cfg_of(strategy="fednova")), glob, clients, [1, 1], [1, 4])
+    got = run_round(build_strategy(validated(strategy="fednova")), glob, clients, [1, 1], [1, 4])
     # d = 0.5*(-[1,0])/1 + 0.5*(-[0,4])/4 = [-0.5,-0.5]; tau_eff = 2.5 -> w = [1.25, 1.25]; FedAvg gives [0.5, 2]
     assert torch.allclose(got["w"], torch.tensor([1.25, 1.25]))
 
@@ -81,7 +76,7 @@ def test_fednova_averages_batchnorm_buffers_plainly_and_normalises_only_trained_
     glob = {"w": torch.zeros(2), var: torch.ones(3), count: torch.tensor(10)}
     clients = [{"w": torch.tensor([1.0, 0.0]), var: torch.full((3,), 2.0), count: torch.tensor(11)}]
     clients.append({"w": torch.tensor([0.0, 5.0]), var: torch.full((3,), 2.0), count: torch.tensor(13)})
-    got = run_round(build_strategy(cfg_of(strategy="fednova")), glob, clients, [1, 1], [1, 5])
+    got = run_round(build_strategy(validated(strategy="fednova")), glob, clients, [1, 1], [1, 5])
     assert torch.allclose(got[var], torch.full((3,), 2.0))  # normalised like a weight it would be 2.8
     assert float(got[count]) == 12.0  # FedAvg's weighted mean (normalised: 12.4)
     # d = 0.5*(-[1,0])/1 + 0.5*(-[0,5])/5 = [-0.5,-0.5]; tau_eff = 3 -> w = [1.5, 1.5]; FedAvg gives [0.5, 2.5]
@@ -100,16 +95,16 @@ def test_buffer_names_are_the_models_running_statistics():
 
 def test_fednova_requires_local_steps_and_a_configured_round():
     glob, clients = states(1)
-    strategy = FedNova(build_strategy(cfg_of()))
+    strategy = FedNova(build_strategy(validated()))
     with pytest.raises(RuntimeError, match="configure_train"):
         strategy.aggregate_train(1, [reply(c, 1) for c in clients])
 
 
 def test_fedavgm_without_momentum_and_unit_lr_equals_fedavg_but_momentum_differs():
     glob, clients = states(2)
-    plain = build_strategy(cfg_of(strategy="fedavgm", server_momentum=0.0, server_lr=1.0))
-    ref = build_strategy(cfg_of(strategy="fedavg"))
-    moving = build_strategy(cfg_of(strategy="fedavgm", server_momentum=0.9))
+    plain = build_strategy(validated(strategy="fedavgm", server_momentum=0.0, server_lr=1.0))
+    ref = build_strategy(validated(strategy="fedavg"))
+    moving = build_strategy(validated(strategy="fedavgm", server_momentum=0.9))
     outs = {}
     for name, strategy in (("plain", plain), ("ref", ref), ("moving", moving)):
         g = glob
@@ -156,7 +151,7 @@ def test_fedavgm_moves_parameters_with_momentum_but_sets_buffers_to_their_mean()
 
 def test_fedprox_sends_mu_and_aggregates_like_fedavg():
     glob, clients = states(3)
-    prox = build_strategy(cfg_of(strategy="fedprox", proximal_mu=0.25))
+    prox = build_strategy(validated(strategy="fedprox", proximal_mu=0.25))
     (msg, *_) = prox.configure_train(1, ArrayRecord(glob), ConfigRecord(), FakeGrid())
     assert msg.content["config"]["proximal-mu"] == 0.25
     got = run_round(prox, glob, clients, [1, 2, 3], [4, 4, 4])
@@ -164,22 +159,8 @@ def test_fedprox_sends_mu_and_aggregates_like_fedavg():
     assert all(torch.allclose(got[k], ref[k], atol=1e-6) for k in glob)
 
 
-TINY = {"num-clients": 10, "image-size": 8, "projection-dim": 16, "local-epochs": 1, "batch-size": 32, "augment": False}
-
-
 def client_train(run_config: dict, server_config: dict, model_seed: int = 0) -> Message:
-    from flcore.arrays import to_record
-    from flcore.models import run_model
-    from flcore.run_data import prepare
-
-    cfg = cfg_of(**{k.replace("-", "_"): v for k, v in {**TINY, **run_config}.items()})
-    classes = prepare(cfg).dataset.num_classes
-    arrays = to_record(run_model(cfg, classes, seed=model_seed))
-    config = ConfigRecord({"server-round": 1, **{k: cfg[k] for k in ("local-epochs", "lr", "momentum")}})
-    config.update({"weight-decay": 0.0, "augment": False, **server_config})
-    request = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type="train")
-    context = Context(1, 1, {"partition-id": 0, "num-partitions": 10}, RecordDict(), dict(cfg))
-    return client.train_fn(request, context)
+    return helpers.client_train(validated(ONE_CLIENT, **run_config), server_config, model_seed)
 
 
 def weights(msg: Message) -> dict:
@@ -216,7 +197,7 @@ def test_focal_with_zero_gamma_equals_cross_entropy():
     logits, labels = torch.randn(64, 10, generator=gen) * 3, torch.randint(0, 10, (64,), generator=gen)
     assert torch.allclose(focal_loss(logits, labels, gamma=0.0), F.cross_entropy(logits, labels))
     assert focal_loss(logits, labels, gamma=2.0) < F.cross_entropy(logits, labels)
-    loss = build_loss(LossInputs(cfg_of(loss="focal", focal_gamma=0.0), np.ones(10)))
+    loss = build_loss(LossInputs(validated(loss="focal", focal_gamma=0.0), np.ones(10)))
     assert torch.allclose(loss(logits, labels), F.cross_entropy(logits, labels))
     assert set(LOSSES) == set(config_module.LOSSES)
 
@@ -235,8 +216,8 @@ def test_tau_norm_zero_leaves_the_model_unchanged_and_one_makes_unit_rows():
 
 
 def test_tau_norm_stage_acts_on_the_last_round_only():
-    assert tau_norm_stage(cfg_of(tau_norm=0.0), None).post_hoc == []
-    (stage,) = tau_norm_stage(cfg_of(tau_norm=1.0, num_server_rounds=3), None).post_hoc
+    assert tau_norm_stage(validated(tau_norm=0.0), None).post_hoc == []
+    (stage,) = tau_norm_stage(validated(tau_norm=1.0, num_server_rounds=3), None).post_hoc
     arrays = ArrayRecord({"classifier.weight": torch.full((2, 4), 2.0)})
     metrics = MetricRecord()
     assert stage(2, arrays, metrics).arrays is arrays and "tau-norm" not in metrics
@@ -258,7 +239,7 @@ def test_tau_norm_stage_acts_on_the_last_round_only():
 )
 def test_bad_strategy_settings_name_what_is_allowed(overrides, hint):
     with pytest.raises(ConfigError, match=hint):
-        validate(overrides, choices={"strategy": STRATEGIES})
+        validated(overrides)
 
 
 def test_ccvr_pooling_of_client_statistics_is_exact():
@@ -310,7 +291,7 @@ def test_client_uploads_ask_in_chosen_rounds_and_calibrate_after_fedavg():
         metrics["calibrated"] = 1.0
         return ArrayRecord({k: v * 0 for k, v in arrays.to_torch_state_dict().items()})
 
-    strategy = ClientUploads(build_strategy(cfg_of()), "feature-stats", lambda rnd: rnd == 2, calibrate)
+    strategy = ClientUploads(build_strategy(validated()), "feature-stats", lambda rnd: rnd == 2, calibrate)
     config = ConfigRecord({"lr": 0.1})
     (msg, *_) = strategy.configure_train(1, ArrayRecord({"w": torch.ones(2)}), config, FakeGrid())
     assert "upload" not in msg.content["config"]
@@ -335,7 +316,7 @@ def test_a_reply_with_a_bad_or_misshapen_upload_is_dropped_whole_and_the_round_g
         seen.extend(float(u["x"].sum()) for u in uploads)
         return arrays
 
-    strategy = ClientUploads(build_strategy(cfg_of()), "feature-stats", lambda rnd: True, calibrate)
+    strategy = ClientUploads(build_strategy(validated()), "feature-stats", lambda rnd: True, calibrate)
     strategy.configure_train(1, ArrayRecord({"w": torch.ones(2)}), ConfigRecord(), FakeGrid())
     replies = [reply({"w": torch.full((2,), float(k))}, 1) for k in (1, 3, 50, 70, 90, 110)]
     replies[0].content["uploads"] = encode({"x": np.full(2, 1.0)})
@@ -371,9 +352,11 @@ def test_creff_server_sends_its_head_and_replaces_the_classifier_after_matching(
     from strategies.class_uploads import ClientUploads
     from strategies.creff import CReFFServer
 
-    cfg = cfg_of(strategy="creff", calibration_epochs=3, match_epochs=3, virtual_per_class=4)
+    cfg = validated(strategy="creff", calibration_epochs=3, match_epochs=3, virtual_per_class=4)
     server = CReFFServer(cfg)
-    strategy = ClientUploads(build_strategy(cfg_of()), "class-gradients", lambda rnd: True, server, False, server.head)
+    strategy = ClientUploads(
+        build_strategy(validated()), "class-gradients", lambda rnd: True, server, False, server.head
+    )
     glob = {"classifier.weight": torch.zeros(3, 5), "classifier.bias": torch.zeros(3), "w": torch.ones(2)}
     (msg, *_) = strategy.configure_train(1, ArrayRecord(glob), ConfigRecord(), FakeGrid())
     config = msg.content["config"]
@@ -451,7 +434,7 @@ def test_kd_loss_is_zero_for_equal_logits_and_scales_with_t_squared():
 def test_clip2fl_server_asks_for_gradients_and_distillation_every_round_and_describes_it():
     from strategies.registry import client_workload
 
-    cfg = cfg_of(strategy="clip2fl", kd_weight=0.5, kd_temperature=2.0)
+    cfg = validated(strategy="clip2fl", kd_weight=0.5, kd_temperature=2.0)
     strategy = build_strategy(cfg)
     glob = {"classifier.weight": torch.zeros(3, 5), "classifier.bias": torch.zeros(3)}
     for rnd in (1, 2):
@@ -461,7 +444,7 @@ def test_clip2fl_server_asks_for_gradients_and_distillation_every_round_and_desc
         assert config["upload"] == "class-gradients" and config["lr"] == 0.1
     runs = client_workload(cfg)["client-runs"]
     assert "CLIP teacher tiny" in runs and "ON THE CLIENT" in runs and "per-class CE gradients" in runs
-    assert "CLIP" not in client_workload(cfg_of(strategy="creff"))["client-runs"]
+    assert "CLIP" not in client_workload(validated(strategy="creff"))["client-runs"]
 
 
 @pytest.mark.parametrize(
@@ -470,7 +453,7 @@ def test_clip2fl_server_asks_for_gradients_and_distillation_every_round_and_desc
 )
 def test_bad_clip2fl_settings_name_what_is_allowed(overrides, hint):
     with pytest.raises(ConfigError, match=f"kd-.*{hint}"):
-        validate({"strategy": "clip2fl", **overrides}, choices={"strategy": STRATEGIES})
+        validated({"strategy": "clip2fl", **overrides})
 
 
 def test_client_rejects_a_bad_distillation_round_config_before_training():
@@ -544,8 +527,8 @@ def test_clip2fl_with_zero_contrast_weight_is_the_creff_server_exactly(monkeypat
 
     monkeypatch.setattr(clip2fl, "class_text_features", lambda cfg: pytest.fail("no teacher for weight 0"))
     glob = {"classifier.weight": torch.zeros(10, 8), "classifier.bias": torch.zeros(10), "w": torch.ones(2)}
-    creff, creff_metrics = creff_round(build_strategy(cfg_of(strategy="creff", **SMALL_CREFF)), glob, 10)
-    zero_cfg = cfg_of(strategy="clip2fl", contrast_weight=0.0, **SMALL_CREFF)
+    creff, creff_metrics = creff_round(build_strategy(validated(strategy="creff", **SMALL_CREFF)), glob, 10)
+    zero_cfg = validated(strategy="clip2fl", contrast_weight=0.0, **SMALL_CREFF)
     zero, zero_metrics = creff_round(build_strategy(zero_cfg), glob, 10)
     assert all(torch.equal(creff[k], zero[k]) for k in creff)
     assert zero_metrics["match-loss"] == creff_metrics["match-loss"] and "contrast-loss" not in zero_metrics
@@ -564,11 +547,11 @@ def test_clip2fl_server_contrast_uses_the_teachers_text_features_once_and_change
 
     monkeypatch.setattr(clip2fl, "class_text_features", counted)
     glob = {"classifier.weight": torch.zeros(10, 8), "classifier.bias": torch.zeros(10), "w": torch.ones(2)}
-    cfg = cfg_of(strategy="clip2fl", contrast_weight=1.0, **SMALL_CREFF)  # tiny CLIP at projection-dim 8
+    cfg = validated(strategy="clip2fl", contrast_weight=1.0, **SMALL_CREFF)  # tiny CLIP at projection-dim 8
     strategy = build_strategy(cfg)
     got, metrics = creff_round(strategy, glob, 10)
     creff_round(strategy, glob, 10)
-    creff, _ = creff_round(build_strategy(cfg_of(strategy="creff", **SMALL_CREFF)), glob, 10)
+    creff, _ = creff_round(build_strategy(validated(strategy="creff", **SMALL_CREFF)), glob, 10)
     assert metrics["contrast-loss"] > 0 and not torch.allclose(got["classifier.weight"], creff["classifier.weight"])
     assert len(made) == 1 and made[0].shape == (10, 8)  # digits' ten class names, once for the run
     assert torch.allclose(made[0].norm(dim=1), torch.ones(10))
@@ -624,8 +607,8 @@ def test_clip2fl_refuses_a_model_whose_features_are_not_the_teachers_width():
 
 def test_clip2fl_prompt_setting_is_checked():
     with pytest.raises(ConfigError, match="clip2fl-prompt.*exactly one"):
-        validate({"clip2fl-prompt": "a photo"}, choices={"strategy": STRATEGIES})
-    assert validate({"clip2fl-prompt": "ensemble"}, choices={"strategy": STRATEGIES})["clip2fl-prompt"] == "ensemble"
+        validated({"clip2fl-prompt": "a photo"})
+    assert validated({"clip2fl-prompt": "ensemble"})["clip2fl-prompt"] == "ensemble"
 
 
 def test_ccvr_calibrates_on_statistics_of_the_final_aggregate_and_keeps_its_backbone(tmp_path):
@@ -636,7 +619,7 @@ def test_ccvr_calibrates_on_statistics_of_the_final_aggregate_and_keeps_its_back
     from flcore.class_statistics import decode, feature_statistics
     from flcore.models import run_model
     from flcore.run_data import client_batches, prepare
-    from tests.conftest import ClientAppGrid, served
+    from tests.helpers import ClientAppGrid, served
 
     class KeepingReplies(ClientAppGrid):
         def answer(self, msg):
@@ -644,15 +627,7 @@ def test_ccvr_calibrates_on_statistics_of_the_final_aggregate_and_keeps_its_back
             self.pairs.append((msg, reply))
             return reply
 
-    run = {
-        **TINY,
-        "num-clients": 4,
-        "fraction-train": 0.5,
-        "strategy": "ccvr",
-        "num-server-rounds": 2,
-        "calibration-epochs": 5,
-    }
-    cfg = cfg_of(**{k.replace("-", "_"): v for k, v in run.items()})
+    cfg = validated(TINY, augment=False, strategy="ccvr", calibration_epochs=5)
     grid = KeepingReplies(cfg)
     grid.pairs = []
     strategy = build_strategy(cfg)
@@ -719,7 +694,7 @@ def test_creff_client_gradients_are_drawn_as_the_authors_with_seeded_dsa():
     from flcore.models import run_model
     from flcore.run_data import client_batches
 
-    cfg = cfg_of(**{k.replace("-", "_"): v for k, v in {**TINY, "strategy": "creff"}.items()})
+    cfg = validated(ONE_CLIENT, strategy="creff")
     model, batches = run_model(cfg, 10, seed=0), client_batches(cfg, 0)
 
     def upload(dsa, seed=3):
@@ -748,11 +723,10 @@ def test_creff_runs_through_the_client_app_on_its_own_model():
     from flcore.arrays import to_record
     from flcore.models import run_model
     from flcore.run_data import prepare
-    from tests.conftest import ClientAppGrid, RecordingReport, served
+    from tests.helpers import ClientAppGrid, RecordingReport, served
 
-    run = {**TINY, "num-clients": 4, "fraction-train": 0.5, "strategy": "creff", "num-server-rounds": 2}
     small = {"match-epochs": 2, "calibration-epochs": 2, "virtual-per-class": 4}
-    cfg = cfg_of(**{k.replace("-", "_"): v for k, v in {**run, **small}.items()})
+    cfg = validated(ONE_CLIENT, fraction_train=0.2, strategy="creff", **small)  # 2 of 10 small partitions a round
     classes = prepare(cfg).dataset.num_classes
     start = to_record(run_model(cfg, classes, seed=0))
 
@@ -782,11 +756,11 @@ def test_ccvr_under_alignment_takes_statistics_of_the_aligned_model_and_tau_norm
     from flcore.training import predict
     from rounds.stage import ServerContext
     from strategies.registry import build_server_strategy
-    from tests.conftest import ClientAppGrid, RecordingReport
+    from tests.helpers import ClientAppGrid, RecordingReport
 
-    run = {**TINY, "num-clients": 4, "fraction-train": 0.5, "strategy": "ccvr", "num-server-rounds": 1}
-    run.update({"align": True, "align-steps": 1, "align-lr": 0.5, "calibration-epochs": 1, "tau-norm": 1.0})
-    cfg = cfg_of(**{k.replace("-", "_"): v for k, v in {**run, "output-dir": str(tmp_path)}.items()})
+    run = {"strategy": "ccvr", "num-server-rounds": 1, "align": True, "align-steps": 1, "align-lr": 0.5}
+    run.update({"calibration-epochs": 1, "tau-norm": 1.0, "output-dir": str(tmp_path)})
+    cfg = validated(TINY, augment=False, **run)
     data, classes = server_data(cfg), prepare(cfg).dataset.num_classes
 
     def new_model(seed=None):

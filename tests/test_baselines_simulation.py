@@ -8,20 +8,15 @@ in-process (tests/test_baselines.py) and run through the apps in `python -m benc
 import pytest
 
 from flcore.reports import read_metrics, read_summary
-from server_app import launch
+from tests.helpers import TINY, launch_run
 
-TINY = (
-    "num-clients=2 num-server-rounds=1 fraction-train=1.0 local-epochs=1 image-size=8 projection-dim=32 "
-    "calibration-epochs=5 match-epochs=5 virtual-per-class=10"
-)
+ONE_ROUND = {**TINY, "num-clients": 2, "num-server-rounds": 1, "fraction-train": 1.0}
+CALIBRATION = {"calibration-epochs": 2, "match-epochs": 2, "virtual-per-class": 4}
 
 
-def run_one(tmp_path, name: str, overrides: str) -> tuple[dict, dict]:
-    out = tmp_path / name
-    assert launch.main(["--run-config", f"{TINY} {overrides} output-dir={out}"]) == 0
-    (run_dir,) = list(out.iterdir())
-    rows = read_metrics(run_dir)
-    return rows[-1], read_summary(run_dir)
+def run_one(tmp_path, name: str, **overrides) -> tuple[dict, dict]:
+    run_dir = launch_run(tmp_path / name, {**ONE_ROUND, **CALIBRATION, **overrides})
+    return read_metrics(run_dir)[-1], read_summary(run_dir)
 
 
 @pytest.mark.slow
@@ -34,7 +29,7 @@ def test_baselines_run_one_round_through_the_real_apps(tmp_path):
     )
     dim = 256
 
-    row, summary = run_one(tmp_path, "ccvr", "strategy=ccvr loss=focal tau-norm=1.0")
+    row, summary = run_one(tmp_path, "ccvr", strategy="ccvr", loss="focal", **{"tau-norm": 1.0})
     assert row["round"] == 1 and row["replies"] == 2
     assert row["calibrated-classes"] == 10 and row["tau-norm"] == 1.0
     assert row["feature-stats-replies"] == 2 and row["feature-stats-failed"] == 0
@@ -45,6 +40,6 @@ def test_baselines_run_one_round_through_the_real_apps(tmp_path):
     assert "covariance" in summary["client-uploads"] and "focal" in summary["client-runs"]
     assert row["peak-rss-mb"] > 0
 
-    row, summary = run_one(tmp_path, "creff", "strategy=creff")
+    row, summary = run_one(tmp_path, "creff", strategy="creff")
     assert row["match-loss"] >= 0 and row["upload-bytes"] > model_bytes + 10 * 10 * dim * 4
     assert "gradients" in summary["client-uploads"]

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from bench import compare
+from tests.helpers import write_run
+
+FINAL_KEYS = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
 
 
 def fake_cell(root, method, imbalance, seed, accuracy, seconds=(1.0, 3.0)):
@@ -19,10 +22,7 @@ def fake_cell(root, method, imbalance, seed, accuracy, seconds=(1.0, 3.0)):
         {"round": r, "seconds": s, "accuracy": accuracy, "upload-bytes": 2.0**20, "peak-rss-mb": 100.0 + r}
         for r, s in enumerate(seconds, 1)
     ]
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    keys = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
-    final = dict.fromkeys(keys, accuracy)
-    (run / "summary.json").write_text(json.dumps({"final": final, "wall-seconds": 9.0}))
+    write_run(run, rows, {"final": dict.fromkeys(FINAL_KEYS, accuracy), "wall-seconds": 9.0})
     return cell
 
 
@@ -168,8 +168,7 @@ def finished_run(root, method, imbalance, seed, cm, final):
     run = root / "cells" / method / f"if{imbalance:g}" / f"seed{seed}" / "1"
     run.mkdir(parents=True)
     rows = [{"round": 0, "accuracy": 0.1, "confusion-matrix": [[1, 1], [1, 1]]}, {"round": 2, "confusion-matrix": cm}]
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (run / "summary.json").write_text(json.dumps({"final": final}))
+    write_run(run, rows, {"final": final})
     (run / "partition.json").write_text(json.dumps({"classes": ["cat", "dog"]}))
     return run
 
@@ -177,9 +176,8 @@ def finished_run(root, method, imbalance, seed, cm, final):
 def test_figure4_compares_the_run_with_alignment_to_the_run_without(tmp_path):
     from flcore.metrics import row_normalised
 
-    keys = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
-    without = dict(zip(keys, (0.55, 0.5, 0.9, None, 0.1), strict=True))
-    with_align = dict(zip(keys, (0.7, 0.65, 0.875, None, 0.45), strict=True))
+    without = dict(zip(FINAL_KEYS, (0.55, 0.5, 0.9, None, 0.1), strict=True))
+    with_align = dict(zip(FINAL_KEYS, (0.7, 0.65, 0.875, None, 0.45), strict=True))
     runs = {
         "ours-no-align": finished_run(tmp_path, "ours-no-align", 10.0, 7, [[9, 1], [9, 1]], without),
         "ours": finished_run(tmp_path, "ours", 10.0, 7, [[7, 3], [4, 6]], with_align),
@@ -205,13 +203,11 @@ def test_figure4_compares_the_run_with_alignment_to_the_run_without(tmp_path):
 
 
 def test_a_grid_with_both_cells_draws_figure4(tmp_path, monkeypatch):
-    keys = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
     for method in ("ours", "ours-no-align"):
-        run = finished_run(tmp_path, method, 10.0, 7, [[5, 5], [2, 8]], dict.fromkeys(keys, 0.6))
+        run = finished_run(tmp_path, method, 10.0, 7, [[5, 5], [2, 8]], dict.fromkeys(FINAL_KEYS, 0.6))
         rows = [{"round": 0, "seconds": 0.5, "accuracy": 0.1}, {"round": 1, "seconds": 1.0, "accuracy": 0.6}]
         rows[-1] |= {"confusion-matrix": [[5, 5], [2, 8]], "upload-bytes": 1.0, "peak-rss-mb": 1.0}
-        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-        (run / "summary.json").write_text(json.dumps({"final": dict.fromkeys(keys, 0.6), "wall-seconds": 1.0}))
+        write_run(run, rows, {"final": dict.fromkeys(FINAL_KEYS, 0.6), "wall-seconds": 1.0})
     monkeypatch.setattr(compare, "run_cell", lambda cell, overrides: pytest.fail(f"ran {cell}"))
     args = ["--methods", "ours,ours-no-align", "--ifs", "10", "--seeds", "7", "--out", str(tmp_path)]
     assert compare.main(args) == 0

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from flcore import device as devices
 from flcore.batches import Batches
-from flcore.config import ConfigError, validate
+from flcore.config import ConfigError
 from flcore.datasets import Dataset, ImageSet, load
 from flcore.device import CPU, Compute, compute_of
 from flcore.losses import kd_loss
@@ -20,13 +20,9 @@ from flcore.training import TrainSettings, predict, train
 from server_app import launch
 from server_app import preflight as preflight_checks
 from server_app.preflight import check_client_devices, client_resources, preflight
-from strategies.registry import STRATEGIES
+from tests.helpers import validated
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def check(overrides):
-    return validate(overrides, choices={"strategy": STRATEGIES})
 
 
 def _seeing(monkeypatch, gpus: int):
@@ -51,7 +47,7 @@ def two_gpus(monkeypatch):
 
 @pytest.mark.parametrize("value", ["auto", "cpu", "cuda", "cuda:0", "cuda:3"])
 def test_device_values_the_schema_accepts(value):
-    assert check({"device": value})["device"] == value
+    assert validated({"device": value})["device"] == value
 
 
 @pytest.mark.parametrize(
@@ -70,22 +66,22 @@ def test_device_values_the_schema_accepts(value):
 )
 def test_bad_compute_settings_name_the_key(overrides, key, hint):
     with pytest.raises(ConfigError) as err:
-        check(overrides)
+        validated(overrides)
     assert f"'{key}'" in str(err.value) and hint in str(err.value)
 
 
 def test_num_workers_takes_auto_or_a_count():
-    assert check({"num-workers": 3})["num-workers"] == 3 and check({})["num-workers"] == "auto"
+    assert validated({"num-workers": 3})["num-workers"] == 3 and validated()["num-workers"] == "auto"
 
 
 def test_without_a_gpu_auto_is_the_cpu_and_cuda_is_refused_naming_the_key(no_gpu):
-    assert compute_of(check({})) == Compute(torch.device("cpu"), "off", devices.loader_workers("auto"))
+    assert compute_of(validated()) == Compute(torch.device("cpu"), "off", devices.loader_workers("auto"))
     with pytest.raises(
         ConfigError, match=r"'device' = 'cuda' is not allowed on this machine: this process sees no GPU"
     ):
-        compute_of(check({"device": "cuda"}))
+        compute_of(validated({"device": "cuda"}))
     with pytest.raises(ConfigError, match=r"'amp' = 'bf16' is not allowed here: mixed precision runs on a CUDA"):
-        compute_of(check({"amp": "bf16"}))
+        compute_of(validated({"amp": "bf16"}))
 
 
 def test_a_gpu_index_the_process_does_not_see_is_refused(two_gpus):
@@ -111,7 +107,7 @@ def test_device_cuda_on_a_machine_without_gpu_fails_before_anything_starts(no_gp
         capsys.readouterr().err
     )
     with pytest.raises(ConfigError, match=r"'device' = 'cuda' is not allowed on this machine: this process sees no"):
-        preflight(check({"device": "cuda"}))
+        preflight(validated({"device": "cuda"}))
     assert launch.main(["--federation-config", "client-resources-num-gpus=0.5"]) == 2
     assert "'client-resources-num-gpus' = 0.5 needs a GPU, and this machine has none" in capsys.readouterr().err
     assert launch.main(["--run-config", "amp=bf16"]) == 2
@@ -130,13 +126,13 @@ def test_client_resources_are_checked_before_start(two_gpus):
         with pytest.raises(ConfigError, match=hint.replace("(", r"\(").replace(")", r"\)")):
             client_resources(simulation, overrides)
     options = client_resources(simulation, {"client-resources-num-gpus": 0.25})
-    assert "client-resources-num-gpus=0.25" in launch.federation_config(options, check({"num-clients": 4}))
-    check_client_devices(check({"device": "cuda", "amp": "bf16"}), options, "")
+    assert "client-resources-num-gpus=0.25" in launch.federation_config(options, validated({"num-clients": 4}))
+    check_client_devices(validated({"device": "cuda", "amp": "bf16"}), options, "")
     with pytest.raises(ConfigError, match=r"'device' = 'cuda:1' is not allowed in the simulation"):
-        check_client_devices(check({"device": "cuda:1"}), options, "")
+        check_client_devices(validated({"device": "cuda:1"}), options, "")
     on_cpu = client_resources(simulation, {})
     with pytest.raises(ConfigError, match=r"'amp' = 'fp16' is not allowed with client-resources-num-gpus = 0"):
-        check_client_devices(check({"amp": "fp16"}), on_cpu, "")
+        check_client_devices(validated({"amp": "fp16"}), on_cpu, "")
 
 
 def test_client_resources_beyond_the_machine_are_refused_before_start(two_gpus, no_superlink, capsys, monkeypatch):
@@ -256,7 +252,7 @@ def test_cpu_training_is_bitwise_the_training_before_the_device_keys(one_thread,
         )
 
     got = train(
-        new, Batches(part, data, 16, 8, compute_of(check({"device": "cpu"}))), settings, gen_new, extra_loss=extra
+        new, Batches(part, data, 16, 8, compute_of(validated({"device": "cpu"}))), settings, gen_new, extra_loss=extra
     )
     want = reference_train(old, reference_epoch, settings, extra)
     timings = {"train-seconds", "train-images-per-second"}  # wall time, not a result

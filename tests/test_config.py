@@ -5,20 +5,16 @@ from pathlib import Path
 import pytest
 
 from flcore import config_docs
-from flcore.config import SCHEMA, ConfigError, validate
+from flcore.config import SCHEMA, ConfigError
 from flcore.run_config import parse_overrides
 from server_app import launch, watchdog
-from strategies.registry import STRATEGIES
+from tests.helpers import validated
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def check(overrides):
-    return validate(overrides, choices={"strategy": STRATEGIES})
-
-
 def test_defaults_are_valid_and_complete():
-    cfg = check({})
+    cfg = validated()
     assert set(cfg) == set(SCHEMA)
     assert cfg["dataset"] == "digits" and cfg["num-clients"] == 20 and cfg["fraction-train"] == 0.4
 
@@ -62,14 +58,14 @@ def test_configuration_doc_matches_schema():
 )
 def test_invalid_values_name_key_value_and_rule(overrides, key, hint):
     with pytest.raises(ConfigError) as err:
-        check(overrides)
+        validated(overrides)
     assert f"'{key}'" in str(err.value) or key in str(err.value)
     assert hint in str(err.value)
 
 
 def test_imagenet_lt_requires_if_one(tmp_path):
     with pytest.raises(ConfigError, match="imbalance-factor.*imagenet-lt"):
-        check({"dataset": "imagenet-lt", "data-dir": str(tmp_path), "imbalance-factor": 10.0})
+        validated({"dataset": "imagenet-lt", "data-dir": str(tmp_path), "imbalance-factor": 10.0})
 
 
 def test_overrides_parse_toml_values_and_bare_words(tmp_path):
@@ -114,7 +110,7 @@ def test_every_preset_of_the_paper_validates(preset, tmp_path):
     values = tomllib.loads((ROOT / "conf" / f"{preset}.toml").read_text())
     assert values["num-clients"] == 20 and values["fraction-train"] == 0.4 and values["num-server-rounds"] == 200
     assert values["local-epochs"] == 10 and values["batch-size"] == 32 and values["lr"] == 0.1
-    cfg = validate({**values, "data-dir": str(tmp_path)}, choices={"strategy": STRATEGIES})
+    cfg = validated({**values, "data-dir": str(tmp_path)})
     assert {k: cfg[k] for k in values} == values
 
 

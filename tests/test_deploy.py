@@ -148,7 +148,8 @@ def test_tls_cluster_of_nodes_with_their_own_folders_reports_counts_only(tmp_pat
         "num-clients": 3,
         "num-server-rounds": 2,
         "fraction-train": 1.0,
-        "local-epochs": 2,
+        "local-epochs": 1,
+        "image-size": 8,
         "align-data": str(tmp_path / "server-align"),
         "output-dir": str(tmp_path / "out"),
     }

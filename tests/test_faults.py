@@ -3,18 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
-from client_app.faults import fails
-from flcore.config import ConfigError, validate
+from flcore.config import ConfigError
 from rounds.guard import screen
 from rounds.policy import RoundPolicy
-from strategies.registry import STRATEGIES, build_strategy
-from tests.conftest import InProcessGrid, served
+from strategies.registry import build_strategy
+from tests.helpers import GLOBAL, FlakyGrid, begin_round, served, train_reply, validated
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
-
-GLOBAL = {"w": torch.zeros(3), "b": torch.zeros(2)}
 
 
 def request(node: int) -> Message:
@@ -22,18 +19,18 @@ def request(node: int) -> Message:
 
 
 def reply(node: int, state: dict, n: int = 1, **metrics) -> Message:
-    content = RecordDict(
-        {"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": n, "loss": 1.0, **metrics})}
-    )
-    return Message(content, reply_to=request(node))
+    return train_reply(state, n, node=node, metrics={"loss": 1.0, **metrics})
 
 
 def error_reply(node: int) -> Message:
     return Message(Error(code=1, reason="client crashed"), reply_to=request(node))
 
 
-def fedavg(**policy) -> RoundPolicy:
-    return RoundPolicy(build_strategy(validate({}, choices={"strategy": STRATEGIES})), **policy)
+def fedavg(clients: int = 20, **policy) -> RoundPolicy:
+    """FedAvg on `clients` nodes, every one sampled, behind the round policy; round 1's messages sent."""
+    guarded = RoundPolicy(build_strategy(validated(num_clients=clients, fraction_train=1.0)), **policy)
+    begin_round(guarded, ArrayRecord(GLOBAL), clients)
+    return guarded
 
 
 def test_nan_update_is_rejected_and_round_equals_aggregation_without_it():
@@ -42,10 +39,9 @@ def test_nan_update_is_rejected_and_round_equals_aggregation_without_it():
         reply(2, {"w": torch.ones(3) * 4, "b": torch.ones(2)}),
     ]
     nan = reply(3, {"w": torch.tensor([1.0, float("nan"), 0.0]), "b": torch.ones(2)}, 5)
-    guarded = fedavg()
-    guarded._global = ArrayRecord(GLOBAL)
+    guarded = fedavg(3)
     arrays, metrics = guarded.aggregate_train(1, [good[0], nan, good[1]])
-    expected, _ = build_strategy(validate({}, choices={"strategy": STRATEGIES})).aggregate_train(1, good)
+    expected, _ = build_strategy(validated()).aggregate_train(1, good)
     for key in ("w", "b"):
         assert np.array_equal(arrays[key].numpy(), expected[key].numpy())
     assert np.allclose(arrays["w"].numpy(), [2.0, 2.0, 2.0])  # (1*2 + 4*1) / 3
@@ -75,52 +71,20 @@ def test_malformed_updates_are_rejected_with_a_reason(state, metrics, reason):
 
 
 def test_error_replies_and_missing_replies_count_as_failed():
-    guarded = fedavg()
-    guarded._global, guarded._sent = ArrayRecord(GLOBAL), 4
+    guarded = fedavg(4)
     arrays, metrics = guarded.aggregate_train(1, [reply(1, {"w": torch.ones(3), "b": torch.ones(2)}), error_reply(2)])
     assert np.allclose(arrays["w"].numpy(), 1.0)
     assert (metrics["replies"], metrics["rejected"], metrics["failed"]) == (1, 0, 3)  # 1 error + 2 never replied
 
 
 def test_round_below_min_replies_keeps_the_global_model():
-    guarded = fedavg(min_replies=2)
-    guarded._global = ArrayRecord(GLOBAL)
+    guarded = fedavg(2, min_replies=2)
     arrays, metrics = guarded.aggregate_train(1, [reply(1, {"w": torch.ones(3), "b": torch.ones(2)}), error_reply(2)])
     assert arrays is None and metrics["replies"] == 1 and metrics["failed"] == 1
 
 
-class FlakyGrid(InProcessGrid):
-    """An in-process federation: each node adds its partition id + 1 to the weights; failures as injected."""
-
-    def __init__(self, nodes: dict[int, int], seed: int, rate: float) -> None:
-        super().__init__()
-        self.nodes, self.seed, self.rate = nodes, seed, rate
-        self.sent = self.failed = 0
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def answer(self, msg: Message) -> Message:
-        pid = self.nodes[msg.metadata.dst_node_id]
-        if msg.metadata.message_type == "query":
-            return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
-        rnd = int(msg.content["config"]["server-round"])
-        pid = int(msg.content["config"].get("partition-id", pid))  # the one the server names, as the ClientApp does
-        self.sent += 1
-        if fails(self.seed, rnd, pid, self.rate):
-            self.failed += 1
-            return error_reply_to(msg)
-        state = {k: v + pid + 1 for k, v in msg.content["arrays"].to_torch_state_dict().items()}
-        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 1})})
-        return Message(content, reply_to=msg)
-
-
-def error_reply_to(msg: Message) -> Message:
-    return Message(Error(code=1, reason="injected"), reply_to=msg)
-
-
 def test_run_with_30_percent_failed_replies_completes_every_round():
-    cfg = validate({"num-clients": 10, "fraction-train": 1.0, "min-replies": 3}, choices={"strategy": STRATEGIES})
+    cfg = validated({"num-clients": 10, "fraction-train": 1.0, "min-replies": 3})
     grid = FlakyGrid({1000 + 7 * i: i for i in range(10)}, seed=3, rate=0.3)
     strategy = served(build_strategy(cfg), min_replies=3, seed=3)
     result = strategy.start(grid, ArrayRecord(GLOBAL), num_rounds=10)
@@ -135,7 +99,7 @@ def test_run_with_30_percent_failed_replies_completes_every_round():
 
 def test_min_replies_above_the_sampled_clients_is_refused():
     with pytest.raises(ConfigError, match="min-replies"):
-        validate({"num-clients": 10, "fraction-train": 0.2, "min-replies": 3}, choices={"strategy": STRATEGIES})
+        validated({"num-clients": 10, "fraction-train": 0.2, "min-replies": 3})
 
 
 class DroppingGrid(FlakyGrid):
@@ -157,7 +121,7 @@ class DroppingGrid(FlakyGrid):
 
 
 def test_a_node_lost_for_good_does_not_block_later_rounds():
-    cfg = validate({"num-clients": 4, "fraction-train": 1.0}, choices={"strategy": STRATEGIES})
+    cfg = validated({"num-clients": 4, "fraction-train": 1.0})
     grid = DroppingGrid({10 + i: i for i in range(4)}, seed=3, rate=0.0)
     strategy = served(build_strategy(cfg), seed=3)
     strategy.start(grid, ArrayRecord(GLOBAL), num_rounds=3)
@@ -167,7 +131,7 @@ def test_a_node_lost_for_good_does_not_block_later_rounds():
 def test_rounds_without_any_valid_update_stop_the_run_after_max_empty_rounds():
     """Every client failing (say, refusing the server's message) must not end as a 'finished' run."""
     grid = FlakyGrid({1000 + i: i for i in range(4)}, seed=0, rate=1.0)
-    cfg = validate({"num-clients": 4, "fraction-train": 1.0}, choices={"strategy": STRATEGIES})
+    cfg = validated({"num-clients": 4, "fraction-train": 1.0})
     strategy = served(build_strategy(cfg), max_empty_rounds=2)
     with pytest.raises(RuntimeError, match="2 rounds in a row without one valid client update.*injected"):
         strategy.start(grid, ArrayRecord(GLOBAL), num_rounds=5)
@@ -175,18 +139,17 @@ def test_rounds_without_any_valid_update_stop_the_run_after_max_empty_rounds():
 
 
 def test_an_empty_round_between_good_ones_does_not_stop_the_run():
-    guarded = fedavg(max_empty_rounds=2)
-    guarded._global = ArrayRecord(GLOBAL)
+    guarded = fedavg(1, max_empty_rounds=2)
     good = reply(1, {"w": torch.ones(3), "b": torch.ones(2)})
-    for replies in ([error_reply(2)], [good], [error_reply(2)], [good]):
-        guarded.aggregate_train(1, replies)
-    assert guarded._empty_rounds == 0
+    for rnd, replies in enumerate(([error_reply(1)], [good], [error_reply(1)], [good], [error_reply(1)]), 1):
+        guarded.aggregate_train(rnd, replies)  # never two empty rounds in a row
+    with pytest.raises(RuntimeError, match="2 rounds in a row without one valid client update"):
+        guarded.aggregate_train(6, [error_reply(1)])  # the second in a row
 
 
 def test_rounds_of_diverged_clients_stop_the_run_saying_what_to_lower():
     """Every reply NaN (a loss weight too large for the learning rate, say): the error names the settings."""
-    guarded = fedavg(max_empty_rounds=2)
-    guarded._global = ArrayRecord(GLOBAL)
+    guarded = fedavg(1, max_empty_rounds=2)
     nan = reply(1, {"w": torch.ones(3), "b": torch.ones(2)}, **{"train-loss": float("nan")})
     guarded.aggregate_train(1, [nan])
     with pytest.raises(RuntimeError, match=r"train-loss.*NaN or Inf \(the clients' training diverged: lower `lr`"):

@@ -17,13 +17,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from alignment.loss import AlignSettings, fine_tune
-from client_app import app as client
-from flcore.arrays import to_record
 from flcore.batches import Batches
-from flcore.config import validate
 from flcore.device import CPU, Compute, compute_of
 from flcore.models import build_model, run_model
 from flcore.reports import read_metrics
@@ -31,8 +27,7 @@ from flcore.run_data import client_batches, prepare
 from flcore.server_data import server_data
 from server_app import app as server_app
 from server_app import launch
-from strategies.registry import STRATEGIES
-from tests.conftest import ClientAppGrid
+from tests.helpers import TINY, ClientAppGrid, client_train, validated
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -40,7 +35,6 @@ pytestmark = [
 ]
 
 ATOL, RTOL = 1e-3, 1e-3
-TINY = {"num-clients": 10, "image-size": 8, "projection-dim": 16, "batch-size": 32}
 CUDA = Compute(torch.device("cuda", 0))
 
 
@@ -51,20 +45,14 @@ def float32_only(monkeypatch):
 
 
 def config(**overrides):
-    return validate({**TINY, **overrides}, choices={"strategy": STRATEGIES})
+    """The tiny run on ten clients (partition 0: a few dozen images), with `overrides`."""
+    return validated({**TINY, "num-clients": 10, **overrides})
 
 
 def client_round(cfg: dict, epochs: int = 1):
     """One ClientApp train call on partition 0 from the same seeded global model; the reply's weights and metrics."""
-    arrays = to_record(run_model(cfg, 10, seed=0))
-    train = {"server-round": 1, "local-epochs": epochs, "lr": 0.1, "momentum": 0.0, "weight-decay": 0.0}
-    request = Message(
-        RecordDict({"arrays": arrays, "config": ConfigRecord({**train, "augment": True})}),
-        dst_node_id=1,
-        message_type="train",
-    )
-    context = Context(1, 1, {"partition-id": 0, "num-partitions": 10}, RecordDict(), dict(cfg))
-    reply = client.train_fn(request, context)
+    train = {"local-epochs": epochs, "lr": 0.1, "momentum": 0.0, "augment": True}
+    reply = client_train(cfg, train)
     return reply.content["arrays"].to_torch_state_dict(), dict(reply.content["metrics"])
 
 

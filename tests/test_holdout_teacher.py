@@ -19,7 +19,7 @@ from flcore.run_data import prepare
 from flcore.server_data import server_data
 from rounds.stage import ServerContext
 from server_app.preflight import preflight
-from strategies.registry import STRATEGIES
+from tests.helpers import validated
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"num-clients": 4, "projection-dim": 32, "image-size": 8, "holdout-epochs": 15}
@@ -27,7 +27,7 @@ SMALL = {"num-clients": 4, "projection-dim": 32, "image-size": 8, "holdout-epoch
 
 def config(tmp_path, **overrides):
     raw = {**SMALL, "align": True, "align-teacher": "holdout", "output-dir": str(tmp_path), **overrides}
-    return validate(raw, choices={"strategy": STRATEGIES})
+    return validated(raw)
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_partition_and_summary_report_the_reserve_and_the_stand_ins_test_accurac
     import json
 
     from server_app import app as server_app
-    from tests.conftest import ClientAppGrid
+    from tests.helpers import ClientAppGrid
 
     overrides = {"num-clients": 2, "fraction-train": 1.0, "num-server-rounds": 1, "local-epochs": 1}
     cfg = config(tmp_path, **overrides, **{"imbalance-factor": 100.0, "align-steps": 1})

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from deploy import local_cluster
-from flcore.config import ConfigError, validate
+from flcore.config import ConfigError
 from flcore.datasets import DataNotFound, load
 from flcore.images import check_images
 from flcore.memory import check_memory
@@ -26,14 +26,12 @@ from pretrain.stage import check as pretrain_check
 from pretrain.teacher import tiny_teacher
 from rounds import checkpoint
 from server_app import launch
-from strategies.registry import STRATEGIES
-
-TINY = "num-server-rounds=2 local-epochs=1 num-clients=4 fraction-train=0.5 image-size=8"
+from tests.helpers import TINY, run_config, validated
 
 
 def launch_error(capsys, overrides: str, *files: str) -> str:
     """The launcher's one-line error for `overrides` (exit code 2, nothing started)."""
-    args = ["--run-config", f"{TINY} {overrides}".strip()]
+    args = ["--run-config", f"{run_config(TINY)} {overrides}".strip()]
     for file in files:
         args += ["--run-config", file]
     assert launch.main(args) == 2
@@ -74,9 +72,9 @@ def test_missing_or_malformed_run_config_files_are_named(no_superlink, capsys, t
 
 def test_seeds_and_integers_are_bounded_to_what_numpy_torch_and_flower_accept():
     with pytest.raises(ConfigError, match="'seed' = 99999999999999999999.*<= 2147483647"):
-        validate({"seed": 99999999999999999999}, choices={"strategy": STRATEGIES})
+        validated({"seed": 99999999999999999999})
     with pytest.raises(ConfigError, match="'num-server-rounds' = .*64-bit"):
-        validate({"num-server-rounds": 2**70}, choices={"strategy": STRATEGIES})
+        validated({"num-server-rounds": 2**70})
     torch.manual_seed(2**31 - 1)
     np.random.default_rng(2**31 - 1)
 
@@ -91,11 +89,11 @@ def test_a_split_the_data_cannot_give_names_the_key(no_superlink, capsys, overri
 def test_settings_beyond_the_machines_memory_are_refused_with_the_estimate(no_superlink, capsys):
     err = launch_error(capsys, "head=mlp projection-dim=100000000")
     assert "'projection-dim' = 100000000" in err and "GiB per training process" in err
-    cfg = validate({"model": "resnet50", "image-size": 1024}, choices={"strategy": STRATEGIES})
+    cfg = validated({"model": "resnet50", "image-size": 1024})
     with pytest.raises(ConfigError, match=r"'image-size' = 1024.*need about 8\d\.\d GiB.*this machine's 64\.0 GiB"):
         check_memory(cfg, 1000, available=64 * 2**30)
-    assert check_memory(validate({}, choices={"strategy": STRATEGIES}), 10, available=2**30).total < 2**30
-    huge_batch = validate({"batch-size": 10_000_000, "image-size": 8}, choices={"strategy": STRATEGIES})
+    assert check_memory(validated(), 10, available=2**30).total < 2**30
+    huge_batch = validated({"batch-size": 10_000_000, "image-size": 8})
     with pytest.raises(ConfigError, match=r"'batch-size' = 10000000 is not allowed here"):  # not 'image-size'
         check_memory(huge_batch, 10, available=2**30)
 
@@ -139,7 +137,7 @@ def test_an_output_dir_that_cannot_take_files_is_refused_before_start(no_superli
 def test_resume_from_a_model_file_names_the_file(tmp_path):
     model = tmp_path / "model.pt"
     torch.save(build_model("resnet8", 8, 10).state_dict(), model)
-    cfg = validate({"resume": str(model)}, choices={"strategy": STRATEGIES})
+    cfg = validated({"resume": str(model)})
     with pytest.raises(ConfigError, match=f"'resume': {model} is not a run checkpoint"):
         checkpoint.load(cfg)
 
@@ -301,7 +299,7 @@ def chat_file(path: Path, images: list[str]) -> Path:
 
 def pretrain_cfg(tmp_path: Path, data: Path, **extra) -> dict:
     raw = {"pretrain": True, "pretrain-data": str(data), "pretrain-cache-dir": str(tmp_path / "cache"), **extra}
-    return validate(raw, choices={"strategy": STRATEGIES})
+    return validated(raw)
 
 
 def test_stage_inputs_that_cannot_work_are_refused_before_start_naming_the_key(no_superlink, capsys, tmp_path):

@@ -20,7 +20,7 @@ from rounds.polling import PromptGrid
 from rounds.sampling import NodeOrder, OrderedGrid
 from server_app import app as server_app
 from server_app import launch
-from tests.conftest import ClientAppGrid, InProcessGrid
+from tests.helpers import ClientAppGrid, InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity", "one_thread")
 

@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from PIL import Image
 from torch import nn
 
 from bench import compare
 from client_app import app as client
-from flcore.arrays import to_record
 from flcore.class_statistics import npy_bytes
-from flcore.config import ConfigError, validate
+from flcore.config import ConfigError
 from flcore.losses import (
     FEDRS_MAX_GRAD_NORM,
     LOSS_KEY,
@@ -44,25 +43,14 @@ from strategies.ensemble_distillation import ClientModels, RoundModels, batches_
 from strategies.fedavg import fedavg
 from strategies.fedbe import layer_gaussian, pseudo_labels
 from strategies.feddf import Schedule, distill_with_early_stopping, ensemble_targets
-from strategies.registry import STRATEGIES, client_workload
-from tests.conftest import ClientAppGrid
+from strategies.registry import client_workload
+from tests.helpers import ONE_CLIENT, ClientAppGrid, client_train, validated
 
-pytestmark = pytest.mark.usefixtures("flower_identity")
-
-TINY = {"num-clients": 10, "image-size": 8, "projection-dim": 16, "local-epochs": 1, "augment": False}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared 2-core machine: one intra-op thread avoids contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("flower_identity", "one_thread")
 
 
 def cfg_of(**overrides):
-    return validate({**TINY, **overrides}, choices={"strategy": STRATEGIES})
+    return validated(ONE_CLIENT, **overrides)
 
 
 # FedLC and FedRS: the client's own label counts change its softmax
@@ -105,12 +93,17 @@ def test_fedrs_authors_form_scales_by_the_count_share_and_leaves_the_bias_out():
     assert float(bias_free(logits, label)) == pytest.approx(float(F.cross_entropy(logits - bias, label)))
 
 
-def test_only_the_authors_fedrs_clips_the_clients_gradient():
+def test_only_the_authors_fedrs_clips_the_clients_gradient(monkeypatch):
     assert max_grad_norm(fedrs_cfg(0.5, "authors"), {}) == FEDRS_MAX_GRAD_NORM == 100.0
     assert max_grad_norm(fedrs_cfg(0.5, "paper"), {}) == 0.0
     assert max_grad_norm(cfg_of(), {}) == 0.0
-    assert client._settings(fedrs_cfg(0.5, "authors"), {}).max_grad_norm == 100.0
-    assert client._settings(cfg_of(), {}).max_grad_norm == 0.0
+    clipped = []  # what the ClientApp's round trains with, the training itself left out
+    monkeypatch.setattr(
+        client, "train", lambda model, batches, settings, *rest: clipped.append(settings.max_grad_norm) or {}
+    )
+    for cfg in (fedrs_cfg(0.5, "authors"), cfg_of()):
+        client_train(cfg)
+    assert clipped == [100.0, 0.0]
 
 
 # Ratio Loss: class weights and the monitor from the per-class updates on the auxiliary set
@@ -200,29 +193,25 @@ def test_ratio_loss_weights_each_example_by_its_class_and_the_client_checks_the_
         build_loss(LossInputs(cfg_of(), np.ones(2), {LOSS_KEY: "mystery"}))
 
 
-def client_train(run_config: dict, server_config: dict) -> dict:
-    cfg = cfg_of(**run_config)
-    arrays = to_record(run_model(cfg, prepare(cfg).dataset.num_classes, seed=0))
-    config = ConfigRecord({"server-round": 1, "local-epochs": 1, "lr": 0.1, "momentum": 0.0, "weight-decay": 0.0})
-    config.update({"augment": False, **server_config})
-    request = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type="train")
-    context = Context(1, 1, {"partition-id": 0, "num-partitions": 10}, RecordDict(), dict(cfg))
-    return client.train_fn(request, context).content["arrays"].to_torch_state_dict()
+def trained(run_config: dict, server_config: dict) -> dict:
+    """The weights a client's round on partition 0 ends with, at lr 0.1 without momentum."""
+    reply = client_train(cfg_of(**run_config), {"lr": 0.1, "momentum": 0.0, **server_config})
+    return reply.content["arrays"].to_torch_state_dict()
 
 
 def test_client_losses_reduce_to_cross_entropy_at_their_neutral_settings_and_change_training_otherwise():
-    ce = client_train({}, {})
+    ce = trained({}, {})
     same = [
-        client_train({"loss": "fedlc", "fedlc-tau": 0.0}, {}),
-        client_train({"loss": "fedrs", "fedrs-alpha": 1.0, "fedrs-variant": "paper"}, {}),
-        client_train({}, {LOSS_KEY: "ratio", RATIO_WEIGHTS_KEY: npy_bytes(np.ones(10, np.float32))}),
+        trained({"loss": "fedlc", "fedlc-tau": 0.0}, {}),
+        trained({"loss": "fedrs", "fedrs-alpha": 1.0, "fedrs-variant": "paper"}, {}),
+        trained({}, {LOSS_KEY: "ratio", RATIO_WEIGHTS_KEY: npy_bytes(np.ones(10, np.float32))}),
     ]
     for state in same:
         assert all(torch.allclose(ce[k], state[k], atol=1e-6) for k in ce)
-    fedlc = client_train({"loss": "fedlc"}, {})
+    fedlc = trained({"loss": "fedlc"}, {})
     assert not torch.allclose(ce["classifier.bias"], fedlc["classifier.bias"])
     start = run_model(cfg_of(loss="fedrs"), 10, seed=0).state_dict()["classifier.bias"]
-    fedrs = client_train({"loss": "fedrs"}, {})  # the authors' form: the bias is not in the loss
+    fedrs = trained({"loss": "fedrs"}, {})  # the authors' form: the bias is not in the loss
     assert torch.allclose(fedrs["classifier.bias"], start, atol=1e-7)
     assert not torch.allclose(ce["classifier.bias"], start, atol=1e-4)
 
@@ -419,8 +408,8 @@ def test_the_comparison_lists_the_papers_twelve_baselines_and_the_new_long_tail_
 
 def run_app(tmp_path, name, **overrides):
     base = {
-        "num-clients": 2,
-        "fraction-train": 1.0,
+        "num-clients": 10,
+        "fraction-train": 0.2,  # 2 of 10 small partitions a round
         "num-server-rounds": 2,
         "local-epochs": 1,
         "image-size": 8,
@@ -436,13 +425,14 @@ def run_app(tmp_path, name, **overrides):
         "align-eval-every": 1,
         "pretrain-cache-dir": str(tmp_path / "pretrain-cache"),
     }
-    cfg = validate({**base, **overrides}, choices={"strategy": STRATEGIES})
+    cfg = validated({**base, **overrides})
     grid = ClientAppGrid(cfg)
     summary = server_app.run(grid, cfg, name)
     rows = read_metrics(tmp_path / name)
     return summary, rows, grid.configs
 
 
+@pytest.mark.slow  # the whole ServerApp three times; each method's computations have their unit tests above
 def test_the_new_methods_run_through_the_server_and_client_apps(tmp_path):
     summary, rows, configs = run_app(tmp_path, "feddf", strategy="feddf", loss="fedlc", align=True)
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["ensemble-size"] == 2 for r in rows[1:])
@@ -467,7 +457,4 @@ def test_the_new_methods_run_through_the_server_and_client_apps(tmp_path):
     # digits long-tailed with IF 10: class 0 is the head, class 9 the tail
     assert rows[-1]["ratio-composition"][0] > rows[-1]["ratio-composition"][9]
     assert rows[-1]["ratio-weights"][9] > rows[-1]["ratio-weights"][0]
-    assert (
-        "Ratio Loss"
-        in client_workload(validate({"strategy": "ratioloss"}, choices={"strategy": STRATEGIES}))["client-runs"]
-    )
+    assert "Ratio Loss" in client_workload(validated({"strategy": "ratioloss"}))["client-runs"]

@@ -11,6 +11,7 @@ from flcore.models import (
     model_head,
     run_model,
 )
+from tests.helpers import validated
 
 
 def conv(cin, cout, k):
@@ -52,13 +53,6 @@ def test_resnet50_backbone_has_2048_features():
     assert model(x).shape == (1, 7)
 
 
-def cfg_of(**overrides):
-    from flcore.config import validate
-    from strategies.registry import STRATEGIES
-
-    return validate({k.replace("_", "-"): v for k, v in overrides.items()}, choices={"strategy": STRATEGIES})
-
-
 def linears(module):
     return [(m.in_features, m.out_features) for m in module.modules() if isinstance(m, torch.nn.Linear)]
 
@@ -66,7 +60,7 @@ def linears(module):
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedavgm", "fednova", "ccvr", "creff", "feddf", "fedbe"])
 def test_baselines_train_resnet8_with_a_linear_classifier_on_its_256_features(strategy):
     """CReFF's code base trains ResNet-8 -> Linear(256, C) for CReFF and its baselines: no projection."""
-    cfg = cfg_of(strategy=strategy)
+    cfg = validated(strategy=strategy)
     model = run_model(cfg, 10, seed=0)
     assert model_head(cfg) == "none" and classifier_width(cfg) == 256
     assert linears(model) == [(256, 10)] and not any(k.startswith("projection.") for k in model.state_dict())
@@ -75,7 +69,7 @@ def test_baselines_train_resnet8_with_a_linear_classifier_on_its_256_features(st
 
 
 def test_clip2fl_trains_its_256_to_512_linear_before_the_classifier():
-    cfg = cfg_of(strategy="clip2fl")
+    cfg = validated(strategy="clip2fl")
     model = run_model(cfg, 10, seed=0)
     assert model_head(cfg) == "linear" and classifier_width(cfg) == 512
     assert linears(model) == [(256, 512), (512, 10)]
@@ -85,7 +79,7 @@ def test_clip2fl_trains_its_256_to_512_linear_before_the_classifier():
 @pytest.mark.parametrize("stages", [{"pretrain": True}, {"align": True}, {"pretrain": True, "align": True}])
 @pytest.mark.parametrize("strategy", ["fedavg", "creff", "clip2fl"])
 def test_ours_keeps_the_papers_mlp_with_any_strategy(stages, strategy):
-    cfg = cfg_of(strategy=strategy, **stages)
+    cfg = validated(strategy=strategy, **stages)
     assert model_head(cfg) == "mlp" and classifier_width(cfg) == 512
     model = run_model(cfg, 10, seed=0)
     assert linears(model) == [(256, 512), (512, 512), (512, 10)]
@@ -93,12 +87,12 @@ def test_ours_keeps_the_papers_mlp_with_any_strategy(stages, strategy):
 
 
 def test_an_explicit_head_wins_over_the_methods_model():
-    assert model_head(cfg_of(strategy="creff", head="mlp")) == "mlp"
-    assert model_head(cfg_of(strategy="fedavg", head="linear", projection_dim=64)) == "linear"
-    assert model_head(cfg_of(pretrain=True, head="none")) == "none"
-    assert classifier_width(cfg_of(model="resnet50", head="none", image_size=64)) == 2048
+    assert model_head(validated(strategy="creff", head="mlp")) == "mlp"
+    assert model_head(validated(strategy="fedavg", head="linear", projection_dim=64)) == "linear"
+    assert model_head(validated(pretrain=True, head="none")) == "none"
+    assert classifier_width(validated(model="resnet50", head="none", image_size=64)) == 2048
     with pytest.raises(ConfigError, match="'head' = 'wide'.*auto, mlp, linear, none"):
-        cfg_of(head="wide")
+        validated(head="wide")
 
 
 def test_every_registered_strategy_names_its_reference_model():
@@ -110,7 +104,7 @@ def test_every_registered_strategy_names_its_reference_model():
 
 
 def test_auto_refuses_a_strategy_without_a_reference_model():
-    cfg = cfg_of().with_(strategy="mystery")
+    cfg = validated().with_(strategy="mystery")
     with pytest.raises(ConfigError, match="'head' = 'auto'.*'mystery'.*METHOD_HEADS"):
         model_head(cfg)
 
@@ -130,6 +124,6 @@ def test_without_a_projection_projection_dim_costs_nothing():
     """The memory check reads the run's model: a huge projection-dim is refused only where a head uses it."""
     from flcore.memory import check_memory
 
-    check_memory(cfg_of(projection_dim=100_000_000), 10, available=2**30)
+    check_memory(validated(projection_dim=100_000_000), 10, available=2**30)
     with pytest.raises(ConfigError, match="'projection-dim' = 100000000.*head=mlp"):
-        check_memory(cfg_of(projection_dim=100_000_000, head="mlp"), 10, available=2**30)
+        check_memory(validated(projection_dim=100_000_000, head="mlp"), 10, available=2**30)

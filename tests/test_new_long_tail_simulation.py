@@ -5,13 +5,13 @@ import pytest
 
 from flcore.reports import read_metrics, read_summary
 from server_app import launch
-
-TINY = "num-clients=4 num-server-rounds=2 fraction-train=1.0 local-epochs=1 image-size=8 projection-dim=16"
+from tests.helpers import TINY, run_config
 
 
 def run_one(tmp_path, name: str, overrides: str) -> tuple[list[dict], dict]:
     out = tmp_path / name
-    assert launch.main(["--run-config", f"{TINY} {overrides} output-dir={out}"]) == 0
+    every_client = run_config({**TINY, "fraction-train": 1.0, "output-dir": str(out)})
+    assert launch.main(["--run-config", every_client, "--run-config", overrides]) == 0
     (run_dir,) = list(out.iterdir())
     return read_metrics(run_dir), read_summary(run_dir)
 

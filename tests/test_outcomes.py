@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from alignment.stage import check_inputs
-from flcore.config import ConfigError, validate
+from flcore.config import ConfigError
 from flcore.run_data import prepare
 from flcore.training import NonFiniteLogits, predict
 from rounds import checkpoint
@@ -18,24 +18,21 @@ from rounds.policy import RoundPolicy
 from rounds.stage import NonFiniteModel, Outcome, Stages
 from server_app import app as server_app
 from server_app import launch
-from strategies.registry import STRATEGIES, build_strategy
+from strategies.registry import build_strategy
 from strategies.wrapper import BrokenModel, ServerStages, StageError
-from tests.conftest import InProcessGrid, RecordingReport, served
+from tests.helpers import (
+    GLOBAL,
+    TINY,
+    InProcessGrid,
+    RecordingReport,
+    begin_round,
+    run_config,
+    served,
+    train_reply,
+    validated,
+)
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
-
-GLOBAL = {"w": torch.zeros(3), "b": torch.zeros(2)}
-TINY = {"num-server-rounds": 2, "local-epochs": 1, "num-clients": 4, "fraction-train": 0.5, "image-size": 8}
-
-
-def check(overrides: dict) -> dict:
-    return validate(overrides, choices={"strategy": STRATEGIES})
-
-
-def reply(node: int, state: dict, n: int = 1) -> Message:
-    request = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": n})})
-    return Message(content, reply_to=request)
 
 
 def nan_stage(server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> Outcome:
@@ -43,22 +40,21 @@ def nan_stage(server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> 
 
 
 def test_nan_logits_file_is_refused_naming_the_key(tmp_path, no_superlink, capsys):
-    cfg = check({**TINY, "align": True, "output-dir": str(tmp_path)})
+    cfg = validated({**TINY, "align": True, "output-dir": str(tmp_path)})
     prep = prepare(cfg)
     bad = tmp_path / "nan.npy"
     np.save(bad, np.full((len(prep.split.align), prep.dataset.num_classes), np.nan, np.float32))
     with pytest.raises(ConfigError, match="'align-logits-file'.*NaN or Inf"):
         check_inputs(cfg.with_(align_logits_file=str(bad)), prep.dataset, prep.split.align)
-    words = " ".join(f"{k}={v}" for k, v in TINY.items())
-    assert launch.main(["--run-config", f"{words} align=true align-logits-file={bad}"]) == 2
+    assert launch.main(["--run-config", run_config({**TINY, "align": True, "align-logits-file": str(bad)})]) == 2
     assert "NaN or Inf" in capsys.readouterr().err
 
 
 def test_a_stage_returning_nan_weights_stops_the_run_naming_the_stage():
-    strategy = served(build_strategy(check({})), after_aggregation=[nan_stage])
-    strategy.inner._global = ArrayRecord(GLOBAL)
+    strategy = served(build_strategy(validated()), after_aggregation=[nan_stage])
+    begin_round(strategy, ArrayRecord(GLOBAL))
     with pytest.raises(StageError, match="nan_stage returned a model with NaN or Inf"):
-        strategy.aggregate_train(1, [reply(1, {"w": torch.ones(3), "b": torch.ones(2)})])
+        strategy.aggregate_train(1, [train_reply(node=1, state={"w": torch.ones(3), "b": torch.ones(2)})])
     assert strategy.report.train == {}  # nothing of the round was recorded as if it had worked
 
 
@@ -68,7 +64,7 @@ def pretrain_nan(arrays: ArrayRecord) -> Outcome:
 
 def test_an_initial_stage_returning_nan_weights_stops_before_round_one():
     grid = FailingGrid(2)
-    strategy = ServerStages(build_strategy(check({})), Stages(before_training=[pretrain_nan]), RecordingReport())
+    strategy = ServerStages(build_strategy(validated()), Stages(before_training=[pretrain_nan]), RecordingReport())
     with pytest.raises(StageError, match="pretrain_nan"):
         strategy.start(grid, ArrayRecord(GLOBAL), num_rounds=1)
     assert grid.pushed == 0
@@ -76,12 +72,12 @@ def test_an_initial_stage_returning_nan_weights_stops_before_round_one():
 
 def test_a_non_finite_aggregate_keeps_the_global_model(monkeypatch):
     """Finite updates can still average to Inf in a strategy's own arithmetic (server momentum, say)."""
-    policy = served(build_strategy(check({}))).inner
-    policy._global = ArrayRecord(GLOBAL)
+    policy = served(build_strategy(validated())).inner
+    begin_round(policy, ArrayRecord(GLOBAL))
     monkeypatch.setattr(
-        policy.inner, "aggregate_train", lambda r, replies: (nan_stage(r, policy._global, None).arrays, None)
+        policy.inner, "aggregate_train", lambda r, replies: (nan_stage(r, ArrayRecord(GLOBAL), None).arrays, None)
     )
-    arrays, metrics = policy.aggregate_train(1, [reply(1, {"w": torch.ones(3), "b": torch.ones(2)})])
+    arrays, metrics = policy.aggregate_train(1, [train_reply(node=1, state={"w": torch.ones(3), "b": torch.ones(2)})])
     assert arrays is None and metrics["replies"] == 1 and policy.updated_rounds == 0
 
 
@@ -103,19 +99,18 @@ class FailingGrid(InProcessGrid):
 
 
 def test_a_run_shorter_than_max_empty_rounds_that_aggregated_nothing_fails(tmp_path):
-    cfg = check({**TINY, "output-dir": str(tmp_path), "max-empty-rounds": 3})
+    cfg = validated({**TINY, "output-dir": str(tmp_path), "max-empty-rounds": 3})
     with pytest.raises(RuntimeError, match="no round of this run aggregated a single client update.*timed out"):
         server_app.run(FailingGrid(4), cfg, "empty")
 
 
 def test_one_good_round_is_enough_to_finish():
-    strategy = served(build_strategy(check({})))
-    policy = strategy.inner
-    policy._global, policy._sent = ArrayRecord(GLOBAL), 2
+    policy = served(build_strategy(validated(num_clients=2, fraction_train=1.0))).inner
+    begin_round(policy, ArrayRecord(GLOBAL), nodes=2)
     policy.aggregate_train(1, [])  # every reply timed out
     with pytest.raises(RuntimeError, match="no round.*2 of 2 sampled clients sent no reply within round-timeout"):
         policy.require_an_update()
-    policy.aggregate_train(2, [reply(1, {"w": torch.ones(3), "b": torch.ones(2)})])
+    policy.aggregate_train(2, [train_reply(node=1, state={"w": torch.ones(3), "b": torch.ones(2)})])
     policy.require_an_update()
 
 
@@ -129,14 +124,14 @@ def test_one_good_round_is_enough_to_finish():
 )
 def test_empty_output_folders_are_refused(overrides, hint):
     with pytest.raises(ConfigError, match=hint):
-        check(overrides)
+        validated(overrides)
 
 
 def test_output_dir_naming_a_file_is_refused(tmp_path):
     file = tmp_path / "taken"
     file.write_text("x")
     with pytest.raises(ConfigError, match="'output-dir' = .* is an existing file"):
-        check({"output-dir": str(file)})
+        validated({"output-dir": str(file)})
 
 
 class NegativeVarianceGrid(FailingGrid):
@@ -154,7 +149,7 @@ class NegativeVarianceGrid(FailingGrid):
 
 def test_a_model_with_nan_logits_stops_the_run_naming_round_and_step_and_is_never_scored(tmp_path):
     """argmax of an all-NaN row is 0: without the check, this model was scored as if it predicted class 0."""
-    cfg = check({**TINY, "output-dir": str(tmp_path)})
+    cfg = validated({**TINY, "output-dir": str(tmp_path)})
     with pytest.raises(
         BrokenModel, match=r"round 1: the global model made by aggregation by fedavg .*NaN or Inf logits"
     ):
@@ -210,7 +205,7 @@ class EchoGrid(FailingGrid):
 )
 def test_a_broken_model_stops_the_run_naming_the_step_that_made_it(stages, offset, grid, made_by):
     strategy = ServerStages(
-        RoundPolicy(build_strategy(check({"strategy": "fedavgm", "num-clients": 4}))),
+        RoundPolicy(build_strategy(validated({"strategy": "fedavgm", "num-clients": 4}))),
         Stages(after_aggregation=stages),
         RecordingReport(),
         round_offset=offset,

@@ -13,6 +13,7 @@ from flcore.batches import open_image
 from flcore.datasets import load as load_dataset
 from flcore.partition import make_split
 from server_app import launch
+from tests.helpers import write_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,8 +151,7 @@ def test_a_finished_run_with_the_same_settings_is_reported_again_not_rerun(tmp_p
     run.mkdir(parents=True)
     settings = {"dataset": "cifar10", "data-dir": "/d", "num-server-rounds": 2, "output-dir": str(tmp_path / "memory")}
     (run / "config.json").write_text(json.dumps({**settings, "local-epochs": 1, "seed": 7}))
-    (run / "summary.json").write_text("{}")
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows((5.0, 4.0, 1.0, 1.0))))
+    write_run(run, rows((5.0, 4.0, 1.0, 1.0)), {})
     launched = []
     monkeypatch.setattr(runs.subprocess, "Popen", lambda *a, **k: launched.append(a) or 1 / 0)
     assert len(paper_cost.run_path("memory", "/d", 2, "local-epochs=1", tmp_path)) == 2 and not launched

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from client_app import distill
-from flcore.config import validate
 from strategies.clip2fl import TextContrast, text_contrast_loss
-from strategies.registry import STRATEGIES
+from tests.helpers import validated
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "parity" / "clip2fl.json").read_text())
 
@@ -29,7 +28,7 @@ def test_client_kd_term_matches_clip2fls_kd_loss(monkeypatch, temperature):
     kd = FIXTURE["kd"]
     teacher = f64(kd["teacher"])
     monkeypatch.setattr(distill, "teacher_logits", lambda cfg, pid, classes, images: teacher)
-    cfg = validate({"strategy": "clip2fl"}, choices={"strategy": STRATEGIES})
+    cfg = validated({"strategy": "clip2fl"})
     server_config = {"kd-weight": 1.0, "kd-temperature": float(temperature)}
     classes = tuple(range(teacher.shape[1]))
     term = distill.distillation(cfg, server_config, 0, classes, range(len(teacher)))
@@ -52,7 +51,7 @@ def test_server_text_contrast_matches_clip2fls_supconloss_text(case):
 
 
 def test_defaults_are_clip2fls_and_the_server_term_is_weighted_by_contrast_weight():
-    cfg = validate({"strategy": "clip2fl"}, choices={"strategy": STRATEGIES})
+    cfg = validated({"strategy": "clip2fl"})
     defaults = FIXTURE["defaults"]
     for key in ("kd-weight", "kd-temperature", "contrast-weight", "contrast-temperature", "clip2fl-prompt"):
         assert cfg[key] == defaults[key], key

@@ -13,8 +13,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from flcore.config import validate
-from strategies.registry import STRATEGIES, build_strategy
+from strategies.registry import build_strategy
+from tests.helpers import validated
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "parity" / "fedavgm.json").read_text())
 
@@ -36,7 +36,7 @@ def reply(state: dict, n: int) -> Message:
 
 
 def test_default_fedavgm_follows_fl_bench_server_update_over_three_rounds():
-    cfg = validate({"strategy": "fedavgm", "num-clients": 3, "fraction-train": 1.0}, choices={"strategy": STRATEGIES})
+    cfg = validated({"strategy": "fedavgm", "num-clients": 3, "fraction-train": 1.0})
     assert (cfg["server-lr"], cfg["server-momentum"], cfg["server-nesterov"]) == (
         FIXTURE["server-lr"],
         FIXTURE["server-momentum"],

@@ -22,6 +22,7 @@ from pretrain.stage import digits_images, dwp_settings, held_out_digits, pretrai
 from pretrain.teacher import TINY_NOTE, load_teacher, projector, tiny_teacher, vision_tower
 from rounds.stage import ServerContext
 from strategies.registry import STRATEGIES, build_stages
+from tests.helpers import validated
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -225,7 +226,7 @@ STAGE_RUN = {
 
 
 def test_stage_hands_the_pretrained_backbone_to_round_one_and_reuses_the_cache(tmp_path):
-    cfg = validate({**STAGE_RUN, "pretrain-cache-dir": str(tmp_path / "cache")}, choices={"strategy": STRATEGIES})
+    cfg = validated({**STAGE_RUN, "pretrain-cache-dir": str(tmp_path / "cache")})
     data = server_data(cfg)
     ctx = ServerContext(cfg, data, None, None)
     assert pretrain_stage(cfg.with_(pretrain=False), ctx).before_training == []
@@ -253,7 +254,7 @@ def test_stage_hands_the_pretrained_backbone_to_round_one_and_reuses_the_cache(t
 
 def test_digits_stand_in_holds_no_test_or_d_align_image(tmp_path):
     """The offline web-image stand-in leaves out every digit the run evaluates (test split) or aligns on."""
-    cfg = validate({"pretrain": True, "image-size": 8, "align-per-class": 10}, choices={"strategy": STRATEGIES})
+    cfg = validated({"pretrain": True, "image-size": 8, "align-per-class": 10})
     data = server_data(cfg)  # at image-size 8 the images are the scans themselves
     held = [data.dataset.test.images[i, 0].numpy() for i in range(len(data.dataset.test))]
     held += [data.align.images[i, 0].numpy() for i in range(len(data.align))]
@@ -262,7 +263,7 @@ def test_digits_stand_in_holds_no_test_or_d_align_image(tmp_path):
     written = [np.asarray(Image.open(f).convert("RGB")).tobytes() for f in sorted(folder.glob("*.png"))]
     assert len(written) == 1797 - len(data.dataset.test) - len(data.align) == 1158
     assert not rendered & set(written)
-    other = validate({**cfg, "dataset": "folder", "data-dir": str(tmp_path)}, choices={"strategy": STRATEGIES})
+    other = validated({**cfg, "dataset": "folder", "data-dir": str(tmp_path)})
     assert len(held_out_digits(other)) == 539  # another dataset's D_align is not a digit: only the test split
 
 
@@ -282,9 +283,8 @@ def test_gfl_trains_the_fl_models_own_projection_when_it_has_llavas_width(teache
 
 
 def test_with_matching_widths_round_one_gets_the_dwp_trained_projection_too(tmp_path):
-    cfg = validate(
+    cfg = validated(
         {**STAGE_RUN, "pretrain-cache-dir": str(tmp_path / "cache"), "projection-dim": 32},
-        choices={"strategy": STRATEGIES},
     )
     ctx = ServerContext(cfg, server_data(cfg), None, None)
     (hook,) = build_stages(cfg, ctx).before_training
@@ -302,7 +302,7 @@ def test_with_matching_widths_round_one_gets_the_dwp_trained_projection_too(tmp_
     report.dir.mkdir()
     report.take(outcome)
     assert json.loads((report.dir / "pretrain.json").read_text())["handed-over"] == ["backbone", "projection"]
-    other = validate({**cfg, "projection-dim": 512}, choices={"strategy": STRATEGIES})  # what DWP trains changes
+    other = validated({**cfg, "projection-dim": 512})  # what DWP trains changes
     (narrow,) = build_stages(other, ServerContext(other, ctx.data, None, None)).before_training
     second = narrow(to_record(build_model("resnet8", 512, 10, seed=7))).sections["pretrain"]
     assert second["reused"] is False and second["cache"] != meta["cache"] and second["handed-over"] == ["backbone"]

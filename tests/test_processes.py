@@ -1,20 +1,21 @@
-"""Nothing a run starts outlives the launcher: not after kill -9 of its process group, not after a normal end."""
+"""Nothing a run starts outlives the launcher: not after kill -9 of its process group, not after a normal end
+(the full run of tests/test_simulation.py checks that one)."""
 
 import contextlib
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from server_app import watchdog
+from tests.helpers import TINY, run_config
+from tests.procs import Recorder, launcher, still_running
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = "num-server-rounds=2 local-epochs=1 num-clients=4 fraction-train=0.5 image-size=8"
 
 # A stand-in launcher: a tree in other sessions (as the SuperLink's), one process orphaned after 1 s (as Ray's
 # workers are when the simulation exits), and the watchdog on it.
@@ -32,16 +33,6 @@ time.sleep(300)
 
 def identities(pids) -> dict[int, int]:
     return {pid: stat[2] for pid in pids if (stat := watchdog._stat(pid)) is not None}
-
-
-def still_running(recorded: dict[int, int], within: float) -> list[int]:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        left = [pid for pid, started in recorded.items() if watchdog._same(pid, started)]
-        if not left:
-            return []
-        time.sleep(0.1)
-    return left
 
 
 def test_kill_9_of_the_launchers_group_ends_its_other_sessions_and_orphans(tmp_path):
@@ -79,34 +70,9 @@ def test_at_a_normal_end_the_watchdog_ends_what_the_run_left_orphaned(tmp_path):
         watchdog.end_processes(identities(int(p) for p in pids.read_text().split()), grace=1)
 
 
-class Recorder(threading.Thread):
-    """Records every process below `pid` (and their re-parented descendants) while a real run goes on."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.recorded, self.done = pid, {}, threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.2):
-            watchdog.record([self.pid], self.recorded)
-        self.recorded.pop(self.pid, None)
-
-    def names(self) -> str:
-        return " ".join(
-            Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")[:60] for p in self.recorded if watchdog.alive(p)
-        )
-
-
-def launcher(tmp_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server_app.launch", "--run-config", f"{TINY} output-dir={tmp_path}"]
-    log = (tmp_path / "launch.log").open("w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 @pytest.mark.slow
 def test_kill_9_of_a_real_launch_leaves_no_superlink_simulation_or_ray(tmp_path):
-    proc = launcher(tmp_path)
+    proc = launcher(tmp_path, TINY)
     recorder = Recorder(proc.pid)
     recorder.start()
     try:
@@ -121,22 +87,6 @@ def test_kill_9_of_a_real_launch_leaves_no_superlink_simulation_or_ray(tmp_path)
         recorder.done.set()
         recorder.join()
         assert still_running(recorder.recorded, within=30) == [], recorder.names()
-    finally:
-        recorder.done.set()
-        watchdog.end_processes(recorder.recorded, grace=2)
-
-
-@pytest.mark.slow
-def test_nothing_the_run_started_is_left_when_the_launcher_returns(tmp_path):
-    proc = launcher(tmp_path)
-    recorder = Recorder(proc.pid)
-    recorder.start()
-    try:
-        assert proc.wait(timeout=600) == 0, (tmp_path / "launch.log").read_text()[-2000:]
-        recorder.done.set()
-        recorder.join()
-        assert len(recorder.recorded) >= 4  # SuperLink, SuperExec, simulation, Ray, watchdog, ...
-        assert still_running(recorder.recorded, within=0.5) == [], recorder.names()
     finally:
         recorder.done.set()
         watchdog.end_processes(recorder.recorded, grace=2)
@@ -202,7 +152,7 @@ def running(recorder: Recorder, name: str) -> bool:
 @pytest.mark.slow
 def test_kill_9_of_a_real_local_cluster_at_round_1_leaves_no_flower_process(tmp_path):
     cmd = [sys.executable, "-m", "deploy.local_cluster", "--insecure", "--nodes", "2", "--workdir", str(tmp_path)]
-    cmd += ["--run-config", f"{TINY} num-clients=2 output-dir={tmp_path / 'out'}"]
+    cmd += ["--run-config", run_config({**TINY, "num-clients": 2, "output-dir": str(tmp_path / "out")})]
     log = (tmp_path / "cluster.log").open("w")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

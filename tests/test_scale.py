@@ -11,13 +11,11 @@ from PIL import Image
 
 import flcore.run_data as run_data
 from client_app.app import app as client_app
-from flcore.config import validate
 from flcore.datasets import ImageSet
 from flcore.models import run_model
 from flcore.reports import RunReport
 from rounds.sampling import seeded_random
-from strategies.registry import STRATEGIES
-from tests.conftest import InProcessGrid, served
+from tests.helpers import InProcessGrid, served, validated
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -84,7 +82,7 @@ def test_a_new_node_takes_the_lowest_free_partition_and_keeps_it():
 
 
 def client_cfg(tmp_path, assignment: str) -> dict:
-    return validate(
+    return validated(
         {
             "num-clients": NODES,
             "fraction-train": 0.01,
@@ -97,7 +95,6 @@ def client_cfg(tmp_path, assignment: str) -> dict:
             "partition-assignment": assignment,
             "output-dir": str(tmp_path),
         },
-        choices={"strategy": STRATEGIES},
     )
 
 
@@ -156,7 +153,7 @@ def test_bench_scale_dataset_gives_every_client_its_images_and_the_table_compare
     for clients in (20, 40):  # every client holds as many images in the smaller run as in the larger
         settings = {**parse_overrides([scale.SETTINGS]), "data-dir": str(tmp_path), "num-clients": clients}
         settings["align-per-class"] = scale.align_per_class(clients, max_clients=40)
-        split = run_data.prepare(validate(settings, choices={"strategy": STRATEGIES})).split
+        split = run_data.prepare(validated(settings)).split
         assert [len(c) for c in split.clients] == [scale.IMAGES_PER_CLIENT] * clients
     runs = [{"clients": 100, "actors": 2, **dict.fromkeys(scale.FIGURES, v)} for v in (2.0, 1.0)]
     small = scale.best(runs)

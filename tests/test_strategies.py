@@ -3,29 +3,26 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from flcore.arrays import load_record, read_npy
 from flcore.class_statistics import encode
-from flcore.config import validate
 from flcore.models import build_model
-from flcore.reports import RunReport
+from flcore.reports import METRICS, RunReport, read_metrics
 from rounds.stage import Outcome, ServerStage, Stages
 from strategies.registry import STRATEGIES, build_strategy
 from strategies.wrapper import ServerStages
-from tests.conftest import InProcessGrid, served
+from tests.helpers import InProcessGrid, served, train_reply, validated
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
 
 def reply(state: dict, n: int) -> Message:
-    request = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1, message_type="train")
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": n, "loss": float(n)})})
-    return Message(content, reply_to=request)
+    return train_reply(state, n, metrics={"loss": float(n)})
 
 
 def test_fedavg_weights_by_num_examples():
-    strategy = build_strategy(validate({}, choices={"strategy": STRATEGIES}))
+    strategy = build_strategy(validated())
     a = {"w": torch.zeros(3), "count": torch.tensor(2)}
     b = {"w": torch.ones(3) * 4, "count": torch.tensor(6)}
     arrays, metrics = strategy.aggregate_train(1, [reply(a, 1), reply(b, 3)])
@@ -48,19 +45,21 @@ def test_stages_run_after_aggregation_in_order_and_the_report_gets_what_they_mea
         return Outcome(arrays)
 
     report = RunReport(tmp_path, 4, ["a", "b"])
-    inner = build_strategy(validate({}, choices={"strategy": STRATEGIES}))
+    inner = build_strategy(validated())
     wrapped = ServerStages(inner, Stages(after_aggregation=[double, record]), report)
     arrays, metrics = wrapped.aggregate_train(4, [reply({"w": torch.ones(2)}, 1), reply({"w": torch.ones(2) * 3}, 1)])
     assert calls == [("double", 4), ("record", 4, 1.0)]
     assert np.allclose(arrays["w"].numpy(), [4.0, 4.0])
     assert report.sections == {"doubling": {"factor": 2}}
     assert json.loads((tmp_path / "doubling.json").read_text()) == {"factor": 2}
-    assert report._pending[4]["doubled"] == 1.0  # the round's metrics wait for its evaluation row
+    assert not (tmp_path / METRICS).exists()  # no row before the round's evaluation
+    report.record_eval(4, {"accuracy": 0.5, "balanced-accuracy": 0.5})
+    assert read_metrics(tmp_path)[-1]["doubled"] == 1.0  # the round's metrics waited for its evaluation row
 
 
 def test_load_record_restores_integer_buffers_after_fedavg():
     model = build_model("resnet8", 32, 3, seed=0)
-    strategy = build_strategy(validate({}, choices={"strategy": STRATEGIES}))
+    strategy = build_strategy(validated())
     arrays, _ = strategy.aggregate_train(1, [reply(model.state_dict(), 2), reply(model.state_dict(), 5)])
     assert arrays["backbone.stem.1.num_batches_tracked"].numpy().dtype == np.float64
     load_record(model, arrays)
@@ -79,7 +78,7 @@ def test_server_stage_registry_wires_hooks_and_start_applies_initial_stages(monk
 
     entry = ServerStage(lambda cfg, ctx: Stages([bump], [noop], {"test": {"built": True}}))
     monkeypatch.setitem(registry.SERVER_STAGES, "test", entry)
-    cfg = validate({}, choices={"strategy": STRATEGIES})
+    cfg = validated()
     report = RunReport(tmp_path, 1, ["a"])
     built = registry.build_server_strategy(cfg, ctx=None, report=report)
     wrapped = built.strategy
@@ -148,7 +147,7 @@ def test_the_last_stage_output_is_the_next_global_model_and_the_base_of_the_stra
     normalisation base, CReFF's aggregate). CReFF's clients keep the plain aggregate's classifier."""
     from rounds.stage import Outcome
 
-    cfg = validate(
+    cfg = validated(
         {
             "strategy": name,
             "num-clients": 4,
@@ -159,7 +158,6 @@ def test_the_last_stage_output_is_the_next_global_model_and_the_base_of_the_stra
             "calibration-epochs": 2,
             "contrast-weight": 0.0,  # CLIP2FL's text contrast needs 4-d text features; the mechanics are CReFF's
         },
-        choices={"strategy": STRATEGIES},
     )
     gen = torch.Generator().manual_seed(0)
     initial = {"w": torch.randn(2, generator=gen), "classifier.weight": torch.randn(3, 4, generator=gen)}
@@ -196,10 +194,16 @@ def test_strategies_that_run_the_model_on_server_data_send_the_last_stage_output
     from flcore.models import run_model
     from rounds.stage import Outcome
 
-    cfg = validate(
+    cfg = validated(
         {"strategy": name, "num-clients": 4, "fraction-train": 1.0, "num-server-rounds": 2, "projection-dim": 8}
-        | {"feddf-steps": 2, "feddf-patience": 1, "fedbe-samples": 1, "fedbe-epochs": 1, "distill-data": "align"},
-        choices={"strategy": STRATEGIES},
+        | {
+            "image-size": 8,
+            "feddf-steps": 2,
+            "feddf-patience": 1,
+            "fedbe-samples": 1,
+            "fedbe-epochs": 1,
+            "distill-data": "align",
+        },
     )
     initial = run_model(cfg, 10, seed=0).state_dict()
 

@@ -11,12 +11,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from client_app.limits import MessageRejected, check_global
 from flcore.class_statistics import npy_bytes
-from flcore.config import ConfigError, validate
+from flcore.config import ConfigError
 from rounds import guard
 from rounds.guard import screen
 from rounds.policy import RoundPolicy
 from rounds.weights import WeightCaps
-from strategies.registry import STRATEGIES, build_strategy
+from strategies.registry import build_strategy
+from tests.helpers import begin_round, validated
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -53,9 +54,9 @@ def arrays_of(state: dict) -> dict:
 
 
 def policy(known=None, **caps) -> RoundPolicy:
-    strategy = build_strategy(validate({}, choices={"strategy": STRATEGIES}))
+    strategy = build_strategy(validated())
     guarded = RoundPolicy(strategy, weight_caps=WeightCaps(known=known or {}, **caps), max_upload_mb=1.0)
-    guarded._global = ArrayRecord(arrays_of(GLOBAL))
+    begin_round(guarded, ArrayRecord(arrays_of(GLOBAL)))
     return guarded
 
 
@@ -114,9 +115,9 @@ def test_max_examples_caps_every_claim():
 
 @pytest.mark.parametrize(("name", "expected"), [("fedmedian", 1.0), ("fedtrimmedavg", 1.0)])
 def test_robust_strategies_ignore_one_far_away_update(name, expected):
-    cfg = validate({"strategy": name, "trim-fraction": 0.2}, choices={"strategy": STRATEGIES})
+    cfg = validated({"strategy": name, "trim-fraction": 0.2})
     guarded = RoundPolicy(build_strategy(cfg))
-    guarded._global = ArrayRecord(arrays_of(GLOBAL))
+    begin_round(guarded, ArrayRecord(arrays_of(GLOBAL)))
     replies = [good(i, 1.0) for i in range(1, 5)] + [good(9, 1e6, n=10**6)]
     arrays, _ = guarded.aggregate_train(1, replies)
     assert np.allclose(arrays["w"].numpy(), expected)
@@ -128,9 +129,9 @@ def test_a_trimmed_mean_that_would_trim_nothing_is_refused_before_start():
 
     small = {"strategy": "fedtrimmedavg", "num-clients": 8, "fraction-train": 0.5, "trim-fraction": 0.2}
     with pytest.raises(ConfigError, match=r"'trim-fraction' = 0.2 is not allowed with 4 clients per round.*>= 0.25"):
-        check_strategy(validate(small, choices={"strategy": STRATEGIES}), None)
-    check_strategy(validate({**small, "trim-fraction": 0.25}, choices={"strategy": STRATEGIES}), None)
-    check_strategy(validate({"strategy": "fedtrimmedavg"}, choices={"strategy": STRATEGIES}), None)  # 0.2 x 8
+        check_strategy(validated(small), None)
+    check_strategy(validated({**small, "trim-fraction": 0.25}), None)
+    check_strategy(validated({"strategy": "fedtrimmedavg"}), None)  # 0.2 x 8
 
 
 def test_uploads_above_max_upload_mb_are_refused_before_they_are_decoded(monkeypatch):
@@ -237,9 +238,8 @@ def fuzz_reply(rng: np.random.Generator, node: int) -> Message:
 
 def test_fuzzed_replies_never_escape_the_screen_nor_reach_the_aggregate():
     rng = np.random.default_rng(2024)
-    cases = 0
+    cases, guarded = 0, policy()
     for round_ in range(1500):
-        guarded = policy()
         honest = [good(1, 2.0), good(2, 2.0)]
         crafted = [fuzz_reply(rng, 100 + i) for i in range(int(rng.integers(1, 3)))]
         arrays, metrics = guarded.aggregate_train(round_ + 1, [honest[0], *crafted, honest[1]])
@@ -278,7 +278,7 @@ def test_fuzzed_server_messages_are_refused_or_fit_the_model():
 def test_the_node_operator_can_lower_the_message_limit_the_server_sets():
     from client_app.app import message_limit
 
-    cfg = validate({"max-message-mb": 1024.0}, choices={"strategy": STRATEGIES})
+    cfg = validated({"max-message-mb": 1024.0})
     assert message_limit(cfg, {"partition-id": 0}) == 1024.0
     assert message_limit(cfg, {"partition-id": 0, "max-message-mb": 2}) == 2.0
     assert message_limit(cfg.with_(max_message_mb=1.0), {"max-message-mb": 64.0}) == 1.0
@@ -287,7 +287,7 @@ def test_the_node_operator_can_lower_the_message_limit_the_server_sets():
 def test_a_max_upload_mb_too_small_for_the_strategy_is_refused_before_the_run():
     from server_app.preflight import check_upload_size
 
-    cfg = validate({"strategy": "ccvr", "max-upload-mb": 1.0}, choices={"strategy": STRATEGIES})
+    cfg = validated({"strategy": "ccvr", "max-upload-mb": 1.0})
     with pytest.raises(ConfigError, match=r"'max-upload-mb' = 1.0 .*strategy=ccvr.*2\.5 MB.*256-d.*head=none"):
         check_upload_size(cfg, 10)  # CCVR's model: the classifier reads ResNet-8's 256-d features
     check_upload_size(cfg.with_(max_upload_mb=3.0), 10)

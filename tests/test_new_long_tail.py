@@ -10,22 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from flcore.config import ConfigError, validate
+from flcore.config import ConfigError
 from flcore.losses import LOSS_KEY, LossInputs, build_loss
 from flcore.models import ETFClassifier, model_classifier, model_head, run_buffer_names, run_model
 from flcore.personalize import fedetf_personalize, fit
 from flcore.training import TrainSettings, train
 from strategies.personalization import personal_accuracy
-from strategies.registry import STRATEGIES, client_workload
+from strategies.registry import client_workload
+from tests.helpers import TINY, validated
 from tests.test_long_tail_methods import run_app
 
 pytestmark = pytest.mark.usefixtures("flower_identity", "one_thread")
 
-TINY = {"num-clients": 4, "image-size": 8, "projection-dim": 16, "local-epochs": 1, "augment": False}
-
 
 def cfg_of(**overrides):
-    return validate({**TINY, **overrides}, choices={"strategy": STRATEGIES})
+    return validated(TINY, augment=False, **overrides)
 
 
 def digits_batch(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:

@@ -252,8 +252,10 @@ def table(
     ifs: Sequence[float],
     failures: Mapping[tuple[str, float], Sequence[str]] | None = None,
     notes: Mapping[str, str] | None = None,
+    seeds: int = 0,
 ) -> str:
-    """Markdown in the shape of the paper's Table 2, with cost columns; best mean per IF in bold.
+    """Markdown in the shape of the paper's Table 2, with cost columns; best mean per IF in bold; a cell with fewer
+    finished seeds than the grid's `seeds` says how many (`n=1`: its ± 0.00 is no spread over seeds).
 
     `failures` lists, per (method, IF), why launched seeds did not finish; such a cell says how many
     (`diverged` alone when no seed finished), so a method that blew up is not mistaken for one not run.
@@ -282,7 +284,9 @@ def table(
             mean, std = means[m, i]
             text = f"{mean:.2f} ± {std:.2f}"
             text = f"**{text}**" if mean == best[i] else text
-            cells.append(f"{text} ({noted})" if why else text)
+            done = sum(r["imbalance-factor"] == i for r in mine)
+            said = ", ".join([*([f"n={done}"] if done < seeds else []), *([noted] if why else [])])
+            cells.append(f"{text} ({said})" if said else text)
         label = f"{m} [{noted_rows.index(m) + 1}]" if m in notes else m
         if not mine:
             lines.append("| " + " | ".join([label, *cells, "–", "–", "–"]) + " |")
@@ -467,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cell in cells:
         if cell.key not in borrowed and (why := cell_failure(cell)):
             failures.setdefault((cell.method, cell.imbalance), []).append(why)
-    text = table(results, methods, ifs, failures, training_notes(methods_cfg, methods))
+    text = table(results, methods, ifs, failures, training_notes(methods_cfg, methods), seeds=len(seeds))
     out.mkdir(parents=True, exist_ok=True)  # a report of borrowed rows alone has no cell folder here
     (out / "table.md").write_text(text)
     write_csv(results, out / "results.csv")

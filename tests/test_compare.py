@@ -60,7 +60,7 @@ def test_a_cell_whose_clients_diverged_is_marked_in_the_table_not_left_as_not_ru
     args = ["--methods", "ratioloss,fedavg", "--ifs", "10", "--seeds", "7,8", "--out", str(tmp_path)]
     assert compare.main(args) == 1
     lines = (tmp_path / "table.md").read_text().splitlines()
-    assert lines[2].startswith("| ratioloss [1] | **60.00 ± 0.00** (1 diverged) | ")
+    assert lines[2].startswith("| ratioloss [1] | **60.00 ± 0.00** (n=1, 1 diverged) | ")
     assert lines[3] == "| fedavg | 2 failed | – | – | – |"
     assert lines[5].startswith("[1] ratioloss trains its clients with lr=0.001 momentum=0.9 weight-decay=0.0005,")
     assert compare.cell_failure(compare.Cell("fedavg", 10.0, 9, tmp_path / "never")) is None
@@ -247,3 +247,11 @@ def test_a_built_in_row_redefined_by_method_says_what_changed():
     notes = compare.training_notes(methods, ["fedavg", "feddf"])
     note = "feddf runs here with feddf-steps=40 feddf-patience=20 (redefined by --method; built in: strategy=feddf)."
     assert notes == {"feddf": note}
+
+
+def test_a_cell_with_fewer_seeds_than_the_grid_says_how_many(tmp_path):
+    results = [compare.cell_result(fake_cell(tmp_path, "fedavg", 10.0, s, a)) for s, a in ((7, 0.5), (8, 0.7))]
+    results.append(compare.cell_result(fake_cell(tmp_path, "fedprox", 10.0, 7, 0.4)))
+    lines = compare.table(results, ["fedavg", "fedprox"], [10.0], seeds=2).splitlines()
+    assert lines[2].startswith("| fedavg | **60.00 ± 14.14** | ")
+    assert lines[3].startswith("| fedprox | 40.00 ± 0.00 (n=1) | ")

@@ -12,7 +12,7 @@ from rounds.delegate import Delegating
 from rounds.norms import bound_updates
 from rounds.policy import RoundPolicy
 from strategies.registry import STRATEGIES, build_server_strategy
-from tests.conftest import RecordingReport
+from tests.helpers import RecordingReport
 from tests.test_untrusted import GLOBAL, arrays_of, good, reply
 
 pytestmark = pytest.mark.usefixtures("flower_identity")

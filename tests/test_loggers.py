@@ -18,7 +18,7 @@ from flcore.config import ConfigError, log_targets, validate
 from flcore.loggers import TENSORBOARD, check_loggers, open_loggers, scalars, wandb_mode
 from flcore.reports import RunReport, read_metrics
 from strategies.registry import STRATEGIES
-from tests.conftest import ClientAppGrid
+from tests.helpers import ClientAppGrid
 
 LOGGERS = ("tensorboard", "wandb")
 

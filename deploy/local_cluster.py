@@ -30,7 +30,6 @@ import ipaddress
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from flcore.config import ConfigError
+from flcore.files import unwritable
 from flcore.run_config import parse_overrides
 from server_app import launch
 from server_app.preflight import InputError
@@ -277,16 +277,12 @@ def check_cluster_args(args: argparse.Namespace) -> int:
     for folder in args.node_data:
         if not folder.expanduser().is_dir():
             raise ConfigError(f"--node-data '{folder}': no such folder; each node trains on a folder of its images.")
-    workdir = args.workdir.expanduser()
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-check-"):
-            pass
-    except OSError as err:
+    why = unwritable(args.workdir.expanduser())
+    if why is not None:
         raise ConfigError(
-            f"--workdir '{args.workdir}': the cluster cannot write its certificates, keys and logs there "
-            f"({err.strerror or type(err).__name__}); give a writable folder."
-        ) from err
+            f"--workdir '{args.workdir}': the cluster cannot write its certificates, keys and logs there ({why}); "
+            "give a writable folder."
+        )
     return nodes
 
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,17 @@ def write_failure(path: Path, err: BaseException) -> BaseException:
         "written there before are intact (the last checkpoint.pt and reports of a run). Free space there, then "
         "resume the run from that folder (resume=<the folder>)."
     )
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why no file can be written into `folder` (created if missing), or None when one can: checked before a run
+    starts, since a folder under /proc or on a read-only mount would otherwise fail after the processes are up."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            return None
+    except OSError as err:
+        return err.strerror or type(err).__name__
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -30,6 +30,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.run import Run
 
+from flcore.seeding import kept_random
+
 
 class Delegating(Strategy):
     """Forwards sampling, aggregation and summary to `inner`, unchanged."""
@@ -86,6 +88,37 @@ class FromSentModel(Delegating):
         if self.sent is None:
             raise RuntimeError(f"{type(self).__name__}.aggregate_train ran before configure_train: no model was sent")
         return self.sent
+
+
+class AsksEveryNode(Delegating):
+    """A wrapper that asks every connected node something after aggregation (CCVR's and CReFF's class statistics,
+    FedETF's personalisation): `configure_train` keeps the round's Grid for it."""
+
+    def __init__(self, inner: Strategy) -> None:
+        super().__init__(inner)
+        self.grid: Grid | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.grid = grid
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def ask_every_node(
+        self, arrays: ArrayRecord, config: ConfigRecord, action: str, timeout: float
+    ) -> tuple[list[Message], int]:
+        """Send `arrays` and `config` as a `query.<action>` message to every connected node; the replies in node
+        order, and how many nodes were asked. The global `random` is left as it was, so sampling does not depend
+        on it."""
+        if self.grid is None:
+            raise RuntimeError(f"{type(self).__name__} asked the nodes before configure_train: no grid to ask")
+        nodes = list(self.grid.get_node_ids())
+        content = RecordDict({"arrays": arrays, "config": config})
+        messages = [Message(content, dst_node_id=n, message_type=f"query.{action}") for n in nodes]
+        with kept_random():
+            replies = self.grid.send_and_receive(messages, timeout=timeout)
+        rank = {node: i for i, node in enumerate(nodes)}
+        return sorted(replies, key=lambda r: rank.get(r.metadata.src_node_id, len(rank))), len(nodes)
 
 
 class DelegatingGrid(Grid):

@@ -31,10 +31,11 @@ from flwr.serverapp.strategy import Strategy
 
 from flcore.arrays import NON_FINITE, non_finite, reply_metrics
 from flcore.local_data import CLASS_COUNTS_KEY, SKIPPED_KEY
+from flcore.seeding import seeded_random
 from rounds.delegate import Delegating
 from rounds.guard import WEIGHT_KEY, Screened, screen
 from rounds.norms import bound_updates
-from rounds.sampling import NodeOrder, OrderedGrid, seeded_random
+from rounds.sampling import NodeOrder, OrderedGrid
 from rounds.weights import WeightCaps, bound_weights
 
 NodeData = dict[str, dict[str, int | list[int]]]  # node label -> its num-examples, class-counts, skipped-images

@@ -26,17 +26,15 @@ registered node keeps its ID across restarts).
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from logging import INFO
 
-import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from flcore.run_data import PARTITION_KEY
+from flcore.seeding import kept_random
 from rounds.delegate import DelegatingGrid
 
 NAME_KEY = "node-name"
@@ -150,24 +148,3 @@ class OrderedGrid(DelegatingGrid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.grid.send_and_receive(self.order.address(messages), timeout=timeout)
-
-
-@contextmanager
-def seeded_random(seed: int, server_round: int) -> Iterator[None]:
-    """Run the block with the global `random` seeded by (seed, round); restore the outer state after."""
-    outer = random.getstate()
-    random.seed(int(np.random.SeedSequence([seed, server_round]).generate_state(1)[0]))
-    try:
-        yield
-    finally:
-        random.setstate(outer)
-
-
-@contextmanager
-def kept_random() -> Iterator[None]:
-    """Run the block, then put the global `random` back: messages it sends must not move the sampling stream."""
-    outer = random.getstate()
-    try:
-        yield
-    finally:
-        random.setstate(outer)

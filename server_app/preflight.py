@@ -18,7 +18,6 @@ pretraining data). Each problem is a `ConfigError` or
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from flcore.class_statistics import upload_bytes
 from flcore.config import ConfigError, Settings, validate
 from flcore.datasets import DataNotFound
 from flcore.device import Compute, compute_of, visible_gpus
+from flcore.files import unwritable
 from flcore.images import check_images
 from flcore.loggers import check_loggers
 from flcore.memory import check_memory, data_bytes
@@ -97,16 +97,12 @@ def preflight(cfg: Settings, simulation: Simulation | None = None) -> Checked:
 def check_output_dir(cfg: Settings) -> None:
     """`output-dir` must take files before anything starts: a run that cannot write its reports (a path under
     /proc, a read-only mount) would otherwise fail after the SuperLink and Ray are up, with a traceback."""
-    out = Path(cfg.output_dir).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
-            pass
-    except OSError as err:
+    why = unwritable(Path(cfg.output_dir).expanduser())
+    if why is not None:
         raise ConfigError(
-            f"run-config key 'output-dir' = {cfg.output_dir!r} is not allowed: the run cannot write there "
-            f"({err.strerror or type(err).__name__}); give a writable folder."
-        ) from err
+            f"run-config key 'output-dir' = {cfg.output_dir!r} is not allowed: the run cannot write there ({why}); "
+            "give a writable folder."
+        )
 
 
 def check_simulation(cfg: Settings, simulation: Simulation) -> dict[str, Any]:

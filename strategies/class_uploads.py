@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -36,9 +36,8 @@ from torch import nn
 from flcore.arrays import reply_metrics
 from flcore.class_statistics import HEAD_KEYS, RECORD, UPLOAD_ACTION, UPLOAD_KEY, Uploads, decode, npy_bytes
 from flcore.progress import progress
-from rounds.delegate import Delegating
+from rounds.delegate import AsksEveryNode, Delegating
 from rounds.guard import screen
-from rounds.sampling import kept_random
 
 WEIGHT, BIAS = "classifier.weight", "classifier.bias"
 Calibrate = Callable[[int, ArrayRecord, list[Uploads], MetricRecord], ArrayRecord]
@@ -111,7 +110,7 @@ class ClientUploads(ClassUploads):
         return self.calibrate(server_round, arrays, uploads, metrics), metrics
 
 
-class UploadsAfterAggregation(ClassUploads):
+class UploadsAfterAggregation(ClassUploads, AsksEveryNode):
     """Any strategy, plus, after the aggregation of chosen rounds, an upload-only round trip and a calibration.
 
     Both run in `after_stages`, on the model the server stages made of the aggregate (the aligned one under
@@ -137,15 +136,8 @@ class UploadsAfterAggregation(ClassUploads):
         self.timeout = timeout
         self.max_upload_mb = max_upload_mb
         self.request_config = dict(request_config or {})  # what every request carries (nodes' own data: classes)
-        self.grid: Grid | None = None
 
     summary_text = "'%s' of the final model from every client + server classifier calibration"
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.grid = grid
-        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def after_stages(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> ArrayRecord:
         arrays = super().after_stages(server_round, arrays, metrics)
@@ -173,23 +165,10 @@ class UploadsAfterAggregation(ClassUploads):
         return [decode(r.content[RECORD]) for r in checked.accepted]
 
     def _ask(self, server_round: int, arrays: ArrayRecord) -> tuple[list[Message], int]:
-        """Send `arrays` with the upload request to every connected node; the replies in node order, and how
-        many nodes were asked. The global `random` is left as it was, so sampling does not depend on it."""
-        if self.grid is None:
-            raise RuntimeError("UploadsAfterAggregation.after_stages ran before configure_train: no grid to ask")
+        """Send `arrays` with the upload request to every connected node: the replies in node order, and how
+        many nodes were asked."""
         config = ConfigRecord({**self.request_config, UPLOAD_KEY: self.upload, "server-round": server_round})
-        return ask_every_node(self.grid, RecordDict({"arrays": arrays, "config": config}), UPLOAD_ACTION, self.timeout)
-
-
-def ask_every_node(grid: Grid, content: RecordDict, action: str, timeout: float) -> tuple[list[Message], int]:
-    """Send `content` as a `query.<action>` message to every connected node; the replies in node order, and how
-    many nodes were asked. The global `random` is left as it was, so sampling does not depend on it."""
-    nodes = list(grid.get_node_ids())
-    messages = [Message(content, dst_node_id=n, message_type=f"query.{action}") for n in nodes]
-    with kept_random():
-        replies = grid.send_and_receive(messages, timeout=timeout)
-    rank = {node: i for i, node in enumerate(nodes)}
-    return sorted(replies, key=lambda r: rank.get(r.metadata.src_node_id, len(rank))), len(nodes)
+        return self.ask_every_node(arrays, config, UPLOAD_ACTION, self.timeout)
 
 
 def with_classifier(arrays: ArrayRecord, weight: torch.Tensor, bias: torch.Tensor) -> ArrayRecord:

@@ -15,13 +15,11 @@ global model's accuracy.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flcore.arrays import reply_metrics
@@ -34,9 +32,8 @@ from flcore.personalize import PERSONALIZE_ACTION
 from flcore.run_model import model_from
 from flcore.server_data import client_classes, server_data
 from flcore.training import predict
-from rounds.delegate import Delegating
+from rounds.delegate import AsksEveryNode
 from rounds.guard import screen
-from strategies.class_uploads import ask_every_node
 
 
 def personal_accuracy(preds: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> float:
@@ -49,26 +46,19 @@ def personal_accuracy(preds: np.ndarray, labels: np.ndarray, counts: np.ndarray)
     return float((weights * recall).sum() / weights.sum()) if weights.sum() > 0 else float("nan")
 
 
-class Personalization(Delegating):
+class Personalization(AsksEveryNode):
     """Any strategy, plus the clients' personalisation of the final model, scored on the server (module doc)."""
 
     def __init__(self, inner: Strategy, cfg: Settings, enabled: bool = True) -> None:
         super().__init__(inner)
         self.cfg, self.enabled = cfg, enabled
         self.last = cfg.num_server_rounds
-        self.grid: Grid | None = None
         self._test: Batches | None = None
 
     def summary(self) -> None:
         if self.enabled:
             log(INFO, "\t├──> after the last round: every client personalises the final model, scored on the server")
         self.inner.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.grid = grid
-        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def after_stages(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> ArrayRecord:
         arrays = super().after_stages(server_round, arrays, metrics)
@@ -77,13 +67,8 @@ class Personalization(Delegating):
         return arrays
 
     def _score(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord) -> None:
-        if self.grid is None:
-            raise RuntimeError("Personalization.after_stages ran before configure_train: no grid to ask")
         config = ConfigRecord({**client_classes(self.cfg), "server-round": server_round})
-        timeout = self.cfg.round_timeout
-        replies, asked = ask_every_node(
-            self.grid, RecordDict({"arrays": arrays, "config": config}), PERSONALIZE_ACTION, timeout
-        )
+        replies, asked = self.ask_every_node(arrays, config, PERSONALIZE_ACTION, self.cfg.round_timeout)
         checked = screen(replies, arrays, self.cfg.max_upload_mb)
         scores = [self._accuracy(reply) for reply in checked.accepted]
         metrics["personalized-replies"] = len(scores)

@@ -18,9 +18,9 @@ from flcore.config import ConfigError
 from flcore.models import run_model
 from flcore.reports import read_metrics
 from flcore.run_data import prepare
+from flcore.seeding import seeded_random
 from rounds import checkpoint
 from rounds.policy import RoundPolicy
-from rounds.sampling import seeded_random
 from server_app import launch
 from strategies import registry
 from strategies.registry import build_strategy

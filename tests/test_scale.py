@@ -14,7 +14,7 @@ from client_app.app import app as client_app
 from flcore.datasets import ImageSet
 from flcore.models import run_model
 from flcore.reports import RunReport
-from rounds.sampling import seeded_random
+from flcore.seeding import seeded_random
 from tests.helpers import InProcessGrid, served, validated
 
 pytestmark = pytest.mark.usefixtures("flower_identity")

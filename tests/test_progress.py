@@ -14,6 +14,7 @@ from flcore.config import validate
 from flcore.progress import PlainProgress, duration, progress
 from flcore.reports import RunReport
 from strategies.registry import STRATEGIES
+from tests.helpers import validated
 
 LINE = re.compile(r"^\[(?P<desc>[^\]]+)\] (?P<k>\d+)/(?P<n>\d+) (?P<unit>\w+) \(\d+%\), [0-9.e+-]+ s/\w+, ~\w+ left$")
 
@@ -96,7 +97,7 @@ def test_the_stand_in_teachers_training_writes_progress_to_its_log_file(tmp_path
 
 
 def test_rounds_say_seconds_per_round_and_time_left(tmp_path, capsys):
-    report = RunReport.create({"output-dir": str(tmp_path), "num-server-rounds": 4}, 1, ["a", "b"])
+    report = RunReport.create(validated(output_dir=str(tmp_path), num_server_rounds=4), 1, ["a", "b"])
     row = {"accuracy": 0.5, "balanced-accuracy": 0.5, "per-class-accuracy": [0.5, 0.5]}
     report.record_eval(0, row)
     report.record_eval(1, row)

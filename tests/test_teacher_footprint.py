@@ -9,6 +9,7 @@ from flcore.config import ConfigError
 from flcore.memory import check_teacher_fits, teacher_bytes
 from pretrain.footprint import LLAVA_15_7B, check_teacher_memory, llava_config, llava_parameters
 from pretrain.teacher import tiny_teacher
+from tests.helpers import validated
 
 GIB = 2**30
 
@@ -48,7 +49,7 @@ def test_clip_vit_l_14_336_builds_on_meta_and_the_formula_counts_it():
 
 def test_a_teacher_the_device_cannot_hold_is_refused_naming_its_key(tmp_path):
     llava_config(LLAVA_15_7B).save_pretrained(tmp_path)  # config.json only: no weights are needed to refuse
-    cfg = {"pretrain-teacher": str(tmp_path), "device": "cpu", "amp": "off", "num-workers": "auto"}
+    cfg = validated(pretrain_teacher=str(tmp_path), device="cpu")
     with pytest.raises(
         ConfigError, match=r"'pretrain-teacher' = .*7,063,427,072 parameters in float32 need about 27\.6"
     ):

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from typing import Any, NoReturn
 from flcore.config import ConfigError, Settings
 from flcore.run_config import format_overrides, parse_overrides, toml_document
 from server_app.preflight import Checked, InputError, Simulation, preflight, validated
-from server_app.watchdog import Watchdog, stop
+from server_app.watchdog import Watchdog, exit_on_signals, stop
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of this environment
@@ -245,15 +244,10 @@ class OneLineParser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}; see --help.")
 
 
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    # SIGTERM, and SIGINT even where a background shell ignores it, unwind through `run`'s `finally`, which
-    # stops the SuperLink and everything it started; the default action would leave them running.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _exit_on_signal)
+    # SIGTERM and SIGINT unwind through `run`'s `finally`, which stops the SuperLink and everything it started;
+    # the default action would leave them running.
+    exit_on_signals()
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--run-config",

@@ -118,11 +118,11 @@ def test_personal_accuracy_weights_each_test_class_by_the_clients_share():
 
 @pytest.mark.slow  # three in-process runs with stages (minutes on 2 cores); the unit tests above stay fast
 def test_fedetf_runs_through_the_apps_under_align_and_pretrain(tmp_path):
-    personal = {"fedetf-finetune-rounds": 1, "fedetf-finetune-epochs": 1}
+    personal = {"fedetf-finetune-rounds": 1, "fedetf-finetune-epochs": 1, "num-clients": 4, "fraction-train": 0.5}
     summary, rows, configs = run_app(tmp_path, "fedetf-align", strategy="fedetf", align=True, **personal)
     assert [r["round"] for r in rows] == [0, 1, 2] and all("pre-align-accuracy" in r for r in rows[1:])
     assert all(c[LOSS_KEY] == "balanced-softmax" for c in configs) and "ETF" in summary["client-runs"]
-    assert rows[-1]["personalized-replies"] == 2 and len(rows[-1]["personalized-accuracies"]) == 2
+    assert rows[-1]["personalized-replies"] == 4 and len(rows[-1]["personalized-accuracies"]) == 4  # every client
     assert 0.0 <= rows[-1]["personalized-accuracy"] <= 1.0 and "personalized-accuracy" not in rows[1]
     summary, rows, configs = run_app(
         tmp_path, "fedetf-pretrain", strategy="fedetf", pretrain=True, **{"fedetf-finetune-rounds": 0}

@@ -233,8 +233,8 @@ def training_notes(methods_cfg: Mapping[str, str], methods: Sequence[str]) -> di
         if own:
             why = f": {OWN_TRAINING[m]}" if m in OWN_TRAINING else ""
             parts.append(f"{m} trains its clients with {pairs_text(own)}, not the grid's settings{why}.")
-        if m in METHODS and overrides != parse_overrides([METHODS[m]]):
-            builtin = parse_overrides([METHODS[m]])
+        builtin = parse_overrides([METHODS[m]]) if m in METHODS else overrides
+        if overrides != builtin:
             changed = {k: v for k, v in overrides.items() if builtin.get(k) != v}
             parts.append(f"{m} runs here with {pairs_text(changed)} (redefined by --method; built in: {METHODS[m]}).")
         if parts:

@@ -8,9 +8,10 @@ files it left out as unusable; its errors reach the server as one line naming no
 `client_app.private_errors`); only when the server's round config asks (`upload`, CReFF) it adds
 class statistics of the received model in an `uploads` record. Its loss is the run config's `loss`
 (FedLC and FedRS read the client's own label counts, which stay here) unless the round config names
-one (`loss`, the Ratio Loss with the server's class weights). A `query.upload` message (CCVR, after
+one (`loss`, the Ratio Loss with the server's class weights); FedLoGe trains it through its own objective
+(`flcore.losses.CLIENT_OBJECTIVES`). A `query.upload` message (CCVR, after
 the last aggregation) asks for such statistics of the model it carries alone, with no training; a
-`query.personalize` message (FedETF, after the last aggregation) asks it to fine-tune the model it carries the
+`query.personalize` message (FedETF, FedLoGe, after the last aggregation) asks it to fine-tune the model it carries the
 method's own way (`flcore.personalize`) and send the result back, with its images per class, for scoring. It never
 loads the LLM, and loads CLIP only when the round config asks for CLIP2FL's distillation (`kd-weight`).
 It trains on the device `device` resolves to in this process (under Ray, the GPU share of
@@ -42,7 +43,7 @@ from flcore.config import Settings, validate
 from flcore.costs import cost_metrics
 from flcore.device import Compute, compute_of
 from flcore.local_data import CLASS_COUNTS_KEY, SKIPPED_KEY
-from flcore.losses import LossInputs, build_loss, max_grad_norm
+from flcore.losses import LossInputs, build_loss, max_grad_norm, objective
 from flcore.metrics import summarize
 from flcore.models import FLModel, build_model, model_classifier, model_head
 from flcore.personalize import PERSONALIZE_ACTION, PERSONALIZERS
@@ -116,9 +117,9 @@ def train_fn(msg: Message, context: Context) -> Message:
     extra = _uploads(cfg, server_config, data, model)  # CReFF: of the received global model, before training
     counts = np.bincount(batches.data.labels, minlength=classes)
     bias = getattr(model.classifier, "bias", None)  # FedRS's authors' logits leave it out; FedETF's ETF has none
-    loss = build_loss(LossInputs(cfg, counts, server_config, bias))
+    trained, loss = objective(cfg, model, build_loss(LossInputs(cfg, counts, server_config, bias)))
     settings, kd = _settings(cfg, server_config), _kd(cfg, server_config, data)
-    metrics = train(model, batches, settings, gen, loss, kd, compute_of(cfg))
+    metrics = train(trained, batches, settings, gen, loss, kd, compute_of(cfg))
     arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})
     if data.local:
         record[CLASS_COUNTS_KEY] = data.class_counts()

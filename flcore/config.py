@@ -630,6 +630,27 @@ SECTIONS: dict[str, dict[str, Option]] = {
             _number(0, 10, low_open=True),
         ),
     },
+    "FedLoGe (static sparse ETF classifier, realigned global head; its clients' local heads after the last round)": {
+        "fedloge-sparsity": _opt(
+            0.6,
+            "Fraction of the simplex ETF's entries the SSE-C zeroes before its remaining ones are optimised "
+            "(strategy=fedloge; FedLoGe's beta 0.6).",
+            _number(0, 0.95),
+        ),
+        "fedloge-etf-steps": _opt(
+            10000,
+            "Adam steps (lr 1e-4) that spread the SSE-C's class vectors apart at norm 0.1, run once on the server "
+            "(strategy=fedloge; FedLoGe's 10000).",
+            _number(0, 100000, integer=True),
+        ),
+        "fedloge-local-epochs": _opt(
+            5,
+            "Epochs of each client's local head on the final backbone's features in its personalisation after the "
+            "last round, at the run's lr, momentum and weight decay (strategy=fedloge; FedLoGe's local_ep 5; 0 = no "
+            "personalisation, no personalized-accuracy).",
+            _number(0, 1000, integer=True),
+        ),
+    },
     "CLIP2FL (CReFF + client-side distillation from the align-teacher CLIP + a server-side text contrast)": {
         "kd-weight": _opt(
             1.0,
@@ -770,6 +791,7 @@ def _check_relations(cfg: Settings) -> None:
             "that method's client loss; expected ce (the default)."
         )
     _check_own_classifier(cfg)
+    _check_fedloge(cfg)
     per_round = cfg.clients_per_round
     if cfg.min_replies > per_round:
         raise ConfigError(
@@ -807,6 +829,22 @@ def _check_own_classifier(cfg: Settings) -> None:
         raise ConfigError(
             f"run-config key 'tau-norm' = {cfg.tau_norm!r} is not allowed with strategy 'fedetf': its classifier "
             "is a fixed ETF, with no class weights to normalise; expected 0."
+        )
+
+
+def _check_fedloge(cfg: Settings) -> None:
+    """FedLoGe trains the backbone with cross-entropy through its SSE-C and realigns its own global head."""
+    if cfg.strategy != "fedloge":
+        return
+    if cfg.loss != "ce":
+        raise ConfigError(
+            f"run-config key 'loss' = {cfg.loss!r} is not allowed with strategy 'fedloge': its clients train the "
+            "SSE-C and the global head with cross-entropy, as its authors' do; expected ce (the default)."
+        )
+    if cfg.tau_norm != 0:
+        raise ConfigError(
+            f"run-config key 'tau-norm' = {cfg.tau_norm!r} is not allowed with strategy 'fedloge': its global head "
+            "is realigned to equal row norms already; expected 0."
         )
 
 

@@ -21,6 +21,11 @@ its fixed ETF classifier: the cross-entropy of f_c + log n_c, n_c the client's o
 class counts as one), so a client's head classes need a larger margin and its tail classes are not pushed down.
 Its strategy names it in the round config, so it lives in `SERVER_LOSSES`.
 
+FedLoGe (Xiao et al., ICLR 2024) trains a client through two heads at once: the backbone through its fixed sparse
+ETF classifier, its global head on the features with the backbone's gradient cut. Its entry in
+`CLIENT_OBJECTIVES` hands the training loop the model as `flcore.fedloge.ClientStep` and a loss that adds the
+global head's cross-entropy to the client's loss (`client_objective`).
+
 `kd_loss` is the one distillation loss of the project: CLIP2FL's clients (`client_app.distill`), the
 server's global alignment (`alignment.loss`) and FedDF/FedBE's server distillation use it.
 """
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 
 from flcore.arrays import read_npy
 from flcore.config import Settings
+from flcore.fedloge import client_objective
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -162,6 +168,19 @@ SERVER_LOSSES: dict[str, Callable[[LossInputs], LossFn]] = {
         balanced_softmax_loss, log_prior=balanced_log_prior(inputs.label_counts)
     ),
 }
+
+
+# Strategies whose clients train another module than the model, or the model through more than its logits:
+# strategy -> fn(model, the client's loss) -> (the module `flcore.training.train` runs, the loss it takes).
+CLIENT_OBJECTIVES: dict[str, Callable[[torch.nn.Module, LossFn], tuple[torch.nn.Module, LossFn]]] = {
+    "fedloge": client_objective,
+}
+
+
+def objective(cfg: Settings, model: torch.nn.Module, loss: LossFn) -> tuple[torch.nn.Module, LossFn]:
+    """What the client trains and with which loss: the strategy's `CLIENT_OBJECTIVES` entry, else `model` and `loss`."""
+    wrap = CLIENT_OBJECTIVES.get(cfg.strategy)
+    return (model, loss) if wrap is None else wrap(model, loss)
 
 
 def loss_name(cfg: Settings, server_config: Mapping) -> str:

@@ -13,7 +13,8 @@ code trains, so each row of a comparison trains its own model:
 `head = auto` (`model_head`) is `mlp` when stage 1 or stage 3 is on (the paper's method), else the model of
 the strategy's reference code, `METHOD_HEADS`. The classifier is a linear layer, except for the methods whose
 classifier is part of the method (`METHOD_CLASSIFIERS`: FedETF's fixed simplex ETF, `ETFClassifier`), which
-read the same classifier input, so every head and both server stages compose with them. The backbone's pooled
+read the same classifier input, so every head and both server stages compose with them (FedLoGe's SSE-C with its
+global head, `flcore.fedloge.FedLoGeClassifier`, too). The backbone's pooled
 features (`features`) and the classifier's input (`embed`: the head's output, the features themselves with
 `none`) are separate methods because the server stages and the class statistics of CCVR and CReFF read them.
 """
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flcore.config import ConfigError, Settings
+from flcore.fedloge import FedLoGeClassifier
 
 PAPER_HEAD = "mlp"  # the paper's model: what stage 1 pretrains and stage 3 aligns
 
@@ -52,6 +54,7 @@ METHOD_HEADS: dict[str, str] = {
     "fedbe": "none",
     "ratioloss": "none",
     "fedetf": "none",  # its authors' linear_proto reads the pooled features: here the ETF classifier's projection
+    "fedloge": "none",  # its authors' heads (SSE-C, g_aux, l_head) read the backbone's pooled features
 }
 
 
@@ -174,8 +177,12 @@ class ETFClassifier(nn.Module):
 
 
 # classifier name -> fn(input width, classes) -> module; every strategy not in `METHOD_CLASSIFIERS` uses `linear`.
-CLASSIFIERS: dict[str, Callable[[int, int], nn.Module]] = {"linear": nn.Linear, "etf": ETFClassifier}
-METHOD_CLASSIFIERS: dict[str, str] = {"fedetf": "etf"}
+CLASSIFIERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "linear": nn.Linear,
+    "etf": ETFClassifier,
+    "sse-c": FedLoGeClassifier,  # FedLoGe's SSE-C and global head g_aux (`flcore.fedloge`)
+}
+METHOD_CLASSIFIERS: dict[str, str] = {"fedetf": "etf", "fedloge": "sse-c"}
 
 
 class FLModel(nn.Module):

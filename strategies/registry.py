@@ -1,7 +1,7 @@
 """Registries: run-config name -> factory of a Flower Message-API strategy, and the server stages.
 
 Every strategy factory takes the validated run config; the method modules define them (`fedavg`,
-`fedavgm`, `fednova`, `ccvr`, `creff`, `clip2fl`, `feddf`, `fedbe`, `ratio_loss`, `fedetf`).
+`fedavgm`, `fednova`, `ccvr`, `creff`, `clip2fl`, `feddf`, `fedbe`, `ratio_loss`, `fedetf`, `fedloge`).
 `build_server_strategy` wraps whatever comes out in `rounds.policy.RoundPolicy` (sampling, reply screening) and
 `strategies.wrapper.ServerStages` together with the stages every entry of `SERVER_STAGES` contributes
 (each factory reads its own switches from the config and returns no stages when it is off), so adding a
@@ -31,6 +31,7 @@ from rounds.stage import ServerContext, ServerStage, Stages
 from rounds.weights import WeightCaps
 from strategies import clip2fl as clip2fl_method
 from strategies import ensemble_distillation, ratio_loss
+from strategies import fedloge as fedloge_method
 from strategies.ccvr import ccvr
 from strategies.creff import creff
 from strategies.fedavg import fedavg, fedprox
@@ -60,6 +61,7 @@ STRATEGIES: dict[str, StrategyFactory] = {
     "fedbe": fedbe,
     "ratioloss": ratio_loss.ratioloss,
     "fedetf": fedetf,
+    "fedloge": fedloge_method.fedloge,
 }
 
 # Input checks of strategies that read more than the config schema checks, run by the preflight.
@@ -69,6 +71,7 @@ STRATEGY_CHECKS: dict[str, Callable[[Settings, Any], None]] = {
     "fedbe": ensemble_distillation.check,
     "ratioloss": ratio_loss.check,
     "fedtrimmedavg": check_trimming,
+    "fedloge": fedloge_method.check,
 }
 
 # Server stages in the order they run: stage 1 (pretraining) before round 1, stage 3 (alignment) after
@@ -76,6 +79,7 @@ STRATEGY_CHECKS: dict[str, Callable[[Settings, Any], None]] = {
 # step (CCVR's calibration), so it stays last.
 SERVER_STAGES: dict[str, ServerStage] = {
     "pretrain": ServerStage(pretrain.pretrain_stage, pretrain.check),
+    "fedloge-sse": ServerStage(fedloge_method.sse_stage),  # FedLoGe's SSE-C into the initial model (strategy=fedloge)
     "align": ServerStage(alignment.alignment_stages, alignment.check),
     "holdout-teacher": ServerStage(holdout.report_stage, holdout.check_reserve),  # a summary section, no stage
     "tau-norm": ServerStage(tau_norm_stage),
@@ -205,6 +209,17 @@ def client_workload(cfg: Settings) -> dict[str, str]:
                 f"; after the last round FedETF's personalisation: one local update, then "
                 f"{cfg.fedetf_finetune_rounds} x ({cfg.fedetf_finetune_epochs} epochs of the ETF, as many of its "
                 "projection) on its partition"
+            )
+    if strategy == "fedloge":
+        runs = (
+            "local SGD on its partition through FedLoGe's fixed SSE-C (CE), and of the global head g_aux on the "
+            "detached features (CE)"
+        )
+        if cfg.fedloge_local_epochs > 0:
+            per_round += "; after the last round, every client once: its personalised model and its images per class"
+            runs += (
+                f"; after the last round FedLoGe's local head: {cfg.fedloge_local_epochs} epochs of a linear head on "
+                "the final backbone's features, added to the global head realigned to its row norms"
             )
     if strategy in ("feddf", "fedbe"):
         runs += (

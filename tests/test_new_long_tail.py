@@ -1,4 +1,4 @@
-"""The long-tailed federated methods published after the paper (FedETF): each method's model, loss and
+"""The long-tailed federated methods published after the paper (FedETF, FedLoGe): each method's model, loss and
 checks, and its runs through the real ServerApp and ClientApp in-process under stage 1 (`pretrain`) and stage 3
 (`align`). Parity with the authors' code is in tests/test_parity_<method>.py; one `flwr run` simulation per method
 is in tests/test_new_long_tail_simulation.py.
@@ -6,15 +6,21 @@ is in tests/test_new_long_tail_simulation.py.
 Models are tiny random-weight ResNet-8 configurations on the offline digits data.
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
+from flcore.arrays import load_record, to_record
 from flcore.config import ConfigError
-from flcore.losses import LOSS_KEY, LossInputs, build_loss
+from flcore.fedloge import ClientStep, FedLoGeClassifier, local_realign, realign_global
+from flcore.losses import LOSS_KEY, LossInputs, build_loss, objective
 from flcore.models import ETFClassifier, model_classifier, model_head, run_buffer_names, run_model
-from flcore.personalize import fedetf_personalize, fit
+from flcore.personalize import fedetf_personalize, fedloge_personalize, fit, fit_local_head, new_local_head
 from flcore.training import TrainSettings, train
+from strategies.fedloge import check as fedloge_check
+from strategies.fedloge import draw_sse, sse_stage, with_sse
 from strategies.personalization import personal_accuracy
 from strategies.registry import client_workload
 from tests.helpers import TINY, validated
@@ -130,3 +136,123 @@ def test_fedetf_runs_through_the_apps_under_align_and_pretrain(tmp_path):
     assert summary["pretrain"]["teacher"] and [r["round"] for r in rows] == [0, 1, 2]
     assert all(c[LOSS_KEY] == "balanced-softmax" for c in configs) and "personalized-replies" not in rows[-1]
     assert "balanced softmax" in client_workload(cfg_of(strategy="fedetf"))["client-runs"]
+
+
+# FedLoGe
+
+LOGE = {"fedloge-etf-steps": 20}  # the SSE-C's optimisation, short (its authors' 10000 cost seconds)
+
+
+def loge_model(cfg, classes: int = 10):
+    """The run's FedLoGe model holding the SSE-C the server's stage draws for it."""
+    model = run_model(cfg, classes, seed=1)
+    weight, bias = draw_sse(model.embed_dim, classes, cfg.fedloge_sparsity, cfg.fedloge_etf_steps, cfg.seed)
+    return load_record(model, with_sse(to_record(model), weight, bias))
+
+
+def test_fedloge_model_has_the_sse_c_and_global_head_under_every_head():
+    for flags in ({}, {"align": True}, {"pretrain": True}):
+        cfg = cfg_of(strategy="fedloge", **LOGE, **flags)
+        model = run_model(cfg, 10, seed=1)
+        assert model_classifier(cfg) == "sse-c" and isinstance(model.classifier, FedLoGeClassifier)
+        assert model.head == ("mlp" if flags else "none")
+        head = model.classifier
+        assert head.sse.shape == (10, model.embed_dim) and not head.sse.any()  # zeros until the server's stage
+        assert {"classifier.sse", "classifier.sse_bias"} <= run_buffer_names(cfg)
+        x = torch.randn(3, model.embed_dim)
+        realigned = realign_global(head.g_aux.weight)
+        torch.testing.assert_close(head(x), x @ realigned.T + head.g_aux.bias)  # the generic model
+        torch.testing.assert_close(realigned.norm(dim=1), torch.full((10,), 1.7))
+
+
+def test_the_sse_c_is_sparse_seeded_and_put_into_the_initial_model_only_under_fedloge():
+    weight, bias = draw_sse(32, 10, 0.6, 50, seed=3)
+    assert weight.shape == (10, 32) and int((weight == 0).sum()) == int(0.6 * 320)
+    assert bias.abs().max() <= 1 / 32**0.5
+    again, _ = draw_sse(32, 10, 0.6, 50, seed=3)
+    assert torch.equal(weight, again) and not torch.equal(weight, draw_sse(32, 10, 0.6, 50, seed=4)[0])
+    longer, _ = draw_sse(32, 10, 0.6, 400, seed=3)
+    assert (longer.norm(dim=1) - 0.1).abs().mean() < (weight.norm(dim=1) - 0.1).abs().mean()  # towards norm 0.1
+    cfg = cfg_of(strategy="fedloge", **LOGE)
+    ctx = SimpleNamespace(data=SimpleNamespace(dataset=SimpleNamespace(num_classes=10)))
+    [stage] = sse_stage(cfg, ctx).before_training
+    model = run_model(cfg, 10, seed=1)
+    outcome = stage(to_record(model))
+    state = outcome.arrays.to_torch_state_dict()
+    assert state["classifier.sse"].any() and outcome.sections["fedloge-sse"]["etf-steps"] == 20
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if "sse" not in k)
+    assert sse_stage(cfg_of(strategy="fedetf"), ctx).before_training == []
+
+
+def test_fedloge_client_trains_the_backbone_through_the_sse_c_only_and_g_aux_on_detached_features():
+    cfg = cfg_of(strategy="fedloge", **LOGE)
+    x, y = digits_batch()
+    settings = TrainSettings(1, 0.1, 0.5, 0.0, augment=False)
+    model, alone = loge_model(cfg), loge_model(cfg)
+    sent = {k: v.clone() for k, v in model.state_dict().items()}
+    trained, loss = objective(cfg, model, build_loss(LossInputs(cfg, np.bincount(y.numpy(), minlength=10))))
+    train(trained, OneBatch(x, y), settings, torch.Generator().manual_seed(0), loss)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], sent[k]) for k in ("classifier.sse", "classifier.sse_bias"))
+    assert not torch.equal(after["classifier.g_aux.weight"], sent["classifier.g_aux.weight"])
+    step = ClientStep(alone)  # the SSE-C's cross-entropy alone: the same backbone, since g_aux's loss is cut from it
+    train(step, OneBatch(x, y), settings, torch.Generator().manual_seed(0), torch.nn.functional.cross_entropy)
+    backbone = [k for k in after if k.startswith("backbone.") and after[k].is_floating_point()]
+    assert backbone and all(torch.equal(after[k], alone.state_dict()[k]) for k in backbone)
+    assert torch.equal(alone.state_dict()["classifier.g_aux.weight"], sent["classifier.g_aux.weight"])
+    with pytest.raises(ValueError, match="SSE-C is all zeros"):
+        objective(cfg, run_model(cfg, 10, seed=1), torch.nn.functional.cross_entropy)
+    assert objective(cfg_of(), model, loss) == (model, loss)  # every other strategy trains the model itself
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hint"), [({"loss": "focal"}, "with cross-entropy"), ({"tau-norm": 1.0}, "realigned")]
+)
+def test_fedloge_refuses_a_second_loss_and_tau_norm(overrides, hint):
+    with pytest.raises(ConfigError, match=hint):
+        cfg_of(strategy="fedloge", **overrides)
+
+
+def test_fedloge_needs_a_classifier_input_as_wide_as_the_classes():
+    prepared = SimpleNamespace(dataset=SimpleNamespace(num_classes=100))
+    with pytest.raises(ConfigError, match="at least as wide as the 100 classes"):
+        fedloge_check(cfg_of(strategy="fedloge", align=True, **{"projection-dim": 16}), prepared)
+    fedloge_check(cfg_of(strategy="fedloge"), prepared)  # ResNet-8's 256 features
+
+
+def test_fedloge_personalisation_adds_a_local_head_to_the_realigned_global_head_and_masks_absent_classes():
+    cfg = cfg_of(strategy="fedloge", **LOGE, **{"fedloge-local-epochs": 2})
+    model = loge_model(cfg)
+    sent = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = digits_batch()
+    counts = np.bincount(y.numpy(), minlength=10)
+    local = fedloge_personalize(model, OneBatch(x, y), cfg, counts, torch.Generator().manual_seed(0))
+    assert all(torch.equal(v, sent[k]) for k, v in model.state_dict().items())  # the global model is left alone
+    state = local.state_dict()
+    assert set(state) == set(sent) and all(torch.equal(state[k], sent[k]) for k in sent if "classifier" not in k)
+    assert not state["classifier.row_norm"].any() and state["classifier.allowed"].tolist() == [1] * 3 + [0] * 7
+    preds = local.eval()(x).argmax(1)
+    assert set(preds.tolist()) <= {0, 1, 2}  # a class the client has no images of never wins
+    l_head = fit_local_head(
+        model, new_local_head(model, torch.Generator().manual_seed(0)), OneBatch(x, y),
+        TrainSettings(2, cfg.lr, cfg.momentum, cfg.weight_decay, augment=False), torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    features = model.embed(x).detach()
+    expected = l_head(features) + features @ local_realign(model.classifier.g_aux.weight, l_head.weight).T
+    expected = expected + model.classifier.g_aux.bias
+    torch.testing.assert_close(local(x)[:, :3], expected[:, :3])
+
+
+@pytest.mark.slow  # two in-process runs with stages (minutes on 2 cores); the unit tests above stay fast
+def test_fedloge_runs_through_the_apps_under_align_and_pretrain(tmp_path):
+    personal = {"fedloge-local-epochs": 1, "num-clients": 4, "fraction-train": 0.5, **LOGE}
+    summary, rows, _ = run_app(tmp_path, "fedloge-align", strategy="fedloge", align=True, **personal)
+    assert [r["round"] for r in rows] == [0, 1, 2] and all("pre-align-accuracy" in r for r in rows[1:])
+    assert summary["fedloge-sse"]["etf-steps"] == 20 and "SSE-C" in summary["client-runs"]
+    assert rows[-1]["personalized-replies"] == 4 and len(rows[-1]["personalized-accuracies"]) == 4  # every client
+    assert 0.0 <= rows[-1]["personalized-accuracy"] <= 1.0 and "personalized-accuracy" not in rows[1]
+    summary, rows, _ = run_app(
+        tmp_path, "fedloge-pretrain", strategy="fedloge", pretrain=True, **{**LOGE, "fedloge-local-epochs": 0}
+    )
+    assert summary["pretrain"]["teacher"] and [r["round"] for r in rows] == [0, 1, 2]
+    assert "personalized-replies" not in rows[-1] and 0.0 <= rows[-1]["accuracy"] <= 1.0

@@ -22,3 +22,12 @@ def test_fedetf_runs_through_flwr_run(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["replies"] == 4
     assert rows[-1]["personalized-replies"] == 4 and 0.0 <= rows[-1]["personalized-accuracy"] <= 1.0
     assert 0.0 <= rows[-1]["accuracy"] <= 1.0 and "balanced softmax" in summary["client-runs"]
+
+
+@pytest.mark.slow
+def test_fedloge_runs_through_flwr_run(tmp_path):
+    rows, summary = run_one(tmp_path, "fedloge", "strategy=fedloge fedloge-etf-steps=20 fedloge-local-epochs=1")
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["replies"] == 4
+    assert rows[-1]["personalized-replies"] == 4 and 0.0 <= rows[-1]["personalized-accuracy"] <= 1.0
+    assert 0.0 <= rows[-1]["accuracy"] <= 1.0 and "SSE-C" in summary["client-runs"]
+    assert summary["fedloge-sse"]["etf-steps"] == 20

@@ -80,6 +80,7 @@ METHODS: dict[str, str] = {
     "fedlc": "loss=fedlc",
     "fedrs": "loss=fedrs",
     "fedetf": "strategy=fedetf",  # FedETF (ICCV 2023): fixed simplex-ETF classifier, balanced softmax
+    "fedloge": "strategy=fedloge",  # FedLoGe (ICLR 2024): sparse ETF backbone, realigned global head (its column)
     "ours": "pretrain=true align=true",  # MLLM-LLaVA-FL: stage 1 + FedAvg + stage 3
     "ours-no-align": "pretrain=true",
     # Offline, with the stand-in teacher (align-teacher=holdout) that knows the classes, so the KL term of

@@ -21,6 +21,11 @@ its fixed ETF classifier: the cross-entropy of f_c + log n_c, n_c the client's o
 class counts as one), so a client's head classes need a larger margin and its tail classes are not pushed down.
 Its strategy names it in the round config, so it lives in `SERVER_LOSSES`.
 
+FedYoYo (arXiv 2503.06916) trains on a weak and a strong view of every batch with logits adjusted by a class prior
+that starts at the server's and drifts towards the client's own distribution, plus a self-distillation term from
+the weak view to the strong one (`flcore.yoyo`); its strategy names it and sends the prior, so it lives in
+`SERVER_LOSSES`.
+
 `kd_loss` is the one distillation loss of the project: CLIP2FL's clients (`client_app.distill`), the
 server's global alignment (`alignment.loss`) and FedDF/FedBE's server distillation use it.
 """
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 
 from flcore.arrays import read_npy
 from flcore.config import Settings
+from flcore.yoyo import YOYO_LOSS, yoyo_client_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -161,6 +167,7 @@ SERVER_LOSSES: dict[str, Callable[[LossInputs], LossFn]] = {
     "balanced-softmax": lambda inputs: partial(
         balanced_softmax_loss, log_prior=balanced_log_prior(inputs.label_counts)
     ),
+    YOYO_LOSS: lambda inputs: yoyo_client_loss(inputs.cfg, inputs.label_counts, inputs.server_config),
 }
 
 

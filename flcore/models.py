@@ -52,6 +52,7 @@ METHOD_HEADS: dict[str, str] = {
     "fedbe": "none",
     "ratioloss": "none",
     "fedetf": "none",  # its authors' linear_proto reads the pooled features: here the ETF classifier's projection
+    "fedyoyo": "none",  # its authors' ResNet_cifar (resnet8): the classifier reads the pooled features
 }
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -89,6 +90,14 @@ class EffectivePrior(Delegating):
         self.effective: np.ndarray | None = None
         self.prior: np.ndarray | None = None
         self.reported = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The server's effective numbers, which a checkpoint keeps so a resumed run goes on with the same EMA (the
+        inner FedAvg keeps nothing)."""
+        return {} if self.effective is None else {"effective": torch.from_numpy(self.effective.copy())}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.effective = state["effective"].numpy().astype(np.float32) if "effective" in state else None
 
     def summary(self) -> None:
         log(INFO, "\t├──> FedYoYo: sampled clients report effective numbers; the server's EMA prior goes to training")

@@ -22,6 +22,7 @@ from flcore.models import ETFClassifier, model_classifier, model_head, run_buffe
 from flcore.personalize import fedetf_personalize, fit
 from flcore.training import TrainSettings, train
 from flcore.yoyo import EFFECTIVE_KEY, PRIOR_KEY, TwoViews, YoYoLoss, effective_numbers, training_batches
+from rounds.checkpoint import load_strategy_state, strategy_state
 from strategies.fedavg import sampling
 from strategies.fedyoyo import EffectivePrior
 from strategies.personalization import personal_accuracy
@@ -244,6 +245,9 @@ def test_fedyoyo_server_asks_the_sampled_clients_then_sends_its_ema_prior():
     np.testing.assert_allclose(strategy.effective, 0.9 * effective + 0.1 * np.array([37.0, 1.0, 1.0]), rtol=1e-6)
     _, metrics = strategy.aggregate_train(2, [])
     assert metrics["yoyo-effective-replies"] == 4 and len(metrics["yoyo-prior"]) == 3
+    resumed = EffectivePrior(FedAvg(**sampling(cfg)), 10.0, 100.0)
+    load_strategy_state(resumed, strategy_state(strategy))  # what a checkpoint keeps of it
+    np.testing.assert_array_equal(resumed.effective, strategy.effective)
 
 
 @pytest.mark.slow  # two in-process runs with stages; the unit tests above stay fast

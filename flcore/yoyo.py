@@ -115,18 +115,20 @@ def rotate(x: torch.Tensor, gen: torch.Generator, degrees: float = ROTATION_DEGR
 
 
 def autoaugment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """AutoAugment's CIFAR-10 policy on each uint8 image separately (torchvision's, grey fill as theirs), its random
-    choices drawn from a seed per image taken from `gen`."""
+    """AutoAugment's CIFAR-10 policy on each uint8 image separately (torchvision's, grey fill as theirs; on a batch it
+    would draw one sub-policy for all), its random choices drawn from one seed per batch taken from `gen`. It runs on
+    the CPU, whatever the batch's device: many small per-image operations, and the same result on every device."""
     from torchvision.transforms import v2
 
     policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=AUTOAUGMENT_FILL)
-    seeds = torch.randint(2**62, (x.shape[0],), generator=gen).tolist()
-    out = torch.empty_like(x)
+    seed = int(torch.randint(2**62, (1,), generator=gen))
+    images = x.cpu()
+    out = torch.empty_like(images)
     with torch.random.fork_rng(devices=[]):
-        for i, seed in enumerate(seeds):
-            torch.manual_seed(seed)
-            out[i] = policy(x[i])
-    return out
+        torch.manual_seed(seed)
+        for i in range(images.shape[0]):
+            out[i] = policy(images[i])
+    return out.to(x.device)
 
 
 def cutout_mask(height: int, width: int, ys: torch.Tensor, xs: torch.Tensor, length: int) -> torch.Tensor:

@@ -81,6 +81,7 @@ METHODS: dict[str, str] = {
     "fedrs": "loss=fedrs",
     "fedetf": "strategy=fedetf",  # FedETF (ICCV 2023): fixed simplex-ETF classifier, balanced softmax
     "fedloge": "strategy=fedloge",  # FedLoGe (ICLR 2024): sparse ETF backbone, realigned global head (its column)
+    "fedyoyo": "strategy=fedyoyo",  # FedYoYo (2025): two views, drifting logit adjustment, self-distillation
     "ours": "pretrain=true align=true",  # MLLM-LLaVA-FL: stage 1 + FedAvg + stage 3
     "ours-no-align": "pretrain=true",
     # Offline, with the stand-in teacher (align-teacher=holdout) that knows the classes, so the KL term of
@@ -99,7 +100,7 @@ OWN_TRAINING = {  # why a built-in method trains its clients its own way, for th
 CURVE = "curve"  # a cell's per-round [round, accuracy] pairs, a JSON list in the CSV
 FIGURE4 = ("ours-no-align", "ours")  # the paper's Figure 4: the run trained without alignment, then with it
 GROUP_KEYS = ("accuracy", "balanced-accuracy", "many-accuracy", "medium-accuracy", "few-accuracy")
-# The paper's twelve Table 2 baselines, FedLC, FedRS, the methods since the paper (FedETF), ours and
+# The paper's twelve Table 2 baselines, FedLC, FedRS, the methods since the paper (FedETF, FedYoYo), ours and
 # ours-no-align: the rows of the README's table.
 TABLE_METHODS = tuple(list(METHODS)[: list(METHODS).index("ours-no-align") + 1])
 QUICK_CONFIG = (

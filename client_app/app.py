@@ -12,8 +12,10 @@ one (`loss`, the Ratio Loss with the server's class weights); FedLoGe trains it 
 (`flcore.losses.CLIENT_OBJECTIVES`). A `query.upload` message (CCVR, after
 the last aggregation) asks for such statistics of the model it carries alone, with no training; a
 `query.personalize` message (FedETF, FedLoGe, after the last aggregation) asks it to fine-tune the model it carries the
-method's own way (`flcore.personalize`) and send the result back, with its images per class, for scoring. It never
-loads the LLM, and loads CLIP only when the round config asks for CLIP2FL's distillation (`kd-weight`).
+method's own way (`flcore.personalize`) and send the result back, with its images per class, for scoring; a
+`query.effective_numbers` message (FedYoYo, before each round's training) asks for its C effective numbers under
+the model it carries (`flcore.yoyo`), and with FedYoYo's loss it trains on a weak and a strong view of every batch.
+It never loads the LLM, and loads CLIP only when the round config asks for CLIP2FL's distillation (`kd-weight`).
 It trains on the device `device` resolves to in this process (under Ray, the GPU share of
 `client-resources-num-gpus`, if any): its model and partition stay there across rounds.
 
@@ -49,10 +51,12 @@ from flcore.models import FLModel, build_model, model_classifier, model_head
 from flcore.personalize import PERSONALIZE_ACTION, PERSONALIZERS
 from flcore.seeding import seeded_generator
 from flcore.training import ExtraLoss, TrainSettings, predict, train
+from flcore.yoyo import EFFECTIVE_ACTION, EFFECTIVE_KEY, effective_numbers, training_batches
 
 app = ClientApp()
 UPLOAD_STREAM = 1  # generator stream of a client's upload draws (CReFF's DSA), apart from its training stream
 PERSONALIZE_STREAM = 2  # generator stream of its personalisation after the last round (FedETF)
+EFFECTIVE_STREAM = 3  # generator stream of the shuffle its effective numbers are computed in (FedYoYo)
 
 
 @lru_cache(maxsize=2)
@@ -119,7 +123,7 @@ def train_fn(msg: Message, context: Context) -> Message:
     bias = getattr(model.classifier, "bias", None)  # FedRS's authors' logits leave it out; FedETF's ETF has none
     trained, loss = objective(cfg, model, build_loss(LossInputs(cfg, counts, server_config, bias)))
     settings, kd = _settings(cfg, server_config), _kd(cfg, server_config, data)
-    metrics = train(trained, batches, settings, gen, loss, kd, compute_of(cfg))
+    metrics = train(trained, training_batches(server_config, batches), settings, gen, loss, kd, compute_of(cfg))
     arrays, record = to_record(model), MetricRecord({**metrics, "num-examples": len(batches.data)})
     if data.local:
         record[CLASS_COUNTS_KEY] = data.class_counts()
@@ -170,3 +174,15 @@ def personalize_fn(msg: Message, context: Context) -> Message:
     record = MetricRecord({"num-examples": int(counts.sum()), CLASS_COUNTS_KEY: counts.astype(float).tolist()})
     record.update(cost_metrics(arrays, record))
     return Message(RecordDict({"arrays": arrays, "metrics": record}), reply_to=msg)
+
+
+@app.query(EFFECTIVE_ACTION)
+@private_errors
+def effective_fn(msg: Message, context: Context) -> Message:
+    """FedYoYo: this client's effective number per class under the model the message carries; no training."""
+    cfg, server_config, data, model = _setup(msg, context)
+    draws = seeded_generator(cfg.seed, int(server_config.get("server-round", 0)), data.stream, EFFECTIVE_STREAM)
+    effective = effective_numbers(model, data.batches, data.num_classes, draws, compute_of(cfg))
+    record = MetricRecord({"num-examples": len(data.batches.data), EFFECTIVE_KEY: effective.astype(float).tolist()})
+    record.update(cost_metrics(ArrayRecord(), record))
+    return Message(RecordDict({"metrics": record}), reply_to=msg)

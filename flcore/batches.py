@@ -88,7 +88,7 @@ class Batches:
     def __len__(self) -> int:
         return -(-len(self.data) // self.batch_size)
 
-    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """A random crop of the zero-padded images and a random flip; offsets drawn on the CPU, in this order."""
         pad = max(1, self.image_size // 8)
         n, size = x.shape[0], self.image_size
@@ -105,7 +105,8 @@ class Batches:
             x = torch.where(mask[:, None, None, None], x.flip(3), x)
         return x
 
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (0..255) as the model's input: normalised floats in channels_last layout."""
         return ((x.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def take(self, positions: np.ndarray) -> torch.Tensor:
@@ -116,7 +117,7 @@ class Batches:
             x = torch.stack([self.files[(int(i), None)] for i in idx]).to(self.device)
         else:
             x = self.images[idx.to(self.device)]
-        return self._normalise(x)
+        return self.normalise(x)
 
     def iterate(
         self, shuffle: bool = False, augment: bool = False, gen: torch.Generator | None = None
@@ -125,25 +126,26 @@ class Batches:
             yield x, y
 
     def iterate_indexed(
-        self, shuffle: bool = False, augment: bool = False, gen: torch.Generator | None = None
+        self, shuffle: bool = False, augment: bool = False, gen: torch.Generator | None = None, raw: bool = False
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Like `iterate`, with each batch's positions in `data` first (per-example extras such as teacher logits),
-        on the device like the batch."""
+        on the device like the batch; `raw` leaves the images as they are decoded (0..255, before `normalise`), for
+        augmentations that work on pixels (FedYoYo's views)."""
         n = len(self.data)
         order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
         if self.files is not None:
-            yield from self._from_files(order, augment, gen)
+            yield from self._from_files(order, augment, gen, raw)
             return
         order = order.to(self.device)
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
             x = self.images[idx]
             if augment:
-                x = self._augment(x, gen)
-            yield idx, self._normalise(x), self.labels[idx]
+                x = self.augment(x, gen)
+            yield idx, x if raw else self.normalise(x), self.labels[idx]
 
     def _from_files(
-        self, order: torch.Tensor, augment: bool, gen: torch.Generator | None
+        self, order: torch.Tensor, augment: bool, gen: torch.Generator | None, raw: bool = False
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Batches of `order` decoded by a DataLoader; every image's augmentation seed is drawn up front, so the
         batches do not depend on the number of loader processes or on how far they read ahead."""
@@ -156,4 +158,5 @@ class Batches:
         loader = DataLoader(self.files, batch_sampler=plan, num_workers=workers, pin_memory=pin)
         for items, x in zip(plan, loader, strict=True):
             idx = torch.tensor([position for position, _ in items]).to(self.device)
-            yield idx, self._normalise(x.to(self.device, non_blocking=True)), self.labels[idx]
+            x = x.to(self.device, non_blocking=True)
+            yield idx, x if raw else self.normalise(x), self.labels[idx]

@@ -485,7 +485,7 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "loss": _choice(
             "ce",
             "Client loss: ce (cross-entropy), focal (Fed-Focal; focal with gamma 0 is ce), fedlc (FedLC's logit "
-            "calibration) or fedrs (FedRS's restricted softmax); strategy=ratioloss and fedetf set their own.",
+            "calibration) or fedrs (FedRS's restricted softmax); strategy=ratioloss, fedetf and fedyoyo set their own.",
             LOSSES,
         ),
         "focal-gamma": _opt(2.0, "Focusing parameter gamma of the focal loss (loss=focal).", _number(0, 10)),
@@ -651,6 +651,39 @@ SECTIONS: dict[str, dict[str, Option]] = {
             _number(0, 1000, integer=True),
         ),
     },
+    "FedYoYo (weak and strong views, a drifting logit-adjustment prior, self-distillation; a server EMA of effective "
+    "numbers)": {
+        "fedyoyo-lambda": _opt(
+            4.0,
+            "Weight lambda of the self-distillation term, times min(round / fedyoyo-warmup, 1) (strategy=fedyoyo; "
+            "fedyoyo.sh's lamda 4.0, main_fedyoyo.py's default 1.5).",
+            _number(0, 100),
+        ),
+        "fedyoyo-warmup": _opt(
+            50,
+            "Rounds over which the self-distillation weight grows linearly to fedyoyo-lambda (strategy=fedyoyo; "
+            "FedYoYo's warmup 50).",
+            _number(1, 100000, integer=True),
+        ),
+        "fedyoyo-gamma": _opt(
+            0.1,
+            "Step of the client's prior towards its own class distribution at every local step, prior <- (1 - gamma) "
+            "prior + gamma local (strategy=fedyoyo; FedYoYo's gamma 0.1; 0 = the server's prior throughout).",
+            _number(0, 1),
+        ),
+        "fedyoyo-tau": _opt(
+            1.5,
+            "Exponent tau of the logit adjustment, logits + log(prior^tau + 1e-9) (strategy=fedyoyo; FedYoYo's 1.5; "
+            "0 = no adjustment).",
+            _number(0, 10),
+        ),
+        "fedyoyo-temperature": _opt(
+            1.5,
+            "Temperature T of the self-distillation from the weak view to the strong one, without T^2 "
+            "(strategy=fedyoyo; FedYoYo's T 1.5).",
+            _number(0, 100, low_open=True),
+        ),
+    },
     "CLIP2FL (CReFF + client-side distillation from the align-teacher CLIP + a server-side text contrast)": {
         "kd-weight": _opt(
             1.0,
@@ -792,6 +825,11 @@ def _check_relations(cfg: Settings) -> None:
         )
     _check_own_classifier(cfg)
     _check_fedloge(cfg)
+    if cfg.strategy == "fedyoyo" and cfg.loss != "ce":
+        raise ConfigError(
+            f"run-config key 'loss' = {cfg.loss!r} is not allowed with strategy 'fedyoyo': its logit-adjusted loss "
+            "with self-distillation is that method's client loss; expected ce (the default)."
+        )
     per_round = cfg.clients_per_round
     if cfg.min_replies > per_round:
         raise ConfigError(

@@ -25,6 +25,10 @@ FedLoGe (Xiao et al., ICLR 2024) trains a client through two heads at once: the 
 ETF classifier, its global head on the features with the backbone's gradient cut. Its entry in
 `CLIENT_OBJECTIVES` hands the training loop the model as `flcore.fedloge.ClientStep` and a loss that adds the
 global head's cross-entropy to the client's loss (`client_objective`).
+FedYoYo (arXiv 2503.06916) trains on a weak and a strong view of every batch with logits adjusted by a class prior
+that starts at the server's and drifts towards the client's own distribution, plus a self-distillation term from
+the weak view to the strong one (`flcore.yoyo`); its strategy names it and sends the prior, so it lives in
+`SERVER_LOSSES`.
 
 `kd_loss` is the one distillation loss of the project: CLIP2FL's clients (`client_app.distill`), the
 server's global alignment (`alignment.loss`) and FedDF/FedBE's server distillation use it.
@@ -43,6 +47,7 @@ import torch.nn.functional as F
 from flcore.arrays import read_npy
 from flcore.config import Settings
 from flcore.fedloge import client_objective
+from flcore.yoyo import YOYO_LOSS, yoyo_client_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -167,6 +172,7 @@ SERVER_LOSSES: dict[str, Callable[[LossInputs], LossFn]] = {
     "balanced-softmax": lambda inputs: partial(
         balanced_softmax_loss, log_prior=balanced_log_prior(inputs.label_counts)
     ),
+    YOYO_LOSS: lambda inputs: yoyo_client_loss(inputs.cfg, inputs.label_counts, inputs.server_config),
 }
 
 

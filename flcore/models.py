@@ -55,6 +55,7 @@ METHOD_HEADS: dict[str, str] = {
     "ratioloss": "none",
     "fedetf": "none",  # its authors' linear_proto reads the pooled features: here the ETF classifier's projection
     "fedloge": "none",  # its authors' heads (SSE-C, g_aux, l_head) read the backbone's pooled features
+    "fedyoyo": "none",  # its authors' ResNet_cifar (resnet8): the classifier reads the pooled features
 }
 
 

@@ -1,7 +1,7 @@
 """Registries: run-config name -> factory of a Flower Message-API strategy, and the server stages.
 
 Every strategy factory takes the validated run config; the method modules define them (`fedavg`,
-`fedavgm`, `fednova`, `ccvr`, `creff`, `clip2fl`, `feddf`, `fedbe`, `ratio_loss`, `fedetf`, `fedloge`).
+`fedavgm`, `fednova`, `ccvr`, `creff`, `clip2fl`, `feddf`, `fedbe`, `ratio_loss`, `fedetf`, `fedloge`, `fedyoyo`).
 `build_server_strategy` wraps whatever comes out in `rounds.policy.RoundPolicy` (sampling, reply screening) and
 `strategies.wrapper.ServerStages` together with the stages every entry of `SERVER_STAGES` contributes
 (each factory reads its own switches from the config and returns no stages when it is off), so adding a
@@ -40,6 +40,7 @@ from strategies.fedbe import fedbe
 from strategies.feddf import feddf
 from strategies.fedetf import fedetf
 from strategies.fednova import fednova
+from strategies.fedyoyo import fedyoyo
 from strategies.robust import check_trimming, fedmedian, fedtrimmedavg
 from strategies.tau_norm import tau_norm_stage
 from strategies.wrapper import Report, ServerStages
@@ -62,6 +63,7 @@ STRATEGIES: dict[str, StrategyFactory] = {
     "ratioloss": ratio_loss.ratioloss,
     "fedetf": fedetf,
     "fedloge": fedloge_method.fedloge,
+    "fedyoyo": fedyoyo,
 }
 
 # Input checks of strategies that read more than the config schema checks, run by the preflight.
@@ -221,6 +223,15 @@ def client_workload(cfg: Settings) -> dict[str, str]:
                 f"; after the last round FedLoGe's local head: {cfg.fedloge_local_epochs} epochs of a linear head on "
                 "the final backbone's features, added to the global head realigned to its row norms"
             )
+    if strategy == "fedyoyo":
+        per_round += "; before training, its effective number per class under the received model (C floats)"
+        runs = (
+            "a feature pass over its partition with the received model (no training), then local SGD on a weak and "
+            "a strong view (AutoAugment + Cutout) of every batch with FedYoYo's logit adjustment (the server's prior "
+            f"drifting to its own label counts, which it keeps; tau {cfg.fedyoyo_tau}, gamma {cfg.fedyoyo_gamma}) and "
+            f"self-distillation (lambda {cfg.fedyoyo_lambda}, warmup {cfg.fedyoyo_warmup} rounds, T "
+            f"{cfg.fedyoyo_temperature})"
+        )
     if strategy in ("feddf", "fedbe"):
         runs += (
             f"; nothing else: the server distils the round's client models ({strategy}) on its own unlabeled "

@@ -1,4 +1,4 @@
-"""The long-tailed federated methods published after the paper (FedETF, FedLoGe): each method's model, loss and
+"""The long-tailed federated methods published after the paper (FedETF, FedLoGe, FedYoYo): each method's model, loss and
 checks, and its runs through the real ServerApp and ClientApp in-process under stage 1 (`pretrain`) and stage 3
 (`align`). Parity with the authors' code is in tests/test_parity_<method>.py; one `flwr run` simulation per method
 is in tests/test_new_long_tail_simulation.py.
@@ -11,16 +11,24 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
 from flcore.arrays import load_record, to_record
+from flcore.batches import Batches
 from flcore.config import ConfigError
+from flcore.datasets import ImageSet
 from flcore.fedloge import ClientStep, FedLoGeClassifier, local_realign, realign_global
 from flcore.losses import LOSS_KEY, LossInputs, build_loss, objective
 from flcore.models import ETFClassifier, model_classifier, model_head, run_buffer_names, run_model
 from flcore.personalize import fedetf_personalize, fedloge_personalize, fit, fit_local_head, new_local_head
 from flcore.training import TrainSettings, train
+from flcore.yoyo import EFFECTIVE_KEY, PRIOR_KEY, TwoViews, YoYoLoss, effective_numbers, training_batches
+from rounds.checkpoint import load_strategy_state, strategy_state
+from strategies.fedavg import sampling
 from strategies.fedloge import check as fedloge_check
 from strategies.fedloge import draw_sse, sse_stage, with_sse
+from strategies.fedyoyo import EffectivePrior
 from strategies.personalization import personal_accuracy
 from strategies.registry import client_workload
 from tests.helpers import TINY, validated
@@ -256,3 +264,127 @@ def test_fedloge_runs_through_the_apps_under_align_and_pretrain(tmp_path):
     )
     assert summary["pretrain"]["teacher"] and [r["round"] for r in rows] == [0, 1, 2]
     assert "personalized-replies" not in rows[-1] and 0.0 <= rows[-1]["accuracy"] <= 1.0
+
+
+# FedYoYo
+
+
+def tiny_batches(size: int = 8, n: int = 10, batch: int = 4) -> Batches:
+    """`n` random uint8 images of classes 0-2 (natural: flipped when augmented), in batches of `batch`."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, size, size), generator=gen, dtype=torch.uint8)
+    data = ImageSet(np.arange(n) % 3, images)
+    return Batches(data, SimpleNamespace(mean=(0.5,) * 3, std=(0.25,) * 3, natural=True), size, batch)
+
+
+@pytest.mark.parametrize("size", [8, 32])
+def test_fedyoyo_trains_on_the_weak_view_then_the_strong_view_of_every_batch(size):
+    batches = tiny_batches(size)
+    views = training_batches({LOSS_KEY: "fedyoyo"}, batches)
+    assert isinstance(views, TwoViews) and training_batches({}, batches) is batches and len(views) == len(batches)
+    plain = list(batches.iterate())
+    for augment in (False, True):
+        seen = list(views.iterate(augment=augment, gen=torch.Generator().manual_seed(1)))
+        again = list(views.iterate(augment=augment, gen=torch.Generator().manual_seed(1)))
+        for (x, y), (x2, _), (p, py) in zip(seen, again, plain, strict=True):
+            n = len(py)
+            assert x.shape == (2 * n, 3, size, size) and torch.equal(y, torch.cat([py, py])) and torch.equal(x, x2)
+            assert torch.equal(x[:n], p) != augment  # no augmentation: the weak view is the plain batch
+            assert not torch.equal(x[n:], p)  # AutoAugment and Cutout always make the strong view
+    holes = [(x[len(x) // 2 :] == batches.normalise(torch.zeros(1, 3, 1, 1))).all(1) for x, _ in seen]
+    assert all(h.flatten(1).sum(1).min() >= (size // 2) ** 2 // 4 for h in holes)  # a cut of half the side, clipped
+
+
+def test_fedyoyo_client_loss_comes_from_the_round_config():
+    cfg = cfg_of(strategy="fedyoyo")
+    counts = np.array([6, 3, 1, 0])
+    prior = [0.4, 0.3, 0.2, 0.1]
+    loss = build_loss(LossInputs(cfg, counts, {LOSS_KEY: "fedyoyo", PRIOR_KEY: prior, "server-round": 10}))
+    assert isinstance(loss, YoYoLoss) and loss.weight == pytest.approx(4.0 * 10 / 50)
+    torch.testing.assert_close(loss.local, torch.tensor([0.6, 0.3, 0.1, 0.0]))
+    logits, labels = torch.randn(4, 4), torch.tensor([0, 1, 0, 1])
+    loss(logits, labels)
+    torch.testing.assert_close(loss.prior, 0.9 * torch.tensor(prior) + 0.1 * loss.local)  # one step towards its own
+    late = build_loss(LossInputs(cfg, counts, {LOSS_KEY: "fedyoyo", PRIOR_KEY: prior, "server-round": 200}))
+    assert late.weight == 4.0  # lambda after the warm-up
+    for bad in ({}, {PRIOR_KEY: [0.5, 0.5]}, {PRIOR_KEY: [0.5, 0.5, 0.0, 0.0]}):
+        with pytest.raises(ValueError, match=PRIOR_KEY):
+            build_loss(LossInputs(cfg, counts, {LOSS_KEY: "fedyoyo", "server-round": 1, **bad}))
+
+
+def test_fedyoyo_refuses_a_second_loss_and_takes_resnet8_with_a_linear_classifier():
+    with pytest.raises(ConfigError, match="fedyoyo"):
+        cfg_of(strategy="fedyoyo", loss="fedlc")
+    cfg = cfg_of(strategy="fedyoyo")
+    assert model_head(cfg) == "none" and model_classifier(cfg) == "linear"
+    assert "effective number" in client_workload(cfg)["client-uploads"]
+    assert "AutoAugment" in client_workload(cfg)["client-runs"]
+
+
+def test_fedyoyo_effective_numbers_are_per_class_of_the_received_model():
+    cfg = cfg_of(strategy="fedyoyo")
+    model, batches = run_model(cfg, 4, seed=1), tiny_batches(n=12)
+    first = effective_numbers(model, batches, 4, torch.Generator().manual_seed(0))
+    again = effective_numbers(model, batches, 4, torch.Generator().manual_seed(0))
+    assert first.shape == (4,) and np.array_equal(first, again) and first[3] == 0  # class 3: none of its images
+    assert (first[:3] >= len(batches) - 1).all()  # at least one per batch holding the class
+
+
+class EffectiveGrid:
+    """Four nodes; the effective-number query answered from `answers` (node -> numbers), nothing else expected."""
+
+    def __init__(self, answers):
+        self.answers, self.asked = answers, []
+
+    def get_node_ids(self):
+        return [0, 1, 2, 3]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            self.asked.append((msg.metadata.dst_node_id, msg.metadata.message_type))
+            metrics = MetricRecord({"num-examples": 5, EFFECTIVE_KEY: self.answers[msg.metadata.dst_node_id]})
+            replies.append(Message(RecordDict({"metrics": metrics}), reply_to=msg))
+        return replies
+
+
+def test_fedyoyo_server_asks_the_sampled_clients_then_sends_its_ema_prior():
+    cfg = cfg_of(strategy="fedyoyo", **{"fraction-train": 1.0})
+    strategy = EffectivePrior(FedAvg(**sampling(cfg)), 10.0, 100.0)
+    grid = EffectiveGrid({0: [1.0, 2.0, 0.0], 1: [3.0, 0.0, 2e6], 2: [1.0, 1.0, 1.0], 3: [1.0, 1.0, float("nan")]})
+    arrays = ArrayRecord({"classifier.bias": torch.zeros(3)})
+    config = ConfigRecord({"server-round": 1})
+    messages = list(strategy.configure_train(1, arrays, config, grid))
+    assert sorted(node for node, _ in grid.asked) == [0, 1, 2, 3]
+    assert {kind for _, kind in grid.asked} == {"query.effective_numbers"}
+    effective = np.array([6.0, 4.0, 0.0])  # ones + nodes 0-2 (node 3's NaN is left out); 2e6 + 2 is abnormal
+    effective[2] = effective[:2].mean()
+    np.testing.assert_allclose(strategy.effective, effective)
+    for message in messages:
+        config = message.content["config"]
+        assert config[LOSS_KEY] == "fedyoyo" and config["server-round"] == 1
+        np.testing.assert_allclose(config[PRIOR_KEY], effective / effective.sum(), rtol=1e-6)
+    grid.answers = {node: [9.0, 0.0, 0.0] for node in range(4)}
+    strategy.configure_train(2, arrays, ConfigRecord({"server-round": 2}), grid)
+    np.testing.assert_allclose(strategy.effective, 0.9 * effective + 0.1 * np.array([37.0, 1.0, 1.0]), rtol=1e-6)
+    _, metrics = strategy.aggregate_train(2, [])
+    assert metrics["yoyo-effective-replies"] == 4 and len(metrics["yoyo-prior"]) == 3
+    resumed = EffectivePrior(FedAvg(**sampling(cfg)), 10.0, 100.0)
+    load_strategy_state(resumed, strategy_state(strategy))  # what a checkpoint keeps of it
+    np.testing.assert_array_equal(resumed.effective, strategy.effective)
+
+
+@pytest.mark.slow  # two in-process runs with stages; the unit tests above stay fast
+def test_fedyoyo_runs_through_the_apps_under_align_and_pretrain(tmp_path):
+    small = {"num-clients": 4, "fraction-train": 0.5}
+    for flags in ({"align": True}, {"pretrain": True}):
+        name = "fedyoyo-" + next(iter(flags))
+        summary, rows, configs = run_app(tmp_path, name, strategy="fedyoyo", **small, **flags)
+        assert [r["round"] for r in rows] == [0, 1, 2] and all(r["replies"] == 2 for r in rows[1:])
+        assert all(r["yoyo-effective-replies"] == 2 and sum(r["yoyo-prior"]) == pytest.approx(1) for r in rows[1:])
+        assert len(configs) == 4 and all(c[LOSS_KEY] == "fedyoyo" and len(c[PRIOR_KEY]) == 10 for c in configs)
+        assert "AutoAugment" in summary["client-runs"]
+        staged = (
+            all("pre-align-accuracy" in r for r in rows[1:]) if "align" in flags else summary["pretrain"]["teacher"]
+        )
+        assert staged

@@ -1,5 +1,5 @@
-"""The long-tailed methods published after the paper, one tiny run each through `flwr run` (the launcher):
-2 rounds, 4 clients, digits at 8 px, random-weight ResNet-8."""
+"""The long-tailed methods published after the paper (FedETF, FedYoYo), one tiny run each through `flwr run` (the
+launcher): 2 rounds, 4 clients, digits at 8 px, random-weight ResNet-8."""
 
 import pytest
 
@@ -31,3 +31,10 @@ def test_fedloge_runs_through_flwr_run(tmp_path):
     assert rows[-1]["personalized-replies"] == 4 and 0.0 <= rows[-1]["personalized-accuracy"] <= 1.0
     assert 0.0 <= rows[-1]["accuracy"] <= 1.0 and "SSE-C" in summary["client-runs"]
     assert summary["fedloge-sse"]["etf-steps"] == 20
+
+
+def test_fedyoyo_runs_through_flwr_run(tmp_path):
+    rows, summary = run_one(tmp_path, "fedyoyo", "strategy=fedyoyo")
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["replies"] == 4
+    assert all(r["yoyo-effective-replies"] == 4 and abs(sum(r["yoyo-prior"]) - 1) < 1e-5 for r in rows[1:])
+    assert 0.0 <= rows[-1]["accuracy"] <= 1.0 and "AutoAugment" in summary["client-runs"]

@@ -130,19 +130,15 @@ def test_personal_accuracy_weights_each_test_class_by_the_clients_share():
     assert personal_accuracy(preds, labels, np.array([0, 0, 5])) == 0.0
 
 
-@pytest.mark.slow  # three in-process runs with stages (minutes on 2 cores); the unit tests above stay fast
+@pytest.mark.slow  # one in-process run with both stages (a minute on 2 cores); the unit tests above stay fast
 def test_fedetf_runs_through_the_apps_under_align_and_pretrain(tmp_path):
     personal = {"fedetf-finetune-rounds": 1, "fedetf-finetune-epochs": 1, "num-clients": 4, "fraction-train": 0.5}
-    summary, rows, configs = run_app(tmp_path, "fedetf-align", strategy="fedetf", align=True, **personal)
-    assert [r["round"] for r in rows] == [0, 1, 2] and all("pre-align-accuracy" in r for r in rows[1:])
+    summary, rows, configs = run_app(tmp_path, "fedetf", strategy="fedetf", align=True, pretrain=True, **personal)
+    assert summary["pretrain"]["teacher"] and [r["round"] for r in rows] == [0, 1, 2]
+    assert all("pre-align-accuracy" in r for r in rows[1:])
     assert all(c[LOSS_KEY] == "balanced-softmax" for c in configs) and "ETF" in summary["client-runs"]
     assert rows[-1]["personalized-replies"] == 4 and len(rows[-1]["personalized-accuracies"]) == 4  # every client
     assert 0.0 <= rows[-1]["personalized-accuracy"] <= 1.0 and "personalized-accuracy" not in rows[1]
-    summary, rows, configs = run_app(
-        tmp_path, "fedetf-pretrain", strategy="fedetf", pretrain=True, **{"fedetf-finetune-rounds": 0}
-    )
-    assert summary["pretrain"]["teacher"] and [r["round"] for r in rows] == [0, 1, 2]
-    assert all(c[LOSS_KEY] == "balanced-softmax" for c in configs) and "personalized-replies" not in rows[-1]
     assert "balanced softmax" in client_workload(cfg_of(strategy="fedetf"))["client-runs"]
 
 
@@ -251,19 +247,15 @@ def test_fedloge_personalisation_adds_a_local_head_to_the_realigned_global_head_
     torch.testing.assert_close(local(x)[:, :3], expected[:, :3])
 
 
-@pytest.mark.slow  # two in-process runs with stages (minutes on 2 cores); the unit tests above stay fast
+@pytest.mark.slow  # one in-process run with both stages (a minute on 2 cores); the unit tests above stay fast
 def test_fedloge_runs_through_the_apps_under_align_and_pretrain(tmp_path):
     personal = {"fedloge-local-epochs": 1, "num-clients": 4, "fraction-train": 0.5, **LOGE}
-    summary, rows, _ = run_app(tmp_path, "fedloge-align", strategy="fedloge", align=True, **personal)
-    assert [r["round"] for r in rows] == [0, 1, 2] and all("pre-align-accuracy" in r for r in rows[1:])
+    summary, rows, _ = run_app(tmp_path, "fedloge", strategy="fedloge", align=True, pretrain=True, **personal)
+    assert summary["pretrain"]["teacher"] and [r["round"] for r in rows] == [0, 1, 2]
+    assert all("pre-align-accuracy" in r for r in rows[1:])
     assert summary["fedloge-sse"]["etf-steps"] == 20 and "SSE-C" in summary["client-runs"]
     assert rows[-1]["personalized-replies"] == 4 and len(rows[-1]["personalized-accuracies"]) == 4  # every client
     assert 0.0 <= rows[-1]["personalized-accuracy"] <= 1.0 and "personalized-accuracy" not in rows[1]
-    summary, rows, _ = run_app(
-        tmp_path, "fedloge-pretrain", strategy="fedloge", pretrain=True, **{**LOGE, "fedloge-local-epochs": 0}
-    )
-    assert summary["pretrain"]["teacher"] and [r["round"] for r in rows] == [0, 1, 2]
-    assert "personalized-replies" not in rows[-1] and 0.0 <= rows[-1]["accuracy"] <= 1.0
 
 
 # FedYoYo
@@ -374,17 +366,12 @@ def test_fedyoyo_server_asks_the_sampled_clients_then_sends_its_ema_prior():
     np.testing.assert_array_equal(resumed.effective, strategy.effective)
 
 
-@pytest.mark.slow  # two in-process runs with stages; the unit tests above stay fast
+@pytest.mark.slow  # one in-process run with both stages; the unit tests above stay fast
 def test_fedyoyo_runs_through_the_apps_under_align_and_pretrain(tmp_path):
     small = {"num-clients": 4, "fraction-train": 0.5}
-    for flags in ({"align": True}, {"pretrain": True}):
-        name = "fedyoyo-" + next(iter(flags))
-        summary, rows, configs = run_app(tmp_path, name, strategy="fedyoyo", **small, **flags)
-        assert [r["round"] for r in rows] == [0, 1, 2] and all(r["replies"] == 2 for r in rows[1:])
-        assert all(r["yoyo-effective-replies"] == 2 and sum(r["yoyo-prior"]) == pytest.approx(1) for r in rows[1:])
-        assert len(configs) == 4 and all(c[LOSS_KEY] == "fedyoyo" and len(c[PRIOR_KEY]) == 10 for c in configs)
-        assert "AutoAugment" in summary["client-runs"]
-        staged = (
-            all("pre-align-accuracy" in r for r in rows[1:]) if "align" in flags else summary["pretrain"]["teacher"]
-        )
-        assert staged
+    summary, rows, configs = run_app(tmp_path, "fedyoyo", strategy="fedyoyo", align=True, pretrain=True, **small)
+    assert summary["pretrain"]["teacher"] and [r["round"] for r in rows] == [0, 1, 2]
+    assert all("pre-align-accuracy" in r for r in rows[1:]) and all(r["replies"] == 2 for r in rows[1:])
+    assert all(r["yoyo-effective-replies"] == 2 and sum(r["yoyo-prior"]) == pytest.approx(1) for r in rows[1:])
+    assert len(configs) == 4 and all(c[LOSS_KEY] == "fedyoyo" and len(c[PRIOR_KEY]) == 10 for c in configs)
+    assert "AutoAugment" in summary["client-runs"]

@@ -823,13 +823,7 @@ def _check_relations(cfg: Settings) -> None:
             f"run-config key 'loss' = {cfg.loss!r} is not allowed with strategy 'ratioloss': the Ratio Loss is "
             "that method's client loss; expected ce (the default)."
         )
-    _check_own_classifier(cfg)
-    _check_fedloge(cfg)
-    if cfg.strategy == "fedyoyo" and cfg.loss != "ce":
-        raise ConfigError(
-            f"run-config key 'loss' = {cfg.loss!r} is not allowed with strategy 'fedyoyo': its logit-adjusted loss "
-            "with self-distillation is that method's client loss; expected ce (the default)."
-        )
+    _check_own_client_loss(cfg)
     per_round = cfg.clients_per_round
     if cfg.min_replies > per_round:
         raise ConfigError(
@@ -853,36 +847,34 @@ def _check_relations(cfg: Settings) -> None:
         )
 
 
-def _check_own_classifier(cfg: Settings) -> None:
-    """FedETF brings its own client loss and classifier: another loss would be ignored, and tau-norm has no linear
-    classifier weights to normalise."""
-    if cfg.strategy != "fedetf":
-        return
-    if cfg.loss != "ce":
-        raise ConfigError(
-            f"run-config key 'loss' = {cfg.loss!r} is not allowed with strategy 'fedetf': its balanced softmax is "
-            "that method's client loss; expected ce (the default)."
-        )
-    if cfg.tau_norm != 0:
-        raise ConfigError(
-            f"run-config key 'tau-norm' = {cfg.tau_norm!r} is not allowed with strategy 'fedetf': its classifier "
-            "is a fixed ETF, with no class weights to normalise; expected 0."
-        )
+OWN_CLIENT_LOSS = {  # strategy -> (why another `loss` is refused, why `tau-norm` is; None: tau-norm applies)
+    "fedetf": (
+        "its balanced softmax is that method's client loss",
+        "its classifier is a fixed ETF, with no class weights to normalise",
+    ),
+    "fedloge": (
+        "its clients train the SSE-C and the global head with cross-entropy, as its authors' do",
+        "its global head is realigned to equal row norms already",
+    ),
+    "fedyoyo": ("its logit-adjusted loss with self-distillation is that method's client loss", None),
+}
 
 
-def _check_fedloge(cfg: Settings) -> None:
-    """FedLoGe trains the backbone with cross-entropy through its SSE-C and realigns its own global head."""
-    if cfg.strategy != "fedloge":
+def _check_own_client_loss(cfg: Settings) -> None:
+    """FedETF, FedLoGe and FedYoYo bring their own client loss (another would be ignored), and the first two their
+    own classifier, whose weights tau-norm must not touch."""
+    if cfg.strategy not in OWN_CLIENT_LOSS:
         return
+    loss_reason, tau_reason = OWN_CLIENT_LOSS[cfg.strategy]
     if cfg.loss != "ce":
         raise ConfigError(
-            f"run-config key 'loss' = {cfg.loss!r} is not allowed with strategy 'fedloge': its clients train the "
-            "SSE-C and the global head with cross-entropy, as its authors' do; expected ce (the default)."
+            f"run-config key 'loss' = {cfg.loss!r} is not allowed with strategy {cfg.strategy!r}: {loss_reason}; "
+            "expected ce (the default)."
         )
-    if cfg.tau_norm != 0:
+    if tau_reason and cfg.tau_norm != 0:
         raise ConfigError(
-            f"run-config key 'tau-norm' = {cfg.tau_norm!r} is not allowed with strategy 'fedloge': its global head "
-            "is realigned to equal row norms already; expected 0."
+            f"run-config key 'tau-norm' = {cfg.tau_norm!r} is not allowed with strategy {cfg.strategy!r}: "
+            f"{tau_reason}; expected 0."
         )
 
 

@@ -12,7 +12,9 @@ dependencies at run time. This launcher hides none of that; it handles it:
 3. runs `flwr run . <connection> --stream` with the overrides and the simulation federation from
    `[tool.mllm-llava-fl.simulation]` (num-supernodes = num-clients), whose client resources
    `--federation-config` may override;
-4. reads the run's final status with `flwr list --format json` and exits non-zero unless it completed;
+4. reads the run's final status with `flwr list --format json` and exits non-zero unless it completed; a
+   run that ended because a ClientApp process died (`rounds.restarts`) is resumed from its run folder with
+   fresh Ray actors, at most `actor-restarts` times;
 5. stops everything it started before it returns, and a watchdog (`server_app.watchdog`) stops it all
    too when the launcher itself is killed, even with kill -9.
 
@@ -37,6 +39,7 @@ from typing import Any, NoReturn
 
 from flcore.config import ConfigError, Settings
 from flcore.run_config import format_overrides, parse_overrides, toml_document
+from rounds.restarts import read_history
 from server_app.preflight import Checked, InputError, Simulation, preflight, validated
 from server_app.watchdog import Watchdog, exit_on_signals, stop
 
@@ -195,6 +198,36 @@ def flwr_run(
     return last_run(env, connection)
 
 
+def restart_folder(status: Mapping[str, Any], cfg: Settings, restarts_done: int) -> Path | None:
+    """The run folder to resume with fresh Ray actors, or None: the run did not end for a restart (it left no
+    `restart.json`: `rounds.restarts`), or this launch already restarted it `actor-restarts` times."""
+    if status["status"] == "finished:completed" or restarts_done >= cfg.actor_restarts:
+        return None
+    folder = Path(cfg.output_dir) / str(status["run-id"])
+    return folder if read_history(folder) else None
+
+
+def run_with_restarts(
+    cfg: Settings, env: Mapping[str, str], sent: Mapping[str, Any], extra: Sequence[str]
+) -> dict[str, Any]:
+    """`flwr_run`, and again with `resume` of its run folder each time the run ended because a ClientApp process
+    died (at most `actor-restarts` times): a new simulation starts a new pool of Ray actors, which Flower 1.42
+    does not do for a dead one. Returns the last run's status."""
+    status = flwr_run(CONNECTION, env, sent, extra)
+    done = 0
+    while (folder := restart_folder(status, cfg, done)) is not None:
+        done += 1
+        after = read_history(folder)[-1].after_round
+        print(
+            f"restart {done} of at most {cfg.actor_restarts}: a client process died in round {after}; resuming "
+            f"{folder} with fresh Ray actors",
+            flush=True,
+        )
+        sent = {**sent, "resume": str(folder)}
+        status = flwr_run(CONNECTION, env, sent, extra)
+    return status
+
+
 def report_status(status: Mapping[str, Any], logs: str) -> int:
     """0 when the run completed; otherwise say so and where to look (flwr run itself exits 0 either way)."""
     print(f"run {status['run-id']}: {status['status']}", flush=True)
@@ -226,7 +259,7 @@ def run(overrides: Mapping[str, Any], ray_address: str = "", federation: Mapping
     link = start_superlink(home, port, env)
     watchdog = Watchdog.start([link.pid])  # ends all of it if this process dies, and Ray's stragglers at the end
     try:
-        status = flwr_run(CONNECTION, env, sent, ["--federation-config", federation_config(checked.federation, cfg)])
+        status = run_with_restarts(cfg, env, sent, ["--federation-config", federation_config(checked.federation, cfg)])
     finally:
         stop(link)
         watchdog.close()

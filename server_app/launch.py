@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -152,7 +152,9 @@ def federation_config(simulation: Mapping[str, Any], cfg: Settings) -> str:
     return format_overrides({**simulation, "num-supernodes": cfg.num_clients})
 
 
-def last_run(env: Mapping[str, str], connection: str = CONNECTION) -> dict[str, Any]:
+def last_run(env: Mapping[str, str], connection: str = CONNECTION, earlier: Collection[str] = ()) -> dict[str, Any]:
+    """The status of the run this SuperLink started last: the one not among the `earlier` run ids (Flower's run
+    ids are random, so a second run on the same SuperLink is not the largest id)."""
     out = subprocess.run(
         [str(BIN / "flwr"), "list", connection, "--format", "json"],
         cwd=PROJECT,
@@ -162,7 +164,7 @@ def last_run(env: Mapping[str, str], connection: str = CONNECTION) -> dict[str, 
         check=True,
         timeout=120,
     )
-    runs = json.loads(out.stdout).get("runs", [])
+    runs = [run for run in json.loads(out.stdout).get("runs", []) if run["run-id"] not in earlier]
     if not runs:
         raise RuntimeError(f"the SuperLink reports no run: {out.stdout.strip()}")
     return max(runs, key=lambda r: int(r["run-id"]))
@@ -185,8 +187,10 @@ def flwr_run(
     sent: Mapping[str, Any],
     extra: Sequence[str] = (),
     timeout: float | None = None,
+    earlier: Collection[str] = (),
 ) -> dict[str, Any]:
-    """`flwr run . <connection> --stream` with the overrides, then the run's final status from the SuperLink."""
+    """`flwr run . <connection> --stream` with the overrides, then the run's final status from the SuperLink
+    (`earlier`: the ids of the runs it ran before this one)."""
     home = Path(env["FLWR_HOME"])
     overrides_file = home / "run-config.toml"
     overrides_file.write_text(toml_document(sent), encoding="utf-8")  # a file: no value is split again
@@ -195,7 +199,7 @@ def flwr_run(
         cmd += ["--run-config", str(overrides_file)]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=PROJECT, env=dict(env), check=False, timeout=timeout)
-    return last_run(env, connection)
+    return last_run(env, connection, earlier)
 
 
 def restart_folder(status: Mapping[str, Any], cfg: Settings, restarts_done: int) -> Path | None:
@@ -214,9 +218,9 @@ def run_with_restarts(
     died (at most `actor-restarts` times): a new simulation starts a new pool of Ray actors, which Flower 1.42
     does not do for a dead one. Returns the last run's status."""
     status = flwr_run(CONNECTION, env, sent, extra)
-    done = 0
-    while (folder := restart_folder(status, cfg, done)) is not None:
-        done += 1
+    earlier = [status["run-id"]]
+    while (folder := restart_folder(status, cfg, len(earlier) - 1)) is not None:
+        done = len(earlier)
         after = read_history(folder)[-1].after_round
         print(
             f"restart {done} of at most {cfg.actor_restarts}: a client process died in round {after}; resuming "
@@ -224,7 +228,8 @@ def run_with_restarts(
             flush=True,
         )
         sent = {**sent, "resume": str(folder)}
-        status = flwr_run(CONNECTION, env, sent, extra)
+        status = flwr_run(CONNECTION, env, sent, extra, earlier=earlier)
+        earlier.append(status["run-id"])
     return status
 
 

@@ -5,6 +5,7 @@ of 4 clients, where partition 3's process ends with `os._exit` in round 1 (`fail
 fail-rate 0.1 fail exactly that one, `client_app.faults.fails`); the fast tests check the detection and the
 bounded restart decision without a Flower run."""
 
+import json
 import sys
 import types
 
@@ -133,6 +134,14 @@ def test_the_launcher_resumes_a_run_that_ended_for_a_restart_at_most_actor_resta
     assert launch.restart_folder(failed, cfg, 1) == tmp_path / "7"
     assert launch.restart_folder(failed, cfg, 2) is None
     assert launch.restart_folder(completed, cfg, 0) is None
+
+
+def test_the_status_read_back_is_the_new_run_s_not_the_largest_id(monkeypatch):
+    runs = {"runs": [{"run-id": "9", "status": "finished:failed"}, {"run-id": "5", "status": "finished:completed"}]}
+    listed = types.SimpleNamespace(stdout=json.dumps(runs))
+    monkeypatch.setattr(launch.subprocess, "run", lambda *args, **kwargs: listed)
+    assert launch.last_run({}, earlier=["9"])["run-id"] == "5"  # Flower's run ids are random
+    assert launch.last_run({})["run-id"] == "9"
 
 
 def test_actor_restarts_is_a_count():

@@ -220,11 +220,10 @@ def run_with_restarts(
     status = flwr_run(CONNECTION, env, sent, extra)
     earlier = [status["run-id"]]
     while (folder := restart_folder(status, cfg, len(earlier) - 1)) is not None:
-        done = len(earlier)
-        after = read_history(folder)[-1].after_round
+        history = read_history(folder)  # the restarts of the whole run, earlier launches' included
         print(
-            f"restart {done} of at most {cfg.actor_restarts}: a client process died in round {after}; resuming "
-            f"{folder} with fresh Ray actors",
+            f"restart {len(history)} of at most {cfg.actor_restarts}: a client process died in round "
+            f"{history[-1].after_round}; resuming {folder} with fresh Ray actors",
             flush=True,
         )
         sent = {**sent, "resume": str(folder)}

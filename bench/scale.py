@@ -126,9 +126,9 @@ class Watch:
 
 
 def metrics_rows(out: Path) -> list[dict]:
-    """The rows so far of the run launched into `out` (none before its first round)."""
-    found = run_dirs(out)
-    return read_metrics(found[0]) if found else []
+    """The rows so far of the run launched into `out` (none before its first round); after a restart with fresh
+    actors (`rounds.restarts`), the continuation's folder, which holds the whole run, has the most."""
+    return max((read_metrics(run) for run in run_dirs(out)), key=len, default=[])
 
 
 def align_per_class(clients: int, max_clients: int) -> int:

@@ -416,6 +416,12 @@ SECTIONS: dict[str, dict[str, Option]] = {
             "Continue a stopped run from its last finished round: its output folder or its checkpoint.pt ('' = "
             "new run).",
         ),
+        "actor-restarts": _opt(
+            3,
+            "Times a simulation restarts from its last round with fresh Ray actors after a ClientApp process died "
+            "(0 = go on with the dead actor, whose later messages fail).",
+            _number(0, integer=True),
+        ),
         "fail-rate": _opt(
             0.0,
             "Fault injection for tests: probability that a client's train call raises (seeded by seed, round, client).",

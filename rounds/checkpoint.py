@@ -51,6 +51,7 @@ FREE_KEYS = {
     "min-replies",
     "max-message-mb",
     "fail-rate",
+    "actor-restarts",
     "partition-assignment",  # both rules sample the same partitions in the same order
     "log-to",
     "log-group",

@@ -10,7 +10,8 @@ claimed weight is bounded (`rounds.weights`), and so is how far its update moves
 an aggregate with NaN or Inf (finite updates can still overflow).
 `max_empty_rounds` rounds in a row without one valid update stop the run instead of letting it finish
 with the initial model, and a run in which no round aggregated anything fails at its end
-(`require_an_update`), however short. Every aggregation reports its reply counts.
+(`require_an_update`), however short. Every aggregation reports its reply counts, and keeps the error
+replies that say a ClientApp process died (`deaths`, for `rounds.restarts`).
 
 Nodes holding their own data report their images per class (`class-counts`) and how many image files
 they left out as unusable (`skipped-images`) with each update; the policy takes those counts out of the
@@ -35,6 +36,7 @@ from flcore.seeding import seeded_random
 from rounds.delegate import Delegating
 from rounds.guard import WEIGHT_KEY, Screened, screen
 from rounds.norms import bound_updates
+from rounds.restarts import process_died
 from rounds.sampling import NodeOrder, OrderedGrid
 from rounds.weights import WeightCaps, bound_weights
 
@@ -66,6 +68,7 @@ class RoundPolicy(Delegating):
         self.max_update_ratio = max_update_ratio
         self.max_empty_rounds, self._empty_rounds = max_empty_rounds, 0
         self.updated_rounds, self._last_problem = 0, "no round ran"
+        self.deaths: dict[int, list[str]] = {}  # round -> error reasons of replies whose ClientApp process died
         self.nodes = NodeOrder(partitions, query_timeout)
         self._sent: int | None = None
         self._global: ArrayRecord | None = None
@@ -97,6 +100,8 @@ class RoundPolicy(Delegating):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        if died := [reply.error.reason for reply in replies if process_died(reply)]:
+            self.deaths[server_round] = died
         checked = screen(replies, self._global, self.max_upload_mb)
         reported = take_node_data(checked.accepted, self.nodes.label)
         if reported and self.on_node_data is not None:

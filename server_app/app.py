@@ -28,6 +28,7 @@ from flcore.run_model import new_model
 from flcore.server_data import ServerData, client_classes, server_data
 from flcore.training import NonFiniteLogits, predict
 from rounds import checkpoint
+from rounds.restarts import ActorRestarts
 from rounds.stage import NonFiniteModel, ServerContext
 from server_app.preflight import preflight, validated
 from strategies.registry import build_server_strategy, client_workload
@@ -125,10 +126,12 @@ def serve(grid: Grid, cfg: Settings, run_id: int | str) -> dict:
     evaluator = Evaluator(make_model(), data, report, cfg.eval_every, rounds, checked.compute)
     ctx = ServerContext(cfg, data, make_model, evaluator.metrics)
     done = resumed.round if resumed is not None else 0
+    restarts = ActorRestarts.of(cfg.actor_restarts, rounds, report.dir, cfg.resume)
 
     def save_state(method: Strategy, server_round: int, arrays: ArrayRecord) -> None:
         checkpoint.save(report.dir / checkpoint.CHECKPOINT, server_round, arrays, method, report.rows, cfg)
         report.round_ended(server_round)
+        restarts.after_round(server_round, server.policy.deaths.get(server_round, ()))  # fresh actors for the rest
 
     server = build_server_strategy(cfg, ctx, report, round_offset=done, on_round_end=save_state)
     initial = to_record(model)
@@ -158,6 +161,7 @@ def serve(grid: Grid, cfg: Settings, run_id: int | str) -> dict:
             "output-dir": str(report.dir),
             "pool-size": _reported_size(report) if local else int(data.pool_counts.sum()),
             "align-size": len(data.align),
+            "actor-restarts": restarts.summary(),
             **client_workload(cfg),
         },
     )

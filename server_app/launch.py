@@ -12,7 +12,9 @@ dependencies at run time. This launcher hides none of that; it handles it:
 3. runs `flwr run . <connection> --stream` with the overrides and the simulation federation from
    `[tool.mllm-llava-fl.simulation]` (num-supernodes = num-clients), whose client resources
    `--federation-config` may override;
-4. reads the run's final status with `flwr list --format json` and exits non-zero unless it completed;
+4. reads the run's final status with `flwr list --format json` and exits non-zero unless it completed; a
+   run that ended because a ClientApp process died (`rounds.restarts`) is resumed from its run folder with
+   fresh Ray actors, at most `actor-restarts` times;
 5. stops everything it started before it returns, and a watchdog (`server_app.watchdog`) stops it all
    too when the launcher itself is killed, even with kill -9.
 
@@ -31,12 +33,13 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from flcore.config import ConfigError, Settings
 from flcore.run_config import format_overrides, parse_overrides, toml_document
+from rounds.restarts import read_history
 from server_app.preflight import Checked, InputError, Simulation, preflight, validated
 from server_app.watchdog import Watchdog, exit_on_signals, stop
 
@@ -149,7 +152,9 @@ def federation_config(simulation: Mapping[str, Any], cfg: Settings) -> str:
     return format_overrides({**simulation, "num-supernodes": cfg.num_clients})
 
 
-def last_run(env: Mapping[str, str], connection: str = CONNECTION) -> dict[str, Any]:
+def last_run(env: Mapping[str, str], connection: str = CONNECTION, earlier: Collection[str] = ()) -> dict[str, Any]:
+    """The status of the run this SuperLink started last: the one not among the `earlier` run ids (Flower's run
+    ids are random, so a second run on the same SuperLink is not the largest id)."""
     out = subprocess.run(
         [str(BIN / "flwr"), "list", connection, "--format", "json"],
         cwd=PROJECT,
@@ -159,7 +164,7 @@ def last_run(env: Mapping[str, str], connection: str = CONNECTION) -> dict[str, 
         check=True,
         timeout=120,
     )
-    runs = json.loads(out.stdout).get("runs", [])
+    runs = [run for run in json.loads(out.stdout).get("runs", []) if run["run-id"] not in earlier]
     if not runs:
         raise RuntimeError(f"the SuperLink reports no run: {out.stdout.strip()}")
     return max(runs, key=lambda r: int(r["run-id"]))
@@ -182,8 +187,10 @@ def flwr_run(
     sent: Mapping[str, Any],
     extra: Sequence[str] = (),
     timeout: float | None = None,
+    earlier: Collection[str] = (),
 ) -> dict[str, Any]:
-    """`flwr run . <connection> --stream` with the overrides, then the run's final status from the SuperLink."""
+    """`flwr run . <connection> --stream` with the overrides, then the run's final status from the SuperLink
+    (`earlier`: the ids of the runs it ran before this one)."""
     home = Path(env["FLWR_HOME"])
     overrides_file = home / "run-config.toml"
     overrides_file.write_text(toml_document(sent), encoding="utf-8")  # a file: no value is split again
@@ -192,7 +199,37 @@ def flwr_run(
         cmd += ["--run-config", str(overrides_file)]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=PROJECT, env=dict(env), check=False, timeout=timeout)
-    return last_run(env, connection)
+    return last_run(env, connection, earlier)
+
+
+def restart_folder(status: Mapping[str, Any], cfg: Settings, restarts_done: int) -> Path | None:
+    """The run folder to resume with fresh Ray actors, or None: the run did not end for a restart (it left no
+    `restart.json`: `rounds.restarts`), or this launch already restarted it `actor-restarts` times."""
+    if status["status"] == "finished:completed" or restarts_done >= cfg.actor_restarts:
+        return None
+    folder = Path(cfg.output_dir) / str(status["run-id"])
+    return folder if read_history(folder) else None
+
+
+def run_with_restarts(
+    cfg: Settings, env: Mapping[str, str], sent: Mapping[str, Any], extra: Sequence[str]
+) -> dict[str, Any]:
+    """`flwr_run`, and again with `resume` of its run folder each time the run ended because a ClientApp process
+    died (at most `actor-restarts` times): a new simulation starts a new pool of Ray actors, which Flower 1.42
+    does not do for a dead one. Returns the last run's status."""
+    status = flwr_run(CONNECTION, env, sent, extra)
+    earlier = [status["run-id"]]
+    while (folder := restart_folder(status, cfg, len(earlier) - 1)) is not None:
+        history = read_history(folder)  # the restarts of the whole run, earlier launches' included
+        print(
+            f"restart {len(history)} of at most {cfg.actor_restarts}: a client process died in round "
+            f"{history[-1].after_round}; resuming {folder} with fresh Ray actors",
+            flush=True,
+        )
+        sent = {**sent, "resume": str(folder)}
+        status = flwr_run(CONNECTION, env, sent, extra, earlier=earlier)
+        earlier.append(status["run-id"])
+    return status
 
 
 def report_status(status: Mapping[str, Any], logs: str) -> int:
@@ -226,7 +263,7 @@ def run(overrides: Mapping[str, Any], ray_address: str = "", federation: Mapping
     link = start_superlink(home, port, env)
     watchdog = Watchdog.start([link.pid])  # ends all of it if this process dies, and Ray's stragglers at the end
     try:
-        status = flwr_run(CONNECTION, env, sent, ["--federation-config", federation_config(checked.federation, cfg)])
+        status = run_with_restarts(cfg, env, sent, ["--federation-config", federation_config(checked.federation, cfg)])
     finally:
         stop(link)
         watchdog.close()

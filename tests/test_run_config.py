@@ -122,7 +122,9 @@ def fake_flower(monkeypatch):
     monkeypatch.setattr(launch, "check_before_start", federation_only)
     monkeypatch.setattr(launch, "stop", lambda proc: None)
     monkeypatch.setattr(launch.subprocess, "run", flwr)
-    monkeypatch.setattr(launch, "last_run", lambda env, connection: {"run-id": 1, "status": "finished:completed"})
+    monkeypatch.setattr(
+        launch, "last_run", lambda env, connection, earlier=(): {"run-id": 1, "status": "finished:completed"}
+    )
     return seen
 
 

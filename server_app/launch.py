@@ -6,7 +6,8 @@ dependencies at run time. This launcher hides none of that; it handles it:
 
 1. runs every check (`server_app.preflight`, with this launch's simulation: client resources, GPUs, the
    Ray cluster to join) on the run config (pyproject defaults + overrides), so bad input fails before Ray
-   starts;
+   starts; in a child process (`server_app.apart`), so that torch and the data the checks load do not stay
+   resident in this one for the whole run;
 2. starts `flower-superlink --simulation --disable-runtime-dependency-installation` on a free
    loopback port with its own FLWR_HOME (the user's ~/.flwr is left alone);
 3. runs `flwr run . <connection> --stream` with the overrides and the simulation federation from
@@ -32,13 +33,17 @@ import sys
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from flcore.config import ConfigError, Settings
 from flcore.run_config import format_overrides, parse_overrides, toml_document
-from server_app.preflight import Checked, InputError, Simulation, preflight, validated
+from server_app.apart import call_apart
 from server_app.watchdog import Watchdog, exit_on_signals, stop
+
+if TYPE_CHECKING:  # the checks import torch: this process imports them only where it runs them itself
+    from server_app.preflight import Checked, Simulation
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of this environment
@@ -58,6 +63,8 @@ def resolve(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[
 
     Paths become absolute because the ServerApp and ClientApps run in the SuperLink's processes, not here.
     """
+    from server_app.preflight import validated
+
     sent = dict(overrides)
     for key in PATH_KEYS:
         value = sent.get(key, defaults.get(key, ""))
@@ -69,6 +76,8 @@ def resolve(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[
 
 def check_before_start(cfg: Settings, simulation: Simulation | None = None) -> Checked:
     """Every check of the run (`server_app.preflight`) here, so bad input fails before Ray; say what runs."""
+    from server_app.preflight import preflight
+
     checked = preflight(cfg, simulation)
     if checked.resumed is not None:
         print(f"resume: continuing after round {checked.resumed.round} from {cfg.resume}", flush=True)
@@ -92,6 +101,35 @@ def check_before_start(cfg: Settings, simulation: Simulation | None = None) -> C
         flush=True,
     )
     return checked
+
+
+@dataclass(frozen=True)
+class Ready:
+    """What the launcher keeps of its checks: the overrides to send and the simulation's `--federation-config`;
+    `refused` instead: the one-line reason the input was refused."""
+
+    sent: dict[str, Any]
+    federation: str
+    refused: str = ""
+
+
+def get_ready(
+    overrides: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    declared: Mapping[str, Any],
+    federation: Mapping[str, Any],
+    ray_address: str,
+) -> Ready:
+    """Resolve and check the run with its simulation (`Simulation`'s fields); meant for a child process (`run`),
+    so it answers with plain data only."""
+    from server_app.preflight import InputError, Simulation
+
+    try:
+        cfg, sent = resolve(overrides, defaults)
+        checked = check_before_start(cfg, Simulation(declared, federation, ray_address))
+    except InputError as err:
+        return Ready({}, "", refused=str(err))
+    return Ready(sent, federation_config(checked.federation, cfg))
 
 
 def free_port() -> int:
@@ -211,11 +249,9 @@ def run(overrides: Mapping[str, Any], ray_address: str = "", federation: Mapping
     """One run on a private SuperLink; with `ray_address` the simulation joins that Ray cluster (RAY_ADDRESS);
     `federation` overrides the client resources of the simulation."""
     defaults, declared = project_settings()
-    try:
-        cfg, sent = resolve(overrides, defaults)
-        checked = check_before_start(cfg, Simulation(declared, federation or {}, ray_address))
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    ready = call_apart(get_ready, overrides, defaults, declared, federation or {}, ray_address)
+    if ready.refused:
+        print(f"error: {ready.refused}", file=sys.stderr)
         return 2
     port = free_port()
     home = PROJECT / ".flwr" / f"sim-{port}"  # one FLWR_HOME per launch: concurrent launches stay apart
@@ -226,7 +262,7 @@ def run(overrides: Mapping[str, Any], ray_address: str = "", federation: Mapping
     link = start_superlink(home, port, env)
     watchdog = Watchdog.start([link.pid])  # ends all of it if this process dies, and Ray's stragglers at the end
     try:
-        status = flwr_run(CONNECTION, env, sent, ["--federation-config", federation_config(checked.federation, cfg)])
+        status = flwr_run(CONNECTION, env, ready.sent, ["--federation-config", ready.federation])
     finally:
         stop(link)
         watchdog.close()

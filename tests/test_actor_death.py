@@ -19,7 +19,8 @@ def rows(tmp_path_factory):
         "num-server-rounds=3 local-epochs=1 num-clients=4 fraction-train=1.0 image-size=8 "
         f"seed={SEED} fail-rate={RATE} fail-mode='exit' output-dir='{out}'"
     )
-    assert launch.main(["--run-config", overrides]) == 0  # finished:completed
+    # 1 CPU per client: 2 actors on 2 cores (the default's 2 CPUs give one, and a dead one would be the only one)
+    assert launch.main(["--run-config", overrides, "--federation-config", "client-resources-num-cpus=1"]) == 0
     (run_dir,) = list(out.iterdir())
     return read_metrics(run_dir)
 

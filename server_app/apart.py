@@ -45,7 +45,7 @@ def call_apart(fn: Callable[..., T], *args: object) -> T:
     sys.stderr.flush()
     fork = multiprocessing.get_context("fork")
     ours, theirs = fork.Pipe(duplex=False)
-    child = fork.Process(target=_answer, args=(theirs, fn, args), daemon=True)
+    child = fork.Process(target=_answer, args=(theirs, fn, args))  # not daemonic: it may start loader processes
     child.start()
     theirs.close()  # the child's end: EOF here once the child is gone
     try:

@@ -23,6 +23,7 @@ from flcore.run_config import format_overrides
 ROOT = Path(__file__).resolve().parent.parent  # the project, where the launcher runs
 LOG = "launch.log"  # in the output-dir, beside the run folders
 POLL_S = 0.2  # seconds between two calls of a launch's `watch`
+LAUNCHER = "server_app.launch"  # the module a run is launched with
 TAIL_LINES = 30
 
 RunConfig = str | Path | Mapping[str, object]
@@ -66,12 +67,13 @@ def slots(jobs: int, cores: Sequence[int] | None = None, gpus: int = 0) -> list[
     return [Slot(share, str(i % gpus) if gpus else None) for i, share in enumerate(shares)]
 
 
-def launch_command(out_dir: Path, *configs: RunConfig, federation: str = "") -> list[str]:
+def launch_command(out_dir: Path, *configs: RunConfig, federation: str = "", launcher: str = LAUNCHER) -> list[str]:
     """The launcher's argv: each non-empty config as a `--run-config` (later ones win), `output-dir` last so
-    the run writes where the bench looks, then the client resources (`--federation-config`) when given."""
+    the run writes where the bench looks, then the client resources (`--federation-config`) when given;
+    `launcher`: a module taking the launcher's arguments (a bench's variant of it)."""
     texts = [text for text in map(run_config_text, configs) if text]
     texts.append(run_config_text({"output-dir": str(out_dir)}))
-    command = [sys.executable, "-m", "server_app.launch"]
+    command = [sys.executable, "-m", launcher]
     for text in texts:
         command += ["--run-config", text]
     return command + (["--federation-config", federation] if federation else [])
@@ -83,6 +85,7 @@ def launch_run(
     federation: str = "",
     watch: Callable[[int], None] | None = None,
     slot: Slot | None = None,
+    launcher: str = LAUNCHER,
 ) -> bool:
     """One real run into `out_dir` (created if missing), its console output in `out_dir/launch.log`; True when
     the launcher says the run completed.
@@ -93,7 +96,7 @@ def launch_run(
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / LOG).open("w") as log:
         proc = subprocess.Popen(
-            launch_command(out_dir, *configs, federation=federation),
+            launch_command(out_dir, *configs, federation=federation, launcher=launcher),
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -252,7 +252,7 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "server-threads": _opt(
             1,
             "Torch intra-op threads of the ServerApp (evaluation, server stages, server-side methods); 0 = torch's "
-            "default, one per core. 1 suits small models on a shared CPU: each simulated client has one too.",
+            "default, one per core. 1 suits small models on a shared CPU: each simulated client has its own.",
             _number(0, integer=True),
         ),
     },

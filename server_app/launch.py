@@ -6,7 +6,8 @@ dependencies at run time. This launcher hides none of that; it handles it:
 
 1. runs every check (`server_app.preflight`, with this launch's simulation: client resources, GPUs, the
    Ray cluster to join) on the run config (pyproject defaults + overrides), so bad input fails before Ray
-   starts;
+   starts; in a child process (`server_app.apart`), so that torch and the data the checks load do not stay
+   resident in this one for the whole run;
 2. starts `flower-superlink --simulation --disable-runtime-dependency-installation` on a free
    loopback port with its own FLWR_HOME (the user's ~/.flwr is left alone);
 3. runs `flwr run . <connection> --stream` with the overrides and the simulation federation from
@@ -34,14 +35,17 @@ import sys
 import time
 import tomllib
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from flcore.config import ConfigError, Settings
 from flcore.run_config import format_overrides, parse_overrides, toml_document
-from rounds.restarts import read_history
-from server_app.preflight import Checked, InputError, Simulation, preflight, validated
+from server_app.apart import call_apart
 from server_app.watchdog import Watchdog, exit_on_signals, stop
+
+if TYPE_CHECKING:  # the checks import torch: this process imports them only where it runs them itself
+    from server_app.preflight import Checked, Simulation
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flwr and flower-superlink of this environment
@@ -61,6 +65,8 @@ def resolve(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[
 
     Paths become absolute because the ServerApp and ClientApps run in the SuperLink's processes, not here.
     """
+    from server_app.preflight import validated
+
     sent = dict(overrides)
     for key in PATH_KEYS:
         value = sent.get(key, defaults.get(key, ""))
@@ -72,6 +78,8 @@ def resolve(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[
 
 def check_before_start(cfg: Settings, simulation: Simulation | None = None) -> Checked:
     """Every check of the run (`server_app.preflight`) here, so bad input fails before Ray; say what runs."""
+    from server_app.preflight import preflight
+
     checked = preflight(cfg, simulation)
     if checked.resumed is not None:
         print(f"resume: continuing after round {checked.resumed.round} from {cfg.resume}", flush=True)
@@ -95,6 +103,37 @@ def check_before_start(cfg: Settings, simulation: Simulation | None = None) -> C
         flush=True,
     )
     return checked
+
+
+@dataclass(frozen=True)
+class Ready:
+    """What the launcher keeps of its checks: the overrides to send and the simulation's `--federation-config`;
+    `refused` instead: the one-line reason the input was refused."""
+
+    sent: dict[str, Any]
+    federation: str
+    refused: str = ""
+    output_dir: str = ""
+    actor_restarts: int = 0
+
+
+def get_ready(
+    overrides: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    declared: Mapping[str, Any],
+    federation: Mapping[str, Any],
+    ray_address: str,
+) -> Ready:
+    """Resolve and check the run with its simulation (`Simulation`'s fields); meant for a child process (`run`),
+    so it answers with plain data only."""
+    from server_app.preflight import InputError, Simulation
+
+    try:
+        cfg, sent = resolve(overrides, defaults)
+        checked = check_before_start(cfg, Simulation(declared, federation, ray_address))
+    except InputError as err:
+        return Ready({}, "", refused=str(err))
+    return Ready(sent, federation_config(checked.federation, cfg), "", cfg.output_dir, cfg.actor_restarts)
 
 
 def free_port() -> int:
@@ -202,27 +241,30 @@ def flwr_run(
     return last_run(env, connection, earlier)
 
 
-def restart_folder(status: Mapping[str, Any], cfg: Settings, restarts_done: int) -> Path | None:
+def restart_folder(status: Mapping[str, Any], ready: Ready, restarts_done: int) -> Path | None:
     """The run folder to resume with fresh Ray actors, or None: the run did not end for a restart (it left no
     `restart.json`: `rounds.restarts`), or this launch already restarted it `actor-restarts` times."""
-    if status["status"] == "finished:completed" or restarts_done >= cfg.actor_restarts:
+    if status["status"] == "finished:completed" or restarts_done >= ready.actor_restarts:
         return None
-    folder = Path(cfg.output_dir) / str(status["run-id"])
+    from rounds.restarts import read_history  # flwr's records import numpy: only once a run has failed
+
+    folder = Path(ready.output_dir) / str(status["run-id"])
     return folder if read_history(folder) else None
 
 
-def run_with_restarts(
-    cfg: Settings, env: Mapping[str, str], sent: Mapping[str, Any], extra: Sequence[str]
-) -> dict[str, Any]:
+def run_with_restarts(ready: Ready, env: Mapping[str, str], extra: Sequence[str]) -> dict[str, Any]:
     """`flwr_run`, and again with `resume` of its run folder each time the run ended because a ClientApp process
     died (at most `actor-restarts` times): a new simulation starts a new pool of Ray actors, which Flower 1.42
     does not do for a dead one. Returns the last run's status."""
+    sent = ready.sent
     status = flwr_run(CONNECTION, env, sent, extra)
     earlier = [status["run-id"]]
-    while (folder := restart_folder(status, cfg, len(earlier) - 1)) is not None:
+    while (folder := restart_folder(status, ready, len(earlier) - 1)) is not None:
+        from rounds.restarts import read_history
+
         history = read_history(folder)  # the restarts of the whole run, earlier launches' included
         print(
-            f"restart {len(history)} of at most {cfg.actor_restarts}: a client process died in round "
+            f"restart {len(history)} of at most {ready.actor_restarts}: a client process died in round "
             f"{history[-1].after_round}; resuming {folder} with fresh Ray actors",
             flush=True,
         )
@@ -248,11 +290,9 @@ def run(overrides: Mapping[str, Any], ray_address: str = "", federation: Mapping
     """One run on a private SuperLink; with `ray_address` the simulation joins that Ray cluster (RAY_ADDRESS);
     `federation` overrides the client resources of the simulation."""
     defaults, declared = project_settings()
-    try:
-        cfg, sent = resolve(overrides, defaults)
-        checked = check_before_start(cfg, Simulation(declared, federation or {}, ray_address))
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    ready = call_apart(get_ready, overrides, defaults, declared, federation or {}, ray_address)
+    if ready.refused:
+        print(f"error: {ready.refused}", file=sys.stderr)
         return 2
     port = free_port()
     home = PROJECT / ".flwr" / f"sim-{port}"  # one FLWR_HOME per launch: concurrent launches stay apart
@@ -263,7 +303,7 @@ def run(overrides: Mapping[str, Any], ray_address: str = "", federation: Mapping
     link = start_superlink(home, port, env)
     watchdog = Watchdog.start([link.pid])  # ends all of it if this process dies, and Ray's stragglers at the end
     try:
-        status = run_with_restarts(cfg, env, sent, ["--federation-config", federation_config(checked.federation, cfg)])
+        status = run_with_restarts(ready, env, ["--federation-config", ready.federation])
     finally:
         stop(link)
         watchdog.close()

@@ -108,9 +108,11 @@ def check_output_dir(cfg: Settings) -> None:
 def check_simulation(cfg: Settings, simulation: Simulation) -> dict[str, Any]:
     """The simulation's own inputs; returns its federation options, checked."""
     refuse_local_data(cfg)
-    options = client_resources(simulation.declared, simulation.overrides)
-    check_client_devices(cfg, options, simulation.ray_address)
     address = simulation.ray_address
+    options = client_resources(simulation.declared, simulation.overrides)
+    if not address and "client-resources-num-cpus" not in simulation.overrides:
+        options = default_cpus_here(options)
+    check_client_devices(cfg, options, address)
     check_client_fits(options, ray_cluster_nodes(address) if address else [this_machine()], address)
     return options
 
@@ -145,6 +147,13 @@ def client_resources(simulation: Mapping[str, Any], overrides: Mapping[str, Any]
             "(0.25: four clients share a GPU) or a whole number of GPUs."
         )
     return options
+
+
+def default_cpus_here(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The declared CPUs per client, at most this machine's: the default (2, one actor on a 2-core machine,
+    which keeps the default run within 4 GiB: README, "With less memory") then runs on a 1-core machine too,
+    where an explicit `client-resources-num-cpus=2` is refused."""
+    return {**options, "client-resources-num-cpus": min(options["client-resources-num-cpus"], machine_cpus())}
 
 
 def check_client_devices(cfg: Settings, options: Mapping[str, Any], ray_address: str) -> None:

@@ -124,16 +124,16 @@ def test_a_restart_leaves_its_history_and_the_resumed_run_carries_it_on(tmp_path
 
 
 def test_the_launcher_resumes_a_run_that_ended_for_a_restart_at_most_actor_restarts_times(tmp_path):
-    cfg = validated(output_dir=str(tmp_path), actor_restarts=2)
+    ready = launch.Ready({}, "", output_dir=str(tmp_path), actor_restarts=2)
     (tmp_path / "7").mkdir()
     failed, completed = {"run-id": "7", "status": "finished:failed"}, {"run-id": "7", "status": "finished:completed"}
-    assert launch.restart_folder(failed, cfg, 0) is None  # failed for another reason: no restart.json
+    assert launch.restart_folder(failed, ready, 0) is None  # failed for another reason: no restart.json
     with pytest.raises(ClientProcessDied):
         ActorRestarts(2, 3, tmp_path / "7", [], True).after_round(1, [DEAD])
-    assert launch.restart_folder(failed, cfg, 0) == tmp_path / "7"
-    assert launch.restart_folder(failed, cfg, 1) == tmp_path / "7"
-    assert launch.restart_folder(failed, cfg, 2) is None
-    assert launch.restart_folder(completed, cfg, 0) is None
+    assert launch.restart_folder(failed, ready, 0) == tmp_path / "7"
+    assert launch.restart_folder(failed, ready, 1) == tmp_path / "7"
+    assert launch.restart_folder(failed, ready, 2) is None
+    assert launch.restart_folder(completed, ready, 0) is None
 
 
 def test_the_status_read_back_is_the_new_run_s_not_the_largest_id(monkeypatch):

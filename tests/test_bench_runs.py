@@ -38,7 +38,7 @@ def fake_launcher(code: int, rounds: int):
         "    (run / 'summary.json').write_text('{\"final\": {}}')\n"
         f"print('launcher says bye'); sys.exit({code})\n"
     )
-    return lambda out_dir, *configs, federation="": [sys.executable, "-c", script, str(out_dir)]
+    return lambda out_dir, *configs, **options: [sys.executable, "-c", script, str(out_dir)]
 
 
 def test_a_launch_logs_to_its_folder_reports_success_and_is_watched_while_it_runs(tmp_path, monkeypatch):
@@ -79,7 +79,7 @@ def test_slots_split_the_cores_into_disjoint_shares_and_deal_the_gpus():
 
 def test_a_run_in_a_slot_sees_only_its_cores_and_gpus(tmp_path, monkeypatch):
     script = "import os; print(sorted(os.sched_getaffinity(0)), os.environ.get('CUDA_VISIBLE_DEVICES'))"
-    monkeypatch.setattr(runs, "launch_command", lambda out_dir, *c, federation="": [sys.executable, "-c", script])
+    monkeypatch.setattr(runs, "launch_command", lambda out_dir, *c, **options: [sys.executable, "-c", script])
     core = min(os.sched_getaffinity(0))
     assert runs.launch_run(tmp_path, slot=runs.Slot(frozenset({core}), "3")) is True
     assert (tmp_path / runs.LOG).read_text().strip() == f"[{core}] 3"

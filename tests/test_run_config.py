@@ -128,11 +128,11 @@ def fake_flower(monkeypatch):
     return seen
 
 
-def test_a_prompt_with_spaces_reaches_the_validated_config_and_flower(fake_flower, monkeypatch):
-    resolved, resolve = [], launch.resolve  # (validated config, overrides sent), as the launcher computes them
-    monkeypatch.setattr(launch, "resolve", lambda *args: resolved.append(resolve(*args)) or resolved[-1])
-    assert launch.main(["--run-config", f"{PROMPT} num-server-rounds=2"]) == 0
-    ((cfg, sent),) = resolved
+def test_a_prompt_with_spaces_reaches_the_validated_config_and_flower(fake_flower):
+    argv = ["--run-config", f"{PROMPT} num-server-rounds=2"]
+    assert launch.main(argv) == 0
+    # (validated config, overrides sent) as the launcher's checks compute them, in their child process
+    cfg, sent = launch.resolve(parse_overrides(argv[1:]), launch.project_settings()[0])
     assert cfg["clip2fl-prompt"] == sent["clip2fl-prompt"] == "a photo of a {}"
     assert fake_flower["run-config"]["clip2fl-prompt"] == "a photo of a {}"
     assert fake_flower["run-config"]["num-server-rounds"] == 2

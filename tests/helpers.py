@@ -21,6 +21,8 @@ from flcore.config import Settings
 from flcore.reports import METRICS, SUMMARY
 from flcore.run_config import format_overrides
 
+PROJECT = Path(__file__).resolve().parent.parent
+
 TINY: Mapping[str, Any] = MappingProxyType(
     {
         "num-server-rounds": 2,
@@ -63,6 +65,21 @@ def launch_run(out: Path, values: Mapping[str, Any], *launcher_args: str) -> Pat
     argv = [*launcher_args, "--run-config", run_config({**values, "output-dir": str(out)})]
     assert launch.main(argv) == 0
     return run_folder(out)
+
+
+def make_run_plan(tmp_path: Path, *variables: str) -> str:
+    """What `make -n run VAR=value ...` would run, from the project root. The install stamp is a fresh file, newer
+    than pyproject.toml, so make plans no install: with the Makefile as the stamp, make remakes a makefile even
+    under -n, so a Makefile older than pyproject.toml (a fresh clone) ran pip install -e of this checkout into
+    the shared venv, and took seconds."""
+    import subprocess
+
+    stamp = tmp_path / "installed-stamp"
+    stamp.touch()
+    command = ["make", "-n", "run", *variables, f"STAMP={stamp}"]
+    plan = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, check=True).stdout
+    assert "pip install" not in plan, plan
+    return plan
 
 
 def run_folder(out: Path) -> Path:

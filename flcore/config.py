@@ -26,7 +26,6 @@ FEDRS_VARIANTS = ("authors", "paper")
 DISTILL_ON_ALIGN = "align"  # distill-data: D_align's images, labels dropped
 DISTILL_ON_UNHELD = "unused-train"  # distill-data: the training images neither D_align nor any client holds
 DISTILL_SOURCES = (DISTILL_ON_UNHELD, DISTILL_ON_ALIGN)
-PARTITIONER_NAMES = ("creff", "dirichlet")
 ALIGN_SOURCES = ("auto", "train", "val")
 CLIENT_DATA = ("partition", "local")
 LOCAL = "local"  # client-data: every SuperNode trains on its own folder (node config `data-dir`)
@@ -97,8 +96,8 @@ def _choice(default: str, help: str, choices: Sequence[str]) -> Option:
 class RegistryNames(Sequence[str]):
     """The names of a registry dict in another module (`flcore.models.BACKBONES`), after `first`: the registry is
     the one list of names. Read when first needed, so importing this module stays free of torch; only registries of
-    modules every process importing the schema's users loads anyway belong here (not `flcore.partitioners`, whose
-    `datasets` a node holding its own data never imports)."""
+    modules every process importing the schema's users loads anyway belong here, or of modules as light as
+    `flcore.partitioners` (which imports `datasets` only when a split is drawn)."""
 
     def __init__(self, module: str, registry: str, first: tuple[str, ...] = ()) -> None:
         self.module, self.registry, self.first = module, registry, first
@@ -121,6 +120,7 @@ MODELS = RegistryNames("flcore.models", "BACKBONES")
 HEAD_NAMES = RegistryNames("flcore.models", "HEADS", first=("auto",))
 LOSSES = RegistryNames("flcore.losses", "LOSSES")
 AMP_MODES = RegistryNames("flcore.device", "AMP_DTYPES", first=("off",))
+PARTITIONER_NAMES = RegistryNames("flcore.partitioners", "PARTITIONERS")
 
 
 def _device_ok(value: Any) -> bool:

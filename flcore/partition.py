@@ -8,7 +8,7 @@ The pool's head gives those images up; `Split.pool_cut` says how many per class.
 Everything is a pure function of the labels and the seed, so the server and every client derive the
 same split independently and no index lists travel over the network. Clients are split by a
 flwr-datasets `Partitioner` chosen by name (`flcore.partitioners.PARTITIONERS`): CReFF's re-balanced
-Dirichlet split (the paper's protocol, `flcore.partitioners.creff_split`) or flwr-datasets' own `DirichletPartitioner`.
+Dirichlet split (the paper's protocol, `flcore.creff_split.creff_split`) or flwr-datasets' own `DirichletPartitioner`.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def client_split(
     """
     import datasets
 
-    from flcore.partitioners import PARTITIONERS, partition_positions
+    from flcore.creff_split import partition_positions
+    from flcore.partitioners import PARTITIONERS
 
     table = datasets.Dataset.from_dict({"label": labels.tolist(), "pos": list(range(len(labels)))})
     chosen = PARTITIONERS[partitioner](num_clients, alpha, seed, min_size, num_classes)

@@ -29,12 +29,10 @@ def teacher_calls(monkeypatch):
 def one_thread():
     """Every test: small models on a shared 2-core machine, where one intra-op thread avoids contention (8x
     faster here). Processes a test starts keep their own settings."""
-    import torch
+    from tests.helpers import one_torch_thread
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture

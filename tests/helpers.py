@@ -9,7 +9,8 @@ that needs another value says so where it calls, so what it depends on stays vis
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -20,6 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flcore.config import Settings
 from flcore.reports import METRICS, SUMMARY
 from flcore.run_config import format_overrides
+
+PROJECT = Path(__file__).resolve().parent.parent
 
 TINY: Mapping[str, Any] = MappingProxyType(
     {
@@ -34,6 +37,18 @@ TINY: Mapping[str, Any] = MappingProxyType(
 
 # The tiny run for tests of one client's round: partition 0 of ten (a few dozen images), no augmentation.
 ONE_CLIENT: Mapping[str, Any] = MappingProxyType({**TINY, "num-clients": 10, "augment": False})
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread inside: small models on a shared 2-core machine run about 8x faster than with two
+    threads contending. Every test runs so (conftest); a fixture of wider scope, which runs before it, says so."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def dashed(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -63,6 +78,21 @@ def launch_run(out: Path, values: Mapping[str, Any], *launcher_args: str) -> Pat
     argv = [*launcher_args, "--run-config", run_config({**values, "output-dir": str(out)})]
     assert launch.main(argv) == 0
     return run_folder(out)
+
+
+def make_run_plan(tmp_path: Path, *variables: str) -> str:
+    """What `make -n run VAR=value ...` would run, from the project root. The install stamp is a fresh file, newer
+    than pyproject.toml, so make plans no install: with the Makefile as the stamp, make remakes a makefile even
+    under -n, so a Makefile older than pyproject.toml (a fresh clone) ran pip install -e of this checkout into
+    the shared venv, and took seconds."""
+    import subprocess
+
+    stamp = tmp_path / "installed-stamp"
+    stamp.touch()
+    command = ["make", "-n", "run", *variables, f"STAMP={stamp}"]
+    plan = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, check=True).stdout
+    assert "pip install" not in plan, plan
+    return plan
 
 
 def run_folder(out: Path) -> Path:

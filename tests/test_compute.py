@@ -1,9 +1,6 @@
 """The `device`, `amp` and `num-workers` keys: validation, resolution, refusals before start, and CPU training that
 is bitwise the training of the code before these keys existed."""
 
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -20,9 +17,7 @@ from flcore.training import TrainSettings, predict, train
 from server_app import launch
 from server_app import preflight as preflight_checks
 from server_app.preflight import check_client_devices, client_resources, preflight
-from tests.helpers import validated
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import make_run_plan, validated
 
 
 def _seeing(monkeypatch, gpus: int):
@@ -149,14 +144,8 @@ def test_client_resources_beyond_the_machine_are_refused_before_start(two_gpus, 
     assert "<= 2 GPU(s)" in err
 
 
-def test_make_run_passes_the_federation_config():
-    dry = subprocess.run(
-        ["make", "-n", "run", "FEDERATION_CONFIG=client-resources-num-gpus=0.25", "STAMP=Makefile"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def test_make_run_passes_the_federation_config(tmp_path):
+    dry = make_run_plan(tmp_path, "FEDERATION_CONFIG=client-resources-num-gpus=0.25")
     assert '--federation-config "client-resources-num-gpus=0.25"' in dry
 
 

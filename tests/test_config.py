@@ -8,7 +8,7 @@ from flcore import config_docs
 from flcore.config import SCHEMA, ConfigError
 from flcore.run_config import parse_overrides
 from server_app import launch, watchdog
-from tests.helpers import validated
+from tests.helpers import make_run_plan, validated
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,7 +88,6 @@ def test_launcher_reports_missing_dataset_files(no_superlink, capsys, tmp_path):
 
 
 def test_stop_tree_also_ends_descendants_in_other_sessions(tmp_path):
-    import subprocess
     import time
 
     pidfile = tmp_path / "pid"
@@ -114,15 +113,9 @@ def test_every_preset_of_the_paper_validates(preset, tmp_path):
     assert {k: cfg[k] for k in values} == values
 
 
-def test_make_run_passes_the_preset_before_the_overrides(monkeypatch):
+def test_make_run_passes_the_preset_before_the_overrides(tmp_path, monkeypatch):
     """`make run PRESET=x RUN_CONFIG=...`: the launcher reads files and pairs in order, later ones winning."""
-    dry = subprocess.run(
-        ["make", "-n", "run", "PRESET=cifar10-lt", "RUN_CONFIG=imbalance-factor=50", "STAMP=Makefile"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    dry = make_run_plan(tmp_path, "PRESET=cifar10-lt", "RUN_CONFIG=imbalance-factor=50")
     assert "--run-config conf/cifar10-lt.toml --run-config 'imbalance-factor=50'" in dry
     monkeypatch.chdir(ROOT)
     got = parse_overrides(["conf/cifar10-lt.toml", "imbalance-factor=50"])

@@ -2,6 +2,7 @@
 holds, cached, knowledgeable enough that stage 3's KL term carries a signal, and shared with CLIP2FL's clients."""
 
 import hashlib
+import shutil
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from flcore.run_data import prepare
 from flcore.server_data import server_data
 from rounds.stage import ServerContext
 from server_app.preflight import preflight
-from tests.helpers import validated
+from tests.helpers import one_torch_thread, validated
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"num-clients": 4, "projection-dim": 32, "image-size": 8, "holdout-epochs": 15}
@@ -42,6 +43,21 @@ def trainings(monkeypatch):
 
     monkeypatch.setattr(holdout, "_train", counting)
     return calls
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """The cache of the stand-in of `config`'s settings, trained once for the tests that only use it."""
+    out = tmp_path_factory.mktemp("stand-in")
+    with one_torch_thread():
+        holdout.load_or_train(config(out))
+    return out / "teacher-cache"
+
+
+@pytest.fixture
+def cached_stand_in(trained_once, tmp_path):
+    """This test's output folder starts with the stand-in's cache, as a run after the first finds it."""
+    shutil.copytree(trained_once, tmp_path / "teacher-cache")
 
 
 def test_stand_in_trains_once_on_images_no_client_d_align_or_test_holds(tmp_path, trainings):
@@ -137,6 +153,7 @@ def test_imagenet_lt_refuses_the_stand_in_whose_reserve_would_take_its_tail(tmp_
         config(tmp_path, dataset="imagenet-lt", **{"imbalance-factor": 1.0, "data-dir": str(tmp_path)})
 
 
+@pytest.mark.usefixtures("cached_stand_in")
 def test_with_the_stand_in_beta_one_pulls_predictions_toward_q_more_than_beta_zero(tmp_path):
     def aligned(beta):
         cfg = config(
@@ -174,6 +191,7 @@ def test_with_the_stand_in_beta_one_pulls_predictions_toward_q_more_than_beta_ze
     )
 
 
+@pytest.mark.usefixtures("cached_stand_in")
 def test_clip2fl_clients_distil_from_the_same_stand_in(tmp_path):
     from client_app import distill
     from flcore.run_data import client_batches
@@ -186,6 +204,7 @@ def test_clip2fl_clients_distil_from_the_same_stand_in(tmp_path):
     assert q.shape == (len(part), 10)
 
 
+@pytest.mark.usefixtures("cached_stand_in")
 def test_clip2fl_server_contrasts_with_the_stand_ins_classifier_rows(tmp_path):
     """The stand-in has no text tower: its unit-norm classifier rows play CLIP's text features."""
     from strategies.clip2fl import class_text_features

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from functools import partial
 
 import numpy as np
 import pytest
@@ -317,14 +318,16 @@ def unusable_images(root) -> None:
 
 @pytest.fixture
 def checks_store(tmp_path, monkeypatch):
-    """The image-check verdicts under this test's folder, and a pixel budget of 16 x 16 (the digits' size)."""
-    import tempfile
+    """The image-check verdicts under this test's folder, and a pixel budget of 16 x 16 (the digits' size).
 
-    from flcore import images
+    Only the store moves: pointing the whole process's temporary directory into tmp_path also moves the
+    socket a DataLoader worker opens to hand a batch back, and under pytest-xdist's longer tmp_path that
+    path passes the 108-byte limit of a Unix socket: the batch is lost and training waits for ever."""
+    from flcore import images, local_data
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))
+    store = partial(local_data.ImageChecks, store=tmp_path / "image-checks")
+    monkeypatch.setattr(local_data, "ImageChecks", store)
     monkeypatch.setattr(images, "MAX_PIXELS", SIZE * SIZE)
-    (tmp_path / "node-tmp").mkdir()
 
 
 @pytest.mark.usefixtures("checks_store")

@@ -2,7 +2,7 @@
 small fixed inputs (its `source` and `recipe` fields say which file, commit and inputs); the project's functions
 must return the same.
 
-- the client split: `Dataset/sample_dirichlet.py`'s `clients_indices` against `flcore.partition.creff_split`;
+- the client split: `Dataset/sample_dirichlet.py`'s `clients_indices` against `flcore.creff_split.creff_split`;
 - one and five feature-matching steps (`Global.update_feature_syn` with `match_loss`) against
   `FederatedFeatures.match`, and their starting distance against `match_distance`;
 - one and three classifier re-training epochs (`Global.feature_re_train`) against `retrain_classifier`;
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from flcore.class_statistics import classifier_grad
+from flcore.creff_split import creff_split
 from flcore.dsa import TRANSFORMS
-from flcore.partitioners import creff_split
 from strategies.class_uploads import retrain_classifier
 from strategies.creff import FederatedFeatures, match_distance
 

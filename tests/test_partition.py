@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from flcore.config import ConfigError
+from flcore.creff_split import CReFFPartitioner, partition_positions
 from flcore.partition import balanced_subset, class_groups, client_split, long_tail_counts, make_split
-from flcore.partitioners import CReFFPartitioner, partition_positions
 
 
 @pytest.mark.parametrize(

@@ -22,16 +22,14 @@ from pretrain.stage import digits_images, dwp_settings, held_out_digits, pretrai
 from pretrain.teacher import TINY_NOTE, load_teacher, projector, tiny_teacher, vision_tower
 from rounds.stage import ServerContext
 from strategies.registry import STRATEGIES, build_stages
-from tests.helpers import validated
+from tests.helpers import one_torch_thread, validated
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """The tiny models gain nothing from threads, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """The module's fixtures build models before each test's own one thread: they get one too."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """`--run-config` text (flcore/run_config.py): quoting, bare words, errors, and the values' way into `flwr run`."""
 
 import shlex
-import subprocess
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +11,8 @@ from flcore.config import ConfigError
 from flcore.run_config import format_overrides, parse_overrides, parse_pairs, toml_document
 from server_app import launch
 from server_app.preflight import client_resources
+from tests.helpers import make_run_plan
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = 'clip2fl-prompt="a photo of a {}"'  # the syntax docs/stage2-methods.md shows
 TRICKY = {
     "clip2fl-prompt": "a photo of a {}",
@@ -140,21 +138,9 @@ def test_a_prompt_with_spaces_reaches_the_validated_config_and_flower(fake_flowe
 
 
 def test_make_run_hands_run_config_to_the_launcher_verbatim(tmp_path):
-    """Quotes of either kind inside RUN_CONFIG survive the recipe's shell line.
-
-    The stamp is a fresh file, newer than pyproject.toml, so `make -n` plans no install and no rebuild of a
-    tracked file (STAMP=Makefile made make remake the Makefile itself on CI's clone).
-    """
+    """Quotes of either kind inside RUN_CONFIG survive the recipe's shell line."""
     value = f"{PROMPT} data-dir='/my data' note=\"it's\""
-    stamp = tmp_path / "installed-stamp"
-    stamp.touch()
-    dry = subprocess.run(
-        ["make", "-n", "run", f"RUN_CONFIG={value}", "PRESET=cifar10-lt", f"STAMP={stamp}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    dry = make_run_plan(tmp_path, f"RUN_CONFIG={value}", "PRESET=cifar10-lt")
     (line,) = [line for line in dry.splitlines() if "server_app.launch" in line]
     argv = shlex.split(line)
     assert argv[argv.index("--run-config") + 1] == "conf/cifar10-lt.toml"

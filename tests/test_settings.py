@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import subprocess
+import sys
 from collections.abc import Mapping
 
 import pytest
@@ -89,17 +91,30 @@ def test_overlay_takes_the_run_config_keys_of_a_round_config() -> None:
 
 
 def test_name_choices_are_the_registries_keys(monkeypatch) -> None:
-    from flcore import datasets, device, losses, models
+    from flcore import datasets, device, losses, models, partitioners
 
     monkeypatch.setitem(models.BACKBONES, "resnet18", models.resnet8)
     monkeypatch.setitem(losses.LOSSES, "balanced-softmax", losses.LOSSES["ce"])
-    cfg = validate({"model": "resnet18", "holdout-model": "resnet18", "loss": "balanced-softmax"})
-    assert cfg.model == cfg.holdout_model == "resnet18" and cfg.loss == "balanced-softmax"
+    monkeypatch.setitem(partitioners.PARTITIONERS, "iid", partitioners.PARTITIONERS["dirichlet"])
+    cfg = validate({"model": "resnet18", "holdout-model": "resnet18", "loss": "balanced-softmax", "partitioner": "iid"})
+    assert cfg.model == cfg.holdout_model == "resnet18" and cfg.loss == "balanced-softmax" and cfg.partitioner == "iid"
     assert list(SCHEMA["head"].choices) == ["auto", *models.HEADS]
     assert list(SCHEMA["amp"].choices) == ["off", *device.AMP_DTYPES]
     assert list(SCHEMA["dataset"].choices) == list(datasets.LOADERS)
     with pytest.raises(ConfigError, match="'model' = 'vgg' is not allowed: choose one of resnet8, resnet50, resnet18"):
         validate({"model": "vgg"})
+
+
+def test_validating_a_config_reads_the_partitioner_names_without_importing_datasets() -> None:
+    """A node holding its own data validates its config (the partitioner key too) and never imports `datasets`."""
+    code = (
+        "import sys; from flcore.config import validate; "
+        "cfg = validate({'client-data': 'local', 'partitioner': 'dirichlet'}, paths=False); "
+        "print(cfg.partitioner, [m for m in ('datasets', 'flwr_datasets') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["dirichlet", "[]"]
 
 
 def test_a_round_config_sets_only_the_training_keys() -> None:

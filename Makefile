@@ -26,18 +26,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m server_app.launch $(if $(PRESET),--run-config conf/$(PRESET).toml) $(if $(RUN_CONFIG),--run-config '$(subst ','\'',$(RUN_CONFIG))') $(if $(FEDERATION_CONFIG),--federation-config "$(FEDERATION_CONFIG)") $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
-# The unit tier runs on a process per core (pytest-xdist; at most 4, one on a 1-core machine); the slow tier's
-# real Flower and Ray runs stay one at a time.
-FAST_TESTS := $(PY) -m pytest -q -m "not slow" -n auto --maxprocesses=4 --durations=15
-
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(FAST_TESTS)
-	$(PY) -m pytest -q -m slow --durations=15
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(FAST_TESTS)
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 docs: $(STAMP)
 	$(PY) -m flcore.config_docs > docs/configuration.md

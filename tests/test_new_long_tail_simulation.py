@@ -33,6 +33,7 @@ def test_fedloge_runs_through_flwr_run(tmp_path):
     assert summary["fedloge-sse"]["etf-steps"] == 20
 
 
+@pytest.mark.slow
 def test_fedyoyo_runs_through_flwr_run(tmp_path):
     rows, summary = run_one(tmp_path, "fedyoyo", "strategy=fedyoyo")
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["replies"] == 4

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -37,6 +38,14 @@ def _answer(conn: Connection, fn: Callable[..., object], args: tuple) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         conn.close()
+
+
+def fork_is_safe() -> bool:
+    """A fork copies only the calling thread, so a lock another thread held at that moment (torch's thread pools,
+    a gRPC or logging thread) stays locked in the child for ever (seen: a test calling the launcher in-process,
+    its child waiting on a futex). The launcher process imports torch nowhere and runs one thread; a test or
+    bench that calls it in-process has torch loaded already, and nothing to save by a child."""
+    return "torch" not in sys.modules and threading.active_count() == 1
 
 
 def call_apart(fn: Callable[..., T], *args: object) -> T:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from flcore.config import ConfigError, Settings
 from flcore.run_config import format_overrides, parse_overrides, toml_document
-from server_app.apart import call_apart
+from server_app.apart import call_apart, fork_is_safe
 from server_app.watchdog import Watchdog, exit_on_signals, stop
 
 if TYPE_CHECKING:  # the checks import torch: this process imports them only where it runs them itself
@@ -290,7 +290,8 @@ def run(overrides: Mapping[str, Any], ray_address: str = "", federation: Mapping
     """One run on a private SuperLink; with `ray_address` the simulation joins that Ray cluster (RAY_ADDRESS);
     `federation` overrides the client resources of the simulation."""
     defaults, declared = project_settings()
-    ready = call_apart(get_ready, overrides, defaults, declared, federation or {}, ray_address)
+    checks = call_apart if fork_is_safe() else lambda fn, *args: fn(*args)
+    ready = checks(get_ready, overrides, defaults, declared, federation or {}, ray_address)
     if ready.refused:
         print(f"error: {ready.refused}", file=sys.stderr)
         return 2

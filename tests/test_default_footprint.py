@@ -16,7 +16,7 @@ import pytest
 from bench import default_run
 from flcore.config import ConfigError
 from server_app import launch
-from server_app.apart import ChildFailed, call_apart
+from server_app.apart import ChildFailed, call_apart, fork_is_safe
 from server_app.preflight import Simulation, check_simulation
 from tests.helpers import TINY, run_config, validated
 
@@ -30,6 +30,7 @@ def test_the_launcher_holds_no_torch_after_its_checks(tmp_path):
         from flcore.run_config import parse_overrides
         from server_app import launch
         defaults, declared = launch.project_settings()
+        assert launch.fork_is_safe()  # one thread, no torch: run() puts its checks in a child
         tiny = parse_overrides([{run_config({**TINY, "output-dir": str(tmp_path)})!r}])
         ready = launch.call_apart(launch.get_ready, tiny, defaults, declared, {{}}, "")
         assert not ready.refused and "num-supernodes=4" in ready.federation, ready
@@ -47,6 +48,7 @@ def test_the_launcher_holds_no_torch_after_its_checks(tmp_path):
 
 
 def test_a_child_answers_with_its_value_its_traceback_or_how_it_died():
+    assert not fork_is_safe()  # this process holds torch: run() checks in-process, a fork could deadlock
     assert call_apart(divmod, 7, 2) == (3, 1)
     with pytest.raises(ChildFailed, match=r"(?s)Traceback.*ZeroDivisionError"):
         call_apart(divmod, 1, 0)

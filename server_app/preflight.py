@@ -110,10 +110,11 @@ def check_simulation(cfg: Settings, simulation: Simulation) -> dict[str, Any]:
     refuse_local_data(cfg)
     address = simulation.ray_address
     options = client_resources(simulation.declared, simulation.overrides)
-    if not address and "client-resources-num-cpus" not in simulation.overrides:
-        options = default_cpus_here(options)
+    nodes = ray_cluster_nodes(address) if address else [this_machine()]
+    if "client-resources-num-cpus" not in simulation.overrides:
+        options = default_cpus_within(options, nodes)
     check_client_devices(cfg, options, address)
-    check_client_fits(options, ray_cluster_nodes(address) if address else [this_machine()], address)
+    check_client_fits(options, nodes, address)
     return options
 
 
@@ -149,11 +150,13 @@ def client_resources(simulation: Mapping[str, Any], overrides: Mapping[str, Any]
     return options
 
 
-def default_cpus_here(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The declared CPUs per client, at most this machine's: the default (2, one actor on a 2-core machine,
-    which keeps the default run within 4 GiB: README, "With less memory") then runs on a 1-core machine too,
-    where an explicit `client-resources-num-cpus=2` is refused."""
-    return {**options, "client-resources-num-cpus": min(options["client-resources-num-cpus"], machine_cpus())}
+def default_cpus_within(options: Mapping[str, Any], nodes: list[NodeResources]) -> dict[str, Any]:
+    """The declared CPUs per client, at most the largest node's (this machine, or the Ray cluster's): the default
+    (2, one actor on a 2-core machine, which keeps the default run within 4 GiB: README, "With less memory")
+    then runs on a 1-core machine or a cluster of 1-CPU nodes too, where an explicit
+    `client-resources-num-cpus=2` is refused."""
+    most = max(1, int(max(n.cpus for n in nodes)))
+    return {**options, "client-resources-num-cpus": min(options["client-resources-num-cpus"], most)}
 
 
 def check_client_devices(cfg: Settings, options: Mapping[str, Any], ray_address: str) -> None:

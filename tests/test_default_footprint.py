@@ -69,6 +69,10 @@ def test_the_default_simulation_runs_one_actor_of_two_cpus_on_two_cores(monkeypa
         assert options["client-resources-num-cpus"] == per_actor
     with pytest.raises(ConfigError, match=r"'client-resources-num-cpus' = 2 is more than this machine has"):
         check_simulation(cfg, Simulation(declared, {"client-resources-num-cpus": 2}))  # said explicitly: refused
+    one_cpu_nodes = [preflight.NodeResources(1.0, 0.0), preflight.NodeResources(1.0, 0.0)]
+    monkeypatch.setattr(preflight, "ray_cluster_nodes", lambda address: one_cpu_nodes)
+    options = check_simulation(cfg, Simulation(declared, ray_address="10.0.0.1:6379"))
+    assert options["client-resources-num-cpus"] == 1  # a cluster of 1-CPU nodes: one actor on each node
 
 
 def test_the_bench_names_every_process_of_a_run():

@@ -112,14 +112,17 @@ class NodeOrder:
 
     def _named(self, message: Message) -> Message:
         pid = self.partition.get(message.metadata.dst_node_id)
-        if pid is None:
-            return message
-        content = RecordDict(dict(message.content))
-        content["config"] = ConfigRecord({**message.content.config_records.get("config", {}), PARTITION_KEY: pid})
-        meta = message.metadata
-        return Message(
-            content, dst_node_id=meta.dst_node_id, message_type=meta.message_type, ttl=meta.ttl, group_id=meta.group_id
-        )
+        return message if pid is None else with_config(message, {PARTITION_KEY: pid})
+
+
+def with_config(message: Message, entries: dict) -> Message:
+    """`message` with `entries` added to its config record (the same node, type, ttl and group)."""
+    content = RecordDict(dict(message.content))
+    content["config"] = ConfigRecord({**message.content.config_records.get("config", {}), **entries})
+    meta = message.metadata
+    return Message(
+        content, dst_node_id=meta.dst_node_id, message_type=meta.message_type, ttl=meta.ttl, group_id=meta.group_id
+    )
 
 
 def span(partitions: list[int | None]) -> str:

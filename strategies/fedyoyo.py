@@ -32,6 +32,7 @@ from flcore.seeding import kept_random
 from flcore.yoyo import EFFECTIVE_ACTION, EFFECTIVE_KEY, PRIOR_KEY, YOYO_LOSS
 from rounds.delegate import Delegating
 from rounds.guard import screen
+from rounds.sampling import with_config
 from strategies.fedavg import sampling
 
 EMA = 0.9  # FedYoYo(): eff_global_pre * 0.9 + eff_global_cur * 0.1
@@ -67,16 +68,6 @@ def update_effective(previous: np.ndarray | None, current: np.ndarray) -> np.nda
 def class_prior(effective: np.ndarray) -> np.ndarray:
     """The prior the clients adjust their logits with: the effective numbers normalised to sum to one."""
     return (effective / effective.sum()).astype(np.float32)
-
-
-def with_config(message: Message, entries: dict) -> Message:
-    """`message` with `entries` added to its config record."""
-    content = RecordDict(dict(message.content))
-    content["config"] = ConfigRecord({**message.content.config_records.get("config", {}), **entries})
-    meta = message.metadata
-    return Message(
-        content, dst_node_id=meta.dst_node_id, message_type=meta.message_type, ttl=meta.ttl, group_id=meta.group_id
-    )
 
 
 class EffectivePrior(Delegating):
